@@ -1,0 +1,97 @@
+"""Bearer tokens: HMAC-signed JWTs naming a user, with an expiry.
+
+``notiflow-token USERNAME`` prints a token for a user stored in the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+
+import asyncpg
+import jwt
+
+from contracts.settings import Settings, get_settings
+
+ALGORITHM = "HS256"
+AUDIENCE = "notiflow"
+
+
+class InvalidToken(Exception):
+    """The token is missing, malformed, forged or expired; answer 401."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int
+    username: str
+
+
+def issue_token(
+    user_id: int, username: str, settings: Settings, ttl_seconds: int | None = None
+) -> str:
+    now = int(time.time())
+    ttl = settings.token_ttl_seconds if ttl_seconds is None else ttl_seconds
+    claims = {
+        "sub": str(user_id),
+        "name": username,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + ttl,
+    }
+    return jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM)
+
+
+def verify_token(token: str | None, settings: Settings) -> Principal:
+    if not token:
+        raise InvalidToken("missing bearer token")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.secret_key,
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            options={"require": ["sub", "exp", "aud"]},
+        )
+        return Principal(user_id=int(claims["sub"]), username=str(claims.get("name")))
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("token has expired") from None
+    except (jwt.InvalidTokenError, ValueError):
+        raise InvalidToken("token is invalid") from None
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token in an ``Authorization: Bearer …`` header, if there is one."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+async def _lookup(settings: Settings, username: str) -> int | None:
+    conn = await asyncpg.connect(settings.database_url, timeout=5)
+    try:
+        return await conn.fetchval("SELECT id FROM users WHERE username = $1", username)
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print a bearer token for a user.")
+    parser.add_argument("username")
+    parser.add_argument("--ttl", type=int, help="lifetime in seconds")
+    args = parser.parse_args(argv)
+
+    from contracts.preflight import require_services
+
+    settings = get_settings()
+    require_services(settings, broker=False)
+    user_id = asyncio.run(_lookup(settings, args.username))
+    if user_id is None:
+        sys.exit(f"no user named {args.username!r}; seeded users: alice bob carol dave")
+    print(issue_token(user_id, args.username, settings, args.ttl))

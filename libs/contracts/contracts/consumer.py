@@ -1,0 +1,252 @@
+"""How every notiflow consumer treats a message, in one place.
+
+A handler receives the decoded message and either returns (the work is stored; ack),
+or raises one of the exceptions below, which say what must happen next::
+
+    Exception
+    ├── RetryLater       transient failure: park the message in a delay queue whose
+    │                    TTL dead-letters it back to its queue, then ack
+    ├── DeadLetter       permanent failure: copy the message to the dead-letter queue
+    │                    with the reason in its headers, then ack
+    └── contracts.db.DatabaseUnavailable (and connection errors)
+                         the database is away: wait, then nack with requeue, so the
+                         message stays in RabbitMQ and nothing is lost
+
+A body that does not parse (:class:`contracts.messages.BadMessage`) is dead-lettered
+with the parse error as its reason. Any other exception is a bug in the handler: the
+message is dead-lettered with the error, so that one bad message cannot stop the
+queue, and an operator can replay it once the bug is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from faststream import AckPolicy
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+
+from contracts import topology
+from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable
+from contracts.logs import bind
+from contracts.messages import BadMessage, Message, decode
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class RetryLater(Exception):
+    """Try again after ``delay_seconds``; must be one of the configured retry delays."""
+
+    def __init__(self, reason: str, delay_seconds: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_seconds = delay_seconds
+
+
+class DeadLetter(Exception):
+    """Give up on this message; an operator may replay it from the dead-letter queue."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Handler = Callable[[M, AbstractIncomingMessage], Awaitable[None]]
+
+
+class Publisher:
+    """A confirming channel for dead letters and retries."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        return await self._channel.get_exchange(name, ensure=False)
+
+    async def dead_letter(
+        self, raw: AbstractIncomingMessage, queue: str, reason: str
+    ) -> None:
+        headers = dict(raw.headers or {})
+        headers.update(
+            {
+                topology.REASON_HEADER: reason[:1000],
+                topology.ORIGIN_QUEUE_HEADER: queue,
+                topology.ORIGIN_EXCHANGE_HEADER: raw.exchange or "",
+                topology.ORIGIN_ROUTING_KEY_HEADER: raw.routing_key or "",
+            }
+        )
+        exchange = await self._exchange(topology.DEAD_LETTER_EXCHANGE)
+        await exchange.publish(_copy(raw, headers), routing_key=queue, timeout=10)
+
+    async def retry(
+        self, raw: AbstractIncomingMessage, queue: str, delay_seconds: int
+    ) -> None:
+        headers = dict(raw.headers or {})
+        headers[topology.ATTEMPT_HEADER] = (
+            int(headers.get(topology.ATTEMPT_HEADER, 0)) + 1
+        )
+        exchange = await self._exchange(topology.RetryLevel(delay_seconds).exchange)
+        # The retry queue dead-letters through the default exchange, which routes by
+        # queue name: the routing key is the queue the message returns to.
+        await exchange.publish(_copy(raw, headers), routing_key=queue, timeout=10)
+
+
+def _copy(raw: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=raw.body,
+        headers=headers,
+        content_type=raw.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=raw.priority,
+        message_id=raw.message_id,
+        timestamp=raw.timestamp,
+    )
+
+
+class Consumers:
+    """Registers subscribers on a FastStream broker with the policy above."""
+
+    def __init__(
+        self, broker: RabbitBroker, publisher: Callable[[], Publisher]
+    ) -> None:
+        self._broker = broker
+        self._publisher = publisher
+        self.in_flight = 0
+        self.queues: list[str] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def subscribe(
+        self,
+        queue: str,
+        model: type[M],
+        handler: Handler[M],
+        *,
+        prefetch: int,
+        action: str,
+    ) -> None:
+        self.queues.append(queue)
+        backoff = _Backoff()
+
+        @self._broker.subscriber(
+            RabbitQueue(queue, declare=False),
+            channel=Channel(prefetch_count=prefetch),
+            ack_policy=AckPolicy.MANUAL,
+        )
+        async def consume(message: RabbitMessage) -> None:
+            raw: AbstractIncomingMessage = message.raw_message
+            self.in_flight += 1
+            self._idle.clear()
+            try:
+                await self._handle(queue, model, handler, message, raw, backoff, action)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+
+    async def _handle(
+        self,
+        queue: str,
+        model: type[M],
+        handler: Handler[M],
+        message: Any,
+        raw: AbstractIncomingMessage,
+        backoff: _Backoff,
+        action: str,
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            payload = decode(model, raw.body)
+        except BadMessage as exc:
+            await self._set_aside(message, raw, queue, exc.reason)
+            return
+
+        ids = {k: str(v) for k, v in _ids(payload).items()}
+        with bind(**ids):
+            try:
+                await handler(payload, raw)
+            except RetryLater as exc:
+                await self._publisher().retry(raw, queue, exc.delay_seconds)
+                await message.ack()
+                logger.info(
+                    "retry in %ds: %s",
+                    exc.delay_seconds,
+                    exc.reason,
+                    extra={"action": f"{action}.retry", "queue": queue},
+                )
+            except DeadLetter as exc:
+                await self._set_aside(message, raw, queue, exc.reason)
+            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+                delay = backoff.next()
+                logger.warning(
+                    "database unavailable, message returned to %s after %.1fs: %r",
+                    queue,
+                    delay,
+                    exc,
+                    extra={"action": f"{action}.backoff"},
+                )
+                await asyncio.sleep(delay)
+                await message.nack(requeue=True)
+            except Exception as exc:
+                logger.exception(
+                    "handler failed; dead-lettering the message",
+                    extra={"action": f"{action}.crashed", "queue": queue},
+                )
+                await self._set_aside(message, raw, queue, f"handler error: {exc!r}")
+            else:
+                backoff.reset()
+                await message.ack()
+                logger.debug(
+                    "handled in %.1f ms",
+                    (time.perf_counter() - started) * 1000,
+                    extra={"action": f"{action}.done"},
+                )
+
+    async def _set_aside(
+        self, message: Any, raw: AbstractIncomingMessage, queue: str, reason: str
+    ) -> None:
+        await self._publisher().dead_letter(raw, queue, reason)
+        await message.ack()
+        logger.warning(
+            "dead-lettered a message from %s: %s",
+            queue,
+            reason,
+            extra={"action": "message.dead_lettered", "queue": queue},
+        )
+
+
+def _ids(payload: Message) -> dict[str, Any]:
+    return {
+        key: getattr(payload, key)
+        for key in ("event_id", "notification_id")
+        if getattr(payload, key, None) is not None
+    }
+
+
+class _Backoff:
+    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._current = 0.0
+
+    def next(self) -> float:
+        self._current = min(self._cap, self._current * 2 or self._first)
+        return self._current
+
+    def reset(self) -> None:
+        self._current = 0.0

@@ -1,0 +1,71 @@
+"""PostgreSQL helpers: pools with JSON codecs, bounded acquisition, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from contracts.settings import Settings
+
+# Errors that mean "the database is not there right now", as opposed to a bug.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+class DatabaseUnavailable(Exception):
+    """No connection could be had in time; HTTP answers 503, consumers back off."""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
+    options: dict[str, object] = {
+        "min_size": settings.db_pool_min,
+        "max_size": settings.db_pool_max,
+        "command_timeout": settings.db_command_timeout,
+        "timeout": settings.db_acquire_timeout * 5,
+        "init": _init_connection,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(settings.database_url, **options)
+    if pool is None:  # only when the pool is created without being awaited
+        raise RuntimeError("asyncpg.create_pool returned no pool")
+    return pool
+
+
+@asynccontextmanager
+async def connection(
+    pool: asyncpg.Pool, timeout: float = 2.0
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection, or :class:`DatabaseUnavailable` within ``timeout``."""
+    try:
+        conn = await pool.acquire(timeout=timeout)
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"no database connection: {exc!r}") from exc
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
+
+@asynccontextmanager
+async def transaction(
+    pool: asyncpg.Pool, timeout: float = 2.0
+) -> AsyncIterator[asyncpg.Connection]:
+    async with connection(pool, timeout) as conn, conn.transaction():
+        yield conn

@@ -1,0 +1,73 @@
+"""JSON logs, one object a line, carrying the ids an operator searches by.
+
+Handlers are configured once, by :func:`configure`, at a service's entrypoint.
+Consumers bind ``event_id`` / ``notification_id`` for the message they are handling
+with :func:`bind`; every record logged meanwhile carries them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+_bound: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "notiflow_log_context", default=None
+)
+_service = "notiflow"
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+@contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Attach ``fields`` to every record logged inside the block."""
+    token = _bound.set({**(_bound.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "service": _service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(_bound.get() or {})
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(service: str, level: str = "INFO") -> None:
+    global _service
+    _service = service
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's access log would print query strings, and SSE tokens travel there.
+    logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").propagate = True
+    for noisy in ("aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,84 @@
+"""``notiflow-migrate``: create the database if needed and apply the migrations.
+
+Migrations are the SQL files beside this module, applied in name order by yoyo,
+which records what it applied in the database itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from yoyo import get_backend, read_migrations
+
+from contracts.settings import Settings, get_settings, redact_url
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+logger = logging.getLogger(__name__)
+
+
+def _yoyo_url(database_url: str) -> str:
+    parts = urlsplit(database_url)
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+
+
+async def ensure_database(database_url: str) -> bool:
+    """Create the database named in ``database_url`` if missing; True if created."""
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin, timeout=10)
+    try:
+        exists = await conn.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", name
+        )
+        if exists:
+            return False
+        quoted = '"' + name.replace('"', '""') + '"'
+        await conn.execute(f"CREATE DATABASE {quoted}")
+        return True
+    finally:
+        await conn.close()
+
+
+def apply(database_url: str) -> int:
+    """Apply pending migrations; return how many were applied."""
+    asyncio.run(ensure_database(database_url))
+    backend = get_backend(_yoyo_url(database_url))
+    migrations = read_migrations(str(MIGRATIONS))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return len(pending)
+
+
+def rollback_all(database_url: str) -> int:
+    backend = get_backend(_yoyo_url(database_url))
+    migrations = read_migrations(str(MIGRATIONS))
+    with backend.lock():
+        applied = backend.to_rollback(migrations)
+        backend.rollback_migrations(applied)
+    return len(applied)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Apply the notiflow migrations.")
+    parser.add_argument("--rollback-all", action="store_true")
+    args = parser.parse_args(argv)
+
+    from contracts.preflight import require_services
+
+    settings: Settings = get_settings()
+    require_services(settings, broker=False)
+    if args.rollback_all:
+        count = rollback_all(settings.database_url)
+        print(
+            f"rolled back {count} migration(s) on {redact_url(settings.database_url)}"
+        )
+        return
+    count = apply(settings.database_url)
+    print(f"applied {count} migration(s) to {redact_url(settings.database_url)}")

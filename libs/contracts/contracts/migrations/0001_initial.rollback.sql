@@ -1,0 +1,11 @@
+DROP TABLE inbox_sequences;
+DROP TABLE notifications;
+DROP TABLE notification_preferences;
+DROP TABLE events;
+DROP TRIGGER outbox_wake ON outbox;
+DROP TABLE outbox;
+DROP FUNCTION outbox_wake();
+DROP TABLE idempotency_keys;
+DROP TABLE comments;
+DROP TABLE posts;
+DROP TABLE users;

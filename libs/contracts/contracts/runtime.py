@@ -1,0 +1,179 @@
+"""The pieces every service runs: a pool, a broker link, the relay, health routes.
+
+A service builds a :class:`Runtime` in its FastAPI lifespan, registers its consumers
+on ``runtime.broker`` before :meth:`Runtime.start`, and mounts :func:`health_router`.
+Nothing here connects at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+import aio_pika
+import asyncpg
+import uvicorn
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from faststream.rabbit import RabbitBroker
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from contracts import logs, topology
+from contracts.consumer import Consumers, Handler, M, Publisher
+from contracts.db import create_pool
+from contracts.outbox import OutboxRelay
+from contracts.preflight import require_services
+from contracts.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        relay: bool = False,
+        consumers: bool = False,
+        pool_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.relay: OutboxRelay | None = None
+        self._want_relay = relay
+        self._pool_options = pool_options or {}
+        self.broker: RabbitBroker | None = None
+        self.consumers: Consumers | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        if consumers:
+            self.broker = RabbitBroker(
+                settings.amqp_url,
+                logger=None,
+                graceful_timeout=settings.drain_seconds,
+            )
+            self.consumers = Consumers(self.broker, self.publisher)
+
+    def publisher(self) -> Publisher:
+        if self._channel is None:
+            raise RuntimeError("runtime is not started")
+        return Publisher(self._channel)
+
+    def subscribe(
+        self,
+        queue: str,
+        model: type[M],
+        handler: Handler[M],
+        *,
+        prefetch: int,
+        action: str,
+    ) -> None:
+        """Consume ``queue`` with the policy of :mod:`contracts.consumer`."""
+        if self.consumers is None:
+            raise RuntimeError("this runtime was built without consumers")
+        self.consumers.subscribe(
+            queue, model, handler, prefetch=prefetch, action=action
+        )
+
+    @property
+    def db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise RuntimeError("runtime is not started")
+        return self.pool
+
+    async def start(self) -> None:
+        self.pool = await create_pool(self.settings, **self._pool_options)
+        self._connection = await aio_pika.connect_robust(
+            self.settings.amqp_url, timeout=10
+        )
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        await topology.declare(self._channel, self.settings.retry_delay_levels)
+        if self._want_relay:
+            self.relay = OutboxRelay(self.pool, self.settings)
+            await self.relay.start()
+        if self.broker is not None:
+            await self.broker.start()
+
+    async def stop(self) -> None:
+        """Stop taking messages, let in-flight ones finish, then close everything."""
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self._connection is not None:
+            await self._connection.close()
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+            except TimeoutError:
+                self.pool.terminate()
+
+    async def readiness(self) -> dict[str, str]:
+        """Each dependency and whether it answers; empty values mean all is well."""
+        problems: dict[str, str] = {}
+        try:
+            async with self.db.acquire(timeout=1) as conn:
+                await conn.fetchval("SELECT 1", timeout=1)
+        except Exception as exc:
+            problems["database"] = repr(exc)
+        if self._connection is None or self._connection.is_closed:
+            problems["broker"] = "connection closed"
+        if self.broker is not None:
+            try:
+                alive = await self.broker.ping(timeout=1)
+            except Exception as exc:
+                alive, problems["consumers"] = False, repr(exc)
+            if not alive:
+                problems.setdefault("consumers", "broker connection is down")
+        return problems
+
+
+def health_router(runtime: Runtime) -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        problems = await runtime.readiness()
+        if problems:
+            return JSONResponse({"status": "unavailable", **problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def serve(app: Any, service: str, default_port: int) -> None:
+    """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
+    settings = get_settings()
+    logs.configure(service, settings.log_level)
+    require_services(settings)
+    port = int(os.environ.get("PORT", default_port))
+    host = os.environ.get("HOST", "127.0.0.1")
+    logger.info(
+        "%s listening on http://%s:%d",
+        service,
+        host,
+        port,
+        extra={"action": "service.started"},
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+        lifespan="on",
+    )
+    sys.exit(0)

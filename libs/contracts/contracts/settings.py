@@ -1,0 +1,81 @@
+"""Typed settings read from the environment, shared by every service.
+
+Every variable carries the ``NOTIFLOW_`` prefix. The defaults work on a development
+machine where PostgreSQL and RabbitMQ run locally; anything that would be unsafe in
+production (the token signing secret) refuses to start outside development mode.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/notiflow"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    secret_key: str = DEV_SECRET
+    token_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+    db_acquire_timeout: float = Field(default=2.0, gt=0)
+    db_command_timeout: float = Field(default=10.0, gt=0)
+
+    outbox_batch_size: int = Field(default=500, ge=1)
+    outbox_sweep_seconds: float = Field(default=2.0, gt=0)
+
+    retry_delays: str = "5,30,120,600,3600"
+    drain_seconds: float = Field(default=10.0, gt=0)
+
+    log_level: str = "INFO"
+    service_name: str = "notiflow"
+
+    @property
+    def retry_delay_levels(self) -> tuple[int, ...]:
+        """Seconds to wait before each retry of a failed delivery, in order."""
+        return tuple(int(part) for part in self.retry_delays.split(",") if part.strip())
+
+    @model_validator(mode="after")
+    def _refuse_dev_secret(self) -> Settings:
+        if self.env == "production" and self.secret_key == DEV_SECRET:
+            raise ValueError(
+                "NOTIFLOW_SECRET_KEY is the development default; set a real secret "
+                "(at least 32 random characters) before running with "
+                "NOTIFLOW_ENV=production"
+            )
+        try:
+            delays = self.retry_delay_levels
+        except ValueError:
+            delays = ()
+        if not delays or any(d <= 0 for d in delays):
+            raise ValueError(
+                f"NOTIFLOW_RETRY_DELAYS must be positive whole seconds separated by "
+                f"commas, got {self.retry_delays!r}"
+            )
+        if self.env == "production" and len(self.secret_key) < 32:
+            raise ValueError("NOTIFLOW_SECRET_KEY must be at least 32 characters long")
+        return self
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages shown to people."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The comments service: users, posts and comments, and the CommentCreated event."""

@@ -1,0 +1,171 @@
+"""HTTP routes of the comments service."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from contracts import topology
+from contracts.auth import Principal, bearer, verify_token
+from contracts.db import transaction
+from contracts.http import Conflict, NotFound
+from contracts.messages import CommentCreated
+from contracts.outbox import Outgoing, enqueue
+from contracts.runtime import Runtime
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from comments import repository as sql
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_CHARS = 5000
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+router = APIRouter()
+
+
+class NewComment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    post_id: StrictInt = Field(gt=0)
+    body: str = Field(max_length=MAX_BODY_CHARS)
+
+    @field_validator("body")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain text")
+        return value
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    return verify_token(bearer(authorization), runtime(request).settings)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+@router.get("/users")
+async def list_users(rt: RuntimeDep) -> list[dict[str, Any]]:
+    async with transaction(rt.db) as conn:
+        rows = await conn.fetch(sql.LIST_USERS)
+    return [dict(row) for row in rows]
+
+
+@router.get("/posts")
+async def list_posts(rt: RuntimeDep) -> list[dict[str, Any]]:
+    async with transaction(rt.db) as conn:
+        rows = await conn.fetch(sql.LIST_POSTS, 100)
+    return [{**sql.post(row), "comment_count": row["comment_count"]} for row in rows]
+
+
+@router.get("/posts/{post_id}")
+async def get_post(post_id: int, rt: RuntimeDep) -> dict[str, Any]:
+    async with transaction(rt.db) as conn:
+        row = await conn.fetchrow(sql.GET_POST, post_id)
+        if row is None:
+            raise NotFound(f"post {post_id} does not exist")
+        comments = await conn.fetch(sql.POST_COMMENTS, post_id)
+    return {**sql.post(row), "comments": [sql.comment(c) for c in comments]}
+
+
+@router.post("/comments", status_code=201)
+async def create_comment(
+    new: NewComment,
+    rt: RuntimeDep,
+    user: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS, min_length=1)
+    ] = None,
+) -> JSONResponse:
+    request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
+
+    async with transaction(rt.db) as conn:
+        if idempotency_key is not None:
+            claimed = await conn.fetchval(
+                sql.CLAIM_IDEMPOTENCY_KEY, user.user_id, idempotency_key, request_hash
+            )
+            if claimed is None:
+                return await _replay(conn, user, idempotency_key, request_hash)
+
+        if await conn.fetchval(sql.POST_EXISTS, new.post_id) is None:
+            raise NotFound(f"post {new.post_id} does not exist")
+        author = await conn.fetchrow(sql.GET_USER, user.user_id)
+        if author is None:
+            raise NotFound(f"user {user.user_id} named by the token does not exist")
+
+        row = await conn.fetchrow(
+            sql.INSERT_COMMENT, new.post_id, user.user_id, new.body
+        )
+        event = CommentCreated(
+            event_id=uuid.uuid4(),
+            occurred_at=datetime.now(UTC),
+            comment_id=row["id"],
+            post_id=new.post_id,
+            author_id=user.user_id,
+            body=new.body,
+        )
+        await enqueue(
+            conn,
+            [
+                Outgoing(
+                    exchange=topology.EVENTS_EXCHANGE,
+                    routing_key=topology.COMMENT_CREATED,
+                    message_id=str(event.event_id),
+                    message=event,
+                    headers={"event_id": str(event.event_id)},
+                )
+            ],
+        )
+        body = {
+            "id": row["id"],
+            "post_id": new.post_id,
+            "body": new.body,
+            "author": {
+                "id": author["id"],
+                "username": author["username"],
+                "display_name": author["display_name"],
+            },
+            "created_at": row["created_at"].isoformat(),
+            "event_id": str(event.event_id),
+        }
+        if idempotency_key is not None:
+            await conn.execute(
+                sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, json.dumps(body)
+            )
+
+    logger.info(
+        "comment %d stored on post %d",
+        row["id"],
+        new.post_id,
+        extra={"action": "comment.created", "event_id": str(event.event_id)},
+    )
+    return JSONResponse(body, status_code=201)
+
+
+async def _replay(
+    conn: Any, user: Principal, key: str, request_hash: str
+) -> JSONResponse:
+    stored = await conn.fetchrow(sql.STORED_RESPONSE, user.user_id, key)
+    if stored["request_hash"] != request_hash:
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used with a different request body"
+        )
+    return JSONResponse(
+        stored["response"],
+        status_code=stored["status_code"],
+        headers={"Idempotent-Replayed": "true"},
+    )

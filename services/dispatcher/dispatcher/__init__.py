@@ -1,0 +1,1 @@
+"""The dispatcher: who hears about an event, on which channel types, saying what."""

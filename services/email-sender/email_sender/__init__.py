@@ -1,0 +1,1 @@
+"""The email sender: claims email notifications and delivers them over SMTP."""

@@ -1,0 +1,136 @@
+"""One email delivery: claim the row, send, record the outcome.
+
+The row's status decides everything. A worker first claims it with a conditional
+UPDATE (``pending``/``retrying``, or ``sending`` whose lease ran out because the
+worker holding it died); a row already ``sent``, ``failed`` or ``skipped`` is left
+alone and the message acked, so a redelivered message never sends a second email.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+from contracts.consumer import DeadLetter, RetryLater
+from contracts.db import transaction
+from contracts.messages import DeliveryRequested
+
+from email_sender import mime, smtp
+
+logger = logging.getLogger(__name__)
+
+CLAIM = """
+WITH claimed AS (
+    UPDATE notifications
+    SET status = 'sending', attempts = attempts + 1, updated_at = now(),
+        lease_expires_at = now() + make_interval(secs => $2)
+    WHERE id = $1 AND type = 'email'
+      AND (status IN ('pending', 'retrying')
+           OR (status = 'sending' AND lease_expires_at < now()))
+    RETURNING id, user_id, email, title, message, metadata, attempts
+)
+SELECT c.*, u.display_name FROM claimed c JOIN users u ON u.id = c.user_id
+"""
+
+STATUS = "SELECT status, attempts FROM notifications WHERE id = $1"
+
+MARK_SENT = """
+UPDATE notifications
+SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,
+    lease_expires_at = NULL, next_attempt_at = NULL
+WHERE id = $1 AND status = 'sending'
+"""
+
+MARK_RETRYING = """
+UPDATE notifications
+SET status = 'retrying', last_error = $2, updated_at = now(),
+    next_attempt_at = now() + make_interval(secs => $3), lease_expires_at = NULL
+WHERE id = $1 AND status = 'sending'
+"""
+
+MARK_FAILED = """
+UPDATE notifications
+SET status = 'failed', last_error = $2, updated_at = now(), lease_expires_at = NULL,
+    next_attempt_at = NULL
+WHERE id = $1 AND status = 'sending'
+"""
+
+
+class EmailWorker:
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        config: smtp.SmtpConfig,
+        *,
+        sender: str,
+        sender_name: str,
+        domain: str,
+        retry_delays: tuple[int, ...],
+        lease_seconds: float,
+    ) -> None:
+        self._pool = pool
+        self._smtp = config
+        self._sender = sender
+        self._sender_name = sender_name
+        self._domain = domain
+        self._delays = retry_delays
+        self._lease = lease_seconds
+
+    async def __call__(
+        self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
+    ) -> None:
+        async with transaction(self._pool()) as conn:
+            row = await conn.fetchrow(CLAIM, delivery.notification_id, self._lease)
+            if row is None:
+                current = await conn.fetchrow(STATUS, delivery.notification_id)
+        if row is None:
+            if current is None:
+                raise DeadLetter(f"notification {delivery.notification_id} not found")
+            logger.info(
+                "notification is %s; nothing to send",
+                current["status"],
+                extra={"action": "email.skipped_duplicate"},
+            )
+            return
+
+        started = time.perf_counter()
+        message = mime.build(
+            notification_id=row["id"],
+            to_address=row["email"],
+            to_name=row["display_name"],
+            subject=row["title"],
+            text=row["message"],
+            html=(row["metadata"] or {}).get("html"),
+            sender=self._sender,
+            sender_name=self._sender_name,
+            domain=self._domain,
+        )
+        try:
+            await smtp.send(message, self._smtp)
+        except smtp.PermanentSendError as exc:
+            await self._mark(MARK_FAILED, row["id"], exc.reason)
+            raise DeadLetter(f"permanent failure: {exc.reason}") from exc
+        except smtp.TransientSendError as exc:
+            attempt = row["attempts"]
+            if attempt > len(self._delays):
+                reason = f"gave up after {attempt} attempts: {exc.reason}"
+                await self._mark(MARK_FAILED, row["id"], reason)
+                raise DeadLetter(reason) from exc
+            delay = self._delays[attempt - 1]
+            await self._mark(MARK_RETRYING, row["id"], exc.reason, float(delay))
+            raise RetryLater(exc.reason, delay) from exc
+
+        await self._mark(MARK_SENT, row["id"])
+        logger.info(
+            "email sent in %.1f ms (attempt %d)",
+            (time.perf_counter() - started) * 1000,
+            row["attempts"],
+            extra={"action": "email.sent"},
+        )
+
+    async def _mark(self, statement: str, *args: object) -> None:
+        async with transaction(self._pool()) as conn:
+            await conn.execute(statement, *args)

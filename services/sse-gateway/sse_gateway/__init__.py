@@ -1,0 +1,1 @@
+"""The SSE gateway: live notifications in the browser, replay, and the inbox API."""
