@@ -49,20 +49,26 @@ def apply(database_url: str) -> int:
     """Apply pending migrations; return how many were applied."""
     asyncio.run(ensure_database(database_url))
     backend = get_backend(_yoyo_url(database_url))
-    migrations = read_migrations(str(MIGRATIONS))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
-    return len(pending)
+    try:
+        migrations = read_migrations(str(MIGRATIONS))
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations(pending)
+        return len(pending)
+    finally:
+        backend.connection.close()
 
 
 def rollback_all(database_url: str) -> int:
     backend = get_backend(_yoyo_url(database_url))
-    migrations = read_migrations(str(MIGRATIONS))
-    with backend.lock():
-        applied = backend.to_rollback(migrations)
-        backend.rollback_migrations(applied)
-    return len(applied)
+    try:
+        migrations = read_migrations(str(MIGRATIONS))
+        with backend.lock():
+            applied = backend.to_rollback(migrations)
+            backend.rollback_migrations(applied)
+        return len(applied)
+    finally:
+        backend.connection.close()
 
 
 def main(argv: list[str] | None = None) -> None:

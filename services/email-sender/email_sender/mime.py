@@ -46,7 +46,7 @@ def build(
     for name, value in (extra_headers or {}).items():
         msg[name] = str(value)
 
-    msg.set_content(text)
+    msg.set_content(text, cte="quoted-printable")
     if html:
         msg.add_alternative(
             f"<!doctype html><html><body>{html}</body></html>", subtype="html"

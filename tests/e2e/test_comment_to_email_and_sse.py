@@ -1,0 +1,179 @@
+"""A comment becomes emails in the SMTP sink and a live event in a browser stream.
+
+Every service runs as its own process against a private database and virtual host,
+with a real SMTP server (aiosmtpd writing a Maildir, as ``make run`` starts it).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import mailbox
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from tests.support.data import Demo, seed_demo
+from tests.support.processes import Service, free_port
+from tests.support.sse import SSEClient
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ("comments", "dispatcher", "email-sender", "sse-gateway")
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    path = tmp_path / "mail"
+    mailbox.Maildir(path, create=True)
+    port = free_port()
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+            str(path),
+        ],
+    )
+    try:
+        yield path, port
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+
+
+@pytest.fixture
+async def platform(
+    settings: Settings, maildir: tuple[Path, int], tmp_path: Path
+) -> AsyncIterator[dict[str, Service]]:
+    env = {
+        "NOTIFLOW_ENV": "test",
+        "NOTIFLOW_DATABASE_URL": settings.database_url,
+        "NOTIFLOW_AMQP_URL": settings.amqp_url,
+        "NOTIFLOW_SMTP_PORT": str(maildir[1]),
+        "NOTIFLOW_OUTBOX_SWEEP_SECONDS": "0.5",
+    }
+    services = {name: Service(name, env, tmp_path).start() for name in SERVICES}
+    try:
+        for service in services.values():
+            service.wait_ready()
+        yield services
+    finally:
+        for service in services.values():
+            service.stop()
+
+
+def messages(path: Path) -> list[email.message.EmailMessage]:
+    box = mailbox.Maildir(path, create=False)
+    return [
+        email.message_from_bytes(box.get_bytes(key), policy=email.policy.default)
+        for key in box.keys()
+    ]
+
+
+async def test_mention_reaches_inboxes_and_the_live_stream(
+    settings: Settings, platform: dict[str, Service], maildir: tuple[Path, int]
+) -> None:
+    demo: Demo = await seed_demo(settings.database_url)
+    bob = issue_token(demo.bob, "bob", settings)
+    carol = issue_token(demo.carol, "carol", settings)
+    gateway = platform["sse-gateway"].url
+    api = platform["comments"].url
+
+    async with SSEClient(f"{gateway}/sse?token={bob}") as stream:
+        async with httpx.AsyncClient(base_url=api) as client:
+            resp = await client.post(
+                "/comments",
+                json={"post_id": demo.post, "body": "Nice post! @bob, have a look."},
+                headers={"Authorization": f"Bearer {carol}"},
+            )
+        assert resp.status_code == 201, resp.text
+        comment = resp.json()
+        assert comment["author"]["display_name"] == "Zoë 🚀 Carol"
+
+        [live] = await stream.wait_for("notification")
+
+    note = live.json()
+    assert live.id == str(note["id"])
+    assert note["type"] == "sse" and note["channel"] == "comment.mention"
+    assert note["title"] == "Zoë 🚀 Carol mentioned you on “Welcome to notiflow”"
+    assert "Nice post! @bob, have a look." in note["message"]
+    assert note["metadata"]["comment_id"] == comment["id"]
+    assert note["metadata"]["reasons"] == ["mentioned"]
+    assert {
+        "id",
+        "title",
+        "message",
+        "channel",
+        "type",
+        "metadata",
+        "created_at",
+    } <= set(note)
+
+    mails = await eventually(
+        lambda: _two(maildir[0]), what="two emails in the sink", timeout=20
+    )
+    by_recipient = {m["To"].addresses[0].addr_spec: m for m in mails}
+    assert set(by_recipient) == {"alice@example.com", "bob@example.com"}
+    to_bob = by_recipient["bob@example.com"]
+    assert (
+        str(to_bob["Subject"]) == "Zoë 🚀 Carol mentioned you on “Welcome to notiflow”"
+    )
+    assert to_bob["To"].addresses[0].display_name == "Bob Dupont"
+    text = to_bob.get_body(("plain",)).get_content()
+    html = to_bob.get_body(("html",)).get_content()
+    assert "Nice post! @bob, have a look." in text
+    assert "Zoë 🚀 Carol" in html
+    to_alice = by_recipient["alice@example.com"]
+    assert str(to_alice["Subject"]) == "Zoë 🚀 Carol commented on “Welcome to notiflow”"
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await eventually(
+            lambda: _all_sent(conn), what="every notification row sent"
+        )
+        carol_rows = await conn.fetchval(
+            "SELECT count(*) FROM notifications WHERE user_id = $1", demo.carol
+        )
+    finally:
+        await conn.close()
+    assert sorted((r["user_id"], r["type"]) for r in rows) == sorted(
+        [
+            (demo.alice, "email"),
+            (demo.alice, "sse"),
+            (demo.bob, "email"),
+            (demo.bob, "sse"),
+        ]
+    )
+    for row in rows:
+        if row["type"] == "email":
+            msg_id = by_recipient[row["email"]]["Message-ID"]
+            assert msg_id == f"<notification-{row['id']}@notiflow.localhost>"
+    assert carol_rows == 0
+
+
+async def _two(path: Path) -> list[email.message.EmailMessage] | None:
+    found = messages(path)
+    return found if len(found) >= 2 else None
+
+
+async def _all_sent(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
+    rows = await conn.fetch(
+        "SELECT id, user_id, type, status, email FROM notifications"
+    )
+    if rows and all(r["status"] == "sent" for r in rows) and len(rows) == 4:
+        return rows
+    return None
