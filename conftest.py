@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from contracts.settings import Settings
 
+from contracts.settings import Settings
 from tests.support import infra
 
 

@@ -16,6 +16,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
 from contracts import migrate
 
 PG_URL = os.environ.get("NOTIFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432")

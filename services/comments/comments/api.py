@@ -9,6 +9,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from comments import repository as sql
 from contracts import topology
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import transaction
@@ -16,11 +21,6 @@ from contracts.http import Conflict, NotFound
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
 from contracts.runtime import Runtime
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
-
-from comments import repository as sql
 
 logger = logging.getLogger(__name__)
 

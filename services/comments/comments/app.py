@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from contracts.http import install_error_handlers
-from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, get_settings
 from fastapi import FastAPI
 
 from comments.api import router
+from contracts.http import install_error_handlers
+from contracts.runtime import Runtime, health_router
+from contracts.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+
 from contracts.preflight import require_services
 from contracts.settings import get_settings
 

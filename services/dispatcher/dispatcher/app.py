@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
+from fastapi import FastAPI
+from pydantic_settings import SettingsConfigDict
+
 from contracts import topology
 from contracts.db import transaction
 from contracts.messages import CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
-from fastapi import FastAPI
-from pydantic_settings import SettingsConfigDict
-
 from dispatcher import channels, templates
 from dispatcher.service import Dispatcher
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from contracts import topology
 from contracts.consumer import DeadLetter
 from contracts.messages import CommentCreated, DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
-
 from dispatcher import recipients as who
 from dispatcher import repository as sql
 from dispatcher.channels import ChannelConfigs, ChannelFile

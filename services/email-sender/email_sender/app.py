@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from contracts import topology
-from contracts.messages import DeliveryRequested
-from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings
 from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from contracts import topology
+from contracts.messages import DeliveryRequested
+from contracts.runtime import Runtime, health_router
+from contracts.settings import Settings
 from email_sender import smtp
 from email_sender.worker import EmailWorker
 

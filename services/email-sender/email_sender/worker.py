@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
+
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction
 from contracts.messages import DeliveryRequested
-
 from email_sender import mime, smtp
 
 logger = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import asyncpg
-from contracts.auth import Principal, bearer, verify_token
-from contracts.db import connection, transaction
-from contracts.http import NotFound
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from contracts.auth import Principal, bearer, verify_token
+from contracts.db import connection, transaction
+from contracts.http import NotFound
 from sse_gateway import inbox
 from sse_gateway.hub import Connection, Hub
 

@@ -7,6 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aio_pika.abc import AbstractIncomingMessage
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from contracts import topology
 from contracts.consumer import DeadLetter
 from contracts.db import transaction
@@ -14,11 +19,6 @@ from contracts.http import install_error_handlers
 from contracts.messages import DeliveryRequested
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from sse_gateway import inbox
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
