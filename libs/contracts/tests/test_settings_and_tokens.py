@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from contracts.auth import InvalidToken, issue_token, verify_token
+from contracts.settings import DEV_SECRET, Settings
+
+
+def test_production_refuses_the_development_secret() -> None:
+    with pytest.raises(ValidationError, match="NOTIFLOW_SECRET_KEY"):
+        Settings(env="production", secret_key=DEV_SECRET)
+
+
+def test_production_accepts_a_real_secret() -> None:
+    assert Settings(env="production", secret_key="s" * 40).env == "production"
+
+
+def test_retry_delays_must_be_positive_seconds() -> None:
+    with pytest.raises(ValidationError, match="NOTIFLOW_RETRY_DELAYS"):
+        Settings(retry_delays="5,soon")
+
+
+def test_a_token_names_its_user() -> None:
+    settings = Settings()
+    principal = verify_token(issue_token(7, "bob", settings), settings)
+
+    assert (principal.user_id, principal.username) == (7, "bob")
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [(None, "missing"), ("garbage", "invalid")],
+)
+def test_missing_or_malformed_tokens_are_refused(
+    token: str | None, message: str
+) -> None:
+    with pytest.raises(InvalidToken, match=message):
+        verify_token(token, Settings())
+
+
+def test_expired_and_forged_tokens_are_refused() -> None:
+    settings = Settings()
+    expired = issue_token(7, "bob", settings, ttl_seconds=-10)
+    forged = issue_token(7, "bob", Settings(secret_key="another-secret-" + "x" * 30))
+
+    with pytest.raises(InvalidToken, match="expired"):
+        verify_token(expired, settings)
+    with pytest.raises(InvalidToken, match="invalid"):
+        verify_token(forged, settings)

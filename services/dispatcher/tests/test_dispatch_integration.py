@@ -1,0 +1,217 @@
+"""The dispatcher against the real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+
+from contracts import topology
+from contracts.messages import CommentCreated, DeliveryRequested, decode
+from contracts.settings import Settings
+from dispatcher.app import DispatcherSettings, create_app
+from tests.support.data import Demo, seed_demo
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def demo(settings: Settings) -> Demo:
+    return await seed_demo(settings.database_url)
+
+
+@pytest.fixture
+def channel_file(tmp_path: Path) -> Path:
+    path = tmp_path / "channels.json"
+    path.write_text(
+        json.dumps(
+            {
+                "channels": {
+                    "comment.reply": {
+                        "types": ["email", "sse"],
+                        "template": "comment_reply",
+                        "priority": 2,
+                    },
+                    "comment.mention": {
+                        "types": ["email", "sse", "push"],
+                        "template": "comment_mention",
+                        "priority": 8,
+                    },
+                }
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+async def dispatcher(settings: Settings, channel_file: Path) -> AsyncIterator[None]:
+    app = create_app(
+        DispatcherSettings(**settings.model_dump(), channel_config=channel_file)
+    )
+    async with app.router.lifespan_context(app):
+        yield
+
+
+async def add_comment(
+    db: asyncpg.Connection, demo: Demo, author: int, body: str
+) -> int:
+    return await db.fetchval(
+        "INSERT INTO comments (post_id, author_id, body) VALUES ($1, $2, $3) "
+        "RETURNING id",
+        demo.post,
+        author,
+        body,
+    )
+
+
+def created(demo: Demo, comment_id: int, author: int, body: str) -> CommentCreated:
+    return CommentCreated(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(UTC),
+        comment_id=comment_id,
+        post_id=demo.post,
+        author_id=author,
+        body=body,
+    )
+
+
+async def publish(settings: Settings, *events: CommentCreated) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(topology.EVENTS_EXCHANGE)
+        for event in events:
+            await exchange.publish(
+                aio_pika.Message(event.to_bytes(), message_id=str(event.event_id)),
+                routing_key=topology.COMMENT_CREATED,
+            )
+
+
+async def drain(
+    settings: Settings, channel_type: str
+) -> list[aio_pika.IncomingMessage]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    found = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            topology.delivery_queue(channel_type), passive=True
+        )
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            found.append(message)
+    return found
+
+
+async def test_every_type_of_the_channel_gets_a_row_and_a_delivery(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        await db.execute("UPDATE users SET email = NULL WHERE id = $1", demo.dave)
+        await db.execute(
+            "INSERT INTO notification_preferences VALUES ($1, 'email', false)",
+            demo.alice,
+        )
+        await add_comment(db, demo, demo.dave, "I was here first")
+        body = "Thoughts, @bob? Also @dave and @nobody, and me@carol.example"
+        comment = await add_comment(db, demo, demo.carol, body)
+        event = created(demo, comment, demo.carol, body)
+
+        await publish(settings, event)
+
+        rows = await eventually(
+            lambda: db.fetch(
+                "SELECT user_id, type, channel, priority, status, last_error, "
+                "metadata FROM notifications ORDER BY user_id, type"
+            ),
+            what="notification rows",
+        )
+        # Give the relay time to publish the deliveries the rows describe.
+        await eventually(lambda: _empty(db), what="outbox drained")
+    finally:
+        await db.close()
+
+    table = {
+        (r["user_id"], r["type"]): {**r, "metadata": json.loads(r["metadata"])}
+        for r in rows
+    }
+    assert set(table) == {
+        (demo.alice, "email"),
+        (demo.alice, "sse"),
+        (demo.bob, "email"),
+        (demo.bob, "sse"),
+        (demo.bob, "push"),
+        (demo.dave, "email"),
+        (demo.dave, "sse"),
+        (demo.dave, "push"),
+    }
+    assert table[(demo.alice, "email")]["status"] == "skipped"
+    assert table[(demo.alice, "email")]["last_error"] == "email disabled by preference"
+    assert table[(demo.dave, "email")]["status"] == "skipped"
+    assert table[(demo.dave, "email")]["last_error"] == "user has no email address"
+    assert table[(demo.bob, "push")]["priority"] == 8
+    assert table[(demo.bob, "sse")]["channel"] == "comment.mention"
+    assert table[(demo.alice, "sse")]["channel"] == "comment.reply"
+    assert table[(demo.alice, "sse")]["metadata"]["reasons"] == ["post_author"]
+    assert table[(demo.dave, "sse")]["metadata"]["reasons"] == [
+        "participant",
+        "mentioned",
+    ]
+
+    emails = [decode(DeliveryRequested, m.body) for m in await drain(settings, "email")]
+    sse = await drain(settings, "sse")
+    push = await drain(settings, "push")
+    assert [(d.user_id, d.priority) for d in emails] == [(demo.bob, 8)]
+    assert {decode(DeliveryRequested, m.body).user_id for m in sse} == {
+        demo.alice,
+        demo.bob,
+        demo.dave,
+    }
+    assert len(push) == 2
+    assert {m.priority for m in sse} == {2, 8}
+
+
+async def test_a_redelivered_event_creates_nothing_twice(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        comment = await add_comment(db, demo, demo.bob, "hello")
+        event = created(demo, comment, demo.bob, "hello")
+
+        await publish(settings, event, event)
+        await publish(settings, event)
+
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM events"), what="event stored"
+        )
+        await eventually(lambda: _empty(db), what="outbox drained")
+        await eventually(lambda: _consumed(settings), what="dispatcher queue consumed")
+        rows = await db.fetchval("SELECT count(*) FROM notifications")
+    finally:
+        await db.close()
+
+    assert rows == 2  # alice, by email and live
+    assert len(await drain(settings, "email")) == 1
+    assert len(await drain(settings, "sse")) == 1
+
+
+async def _empty(db: asyncpg.Connection) -> bool:
+    return await db.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def _consumed(settings: Settings) -> bool:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
+        return queue.declaration_result.message_count == 0

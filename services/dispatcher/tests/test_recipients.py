@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.recipients import (
+    AUTHOR,
+    MENTIONED,
+    PARTICIPANT,
+    mentioned_usernames,
+    resolve,
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("hi @bob", ["bob"]),
+        ("@bob, @carol! and @dave.", ["bob", "carol", "dave"]),
+        ("(@bob) @carol? @dave:", ["bob", "carol", "dave"]),
+        ("write to carol@example.com", []),
+        ("@Bob and @bob again", ["bob"]),
+        ("@@bob is not a mention", []),
+        ("@" + "x" * 33 + " is too long for a username", []),
+        ("no mentions at all", []),
+        ("line one\n@carol on line two", ["carol"]),
+    ],
+)
+def test_mentions_are_words_starting_with_at(body: str, expected: list[str]) -> None:
+    assert mentioned_usernames(body) == expected
+
+
+def test_author_participants_and_mentions_are_each_notified_once() -> None:
+    found = resolve(
+        commenter_id=3,
+        post_author_id=1,
+        participant_ids=[2, 1, 2],
+        mentioned_ids=[2, 4],
+    )
+
+    assert [(r.user_id, r.reasons) for r in found] == [
+        (1, [AUTHOR, PARTICIPANT]),
+        (2, [PARTICIPANT, MENTIONED]),
+        (4, [MENTIONED]),
+    ]
+
+
+def test_commenter_is_never_notified_even_mentioning_themselves_on_own_post() -> None:
+    found = resolve(
+        commenter_id=1, post_author_id=1, participant_ids=[1], mentioned_ids=[1]
+    )
+
+    assert found == []
+
+
+def test_unknown_usernames_resolve_to_nobody() -> None:
+    # Mentions are resolved to ids by the database; unknown names simply
+    # produce no id, and only the post's author is left.
+    found = resolve(
+        commenter_id=2, post_author_id=1, participant_ids=[], mentioned_ids=[]
+    )
+
+    assert [(r.user_id, r.reasons) for r in found] == [(1, [AUTHOR])]

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import email
+import email.policy
+
+from email_sender.mime import build
+
+
+def parse(raw: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def test_non_ascii_names_and_subject_decode_back_exactly() -> None:
+    msg = build(
+        notification_id=42,
+        to_address="zoe@example.com",
+        to_name="Zoë 🚀 Carol",
+        subject="Zoë 🚀 mentioned you on “Welcome”",
+        text="Bonjour Zoë, ça va ? 🚀",
+        html="<p>Bonjour <b>Zoë</b></p>",
+        sender="notifications@example.com",
+        sender_name="Équipe notiflow",
+        domain="example.com",
+    )
+
+    raw = msg.as_bytes()
+    header_block = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(b < 128 for b in header_block), "headers must be 7-bit on the wire"
+
+    back = parse(raw)
+    assert back["To"].addresses[0].display_name == "Zoë 🚀 Carol"
+    assert back["To"].addresses[0].addr_spec == "zoe@example.com"
+    assert back["From"].addresses[0].display_name == "Équipe notiflow"
+    assert str(back["Subject"]) == "Zoë 🚀 mentioned you on “Welcome”"
+    assert back.get_body(("plain",)).get_content().strip() == "Bonjour Zoë, ça va ? 🚀"
+    assert "<b>Zoë</b>" in back.get_body(("html",)).get_content()
+
+
+def test_message_id_is_stable_for_a_notification() -> None:
+    def make() -> email.message.EmailMessage:
+        return build(
+            notification_id=7,
+            to_address="a@example.com",
+            to_name="A",
+            subject="s",
+            text="t",
+            html=None,
+            sender="n@example.com",
+            sender_name="n",
+            domain="mail.example.com",
+        )
+
+    first, second = make(), make()
+
+    assert (
+        first["Message-ID"]
+        == second["Message-ID"]
+        == "<notification-7@mail.example.com>"
+    )
+    assert first["Auto-Submitted"] == "auto-generated"
+    assert not first.is_multipart(), "no HTML part was given"
