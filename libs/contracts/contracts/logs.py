@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from contracts.tracing import current_trace_id
+
 _bound: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "notiflow_log_context", default=None
 )
@@ -50,6 +52,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update(_bound.get() or {})
+        trace_id = current_trace_id()
+        if trace_id:
+            entry["trace_id"] = trace_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

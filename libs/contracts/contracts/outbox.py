@@ -23,8 +23,9 @@ from typing import Any
 import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
+from opentelemetry.trace import SpanKind
 
-from contracts import topology
+from contracts import metrics, topology, tracing
 from contracts.messages import Message
 from contracts.settings import Settings
 
@@ -144,13 +145,16 @@ class OutboxRelay:
         failures = 0
         while True:
             await self._listen()
+            swept = False
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sweep)
             except TimeoutError:
-                pass
+                swept = True
             self._wake.clear()
             try:
                 await self.drain()
+                if swept:
+                    await self._measure_backlog()
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -193,6 +197,7 @@ class OutboxRelay:
             await asyncio.gather(*(self._publish(row) for row in rows))
             await conn.execute(DELETE_SQL, [row["id"] for row in rows])
         self.published += len(rows)
+        metrics.OUTBOX_PUBLISHED.inc(len(rows))
         logger.debug(
             "published %d outbox messages in %.1f ms",
             len(rows),
@@ -203,16 +208,27 @@ class OutboxRelay:
 
     async def _publish(self, row: asyncpg.Record) -> None:
         exchange = await self._exchange(row["exchange"])
-        message = aio_pika.Message(
-            body=bytes(row["body"]),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=row["message_id"],
-            priority=row["priority"],
-            headers=row["headers"],
-            timestamp=row["created_at"],
-        )
-        await exchange.publish(message, routing_key=row["routing_key"], timeout=10)
+        with tracing.span(
+            f"publish {row['routing_key']}",
+            parent_headers=row["headers"],
+            kind=SpanKind.PRODUCER,
+        ):
+            message = aio_pika.Message(
+                body=bytes(row["body"]),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=row["message_id"],
+                priority=row["priority"],
+                headers=tracing.inject(row["headers"]),
+                timestamp=row["created_at"],
+            )
+            await exchange.publish(message, routing_key=row["routing_key"], timeout=10)
+
+    async def _measure_backlog(self) -> None:
+        async with self._pool.acquire(timeout=5) as conn:
+            count, oldest = await backlog(conn)
+        metrics.OUTBOX_BACKLOG.set(count)
+        metrics.OUTBOX_OLDEST_AGE.set(oldest)
 
 
 async def backlog(conn: asyncpg.Connection) -> tuple[int, float]:

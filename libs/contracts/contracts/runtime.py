@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from contracts import logs, topology
+from contracts import logs, topology, tracing
 from contracts.consumer import Consumers, Handler, M, Publisher
 from contracts.db import create_pool
 from contracts.outbox import OutboxRelay
@@ -100,6 +100,8 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, then close everything."""
+        if self.consumers is not None:
+            self.consumers.stopping = True
         if self.broker is not None:
             await self.broker.stop()
         if self.relay is not None:
@@ -129,6 +131,10 @@ class Runtime:
                 alive, problems["consumers"] = False, repr(exc)
             if not alive:
                 problems.setdefault("consumers", "broker connection is down")
+        if self.consumers is not None and "consumers" not in problems:
+            missing = await self.consumers.missing()
+            if missing:
+                problems["consumers"] = f"not consuming {', '.join(missing)}"
         return problems
 
 
@@ -157,6 +163,7 @@ def serve(app: Any, service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
     settings = get_settings()
     logs.configure(service, settings.log_level)
+    tracing.configure(service)
     require_services(settings)
     port = int(os.environ.get("PORT", default_port))
     host = os.environ.get("HOST", "127.0.0.1")

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from comments import repository as sql
-from contracts import topology
+from contracts import topology, tracing
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import transaction
 from contracts.http import Conflict, NotFound
@@ -126,7 +126,7 @@ async def create_comment(
                     routing_key=topology.COMMENT_CREATED,
                     message_id=str(event.event_id),
                     message=event,
-                    headers={"event_id": str(event.event_id)},
+                    headers=tracing.inject({"event_id": str(event.event_id)}),
                 )
             ],
         )

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 from pydantic_settings import SettingsConfigDict
 
-from contracts import topology
+from contracts import metrics, topology
 from contracts.db import transaction
 from contracts.messages import CommentCreated
 from contracts.runtime import Runtime, health_router
@@ -45,6 +45,9 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     ) -> None:
         async with transaction(runtime.db) as conn:
             outcome = await dispatcher.handle(conn, event)
+        for type_, channel, status in outcome.stored:
+            created = "created" if status == "pending" else status
+            metrics.NOTIFICATIONS.labels(type_, channel, created).inc()
         if outcome.duplicate:
             logger.info(
                 "event already dispatched", extra={"action": "dispatch.duplicate"}

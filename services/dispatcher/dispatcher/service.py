@@ -9,13 +9,12 @@ previous delivery of this event committed all of the above, and there is nothing
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
-from contracts import topology
+from contracts import topology, tracing
 from contracts.consumer import DeadLetter
 from contracts.messages import CommentCreated, DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
@@ -37,7 +36,8 @@ class Outcome:
     rows: int = 0
     pending: int = 0
     skipped: int = 0
-    by_type: Counter[str] | None = None
+    # (type, channel, status) of each row this call stored
+    stored: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -87,7 +87,7 @@ class Dispatcher:
 
         rows = self._rows(event, post, commenter, recipients, users, disabled)
         if not rows:
-            return Outcome(rows=0, by_type=Counter())
+            return Outcome()
         stored = await conn.fetch(
             sql.INSERT_NOTIFICATIONS,
             event.event_id,
@@ -100,7 +100,9 @@ class Dispatcher:
                 routing_key=row["type"],
                 message_id=f"notification-{row['id']}",
                 priority=row["priority"],
-                headers={"event_id": str(event.event_id), "notification_id": row["id"]},
+                headers=tracing.inject(
+                    {"event_id": str(event.event_id), "notification_id": row["id"]}
+                ),
                 message=DeliveryRequested(
                     notification_id=row["id"],
                     event_id=event.event_id,
@@ -119,7 +121,7 @@ class Dispatcher:
             rows=len(stored),
             pending=len(deliveries),
             skipped=len(stored) - len(deliveries),
-            by_type=Counter(f"{r['type']}:{r['status']}" for r in stored),
+            stored=[(r["type"], r["channel"], r["status"]) for r in stored],
         )
 
     def _rows(

@@ -1,0 +1,92 @@
+"""OpenTelemetry traces that follow a comment across the broker.
+
+One trace runs from ``POST /comments`` through the outbox relay, the dispatcher and
+each delivery: writers put the W3C ``traceparent`` into the outbox row's headers, the
+relay publishes them as AMQP headers, and consumers continue the trace from there.
+
+Spans are always made, so every log line can carry a ``trace_id``; they are exported
+only when the standard OTLP variables say where to (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless ``OTEL_TRACES_EXPORTER=none`` or
+``OTEL_SDK_DISABLED=true``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span, SpanKind
+
+_tracer = trace.get_tracer("notiflow")
+_configured = False
+
+
+def exporting() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def configure(service: str) -> None:
+    """Install the tracer provider for this process; call once at the entrypoint."""
+    global _configured, _tracer
+    if _configured:
+        return
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"notiflow-{service}"})
+    )
+    if exporting():
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _tracer = trace.get_tracer("notiflow")
+    _configured = True
+
+
+def inject(headers: MutableMapping[str, Any] | None = None) -> dict[str, Any]:
+    """``headers`` plus the current trace context, for a message or outbox row."""
+    carrier: dict[str, Any] = dict(headers or {})
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    parent_headers: Mapping[str, Any] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+) -> Iterator[Span]:
+    """A span, continuing the trace in ``parent_headers`` when they carry one."""
+    token = None
+    if parent_headers is not None:
+        carrier = {k: str(v) for k, v in parent_headers.items()}
+        token = context.attach(propagate.extract(carrier))
+    try:
+        with _tracer.start_as_current_span(
+            name, kind=kind, attributes=dict(attributes or {})
+        ) as current:
+            yield current
+    finally:
+        if token is not None:
+            context.detach(token)
+
+
+def current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
