@@ -7,12 +7,12 @@ which records what it applied in the database itself.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
+import psycopg
+from psycopg import sql
 from yoyo import get_backend, read_migrations
 
 from contracts.settings import Settings, get_settings, redact_url
@@ -26,28 +26,24 @@ def _yoyo_url(database_url: str) -> str:
     return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
 
 
-async def ensure_database(database_url: str) -> bool:
+def ensure_database(database_url: str) -> bool:
     """Create the database named in ``database_url`` if missing; True if created."""
     parts = urlsplit(database_url)
     name = parts.path.lstrip("/")
     admin = urlunsplit(parts._replace(path="/postgres"))
-    conn = await asyncpg.connect(admin, timeout=10)
-    try:
-        exists = await conn.fetchval(
-            "SELECT 1 FROM pg_database WHERE datname = $1", name
-        )
+    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
         if exists:
             return False
-        quoted = '"' + name.replace('"', '""') + '"'
-        await conn.execute(f"CREATE DATABASE {quoted}")
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return True
-    finally:
-        await conn.close()
 
 
 def apply(database_url: str) -> int:
     """Apply pending migrations; return how many were applied."""
-    asyncio.run(ensure_database(database_url))
+    ensure_database(database_url)
     backend = get_backend(_yoyo_url(database_url))
     try:
         migrations = read_migrations(str(MIGRATIONS))

@@ -1,0 +1,132 @@
+"""The outbox relay against the real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import aio_pika
+import asyncpg
+import pytest
+
+from contracts import topology
+from contracts.db import create_pool
+from contracts.messages import CommentCreated, decode
+from contracts.outbox import OutboxRelay, Outgoing, backlog, enqueue
+from contracts.settings import Settings
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def event(n: int) -> Outgoing:
+    message = CommentCreated(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(UTC),
+        comment_id=n,
+        post_id=1,
+        author_id=1,
+        body=f"comment {n}",
+    )
+    return Outgoing(
+        exchange=topology.EVENTS_EXCHANGE,
+        routing_key=topology.COMMENT_CREATED,
+        message_id=str(message.event_id),
+        message=message,
+        headers={"event_id": str(message.event_id)},
+    )
+
+
+async def write(pool: asyncpg.Pool, items: list[Outgoing]) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await enqueue(conn, items)
+
+
+async def received(settings: Settings) -> list[int]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    found = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
+        while (message := await queue.get(fail=False)) is not None:
+            found.append(decode(CommentCreated, message.body).comment_id)
+            await message.ack()
+    return found
+
+
+async def test_rows_written_while_no_relay_runs_are_published_on_start(
+    settings: Settings,
+) -> None:
+    pool = await create_pool(settings)
+    relay = OutboxRelay(pool, settings, batch_size=7)
+    try:
+        # Declares the topology; then stop, and write while nothing publishes.
+        await relay.start()
+        await relay.stop()
+        await write(pool, [event(n) for n in range(20)])
+        async with pool.acquire() as conn:
+            assert (await backlog(conn))[0] == 20
+
+        relay = OutboxRelay(pool, settings, batch_size=7)
+        await relay.start()
+        got: list[int] = []
+
+        async def all_twenty() -> bool:
+            got.extend(await received(settings))
+            return len(got) >= 20
+
+        await eventually(all_twenty, what="20 messages on the queue")
+    finally:
+        await relay.stop()
+        async with pool.acquire() as conn:
+            left = (await backlog(conn))[0]
+        await pool.close()
+
+    assert sorted(got) == list(range(20)), "every row once, in batches of 7"
+    assert left == 0
+
+
+async def test_a_commit_wakes_the_relay_without_waiting_for_a_sweep(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    try:
+        await relay.start()
+        await eventually(lambda: _listening(relay), what="relay listening", timeout=10)
+
+        await write(pool, [event(1)])
+
+        got = await eventually(
+            lambda: received(settings), what="the message", timeout=10
+        )
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert got == [1]
+
+
+async def _listening(relay: OutboxRelay) -> bool:
+    listener = relay._listener  # the relay opens it on its first loop
+    return listener is not None and not listener.is_closed()
+
+
+async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings) -> None:
+    pool = await create_pool(settings)
+    relay = OutboxRelay(pool, settings)
+    try:
+        await relay.start()
+        with pytest.raises(RuntimeError):
+            async with pool.acquire() as conn, conn.transaction():
+                await enqueue(conn, [event(1)])
+                raise RuntimeError("the business write failed")
+        await write(pool, [event(2)])
+
+        got = await eventually(lambda: received(settings), what="a message")
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert got == [2]
