@@ -9,13 +9,25 @@ or raises one of the exceptions below, which say what must happen next::
     ├── DeadLetter       permanent failure: copy the message to the dead-letter queue
     │                    with the reason in its headers, then ack
     └── contracts.db.DatabaseUnavailable (and connection errors)
-                         the database is away: wait, then nack with requeue, so the
-                         message stays in RabbitMQ and nothing is lost
+                         the database is away: keep the message (unacked, so
+                         RabbitMQ still owns it) and call the handler again after a
+                         growing pause; on shutdown, nack it with requeue
 
 A body that does not parse (:class:`contracts.messages.BadMessage`) is dead-lettered
 with the parse error as its reason. Any other exception is a bug in the handler: the
 message is dead-lettered with the error, so that one bad message cannot stop the
 queue, and an operator can replay it once the bug is fixed.
+
+Why the database case retries in place rather than nacking at once: the dispatcher's
+queue is a quorum queue with ``x-delivery-limit``, and every nack with requeue counts
+as a delivery there. A database outage longer than a few backoff rounds would push
+every waiting event past the limit, and RabbitMQ drops such a message. Holding it
+costs one prefetch slot per message, which nothing else could use while the database
+is away anyway.
+
+:meth:`Consumers.missing` says which queues have no live consumer in this process
+(a channel that is still reconnecting, or a consumer the broker cancelled because
+its queue was deleted); readiness reports them.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aio_pika
@@ -40,6 +53,9 @@ from contracts.messages import BadMessage, Message, decode
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+
+# When the message was set aside, for ``notiflow-admin dlq list``.
+DEAD_LETTERED_AT_HEADER = "x-notiflow-dead-lettered-at"
 
 
 class RetryLater(Exception):
@@ -81,6 +97,7 @@ class Publisher:
                 topology.ORIGIN_QUEUE_HEADER: queue,
                 topology.ORIGIN_EXCHANGE_HEADER: raw.exchange or "",
                 topology.ORIGIN_ROUTING_KEY_HEADER: raw.routing_key or "",
+                DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
             }
         )
         exchange = await self._exchange(topology.DEAD_LETTER_EXCHANGE)
@@ -121,8 +138,18 @@ class Consumers:
         self._publisher = publisher
         self.in_flight = 0
         self.queues: list[str] = []
+        self.stopping = False
+        self._subscribers: dict[str, Any] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+
+    async def missing(self) -> list[str]:
+        """The queues this process should consume but has no live consumer on."""
+        return [
+            queue
+            for queue, subscriber in self._subscribers.items()
+            if not await _consuming(subscriber)
+        ]
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -141,19 +168,20 @@ class Consumers:
         action: str,
     ) -> None:
         self.queues.append(queue)
-        backoff = _Backoff()
-
-        @self._broker.subscriber(
+        subscriber = self._broker.subscriber(
             RabbitQueue(queue, declare=False),
             channel=Channel(prefetch_count=prefetch),
             ack_policy=AckPolicy.MANUAL,
         )
+        self._subscribers[queue] = subscriber
+
+        @subscriber
         async def consume(message: RabbitMessage) -> None:
             raw: AbstractIncomingMessage = message.raw_message
             self.in_flight += 1
             self._idle.clear()
             try:
-                await self._handle(queue, model, handler, message, raw, backoff, action)
+                await self._handle(queue, model, handler, message, raw, action)
             finally:
                 self.in_flight -= 1
                 if self.in_flight == 0:
@@ -166,7 +194,6 @@ class Consumers:
         handler: Handler[M],
         message: Any,
         raw: AbstractIncomingMessage,
-        backoff: _Backoff,
         action: str,
     ) -> None:
         started = time.perf_counter()
@@ -179,7 +206,9 @@ class Consumers:
         ids = {k: str(v) for k, v in _ids(payload).items()}
         with bind(**ids):
             try:
-                await handler(payload, raw)
+                await self._call(handler, payload, raw, queue, action)
+            except _ShuttingDown:
+                await message.nack(requeue=True)
             except RetryLater as exc:
                 await self._publisher().retry(raw, queue, exc.delay_seconds)
                 await message.ack()
@@ -191,17 +220,6 @@ class Consumers:
                 )
             except DeadLetter as exc:
                 await self._set_aside(message, raw, queue, exc.reason)
-            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
-                delay = backoff.next()
-                logger.warning(
-                    "database unavailable, message returned to %s after %.1fs: %r",
-                    queue,
-                    delay,
-                    exc,
-                    extra={"action": f"{action}.backoff"},
-                )
-                await asyncio.sleep(delay)
-                await message.nack(requeue=True)
             except Exception as exc:
                 logger.exception(
                     "handler failed; dead-lettering the message",
@@ -209,13 +227,39 @@ class Consumers:
                 )
                 await self._set_aside(message, raw, queue, f"handler error: {exc!r}")
             else:
-                backoff.reset()
                 await message.ack()
                 logger.debug(
                     "handled in %.1f ms",
                     (time.perf_counter() - started) * 1000,
                     extra={"action": f"{action}.done"},
                 )
+
+    async def _call(
+        self,
+        handler: Handler[M],
+        payload: M,
+        raw: AbstractIncomingMessage,
+        queue: str,
+        action: str,
+    ) -> None:
+        """Run the handler, again and again while the database is away."""
+        backoff = _Backoff()
+        while True:
+            try:
+                await handler(payload, raw)
+            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+                if self.stopping:
+                    raise _ShuttingDown from exc
+                delay = backoff.next()
+                logger.warning(
+                    "database unavailable, trying again in %.1fs: %r",
+                    delay,
+                    exc,
+                    extra={"action": f"{action}.backoff", "queue": queue},
+                )
+                await asyncio.sleep(delay)
+            else:
+                return
 
     async def _set_aside(
         self, message: Any, raw: AbstractIncomingMessage, queue: str, reason: str
@@ -230,6 +274,26 @@ class Consumers:
         )
 
 
+class _ShuttingDown(Exception):
+    """The database is still away and the service is stopping: give it back."""
+
+
+async def _consuming(subscriber: Any) -> bool:
+    # FastStream 0.7 keeps the aio-pika queue and the consumer tag on the subscriber
+    # (``_queue_obj``, ``_consumer_tag``); aio-pika's robust queue re-consumes with the
+    # same tag after a reconnect, and aiormq drops a tag from ``consumers`` when the
+    # broker cancels it. A tag present on an open channel is a live consumer.
+    queue = getattr(subscriber, "_queue_obj", None)
+    tag = getattr(subscriber, "_consumer_tag", None)
+    if queue is None or tag is None or queue.channel.is_closed:
+        return False
+    try:
+        channel = await queue.channel.get_underlay_channel()
+    except Exception:
+        return False
+    return not channel.is_closed and tag in channel.consumers
+
+
 def _ids(payload: Message) -> dict[str, Any]:
     return {
         key: getattr(payload, key)
@@ -239,7 +303,7 @@ def _ids(payload: Message) -> dict[str, Any]:
 
 
 class _Backoff:
-    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+    def __init__(self, first: float = 0.5, cap: float = 5.0) -> None:
         self._first = first
         self._cap = cap
         self._current = 0.0

@@ -1,4 +1,8 @@
-"""Wires the email sender: consumer of email deliveries, health routes."""
+"""Wires the email sender: consumer of email deliveries, lease sweeper, health routes.
+
+The sweeper re-enqueues deliveries whose worker died through the outbox, so this
+service also runs an outbox relay.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import topology
 from contracts.messages import DeliveryRequested
+from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 from email_sender import smtp
@@ -32,11 +37,24 @@ class EmailSettings(Settings):
     mail_domain: str = "notiflow.localhost"
     email_prefetch: int = Field(default=20, ge=1)
     email_lease_seconds: float = Field(default=120.0, gt=0)
+    email_sweep_seconds: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_delivery(self) -> EmailSettings:
+        # A lease shorter than the longest SMTP conversation would let the sweeper
+        # hand a row to a second worker while the first is still sending it.
+        longest = self.smtp_timeout * smtp.DEADLINE_FACTOR
+        if self.email_lease_seconds <= longest:
+            raise ValueError(
+                f"NOTIFLOW_EMAIL_LEASE_SECONDS ({self.email_lease_seconds:g}) must be "
+                f"longer than one whole SMTP conversation may take ({longest:g}s)"
+            )
+        return self
 
 
 def create_app(settings: EmailSettings | None = None) -> FastAPI:
     settings = settings or EmailSettings()
-    runtime = Runtime(settings, consumers=True)
+    runtime = Runtime(settings, relay=True, consumers=True)
     config = smtp.SmtpConfig(
         host=settings.smtp_host,
         port=settings.smtp_port,
@@ -67,9 +85,19 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        sweeper = LeaseSweeper(
+            runtime.db,
+            ["email"],
+            interval=settings.email_sweep_seconds,
+            grace_seconds=settings.email_lease_seconds,
+            max_attempts=len(settings.retry_delay_levels) + 1,
+        )
+        sweeper.start()
+        app.state.sweeper = sweeper
         try:
             yield
         finally:
+            await sweeper.stop()
             await runtime.stop()
 
     app = FastAPI(title="notiflow email sender", lifespan=lifespan)

@@ -10,11 +10,28 @@ same id, which lets mail clients and servers fold the copies together.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
 from typing import Any
+
+
+class InvalidAddress(ValueError):
+    """An address no mail server will ever accept; retrying cannot help."""
+
+
+def recipient(address: str | None, display_name: str) -> Address:
+    """``address`` as a header value, or :class:`InvalidAddress` saying why not."""
+    if not address or not address.strip():
+        raise InvalidAddress("the recipient has no email address")
+    try:
+        return Address(display_name=display_name, addr_spec=address.strip())
+    except (MessageError, ValueError, IndexError) as exc:
+        # The standard library reports a bad addr-spec as a header defect, a parse
+        # error or, for some inputs, an IndexError; all mean the same here.
+        raise InvalidAddress(f"invalid recipient address {address!r}: {exc}") from None
 
 
 def message_id(notification_id: int, domain: str) -> str:
@@ -36,7 +53,7 @@ def build(
 ) -> EmailMessage:
     msg = EmailMessage(policy=SMTP)
     msg["From"] = Address(display_name=sender_name, addr_spec=sender)
-    msg["To"] = Address(display_name=to_name, addr_spec=to_address)
+    msg["To"] = recipient(to_address, to_name)
     msg["Subject"] = subject
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id(notification_id, domain)

@@ -97,22 +97,23 @@ class EmailWorker:
             return
 
         started = time.perf_counter()
-        message = mime.build(
-            notification_id=row["id"],
-            to_address=row["email"],
-            to_name=row["display_name"],
-            subject=row["title"],
-            text=row["message"],
-            html=(row["metadata"] or {}).get("html"),
-            sender=self._sender,
-            sender_name=self._sender_name,
-            domain=self._domain,
-        )
         try:
+            message = mime.build(
+                notification_id=row["id"],
+                to_address=row["email"],
+                to_name=row["display_name"],
+                subject=row["title"],
+                text=row["message"],
+                html=(row["metadata"] or {}).get("html"),
+                sender=self._sender,
+                sender_name=self._sender_name,
+                domain=self._domain,
+            )
             await smtp.send(message, self._smtp)
-        except smtp.PermanentSendError as exc:
-            await self._mark(MARK_FAILED, row["id"], exc.reason)
-            raise DeadLetter(f"permanent failure: {exc.reason}") from exc
+        except (mime.InvalidAddress, smtp.PermanentSendError) as exc:
+            reason = str(exc)
+            await self._mark(MARK_FAILED, row["id"], reason)
+            raise DeadLetter(f"permanent failure: {reason}") from exc
         except smtp.TransientSendError as exc:
             attempt = row["attempts"]
             if attempt > len(self._delays):

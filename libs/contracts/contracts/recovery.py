@@ -1,0 +1,199 @@
+"""Putting deliveries back on the road from what the notification rows say.
+
+The rows are the truth; a message is only a reminder to look at one. Two kinds of
+row can be left without a reminder:
+
+* ``sending`` with ``lease_expires_at`` in the past: the worker that claimed it died
+  (SIGKILL, OOM, a lost node) before it recorded an outcome. RabbitMQ redelivers the
+  unacked message, but a claim that meets a live lease acks it as a duplicate, and
+  once the lease runs out nobody is left to try.
+* ``retrying`` whose ``next_attempt_at`` passed more than a lease ago: its message in
+  a delay queue is gone (the retry queues are classic and not replicated).
+
+:class:`LeaseSweeper` finds both with ``FOR UPDATE SKIP LOCKED``, moves a lost
+``sending`` row to ``retrying`` (the claim accepts that state, and it is the state the
+row would have reached had its worker lived to see the failure), and enqueues a fresh
+:class:`~contracts.messages.DeliveryRequested` through the outbox in the same
+transaction. A row that has used up its attempts this way is marked ``failed``
+instead, so a message that kills its worker every time stops after a few rounds.
+Several sweepers may run side by side; the row locks keep them apart.
+
+:func:`requeue_failed` is the operator's way back from ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from contracts import topology
+from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
+from contracts.messages import DeliveryRequested
+from contracts.outbox import Outgoing, enqueue
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = (
+    "n.id, n.event_id, n.user_id, n.type, n.channel, n.priority, n.event_occurred_at"
+)
+
+RECOVER = f"""
+WITH lost AS (
+    SELECT id FROM notifications
+    WHERE type = ANY($1::text[])
+      AND ((status = 'sending' AND lease_expires_at < now())
+           OR (status = 'retrying'
+               AND next_attempt_at < now() - make_interval(secs => $2)))
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifications n
+SET status = CASE WHEN n.attempts >= $3 THEN 'failed' ELSE 'retrying' END,
+    last_error = CASE
+        WHEN n.status = 'retrying' THEN n.last_error
+        WHEN n.attempts >= $3 THEN
+            'worker lost during attempt ' || n.attempts || '; no attempts left'
+        ELSE 'worker lost during attempt ' || n.attempts
+    END,
+    next_attempt_at = CASE WHEN n.attempts >= $3 THEN NULL ELSE now() END,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM lost
+WHERE n.id = lost.id
+RETURNING {_COLUMNS}, n.status
+"""
+
+REQUEUE_FAILED = f"""
+WITH chosen AS (
+    SELECT id FROM notifications
+    WHERE status = 'failed'
+      AND ($1::uuid IS NULL OR event_id = $1)
+      AND ($2::timestamptz IS NULL OR updated_at >= $2)
+      AND ($3::timestamptz IS NULL OR updated_at < $3)
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifications n
+SET status = 'pending', attempts = 0, next_attempt_at = NULL,
+    lease_expires_at = NULL, updated_at = now()
+FROM chosen
+WHERE n.id = chosen.id
+RETURNING {_COLUMNS}
+"""
+
+
+def delivery(row: asyncpg.Record) -> Outgoing:
+    """The outbox entry asking ``row``'s channel sender to deliver it."""
+    return Outgoing(
+        exchange=topology.DELIVERIES_EXCHANGE,
+        routing_key=row["type"],
+        message_id=f"notification-{row['id']}",
+        priority=row["priority"],
+        headers={"event_id": str(row["event_id"]), "notification_id": row["id"]},
+        message=DeliveryRequested(
+            notification_id=row["id"],
+            event_id=row["event_id"],
+            user_id=row["user_id"],
+            type=row["type"],
+            channel=row["channel"],
+            priority=row["priority"],
+            event_occurred_at=row["event_occurred_at"],
+        ),
+    )
+
+
+async def recover(
+    conn: asyncpg.Connection,
+    types: Sequence[str],
+    *,
+    grace_seconds: float,
+    max_attempts: int,
+    limit: int = 500,
+) -> tuple[int, int]:
+    """One sweep in the caller's transaction; returns (re-enqueued, failed)."""
+    rows = await conn.fetch(RECOVER, list(types), grace_seconds, max_attempts, limit)
+    again = [row for row in rows if row["status"] == "retrying"]
+    await enqueue(conn, [delivery(row) for row in again])
+    return len(again), len(rows) - len(again)
+
+
+async def requeue_failed(
+    conn: asyncpg.Connection,
+    *,
+    event_id: UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[int]:
+    """Set the chosen ``failed`` rows back to ``pending`` and enqueue each again.
+
+    Rows are chosen by event, or by when they failed (``updated_at``). Run it in a
+    transaction: the rows and their messages commit together or not at all.
+    """
+    rows = await conn.fetch(REQUEUE_FAILED, event_id, since, until)
+    await enqueue(conn, [delivery(row) for row in rows])
+    return [row["id"] for row in rows]
+
+
+class LeaseSweeper:
+    """Runs :func:`recover` every ``interval`` seconds until stopped."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        types: Sequence[str],
+        *,
+        interval: float,
+        grace_seconds: float,
+        max_attempts: int,
+    ) -> None:
+        self._pool = pool
+        self._types = tuple(types)
+        self._interval = interval
+        self._grace = grace_seconds
+        self._max_attempts = max_attempts
+        self._task: asyncio.Task[None] | None = None
+        self.recovered = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lease-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def sweep(self) -> tuple[int, int]:
+        async with transaction(self._pool) as conn:
+            again, failed = await recover(
+                conn,
+                self._types,
+                grace_seconds=self._grace,
+                max_attempts=self._max_attempts,
+            )
+        if again or failed:
+            self.recovered += again
+            logger.warning(
+                "recovered %d deliveries whose worker was lost; %d out of attempts",
+                again,
+                failed,
+                extra={"action": "delivery.recovered"},
+            )
+        return again, failed
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.sweep()
+            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+                logger.warning(
+                    "lease sweep skipped, database unavailable: %r",
+                    exc,
+                    extra={"action": "delivery.sweep_failed"},
+                )

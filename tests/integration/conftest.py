@@ -1,0 +1,65 @@
+"""Fixtures for the integration tier: real PostgreSQL, RabbitMQ and SMTP, services
+run in the test's own event loop through their FastAPI lifespans."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+from fastapi import FastAPI
+
+from contracts.settings import Settings
+from email_sender.app import EmailSettings, create_app
+from tests.support.data import Demo, seed_demo
+from tests.support.smtp import SmtpServer
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def demo(settings: Settings) -> Demo:
+    return await seed_demo(settings.database_url)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan entered: consumers and relays are running."""
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+EmailSenderFactory = Callable[..., AbstractAsyncContextManager[FastAPI]]
+
+
+@pytest.fixture
+def email_sender(settings: Settings, smtp: SmtpServer) -> EmailSenderFactory:
+    """``async with email_sender(**overrides) as app`` runs an email sender."""
+
+    def start(**overrides: Any) -> AbstractAsyncContextManager[FastAPI]:
+        options: dict[str, Any] = {
+            **settings.model_dump(),
+            "smtp_port": smtp.port,
+            "smtp_timeout": 0.5,
+            "email_lease_seconds": 3,
+            "email_sweep_seconds": 0.3,
+            **overrides,
+        }
+        return running(create_app(EmailSettings(**options)))
+
+    return start

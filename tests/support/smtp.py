@@ -1,0 +1,163 @@
+"""An SMTP server for tests that fails on demand and records what it received.
+
+It runs aiosmtpd in a thread of its own, so it answers while the test's event loop
+awaits. Each new connection takes the next behaviour from a script (``then``); once
+the script is used up, every connection gets the default behaviour:
+
+* ``accept``: take the message and record it in :attr:`SmtpServer.received`;
+* ``tempfail``: answer DATA with a 451;
+* ``reject``: refuse the recipient with a 550;
+* ``hang``: accept the TCP connection and never send the greeting;
+* ``drop``: read the whole message, record it in :attr:`SmtpServer.dropped`, then
+  close the connection before answering, so the client cannot know it arrived.
+
+Addresses in :attr:`SmtpServer.unknown` are refused with a 550 whatever the
+behaviour, as a real server refuses a mailbox that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.support.processes import free_port
+
+Behaviour = Literal["accept", "tempfail", "reject", "hang", "drop"]
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message()["Message-ID"])
+
+    def message(self) -> email.message.EmailMessage:
+        return email.message_from_bytes(self.data, policy=email.policy.default)
+
+
+class _Protocol(SMTP):
+    behaviour: Behaviour = "accept"
+
+    async def _handle_client(self) -> None:
+        server: SmtpServer = self.event_handler
+        self.behaviour = server.next_behaviour()
+        if self.behaviour == "hang":
+            # Say nothing until the client gives up or the server stops.
+            server.hanging.add(self)
+            try:
+                while not (server.stopping or self._reader.at_eof()):
+                    await asyncio.sleep(0.05)
+            finally:
+                server.hanging.discard(self)
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        await super()._handle_client()
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _Protocol(self.handler, **self.SMTP_kwargs)
+
+
+class SmtpServer:
+    """Start with ``with SmtpServer() as smtp:``; point NOTIFLOW_SMTP_PORT at it."""
+
+    def __init__(self, default: Behaviour = "accept") -> None:
+        self.default: Behaviour = default
+        self.port = free_port()
+        self.received: list[Received] = []
+        self.dropped: list[Received] = []
+        self.unknown: set[str] = set()
+        self.connections = 0
+        self.stopping = False
+        self.hanging: set[SMTP] = set()
+        self._script: deque[Behaviour] = deque()
+        self._lock = threading.Lock()
+        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> SmtpServer:
+        self._controller.start()
+        # aiosmtpd connects once to check that the server answers; not a client.
+        with self._lock:
+            self.connections = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping = True
+        # Let hanging connections see the flag and close before the loop stops.
+        deadline = time.monotonic() + 2
+        while self.hanging and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._controller.stop()
+
+    def then(self, *behaviours: Behaviour) -> SmtpServer:
+        """The next connections behave like this, in order."""
+        with self._lock:
+            self._script.extend(behaviours)
+        return self
+
+    def next_behaviour(self) -> Behaviour:
+        with self._lock:
+            self.connections += 1
+            return self._script.popleft() if self._script else self.default
+
+    def message_ids(self) -> Counter[str]:
+        with self._lock:
+            return Counter(r.message_id for r in self.received)
+
+    def to(self, address: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if address in r.rcpt_tos]
+
+    # aiosmtpd handler hooks
+
+    async def handle_RCPT(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address in self.unknown or server.behaviour == "reject":
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(
+        self, server: _Protocol, session: Session, envelope: Envelope
+    ) -> str:
+        record = Received(
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=_bytes(envelope.original_content or envelope.content),
+        )
+        if server.behaviour == "tempfail":
+            return "451 4.3.0 try again later"
+        if server.behaviour == "drop":
+            with self._lock:
+                self.dropped.append(record)
+            if server.transport is not None:
+                server.transport.abort()
+            return "250 OK"
+        with self._lock:
+            self.received.append(record)
+        return "250 OK"
+
+
+def _bytes(content: Any) -> bytes:
+    return content if isinstance(content, bytes) else str(content).encode()
