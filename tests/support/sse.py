@@ -23,7 +23,11 @@ class Event:
 
 @dataclass
 class SSEClient:
-    """Reads a stream in the background; ``events`` and ``comments`` fill up."""
+    """Reads a stream in the background; ``events`` and ``comments`` fill up.
+
+    ``ended`` is set when the server ends the stream (or refuses it); leaving the
+    ``async with`` block drops the connection, the way a closed tab does.
+    """
 
     url: str
     headers: dict[str, str] = field(default_factory=dict)
@@ -31,6 +35,9 @@ class SSEClient:
     comments: list[str] = field(default_factory=list)
     retry: int | None = None
     status: int | None = None
+    response_headers: httpx.Headers | None = None
+    body: bytes = b""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -45,19 +52,26 @@ class SSEClient:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _read(self) -> None:
+        try:
+            await self._stream()
+        finally:
+            self.ended.set()
+            self._connected.set()
+
+    async def _stream(self) -> None:
         timeout = httpx.Timeout(10, read=None)
         async with httpx.AsyncClient(timeout=timeout) as client:
             async with client.stream("GET", self.url, headers=self.headers) as resp:
                 self.status = resp.status_code
+                self.response_headers = resp.headers
                 if resp.status_code != 200:
-                    await resp.aread()
-                    self._connected.set()
+                    self.body = await resp.aread()
                     return
                 current = Event()
                 async for line in resp.aiter_lines():
                     if line.startswith(":"):
                         self.comments.append(line[1:].strip())
-                        if line.startswith(": connected") or "connected" in line:
+                        if line[1:].strip() == "connected":
                             self._connected.set()
                     elif line == "":
                         if current.data or current.id or current.event != "message":
@@ -78,6 +92,9 @@ class SSEClient:
     def of(self, kind: str) -> list[Event]:
         return [e for e in self.events if e.event == kind]
 
+    def ids(self, kind: str = "notification") -> list[int]:
+        return [int(e.id) for e in self.of(kind) if e.id is not None]
+
     async def wait_for(
         self, kind: str, count: int = 1, timeout: float = 15.0
     ) -> list[Event]:
@@ -87,3 +104,10 @@ class SSEClient:
 
         await asyncio.wait_for(enough(), timeout)
         return self.of(kind)
+
+    async def wait_comment(self, text: str, timeout: float = 15.0) -> None:
+        async def seen() -> None:
+            while text not in self.comments:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(seen(), timeout)

@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import asyncpg
+import jwt
 from fastapi import APIRouter, Depends, Header, Query, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import NotFound
 from sse_gateway import inbox
+from sse_gateway import stream as sse
 from sse_gateway.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
 
-REPLAY_PAGE = 500
 router = APIRouter()
 
 
 def principal(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    token: Annotated[str | None, Query()] = None,
+    request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    # EventSource cannot set headers, so browsers pass the token in the query.
+    # A ``?token=`` from an EventSource arrives here as this header (app.GatewayApp).
     settings = request.app.state.runtime.settings
-    return verify_token(bearer(authorization) or token, settings)
+    return verify_token(bearer(authorization), settings)
 
 
 def pool(request: Request) -> asyncpg.Pool:
@@ -50,91 +47,39 @@ async def stream(
 ) -> EventSourceResponse:
     hub: Hub = request.app.state.hub
     settings = request.app.state.runtime.settings
-    conn = Connection(user.user_id)
+    conn = Connection(user.user_id, expires_at=_expiry(request))
     # Join the hub before reading the cursor: an event committed in between is then
     # both queued and in the replay, and the sequence check drops the second copy.
     hub.add(conn)
     try:
-        async with connection(db) as pg:
-            start = await _cursor(pg, user.user_id, last_event_id)
+        replay = await sse.start(db, conn, last_event_id)
     except BaseException:
         hub.remove(conn)
         raise
-    return EventSourceResponse(
-        _events(conn, hub, db, start, settings.sse_retry_ms),
-        ping=settings.sse_heartbeat_seconds,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        send_timeout=settings.sse_send_timeout,
+    body = sse.events_of(conn, hub, db, replay, settings.sse_retry_ms)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if not settings.sse_lean:
+        return EventSourceResponse(
+            body,
+            ping=settings.sse_heartbeat_seconds,
+            headers=headers,
+            send_timeout=settings.sse_send_timeout,
+        )
+    # The hub's clock writes the heartbeats, so sse-starlette's ping is off.
+    return sse.StreamResponse(
+        conn, body, ping=0, headers=headers, send_timeout=settings.sse_send_timeout
     )
 
 
-async def _cursor(
-    pg: asyncpg.Connection, user_id: int, last_event_id: str | None
-) -> tuple[int, bool]:
-    """Where the stream starts: (sequence number, whether to replay from it)."""
-    if last_event_id and last_event_id.isdigit():
-        seq = await pg.fetchval(inbox.SEQ_OF, int(last_event_id), user_id)
-        if seq is not None:
-            return seq, True
-    current = await pg.fetchval(inbox.CURRENT_SEQ, user_id)
-    return current or 0, False
-
-
-async def _events(
-    conn: Connection,
-    hub: Hub,
-    db: asyncpg.Pool,
-    start: tuple[int, bool],
-    retry_ms: int,
-) -> AsyncIterator[ServerSentEvent]:
-    conn.last_seq, replay = start
+def _expiry(request: Request) -> float:
+    """When the token of this request expires; its stream is closed then."""
+    token = bearer(request.headers.get("authorization"))
     try:
-        yield ServerSentEvent(retry=retry_ms, comment="connected")
-        if replay:
-            async for event in _replay(conn, db):
-                yield event
-        while True:
-            kind, data = await conn.queue.get()
-            if kind == "resync":
-                async for event in _replay(conn, db):
-                    yield event
-            elif kind == "notification":
-                if data["seq"] <= conn.last_seq:
-                    continue
-                conn.last_seq = data["seq"]
-                hub.events_written += 1
-                yield _notification(data)
-            else:
-                yield ServerSentEvent(
-                    data=json.dumps(_public(data), ensure_ascii=False), event=kind
-                )
-    finally:
-        hub.remove(conn)
-
-
-async def _replay(conn: Connection, db: asyncpg.Pool) -> AsyncIterator[ServerSentEvent]:
-    while True:
-        async with connection(db) as pg:
-            rows = await pg.fetch(
-                inbox.REPLAY, conn.user_id, conn.last_seq, REPLAY_PAGE
-            )
-        for row in rows:
-            conn.last_seq = row["inbox_seq"]
-            yield _notification(inbox.event(row))
-        if len(rows) < REPLAY_PAGE:
-            return
-
-
-def _notification(data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(
-        data=json.dumps(data, ensure_ascii=False),
-        event="notification",
-        id=str(data["id"]),
-    )
-
-
-def _public(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if k not in ("u", "kind")}
+        # Already verified by the ``User`` dependency; only the claim is read here.
+        claims = jwt.decode(token or "", options={"verify_signature": False})
+        return float(claims["exp"])
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 @router.get("/inbox")

@@ -1,11 +1,20 @@
-"""Open browser connections on this replica, by user, and the feed that fills them.
+"""Open browser connections on this replica, by user, and the feeds that fill them.
 
-Each connection owns one small queue. :class:`InboxListener` holds one PostgreSQL
-connection that LISTENs on the inbox channel, and a single task that turns
-notifications into queue items in the order PostgreSQL delivered them (commit
-order). When the LISTEN connection is lost, anything announced meanwhile is gone, so
-after reconnecting every open connection is told to re-read the inbox from the last
-sequence number it wrote (a ``resync`` item).
+Each connection owns a small mailbox, not a task. Three things put items into it:
+
+- :class:`InboxListener` holds one PostgreSQL connection that LISTENs on the inbox
+  channel, and a single task that turns notifications into mailbox items in the
+  order PostgreSQL delivered them (commit order);
+- the hub's clock, one task for the whole replica, which drops a heartbeat into
+  every mailbox each interval, closes streams whose token has expired, and closes
+  every stream when the server starts shutting down;
+- the connection's own disconnect watcher, which closes it when the peer goes.
+
+When the LISTEN connection is lost, anything announced meanwhile is gone, so after
+reconnecting every open connection is told to re-read the inbox from the last
+sequence number it wrote (a ``resync`` item). A mailbox that fills up because its
+client reads too slowly is collapsed into the same ``resync`` item: notifications
+are re-read from PostgreSQL and nothing is held twice in memory.
 """
 
 from __future__ import annotations
@@ -13,40 +22,90 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import asyncpg
+from sse_starlette.sse import AppStatus
 
-from sse_gateway import inbox
+from sse_gateway import events, inbox, metrics
 
 logger = logging.getLogger(__name__)
 
 Item = tuple[str, Any]
 RESYNC: Item = ("resync", None)
+PING: Item = ("ping", None)
+CLOSE: Item = ("close", None)
+
+# Items a connection may hold before it is collapsed into one resync.
+MAX_PENDING = 256
+# How often the clock looks for a shutdown or an expired token.
+CLOCK_TICK = 0.5
 
 
 class Connection:
-    __slots__ = ("last_seq", "queue", "user_id")
+    """One open stream: who it belongs to, where it is, and what waits for it."""
 
-    def __init__(self, user_id: int) -> None:
+    __slots__ = ("_items", "_waiter", "closed", "expires_at", "last_seq", "user_id")
+
+    def __init__(self, user_id: int, expires_at: float = float("inf")) -> None:
         self.user_id = user_id
-        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.expires_at = expires_at
         self.last_seq = 0
+        self.closed = False
+        self._items: list[Item] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: Item) -> None:
+        if self.closed:
+            return
+        if item is CLOSE:
+            self.closed = True
+            self._items = [CLOSE]
+        elif len(self._items) >= MAX_PENDING:
+            # Replay from the last written sequence number covers every dropped
+            # notification; the resync also re-sends the unread count.
+            self._items = [RESYNC]
+        else:
+            self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        self.push(CLOSE)
+
+    async def take(self) -> list[Item]:
+        """Every item waiting, oldest first; waits while there is none."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_seconds: float = 15.0) -> None:
         self._by_user: dict[int, set[Connection]] = {}
-        self.events_written = 0
+        self._count = 0
+        self.heartbeat_seconds = heartbeat_seconds
+        self._clock: asyncio.Task[None] | None = None
 
     def add(self, conn: Connection) -> None:
         self._by_user.setdefault(conn.user_id, set()).add(conn)
+        self._count += 1
+        metrics.CONNECTIONS.inc()
 
     def remove(self, conn: Connection) -> None:
         conns = self._by_user.get(conn.user_id)
-        if conns is None:
+        if conns is None or conn not in conns:
             return
         conns.discard(conn)
+        self._count -= 1
+        metrics.CONNECTIONS.dec()
         if not conns:
             del self._by_user[conn.user_id]
 
@@ -55,18 +114,54 @@ class Hub:
 
     @property
     def connections(self) -> int:
-        return sum(len(c) for c in self._by_user.values())
+        return self._count
 
     def publish(self, user_id: int, item: Item) -> int:
         conns = self._by_user.get(user_id, ())
         for conn in conns:
-            conn.queue.put_nowait(item)
+            conn.push(item)
         return len(conns)
 
-    def resync_all(self) -> None:
+    def broadcast(self, item: Item) -> None:
         for conns in self._by_user.values():
             for conn in conns:
-                conn.queue.put_nowait(RESYNC)
+                conn.push(item)
+
+    def resync_all(self) -> None:
+        self.broadcast(RESYNC)
+
+    def close_all(self) -> None:
+        self.broadcast(CLOSE)
+
+    def start(self) -> None:
+        self._clock = asyncio.create_task(self._tick(), name="sse-hub-clock")
+
+    async def stop(self) -> None:
+        self.close_all()
+        if self._clock is not None:
+            self._clock.cancel()
+            await asyncio.gather(self._clock, return_exceptions=True)
+
+    async def _tick(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_seconds
+        while True:
+            await asyncio.sleep(min(CLOCK_TICK, self.heartbeat_seconds))
+            if AppStatus.should_exit:
+                # uvicorn waits for open responses before the lifespan ends, so
+                # streams must end here for a SIGTERM to drain promptly.
+                self.close_all()
+                continue
+            now = time.monotonic()
+            self._expire(time.time())
+            if now >= next_beat:
+                next_beat = now + self.heartbeat_seconds
+                self.broadcast(PING)
+
+    def _expire(self, now: float) -> None:
+        for conns in self._by_user.values():
+            for conn in conns:
+                if conn.expires_at <= now:
+                    conn.close()
 
 
 class InboxListener:
@@ -151,14 +246,16 @@ class InboxListener:
         user_id = int(message["u"])
         if not self._hub.has(user_id):
             return
-        if message.get("kind") == "notification":
-            data = message.get("event")
-            if data is None:
-                async with self._pool.acquire(timeout=5) as conn:
-                    row = await conn.fetchrow(inbox.BY_ID, int(message["ref"]))
-                if row is None:
-                    return
-                data = inbox.event(row)
-            self._hub.publish(user_id, ("notification", data))
-        else:
-            self._hub.publish(user_id, (message.get("kind", "update"), message))
+        kind = message.get("kind", "update")
+        if kind != "notification":
+            public = {k: v for k, v in message.items() if k not in ("u", "kind")}
+            self._hub.publish(user_id, (kind, events.named(kind, public)))
+            return
+        data = message.get("event")
+        if data is None:
+            async with self._pool.acquire(timeout=5) as conn:
+                row = await conn.fetchrow(inbox.BY_ID, int(message["ref"]))
+            if row is None:
+                return
+            data = {**inbox.event(row), "unread": message.get("unread")}
+        self._hub.publish(user_id, ("notification", events.notification(data)))

@@ -136,9 +136,9 @@ async def deliver(conn: asyncpg.Connection, notification_id: int) -> str | None:
         return row["status"]
     seq = await conn.fetchval(NEXT_SEQ, row["user_id"])
     delivered = await conn.fetchrow(MARK_DELIVERED, notification_id, seq)
-    await announce(
-        conn, {"kind": "notification", "u": row["user_id"], "event": event(delivered)}
-    )
+    unread = await conn.fetchval(UNREAD, row["user_id"])
+    data = {**event(delivered), "unread": unread}
+    await announce(conn, {"kind": "notification", "u": row["user_id"], "event": data})
     return None
 
 
@@ -149,6 +149,11 @@ async def announce(conn: asyncpg.Connection, message: dict[str, Any]) -> None:
         and message.get("kind") == "notification"
     ):
         payload = json.dumps(
-            {"kind": "notification", "u": message["u"], "ref": message["event"]["id"]}
+            {
+                "kind": "notification",
+                "u": message["u"],
+                "ref": message["event"]["id"],
+                "unread": message["event"].get("unread"),
+            }
         )
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
