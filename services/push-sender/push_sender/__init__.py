@@ -1,0 +1,1 @@
+"""The push sender: Web Push subscriptions, and delivery of push notifications."""

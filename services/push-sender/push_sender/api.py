@@ -1,0 +1,95 @@
+"""Routes: the page's VAPID key, and a user's own push subscriptions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+
+from contracts.auth import Principal, bearer, verify_token
+from contracts.db import transaction
+from contracts.http import NotFound
+from contracts.runtime import Runtime
+from push_sender import subscriptions as subs
+from push_sender.settings import PushSettings
+from push_sender.vapid import VapidKeys
+
+MAX_USER_AGENT_CHARS = 500
+
+router = APIRouter(prefix="/push")
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    return verify_token(bearer(authorization), runtime(request).settings)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+@router.get("/vapid-public-key")
+async def vapid_public_key(request: Request) -> dict[str, str]:
+    keys: VapidKeys = request.app.state.vapid
+    return {"public_key": keys.application_server_key}
+
+
+@router.post("/subscriptions", status_code=201)
+async def subscribe(
+    new: subs.NewSubscription,
+    rt: RuntimeDep,
+    user: PrincipalDep,
+    user_agent: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    settings: PushSettings = rt.settings  # type: ignore[assignment]
+    problem = subs.endpoint_problem(
+        new.endpoint, settings.allowed_hosts, settings.allow_plain_http
+    )
+    if problem:
+        raise RequestValidationError(
+            [{"loc": ("body", "endpoint"), "msg": problem, "type": "value_error"}]
+        )
+    agent = (user_agent or "")[:MAX_USER_AGENT_CHARS] or None
+    try:
+        async with transaction(rt.db) as conn:
+            row = await conn.fetchrow(
+                subs.UPSERT,
+                user.user_id,
+                new.endpoint,
+                new.keys.p256dh,
+                new.keys.auth,
+                agent,
+            )
+    except asyncpg.ForeignKeyViolationError:
+        raise NotFound(
+            f"user {user.user_id} named by the token does not exist"
+        ) from None
+    return dict(row)
+
+
+@router.get("/subscriptions")
+async def list_subscriptions(
+    rt: RuntimeDep, user: PrincipalDep
+) -> list[dict[str, Any]]:
+    async with transaction(rt.db) as conn:
+        rows = await conn.fetch(subs.LIST_OWN, user.user_id)
+    return [dict(row) for row in rows]
+
+
+@router.delete("/subscriptions/{subscription_id}", status_code=204)
+async def unsubscribe(
+    subscription_id: int, rt: RuntimeDep, user: PrincipalDep
+) -> Response:
+    async with transaction(rt.db) as conn:
+        deleted = await conn.fetchval(subs.DELETE_OWN, subscription_id, user.user_id)
+    if deleted is None:
+        # Someone else's subscription looks exactly like a missing one.
+        raise NotFound(f"subscription {subscription_id} does not exist")
+    return Response(status_code=204)

@@ -1,0 +1,82 @@
+"""Wires the push sender: VAPID keys, the delivery consumer, the subscription API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from contracts import topology
+from contracts.http import install_error_handlers
+from contracts.messages import DeliveryRequested
+from contracts.runtime import Runtime, health_router
+from push_sender import vapid
+from push_sender.api import router
+from push_sender.settings import PushSettings
+from push_sender.worker import PushWorker
+
+
+def create_app(settings: PushSettings | None = None) -> FastAPI:
+    settings = settings or PushSettings()
+    keys = vapid.load(settings)
+    runtime = Runtime(settings, consumers=True)
+    client: httpx.AsyncClient | None = None
+
+    def http() -> httpx.AsyncClient:
+        if client is None:
+            raise RuntimeError("the push sender is not started")
+        return client
+
+    worker = PushWorker(
+        lambda: runtime.db,
+        http,
+        keys,
+        ttl=settings.push_ttl_seconds,
+        retry_delays=settings.retry_delay_levels,
+        lease_seconds=settings.push_lease_seconds,
+        allowed_hosts=settings.allowed_hosts,
+        allow_plain_http=settings.allow_plain_http,
+    )
+    runtime.subscribe(
+        topology.delivery_queue("push"),
+        DeliveryRequested,
+        worker,
+        prefetch=settings.push_prefetch,
+        action="push",
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal client
+        # Redirects are not followed: the endpoint was checked, its target was not.
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.push_timeout), follow_redirects=False
+        )
+        try:
+            await runtime.start()
+            try:
+                yield
+            finally:
+                await runtime.stop()
+        finally:
+            await client.aclose()
+
+    app = FastAPI(title="notiflow push sender", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.vapid = keys
+    origins = settings.allowed_origins
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    install_error_handlers(app)
+    app.include_router(health_router(runtime))
+    app.include_router(router)
+    return app

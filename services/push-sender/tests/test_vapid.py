@@ -1,0 +1,87 @@
+"""VAPID keys: generated once in development, checked everywhere else."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
+
+from push_sender import vapid
+from push_sender.settings import PushSettings
+
+
+def pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def test_development_generates_a_pair_once_and_reuses_it(tmp_path: Path) -> None:
+    settings = PushSettings(env="development", var_dir=tmp_path)
+
+    first = vapid.load(settings)
+    again = vapid.load(settings)
+
+    assert first.application_server_key == again.application_server_key
+    stored = tmp_path / "vapid" / vapid.PRIVATE_FILE
+    assert stored.stat().st_mode & 0o077 == 0
+    public = (tmp_path / "vapid" / vapid.PUBLIC_FILE).read_text().strip()
+    assert public == first.application_server_key
+
+
+def test_a_key_is_read_from_a_file_or_from_pem_text(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "vapid.pem"
+    path.write_text(pem(key))
+
+    from_file = vapid.load(PushSettings(vapid_private_key=str(path)))
+    from_text = vapid.load(PushSettings(vapid_private_key=pem(key)))
+
+    assert from_file.application_server_key == from_text.application_server_key
+    raw = base64.urlsafe_b64decode(from_text.application_server_key + "=")
+    assert len(raw) == 65 and raw[0] == 4
+
+
+def test_a_public_key_that_does_not_match_refuses_to_start() -> None:
+    key, other = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    wrong = vapid.b64url(vapid.public_point(other.public_key()))
+
+    with pytest.raises(vapid.VapidKeyError, match="does not match"):
+        vapid.load(PushSettings(vapid_private_key=pem(key), vapid_public_key=wrong))
+
+
+def test_a_missing_key_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(vapid.VapidKeyError, match="readable file"):
+        vapid.load(PushSettings(vapid_private_key=str(tmp_path / "nope.pem")))
+
+
+def test_production_never_generates_a_key() -> None:
+    with pytest.raises(ValidationError, match="NOTIFLOW_VAPID_PRIVATE_KEY"):
+        PushSettings(env="production", secret_key="s" * 40)
+
+
+def test_the_token_names_the_push_service_origin_and_expires_within_a_day() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys = vapid.VapidKeys(key, "mailto:ops@example.com")
+
+    header = keys.authorization("https://push.example.net:8443/send/abc?x=1", now=1e9)
+
+    scheme, _, params = header.partition(" ")
+    fields = dict(p.strip().split("=", 1) for p in params.split(","))
+    assert scheme == "vapid" and fields["k"] == keys.application_server_key
+    claims = jwt.decode(
+        fields["t"],
+        key.public_key(),
+        algorithms=["ES256"],
+        audience="https://push.example.net:8443",
+        options={"verify_exp": False},
+    )
+    assert claims["sub"] == "mailto:ops@example.com"
+    assert 0 < claims["exp"] - 1e9 <= 24 * 3600
