@@ -1,0 +1,293 @@
+"""Push deliveries through RabbitMQ and PostgreSQL to a stand-in push service."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from push_sender import payload
+from push_sender.vapid import b64url, public_point
+from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
+from tests.push.conftest import notify, redeliver
+from tests.support.data import Demo
+from tests.support.push_service import Answer, Device, PushService
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+VAPID_OF_SOMEONE_ELSE = b64url(
+    public_point(ec.generate_private_key(ec.SECP256R1()).public_key())
+)
+
+
+async def subscribe(
+    api: httpx.AsyncClient, settings: Settings, user_id: int, device: Device
+) -> int:
+    token = issue_token(user_id, "someone", settings)
+    resp = await api.post(
+        "/push/subscriptions",
+        json=device.subscription(),
+        headers={"Authorization": f"Bearer {token}", "User-Agent": "test-browser"},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+async def settled(db: asyncpg.Connection, row_id: int) -> asyncpg.Record | None:
+    row = await db.fetchrow(
+        "SELECT status, attempts, last_error, metadata, next_attempt_at "
+        "FROM notifications WHERE id = $1",
+        row_id,
+    )
+    return row if row["status"] in ("sent", "skipped", "failed") else None
+
+
+async def test_every_device_gets_the_decrypted_payload_and_the_headers(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    phone, laptop = push_service.device(), push_service.device()
+    ids = [await subscribe(api, settings, demo.bob, d) for d in (phone, laptop)]
+
+    row_id = await notify(settings, db, demo.bob, priority=7, post_id=42)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert push_service.problems == []
+    assert row["status"] == "sent" and row["attempts"] == 1
+    for device in (phone, laptop):
+        [got] = device.received
+        assert got.payload == {
+            "title": "Carol mentioned you",
+            "body": "Have a look, @bob.",
+            "url": "http://page/?post=42#comment-1",
+            "notification_id": row_id,
+        }
+        assert got.headers["ttl"] == "3600"
+        assert got.headers["urgency"] == "high"
+        assert got.headers["topic"] == "post-42"
+    devices = row["metadata"]["push"]
+    assert {devices[str(i)]["outcome"] for i in ids} == {"sent"}
+    touched = await db.fetchval(
+        "SELECT count(*) FROM push_subscriptions WHERE last_success_at IS NOT NULL"
+    )
+    assert touched == 2
+
+
+async def test_urgency_follows_the_channel_priority(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    device = push_service.device()
+    await subscribe(api, settings, demo.bob, device)
+
+    for priority in (4, 2):
+        row_id = await notify(settings, db, demo.bob, priority=priority)
+        await eventually(lambda rid=row_id: settled(db, rid), what="row settled")
+
+    assert [r.headers["urgency"] for r in device.received] == ["normal", "low"]
+
+
+async def test_a_gone_device_is_deleted_and_never_retried(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    gone = push_service.device(Answer(410))
+    await subscribe(api, settings, demo.bob, gone)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "skipped" and row["last_error"] == ALL_GONE
+    assert row["attempts"] == 1 and row["next_attempt_at"] is None
+    assert len(gone.received) == 1
+    assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
+
+
+async def test_one_accepting_device_is_enough_and_the_dead_one_goes(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    gone, alive = push_service.device(Answer(404)), push_service.device()
+    gone_id = await subscribe(api, settings, demo.bob, gone)
+    alive_id = await subscribe(api, settings, demo.bob, alive)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "sent"
+    outcomes = row["metadata"]["push"]
+    assert outcomes[str(gone_id)]["outcome"] == "gone"
+    assert outcomes[str(gone_id)]["status"] == 404
+    assert outcomes[str(alive_id)]["outcome"] == "sent"
+    left = await db.fetch("SELECT id FROM push_subscriptions")
+    assert [r["id"] for r in left] == [alive_id]
+
+
+async def test_429_retries_no_sooner_than_retry_after(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    # The first retry delay is 1 s; the push service asks for 2.
+    busy = push_service.device(Answer(429, {"Retry-After": "2"}))
+    await subscribe(api, settings, demo.bob, busy)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    waiting = await eventually(
+        lambda: db.fetchrow(
+            "SELECT attempts, next_attempt_at, last_error FROM notifications "
+            "WHERE id = $1 AND status = 'retrying'",
+            row_id,
+        ),
+        what="row retrying",
+        interval=0.02,
+    )
+    first = busy.received[0]
+    assert waiting["attempts"] == 1
+    assert "429" in waiting["last_error"]
+    assert waiting["next_attempt_at"].timestamp() >= first.at + 2
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "sent" and row["attempts"] == 2
+    second = busy.received[1]
+    assert second.at - first.at >= 2
+    assert second.payload == first.payload
+
+
+async def test_server_errors_retry_until_the_attempts_run_out(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    broken = push_service.device(*[Answer(500)] * 3)
+    await subscribe(api, settings, demo.bob, broken)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert row["last_error"].startswith("gave up after 3 attempts")
+    assert [r.status for r in broken.received] == [500, 500, 500]
+
+
+async def test_413_shortens_the_body_and_sends_once_more(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    picky = push_service.device(Answer(413))
+    await subscribe(api, settings, demo.bob, picky)
+    long_text = "Zoë 🚀 wrote a very long comment. " * 150
+
+    row_id = await notify(settings, db, demo.bob, message=long_text)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "sent" and row["attempts"] == 1
+    refused, accepted = picky.received
+    assert refused.status == 413 and accepted.status == 201
+    assert accepted.size < refused.size
+    body = accepted.payload["body"]
+    assert body.endswith("…") and long_text.startswith(body[:-1])
+    assert len(payload.encode(accepted.payload)) <= payload.FALLBACK_PLAINTEXT
+
+
+async def test_a_user_without_subscription_is_skipped(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_app: object,
+    db: asyncpg.Connection,
+) -> None:
+    row_id = await notify(settings, db, demo.alice)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "skipped" and row["last_error"] == NO_SUBSCRIPTION
+    assert row["attempts"] == 1
+
+
+async def test_a_redelivered_message_never_pushes_twice(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="push_sender.worker")
+    device = push_service.device()
+    await subscribe(api, settings, demo.bob, device)
+    row_id = await notify(settings, db, demo.bob)
+    await eventually(lambda: settled(db, row_id), what="row settled")
+
+    await redeliver(settings, db, row_id)
+
+    await eventually(
+        lambda: _logged(caplog, "push.skipped_duplicate"), what="repeat acked"
+    )
+    assert len(device.received) == 1
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, action: str) -> bool:
+    return any(getattr(r, "action", None) == action for r in caplog.records)
+
+
+async def test_a_retry_after_beyond_every_delay_parks_without_an_attempt(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    # The longest retry delay is 2 s: the message is parked twice for one attempt.
+    busy = push_service.device(Answer(503, {"Retry-After": "3"}))
+    await subscribe(api, settings, demo.bob, busy)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "sent" and row["attempts"] == 2
+    first, second = busy.received
+    assert second.at - first.at >= 3
+
+
+async def test_a_push_signed_with_another_key_is_refused(
+    settings: Settings,
+    demo: Demo,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    async with PushService(vapid_public_key=VAPID_OF_SOMEONE_ELSE) as strict:
+        device = strict.device()
+        await subscribe(api, settings, demo.bob, device)
+
+        row_id = await notify(settings, db, demo.bob)
+
+        row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "failed" and "HTTP 401" in row["last_error"]
+    assert strict.problems and "not the expected one" in strict.problems[0]
+    assert device.delivered == []
