@@ -172,6 +172,10 @@ class Consumers:
             RabbitQueue(queue, declare=False),
             channel=Channel(prefetch_count=prefetch),
             ack_policy=AckPolicy.MANUAL,
+            # The body is decoded by :func:`contracts.messages.decode` in the handler;
+            # FastStream's own JSON decoding would fail on a malformed body before
+            # the handler runs, and the message would sit unacked for ever.
+            decoder=_undecoded,
         )
         self._subscribers[queue] = subscriber
 
@@ -272,6 +276,10 @@ class Consumers:
             reason,
             extra={"action": "message.dead_lettered", "queue": queue},
         )
+
+
+async def _undecoded(message: Any) -> bytes:
+    return bytes(message.body)
 
 
 class _ShuttingDown(Exception):

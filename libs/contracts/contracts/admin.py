@@ -1,0 +1,319 @@
+"""``notiflow-admin``: the operator's tools for messages and rows that gave up.
+
+::
+
+    notiflow-admin dlq list
+    notiflow-admin dlq replay --all | MESSAGE_ID...
+    notiflow-admin requeue-failed --event EVENT_ID | --since ISO [--until ISO]
+
+A dead letter is named by its AMQP ``message_id``; a message published without one
+(a poison message from a foreign producer) is named ``sha256:`` and the first
+twelve hex digits of its body's hash. Replaying publishes the message to the queue
+it was taken from, through the default exchange, waits for RabbitMQ's confirm, and
+only then removes it from the dead-letter queue: a crash in between leaves a
+duplicate, which every consumer absorbs, never a loss.
+
+``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
+reset, and enqueues a delivery for each through the outbox in the same transaction;
+the next outbox relay to wake up publishes them. Times without a zone are UTC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from contracts import topology
+from contracts.consumer import DEAD_LETTERED_AT_HEADER
+from contracts.recovery import requeue_failed
+from contracts.settings import Settings, redact_url
+
+# Headers a replayed message should not carry back to its consumer.
+_SET_ASIDE_HEADERS = {
+    topology.REASON_HEADER,
+    topology.ORIGIN_QUEUE_HEADER,
+    topology.ORIGIN_EXCHANGE_HEADER,
+    topology.ORIGIN_ROUTING_KEY_HEADER,
+    topology.ATTEMPT_HEADER,
+    DEAD_LETTERED_AT_HEADER,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+}
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    reason: str
+    queue: str
+    event_id: str
+    notification_id: str
+    age_seconds: float | None
+
+
+def message_name(message: AbstractIncomingMessage) -> str:
+    if message.message_id:
+        return message.message_id
+    return "sha256:" + hashlib.sha256(message.body).hexdigest()[:12]
+
+
+def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
+    headers = message.headers or {}
+    since = _when(headers.get(DEAD_LETTERED_AT_HEADER)) or message.timestamp
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return DeadLetter(
+        id=message_name(message),
+        reason=str(headers.get(topology.REASON_HEADER, "")),
+        queue=str(headers.get(topology.ORIGIN_QUEUE_HEADER, "")),
+        event_id=str(headers.get("event_id", "") or ""),
+        notification_id=str(headers.get("notification_id", "") or ""),
+        age_seconds=(now - since).total_seconds() if since else None,
+    )
+
+
+def _when(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+async def _taken(
+    channel: aio_pika.abc.AbstractChannel,
+) -> list[AbstractIncomingMessage]:
+    """Every message now in the dead-letter queue, held unacked on ``channel``."""
+    queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+    count = queue.declaration_result.message_count or 0
+    taken: list[AbstractIncomingMessage] = []
+    # Bounded by the count seen at the start: messages dead-lettered meanwhile wait
+    # for the next run, and a returned message is never read twice.
+    while len(taken) < count:
+        message = await queue.get(no_ack=False, fail=False, timeout=10)
+        if message is None:
+            break
+        taken.append(message)
+    return taken
+
+
+async def dlq_list(settings: Settings) -> list[DeadLetter]:
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        taken = await _taken(channel)
+        now = datetime.now(UTC)
+        found = [describe(message, now) for message in taken]
+        for message in taken:
+            await message.nack(requeue=True)
+    return found
+
+
+async def dlq_replay(
+    settings: Settings, ids: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """Replay the named dead letters (all when ``ids`` is None).
+
+    Returns the ids replayed and the ids asked for but not found.
+    """
+    wanted = set(ids) if ids is not None else None
+    replayed: list[str] = []
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        reading = await connection.channel()
+        publishing = await connection.channel(publisher_confirms=True)
+        for message in await _taken(reading):
+            name = message_name(message)
+            queue = str((message.headers or {}).get(topology.ORIGIN_QUEUE_HEADER, ""))
+            if (wanted is not None and name not in wanted) or not queue:
+                await message.nack(requeue=True)
+                continue
+            await publishing.default_exchange.publish(
+                _without_set_aside_headers(message), routing_key=queue, timeout=10
+            )
+            await message.ack()
+            replayed.append(name)
+    missing = sorted(wanted - set(replayed)) if wanted is not None else []
+    return replayed, missing
+
+
+def _without_set_aside_headers(message: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {
+        key: value
+        for key, value in (message.headers or {}).items()
+        if key not in _SET_ASIDE_HEADERS
+    }
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+    )
+
+
+async def requeue(
+    settings: Settings,
+    *,
+    event_id: UUID | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[int]:
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        # The outbox stores headers as jsonb, encoded the way the services' pools do.
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+        async with conn.transaction():
+            return await requeue_failed(
+                conn, event_id=event_id, since=since, until=until
+            )
+    finally:
+        await conn.close()
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time, e.g. 2024-05-01T12:00:00+00:00"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an event id (a UUID)"
+        ) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="notiflow-admin",
+        description="Inspect and replay dead letters; send failed notifications again.",
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+
+    dlq = commands.add_parser("dlq", help="the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands.add_parser("list", help="show every dead letter and why")
+    replay = dlq_commands.add_parser(
+        "replay", help="send dead letters back to the queue they came from"
+    )
+    replay.add_argument("ids", nargs="*", metavar="MESSAGE_ID")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+
+    again = commands.add_parser(
+        "requeue-failed", help="set failed notifications back to pending and send"
+    )
+    again.add_argument("--event", type=_uuid, metavar="EVENT_ID")
+    again.add_argument("--since", type=_timestamp, metavar="ISO")
+    again.add_argument("--until", type=_timestamp, metavar="ISO")
+    return top
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.command == "dlq" and args.dlq_command == "replay":
+        if args.all and args.ids:
+            raise UsageError("give either --all or message ids, not both")
+        if not args.all and not args.ids:
+            raise UsageError("name the messages to replay, or pass --all")
+    if args.command == "requeue-failed":
+        if args.event is not None and (args.since or args.until):
+            raise UsageError("give either --event or --since/--until, not both")
+        if args.event is None and args.since is None:
+            raise UsageError("choose the rows: --event EVENT_ID or --since ISO")
+        if args.since and args.until and args.since >= args.until:
+            raise UsageError(
+                f"--since {args.since.isoformat()} is not before "
+                f"--until {args.until.isoformat()}"
+            )
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "dlq" and args.dlq_command == "list":
+        found = await dlq_list(settings)
+        print(f"{len(found)} dead letters in {topology.DEAD_LETTER_QUEUE}")
+        for item in found:
+            print(
+                f"{item.id}  age={_age(item.age_seconds)}  queue={item.queue or '-'}  "
+                f"event={item.event_id or '-'}  "
+                f"notification={item.notification_id or '-'}\n    {item.reason}"
+            )
+        return 0
+    if args.command == "dlq":
+        replayed, missing = await dlq_replay(settings, None if args.all else args.ids)
+        for name in replayed:
+            print(f"replayed {name}")
+        for name in missing:
+            print(f"not in the dead-letter queue: {name}", file=sys.stderr)
+        print(f"{len(replayed)} replayed")
+        return 1 if missing else 0
+    ids = await requeue(
+        settings, event_id=args.event, since=args.since, until=args.until
+    )
+    print(f"{len(ids)} failed notifications set back to pending and enqueued")
+    if ids:
+        print("ids: " + ", ".join(str(i) for i in ids))
+    return 0
+
+
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        _check(args)
+    except UsageError as exc:
+        parser().error(str(exc))
+    settings = settings or Settings()
+    try:
+        return asyncio.run(run(args, settings))
+    except asyncpg.PostgresError as exc:
+        print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        where = f"{redact_url(settings.amqp_url)} / {redact_url(settings.database_url)}"
+        print(f"notiflow-admin: cannot reach {where}: {exc!r}", file=sys.stderr)
+        return 1

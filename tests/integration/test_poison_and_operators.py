@@ -1,0 +1,263 @@
+"""Poison messages, the dead-letter tools, lost leases and readiness."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from contracts import topology
+from contracts.settings import Settings
+from tests.integration import helpers
+from tests.integration.conftest import EmailSenderFactory
+from tests.support.data import Demo
+from tests.support.smtp import SmtpServer
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+EMAIL_QUEUE = topology.delivery_queue("email")
+ADMIN = str(Path(sys.executable).parent / "notiflow-admin")
+
+
+def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "NOTIFLOW_AMQP_URL": settings.amqp_url,
+        "NOTIFLOW_DATABASE_URL": settings.database_url,
+    }
+    return subprocess.run(
+        [ADMIN, *argv], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+async def _status(db: asyncpg.Connection, note: int, wanted: str) -> dict | None:
+    row = await helpers.row(db, note)
+    return row if row["status"] == wanted else None
+
+
+async def test_poison_messages_are_dead_lettered_while_the_rest_is_delivered(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    before = await helpers.email_row(db, demo.bob, "bob@example.com")
+    after = await helpers.email_row(db, demo.alice, "alice@example.com")
+    valid = json.loads(helpers.delivery(before, demo.bob))
+    missing_field = {k: v for k, v in valid.items() if k != "notification_id"}
+    future = {**valid, "schema_version": "2.0"}
+
+    async with email_sender():
+        await helpers.publish(
+            settings.amqp_url,
+            [
+                helpers.delivery(before, demo.bob),
+                b"{not json",
+                json.dumps(missing_field).encode(),
+                json.dumps(future).encode(),
+                helpers.delivery(after, demo.alice),
+            ],
+        )
+        await eventually(lambda: _status(db, after, "sent"), what="later row sent")
+        await eventually(lambda: _status(db, before, "sent"), what="first row sent")
+        dead = await eventually(
+            lambda: _count_dead(settings, 3), what="three dead letters"
+        )
+
+    reasons = sorted(helpers.reason(m) for m in dead)
+    assert reasons[0].startswith("body is not valid JSON")
+    assert reasons[1].startswith("invalid DeliveryRequested: field 'notification_id'")
+    assert reasons[2].startswith("unsupported schema_version '2.0'")
+    for message in dead:
+        assert message.headers[topology.ORIGIN_QUEUE_HEADER] == EMAIL_QUEUE
+    assert len(smtp.received) == 2
+
+
+async def _count_dead(settings: Settings, count: int) -> list | None:
+    found = await helpers.depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+    if found[topology.DEAD_LETTER_QUEUE] < count:
+        return None
+    return await helpers.take_dead_letters(settings.amqp_url)
+
+
+async def test_a_dead_letter_is_listed_and_replayed_to_its_queue(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    # A delivery that arrives before its row exists is set aside ("not found").
+    next_id = await db.fetchval("SELECT coalesce(max(id), 0) + 1000 FROM notifications")
+    async with email_sender():
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(topology.DELIVERIES_EXCHANGE)
+            await exchange.publish(
+                aio_pika.Message(
+                    helpers.delivery(next_id, demo.bob),
+                    message_id=f"notification-{next_id}",
+                    headers={"notification_id": next_id},
+                ),
+                routing_key="email",
+            )
+        await eventually(
+            lambda: _depth(settings, topology.DEAD_LETTER_QUEUE, 1), what="set aside"
+        )
+
+        listed = admin(settings, "dlq", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "1 dead letters" in listed.stdout
+        assert f"notification-{next_id}" in listed.stdout
+        assert f"queue={EMAIL_QUEUE}" in listed.stdout
+        assert f"notification {next_id} not found" in listed.stdout
+        assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+
+        unknown = admin(settings, "dlq", "replay", "notification-0")
+        assert unknown.returncode == 1
+        assert "not in the dead-letter queue: notification-0" in unknown.stderr
+
+        await db.execute(
+            "INSERT INTO events (id, type, payload, occurred_at) "
+            "VALUES (gen_random_uuid(), 'test', '{}', now())"
+        )
+        await db.execute(
+            "INSERT INTO notifications (id, event_id, user_id, email, title, message,"
+            " type, channel, event_occurred_at) OVERRIDING SYSTEM VALUE "
+            "SELECT $1, id, $2, 'bob@example.com', 't', 'm', 'email', 'c', now() "
+            "FROM events LIMIT 1",
+            next_id,
+            demo.bob,
+        )
+        replayed = admin(settings, "dlq", "replay", f"notification-{next_id}")
+        assert replayed.returncode == 0, replayed.stderr
+        assert "1 replayed" in replayed.stdout
+        row = await eventually(lambda: _status(db, next_id, "sent"), what="sent")
+
+    assert row["attempts"] == 1
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 0)
+    assert list(smtp.message_ids()) == [f"<notification-{next_id}@notiflow.localhost>"]
+
+
+async def _depth(settings: Settings, queue: str, wanted: int) -> bool:
+    return (await helpers.depths(settings.amqp_url, queue))[queue] == wanted
+
+
+async def test_requeue_failed_sends_failed_rows_again(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    smtp.unknown.add("bob@example.com")
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    event_id = await db.fetchval("SELECT event_id FROM notifications WHERE id=$1", note)
+
+    async with email_sender():
+        await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
+        await eventually(lambda: _status(db, note, "failed"), what="failed")
+
+        smtp.unknown.clear()
+        done = admin(settings, "requeue-failed", "--event", str(event_id))
+        assert done.returncode == 0, done.stderr
+        assert "1 failed notifications set back to pending" in done.stdout
+        row = await eventually(lambda: _status(db, note, "sent"), what="sent again")
+
+    assert row["attempts"] == 1
+    assert len(smtp.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["dlq", "replay"], "name the messages to replay, or pass --all"),
+        (["dlq", "replay", "--all", "x"], "either --all or message ids"),
+        (["requeue-failed"], "--event EVENT_ID or --since ISO"),
+        (["requeue-failed", "--event", "nope"], "'nope' is not an event id"),
+        (["requeue-failed", "--since", "yesterday"], "not an ISO 8601 time"),
+        (
+            ["requeue-failed", "--since", "2024-05-02", "--until", "2024-05-01"],
+            "is not before",
+        ),
+    ],
+)
+def test_admin_refuses_bad_arguments_clearly(argv: list[str], complaint: str) -> None:
+    done = subprocess.run([ADMIN, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert complaint in done.stderr
+
+
+async def test_a_row_left_sending_by_a_dead_worker_is_sent_by_the_sweeper(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    await db.execute(
+        "UPDATE notifications SET status = 'sending', attempts = 1, "
+        "lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        note,
+    )
+
+    async with email_sender():
+        row = await eventually(lambda: _status(db, note, "sent"), what="recovered")
+
+    assert row["attempts"] == 2
+    assert list(smtp.message_ids().values()) == [1]
+
+
+async def test_a_redelivered_message_for_a_sent_row_sends_nothing(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    async with email_sender():
+        await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
+        await eventually(lambda: _status(db, note, "sent"), what="sent")
+        # The worker crashed between storing 'sent' and acking: RabbitMQ delivers
+        # the same message again.
+        await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)] * 2)
+        await eventually(lambda: _depth(settings, EMAIL_QUEUE, 0), what="consumed")
+        row = await helpers.row(db, note)
+
+    assert row["status"] == "sent" and row["attempts"] == 1
+    assert smtp.connections == 1
+
+
+async def test_readiness_fails_while_a_consumer_is_missing(
+    settings: Settings, email_sender: EmailSenderFactory
+) -> None:
+    async with email_sender() as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/readyz")).status_code == 200
+
+            # Deleting the queue makes the broker cancel the consumer.
+            connection = await aio_pika.connect(settings.amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                await channel.queue_delete(EMAIL_QUEUE)
+
+            async def unready() -> httpx.Response | None:
+                resp = await c.get("/readyz")
+                return resp if resp.status_code == 503 else None
+
+            resp = await eventually(unready, what="not ready")
+
+    assert resp.json()["consumers"] == f"not consuming {EMAIL_QUEUE}"
