@@ -172,7 +172,9 @@ async def _two(path: Path) -> list[email.message.EmailMessage] | None:
 
 async def _all_sent(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
     rows = await conn.fetch(
-        "SELECT id, user_id, type, status, email FROM notifications"
+        # Push rows wait for the push sender, which this test does not run.
+        "SELECT id, user_id, type, status, email FROM notifications "
+        "WHERE type <> 'push'"
     )
     if rows and all(r["status"] == "sent" for r in rows) and len(rows) == 4:
         return rows
