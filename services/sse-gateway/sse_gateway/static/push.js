@@ -1,0 +1,169 @@
+// "Enable notifications" / "Disable notifications" for Web Push.
+//
+// The page includes <div id="push-controls"></div> and this script. The push
+// sender's address comes from GET /config.json ("push_base_url"), else
+// http://127.0.0.1:8084. The user's bearer token is window.notiflow.token when the
+// page sets it, else localStorage "notiflow.token", else the page's ?token=.
+//
+// States, shown on the controls as data-state: "off", "on", "busy",
+// "unsupported" (no service worker or Push API), "denied" (blocked in the browser).
+(() => {
+  "use strict";
+
+  const DEFAULT_PUSH_URL = "http://127.0.0.1:8084";
+  const root = document.getElementById("push-controls");
+  if (!root) return;
+
+  const button = document.createElement("button");
+  button.type = "button";
+  button.id = "push-toggle";
+  const status = document.createElement("span");
+  status.id = "push-status";
+  status.setAttribute("role", "status");
+  status.setAttribute("aria-live", "polite");
+  root.append(button, status);
+
+  let pushUrl = null;
+  let state = "busy";
+
+  function token() {
+    if (window.notiflow && window.notiflow.token) return window.notiflow.token;
+    return (
+      localStorage.getItem("notiflow.token") ||
+      new URLSearchParams(location.search).get("token")
+    );
+  }
+
+  async function baseUrl() {
+    if (pushUrl) return pushUrl;
+    try {
+      const response = await fetch("/config.json", { cache: "no-store" });
+      const config = response.ok ? await response.json() : {};
+      pushUrl = (config.push_base_url || DEFAULT_PUSH_URL).replace(/\/+$/, "");
+    } catch (_) {
+      pushUrl = DEFAULT_PUSH_URL;
+    }
+    return pushUrl;
+  }
+
+  async function api(path, options = {}) {
+    const headers = { Authorization: `Bearer ${token()}`, ...options.headers };
+    const response = await fetch(`${await baseUrl()}${path}`, {
+      ...options,
+      headers,
+    });
+    if (!response.ok) {
+      let detail = `HTTP ${response.status}`;
+      try {
+        detail = (await response.json()).detail || detail;
+      } catch (_) {}
+      throw new Error(detail);
+    }
+    return response.status === 204 ? null : response.json();
+  }
+
+  function supported() {
+    return (
+      "serviceWorker" in navigator &&
+      "PushManager" in window &&
+      "Notification" in window
+    );
+  }
+
+  function render(next, message) {
+    state = next;
+    root.dataset.state = next;
+    button.textContent =
+      next === "on" ? "Disable notifications" : "Enable notifications";
+    button.disabled = !["on", "off"].includes(next);
+    if (message !== undefined) status.textContent = message;
+  }
+
+  function keyBytes(base64url) {
+    const base64 = base64url.replace(/-/g, "+").replace(/_/g, "/");
+    const raw = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
+    return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+  }
+
+  async function currentSubscription() {
+    const registration = await navigator.serviceWorker.getRegistration("/");
+    return registration ? registration.pushManager.getSubscription() : null;
+  }
+
+  async function refresh() {
+    if (!supported()) {
+      render("unsupported", "This browser cannot show push notifications.");
+      return;
+    }
+    if (Notification.permission === "denied") {
+      render("denied", "Notifications are blocked in this browser's settings.");
+      return;
+    }
+    const subscription = await currentSubscription();
+    render(subscription ? "on" : "off", "");
+  }
+
+  async function enable() {
+    if (!token()) {
+      render("off", "Sign in to enable notifications.");
+      return;
+    }
+    render("busy", "Enabling…");
+    const permission = await Notification.requestPermission();
+    if (permission !== "granted") {
+      render(
+        permission === "denied" ? "denied" : "off",
+        "Notifications were not allowed.",
+      );
+      return;
+    }
+    await navigator.serviceWorker.register("/sw.js", { scope: "/" });
+    const registration = await navigator.serviceWorker.ready;
+    const { public_key: key } = await api("/push/vapid-public-key");
+    const subscription = await registration.pushManager.subscribe({
+      userVisibleOnly: true,
+      applicationServerKey: keyBytes(key),
+    });
+    try {
+      await api("/push/subscriptions", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(subscription.toJSON()),
+      });
+    } catch (error) {
+      // A subscription the server does not know would never receive anything.
+      await subscription.unsubscribe();
+      throw error;
+    }
+    render("on", "Notifications are on for this browser.");
+  }
+
+  async function disable() {
+    render("busy", "Disabling…");
+    const subscription = await currentSubscription();
+    if (subscription) {
+      if (token()) {
+        const mine = await api("/push/subscriptions");
+        const stored = mine.find((s) => s.endpoint === subscription.endpoint);
+        if (stored) {
+          await api(`/push/subscriptions/${stored.id}`, { method: "DELETE" });
+        }
+      }
+      await subscription.unsubscribe();
+    }
+    render("off", "Notifications are off for this browser.");
+  }
+
+  button.addEventListener("click", async () => {
+    const wasOn = state === "on";
+    try {
+      await (wasOn ? disable() : enable());
+    } catch (error) {
+      render(wasOn ? "on" : "off", `Could not change notifications: ${error.message}`);
+    }
+  });
+
+  window.notiflowPush = { refresh };
+  render("busy", "");
+  refresh().catch((error) => render("off", `${error.message}`));
+})();
