@@ -7,15 +7,15 @@ The steps, in order:
 2. Apply the migrations and seed the demo users. Both are safe to repeat.
 3. Start an SMTP sink that keeps every message as a file under ``var/mail/new``, then
    every service. Each child leads a process group of its own, so Ctrl-C in the
-   terminal reaches this script alone and the children are stopped in order (SIGTERM,
-   then SIGKILL for any still there after 15 s) instead of dying mid-request.
+   terminal reaches this script and not them; it stops them in order (SIGTERM, then
+   SIGKILL for any still there after 15 s) instead of letting them die mid-request.
 4. Wait until each service answers ``GET /readyz`` with 200, then say where it listens.
 
 Every line a child prints is shown behind its name. When one child exits on its own the
 others are stopped as well and the exit status is 1: a platform with a piece missing
 only looks like it works.
 
-The signal handlers do nothing but count: everything else happens in the main loop,
+The signal handler only notes the time: everything else happens in the main loop,
 which polls. Taking a lock inside a handler could deadlock against the very code it
 interrupted.
 """
@@ -44,8 +44,9 @@ LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 POLL_SECONDS = 0.2
+SAME_REQUEST_SECONDS = 1.0
 
-EXIT_UNREACHABLE = 2
+EXIT_PREFLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,14 @@ SERVICES = (
 SINK = "smtp-sink"
 SELF = "devrun"
 WIDTH = max(len(name) for name in (SINK, SELF, *(s.name for s in SERVICES)))
-COLOURS = ("36", "33", "35", "32", "34", "31", "96", "93")
+# The same colour for a name on every run; devrun's own lines are bold.
+COLOURS = dict(
+    zip(
+        ("migrate", "seed", SINK, *(s.name for s in SERVICES)),
+        ("36", "36", "90", "32", "35", "33", "34", "96"),
+        strict=True,
+    )
+)
 
 
 class Failed(Exception):
@@ -95,8 +103,7 @@ class Console:
         if tag is None:
             tag = f"{name:<{WIDTH}} |"
             if self._colour:
-                code = "1" if name == SELF else COLOURS[len(self._tags) % len(COLOURS)]
-                tag = f"\033[{code}m{tag}\033[0m"
+                tag = f"\033[{COLOURS.get(name, '1')}m{tag}\033[0m"
             self._tags[name] = tag
         return tag
 
@@ -112,13 +119,23 @@ class Console:
 
 
 class StopRequest:
-    """Signal handler that counts SIGINT and SIGTERM; a second one means hurry."""
+    """Handles SIGINT and SIGTERM: the first asks for a stop, a later one for haste.
+
+    One Ctrl-C can arrive twice, from the terminal and again from a wrapper such as
+    ``uv run`` that forwards it, so signals within a second of the first count as
+    that same request.
+    """
 
     def __init__(self) -> None:
-        self.count = 0
+        self.first: float | None = None
+        self.hurry = False
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.count += 1
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif now - self.first > SAME_REQUEST_SECONDS:
+            self.hurry = True
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self)
@@ -126,7 +143,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.count > 0
+        return self.first is not None
 
     def sleep(self, seconds: float) -> None:
         """Sleep in short steps, returning early once a stop was asked for."""
@@ -169,6 +186,9 @@ class Children:
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 self._console.say(name, line)
 
+    def running(self) -> bool:
+        return any(proc.poll() is None for proc in self._procs.values())
+
     def exited(self) -> tuple[str, int] | None:
         """The first child found to have exited, with its status, if there is one."""
         for name, proc in self._procs.items():
@@ -183,10 +203,8 @@ class Children:
         for proc in running.values():
             _signal_group(proc, signal.SIGTERM)
 
-        # A stop asked for while stopping (Ctrl-C pressed twice) cuts the wait short.
-        asked = stop.count
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and stop.count <= asked:
+        while time.monotonic() < deadline and not stop.hurry:
             if all(proc.poll() is not None for proc in running.values()):
                 break
             time.sleep(POLL_SECONDS / 2)
@@ -219,17 +237,18 @@ def describe_status(status: int) -> str:
 
 
 def preflight() -> None:
+    from pydantic import ValidationError
+
     from contracts.preflight import problems
     from contracts.settings import get_settings
-    from pydantic import ValidationError
 
     try:
         settings = get_settings()
     except ValidationError as exc:
-        raise Failed(f"the settings are not valid: {exc}", EXIT_UNREACHABLE) from None
+        raise Failed(f"the settings are not valid: {exc}", EXIT_PREFLIGHT) from None
     found = problems(settings)
     if found:
-        raise Failed("\n".join(found), EXIT_UNREACHABLE)
+        raise Failed("\n".join(found), EXIT_PREFLIGHT)
 
 
 def run_once(console: Console, label: str, script: Path, stop: StopRequest) -> None:
@@ -247,7 +266,8 @@ def run_once(console: Console, label: str, script: Path, stop: StopRequest) -> N
     for line in result.stdout.decode("utf-8", errors="replace").splitlines():
         console.say(label, line)
     if result.returncode != 0:
-        raise Failed(f"{script.name} {describe_status(result.returncode)}")
+        status = result.returncode if result.returncode > 0 else 1
+        raise Failed(f"{script.name} {describe_status(result.returncode)}", status)
 
 
 def port_taken(port: int) -> bool:
@@ -282,11 +302,11 @@ class DevRun:
         self.children = Children(self.console)
         self.stop = StopRequest()
 
-        smtp_host = os.environ.get("NOTIFLOW_SMTP_HOST", LOOPBACK)
-        self.smtp_port = int(os.environ.get("NOTIFLOW_SMTP_PORT", "1025"))
+        # The email sender reads these too; they are passed on to it untouched.
+        self.smtp_host = os.environ.get("NOTIFLOW_SMTP_HOST", LOOPBACK)
+        self.smtp_port = os.environ.get("NOTIFLOW_SMTP_PORT", "1025")
         # Pointed at a real relay elsewhere: then there is nothing to sink.
-        self.want_sink = smtp_host in (LOOPBACK, "localhost")
-        self.smtp_host = smtp_host
+        self.want_sink = self.smtp_host in (LOOPBACK, "localhost")
 
     def say(self, text: str) -> None:
         self.console.say(SELF, text)
@@ -311,19 +331,27 @@ class DevRun:
                 print(f"{SELF}: {line}", file=sys.stderr, flush=True)
             return exc.status
         finally:
+            if self.stop.requested and self.children.running():
+                self.say(f"stopping, {STOP_TIMEOUT:.0f} s at most; Ctrl-C again kills")
             killed = self.children.stop(self.stop)
             if killed:
-                self.say(f"killed after {STOP_TIMEOUT:.0f} s: {', '.join(killed)}")
+                self.say(f"killed, as they had not stopped: {', '.join(killed)}")
 
     def _run(self) -> int:
         preflight()
+        if not self.smtp_port.isdigit():
+            raise Failed(
+                f"NOTIFLOW_SMTP_PORT must be a port number, not {self.smtp_port!r}"
+            )
         services = self.services()
-        steps = [("migrate", self.script("notiflow-migrate"))]
-        steps.append(("seed", self.script("notiflow-seed")))
+        steps = [
+            ("migrate", self.script("notiflow-migrate")),
+            ("seed", self.script("notiflow-seed")),
+        ]
         commands = {s.name: self.script(s.script) for s in services}
         ports = [(s.name, s.port) for s in services]
         if self.want_sink:
-            ports.insert(0, (SINK, self.smtp_port))
+            ports.insert(0, (SINK, int(self.smtp_port)))
         for name, port in ports:
             if port_taken(port):
                 raise Failed(
@@ -355,7 +383,7 @@ class DevRun:
                 self.say(f"{name} did not answer 200 on /readyz: {answer}")
             raise Failed(
                 f"not ready after {self.ready_timeout:.0f} s: {', '.join(unready)}; "
-                f"stopping the others"
+                f"stopping everything"
             )
 
         self._print_summary(services)
@@ -363,11 +391,13 @@ class DevRun:
             if (gone := self.children.exited()) is not None:
                 return self._report_exit(*gone)
             time.sleep(POLL_SECONDS)
-        self.say("stopping")
         return 0
 
     def _start_sink(self, env: dict[str, str]) -> None:
-        MAIL_DIR.mkdir(parents=True, exist_ok=True)
+        # mailbox.Maildir makes its tmp/new/cur only when it creates the folder itself,
+        # and a message then fails with "No such file" if the folder alone was there.
+        for part in ("tmp", "new", "cur"):
+            (MAIL_DIR / part).mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "aiosmtpd", "-n"]
         argv += ["-l", f"{LOOPBACK}:{self.smtp_port}"]
         argv += ["-c", "aiosmtpd.handlers.Mailbox", str(MAIL_DIR)]
@@ -375,7 +405,7 @@ class DevRun:
 
         # The email sender may check its relay when it starts; have the sink up first.
         deadline = time.monotonic() + 10
-        while not port_taken(self.smtp_port):
+        while not port_taken(int(self.smtp_port)):
             if self.stop.requested or self.children.exited():
                 return
             if time.monotonic() > deadline:
@@ -451,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=READY_TIMEOUT,
         metavar="SECONDS",
-        help="how long each service may take to answer 200 on /readyz",
+        help="how long the services may take, all told, to answer 200 on /readyz",
     )
     args = parser.parse_args(argv)
     return DevRun(args.scripts, args.ready_timeout).main()
