@@ -89,7 +89,12 @@ async def list_inbox(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[int | None, Query(ge=1)] = None,
 ) -> dict[str, Any]:
-    async with connection(db) as pg:
+    """The user's inbox, newest first; pass ``next_cursor`` back for the next page."""
+    async with (
+        connection(db) as pg,
+        # One snapshot, so the page and the unread count agree with each other.
+        pg.transaction(isolation="repeatable_read", readonly=True),
+    ):
         rows = await pg.fetch(inbox.LIST, user.user_id, cursor, limit)
         unread = await pg.fetchval(inbox.UNREAD, user.user_id)
     items = [inbox.event(row) for row in rows]
@@ -104,9 +109,20 @@ async def unread_count(user: User, db: Pool) -> dict[str, int]:
 
 
 async def _read_state_change(
-    db: asyncpg.Pool, user_id: int, statement: str, *args: Any
+    db: asyncpg.Pool,
+    user_id: int,
+    kind: str,
+    statement: str,
+    *args: Any,
+    own: int | None = None,
 ) -> tuple[list[int], int]:
-    async with transaction(db) as pg:
+    """Apply one read-state change and tell the user's other streams about it.
+
+    ``own`` names a notification that must be in the user's inbox (else 404).
+    """
+    async with transaction(db, timeout=5) as pg:
+        if own is not None and await pg.fetchval(inbox.OWNS, user_id, own) is None:
+            raise NotFound(f"notification {own} is not in your inbox")
         # Serialise read-state changes per user, so the unread count announced with
         # each change is the count after it, in commit order.
         await pg.execute(
@@ -116,36 +132,40 @@ async def _read_state_change(
         unread = await pg.fetchval(inbox.UNREAD, user_id)
         if ids:
             await inbox.announce(
-                pg, {"kind": "read", "u": user_id, "ids": ids, "unread": unread}
+                pg, {"kind": kind, "u": user_id, "ids": ids, "unread": unread}
             )
     return ids, unread
 
 
-async def _require_own(db: asyncpg.Pool, user_id: int, notification_id: int) -> None:
-    async with connection(db) as pg:
-        if await pg.fetchval(inbox.OWNS, user_id, notification_id) is None:
-            raise NotFound(f"notification {notification_id} is not in your inbox")
-
-
 @router.post("/inbox/{notification_id}/read")
 async def mark_read(notification_id: int, user: User, db: Pool) -> dict[str, Any]:
-    await _require_own(db, user.user_id, notification_id)
     ids, unread = await _read_state_change(
-        db, user.user_id, inbox.MARK_READ, [notification_id]
+        db,
+        user.user_id,
+        "read",
+        inbox.MARK_READ,
+        [notification_id],
+        own=notification_id,
     )
     return {"marked": ids, "unread": unread}
 
 
 @router.post("/inbox/read-all")
 async def mark_all_read(user: User, db: Pool) -> dict[str, Any]:
-    ids, unread = await _read_state_change(db, user.user_id, inbox.MARK_ALL_READ)
+    ids, unread = await _read_state_change(
+        db, user.user_id, "read", inbox.MARK_ALL_READ
+    )
     return {"marked": ids, "unread": unread}
 
 
 @router.post("/inbox/{notification_id}/archive")
 async def archive(notification_id: int, user: User, db: Pool) -> dict[str, Any]:
-    await _require_own(db, user.user_id, notification_id)
     ids, unread = await _read_state_change(
-        db, user.user_id, inbox.ARCHIVE, notification_id
+        db,
+        user.user_id,
+        "archived",
+        inbox.ARCHIVE,
+        notification_id,
+        own=notification_id,
     )
     return {"archived": ids, "unread": unread}

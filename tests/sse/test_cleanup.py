@@ -1,0 +1,79 @@
+"""Streams that come and go leave nothing behind: no hub entry, no task."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from tests.sse import helpers
+from tests.support.data import Demo
+from tests.support.processes import Service
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+CYCLES = 2000
+PARALLEL = 25
+
+
+async def open_and_drop(port: int, token: str, abort: bool) -> None:
+    """Open a stream, read until it is live, then leave like a tab or a network."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = (
+            "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        writer.write(request.encode())
+        await asyncio.wait_for(reader.readuntil(b": connected"), timeout=10)
+    finally:
+        if abort:
+            # A connection reset, as when the network drops: no FIN, no goodbye.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_thousands_of_short_streams_leave_counts_where_they_started(
+    gateway: Service, demo: Demo, token: Callable[..., str]
+) -> None:
+    bob = token(demo.bob)
+    await open_and_drop(gateway.port, bob, abort=False)
+    baseline = await eventually(
+        lambda: _idle(gateway), what="an idle gateway before the cycles"
+    )
+
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(CYCLES):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            await open_and_drop(gateway.port, bob, abort=i % 2 == 1)
+
+    await asyncio.gather(*(worker() for _ in range(PARALLEL)))
+
+    after = await eventually(
+        lambda: _back_to(gateway, baseline["notiflow_sse_asyncio_tasks"]),
+        what="connections back to 0 and tasks back to the baseline",
+    )
+    assert after["notiflow_sse_connections"] == 0
+
+
+async def _idle(gateway: Service) -> dict[str, float] | None:
+    found = await helpers.gauges(gateway.url)
+    return found if found.get("notiflow_sse_connections") == 0 else None
+
+
+async def _back_to(gateway: Service, tasks: float) -> dict[str, float] | None:
+    found = await helpers.gauges(gateway.url)
+    idle = found.get("notiflow_sse_connections") == 0
+    return found if idle and found.get("notiflow_sse_asyncio_tasks") == tasks else None
