@@ -63,6 +63,7 @@ def push_settings(settings: Settings, vapid_pair: VapidPair) -> PushSettings:
         vapid_subject="mailto:ops@example.com",
         push_allowed_hosts="127.0.0.1",
         push_ttl_seconds=3600,
+        push_sweep_seconds=0.3,
     )
 
 

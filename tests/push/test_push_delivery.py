@@ -291,3 +291,27 @@ async def test_a_push_signed_with_another_key_is_refused(
     assert row["status"] == "failed" and "HTTP 401" in row["last_error"]
     assert strict.problems and "not the expected one" in strict.problems[0]
     assert device.delivered == []
+
+
+async def test_a_row_whose_worker_died_is_pushed_by_the_sweeper(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    device = push_service.device()
+    await subscribe(api, settings, demo.bob, device)
+    row_id = await notify(settings, db, demo.bob)
+    await eventually(lambda: settled(db, row_id), what="row settled")
+
+    # As a worker killed between claim and outcome leaves it, without a message.
+    await db.execute(
+        "UPDATE notifications SET status = 'sending', sent_at = NULL, "
+        "lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        row_id,
+    )
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled again")
+    assert row["status"] == "sent" and row["attempts"] == 2
+    assert len(device.delivered) == 2

@@ -1,4 +1,4 @@
-"""Wires the push sender: VAPID keys, the delivery consumer, the subscription API."""
+"""Wires the push sender: VAPID keys, delivery consumer, lease sweeper, HTTP API."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from contracts import topology
 from contracts.http import install_error_handlers
 from contracts.messages import DeliveryRequested
+from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from push_sender import vapid
 from push_sender.api import router
@@ -22,7 +23,8 @@ from push_sender.worker import PushWorker
 def create_app(settings: PushSettings | None = None) -> FastAPI:
     settings = settings or PushSettings()
     keys = vapid.load(settings)
-    runtime = Runtime(settings, consumers=True)
+    # The relay publishes what the lease sweeper re-enqueues.
+    runtime = Runtime(settings, relay=True, consumers=True)
     client: httpx.AsyncClient | None = None
 
     def http() -> httpx.AsyncClient:
@@ -35,6 +37,7 @@ def create_app(settings: PushSettings | None = None) -> FastAPI:
         http,
         keys,
         ttl=settings.push_ttl_seconds,
+        timeout=settings.push_timeout,
         retry_delays=settings.retry_delay_levels,
         lease_seconds=settings.push_lease_seconds,
         allowed_hosts=settings.allowed_hosts,
@@ -57,9 +60,18 @@ def create_app(settings: PushSettings | None = None) -> FastAPI:
         )
         try:
             await runtime.start()
+            sweeper = LeaseSweeper(
+                runtime.db,
+                ["push"],
+                interval=settings.push_sweep_seconds,
+                grace_seconds=settings.push_lease_seconds,
+                max_attempts=len(settings.retry_delay_levels) + 1,
+            )
+            sweeper.start()
             try:
                 yield
             finally:
+                await sweeper.stop()
                 await runtime.stop()
         finally:
             await client.aclose()

@@ -35,6 +35,7 @@ class PushSettings(Settings):
     push_timeout: float = Field(default=10.0, gt=0)
     push_prefetch: int = Field(default=20, ge=1)
     push_lease_seconds: float = Field(default=120.0, gt=0)
+    push_sweep_seconds: float = Field(default=15.0, gt=0)
 
     @property
     def allowed_hosts(self) -> frozenset[str]:
@@ -60,5 +61,14 @@ class PushSettings(Settings):
             raise ValueError(
                 "NOTIFLOW_VAPID_PRIVATE_KEY is not set; production never generates "
                 "VAPID keys, because every browser subscription is bound to the key"
+            )
+        # A lease shorter than one delivery (a request and, after a 413, a second
+        # one; devices go in parallel) would let the sweeper hand the row to a
+        # second worker while the first is still pushing it.
+        longest = 2 * self.push_timeout
+        if self.push_lease_seconds <= longest:
+            raise ValueError(
+                f"NOTIFLOW_PUSH_LEASE_SECONDS ({self.push_lease_seconds:g}) must be "
+                f"longer than one delivery may take ({longest:g}s)"
             )
         return self

@@ -19,6 +19,7 @@ could not be cancelled when the service drains.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -95,16 +96,19 @@ async def send(
     subscription: Subscription,
     push: Push,
     vapid: VapidKeys,
+    deadline: float,
 ) -> Result:
+    """Push once; ``deadline`` bounds the whole exchange, not each phase of it."""
     body = encrypt(push.payload, subscription.p256dh, subscription.auth)
     try:
-        response = await client.post(
-            subscription.endpoint,
-            content=body,
-            headers=headers(push, vapid, subscription.endpoint),
-        )
-    except httpx.TimeoutException as exc:
-        return Result("retry", None, f"timed out: {exc!r}")
+        async with asyncio.timeout(deadline):
+            response = await client.post(
+                subscription.endpoint,
+                content=body,
+                headers=headers(push, vapid, subscription.endpoint),
+            )
+    except (TimeoutError, httpx.TimeoutException):
+        return Result("retry", None, f"no answer within {deadline:g}s")
     except httpx.HTTPError as exc:
         return Result("retry", None, f"request failed: {exc!r}")
     return classify(response)

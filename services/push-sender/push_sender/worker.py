@@ -111,6 +111,7 @@ class PushWorker:
         vapid: VapidKeys,
         *,
         ttl: int,
+        timeout: float,
         retry_delays: tuple[int, ...],
         lease_seconds: float,
         allowed_hosts: frozenset[str],
@@ -120,6 +121,7 @@ class PushWorker:
         self._client = client
         self._vapid = vapid
         self._ttl = ttl
+        self._timeout = timeout
         self._delays = retry_delays
         self._lease = lease_seconds
         self._allowed = allowed_hosts
@@ -188,10 +190,14 @@ class PushWorker:
             result = Result("rejected", None, f"endpoint {problem}")
         else:
             client = self._client()
-            result = await webpush.send(client, device, push, self._vapid)
+            result = await webpush.send(
+                client, device, push, self._vapid, self._timeout
+            )
             if result.outcome == "too_large":
                 smaller = self._push(row, payload.FALLBACK_PLAINTEXT)
-                result = await webpush.send(client, device, smaller, self._vapid)
+                result = await webpush.send(
+                    client, device, smaller, self._vapid, self._timeout
+                )
                 if result.outcome == "too_large":
                     result = Result("rejected", 413, "too large even when shortened")
         if result.outcome == "gone":

@@ -85,3 +85,8 @@ def test_the_token_names_the_push_service_origin_and_expires_within_a_day() -> N
     )
     assert claims["sub"] == "mailto:ops@example.com"
     assert 0 < claims["exp"] - 1e9 <= 24 * 3600
+
+
+def test_a_lease_shorter_than_a_delivery_is_refused() -> None:
+    with pytest.raises(ValidationError, match="NOTIFLOW_PUSH_LEASE_SECONDS"):
+        PushSettings(push_timeout=30, push_lease_seconds=60)
