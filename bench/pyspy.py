@@ -3,7 +3,12 @@
 py-spy is not a dependency: install it into the environment for a profiling run
 (``uv pip install py-spy``). It writes collapsed stacks (``--format raw``): one
 line per distinct stack, frames root first, separated by ``;``, then the count.
-Idle threads are left out by py-spy, so the samples are where CPU time went.
+
+Only the thread holding the GIL is sampled (``--gil``): in a one-process asyncio
+service that is where the Python CPU time goes, and the anyio worker threads that
+wait for work are left out. The services run on uvloop, whose loop is native code:
+samples that stop at ``Runner.run`` are the loop itself (polling, socket reads and
+writes, callback scheduling), with the GIL held.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+# Frames of ours that wrap everything and say nothing about where time goes.
+_ENTRY = {"<module>", "main", "serve"}
 
 # "function (path/to/file.py:123)" -> function and file, without the line.
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
@@ -42,6 +50,8 @@ def start(pid: int, seconds: int, out: Path, rate: int = 50) -> subprocess.Popen
             "--rate",
             str(rate),
             "--nonblocking",
+            "--gil",
+            "--full-filenames",
             "--format",
             "raw",
             "--output",
@@ -76,7 +86,8 @@ def _where(path: str) -> str:
 
 
 def summarise(raw: str, top: int = 12) -> dict[str, Any]:
-    """Top functions by self and by total time, and time by library of the leaf."""
+    """Where the samples were: by library and function of the running frame, and
+    which of our functions were on the stack (inclusive time)."""
     self_time: Counter[str] = Counter()
     total_time: Counter[str] = Counter()
     by_library: Counter[str] = Counter()
@@ -95,7 +106,11 @@ def summarise(raw: str, top: int = 12) -> dict[str, Any]:
         func, path = frames[-1]
         self_time[f"{func} ({_short(path)})"] += count
         by_library[_where(path)] += count
-        for name in {f"{fn} ({_short(p)})" for fn, p in frames}:
+        for name in {
+            f"{fn} ({_short(p)})"
+            for fn, p in frames
+            if _where(p).startswith("notiflow:") and fn not in _ENTRY
+        }:
             total_time[name] += count
 
     def share(counter: Counter[str]) -> list[tuple[str, float]]:
@@ -131,7 +146,7 @@ def format_text(profiles: dict[str, dict[str, Any]]) -> str:
         lines.append("  self time:")
         for what, pct in found["self_pct"][:8]:
             lines.append(f"    {pct:5.1f}%  {what}")
-        lines.append("  total time (function on the stack):")
+        lines.append("  our functions on the stack (inclusive):")
         for what, pct in found["total_pct"][:12]:
             lines.append(f"    {pct:5.1f}%  {what}")
     return "\n".join(lines)

@@ -196,6 +196,7 @@ def build(
         "email_latency_ms": _latency(measured.get("email_latency_ms", empty)),
         "post_latency_ms": _latency(measured.get("post_latency_ms", empty)),
         "cpu_ms_per_comment": (best or measured).get("cpu_ms_per_comment", {}),
+        "cpu_measured_at_rate": (best or measured).get("rate"),
         "baselines": dict(baselines),
         "ratios": ratios(best, deliveries, baselines),
         "targets": TARGETS,
@@ -300,7 +301,7 @@ def format_text(report: Mapping[str, Any]) -> str:
             f"max {_ms(stats['max'])} ms"
         )
     lines.append("")
-    lines.append("CPU ms per comment (at the sustained step):")
+    lines.append(f"CPU ms per comment (step at {report['cpu_measured_at_rate']}/s):")
     for name, value in sorted(report["cpu_ms_per_comment"].items()):
         lines.append(f"  {name:<14} {_ms(value):>8}")
     b = report["baselines"]

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds a step")
     parser.add_argument(
         "--rates",
-        default="50,100,200,300,500",
+        default="25,50,75,100,150,200,300,500",
         help="comments per second of each step, comma-separated, rising",
     )
     parser.add_argument(
@@ -233,11 +233,17 @@ class Bench:
     async def settle(self) -> None:
         """Wait (bounded) until every queue and outbox is empty."""
         deadline = time.perf_counter() + SETTLE_LIMIT_S
+        last: object = None
         while time.perf_counter() < deadline:
-            with contextlib.suppress(Exception):
-                if not any((await self.watch.depths()).values()):
+            try:
+                last = await self.watch.depths()
+            except Exception as exc:
+                last = exc
+            else:
+                if not any(last.values()):
                     return
             await asyncio.sleep(0.5)
+        print(f"queues did not empty in {SETTLE_LIMIT_S:.0f} s: {last!r}", flush=True)
 
     async def _process_groups(self) -> dict[str, list[int]]:
         groups = {name: [pid] for name, pid in self.platform.pids.items()}

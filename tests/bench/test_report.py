@@ -94,10 +94,10 @@ def test_the_report_has_every_key_and_renders(tmp_path: Path) -> None:
 
 
 def test_py_spy_stacks_are_summarised_by_function_and_library() -> None:
+    api = "/w/services/comments/comments/api.py"
     raw = (
-        'process 1:"python";<module> (app.py:1);run (site-packages/asyncpg/x.py:3)'
-        " 3\n"
-        'process 1:"python";<module> (app.py:1);dumps (python3.11/json/enc.py:9) 1\n'
+        f"main (/w/bin/x:1);create ({api}:9);run (/v/site-packages/asyncpg/x.py:3) 3\n"
+        f"main (/w/bin/x:1);create ({api}:9);dumps (/py/python3.11/json/enc.py:9) 1\n"
     )
 
     found = pyspy.summarise(raw)
@@ -105,4 +105,5 @@ def test_py_spy_stacks_are_summarised_by_function_and_library() -> None:
     assert found["samples"] == 4
     assert found["self_pct"][0] == ("run (asyncpg/x.py)", 75.0)
     assert ("asyncpg", 75.0) in found["library_pct"]
-    assert found["total_pct"][0] == ("<module> (app.py)", 100.0)
+    assert ("stdlib:json", 25.0) in found["library_pct"]
+    assert found["total_pct"] == [("create (comments/comments/api.py)", 100.0)]
