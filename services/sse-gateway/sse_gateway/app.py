@@ -41,6 +41,8 @@ class GatewaySettings(Settings):
     cors_origins: str = ""
     # Where the web page finds the comments API.
     api_base_url: str = "http://127.0.0.1:8080"
+    # Where the page's Web Push controls find the push sender.
+    push_base_url: str = "http://127.0.0.1:8084"
 
 
 class GatewayApp(FastAPI):

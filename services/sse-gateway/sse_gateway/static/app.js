@@ -1,0 +1,332 @@
+// The notiflow demo page: a post and its comments, a bell with a live unread
+// count, and the user's notifications, kept current over one EventSource.
+//
+// Start-up order matters: the stream opens first and the inbox is read once the
+// stream is open, so a notification committed in between is in one or the other
+// (items are keyed by id, so being in both is harmless). EventSource reconnects by
+// itself and sends Last-Event-ID, which makes the gateway replay what was missed.
+// All text from the server goes in through textContent, never as HTML.
+(() => {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const LIVE_LIST_SIZE = 5;
+  const state = {
+    api: "",
+    devTokens: false,
+    username: null,
+    token: null,
+    source: null,
+    items: new Map(),
+    unread: 0,
+    cursor: null,
+    changes: 0,
+    post: null,
+    retryTimer: null,
+  };
+  window.notiflow = window.notiflow || {};
+
+  class HttpError extends Error {
+    constructor(status, body) {
+      super((body && body.detail) || `HTTP ${status}`);
+      this.status = status;
+      this.body = body;
+    }
+  }
+
+  async function request(url, options = {}) {
+    const resp = await fetch(url, options);
+    const body = await resp.json().catch(() => null);
+    if (!resp.ok) throw new HttpError(resp.status, body);
+    return body;
+  }
+
+  function authed(url, options = {}) {
+    const headers = { ...(options.headers || {}), Authorization: `Bearer ${state.token}` };
+    return request(url, { ...options, headers });
+  }
+
+  // ---- who is signed in ------------------------------------------------------
+
+  function claims(token) {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part));
+  }
+
+  async function tokenFor(username) {
+    const saved = JSON.parse(localStorage.getItem("notiflow.session") || "null");
+    const fresh = (t) => claims(t).exp * 1000 > Date.now() + 60_000;
+    if (saved && saved.username === username && fresh(saved.token)) return saved.token;
+    const issued = await request(`${state.api}/dev/token`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ username }),
+    });
+    localStorage.setItem(
+      "notiflow.session", JSON.stringify({ username, token: issued.token }),
+    );
+    return issued.token;
+  }
+
+  async function signIn(username) {
+    disconnect();
+    state.items.clear();
+    state.cursor = null;
+    setUnread(0);
+    render();
+    if (state.devTokens) {
+      state.token = await tokenFor(username);
+    } else {
+      state.token = new URLSearchParams(location.search).get("token")
+        || localStorage.getItem("notiflow.token");
+      if (!state.token) return setStatus("offline", "no token");
+    }
+    state.username = username || claims(state.token).name;
+    localStorage.setItem("notiflow.user", state.username);
+    localStorage.setItem("notiflow.token", state.token);
+    window.notiflow.token = state.token;
+    window.notiflow.username = state.username;
+    connect();
+  }
+
+  // ---- the live stream -------------------------------------------------------
+
+  function setStatus(kind, text) {
+    const el = $("status");
+    el.dataset.state = kind;
+    el.textContent = text || kind;
+  }
+
+  function disconnect() {
+    clearTimeout(state.retryTimer);
+    if (state.source) state.source.close();
+    state.source = null;
+  }
+
+  function connect() {
+    disconnect();
+    setStatus("connecting");
+    const source = new EventSource(`/sse?token=${encodeURIComponent(state.token)}`);
+    state.source = source;
+    source.onopen = () => {
+      setStatus("live");
+      loadInbox().catch(showError);
+    };
+    source.onerror = () => {
+      if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
+      // Refused (an expired token answers 401) or ended for good: start over
+      // with a fresh token; the inbox read on open fills any gap.
+      setStatus("offline");
+      state.retryTimer = setTimeout(() => signIn(state.username).catch(showError), 3000);
+    };
+    source.addEventListener("notification", (e) => {
+      const note = JSON.parse(e.data);
+      state.changes += 1;
+      const known = state.items.has(note.id);
+      state.items.set(note.id, note);
+      if (note.unread != null) setUnread(note.unread);
+      else if (!known && !note.read_at) setUnread(state.unread + 1);
+      render();
+      if (state.post && note.metadata && note.metadata.post_id === state.post.id) {
+        loadPost(note.metadata.comment_id).catch(showError);
+      }
+    });
+    source.addEventListener("read", (e) => {
+      const change = JSON.parse(e.data);
+      state.changes += 1;
+      const now = new Date().toISOString();
+      for (const id of change.ids) {
+        const note = state.items.get(id);
+        if (note && !note.read_at) note.read_at = now;
+      }
+      setUnread(change.unread);
+      render();
+    });
+    source.addEventListener("archived", (e) => {
+      const change = JSON.parse(e.data);
+      state.changes += 1;
+      for (const id of change.ids) state.items.delete(id);
+      setUnread(change.unread);
+      render();
+    });
+    source.addEventListener("sync", (e) => {
+      setUnread(JSON.parse(e.data).unread);
+      loadInbox().catch(showError);
+    });
+  }
+
+  // ---- the inbox -------------------------------------------------------------
+
+  async function loadInbox(cursor) {
+    const before = state.changes;
+    const query = new URLSearchParams({ limit: "20" });
+    if (cursor) query.set("cursor", cursor);
+    const page = await authed(`/inbox?${query}`);
+    for (const note of page.items) state.items.set(note.id, note);
+    if (cursor || state.cursor === null) state.cursor = page.next_cursor;
+    // A live change that landed while the page was in flight is newer than the
+    // page's count; ask again rather than step back.
+    if (state.changes === before) setUnread(page.unread);
+    else setUnread((await authed("/inbox/unread-count")).unread);
+    render();
+  }
+
+  async function markRead(id) {
+    const note = state.items.get(id);
+    if (!note || note.read_at) return;
+    note.read_at = new Date().toISOString();
+    render();
+    const result = await authed(`/inbox/${id}/read`, { method: "POST" });
+    setUnread(result.unread);
+  }
+
+  async function markAllRead() {
+    const result = await authed("/inbox/read-all", { method: "POST" });
+    const now = new Date().toISOString();
+    for (const note of state.items.values()) note.read_at = note.read_at || now;
+    setUnread(result.unread);
+    render();
+  }
+
+  function setUnread(count) {
+    state.unread = Math.max(0, count);
+    const badge = $("unread-count");
+    badge.textContent = state.unread > 99 ? "99+" : String(state.unread);
+    badge.dataset.count = String(state.unread);
+    $("bell").setAttribute("aria-label", `Notifications, ${state.unread} unread`);
+    document.title = state.unread ? `(${state.unread}) notiflow` : "notiflow";
+  }
+
+  function time(iso) {
+    if (!iso) return "";
+    return new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+  }
+
+  function noteItem(note) {
+    const li = document.createElement("li");
+    li.className = note.read_at ? "note" : "note unread";
+    li.dataset.id = String(note.id);
+    li.tabIndex = 0;
+    const body = document.createElement("div");
+    const title = document.createElement("div");
+    title.className = "note-title";
+    title.textContent = note.title;
+    const text = document.createElement("div");
+    text.className = "note-text";
+    text.textContent = note.message;
+    const when = document.createElement("div");
+    when.className = "note-time";
+    when.textContent = time(note.created_at);
+    body.append(title, text, when);
+    li.append(body);
+    const open = () => {
+      markRead(note.id).catch(showError);
+      const target = note.metadata && note.metadata.comment_id;
+      const el = target && document.getElementById(`comment-${target}`);
+      if (el) el.scrollIntoView({ behavior: "smooth", block: "center" });
+    };
+    li.addEventListener("click", open);
+    li.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+    return li;
+  }
+
+  function render() {
+    const notes = [...state.items.values()].sort((a, b) => b.seq - a.seq);
+    $("notifications").replaceChildren(...notes.map(noteItem));
+    $("live-notes").replaceChildren(...notes.slice(0, LIVE_LIST_SIZE).map(noteItem));
+    $("empty").hidden = notes.length > 0;
+    $("more").hidden = !state.cursor;
+    $("mark-all").disabled = state.unread === 0;
+  }
+
+  // ---- the post and its comments ---------------------------------------------
+
+  async function loadPost(highlight) {
+    if (!state.post) {
+      const wanted = Number(new URLSearchParams(location.search).get("post"));
+      const posts = await request(`${state.api}/posts`);
+      state.post = posts.find((p) => p.id === wanted)
+        || posts.find((p) => p.author.username === "alice") || posts[0];
+    }
+    if (!state.post) return;
+    const post = await request(`${state.api}/posts/${state.post.id}`);
+    $("post-title").textContent = post.title;
+    $("post-meta").textContent = `${post.author.display_name} · ${time(post.created_at)}`;
+    $("post-body").textContent = post.body;
+    $("post").setAttribute("aria-busy", "false");
+    $("comments-heading").textContent = `Comments (${post.comments.length})`;
+    $("comments").replaceChildren(...post.comments.map((c) => commentItem(c, c.id === highlight)));
+  }
+
+  function commentItem(comment, fresh) {
+    const li = document.createElement("li");
+    li.className = fresh ? "comment fresh" : "comment";
+    li.id = `comment-${comment.id}`;
+    const author = document.createElement("span");
+    author.className = "comment-author";
+    author.textContent = comment.author.display_name;
+    const when = document.createElement("span");
+    when.className = "comment-time";
+    when.textContent = time(comment.created_at);
+    const body = document.createElement("p");
+    body.className = "comment-body";
+    body.textContent = comment.body;
+    li.append(author, when, body);
+    return li;
+  }
+
+  async function submitComment(event) {
+    event.preventDefault();
+    const field = $("comment-body");
+    const button = $("comment-submit");
+    $("form-error").textContent = "";
+    button.disabled = true;
+    try {
+      const created = await authed(`${state.api}/comments`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
+        body: JSON.stringify({ post_id: state.post.id, body: field.value }),
+      });
+      field.value = "";
+      await loadPost(created.id);
+    } catch (err) {
+      $("form-error").textContent = err.message;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function showError(err) {
+    console.error(err);
+    $("form-error").textContent = err.message || String(err);
+  }
+
+  // ---- wiring ----------------------------------------------------------------
+
+  async function start() {
+    const config = await request("/config.json");
+    state.api = config.api_base_url;
+    state.devTokens = config.dev_tokens;
+    const select = $("user-select");
+    if (state.devTokens) {
+      const users = await request(`${state.api}/users`);
+      select.replaceChildren(...users.map((u) => new Option(u.display_name, u.username)));
+      const asked = new URLSearchParams(location.search).get("user");
+      select.value = asked || localStorage.getItem("notiflow.user") || "bob";
+      select.addEventListener("change", () => signIn(select.value).catch(showError));
+    } else {
+      select.closest(".who").hidden = true;
+    }
+    $("bell").addEventListener("click", () => {
+      const panel = $("panel");
+      panel.hidden = !panel.hidden;
+      $("bell").setAttribute("aria-expanded", String(!panel.hidden));
+    });
+    $("mark-all").addEventListener("click", () => markAllRead().catch(showError));
+    $("more").addEventListener("click", () => loadInbox(state.cursor).catch(showError));
+    $("comment-form").addEventListener("submit", submitComment);
+    await Promise.all([signIn(select.value), loadPost()]);
+  }
+
+  start().catch(showError);
+})();

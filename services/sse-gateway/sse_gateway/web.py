@@ -1,0 +1,39 @@
+"""The demo web page: static files, and the settings the page needs to start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from sse_gateway import push_assets
+
+STATIC = Path(__file__).parent / "static"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/config.json")
+async def config(request: Request) -> dict[str, Any]:
+    settings = request.app.state.runtime.settings
+    return {
+        "api_base_url": settings.api_base_url.rstrip("/"),
+        "push_base_url": settings.push_base_url.rstrip("/"),
+        # The page may ask the comments service for demo tokens only where that
+        # service offers them.
+        "dev_tokens": settings.env == "development",
+    }
+
+
+def mount(app: FastAPI) -> None:
+    app.include_router(router)
+    app.include_router(push_assets.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
