@@ -1,0 +1,53 @@
+"""What the demo page relies on: the page itself, its settings, demo tokens, CORS."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import httpx
+import pytest
+
+from comments.app import CommentsSettings, cors_origins
+from comments.app import create_app as create_comments
+from contracts.settings import Settings
+from tests.sse.conftest import StartGateway
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_gateway_serves_the_page_and_its_settings(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway(NOTIFLOW_API_BASE_URL="http://127.0.0.1:9999/")
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
+        page = await client.get("/")
+        config = (await client.get("/config.json")).json()
+        script = await client.get("/static/app.js")
+        push = await client.get("/static/push.js")
+    assert page.status_code == 200 and page.headers["content-type"].startswith(
+        "text/html"
+    )
+    assert '<div id="push-controls"></div>' in page.text
+    assert '<script src="/static/push.js" defer></script>' in page.text
+    assert config["api_base_url"] == "http://127.0.0.1:9999"
+    assert config["dev_tokens"] is False
+    assert script.status_code == 200 and push.status_code == 200
+
+
+def test_demo_tokens_exist_only_in_development() -> None:
+    def paths(env: Literal["development", "test"]) -> set[str]:
+        app = create_comments(Settings(env=env))
+        return set(app.openapi()["paths"])
+
+    assert "/dev/token" in paths("development")
+    assert "/dev/token" not in paths("test")
+
+
+def test_comments_cors_defaults_to_the_gateway_page_in_development() -> None:
+    assert cors_origins(CommentsSettings(env="development")) == [
+        "http://127.0.0.1:8081",
+        "http://localhost:8081",
+    ]
+    assert cors_origins(CommentsSettings(env="test")) == []
+    configured = CommentsSettings(env="test", cors_origins="https://a.example, ")
+    assert cors_origins(configured) == ["https://a.example"]
