@@ -82,7 +82,7 @@ def draw(report: Mapping[str, Any], out: Path) -> Path:
     right.set_xlabel("offered comments/s")
     right.set_ylabel("CPU ms per comment")
     right.set_title("CPU per comment, by process")
-    right.legend(fontsize="small")
+    right.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
