@@ -6,14 +6,17 @@ read; validation errors list each offending field by its dotted path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from contracts.auth import InvalidToken
+from contracts.auth import InvalidToken, Principal, bearer, verify_token
 from contracts.db import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from contracts.runtime import Runtime
 
 
 class NotFound(Exception):
@@ -74,3 +77,20 @@ def install_error_handlers(app: FastAPI) -> None:
             "the database is unavailable; try again",
             **{"Retry-After": "2"},
         )
+
+
+# Request dependencies are coroutines on purpose: FastAPI runs plain functions in a
+# thread pool, a hand-off that costs more than the work they do.
+async def current_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def current_user(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    """The user named by the ``Authorization: Bearer`` token, or 401."""
+    return verify_token(bearer(authorization), request.app.state.runtime.settings)
+
+
+RuntimeDep = Annotated["Runtime", Depends(current_runtime)]
+UserDep = Annotated[Principal, Depends(current_user)]

@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from contracts.auth import Principal, bearer, verify_token
 from contracts.db import transaction
-from contracts.http import NotFound
-from contracts.runtime import Runtime
+from contracts.http import NotFound, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
 from push_sender.settings import PushSettings
 from push_sender.vapid import VapidKeys
@@ -19,20 +17,6 @@ from push_sender.vapid import VapidKeys
 MAX_USER_AGENT_CHARS = 500
 
 router = APIRouter(prefix="/push")
-
-
-def runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-def principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
-    return verify_token(bearer(authorization), runtime(request).settings)
-
-
-RuntimeDep = Annotated[Runtime, Depends(runtime)]
-PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
 @router.get("/vapid-public-key")
@@ -45,7 +29,7 @@ async def vapid_public_key(request: Request) -> dict[str, str]:
 async def subscribe(
     new: subs.NewSubscription,
     rt: RuntimeDep,
-    user: PrincipalDep,
+    user: UserDep,
     user_agent: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     settings: PushSettings = rt.settings  # type: ignore[assignment]
@@ -75,18 +59,14 @@ async def subscribe(
 
 
 @router.get("/subscriptions")
-async def list_subscriptions(
-    rt: RuntimeDep, user: PrincipalDep
-) -> list[dict[str, Any]]:
+async def list_subscriptions(rt: RuntimeDep, user: UserDep) -> list[dict[str, Any]]:
     async with transaction(rt.db) as conn:
         rows = await conn.fetch(subs.LIST_OWN, user.user_id)
     return [dict(row) for row in rows]
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204)
-async def unsubscribe(
-    subscription_id: int, rt: RuntimeDep, user: PrincipalDep
-) -> Response:
+async def unsubscribe(subscription_id: int, rt: RuntimeDep, user: UserDep) -> Response:
     async with transaction(rt.db) as conn:
         deleted = await conn.fetchval(subs.DELETE_OWN, subscription_id, user.user_id)
     if deleted is None:
