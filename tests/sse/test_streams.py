@@ -244,9 +244,41 @@ async def test_configured_origins_may_call_the_gateway(
                 "Authorization": f"Bearer {token(demo.bob)}",
             },
         )
+        url = f"{gateway.url}/sse?token={token(demo.bob)}"
+        stream = SSEClient(url, headers={"Origin": "https://app.example"})
+        async with stream:
+            pass
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
+    assert stream.response_headers is not None
+    cors = stream.response_headers["access-control-allow-origin"]
+    assert cors == "https://app.example"
+
+
+async def test_streams_catch_up_after_the_listen_connection_is_lost(
+    settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
+) -> None:
+    async with (
+        SSEClient(f"{gateway.url}/sse?token={token(demo.bob)}") as live,
+        helpers.database(settings.database_url) as pg,
+    ):
+        before = await helpers.add_and_deliver(pg, demo.bob, "before")
+        await live.wait_for("notification")
+        cut = await pg.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+        )
+        during = [
+            await helpers.add_and_deliver(pg, demo.bob, f"d{i}") for i in range(3)
+        ]
+        # Re-listening tells every stream to re-read the inbox and the count.
+        await live.wait_for("sync")
+        await live.wait_for("notification", 4)
+        after = await helpers.add_and_deliver(pg, demo.bob, "after")
+        await live.wait_for("notification", 5)
+    assert cut == 1
+    assert live.ids() == [before, *during, after]
 
 
 async def test_shutdown_ends_open_streams_and_the_process_exits(

@@ -1,4 +1,7 @@
-"""Routes: the event stream and the inbox API. Every route checks the token."""
+"""Routes of the inbox API; every route checks the token.
+
+The event stream itself is served by :class:`sse_gateway.stream.StreamEndpoint`.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,12 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-import jwt
 from fastapi import APIRouter, Depends, Header, Query, Request
-from sse_starlette import EventSourceResponse
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import NotFound
 from sse_gateway import inbox
-from sse_gateway import stream as sse
-from sse_gateway.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
 
@@ -36,50 +35,6 @@ def pool(request: Request) -> asyncpg.Pool:
 
 User = Annotated[Principal, Depends(principal)]
 Pool = Annotated[asyncpg.Pool, Depends(pool)]
-
-
-@router.get("/sse")
-async def stream(
-    request: Request,
-    user: User,
-    db: Pool,
-    last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
-    hub: Hub = request.app.state.hub
-    settings = request.app.state.runtime.settings
-    conn = Connection(user.user_id, expires_at=_expiry(request))
-    # Join the hub before reading the cursor: an event committed in between is then
-    # both queued and in the replay, and the sequence check drops the second copy.
-    hub.add(conn)
-    try:
-        replay = await sse.start(db, conn, last_event_id)
-    except BaseException:
-        hub.remove(conn)
-        raise
-    body = sse.events_of(conn, hub, db, replay, settings.sse_retry_ms)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    if not settings.sse_lean:
-        return EventSourceResponse(
-            body,
-            ping=settings.sse_heartbeat_seconds,
-            headers=headers,
-            send_timeout=settings.sse_send_timeout,
-        )
-    # The hub's clock writes the heartbeats, so sse-starlette's ping is off.
-    return sse.StreamResponse(
-        conn, body, ping=0, headers=headers, send_timeout=settings.sse_send_timeout
-    )
-
-
-def _expiry(request: Request) -> float:
-    """When the token of this request expires; its stream is closed then."""
-    token = bearer(request.headers.get("authorization"))
-    try:
-        # Already verified by the ``User`` dependency; only the claim is read here.
-        claims = jwt.decode(token or "", options={"verify_signature": False})
-        return float(claims["exp"])
-    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
-        return float("inf")
 
 
 @router.get("/inbox")

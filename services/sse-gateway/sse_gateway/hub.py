@@ -6,8 +6,9 @@ Each connection owns a small mailbox, not a task. Three things put items into it
   channel, and a single task that turns notifications into mailbox items in the
   order PostgreSQL delivered them (commit order);
 - the hub's clock, one task for the whole replica, which drops a heartbeat into
-  every mailbox each interval, closes streams whose token has expired, and closes
-  every stream when the server starts shutting down;
+  every mailbox each interval, closes streams whose token has expired, closes
+  every stream when the server starts shutting down, and cancels a stream whose
+  write has waited longer than the send timeout (a peer that stopped reading);
 - the connection's own disconnect watcher, which closes it when the peer goes.
 
 When the LISTEN connection is lost, anything announced meanwhile is gone, so after
@@ -46,13 +47,28 @@ CLOCK_TICK = 0.5
 class Connection:
     """One open stream: who it belongs to, where it is, and what waits for it."""
 
-    __slots__ = ("_items", "_waiter", "closed", "expires_at", "last_seq", "user_id")
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "closed",
+        "expires_at",
+        "last_seq",
+        "sending_since",
+        "stalled",
+        "task",
+        "user_id",
+    )
 
     def __init__(self, user_id: int, expires_at: float = float("inf")) -> None:
         self.user_id = user_id
         self.expires_at = expires_at
         self.last_seq = 0
         self.closed = False
+        # Set while a write is in progress; the clock cancels ``task`` when it has
+        # waited too long, and ``stalled`` tells the stream why it was cancelled.
+        self.sending_since: float | None = None
+        self.stalled = False
+        self.task: asyncio.Task[Any] | None = None
         self._items: list[Item] = []
         self._waiter: asyncio.Future[None] | None = None
 
@@ -88,10 +104,13 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, heartbeat_seconds: float = 15.0) -> None:
+    def __init__(
+        self, heartbeat_seconds: float = 15.0, send_timeout: float = 30.0
+    ) -> None:
         self._by_user: dict[int, set[Connection]] = {}
         self._count = 0
         self.heartbeat_seconds = heartbeat_seconds
+        self.send_timeout = send_timeout
         self._clock: asyncio.Task[None] | None = None
 
     def add(self, conn: Connection) -> None:
@@ -152,16 +171,23 @@ class Hub:
                 self.close_all()
                 continue
             now = time.monotonic()
-            self._expire(time.time())
+            self.sweep(time.time(), now)
             if now >= next_beat:
                 next_beat = now + self.heartbeat_seconds
                 self.broadcast(PING)
 
-    def _expire(self, now: float) -> None:
+    def sweep(self, wall: float, monotonic: float) -> None:
+        """Close streams whose token expired; cancel those stuck in a write."""
+        stuck_since = monotonic - self.send_timeout
         for conns in self._by_user.values():
             for conn in conns:
-                if conn.expires_at <= now:
+                if conn.expires_at <= wall:
                     conn.close()
+                since = conn.sending_since
+                if since is not None and since < stuck_since and not conn.stalled:
+                    conn.stalled = True
+                    if conn.task is not None:
+                        conn.task.cancel()
 
 
 class InboxListener:

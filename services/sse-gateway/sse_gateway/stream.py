@@ -1,26 +1,36 @@
-"""One browser's event stream: where it starts, what it replays, how it ends.
+"""One browser's event stream: who may open it, where it starts, how it ends.
 
-sse-starlette frames the events and owns the HTTP response. Its stock response runs
-four tasks per stream (writer, ping, shutdown watcher, disconnect watcher); at ten
-thousand idle streams those tasks, and the timers under them, are most of what a
-stream costs. :class:`StreamResponse` keeps sse-starlette's writer, headers, send
-timeout and HEAD handling, and replaces the supervisor: the request task writes,
-one small task per stream waits for the disconnect, and the hub's single clock
-supplies heartbeats and the shutdown signal (see ``ARCHITECTURE.md``).
+An idle stream is held for hours, so what each one keeps alive is what a replica
+can hold. Two choices keep that small (``ARCHITECTURE.md`` has the figures):
+
+- :class:`StreamEndpoint` answers ``/sse`` as a plain ASGI callable, ahead of
+  FastAPI's routing, middleware and per-request telemetry span, whose frames and
+  objects would otherwise stay alive for the whole life of the stream;
+- :class:`StreamResponse` keeps sse-starlette's writer, framing, headers, send
+  timeout and HEAD handling but replaces its supervisor of four tasks per stream
+  (writer, ping, shutdown watcher, disconnect watcher): the request task writes,
+  one small task waits for the disconnect, and the hub's single clock supplies
+  heartbeats and the shutdown signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import parse_qsl
 
 import asyncpg
+import jwt
 from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from contracts.auth import InvalidToken, bearer, verify_token
 from contracts.db import DatabaseUnavailable, connection
+from contracts.settings import Settings
 from sse_gateway import events, inbox, metrics
 from sse_gateway.hub import Connection, Hub
 
@@ -30,23 +40,53 @@ REPLAY_PAGE = 500
 
 
 class StreamResponse(EventSourceResponse):
-    """An SSE response whose only helper task is the disconnect watcher."""
+    """An SSE response whose only helper task is the disconnect watcher.
+
+    The send timeout is kept by the hub's clock instead of a timer per write:
+    a write marks the connection while it is in progress, and the clock cancels
+    the stream once a mark is older than the timeout. A write that does not wait
+    (nearly all of them) then costs two attribute stores, not a cancel scope and
+    a timer, which is most of the cost of writing one event to ten thousand
+    streams.
+    """
 
     def __init__(self, conn: Connection, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._conn = conn
 
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        conn = self._conn
+        conn.sending_since = time.monotonic()
+        try:
+            await send(message)
+        except BaseException:
+            self._send_interrupted = True
+            raise
+        finally:
+            conn.sending_since = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"].upper() == "HEAD":
             await super().__call__(scope, receive, send)
             return
+        self._conn.task = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive), name="sse-disconnect")
         try:
             await self._stream_response(send)
         except OSError:
-            # The peer went away or stopped reading (SendTimeoutError is an
-            # OSError too); the generator has already been closed.
+            # The peer went away; the generator has already been closed.
             pass
+        except asyncio.CancelledError:
+            if not self._conn.stalled:
+                raise
+            # Cancelled by the hub's clock: the peer stopped reading. Returning
+            # with the response unfinished makes the server drop the connection.
+            self._conn.task.uncancel()
+            logger.warning(
+                "stream stalled for %.0f s; dropping it",
+                self._send_timeout,
+                extra={"action": "sse.stalled"},
+            )
         finally:
             self._conn.close()
             watcher.cancel()
@@ -60,6 +100,123 @@ class StreamResponse(EventSourceResponse):
                 self._client_disconnected = True
                 self._conn.close()
                 return
+
+
+class StreamEndpoint:
+    """``GET /sse``: verify the token, join the hub, find the start, stream.
+
+    The token comes from ``Authorization: Bearer`` or, for EventSource, which
+    cannot set headers, from ``?token=``. Refusals are the JSON errors every other
+    route answers with.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        pool: Callable[[], asyncpg.Pool],
+        *,
+        heartbeat_seconds: float,
+        retry_ms: int,
+        send_timeout: float,
+        lean: bool,
+        origins: frozenset[str],
+    ) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._pool = pool
+        self._heartbeat = heartbeat_seconds
+        self._retry_ms = retry_ms
+        self._send_timeout = send_timeout
+        self._lean = lean
+        self._origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        extra = self._cors(headers.get("origin"))
+        if scope["method"] not in ("GET", "HEAD"):
+            await _json(send, 405, "method_not_allowed", "use GET", extra, Allow="GET")
+            return
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        token = bearer(headers.get("authorization")) or query.get("token")
+        try:
+            user = verify_token(token, self._settings)
+        except InvalidToken as exc:
+            await _json(send, 401, "unauthorized", str(exc), extra, **_BEARER)
+            return
+
+        db = self._pool()
+        conn = Connection(user.user_id, expires_at=_expiry(token))
+        # Join the hub before reading the cursor: an event committed in between is
+        # then both queued and in the replay, and the sequence check drops the copy.
+        self._hub.add(conn)
+        try:
+            replay = await start(db, conn, headers.get("last-event-id"))
+        except DatabaseUnavailable:
+            self._hub.remove(conn)
+            await _json(send, 503, "unavailable", "the database is unavailable", extra)
+            return
+        except BaseException:
+            self._hub.remove(conn)
+            raise
+
+        body = events_of(conn, self._hub, db, replay, self._retry_ms)
+        response_headers = {"Cache-Control": "no-cache", **extra}
+        response: EventSourceResponse
+        if self._lean:
+            # The hub's clock writes the heartbeats, so sse-starlette's ping is off.
+            response = StreamResponse(
+                conn,
+                body,
+                ping=0,
+                headers=response_headers,
+                send_timeout=self._send_timeout,
+            )
+        else:
+            response = EventSourceResponse(
+                body,
+                ping=self._heartbeat,
+                headers=response_headers,
+                send_timeout=self._send_timeout,
+            )
+        await response(scope, receive, send)
+
+    def _cors(self, origin: str | None) -> dict[str, str]:
+        if origin and origin in self._origins:
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        return {}
+
+
+_BEARER = {"WWW-Authenticate": "Bearer"}
+
+
+async def _json(
+    send: Send,
+    status: int,
+    code: str,
+    detail: str,
+    extra: dict[str, str],
+    **headers: str,
+) -> None:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in {**extra, **headers}.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _expiry(token: str | None) -> float:
+    """When the (already verified) token expires; the stream is closed then."""
+    try:
+        claims = jwt.decode(token or "", options={"verify_signature": False})
+        return float(claims["exp"])
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 async def start(db: asyncpg.Pool, conn: Connection, last_event_id: str | None) -> bool:

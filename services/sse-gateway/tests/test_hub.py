@@ -1,0 +1,68 @@
+"""The hub and a connection's mailbox, without a server or a database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sse_gateway import events
+from sse_gateway.hub import CLOSE, MAX_PENDING, PING, RESYNC, Connection, Hub
+
+
+def note(seq: int) -> tuple[str, events.Note]:
+    return ("notification", events.notification({"id": seq, "seq": seq}))
+
+
+async def test_items_arrive_in_order_and_wake_a_waiting_stream() -> None:
+    conn = Connection(1)
+    waiting = asyncio.create_task(conn.take())
+    await asyncio.sleep(0)
+    conn.push(note(1))
+    conn.push(PING)
+    assert await asyncio.wait_for(waiting, 1) == [note(1), PING]
+
+
+def test_a_reader_that_falls_behind_is_collapsed_into_one_resync() -> None:
+    conn = Connection(1)
+    for seq in range(MAX_PENDING + 10):
+        conn.push(note(seq))
+    assert len(conn._items) <= MAX_PENDING
+    assert RESYNC in conn._items and conn._items[0] == RESYNC
+
+
+def test_close_wins_over_everything_waiting_and_is_final() -> None:
+    conn = Connection(1)
+    conn.push(note(1))
+    conn.close()
+    conn.push(note(2))
+    assert conn._items == [CLOSE]
+
+
+def test_publish_reaches_only_that_users_connections() -> None:
+    hub = Hub()
+    mine, also_mine, theirs = Connection(1), Connection(1), Connection(2)
+    for conn in (mine, also_mine, theirs):
+        hub.add(conn)
+    assert hub.publish(1, PING) == 2
+    assert mine._items == [PING] and also_mine._items == [PING]
+    assert theirs._items == []
+    hub.remove(mine)
+    hub.remove(mine)
+    assert hub.connections == 2
+
+
+async def test_the_sweep_closes_expired_streams_and_cancels_stuck_writes() -> None:
+    hub = Hub(send_timeout=5)
+    expired, stuck, fine = Connection(1, expires_at=100), Connection(2), Connection(3)
+    stuck.task = asyncio.create_task(asyncio.sleep(60))
+    stuck.sending_since = time.monotonic() - 6
+    fine.sending_since = time.monotonic() - 1
+    for conn in (expired, stuck, fine):
+        hub.add(conn)
+
+    hub.sweep(wall=101, monotonic=time.monotonic())
+
+    assert expired._items == [CLOSE]
+    assert stuck.stalled and fine.stalled is False
+    await asyncio.sleep(0)
+    assert stuck.task.cancelled()
