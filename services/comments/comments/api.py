@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import Principal, bearer, verify_token
-from contracts.db import transaction
+from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.http import Conflict, NotFound
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
@@ -54,27 +55,37 @@ def principal(
     return verify_token(bearer(authorization), runtime(request).settings)
 
 
+@asynccontextmanager
+async def _transaction(rt: Runtime) -> AsyncIterator[Any]:
+    """A transaction; a database lost on the way is a 503, not a 500."""
+    try:
+        async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
+            yield conn
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
 @router.get("/users")
 async def list_users(rt: RuntimeDep) -> list[dict[str, Any]]:
-    async with transaction(rt.db) as conn:
+    async with _transaction(rt) as conn:
         rows = await conn.fetch(sql.LIST_USERS)
     return [dict(row) for row in rows]
 
 
 @router.get("/posts")
 async def list_posts(rt: RuntimeDep) -> list[dict[str, Any]]:
-    async with transaction(rt.db) as conn:
+    async with _transaction(rt) as conn:
         rows = await conn.fetch(sql.LIST_POSTS, 100)
     return [{**sql.post(row), "comment_count": row["comment_count"]} for row in rows]
 
 
 @router.get("/posts/{post_id}")
 async def get_post(post_id: int, rt: RuntimeDep) -> dict[str, Any]:
-    async with transaction(rt.db) as conn:
+    async with _transaction(rt) as conn:
         row = await conn.fetchrow(sql.GET_POST, post_id)
         if row is None:
             raise NotFound(f"post {post_id} does not exist")
@@ -93,7 +104,7 @@ async def create_comment(
 ) -> JSONResponse:
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
-    async with transaction(rt.db) as conn:
+    async with _transaction(rt) as conn:
         if idempotency_key is not None:
             claimed = await conn.fetchval(
                 sql.CLAIM_IDEMPOTENCY_KEY, user.user_id, idempotency_key, request_hash
@@ -144,7 +155,7 @@ async def create_comment(
         }
         if idempotency_key is not None:
             await conn.execute(
-                sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, json.dumps(body)
+                sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
             )
 
     logger.info(

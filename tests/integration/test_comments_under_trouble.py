@@ -1,0 +1,190 @@
+"""POST /comments: Idempotency-Key, and a database that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from comments.app import create_app
+from contracts import topology
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from tests.integration import helpers
+from tests.integration.conftest import EmailSenderFactory, running
+from tests.integration.proxy import Proxy
+from tests.support.data import Demo
+from tests.support.infra import with_database
+from tests.support.smtp import SmtpServer
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def proxy(settings: Settings) -> AsyncIterator[Proxy]:
+    target = urlsplit(settings.database_url)
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def _through(settings: Settings, proxy: Proxy) -> str:
+    url = urlsplit(settings.database_url)
+    return with_database(
+        f"postgresql://{url.username}@127.0.0.1:{proxy.port}", url.path.lstrip("/")
+    )
+
+
+@pytest.fixture
+async def api(
+    settings: Settings, demo: Demo, proxy: Proxy
+) -> AsyncIterator[httpx.AsyncClient]:
+    options = {
+        **settings.model_dump(),
+        "database_url": _through(settings, proxy),
+        "db_acquire_timeout": 0.5,
+        "db_pool_min": 1,
+        "db_pool_max": 5,
+    }
+    app = create_app(Settings(**options))
+    async with running(app):
+        token = issue_token(demo.carol, "carol", settings)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://comments",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
+            yield client
+
+
+async def _counts(db: asyncpg.Connection) -> tuple[int, int]:
+    comments = await db.fetchval("SELECT count(*) FROM comments")
+    return comments, await db.fetchval("SELECT count(*) FROM outbox")
+
+
+async def test_the_same_key_and_body_answer_the_first_response_once(
+    api: httpx.AsyncClient, demo: Demo, db: asyncpg.Connection
+) -> None:
+    before = await _counts(db)
+    body = {"post_id": demo.post, "body": "only once, please"}
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+
+    # The relay may publish the outbox row at any moment; stop it from counting.
+    await db.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wake")
+    first = await api.post("/comments", json=body, headers=key)
+    again = await api.post("/comments", json=body, headers=key)
+    other = await api.post(
+        "/comments", json={**body, "body": "something else"}, headers=key
+    )
+
+    assert first.status_code == 201, first.text
+    assert again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert other.status_code == 409
+    assert other.json()["error"] == "conflict"
+    assert "Idempotency-Key" in other.json()["detail"]
+    comments = await db.fetchval("SELECT count(*) FROM comments")
+    assert comments == before[0] + 1
+    events = await db.fetchval(
+        "SELECT count(*) FROM outbox WHERE message_id = $1", first.json()["event_id"]
+    )
+    published = events == 1 or await _published_once(db, first.json()["event_id"])
+    assert published
+
+
+async def _published_once(db: asyncpg.Connection, event_id: str) -> bool:
+    # Already taken by the relay: then no second outbox row may exist either.
+    return (
+        await db.fetchval("SELECT count(*) FROM outbox WHERE message_id = $1", event_id)
+        == 0
+    )
+
+
+async def test_no_database_connection_answers_503_quickly(
+    api: httpx.AsyncClient, demo: Demo, proxy: Proxy, db: asyncpg.Connection
+) -> None:
+    before = await db.fetchval("SELECT count(*) FROM comments")
+    await proxy.cut()
+
+    started = time.monotonic()
+    resp = await api.post("/comments", json={"post_id": demo.post, "body": "hi"})
+    took = time.monotonic() - started
+
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"] == "unavailable"
+    assert resp.headers["Retry-After"] == "2"
+    assert took < 3
+    assert await db.fetchval("SELECT count(*) FROM comments") == before
+
+
+async def test_a_connection_lost_during_the_request_answers_503(
+    api: httpx.AsyncClient, demo: Demo, proxy: Proxy, db: asyncpg.Connection
+) -> None:
+    before = await db.fetchval("SELECT count(*) FROM comments")
+    async with db.transaction():
+        # The request blocks on the lock, then loses its connection.
+        await db.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
+        request = asyncio.create_task(
+            api.post("/comments", json={"post_id": demo.post, "body": "hi"})
+        )
+
+        async def waiting() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+
+        await eventually(waiting, what="request waiting on the lock")
+        await proxy.cut()
+        resp = await asyncio.wait_for(request, 10)
+
+    assert resp.status_code == 503, resp.text
+    assert await db.fetchval("SELECT count(*) FROM comments") == before
+
+
+async def test_a_consumer_keeps_its_message_while_the_database_is_away(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    proxy: Proxy,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    queue = topology.delivery_queue("email")
+
+    async with email_sender(database_url=_through(settings, proxy)):
+        await proxy.cut()
+        await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
+        await asyncio.sleep(2)  # several backoff rounds while the database is away
+        held = await helpers.depths(settings.amqp_url, queue)
+        row_while_away = await helpers.row(db, note)
+
+        await proxy.start()
+        row = await eventually(
+            lambda: _sent(db, note), what="sent after the database came back"
+        )
+
+    assert row_while_away["status"] == "pending"
+    assert held[queue] == 0  # held unacked by the consumer, not bounced
+    assert row["attempts"] == 1
+    assert len(smtp.received) == 1
+    assert await helpers.take_dead_letters(settings.amqp_url) == []
+
+
+async def _sent(db: asyncpg.Connection, note: int) -> dict | None:
+    row = await helpers.row(db, note)
+    return row if row["status"] == "sent" else None
