@@ -11,6 +11,7 @@ the script is used up, every connection gets the default behaviour:
 * ``drop``: read the whole message, record it in :attr:`SmtpServer.dropped`, then
   close the connection before answering, so the client cannot know it arrived.
 
+:attr:`SmtpServer.data_delay` makes every DATA slow, to hold messages in flight.
 Addresses in :attr:`SmtpServer.unknown` are refused with a 550 whatever the
 behaviour, as a real server refuses a mailbox that does not exist.
 """
@@ -83,6 +84,7 @@ class SmtpServer:
         self.dropped: list[Received] = []
         self.unknown: set[str] = set()
         self.connections = 0
+        self.data_delay = 0.0
         self.stopping = False
         self.hanging: set[SMTP] = set()
         self._script: deque[Behaviour] = deque()
@@ -146,6 +148,8 @@ class SmtpServer:
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=_bytes(envelope.original_content or envelope.content),
         )
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if server.behaviour == "tempfail":
             return "451 4.3.0 try again later"
         if server.behaviour == "drop":
