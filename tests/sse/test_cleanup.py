@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+from contracts.settings import Settings
 from tests.sse import helpers
+from tests.sse.conftest import StartGateway
 from tests.support.data import Demo
 from tests.support.processes import Service
 from tests.support.waiting import eventually
@@ -77,3 +79,46 @@ async def _back_to(gateway: Service, tasks: float) -> dict[str, float] | None:
     found = await helpers.gauges(gateway.url)
     idle = found.get("notiflow_sse_connections") == 0
     return found if idle and found.get("notiflow_sse_asyncio_tasks") == tasks else None
+
+
+async def test_a_peer_that_stops_reading_is_dropped(
+    settings: Settings,
+    start_gateway: StartGateway,
+    demo: Demo,
+    token: Callable[..., str],
+) -> None:
+    gateway = start_gateway(NOTIFLOW_SSE_SEND_TIMEOUT="1")
+    sock = socket.socket()
+    # A tiny receive window, never read: the server's writes soon stop draining.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    request = (
+        "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token(demo.bob)}\r\n\r\n"
+    )
+    sock.send(request.encode())
+    try:
+        await eventually(
+            lambda: _streams(gateway, 1), what="the stream open", timeout=10
+        )
+        big = "x" * 6000
+        async with helpers.database(settings.database_url) as pg:
+            for _ in range(4):
+                async with pg.transaction():
+                    for _ in range(200):
+                        nid = await helpers.add(pg, demo.bob, big)
+                        await helpers.inbox.deliver(pg, nid)
+                if await _streams(gateway, 0):
+                    break
+        await eventually(
+            lambda: _streams(gateway, 0), what="the stalled stream dropped"
+        )
+    finally:
+        sock.close()
+    assert "sse.stalled" in gateway.log()
+
+
+async def _streams(gateway: Service, count: int) -> bool:
+    found = await helpers.gauges(gateway.url)
+    return found.get("notiflow_sse_connections") == count

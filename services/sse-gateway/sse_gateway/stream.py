@@ -16,7 +16,6 @@ can hold. Two choices keep that small (``ARCHITECTURE.md`` has the figures):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -83,15 +82,14 @@ class StreamResponse(EventSourceResponse):
             # with the response unfinished makes the server drop the connection.
             self._conn.task.uncancel()
             logger.warning(
-                "stream stalled for %.0f s; dropping it",
-                self._send_timeout,
+                "a stream stopped draining; dropping it",
                 extra={"action": "sse.stalled"},
             )
         finally:
             self._conn.close()
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            # wait() never swallows a cancellation aimed at this task.
+            await asyncio.wait({watcher})
 
     async def _watch(self, receive: Receive) -> None:
         while True:
