@@ -22,6 +22,15 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors raised while using a connection that mean it was lost, not that the SQL
+# was wrong.
+LOST_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+
+
 class DatabaseUnavailable(Exception):
     """No connection could be had in time; HTTP answers 503, consumers back off."""
 
@@ -52,13 +61,20 @@ async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
 async def connection(
     pool: asyncpg.Pool, timeout: float = 2.0
 ) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection, or :class:`DatabaseUnavailable` within ``timeout``."""
+    """A pooled connection, or :class:`DatabaseUnavailable` within ``timeout``.
+
+    A connection lost while the block uses it is reported as
+    :class:`DatabaseUnavailable` too, so callers answer 503 or back off rather
+    than treat it as a bug.
+    """
     try:
         conn = await pool.acquire(timeout=timeout)
     except UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable(f"no database connection: {exc!r}") from exc
     try:
         yield conn
+    except LOST_ERRORS as exc:
+        raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
     finally:
         await pool.release(conn)
 

@@ -5,23 +5,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from comments import repository as sql
 from contracts import topology, tracing
-from contracts.auth import Principal, bearer, verify_token
-from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
-from contracts.http import Conflict, NotFound
+from contracts.auth import Principal
+from contracts.db import transaction
+from contracts.http import Conflict, NotFound, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
-from contracts.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -45,47 +42,23 @@ class NewComment(BaseModel):
         return value
 
 
-def runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-def principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
-    return verify_token(bearer(authorization), runtime(request).settings)
-
-
-@asynccontextmanager
-async def _transaction(rt: Runtime) -> AsyncIterator[Any]:
-    """A transaction; a database lost on the way is a 503, not a 500."""
-    try:
-        async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
-            yield conn
-    except UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
-
-
-RuntimeDep = Annotated[Runtime, Depends(runtime)]
-PrincipalDep = Annotated[Principal, Depends(principal)]
-
-
 @router.get("/users")
 async def list_users(rt: RuntimeDep) -> list[dict[str, Any]]:
-    async with _transaction(rt) as conn:
+    async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         rows = await conn.fetch(sql.LIST_USERS)
     return [dict(row) for row in rows]
 
 
 @router.get("/posts")
 async def list_posts(rt: RuntimeDep) -> list[dict[str, Any]]:
-    async with _transaction(rt) as conn:
+    async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         rows = await conn.fetch(sql.LIST_POSTS, 100)
     return [{**sql.post(row), "comment_count": row["comment_count"]} for row in rows]
 
 
 @router.get("/posts/{post_id}")
 async def get_post(post_id: int, rt: RuntimeDep) -> dict[str, Any]:
-    async with _transaction(rt) as conn:
+    async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         row = await conn.fetchrow(sql.GET_POST, post_id)
         if row is None:
             raise NotFound(f"post {post_id} does not exist")
@@ -97,14 +70,14 @@ async def get_post(post_id: int, rt: RuntimeDep) -> dict[str, Any]:
 async def create_comment(
     new: NewComment,
     rt: RuntimeDep,
-    user: PrincipalDep,
+    user: UserDep,
     idempotency_key: Annotated[
         str | None, Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS, min_length=1)
     ] = None,
 ) -> JSONResponse:
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
-    async with _transaction(rt) as conn:
+    async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         if idempotency_key is not None:
             claimed = await conn.fetchval(
                 sql.CLAIM_IDEMPOTENCY_KEY, user.user_id, idempotency_key, request_hash
