@@ -21,7 +21,7 @@ queue, and an operator can replay it once the bug is fixed.
 Why the database case retries in place rather than nacking at once: the dispatcher's
 queue is a quorum queue with ``x-delivery-limit``, and every nack with requeue counts
 as a delivery there. A database outage longer than a few backoff rounds would push
-every waiting event past the limit, and RabbitMQ drops such a message. Holding it
+every waiting event past the limit, into the dead-letter queue. Holding it
 costs one prefetch slot per message, which nothing else could use while the database
 is away anyway.
 

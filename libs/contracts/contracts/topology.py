@@ -86,7 +86,13 @@ async def declare(
     dispatcher = await channel.declare_queue(
         DISPATCHER_QUEUE,
         durable=True,
-        arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT},
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            # Past the limit RabbitMQ dead-letters instead of dropping; the
+            # x-death header then says "delivery_limit".
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        },
     )
     await dispatcher.bind(events, COMMENT_CREATED)
 
