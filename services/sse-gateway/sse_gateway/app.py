@@ -140,6 +140,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lean=settings.sse_lean,
         origins=frozenset(origins),
     )
+    # Listed among the routes too, for tools that read them; GatewayApp answers
+    # /sse before routing, so this route is not on the path of a request.
+    app.router.add_route("/sse", app.sse, methods=["GET"], include_in_schema=False)
     if origins:
         app.add_middleware(
             CORSMiddleware,
