@@ -7,6 +7,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from contracts.settings import Settings
@@ -62,6 +63,12 @@ async def test_thousands_of_short_streams_leave_counts_where_they_started(
             await open_and_drop(gateway.port, bob, abort=i % 2 == 1)
 
     await asyncio.gather(*(worker() for _ in range(PARALLEL)))
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
+        heads = [
+            await client.head("/sse", headers={"Authorization": f"Bearer {bob}"})
+            for _ in range(20)
+        ]
+    assert {h.status_code for h in heads} == {200}
 
     after = await eventually(
         lambda: _back_to(gateway, baseline["notiflow_sse_asyncio_tasks"]),

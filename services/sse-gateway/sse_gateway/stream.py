@@ -145,6 +145,10 @@ class StreamEndpoint:
             await _json(send, 401, "unauthorized", str(exc), extra, **_BEARER)
             return
 
+        if scope["method"] == "HEAD":
+            await _head(send, {"Cache-Control": "no-cache", **extra})
+            return
+
         db = self._pool()
         conn = Connection(user.user_id, expires_at=_expiry(token))
         # Join the hub before reading the cursor: an event committed in between is
@@ -179,7 +183,12 @@ class StreamEndpoint:
                 headers=response_headers,
                 send_timeout=self._send_timeout,
             )
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            # Also when the response failed before the generator ever ran.
+            await body.aclose()
+            self._hub.remove(conn)
 
     def _cors(self, origin: str | None) -> dict[str, str]:
         if origin and origin in self._origins:
@@ -206,6 +215,15 @@ async def _json(
     ]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _head(send: Send, headers: dict[str, str]) -> None:
+    raw = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _expiry(token: str | None) -> float:
