@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import mailbox
 import subprocess
 import sys
@@ -179,3 +180,102 @@ async def _all_sent(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
     if rows and all(r["status"] == "sent" for r in rows) and len(rows) == 4:
         return rows
     return None
+
+
+def _samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Each sample of metric ``name`` in a Prometheus text page, by its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[frozenset[tuple[str, str]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for k, v in _samples(text, name).items() if wanted <= k)
+
+
+async def test_metrics_and_one_trace_follow_a_comment_through_every_service(
+    settings: Settings, platform: dict[str, Service], maildir: tuple[Path, int]
+) -> None:
+    demo: Demo = await seed_demo(settings.database_url)
+    carol = issue_token(demo.carol, "carol", settings)
+
+    async with httpx.AsyncClient() as client:
+        resp = await client.post(
+            f"{platform['comments'].url}/comments",
+            json={"post_id": demo.post, "body": "Ping @bob"},
+            headers={"Authorization": f"Bearer {carol}"},
+        )
+        assert resp.status_code == 201
+        event_id = resp.json()["event_id"]
+        await eventually(lambda: _two(maildir[0]), what="two emails", timeout=20)
+
+        async def scrape(name: str) -> str:
+            return (await client.get(f"{platform[name].url}/metrics")).text
+
+        async def sse_sent() -> str | None:
+            page = await scrape("sse-gateway")
+            sent = _value(
+                page, "notiflow_notifications_total", type="sse", status="sent"
+            )
+            return page if sent == 2 else None
+
+        sse = await eventually(sse_sent, what="two live notifications counted")
+        dispatcher = await scrape("dispatcher")
+        email = await scrape("email-sender")
+        comments = await scrape("comments")
+
+    # alice (the author) and bob (mentioned) each get an email and a live event.
+    created = _samples(dispatcher, "notiflow_notifications_total")
+    assert (
+        _value(
+            dispatcher, "notiflow_notifications_total", type="email", status="created"
+        )
+        == 2
+    )
+    assert (
+        _value(dispatcher, "notiflow_notifications_total", type="sse", status="created")
+        == 2
+    )
+    assert created, "the dispatcher exposes its counters"
+    assert (
+        _value(email, "notiflow_notifications_total", type="email", status="sent") == 2
+    )
+    assert _value(email, "notiflow_delivery_latency_seconds_count", type="email") == 2
+    assert _value(sse, "notiflow_delivery_latency_seconds_count", type="sse") == 2
+    assert _value(comments, "notiflow_outbox_published_total") >= 1
+    assert (
+        _value(
+            dispatcher,
+            "notiflow_messages_handled_total",
+            queue="notiflow.dispatcher.comment-created",
+            outcome="acked",
+        )
+        == 1
+    )
+
+    def trace_ids(service: Service) -> set[str]:
+        ids = set()
+        for line in service.log_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("trace_id") and (
+                entry.get("event_id") == event_id
+                or entry.get("action") in ("email.sent", "sse.delivered")
+            ):
+                ids.add(entry["trace_id"])
+        return ids
+
+    per_service = {
+        name: trace_ids(platform[name])
+        for name in ("comments", "dispatcher", "email-sender", "sse-gateway")
+    }
+    assert all(len(ids) == 1 for ids in per_service.values()), per_service
+    assert len(set.union(*per_service.values())) == 1, per_service

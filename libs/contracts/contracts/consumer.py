@@ -44,8 +44,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
+from opentelemetry.trace import SpanKind
 
-from contracts import topology
+from contracts import metrics, topology, tracing
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable
 from contracts.logs import bind
 from contracts.messages import BadMessage, Message, decode
@@ -184,9 +185,20 @@ class Consumers:
             raw: AbstractIncomingMessage = message.raw_message
             self.in_flight += 1
             self._idle.clear()
+            gauge = metrics.CONSUMER_IN_FLIGHT.labels(queue)
+            gauge.inc()
             try:
-                await self._handle(queue, model, handler, message, raw, action)
+                with tracing.span(
+                    f"consume {queue}",
+                    parent_headers=raw.headers or {},
+                    kind=SpanKind.CONSUMER,
+                ):
+                    outcome = await self._handle(
+                        queue, model, handler, message, raw, action
+                    )
+                metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
+                gauge.dec()
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self._idle.set()
@@ -199,13 +211,14 @@ class Consumers:
         message: Any,
         raw: AbstractIncomingMessage,
         action: str,
-    ) -> None:
+    ) -> str:
+        """Handle one message; return how it ended, for the metrics."""
         started = time.perf_counter()
         try:
             payload = decode(model, raw.body)
         except BadMessage as exc:
             await self._set_aside(message, raw, queue, exc.reason)
-            return
+            return "dead_lettered"
 
         ids = {k: str(v) for k, v in _ids(payload).items()}
         with bind(**ids):
@@ -213,30 +226,35 @@ class Consumers:
                 await self._call(handler, payload, raw, queue, action)
             except _ShuttingDown:
                 await message.nack(requeue=True)
+                return "returned"
             except RetryLater as exc:
                 await self._publisher().retry(raw, queue, exc.delay_seconds)
                 await message.ack()
+                metrics.RETRIES.labels(queue).inc()
                 logger.info(
                     "retry in %ds: %s",
                     exc.delay_seconds,
                     exc.reason,
                     extra={"action": f"{action}.retry", "queue": queue},
                 )
+                return "retried"
             except DeadLetter as exc:
                 await self._set_aside(message, raw, queue, exc.reason)
+                return "dead_lettered"
             except Exception as exc:
                 logger.exception(
                     "handler failed; dead-lettering the message",
                     extra={"action": f"{action}.crashed", "queue": queue},
                 )
                 await self._set_aside(message, raw, queue, f"handler error: {exc!r}")
-            else:
-                await message.ack()
-                logger.debug(
-                    "handled in %.1f ms",
-                    (time.perf_counter() - started) * 1000,
-                    extra={"action": f"{action}.done"},
-                )
+                return "dead_lettered"
+            await message.ack()
+            logger.debug(
+                "handled in %.1f ms",
+                (time.perf_counter() - started) * 1000,
+                extra={"action": f"{action}.done"},
+            )
+            return "acked"
 
     async def _call(
         self,
@@ -270,6 +288,7 @@ class Consumers:
     ) -> None:
         await self._publisher().dead_letter(raw, queue, reason)
         await message.ack()
+        metrics.DEAD_LETTERS.labels(queue).inc()
         logger.warning(
             "dead-lettered a message from %s: %s",
             queue,

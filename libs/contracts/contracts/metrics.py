@@ -86,3 +86,8 @@ def delivered(type_: str, channel: str, event_occurred_at: datetime) -> None:
     NOTIFICATIONS.labels(type_, channel, "sent").inc()
     age = (datetime.now(UTC) - event_occurred_at).total_seconds()
     DELIVERY_LATENCY.labels(type_).observe(max(age, 0.0))
+
+
+def settled(type_: str, channel: str, status: str) -> None:
+    """Count a notification that ended ``failed`` or ``skipped``, or was ``retried``."""
+    NOTIFICATIONS.labels(type_, channel, status).inc()

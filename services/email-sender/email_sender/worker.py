@@ -15,6 +15,7 @@ from collections.abc import Callable
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from contracts import metrics
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction
 from contracts.messages import DeliveryRequested
@@ -113,18 +114,22 @@ class EmailWorker:
         except (mime.InvalidAddress, smtp.PermanentSendError) as exc:
             reason = str(exc)
             await self._mark(MARK_FAILED, row["id"], reason)
+            metrics.settled("email", delivery.channel, "failed")
             raise DeadLetter(f"permanent failure: {reason}") from exc
         except smtp.TransientSendError as exc:
             attempt = row["attempts"]
             if attempt > len(self._delays):
                 reason = f"gave up after {attempt} attempts: {exc.reason}"
                 await self._mark(MARK_FAILED, row["id"], reason)
+                metrics.settled("email", delivery.channel, "failed")
                 raise DeadLetter(reason) from exc
             delay = self._delays[attempt - 1]
             await self._mark(MARK_RETRYING, row["id"], exc.reason, float(delay))
+            metrics.settled("email", delivery.channel, "retried")
             raise RetryLater(exc.reason, delay) from exc
 
         await self._mark(MARK_SENT, row["id"])
+        metrics.delivered("email", delivery.channel, delivery.event_occurred_at)
         logger.info(
             "email sent in %.1f ms (attempt %d)",
             (time.perf_counter() - started) * 1000,

@@ -27,6 +27,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter
 
+from contracts import metrics
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction
 from contracts.messages import DeliveryRequested
@@ -143,6 +144,7 @@ class PushWorker:
         started = time.perf_counter()
         if not devices:
             await self._mark(MARK_SKIPPED, row["id"], NO_SUBSCRIPTION, {})
+            metrics.settled("push", delivery.channel, "skipped")
             logger.info("no subscription", extra={"action": "push.skipped"})
             return
 
@@ -150,7 +152,7 @@ class PushWorker:
         pairs = await asyncio.gather(
             *(self._deliver(Subscription(**dict(d)), row, push) for d in devices)
         )
-        await self._record(row, pairs, started)
+        await self._record(delivery, row, pairs, started)
 
     def _unclaimed(self, notification_id: int, current: asyncpg.Record | None) -> None:
         if current is None:
@@ -208,6 +210,7 @@ class PushWorker:
 
     async def _record(
         self,
+        delivery: DeliveryRequested,
         row: asyncpg.Record,
         pairs: Sequence[tuple[Subscription, Result]],
         started: float,
@@ -231,6 +234,7 @@ class PushWorker:
             async with transaction(self._pool()) as conn:
                 await conn.execute(subs.TOUCH, accepted)
                 await conn.execute(MARK_SENT, row["id"], outcomes)
+            metrics.delivered("push", delivery.channel, delivery.event_occurred_at)
             logger.info(
                 "pushed to %d of %d devices in %.1f ms (attempt %d)",
                 len(accepted),
@@ -247,21 +251,25 @@ class PushWorker:
             if attempt > len(self._delays):
                 reason = f"gave up after {attempt} attempts: {reason}"
                 await self._mark(MARK_FAILED, row["id"], reason, outcomes)
+                metrics.settled("push", delivery.channel, "failed")
                 raise DeadLetter(reason)
             wait = max(
                 float(self._delays[attempt - 1]),
                 *(r.retry_after or 0.0 for r in later),
             )
             await self._mark(MARK_RETRYING, row["id"], reason, outcomes, wait)
+            metrics.settled("push", delivery.channel, "retried")
             raise RetryLater(reason, self._level(wait))
 
         if all(r.outcome == "gone" for r in results):
             await self._mark(MARK_SKIPPED, row["id"], ALL_GONE, outcomes)
+            metrics.settled("push", delivery.channel, "skipped")
             logger.info(ALL_GONE, extra={"action": "push.skipped"})
             return
 
         reason = "; ".join(sorted({r.detail for r in results if r.outcome != "gone"}))
         await self._mark(MARK_FAILED, row["id"], f"rejected: {reason}", outcomes)
+        metrics.settled("push", delivery.channel, "failed")
         raise DeadLetter(f"every device refused the push: {reason}")
 
     def _level(self, wait: float) -> int:

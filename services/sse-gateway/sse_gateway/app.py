@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from starlette.types import Receive, Scope, Send
 
-from contracts import topology
+from contracts import metrics, topology
 from contracts.consumer import DeadLetter
 from contracts.db import transaction
 from contracts.http import install_error_handlers
@@ -102,6 +102,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 extra={"action": "sse.skipped_duplicate"},
             )
             return
+        metrics.delivered("sse", delivery.channel, delivery.event_occurred_at)
         logger.info("delivered to inbox", extra={"action": "sse.delivered"})
 
     runtime.subscribe(
