@@ -3,6 +3,10 @@
 Handlers are configured once, by :func:`configure`, at a service's entrypoint.
 Consumers bind ``event_id`` / ``notification_id`` for the message they are handling
 with :func:`bind`; every record logged meanwhile carries them.
+
+Above DEBUG, anything shaped like an email address or a bearer token is masked in
+the message and in exception text: SMTP replies and library errors quote addresses,
+and an operator's log store is no place for them.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +32,16 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()) |
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's copy of the message with terminal colours
 }
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_TOKEN = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with email addresses and JWTs masked."""
+    return _TOKEN.sub("<token>", _EMAIL.sub("<email>", text))
 
 
 @contextmanager
@@ -51,6 +65,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        sensitive = record.levelno > logging.DEBUG
         entry.update(_bound.get() or {})
         trace_id = current_trace_id()
         if trace_id:
@@ -60,6 +75,10 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        if sensitive:
+            for key in ("message", "exc"):
+                if key in entry:
+                    entry[key] = redact(entry[key])
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import json
+import logging
+
+from contracts.logs import JsonFormatter, bind
+
+
+def record(level: int, msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("notiflow.test", level, __file__, 1, msg, args, None)
+
+
+def test_a_line_is_one_json_object_with_the_bound_ids() -> None:
+    with bind(event_id="e-1", notification_id="42"):
+        line = JsonFormatter().format(record(logging.INFO, "sent %d", 1))
+
+    entry = json.loads(line)
+    assert entry["message"] == "sent 1"
+    assert (entry["event_id"], entry["notification_id"]) == ("e-1", "42")
+    assert entry["level"] == "info"
+
+
+def test_addresses_and_tokens_are_masked_above_debug() -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    text = "SMTP 550 <bob.smith+x@mail.example.com> refused; token %s"
+
+    info = json.loads(JsonFormatter().format(record(logging.WARNING, text, token)))
+    debug = json.loads(JsonFormatter().format(record(logging.DEBUG, text, token)))
+
+    assert "example.com" not in info["message"] and token not in info["message"]
+    assert info["message"] == "SMTP 550 <<email>> refused; token <token>"
+    assert (
+        token in debug["message"] and "bob.smith+x@mail.example.com" in debug["message"]
+    )
