@@ -66,7 +66,11 @@ class _Protocol(SMTP):
                 if self.transport is not None:
                     self.transport.close()
             return
-        await super()._handle_client()
+        server.open.add(self)
+        try:
+            await super()._handle_client()
+        finally:
+            server.open.discard(self)
 
 
 class _Controller(Controller):
@@ -87,6 +91,7 @@ class SmtpServer:
         self.data_delay = 0.0
         self.stopping = False
         self.hanging: set[SMTP] = set()
+        self.open: set[SMTP] = set()
         self._script: deque[Behaviour] = deque()
         self._lock = threading.Lock()
         self._controller = _Controller(self, hostname="127.0.0.1", port=self.port)
@@ -116,6 +121,13 @@ class SmtpServer:
         with self._lock:
             self.connections += 1
             return self._script.popleft() if self._script else self.default
+
+    def close_connections(self) -> None:
+        """Close every open client connection, as a server's idle timeout does."""
+        for protocol in list(self.open):
+            loop = protocol.loop
+            if protocol.transport is not None:
+                loop.call_soon_threadsafe(protocol.transport.close)
 
     def message_ids(self) -> Counter[str]:
         with self._lock:

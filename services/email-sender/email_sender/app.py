@@ -65,9 +65,11 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         start_tls=settings.smtp_starttls,
     )
 
+    # One connection per message the sender may hold at once.
+    transport = smtp.SmtpPool(config, size=settings.email_prefetch)
     worker = EmailWorker(
         lambda: runtime.db,
-        config,
+        transport,
         sender=settings.mail_from,
         sender_name=settings.mail_from_name,
         domain=settings.mail_domain,
@@ -99,6 +101,7 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         finally:
             await sweeper.stop()
             await runtime.stop()
+            await transport.close()
 
     app = FastAPI(title="notiflow email sender", lifespan=lifespan)
     app.state.runtime = runtime

@@ -11,11 +11,20 @@ Exceptions::
 Every operation of aiosmtplib has its own timeout; :func:`send` also bounds the whole
 conversation, so a server that answers each command slowly cannot hold a worker (and
 its row's lease) for ever.
+
+:class:`SmtpPool` keeps connections open between messages: connecting, greeting and
+negotiating TLS cost more than sending a short notification. A connection is used by
+one message at a time and dropped after any error, so a failure never leaks into
+the next message. A kept connection may have been closed by the server meanwhile;
+a message whose reused connection turns out dead is sent again at once on a new
+one, since the server cannot have accepted it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from email.message import EmailMessage
 
@@ -64,19 +73,48 @@ def _classify(code: int, text: str) -> SendFailed:
 
 
 async def send(message: EmailMessage, config: SmtpConfig) -> str:
-    """Send ``message`` and return the final reply; raise :class:`SendFailed`."""
+    """Send ``message`` on a connection of its own; raise :class:`SendFailed`."""
+    return await _bounded(_send_once(message, config), config.deadline)
+
+
+async def _bounded(call: Awaitable[str], deadline: float) -> str:
+    """``call`` classified, and cut off after ``deadline`` seconds."""
     try:
-        async with asyncio.timeout(config.deadline):
-            errors, reply = await aiosmtplib.send(
-                message,
-                hostname=config.host,
-                port=config.port,
-                username=config.username,
-                password=config.password,
-                use_tls=config.use_tls,
-                start_tls=config.start_tls,
-                timeout=config.timeout,
-            )
+        async with asyncio.timeout(deadline):
+            return await _classified(call)
+    except TimeoutError as exc:
+        raise TransientSendError(
+            f"SMTP conversation took longer than {deadline:g}s"
+        ) from exc
+
+
+async def _send_once(message: EmailMessage, config: SmtpConfig) -> str:
+    errors, reply = await aiosmtplib.send(
+        message,
+        hostname=config.host,
+        port=config.port,
+        username=config.username,
+        password=config.password,
+        use_tls=config.use_tls,
+        start_tls=config.start_tls,
+        timeout=config.timeout,
+    )
+    _raise_for(errors)
+    return reply
+
+
+def _raise_for(errors: dict[str, aiosmtplib.SMTPResponse]) -> None:
+    if errors:
+        worst_code, worst_text = max(errors.values())
+        raise _classify(worst_code, worst_text)
+
+
+async def _classified(call: Awaitable[str]) -> str:
+    """Await ``call``, turning every SMTP failure into a :class:`SendFailed`."""
+    try:
+        return await call
+    except SendFailed:
+        raise
     except aiosmtplib.SMTPRecipientsRefused as exc:
         worst = max(exc.recipients, key=lambda r: r.code)
         raise _classify(worst.code, worst.message) from exc
@@ -87,12 +125,89 @@ async def send(message: EmailMessage, config: SmtpConfig) -> str:
     except aiosmtplib.SMTPTimeoutError as exc:
         raise TransientSendError(f"SMTP timeout: {exc}") from exc
     except TimeoutError as exc:
-        raise TransientSendError(
-            f"SMTP conversation took longer than {config.deadline:g}s"
-        ) from exc
+        raise TransientSendError(f"SMTP timeout: {exc!r}") from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
         raise TransientSendError(f"SMTP connection failed: {exc!r}") from exc
-    if errors:
-        worst_code, worst_text = max(errors.values())
-        raise _classify(worst_code, worst_text)
-    return reply
+
+
+class SmtpPool:
+    """Up to ``size`` open SMTP connections, each used by one message at a time."""
+
+    def __init__(
+        self, config: SmtpConfig, size: int, idle_seconds: float = 30.0
+    ) -> None:
+        self._config = config
+        self._idle_seconds = idle_seconds
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+
+    async def send(self, message: EmailMessage) -> str:
+        """Send ``message``; raise :class:`SendFailed` sorted as :func:`send` does."""
+        async with self._slots:
+            return await _bounded(self._send(message), self._config.deadline)
+
+    async def _send(self, message: EmailMessage) -> str:
+        client, reused = await self._checkout()
+        try:
+            errors, reply = await client.send_message(message)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            _discard(client)
+            if not reused:
+                raise
+            # The server closed a kept connection while it sat idle; it cannot
+            # have taken this message, so a fresh connection sends it now.
+            client = await self._connect()
+            try:
+                errors, reply = await client.send_message(message)
+            except BaseException:
+                _discard(client)
+                raise
+        except BaseException:
+            _discard(client)
+            raise
+        if errors:
+            _discard(client)
+            _raise_for(errors)
+        self._idle.append((client, time.monotonic()))
+        return reply
+
+    async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if now - since < self._idle_seconds and client.is_connected:
+                return client, True
+            _discard(client)
+        return await self._connect(), False
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        config = self._config
+        client = aiosmtplib.SMTP(
+            hostname=config.host,
+            port=config.port,
+            username=config.username,
+            password=config.password,
+            use_tls=config.use_tls,
+            start_tls=config.start_tls,
+            timeout=config.timeout,
+        )
+        try:
+            await client.connect()
+        except BaseException:
+            _discard(client)
+            raise
+        return client
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            try:
+                async with asyncio.timeout(2):
+                    await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                _discard(client)
+
+
+def _discard(client: aiosmtplib.SMTP) -> None:
+    """Drop a connection without talking to the server: it may be the problem."""
+    client.close()

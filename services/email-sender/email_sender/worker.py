@@ -64,7 +64,7 @@ class EmailWorker:
     def __init__(
         self,
         pool: Callable[[], asyncpg.Pool],
-        config: smtp.SmtpConfig,
+        transport: smtp.SmtpPool,
         *,
         sender: str,
         sender_name: str,
@@ -73,7 +73,7 @@ class EmailWorker:
         lease_seconds: float,
     ) -> None:
         self._pool = pool
-        self._smtp = config
+        self._smtp = transport
         self._sender = sender
         self._sender_name = sender_name
         self._domain = domain
@@ -110,7 +110,7 @@ class EmailWorker:
                 sender_name=self._sender_name,
                 domain=self._domain,
             )
-            await smtp.send(message, self._smtp)
+            await self._smtp.send(message)
         except (mime.InvalidAddress, smtp.PermanentSendError) as exc:
             reason = str(exc)
             await self._mark(MARK_FAILED, row["id"], reason)
