@@ -26,9 +26,10 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 import aiosmtplib
+
+from email_sender.mime import Mail
 
 
 class SendFailed(Exception):
@@ -72,9 +73,9 @@ def _classify(code: int, text: str) -> SendFailed:
     return TransientSendError(reason)
 
 
-async def send(message: EmailMessage, config: SmtpConfig) -> str:
-    """Send ``message`` on a connection of its own; raise :class:`SendFailed`."""
-    return await _bounded(_send_once(message, config), config.deadline)
+async def send(mail: Mail, config: SmtpConfig) -> str:
+    """Send ``mail`` on a connection of its own; raise :class:`SendFailed`."""
+    return await _bounded(_send_once(mail, config), config.deadline)
 
 
 async def _bounded(call: Awaitable[str], deadline: float) -> str:
@@ -88,9 +89,11 @@ async def _bounded(call: Awaitable[str], deadline: float) -> str:
         ) from exc
 
 
-async def _send_once(message: EmailMessage, config: SmtpConfig) -> str:
+async def _send_once(mail: Mail, config: SmtpConfig) -> str:
     errors, reply = await aiosmtplib.send(
-        message,
+        mail.data,
+        sender=mail.sender,
+        recipients=list(mail.recipients),
         hostname=config.host,
         port=config.port,
         username=config.username,
@@ -141,15 +144,15 @@ class SmtpPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
-    async def send(self, message: EmailMessage) -> str:
-        """Send ``message``; raise :class:`SendFailed` sorted as :func:`send` does."""
+    async def send(self, mail: Mail) -> str:
+        """Send ``mail``; raise :class:`SendFailed` sorted as :func:`send` does."""
         async with self._slots:
-            return await _bounded(self._send(message), self._config.deadline)
+            return await _bounded(self._send(mail), self._config.deadline)
 
-    async def _send(self, message: EmailMessage) -> str:
+    async def _send(self, mail: Mail) -> str:
         client, reused = await self._checkout()
         try:
-            errors, reply = await client.send_message(message)
+            errors, reply = await _transmit(client, mail)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
             _discard(client)
             if not reused:
@@ -158,7 +161,7 @@ class SmtpPool:
             # have taken this message, so a fresh connection sends it now.
             client = await self._connect()
             try:
-                errors, reply = await client.send_message(message)
+                errors, reply = await _transmit(client, mail)
             except BaseException:
                 _discard(client)
                 raise
@@ -206,6 +209,12 @@ class SmtpPool:
                     await client.quit()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 _discard(client)
+
+
+async def _transmit(
+    client: aiosmtplib.SMTP, mail: Mail
+) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+    return await client.sendmail(mail.sender, list(mail.recipients), mail.data)
 
 
 def _discard(client: aiosmtplib.SMTP) -> None:

@@ -23,7 +23,7 @@ def test_non_ascii_names_and_subject_decode_back_exactly() -> None:
         domain="example.com",
     )
 
-    raw = msg.as_bytes()
+    raw = msg.data
     header_block = raw.split(b"\r\n\r\n", 1)[0]
     assert all(b < 128 for b in header_block), "headers must be 7-bit on the wire"
 
@@ -38,16 +38,18 @@ def test_non_ascii_names_and_subject_decode_back_exactly() -> None:
 
 def test_message_id_is_stable_for_a_notification() -> None:
     def make() -> email.message.EmailMessage:
-        return build(
-            notification_id=7,
-            to_address="a@example.com",
-            to_name="A",
-            subject="s",
-            text="t",
-            html=None,
-            sender="n@example.com",
-            sender_name="n",
-            domain="mail.example.com",
+        return parse(
+            build(
+                notification_id=7,
+                to_address="a@example.com",
+                to_name="A",
+                subject="s",
+                text="t",
+                html=None,
+                sender="n@example.com",
+                sender_name="n",
+                domain="mail.example.com",
+            ).data
         )
 
     first, second = make(), make()
@@ -59,3 +61,27 @@ def test_message_id_is_stable_for_a_notification() -> None:
     )
     assert first["Auto-Submitted"] == "auto-generated"
     assert not first.is_multipart(), "no HTML part was given"
+
+
+def test_long_subjects_and_names_fold_and_decode_back_exactly() -> None:
+    subject = (
+        "Zoë 🚀 Carol mentioned you on “" + "a rather long thread title " * 6 + "”"
+    )
+    name = "Zoë 🚀 " + "Bartholomew-Featherstonehaugh " * 3
+
+    mail = build(
+        notification_id=3,
+        to_address="z@example.com",
+        to_name=name,
+        subject=subject,
+        text="hi",
+        html="<p>hi</p>",
+        sender="n@example.com",
+        sender_name="notiflow",
+        domain="example.com",
+    )
+
+    back = parse(mail.data)
+    assert str(back["Subject"]) == subject
+    assert back["To"].addresses[0].display_name == name
+    assert max(len(line) for line in mail.data.split(b"\r\n")) <= 998
