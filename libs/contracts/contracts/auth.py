@@ -17,6 +17,8 @@ import jwt
 from contracts.settings import Settings, get_settings
 
 ALGORITHM = "HS256"
+# Ids are PostgreSQL bigints; a larger number can name no row.
+MAX_ID = 2**63 - 1
 AUDIENCE = "notiflow"
 
 
@@ -56,7 +58,10 @@ def verify_token(token: str | None, settings: Settings) -> Principal:
             audience=AUDIENCE,
             options={"require": ["sub", "exp", "aud"]},
         )
-        return Principal(user_id=int(claims["sub"]), username=str(claims.get("name")))
+        user_id = int(claims["sub"])
+        if not 0 < user_id <= MAX_ID:
+            raise ValueError("sub is not a user id")
+        return Principal(user_id=user_id, username=str(claims.get("name")))
     except jwt.ExpiredSignatureError:
         raise InvalidToken("token has expired") from None
     except (jwt.InvalidTokenError, ValueError):

@@ -1,22 +1,34 @@
 """What every HTTP service answers when a request is wrong or the database is away.
 
 Errors are JSON objects with a stable ``error`` code and a ``detail`` a person can
-read; validation errors list each offending field by its dotted path.
+read; validation errors list each offending field by its dotted path (at most
+:data:`MAX_REPORTED_FIELDS` of them, so a huge bad request cannot make a huger
+answer). Request bodies above ``NOTIFLOW_MAX_REQUEST_BYTES`` are refused with 413
+before they are read in full.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
+import asyncpg
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.auth import InvalidToken, Principal, bearer, verify_token
 from contracts.db import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from contracts.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_FIELDS = 20
+WHOLE_BODY = "(request body)"
 
 
 class NotFound(Exception):
@@ -37,20 +49,34 @@ def error(status: int, code: str, detail: Any, **headers: str) -> JSONResponse:
     )
 
 
-def _field(loc: tuple[Any, ...]) -> str:
+def _field(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "json_invalid" or loc == ("body",):
+        return WHOLE_BODY
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or parts
     return ".".join(parts)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
+    """JSON answers for every error, and the request body limit."""
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
         fields = [
-            {"field": _field(tuple(err["loc"])), "message": err["msg"]}
-            for err in exc.errors()
+            {"field": _field(err), "message": err["msg"]}
+            for err in errors[:MAX_REPORTED_FIELDS]
         ]
+        if len(errors) > MAX_REPORTED_FIELDS:
+            fields.append(
+                {
+                    "field": WHOLE_BODY,
+                    "message": f"and {len(errors) - MAX_REPORTED_FIELDS} more problems",
+                }
+            )
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return JSONResponse(
             {"error": "invalid_request", "detail": summary, "fields": fields},
@@ -68,6 +94,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def conflict(_: Request, exc: Conflict) -> JSONResponse:
         return error(409, "conflict", exc.detail)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        code = codes.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, exc.detail, **(exc.headers or {}))
+
+    @app.exception_handler(asyncpg.DataError)
+    async def bad_value(_: Request, exc: asyncpg.DataError) -> JSONResponse:
+        # The last line of defence: validation should have named the field first.
+        return error(422, "invalid_request", f"a value is out of range: {exc}")
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        logger.error(
+            "request failed", exc_info=exc, extra={"action": "request.crashed"}
+        )
+        return error(500, "internal_error", "the server failed; it has been logged")
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
@@ -94,3 +138,60 @@ async def current_user(
 
 RuntimeDep = Annotated["Runtime", Depends(current_runtime)]
 UserDep = Annotated[Principal, Depends(current_user)]
+
+
+class BodyLimit:
+    """Refuse request bodies longer than ``max_bytes`` with 413, reading no further.
+
+    A declared ``Content-Length`` is checked before anything is read. A body sent
+    without one (chunked) is read here, up to the limit, and handed on whole.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await _too_large(self.max_bytes, scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await _too_large(self.max_bytes, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {
+                "type": "http.request",
+                "body": b"".join(chunks),
+                "more_body": False,
+            }
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    response = error(413, "too_large", f"the request body is larger than {limit} bytes")
+    await response(scope, receive, send)

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     retry_delays: str = "5,30,120,600,3600"
     drain_seconds: float = Field(default=10.0, gt=0)
 
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+
     log_level: str = "INFO"
     service_name: str = "notiflow"
 

@@ -8,13 +8,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from comments import repository as sql
 from contracts import topology, tracing
-from contracts.auth import Principal
+from contracts.auth import MAX_ID, Principal, bearer, verify_token
 from contracts.db import transaction
 from contracts.http import Conflict, NotFound, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
@@ -31,7 +31,7 @@ router = APIRouter()
 class NewComment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    post_id: StrictInt = Field(gt=0)
+    post_id: StrictInt = Field(gt=0, le=MAX_ID)
     body: str = Field(max_length=MAX_BODY_CHARS)
 
     @field_validator("body")
@@ -39,11 +39,19 @@ class NewComment(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must contain text")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
 
 
 @router.get("/users")
-async def list_users(rt: RuntimeDep) -> list[dict[str, Any]]:
+async def list_users(
+    rt: RuntimeDep, authorization: Annotated[str | None, Header()] = None
+) -> list[dict[str, Any]]:
+    # The demo page lists users to sign in as; elsewhere the directory is for
+    # signed-in users only.
+    if rt.settings.env != "development":
+        verify_token(bearer(authorization), rt.settings)
     async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         rows = await conn.fetch(sql.LIST_USERS)
     return [dict(row) for row in rows]
@@ -57,7 +65,9 @@ async def list_posts(rt: RuntimeDep) -> list[dict[str, Any]]:
 
 
 @router.get("/posts/{post_id}")
-async def get_post(post_id: int, rt: RuntimeDep) -> dict[str, Any]:
+async def get_post(
+    post_id: Annotated[int, Path(gt=0, le=MAX_ID)], rt: RuntimeDep
+) -> dict[str, Any]:
     async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         row = await conn.fetchrow(sql.GET_POST, post_id)
         if row is None:

@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
-    install_error_handlers(app)
+    install_error_handlers(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)
     if settings.env == "development":

@@ -23,7 +23,7 @@ FIND_USER = "SELECT id, username, display_name FROM users WHERE username = $1"
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    username: str = Field(min_length=1, max_length=32)
+    username: str = Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_]+$")
 
 
 @router.post("/token")

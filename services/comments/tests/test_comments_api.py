@@ -182,3 +182,130 @@ async def test_expired_token_is_401(
 
     assert resp.status_code == 401
     assert resp.json()["detail"] == "token has expired"
+
+
+TOO_BIG = 2**63
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"post_id": TOO_BIG, "body": "hi"}, "post_id"),
+        ({"post_id": 1, "body": "nul \x00 inside"}, "body"),
+    ],
+)
+async def test_values_the_database_cannot_hold_are_422(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
+    payload: dict[str, object],
+    field: str,
+) -> None:
+    resp = await client.post(
+        "/comments", json=payload, headers=auth(settings, demo.bob, "bob")
+    )
+    thread = await client.get(f"/posts/{TOO_BIG}")
+
+    assert resp.status_code == 422, resp.text
+    assert field in [f["field"] for f in resp.json()["fields"]]
+    assert thread.status_code == 422
+    assert thread.json()["fields"][0]["field"] == "post_id"
+    assert await counts(settings) == (0, 0)
+
+
+async def test_a_token_naming_an_impossible_user_id_is_401(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    token = issue_token(10**23, "ghost", settings)
+
+    resp = await client.post(
+        "/comments",
+        json={"post_id": demo.post, "body": "hi"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+    assert resp.status_code == 401
+
+
+async def test_oversized_bodies_are_refused_before_being_read(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    big = b'{"post_id": 1, "body": "' + b"x" * (70 * 1024) + b'"}'
+
+    async def chunks():
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    declared = await client.post(
+        "/comments",
+        content=big,
+        headers={**auth(settings, demo.bob, "bob"), "Content-Type": "application/json"},
+    )
+    chunked = await client.post(
+        "/comments",
+        content=chunks(),
+        headers={**auth(settings, demo.bob, "bob"), "Content-Type": "application/json"},
+    )
+
+    for resp in (declared, chunked):
+        assert resp.status_code == 413
+        assert resp.json()["error"] == "too_large"
+    assert await counts(settings) == (0, 0)
+
+
+async def test_a_request_with_thousands_of_mistakes_gets_a_short_answer(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    payload = {"post_id": demo.post, "body": "hi"} | {f"k{n}": n for n in range(3000)}
+
+    resp = await client.post(
+        "/comments", json=payload, headers=auth(settings, demo.bob, "bob")
+    )
+
+    assert resp.status_code == 422
+    assert len(resp.json()["fields"]) == 21
+    assert resp.json()["fields"][-1]["message"] == "and 2980 more problems"
+
+
+async def test_every_error_is_json(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/no/such/route")
+    wrong_method = await client.delete("/posts")
+    not_json = await client.post(
+        "/comments", content=b"{oops", headers={"Content-Type": "application/json"}
+    )
+
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    assert (wrong_method.status_code, wrong_method.json()["error"]) == (
+        405,
+        "method_not_allowed",
+    )
+    assert not_json.status_code == 422
+    assert not_json.json()["error"] == "invalid_request"
+
+
+async def test_a_body_that_is_not_json_is_named_as_the_whole_body(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    resp = await client.post(
+        "/comments",
+        content=b"{oops",
+        headers={**auth(settings, demo.bob, "bob"), "Content-Type": "application/json"},
+    )
+
+    assert resp.status_code == 422
+    assert resp.json()["fields"][0]["field"] == "(request body)"
+
+
+async def test_the_user_directory_needs_a_token_outside_development(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    anonymous = await client.get("/users")
+    signed_in = await client.get("/users", headers=auth(settings, demo.bob, "bob"))
+
+    assert anonymous.status_code == 401
+    assert [u["username"] for u in signed_in.json()] == [
+        "alice",
+        "bob",
+        "carol",
+        "dave",
+    ]
