@@ -240,12 +240,14 @@ def preflight() -> None:
     from pydantic import ValidationError
 
     from contracts.preflight import problems
-    from contracts.settings import get_settings
+    from contracts.settings import describe, get_settings
 
     try:
         settings = get_settings()
     except ValidationError as exc:
-        raise Failed(f"the settings are not valid: {exc}", EXIT_PREFLIGHT) from None
+        raise Failed(
+            f"the settings are not valid:\n{describe(exc)}", EXIT_PREFLIGHT
+        ) from None
     found = problems(settings)
     if found:
         raise Failed("\n".join(found), EXIT_PREFLIGHT)

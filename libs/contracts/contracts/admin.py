@@ -16,14 +16,21 @@ duplicate, which every consumer absorbs, never a loss.
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
 the next outbox relay to wake up publishes them. Times without a zone are UTC.
+
+Exit status: 0 done, 1 a server refused or could not be reached (or a message to
+replay was not found), 2 a bad command line, 141 standard output was closed before
+everything was written (``notiflow-admin dlq list | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import json
+import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +69,30 @@ class UsageError(Exception):
     """The command line asks for something that cannot be done."""
 
 
+class OutputClosed(Exception):
+    """Whoever read standard output stopped reading, as ``head`` does."""
+
+
+# Failing to reach a server, as the clients raise it. aio-pika wraps socket errors
+# in AMQPConnectionError, a ConnectionError; asyncpg lets them through (refused or
+# reset, unknown host, timeout) and names a connection lost later by SQLSTATE class
+# 08. A BrokenPipeError is a ConnectionError too, but the one from our standard
+# output never gets here: _say turns it into OutputClosed.
+_UNREACHABLE = (
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+    asyncpg.PostgresConnectionError,
+)
+# Socket errors without a class of their own that still mean "no way there".
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN}
+
+# What a C tool killed by SIGPIPE reports (128 + 13). It is chosen over 0 because
+# the work is done by then but its report was not read in full, which a script
+# running under `set -o pipefail` should learn, exactly as from `grep ... | head`.
+_EXIT_OUTPUT_CLOSED = 141
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     id: str
@@ -83,14 +114,38 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
     since = _when(headers.get(DEAD_LETTERED_AT_HEADER)) or message.timestamp
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
+    # The outbox puts the ids in headers, but a message from elsewhere may carry
+    # them only in its body; a body that does not validate still names them.
+    sources = (headers, _json_object(message.body))
     return DeadLetter(
         id=message_name(message),
         reason=str(headers.get(topology.REASON_HEADER, "")),
         queue=str(headers.get(topology.ORIGIN_QUEUE_HEADER, "")),
-        event_id=str(headers.get("event_id", "") or ""),
-        notification_id=str(headers.get("notification_id", "") or ""),
+        event_id=_first_id(sources, "event_id"),
+        notification_id=_first_id(sources, "notification_id"),
         age_seconds=(now - since).total_seconds() if since else None,
     )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _first_id(sources: tuple[dict[str, Any], ...], key: str) -> str:
+    """The first usable value of ``key``: a string or an integer, not a structure."""
+    for source in sources:
+        value = source.get(key)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            continue
+        if text := str(value).strip():
+            return text
+    return ""
 
 
 def _when(value: Any) -> datetime | None:
@@ -273,12 +328,20 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _say(text: str) -> None:
+    """Print to standard output; a reader that went away raises OutputClosed."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dlq" and args.dlq_command == "list":
         found = await dlq_list(settings)
-        print(f"{len(found)} dead letters in {topology.DEAD_LETTER_QUEUE}")
+        _say(f"{len(found)} dead letters in {topology.DEAD_LETTER_QUEUE}")
         for item in found:
-            print(
+            _say(
                 f"{item.id}  age={_age(item.age_seconds)}  queue={item.queue or '-'}  "
                 f"event={item.event_id or '-'}  "
                 f"notification={item.notification_id or '-'}\n    {item.reason}"
@@ -287,18 +350,36 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dlq":
         replayed, missing = await dlq_replay(settings, None if args.all else args.ids)
         for name in replayed:
-            print(f"replayed {name}")
+            _say(f"replayed {name}")
         for name in missing:
             print(f"not in the dead-letter queue: {name}", file=sys.stderr)
-        print(f"{len(replayed)} replayed")
+        _say(f"{len(replayed)} replayed")
         return 1 if missing else 0
     ids = await requeue(
         settings, event_id=args.event, since=args.since, until=args.until
     )
-    print(f"{len(ids)} failed notifications set back to pending and enqueued")
+    _say(f"{len(ids)} failed notifications set back to pending and enqueued")
     if ids:
-        print("ids: " + ", ".join(str(i) for i in ids))
+        _say("ids: " + ", ".join(str(i) for i in ids))
     return 0
+
+
+def _flush_stdout() -> None:
+    # Output to a pipe is buffered: a short report reaches the pipe only here.
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's own flush at exit
+    does not fail on the closed pipe a second time and print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
@@ -309,11 +390,27 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         parser().error(str(exc))
     settings = settings or Settings()
     try:
-        return asyncio.run(run(args, settings))
+        code = asyncio.run(run(args, settings))
+        _flush_stdout()
+    except OutputClosed:
+        _silence_stdout()
+        return _EXIT_OUTPUT_CLOSED
+    except _UNREACHABLE as exc:
+        return _cannot_reach(settings, exc)
+    except OSError as exc:
+        if exc.errno not in _NO_ROUTE:
+            raise
+        return _cannot_reach(settings, exc)
     except asyncpg.PostgresError as exc:
         print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
         return 1
-    except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        where = f"{redact_url(settings.amqp_url)} / {redact_url(settings.database_url)}"
-        print(f"notiflow-admin: cannot reach {where}: {exc!r}", file=sys.stderr)
+    except aio_pika.exceptions.AMQPError as exc:
+        print(f"notiflow-admin: the broker refused: {exc!r}", file=sys.stderr)
         return 1
+    return code
+
+
+def _cannot_reach(settings: Settings, exc: BaseException) -> int:
+    where = f"{redact_url(settings.amqp_url)} / {redact_url(settings.database_url)}"
+    print(f"notiflow-admin: cannot reach {where}: {exc!r}", file=sys.stderr)
+    return 1

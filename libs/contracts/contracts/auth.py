@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 import jwt
 
-from contracts.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings, load_or_exit
 
 ALGORITHM = "HS256"
 # Ids are PostgreSQL bigints; a larger number can name no row.
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from contracts.preflight import require_services
 
-    settings = get_settings()
+    settings = load_or_exit(get_settings)
     require_services(settings, broker=False)
     user_id = asyncio.run(_lookup(settings, args.username))
     if user_id is None:

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
-from contracts.settings import Settings, get_settings, redact_url
+from contracts.settings import Settings, get_settings, load_or_exit, redact_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from contracts.preflight import require_services
 
-    settings: Settings = get_settings()
+    settings: Settings = load_or_exit(get_settings)
     require_services(settings, broker=False)
     if args.rollback_all:
         count = rollback_all(settings.database_url)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -27,7 +28,7 @@ from contracts.consumer import Consumers, Handler, M, Publisher
 from contracts.db import create_pool
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
-from contracts.settings import Settings, get_settings
+from contracts.settings import Settings, get_settings, load_or_exit
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,10 @@ def health_router(runtime: Runtime) -> APIRouter:
     return router
 
 
-def serve(app: Any, service: str, default_port: int) -> None:
+def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
-    settings = get_settings()
+    settings = load_or_exit(get_settings)
+    app = load_or_exit(make_app)
     logs.configure(service, settings.log_level)
     tracing.configure(service)
     require_services(settings)

@@ -7,12 +7,16 @@ production (the token signing secret) refuses to start outside development mode.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S")
 
 DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 
@@ -81,3 +85,27 @@ def redact_url(url: str) -> str:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def describe(exc: ValidationError, prefix: str = "NOTIFLOW_") -> str:
+    """What is wrong with the settings, one line per variable.
+
+    Pydantic's own message repeats the input, and the input may be a secret.
+    """
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        name = "_".join(str(p) for p in err["loc"]).upper()
+        where = f"{prefix}{name}: " if name else ""
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}{message}")
+    return "\n".join(lines)
+
+
+def load_or_exit(make: Callable[[], S]) -> S:
+    """``make()``, or a readable complaint and exit status 2 if the settings are bad."""
+    try:
+        return make()
+    except ValidationError as exc:
+        for line in describe(exc).splitlines():
+            print(f"notiflow: invalid setting {line}", file=sys.stderr)
+        sys.exit(2)

@@ -48,3 +48,22 @@ def test_expired_and_forged_tokens_are_refused() -> None:
         verify_token(expired, settings)
     with pytest.raises(InvalidToken, match="invalid"):
         verify_token(forged, settings)
+
+
+def test_a_refused_secret_is_never_repeated_in_the_complaint() -> None:
+    from contracts.settings import describe
+
+    secret = "TopSecretValue-abcdefghij-12345"
+    with pytest.raises(ValidationError) as info:
+        Settings(env="production", secret_key=secret)
+
+    text = describe(info.value)
+    assert "at least 32 characters" in text
+    assert "abcdefghij" not in text and "12345" not in text
+
+
+def test_a_token_for_an_impossible_user_id_is_refused() -> None:
+    settings = Settings()
+
+    with pytest.raises(InvalidToken, match="invalid"):
+        verify_token(issue_token(10**23, "ghost", settings), settings)

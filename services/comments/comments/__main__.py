@@ -6,7 +6,7 @@ from contracts.runtime import serve
 def main() -> None:
     from comments.app import create_app
 
-    serve(create_app(), "comments", default_port=8080)
+    serve(create_app, "comments", default_port=8080)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 
 from contracts.preflight import require_services
-from contracts.settings import get_settings
+from contracts.settings import get_settings, load_or_exit
 
 USERS = [
     ("alice", "alice@example.com", "Alice Martin"),
@@ -50,7 +50,7 @@ async def seed(database_url: str) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
+    settings = load_or_exit(get_settings)
     require_services(settings, broker=False)
     asyncio.run(seed(settings.database_url))
     print("seeded users alice, bob, carol, dave and a post by alice")

@@ -6,7 +6,7 @@ from contracts.runtime import serve
 def main() -> None:
     from dispatcher.app import create_app
 
-    serve(create_app(), "dispatcher", default_port=8082)
+    serve(create_app, "dispatcher", default_port=8082)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from contracts.runtime import serve
 def main() -> None:
     from sse_gateway.app import create_app
 
-    serve(create_app(), "sse-gateway", default_port=8081)
+    serve(create_app, "sse-gateway", default_port=8081)
 
 
 if __name__ == "__main__":
