@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from contracts.preflight import require_services
 
     settings = load_or_exit(get_settings)
-    require_services(settings, broker=False)
+    require_services(settings, broker=False, migrated=True)
     user_id = asyncio.run(_lookup(settings, args.username))
     if user_id is None:
         sys.exit(f"no user named {args.username!r}; seeded users: alice bob carol dave")

@@ -6,9 +6,14 @@ and how to start it, then exits with status 2 instead of printing a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+import asyncpg
 
 from contracts.settings import Settings, redact_url
 
@@ -31,26 +36,92 @@ def _reachable(url: str, default_port: int, timeout: float = 3.0) -> str | None:
 
 
 def problems(
-    settings: Settings, *, database: bool = True, broker: bool = True
+    settings: Settings,
+    *,
+    database: bool = True,
+    broker: bool = True,
+    migrated: bool = False,
 ) -> list[str]:
+    """What stops a service from starting; with ``migrated``, a missing schema too."""
     found = []
-    if database and (err := _reachable(settings.database_url, 5432)):
-        found.append(
-            f"PostgreSQL is not reachable at {redact_url(settings.database_url)} "
-            f"({err}); {PG_HINT}"
-        )
-    if broker and (err := _reachable(settings.amqp_url, 5672)):
-        found.append(
-            f"RabbitMQ is not reachable at {redact_url(settings.amqp_url)} "
-            f"({err}); {AMQP_HINT}"
-        )
+    if database:
+        if err := _reachable(settings.database_url, 5432):
+            found.append(
+                f"PostgreSQL is not reachable at {redact_url(settings.database_url)} "
+                f"({err}); {PG_HINT}"
+            )
+        elif err := asyncio.run(_postgres(settings.database_url, migrated)):
+            found.append(err)
+    if broker:
+        if err := _reachable(settings.amqp_url, 5672):
+            found.append(
+                f"RabbitMQ is not reachable at {redact_url(settings.amqp_url)} "
+                f"({err}); {AMQP_HINT}"
+            )
+        elif err := asyncio.run(_rabbitmq(settings.amqp_url)):
+            found.append(err)
     return found
 
 
+async def _postgres(url: str, migrated: bool) -> str | None:
+    """Log in, to tell a refused user or a missing database from a running server."""
+    where = redact_url(url)
+    target = url if migrated else urlunsplit(urlsplit(url)._replace(path="/postgres"))
+    try:
+        conn = await asyncpg.connect(target, timeout=5)
+    except asyncpg.InvalidCatalogNameError:
+        return (
+            f"the database at {where} does not exist; create and migrate it with "
+            "`make migrate` (notiflow-migrate)"
+        )
+    except (
+        asyncpg.InvalidPasswordError,
+        asyncpg.InvalidAuthorizationSpecificationError,
+    ) as exc:
+        return f"PostgreSQL at {where} refused the login: {exc}"
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL at {where} did not accept a connection: {exc!r}"
+    try:
+        if migrated and not await conn.fetchval("SELECT to_regclass('notifications')"):
+            return (
+                f"the database at {where} has no notiflow tables; apply the "
+                "migrations with `make migrate` (notiflow-migrate)"
+            )
+    finally:
+        await conn.close()
+    return None
+
+
+async def _rabbitmq(url: str) -> str | None:
+    """Log in, to tell wrong credentials or a missing vhost from a running broker."""
+    where = redact_url(url)
+    try:
+        connection = await aio_pika.connect(url, timeout=5)
+    except aiormq.exceptions.ProbableAuthenticationError:
+        return (
+            f"RabbitMQ at {where} refused the user name or password "
+            "(set them in NOTIFLOW_AMQP_URL)"
+        )
+    except Exception as exc:
+        vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"
+        return (
+            f"RabbitMQ at {where} refused the connection ({type(exc).__name__}); "
+            f"check that the virtual host {vhost!r} exists and that the user may "
+            f"use it: rabbitmqctl add_vhost {vhost} && rabbitmqctl "
+            f'set_permissions -p {vhost} USER ".*" ".*" ".*"'
+        )
+    await connection.close()
+    return None
+
+
 def require_services(
-    settings: Settings, *, database: bool = True, broker: bool = True
+    settings: Settings,
+    *,
+    database: bool = True,
+    broker: bool = True,
+    migrated: bool = False,
 ) -> None:
-    found = problems(settings, database=database, broker=broker)
+    found = problems(settings, database=database, broker=broker, migrated=migrated)
     if found:
         for line in found:
             print(f"notiflow: {line}", file=sys.stderr)

@@ -166,7 +166,7 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     app = load_or_exit(make_app)
     logs.configure(service, settings.log_level)
     tracing.configure(service)
-    require_services(settings)
+    require_services(settings, migrated=True)
     port = int(os.environ.get("PORT", default_port))
     host = os.environ.get("HOST", "127.0.0.1")
     logger.info(

@@ -51,6 +51,6 @@ async def seed(database_url: str) -> None:
 
 def main() -> None:
     settings = load_or_exit(get_settings)
-    require_services(settings, broker=False)
+    require_services(settings, broker=False, migrated=True)
     asyncio.run(seed(settings.database_url))
     print("seeded users alice, bob, carol, dave and a post by alice")
