@@ -94,6 +94,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
         self.published = 0
+        self._measured_at = 0.0
 
     async def start(self) -> None:
         self._connection = await aio_pika.connect_robust(
@@ -110,6 +111,10 @@ class OutboxRelay:
         await self._close_listener()
         if self._connection:
             await self._connection.close()
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        return self._connection
 
     def wake(self) -> None:
         self._wake.set()
@@ -145,16 +150,17 @@ class OutboxRelay:
         failures = 0
         while True:
             await self._listen()
-            swept = False
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sweep)
             except TimeoutError:
-                swept = True
+                pass
             self._wake.clear()
             try:
-                await self.drain()
-                if swept:
+                if time.monotonic() - self._measured_at >= self._sweep:
+                    # Measured before publishing and whether or not publishing
+                    # works, so that an outage shows as a growing backlog.
                     await self._measure_backlog()
+                await self.drain()
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -225,6 +231,7 @@ class OutboxRelay:
             await exchange.publish(message, routing_key=row["routing_key"], timeout=10)
 
     async def _measure_backlog(self) -> None:
+        self._measured_at = time.monotonic()
         async with self._pool.acquire(timeout=5) as conn:
             count, oldest = await backlog(conn)
         metrics.OUTBOX_BACKLOG.set(count)

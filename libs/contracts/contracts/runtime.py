@@ -123,8 +123,16 @@ class Runtime:
                 await conn.fetchval("SELECT 1", timeout=1)
         except Exception as exc:
             problems["database"] = repr(exc)
-        if self._connection is None or self._connection.is_closed:
-            problems["broker"] = "connection closed"
+        # A robust connection that lost the broker is not closed: it is waiting
+        # to reconnect, and only its ``connected`` event says so.
+        links = [self._connection]
+        if self.relay is not None:
+            links.append(self.relay.connection)
+        if any(
+            link is None or link.is_closed or not link.connected.is_set()
+            for link in links
+        ):
+            problems["broker"] = "broker connection is down"
         if self.broker is not None:
             try:
                 alive = await self.broker.ping(timeout=1)
