@@ -18,6 +18,7 @@ from contracts.settings import Settings
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
 from tests.support.data import Demo
+from tests.support.processes import free_port
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import eventually
 
@@ -27,14 +28,21 @@ EMAIL_QUEUE = topology.delivery_queue("email")
 ADMIN = str(Path(sys.executable).parent / "notiflow-admin")
 
 
-def admin(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+def admin(
+    settings: Settings, *argv: str, stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "NOTIFLOW_AMQP_URL": settings.amqp_url,
         "NOTIFLOW_DATABASE_URL": settings.database_url,
     }
     return subprocess.run(
-        [ADMIN, *argv], env=env, capture_output=True, text=True, timeout=30
+        [ADMIN, *argv],
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
     )
 
 
@@ -151,6 +159,77 @@ async def test_a_dead_letter_is_listed_and_replayed_to_its_queue(
 
 async def _depth(settings: Settings, queue: str, wanted: int) -> bool:
     return (await helpers.depths(settings.amqp_url, queue))[queue] == wanted
+
+
+async def _dead_letter(
+    settings: Settings, body: bytes, headers: dict[str, object]
+) -> None:
+    """Put a message straight into the dead-letter queue, as a consumer would."""
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare(channel, (1, 2))
+        exchange = await channel.get_exchange(topology.DEAD_LETTER_EXCHANGE)
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                headers={
+                    topology.REASON_HEADER: "set aside by the test",
+                    topology.ORIGIN_QUEUE_HEADER: EMAIL_QUEUE,
+                    **headers,
+                },
+            ),
+            routing_key=EMAIL_QUEUE,
+            timeout=10,
+        )
+
+
+async def test_dlq_list_names_the_notification_from_headers_or_body(
+    settings: Settings, demo: Demo
+) -> None:
+    in_headers = json.loads(helpers.delivery(901, demo.bob))
+    del in_headers["notification_id"]
+    await _dead_letter(
+        settings, json.dumps(in_headers).encode(), {"notification_id": 901}
+    )
+    in_body = helpers.delivery(902, demo.bob)
+    await _dead_letter(settings, in_body, {})
+    await _dead_letter(settings, b"{not json", {})
+
+    listed = admin(settings, "dlq", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "3 dead letters" in listed.stdout
+    named = [line for line in listed.stdout.splitlines() if "notification=" in line]
+    assert [line.split("notification=")[1] for line in named] == ["901", "902", "-"]
+    assert f"event={json.loads(in_body)['event_id']}" in named[1]
+    assert "event=-" in named[2]
+
+
+async def test_dlq_list_into_a_closed_pipe_stops_quietly(settings: Settings) -> None:
+    # `notiflow-admin dlq list | head` when head has already gone.
+    await _dead_letter(settings, b"{}", {})
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = admin(settings, "dlq", "list", stdout=write)
+    finally:
+        os.close(write)
+
+    assert done.returncode == 141  # as a tool killed by SIGPIPE reports it
+    assert done.stderr == ""
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+
+
+def test_admin_says_which_server_it_cannot_reach(settings: Settings) -> None:
+    closed = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
+
+    done = admin(settings.model_copy(update={"amqp_url": closed}), "dlq", "list")
+
+    assert done.returncode == 1
+    assert "notiflow-admin: cannot reach amqp://guest@127.0.0.1:" in done.stderr
+    assert "secret" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 async def test_requeue_failed_sends_failed_rows_again(
