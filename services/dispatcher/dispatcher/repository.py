@@ -10,6 +10,8 @@ RETURNING id
 
 POST = "SELECT id, title, author_id FROM posts WHERE id = $1"
 
+COMMENT = "SELECT post_id, author_id FROM comments WHERE id = $1"
+
 # Everyone who commented on the post before this comment. Comment ids come from one
 # identity sequence, so "before" is "smaller id" even when commits interleave.
 PARTICIPANTS = """

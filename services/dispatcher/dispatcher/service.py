@@ -59,6 +59,17 @@ class Dispatcher:
         if inserted is None:
             return Outcome(duplicate=True)
 
+        # The event is a claim about stored rows; notify nobody about a comment
+        # that is not there or not where the event says.
+        comment = await conn.fetchrow(sql.COMMENT, event.comment_id)
+        if comment is None or (comment["post_id"], comment["author_id"]) != (
+            event.post_id,
+            event.author_id,
+        ):
+            raise DeadLetter(
+                f"comment {event.comment_id} by user {event.author_id} on post "
+                f"{event.post_id} does not exist"
+            )
         post = await conn.fetchrow(sql.POST, event.post_id)
         if post is None:
             raise DeadLetter(

@@ -215,3 +215,40 @@ async def _consumed(settings: Settings) -> bool:
         channel = await connection.channel()
         queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
         return queue.declaration_result.message_count == 0
+
+
+async def test_an_event_about_a_comment_that_does_not_exist_notifies_nobody(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        real = await add_comment(db, demo, demo.bob, "real")
+        ghost = created(demo, 999_999, demo.carol, "@bob made up")
+        forged = created(demo, real, demo.carol, "@alice not mine")
+
+        await publish(settings, ghost, forged)
+
+        reasons = await eventually(
+            lambda: _dead_letter_reasons(settings, 2), what="two dead letters"
+        )
+        rows = await db.fetchval("SELECT count(*) FROM notifications")
+        events = await db.fetchval("SELECT count(*) FROM events")
+    finally:
+        await db.close()
+
+    assert rows == 0 and events == 0
+    assert all("does not exist" in r for r in reasons), reasons
+
+
+async def _dead_letter_reasons(settings: Settings, count: int) -> list[str] | None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        if queue.declaration_result.message_count < count:
+            return None
+        reasons = []
+        while (message := await queue.get(fail=False)) is not None:
+            reasons.append(str(message.headers[topology.REASON_HEADER]))
+            await message.ack()
+        return reasons
