@@ -103,6 +103,29 @@ async def test_the_same_key_and_body_answer_the_first_response_once(
     assert published
 
 
+async def test_a_non_ascii_idempotency_key_is_refused_and_nothing_is_stored(
+    api: httpx.AsyncClient, demo: Demo, db: asyncpg.Connection
+) -> None:
+    before = await _counts(db)
+    # A header travels as bytes; the server would read these as Latin-1.
+    key = {"Idempotency-Key": "clé-à-molette".encode()}
+
+    resp = await api.post(
+        "/comments", json={"post_id": demo.post, "body": "hi"}, headers=key
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"] == "invalid_request"
+    assert resp.json()["fields"] == [
+        {
+            "field": "idempotency-key",
+            "message": "Value error, must be printable ASCII, such as a UUID",
+        }
+    ]
+    assert await _counts(db) == before
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+
+
 async def _published_once(db: asyncpg.Connection, event_id: str) -> bool:
     # Already taken by the relay: then no second outbox row may exist either.
     return (

@@ -10,7 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+)
 
 from comments import repository as sql
 from contracts import topology, tracing
@@ -24,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 5000
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+
+def _ascii_key(value: str | None) -> str | None:
+    # Header values arrive as bytes that the server decodes as Latin-1, so a UTF-8
+    # key would be stored garbled; keys are meant to be UUIDs, so refuse the rest.
+    if value is not None and not (value.isascii() and value.isprintable()):
+        raise ValueError("must be printable ASCII, such as a UUID")
+    return value
+
 
 router = APIRouter()
 
@@ -82,7 +98,9 @@ async def create_comment(
     rt: RuntimeDep,
     user: UserDep,
     idempotency_key: Annotated[
-        str | None, Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS, min_length=1)
+        str | None,
+        Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS, min_length=1),
+        AfterValidator(_ascii_key),
     ] = None,
 ) -> JSONResponse:
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
