@@ -1,22 +1,27 @@
 """Guarantees 1 and 2 under fire: comments keep coming while workers die.
 
 Three hundred comments are posted while the dispatcher, the email sender and the SSE
-gateway are SIGKILLed at random moments and restarted, and RabbitMQ itself is
-stopped and started once. Afterwards every (event, user, type) row must exist once
-and be 'sent', the SMTP server must hold one message per email row (by Message-ID),
-and every queue must be empty.
+gateway are SIGKILLed at random moments and restarted, and, with
+``NOTIFLOW_TEST_RESTART_BROKER=1``, RabbitMQ itself is stopped and started once.
+Afterwards every (event, user, type) row must exist once and be 'sent', the SMTP
+server must hold one message per email row (by Message-ID), and every queue must be
+empty.
 
 A kill that lands between the SMTP server's "250" and the row's 'sent' makes the
 sweeper send that email again with the same Message-ID: mail systems fold such
 copies, so they are counted and printed, not treated as a second notification.
 
-RabbitMQ is shared with other test runs on a developer machine; ``stop_app`` and
-``start_app`` is the gentlest restart, and this test does it once.
+RabbitMQ is shared with other work on a developer machine, and restarting it breaks
+every connection to it, not only ours: the restart is therefore opt-in, and CI, which
+owns its machine, opts in (``.ci/run``). Without it the kills still happen and the
+test prints that the restart was skipped. ``stop_app`` and ``start_app`` is the
+gentlest restart, and this test does it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import subprocess
@@ -37,7 +42,7 @@ from tests.support.data import Demo, seed_demo
 from tests.support.processes import Service
 from tests.support.smtp import SmtpServer
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 COMMENTS = 300
 MAX_KILLS = 12
@@ -49,6 +54,17 @@ VICTIMS = ("dispatcher", "email-sender", "sse-gateway")
 # is switched off by preference (its sender needs a push service): those rows must
 # exist once each and be 'skipped'.
 DELIVERED = ("email", "sse")
+RESTART_BROKER = "NOTIFLOW_TEST_RESTART_BROKER"
+
+
+def _why_not_restart_broker() -> str | None:
+    """None when the broker may be restarted, else why it may not."""
+    value = os.environ.get(RESTART_BROKER)
+    if value == "1":
+        return None
+    if value is None:
+        return f"{RESTART_BROKER} is not set"
+    return f"{RESTART_BROKER} is {value!r}, not '1'"
 
 
 @pytest.fixture
@@ -102,11 +118,17 @@ def _restart_broker() -> None:
 
 class Chaos:
     def __init__(
-        self, services: dict[str, Service], env: dict[str, str], log_dir: Path
+        self,
+        services: dict[str, Service],
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        restart_broker: bool,
     ) -> None:
         self.services = services
         self.env = env
         self.log_dir = log_dir
+        self.restart_broker = restart_broker
         self.kills: dict[str, int] = dict.fromkeys(VICTIMS, 0)
         self.broker_restarts = 0
 
@@ -128,7 +150,11 @@ class Chaos:
             and sum(self.kills.values()) < MAX_KILLS
         ):
             await asyncio.sleep(rng.uniform(0.5, 2.5))
-            if not self.broker_restarts and time.monotonic() - started > restart_at:
+            if (
+                self.restart_broker
+                and not self.broker_restarts
+                and time.monotonic() - started > restart_at
+            ):
                 await asyncio.to_thread(_restart_broker)
                 self.broker_restarts += 1
                 continue
@@ -209,7 +235,13 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
         )
     finally:
         await conn.close()
-    chaos = Chaos(services, env, tmp_path)
+    why_not = _why_not_restart_broker()
+    if why_not is not None:
+        print(
+            f"\nchaos: RabbitMQ restart skipped: {why_not}; the broker may be shared "
+            f"with other work here. Set {RESTART_BROKER}=1 to include it (CI does)."
+        )
+    chaos = Chaos(services, env, tmp_path, restart_broker=why_not is None)
     seed = random.randrange(1_000_000)
 
     started = time.monotonic()
@@ -263,7 +295,7 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
     )
 
     assert len(events) == COMMENTS
-    assert chaos.broker_restarts == 1
+    assert chaos.broker_restarts == (0 if why_not is not None else 1)
     assert duplicate_rows == 0 and not lost and not unexpected
     assert len(rows) == len(DELIVERED) * 2 * COMMENTS
     assert not_sent == []
