@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -72,6 +74,51 @@ async def push_app(push_settings: PushSettings) -> AsyncIterator[FastAPI]:
     app = create_app(push_settings)
     async with app.router.lifespan_context(app):
         yield app
+
+
+class FakeDNS:
+    """Answers look-ups from a table, so that no test asks a real resolver.
+
+    A name missing from ``records`` does not exist; one in ``slow`` never answers.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.slow: set[str] = set()
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        if host in self.slow:
+            await asyncio.Event().wait()
+        if host not in self.records:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.records[host])
+
+
+@pytest.fixture
+def dns() -> FakeDNS:
+    return FakeDNS()
+
+
+@pytest.fixture
+async def dns_push_app(
+    push_settings: PushSettings, dns: FakeDNS
+) -> AsyncIterator[FastAPI]:
+    """The sender with no allow-list, every endpoint host resolved by ``dns``."""
+    settings = push_settings.model_copy(
+        update={"push_allowed_hosts": "", "push_resolve_timeout": 0.5}
+    )
+    app = create_app(settings, resolve=dns)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def dns_api(dns_push_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=dns_push_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://push") as c:
+        yield c
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import asyncpg
 import httpx
@@ -14,7 +15,7 @@ from contracts.settings import Settings
 from push_sender import payload
 from push_sender.vapid import b64url, public_point
 from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
-from tests.push.conftest import notify, redeliver
+from tests.push.conftest import FakeDNS, notify, redeliver
 from tests.support.data import Demo
 from tests.support.push_service import Answer, Device, PushService
 from tests.support.waiting import eventually
@@ -315,3 +316,39 @@ async def test_a_row_whose_worker_died_is_pushed_by_the_sweeper(
     row = await eventually(lambda: settled(db, row_id), what="row settled again")
     assert row["status"] == "sent" and row["attempts"] == 2
     assert len(device.delivered) == 2
+
+
+async def test_a_name_rebound_to_an_inside_address_is_refused_and_not_retried(
+    settings: Settings,
+    demo: Demo,
+    dns: FakeDNS,
+    dns_api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    # Public when the browser subscribes, loopback when the push goes out.
+    dns.records["push.example.net"] = ["93.184.216.34"]
+    browser = ec.generate_private_key(ec.SECP256R1())
+    token = issue_token(demo.bob, "bob", settings)
+    created = await dns_api.post(
+        "/push/subscriptions",
+        json={
+            "endpoint": "https://push.example.net/rebound",
+            "expirationTime": None,
+            "keys": {
+                "p256dh": b64url(public_point(browser.public_key())),
+                "auth": b64url(os.urandom(16)),
+            },
+        },
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert created.status_code == 201, created.text
+    dns.records["push.example.net"] = ["127.0.0.1"]
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "failed" and row["attempts"] == 1
+    device = row["metadata"]["push"][str(created.json()["id"])]
+    assert device["outcome"] == "rejected" and device["status"] is None
+    assert "resolves to 127.0.0.1" in device["detail"]
+    assert dns.asked == ["push.example.net", "push.example.net"]

@@ -17,7 +17,7 @@ from contracts.settings import Settings
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
 from push_sender.vapid import public_point
-from tests.push.conftest import VapidPair
+from tests.push.conftest import FakeDNS, VapidPair
 from tests.support.data import Demo
 from tests.support.push_service import PushService
 
@@ -151,9 +151,11 @@ async def strict_api(vapid_pair: VapidPair) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def open_api(vapid_pair: VapidPair) -> AsyncIterator[httpx.AsyncClient]:
+async def open_api(
+    vapid_pair: VapidPair, dns: FakeDNS
+) -> AsyncIterator[httpx.AsyncClient]:
     settings = PushSettings(env="test", vapid_private_key=vapid_pair.pem)
-    async with _client(create_app(settings)) as client:
+    async with _client(create_app(settings, resolve=dns)) as client:
         yield client
 
 
@@ -196,18 +198,36 @@ async def test_a_bad_subscription_is_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    "endpoint",
+    ("endpoint", "says"),
     [
-        "http://127.0.0.1:9/push",
-        "https://127.0.0.1/push",
-        "https://localhost/push",
-        "https://[::1]/push",
-        "https://10.1.2.3/push",
-        "https://169.254.169.254/push",
+        ("http://127.0.0.1:9/push", "https"),
+        ("https://127.0.0.1/push", "not a public address"),
+        ("https://localhost/push", "single-label"),
+        ("https://[::1]/push", "not a public address"),
+        ("https://[::ffff:127.0.0.1]/push", "not a public address"),
+        ("https://[64:ff9b::a00:1]/push", "not a public address"),
+        ("https://10.1.2.3/push", "not a public address"),
+        ("https://169.254.169.254/push", "not a public address"),
+        ("https://localhost.:9443/x", "port 9443"),
+        ("https://localhost./x", "must not end with a dot"),
+        ("https://push.example.net./x", "must not end with a dot"),
+        ("https://vm:9443/x", "port 9443"),
+        ("https://vm/x", "single-label"),
+        ("https://0x7f000001:9443/x", "port 9443"),
+        ("https://0x7f000001/x", "numeric"),
+        ("https://2130706433/x", "numeric"),
+        ("https://127.1/x", "numeric"),
+        ("https://0177.0.0.1/x", "numeric"),
+        ("https://10.0.0.1.nip.io.0/x", "numeric"),
+        ("https://fcm.googleapis.com:22/x", "port 22"),
+        ("https://fcm.googleapis.com:8443/x", "port 8443"),
+        ("https://push.localhost/x", "not a public address"),
+        ("https://%6cocalhost/x", "not a valid DNS name"),
+        ("https://push_service.example/x", "not a valid DNS name"),
     ],
 )
 async def test_without_an_allow_list_only_public_https_hosts_are_accepted(
-    open_api: httpx.AsyncClient, endpoint: str
+    open_api: httpx.AsyncClient, dns: FakeDNS, endpoint: str, says: str
 ) -> None:
     token = issue_token(1, "bob", Settings())
     resp = await open_api.post(
@@ -217,4 +237,74 @@ async def test_without_an_allow_list_only_public_https_hosts_are_accepted(
     )
 
     assert resp.status_code == 422, resp.text
-    assert resp.json()["fields"][0]["field"] == "endpoint"
+    [problem] = resp.json()["fields"]
+    assert problem["field"] == "endpoint"
+    assert says in problem["message"]
+    # Refused by their text alone: nothing was looked up.
+    assert dns.asked == []
+
+
+@pytest.mark.parametrize(
+    ("records", "says"),
+    [
+        ({"push.example.net": ["127.0.0.1"]}, "resolves to 127.0.0.1"),
+        ({"push.example.net": ["93.184.216.34", "10.0.0.7"]}, "resolves to 10.0.0.7"),
+        ({"push.example.net": ["fd00::1"]}, "resolves to fd00::1"),
+        ({"push.example.net": ["169.254.169.254"]}, "resolves to 169.254"),
+        ({"push.example.net": ["::ffff:192.168.0.1"]}, "resolves to ::ffff:"),
+        ({"push.example.net": ["0.0.0.0"]}, "resolves to 0.0.0.0"),
+        ({"push.example.net": ["224.0.0.1"]}, "resolves to 224.0.0.1"),
+        ({}, "does not resolve"),
+    ],
+)
+async def test_a_name_that_resolves_to_a_non_public_address_is_refused(
+    open_api: httpx.AsyncClient,
+    dns: FakeDNS,
+    records: dict[str, list[str]],
+    says: str,
+) -> None:
+    dns.records.update(records)
+    token = issue_token(1, "bob", Settings())
+
+    resp = await open_api.post(
+        "/push/subscriptions",
+        json=_with(endpoint="https://push.example.net/x"),
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+    assert resp.status_code == 422, resp.text
+    [problem] = resp.json()["fields"]
+    assert problem["field"] == "endpoint"
+    assert says in problem["message"]
+    assert dns.asked == ["push.example.net"]
+
+
+@pytest.mark.integration
+async def test_a_name_that_never_resolves_is_refused_in_time(
+    settings: Settings, demo: Demo, dns: FakeDNS, dns_api: httpx.AsyncClient
+) -> None:
+    dns.slow.add("push.example.net")
+
+    resp = await dns_api.post(
+        "/push/subscriptions",
+        json=_with(endpoint="https://push.example.net/x"),
+        headers=auth(settings, demo.bob),
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert "did not resolve within 0.5s" in resp.json()["fields"][0]["message"]
+
+
+@pytest.mark.integration
+async def test_a_name_with_only_public_addresses_is_accepted(
+    settings: Settings, demo: Demo, dns: FakeDNS, dns_api: httpx.AsyncClient
+) -> None:
+    dns.records["push.example.net"] = ["93.184.216.34", "2606:2800:220:1::1"]
+
+    resp = await dns_api.post(
+        "/push/subscriptions",
+        json=_with(endpoint="https://push.example.net:443/x"),
+        headers=auth(settings, demo.bob),
+    )
+
+    assert resp.status_code == 201, resp.text

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from contracts.db import transaction
 from contracts.http import NotFound, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
-from push_sender.settings import PushSettings
+from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
 
 MAX_USER_AGENT_CHARS = 500
@@ -28,18 +28,15 @@ async def vapid_public_key(request: Request) -> dict[str, str]:
 @router.post("/subscriptions", status_code=201)
 async def subscribe(
     new: subs.NewSubscription,
+    request: Request,
     rt: RuntimeDep,
     user: UserDep,
     user_agent: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
-    settings: PushSettings = rt.settings  # type: ignore[assignment]
-    problem = subs.endpoint_problem(
-        new.endpoint, settings.allowed_hosts, settings.allow_plain_http
-    )
+    endpoints: EndpointPolicy = request.app.state.endpoints
+    problem = await endpoints.check(new.endpoint)
     if problem:
-        raise RequestValidationError(
-            [{"loc": ("body", "endpoint"), "msg": problem, "type": "value_error"}]
-        )
+        _refuse(("body", "endpoint"), problem)
     agent = (user_agent or "")[:MAX_USER_AGENT_CHARS] or None
     try:
         async with transaction(rt.db) as conn:
@@ -73,3 +70,7 @@ async def unsubscribe(subscription_id: int, rt: RuntimeDep, user: UserDep) -> Re
         # Someone else's subscription looks exactly like a missing one.
         raise NotFound(f"subscription {subscription_id} does not exist")
     return Response(status_code=204)
+
+
+def _refuse(loc: tuple[str, str], problem: str) -> None:
+    raise RequestValidationError([{"loc": loc, "msg": problem, "type": "value_error"}])

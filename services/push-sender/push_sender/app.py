@@ -16,13 +16,24 @@ from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from push_sender import vapid
 from push_sender.api import router
+from push_sender.endpoints import EndpointPolicy, Resolve, system_resolve
 from push_sender.settings import PushSettings
+from push_sender.transport import PinnedTransport
 from push_sender.worker import PushWorker
 
 
-def create_app(settings: PushSettings | None = None) -> FastAPI:
+def create_app(
+    settings: PushSettings | None = None, resolve: Resolve = system_resolve
+) -> FastAPI:
+    """The service; ``resolve`` is replaced only by tests that play DNS."""
     settings = settings or PushSettings()
     keys = vapid.load(settings)
+    policy = EndpointPolicy(
+        settings.allowed_hosts,
+        settings.allow_plain_http,
+        resolve,
+        settings.push_resolve_timeout,
+    )
     # The relay publishes what the lease sweeper re-enqueues.
     runtime = Runtime(settings, relay=True, consumers=True)
     client: httpx.AsyncClient | None = None
@@ -40,8 +51,7 @@ def create_app(settings: PushSettings | None = None) -> FastAPI:
         timeout=settings.push_timeout,
         retry_delays=settings.retry_delay_levels,
         lease_seconds=settings.push_lease_seconds,
-        allowed_hosts=settings.allowed_hosts,
-        allow_plain_http=settings.allow_plain_http,
+        endpoints=policy,
     )
     runtime.subscribe(
         topology.delivery_queue("push"),
@@ -55,8 +65,11 @@ def create_app(settings: PushSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal client
         # Redirects are not followed: the endpoint was checked, its target was not.
+        # The transport connects only to addresses the policy has just checked.
         client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.push_timeout), follow_redirects=False
+            transport=PinnedTransport(policy),
+            timeout=httpx.Timeout(settings.push_timeout),
+            follow_redirects=False,
         )
         try:
             await runtime.start()
@@ -79,6 +92,7 @@ def create_app(settings: PushSettings | None = None) -> FastAPI:
     app = FastAPI(title="notiflow push sender", lifespan=lifespan)
     app.state.runtime = runtime
     app.state.vapid = keys
+    app.state.endpoints = policy
     origins = settings.allowed_origins
     if origins:
         app.add_middleware(

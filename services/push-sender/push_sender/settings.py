@@ -33,6 +33,9 @@ class PushSettings(Settings):
 
     push_ttl_seconds: int = Field(default=24 * 3600, ge=0, le=28 * 24 * 3600)
     push_timeout: float = Field(default=10.0, gt=0)
+    # How long an endpoint's host may take to resolve, when a browser subscribes
+    # and before each connection.
+    push_resolve_timeout: float = Field(default=3.0, gt=0)
     push_prefetch: int = Field(default=20, ge=1)
     push_lease_seconds: float = Field(default=120.0, gt=0)
     push_sweep_seconds: float = Field(default=15.0, gt=0)

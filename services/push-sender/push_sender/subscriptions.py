@@ -1,17 +1,10 @@
-"""Push subscriptions: what a browser hands us, the rules it must meet, the SQL.
+"""Push subscriptions: what a browser hands us, the shape it must have, the SQL.
 
-A subscription arrives as ``PushSubscription.toJSON()``. The endpoint is where the
-sender will POST later, so it is a server-side request target chosen by a user:
-it must be https, and on a host of the allow-list when one is configured; with no
-allow-list, loopback, private and link-local addresses are refused. Plain http is
-accepted only in test mode, and only for allow-listed hosts, which is how the
-tests' stand-in push service on 127.0.0.1 is reached.
+A subscription arrives as ``PushSubscription.toJSON()``. Where the endpoint may
+point is ``endpoints``' concern.
 """
 
 from __future__ import annotations
-
-import ipaddress
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -67,39 +60,6 @@ def _decode(value: str) -> bytes:
         return b64url_decode(value)
     except ValueError:
         raise ValueError("must be unpadded base64url") from None
-
-
-def endpoint_problem(
-    url: str, allowed_hosts: frozenset[str], allow_plain_http: bool
-) -> str | None:
-    """Why ``url`` may not be a push endpoint, or None when it may."""
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        _ = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        return f"is not a valid URL: {exc}"
-    if parts.scheme not in ("https", "http") or not host:
-        return "must be an https URL"
-    if parts.username is not None or parts.password is not None:
-        return "must not carry credentials"
-    if allowed_hosts and host not in allowed_hosts:
-        return f"host {host!r} is not an allowed push service"
-    if parts.scheme == "http" and not (allow_plain_http and host in allowed_hosts):
-        return "must be an https URL"
-    if not allowed_hosts and not _public(host):
-        return f"host {host!r} is not a public address"
-    return None
-
-
-def _public(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return True  # a name; push services are reached by name
-    return address.is_global
 
 
 UPSERT = """

@@ -8,7 +8,8 @@ Outcomes, after RFC 8030 and what the big push services answer::
     retry       429, 5xx, timeouts, refused or dropped connections: try later,
                 no sooner than the service's Retry-After
     rejected    any other answer (400, 401, 403…): the request itself is wrong and
-                repeating it changes nothing
+                repeating it changes nothing; also an endpoint whose host now
+                resolves to a non-public address, which is never connected to
 
 Encryption (ECDH + HKDF + AES-GCM over a few hundred bytes) takes well under a
 millisecond, so it runs inline. The request goes out on a shared
@@ -31,6 +32,7 @@ import http_ece
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from push_sender.endpoints import UnsafeAddress
 from push_sender.vapid import VapidKeys, b64url_decode
 
 Outcome = Literal["sent", "gone", "too_large", "retry", "rejected"]
@@ -107,6 +109,8 @@ async def send(
                 content=body,
                 headers=headers(push, vapid, subscription.endpoint),
             )
+    except UnsafeAddress as exc:
+        return Result("rejected", None, f"endpoint {exc}")
     except (TimeoutError, httpx.TimeoutException):
         return Result("retry", None, f"no answer within {deadline:g}s")
     except httpx.HTTPError as exc:

@@ -33,6 +33,7 @@ from contracts.db import transaction
 from contracts.messages import DeliveryRequested
 from push_sender import payload, webpush
 from push_sender import subscriptions as subs
+from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
 from push_sender.webpush import Push, Result, Subscription
 
@@ -115,8 +116,7 @@ class PushWorker:
         timeout: float,
         retry_delays: tuple[int, ...],
         lease_seconds: float,
-        allowed_hosts: frozenset[str],
-        allow_plain_http: bool,
+        endpoints: EndpointPolicy,
     ) -> None:
         self._pool = pool
         self._client = client
@@ -125,8 +125,7 @@ class PushWorker:
         self._timeout = timeout
         self._delays = retry_delays
         self._lease = lease_seconds
-        self._allowed = allowed_hosts
-        self._plain_http = allow_plain_http
+        self._endpoints = endpoints
 
     async def __call__(
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
@@ -184,11 +183,11 @@ class PushWorker:
     async def _deliver(
         self, device: Subscription, row: asyncpg.Record, push: Push
     ) -> tuple[Subscription, Result]:
-        problem = subs.endpoint_problem(
-            device.endpoint, self._allowed, self._plain_http
-        )
+        # The text is checked here (the allow-list may have changed since the
+        # browser subscribed); the addresses are checked by the client's transport
+        # on connecting.
+        problem = self._endpoints.problem(device.endpoint)
         if problem:
-            # The allow-list changed since the browser subscribed.
             result = Result("rejected", None, f"endpoint {problem}")
         else:
             client = self._client()
