@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
-from contracts.auth import issue_token
+from contracts.auth import MAX_ID, issue_token
 from contracts.settings import Settings
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
@@ -52,6 +53,7 @@ async def test_a_user_adds_lists_and_removes_only_their_own(
     path = f"/push/subscriptions/{created.json()['id']}"
     stolen = await api.delete(path, headers=carol)
     missing = await api.delete("/push/subscriptions/999999", headers=bob)
+    largest = await api.delete(f"/push/subscriptions/{MAX_ID}", headers=bob)
     removed = await api.delete(path, headers=bob)
     after = await api.get("/push/subscriptions", headers=bob)
 
@@ -62,6 +64,7 @@ async def test_a_user_adds_lists_and_removes_only_their_own(
     assert "auth" not in mine.json()[0] and "p256dh" not in mine.json()[0]
     assert stolen.status_code == 404 and stolen.json()["error"] == "not_found"
     assert missing.status_code == 404
+    assert largest.status_code == 404
     assert removed.status_code == 204
     assert after.json() == []
 
@@ -181,14 +184,29 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
         (_with(p256dh="not base64!"), "keys.p256dh", "base64url"),
         (_with(auth=b64(os.urandom(15))), "keys.auth", "16 bytes"),
         (_with(auth=AUTH + "=="), "keys.auth", "base64url"),
+        (_with(user_id=2), "user_id", "Extra inputs"),
+        (_with(expiration_time=1), "expiration_time", "Extra inputs"),
+        (_with(keys={"p256dh": P256DH, "auth": AUTH, "x": ""}), "keys.x", "Extra"),
+        (_with(endpoint="https://push.example.net/\u0000"), "endpoint", "U+0000"),
+        (_with(endpoint="https://push.example.net/\ud800"), "endpoint", "valid string"),
+        (_with(endpoint="https://push.example.net/a b"), "endpoint", "U+0020"),
+        (_with(p256dh=P256DH[:20] + "\u0000" + P256DH[20:]), "keys.p256dh", "base64"),
+        (_with(auth=AUTH[:8] + "\u0000" + AUTH[8:]), "keys.auth", "base64url"),
+        (_with(auth=AUTH[:8] + "." + AUTH[8:]), "keys.auth", "base64url"),
     ],
 )
 async def test_a_bad_subscription_is_refused_naming_the_field(
     strict_api: httpx.AsyncClient, body: dict[str, Any], field: str, says: str
 ) -> None:
     token = issue_token(1, "bob", Settings())
+    # Escaped JSON, as a browser sends it, so that a lone surrogate can travel.
     resp = await strict_api.post(
-        "/push/subscriptions", json=body, headers={"Authorization": f"Bearer {token}"}
+        "/push/subscriptions",
+        content=json.dumps(body),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+        },
     )
 
     assert resp.status_code == 422, resp.text
@@ -308,3 +326,46 @@ async def test_a_name_with_only_public_addresses_is_accepted(
     )
 
     assert resp.status_code == 201, resp.text
+
+
+@pytest.mark.parametrize("subscription_id", ["0", "-1", str(MAX_ID + 1)])
+async def test_a_subscription_id_no_bigint_can_hold_is_refused_naming_it(
+    strict_api: httpx.AsyncClient, subscription_id: str
+) -> None:
+    token = issue_token(1, "bob", Settings())
+
+    resp = await strict_api.delete(
+        f"/push/subscriptions/{subscription_id}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["fields"][0]["field"] == "subscription_id"
+
+
+async def test_a_nul_in_the_user_agent_is_refused_naming_the_header(
+    strict_api: httpx.AsyncClient,
+) -> None:
+    token = issue_token(1, "bob", Settings())
+
+    resp = await strict_api.post(
+        "/push/subscriptions",
+        json=GOOD,
+        headers={"Authorization": f"Bearer {token}", "User-Agent": "Bad\x00Agent"},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["fields"][0]["field"] == "user-agent"
+
+
+@pytest.mark.integration
+async def test_a_token_naming_a_user_id_beyond_bigint_is_unauthorized(
+    settings: Settings, demo: Demo, api: httpx.AsyncClient
+) -> None:
+    headers = auth(settings, int("9" * 23))
+
+    listed = await api.get("/push/subscriptions", headers=headers)
+    added = await api.post("/push/subscriptions", json=GOOD, headers=headers)
+    removed = await api.delete("/push/subscriptions/1", headers=headers)
+
+    assert [listed.status_code, added.status_code, removed.status_code] == [401] * 3

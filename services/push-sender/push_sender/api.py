@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from contracts.auth import MAX_ID
 from contracts.db import transaction
 from contracts.http import NotFound, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
@@ -15,6 +16,9 @@ from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
 
 MAX_USER_AGENT_CHARS = 500
+
+# Ids are bigints: a larger number names no row, and asyncpg could not send it.
+SubscriptionId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 router = APIRouter(prefix="/push")
 
@@ -38,6 +42,9 @@ async def subscribe(
     if problem:
         _refuse(("body", "endpoint"), problem)
     agent = (user_agent or "")[:MAX_USER_AGENT_CHARS] or None
+    if agent and "\x00" in agent:
+        # PostgreSQL text cannot hold a NUL.
+        _refuse(("header", "user-agent"), "must not contain U+0000")
     try:
         async with transaction(rt.db) as conn:
             row = await conn.fetchrow(
@@ -63,7 +70,9 @@ async def list_subscriptions(rt: RuntimeDep, user: UserDep) -> list[dict[str, An
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204)
-async def unsubscribe(subscription_id: int, rt: RuntimeDep, user: UserDep) -> Response:
+async def unsubscribe(
+    subscription_id: SubscriptionId, rt: RuntimeDep, user: UserDep
+) -> Response:
     async with transaction(rt.db) as conn:
         deleted = await conn.fetchval(subs.DELETE_OWN, subscription_id, user.user_id)
     if deleted is None:

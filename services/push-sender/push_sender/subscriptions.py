@@ -1,10 +1,15 @@
 """Push subscriptions: what a browser hands us, the shape it must have, the SQL.
 
-A subscription arrives as ``PushSubscription.toJSON()``. Where the endpoint may
-point is ``endpoints``' concern.
+A subscription arrives as ``PushSubscription.toJSON()``: ``endpoint``,
+``expirationTime`` and ``keys`` with ``p256dh`` and ``auth``, and nothing else; a
+field we do not know is refused rather than dropped, so a client that thinks it
+can set one (``user_id``) learns that it cannot. Where the endpoint may point is
+``endpoints``' concern.
 """
 
 from __future__ import annotations
+
+import re
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,8 +19,13 @@ from push_sender.vapid import b64url_decode
 MAX_ENDPOINT_CHARS = 2048
 
 
+# A serialized URL is printable ASCII; anything else (a NUL, a space, a lone
+# surrogate) is not an endpoint and could not be stored as text anyway.
+_URL_CHARS = re.compile(r"[\x21-\x7e]*")
+
+
 class Keys(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     p256dh: str = Field(max_length=200)
     auth: str = Field(max_length=100)
@@ -47,12 +57,23 @@ class Keys(BaseModel):
 class NewSubscription(BaseModel):
     """The body of ``POST /push/subscriptions``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     endpoint: str = Field(min_length=1, max_length=MAX_ENDPOINT_CHARS)
     # Stored nowhere: push services answer 404/410 once it has passed.
     expiration_time: float | None = Field(default=None, alias="expirationTime")
     keys: Keys
+
+    @field_validator("endpoint")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        match = _URL_CHARS.match(value)
+        end = match.end() if match else 0
+        if end < len(value):
+            raise ValueError(
+                f"must be printable ASCII; U+{ord(value[end]):04X} at position {end}"
+            )
+        return value
 
 
 def _decode(value: str) -> bytes:
