@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -70,26 +71,67 @@ async def test_a_user_adds_lists_and_removes_only_their_own(
 
 
 @pytest.mark.integration
-async def test_subscribing_the_same_browser_again_replaces_its_row(
-    settings: Settings, demo: Demo, push_service: PushService, api: httpx.AsyncClient
+async def test_the_same_user_subscribing_again_keeps_the_row_with_new_keys(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    device = push_service.device()
+    bob = auth(settings, demo.bob)
+    first = await api.post(
+        "/push/subscriptions", json=device.subscription(), headers=bob
+    )
+    renewed = {**device.subscription(), "keys": {"p256dh": P256DH, "auth": AUTH}}
+
+    again = await api.post("/push/subscriptions", json=renewed, headers=bob)
+
+    assert again.status_code == 201, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["created_at"] == first.json()["created_at"]
+    stored = await db.fetchrow(
+        "SELECT p256dh, auth FROM push_subscriptions WHERE id = $1", first.json()["id"]
+    )
+    assert (stored["p256dh"], stored["auth"]) == (P256DH, AUTH)
+
+
+@pytest.mark.integration
+async def test_a_browser_subscribed_by_someone_else_moves_revealing_nothing_of_them(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
 ) -> None:
     device = push_service.device()
     first = await api.post(
         "/push/subscriptions",
         json=device.subscription(),
-        headers=auth(settings, demo.bob),
+        headers={**auth(settings, demo.bob), "User-Agent": "Bob's laptop"},
     )
-    # Another person logs in on the same browser and subscribes it.
+    await db.execute(
+        "UPDATE push_subscriptions SET last_success_at = now() WHERE id = $1",
+        first.json()["id"],
+    )
+
+    # Another person signs in on the same browser and subscribes it.
     again = await api.post(
         "/push/subscriptions",
         json=device.subscription(),
-        headers=auth(settings, demo.carol),
+        headers={**auth(settings, demo.carol), "User-Agent": "Carol's session"},
     )
     bobs = await api.get("/push/subscriptions", headers=auth(settings, demo.bob))
     carols = await api.get("/push/subscriptions", headers=auth(settings, demo.carol))
 
-    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
-    assert bobs.json() == [] and len(carols.json()) == 1
+    assert again.status_code == 201, again.text
+    moved = again.json()
+    assert moved["id"] != first.json()["id"]
+    assert moved["created_at"] > first.json()["created_at"]
+    assert moved["user_agent"] == "Carol's session"
+    assert moved["last_success_at"] is None
+    assert bobs.json() == []
+    assert carols.json() == [moved]
 
 
 @pytest.mark.integration

@@ -47,6 +47,8 @@ async def subscribe(
         _refuse(("header", "user-agent"), "must not contain U+0000")
     try:
         async with transaction(rt.db) as conn:
+            await conn.execute(subs.LOCK_ENDPOINT, new.endpoint)
+            await conn.execute(subs.RELEASE_FROM_OTHERS, new.endpoint, user.user_id)
             row = await conn.fetchrow(
                 subs.UPSERT,
                 user.user_id,

@@ -83,11 +83,25 @@ def _decode(value: str) -> bytes:
         raise ValueError("must be unpadded base64url") from None
 
 
+# Subscribing runs these three in one transaction. An endpoint is one browser's;
+# when someone else signs in on that browser and subscribes, the endpoint moves to
+# them as a new row (new id, created_at now, no last success), so nothing of the
+# previous owner's registration reaches the new one. The lock makes two people
+# subscribing the same endpoint at once take turns; without it the loser's
+# upsert could update a row the winner's delete never saw.
+LOCK_ENDPOINT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+
+RELEASE_FROM_OTHERS = (
+    "DELETE FROM push_subscriptions WHERE endpoint = $1 AND user_id <> $2"
+)
+
+# Only the owner's own row is left to conflict with: the same browser subscribing
+# again, whose keys may have changed.
 UPSERT = """
 INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth, user_agent)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (endpoint) DO UPDATE
-SET user_id = EXCLUDED.user_id, p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
+SET p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
     user_agent = EXCLUDED.user_agent
 RETURNING id, endpoint, user_agent, created_at, last_success_at
 """
