@@ -9,7 +9,7 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
@@ -35,6 +35,8 @@ def pool(request: Request) -> asyncpg.Pool:
 
 User = Annotated[Principal, Depends(principal)]
 Pool = Annotated[asyncpg.Pool, Depends(pool)]
+# A notification id in a path; beyond bigint it can name no row (422, not 500).
+NotificationId = Annotated[int, Path(ge=1, le=inbox.MAX_ID)]
 
 
 @router.get("/inbox")
@@ -42,7 +44,7 @@ async def list_inbox(
     user: User,
     db: Pool,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=inbox.MAX_ID)] = None,
 ) -> dict[str, Any]:
     """The user's inbox, newest first; pass ``next_cursor`` back for the next page."""
     async with (
@@ -93,7 +95,9 @@ async def _read_state_change(
 
 
 @router.post("/inbox/{notification_id}/read")
-async def mark_read(notification_id: int, user: User, db: Pool) -> dict[str, Any]:
+async def mark_read(
+    notification_id: NotificationId, user: User, db: Pool
+) -> dict[str, Any]:
     ids, unread = await _read_state_change(
         db,
         user.user_id,
@@ -114,7 +118,9 @@ async def mark_all_read(user: User, db: Pool) -> dict[str, Any]:
 
 
 @router.post("/inbox/{notification_id}/archive")
-async def archive(notification_id: int, user: User, db: Pool) -> dict[str, Any]:
+async def archive(
+    notification_id: NotificationId, user: User, db: Pool
+) -> dict[str, Any]:
     ids, unread = await _read_state_change(
         db,
         user.user_id,

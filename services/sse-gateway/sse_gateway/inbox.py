@@ -22,6 +22,9 @@ from typing import Any
 import asyncpg
 
 NOTIFY_CHANNEL = "notiflow_inbox"
+# Ids and sequence numbers are PostgreSQL bigints; a number beyond this one names
+# no row, and asyncpg refuses to send it.
+MAX_ID = 2**63 - 1
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; bigger events are sent
 # as a reference and read back by each replica.
 MAX_INLINE_PAYLOAD = 7000

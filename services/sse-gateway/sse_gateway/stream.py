@@ -231,7 +231,7 @@ def _expiry(token: str | None) -> float:
     try:
         claims = jwt.decode(token or "", options={"verify_signature": False})
         return float(claims["exp"])
-    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError, OverflowError):
         return float("inf")
 
 
@@ -241,14 +241,32 @@ async def start(db: asyncpg.Pool, conn: Connection, last_event_id: str | None) -
     A Last-Event-ID that is not one of this user's notifications counts as none:
     the stream starts live, and the inbox API serves the backlog.
     """
+    notification_id = notification_id_of(last_event_id)
     async with connection(db) as pg:
-        if last_event_id and last_event_id.isdigit():
-            seq = await pg.fetchval(inbox.SEQ_OF, int(last_event_id), conn.user_id)
+        if notification_id is not None:
+            seq = await pg.fetchval(inbox.SEQ_OF, notification_id, conn.user_id)
             if seq is not None:
                 conn.last_seq = seq
                 return True
         conn.last_seq = await pg.fetchval(inbox.CURRENT_SEQ, conn.user_id) or 0
         return False
+
+
+def notification_id_of(last_event_id: str | None) -> int | None:
+    """The notification id a Last-Event-ID names, or None if it can name none.
+
+    The gateway only ever sends ids in ASCII decimal. ``str.isdigit`` alone also
+    admits digits such as "²", which ``int`` refuses, and any length, which
+    ``int`` refuses past 4300 digits and PostgreSQL past bigint.
+    """
+    value = last_event_id or ""
+    if not (value.isascii() and value.isdigit()) or len(value) > _ID_DIGITS:
+        return None
+    number = int(value)
+    return number if 1 <= number <= inbox.MAX_ID else None
+
+
+_ID_DIGITS = len(str(inbox.MAX_ID))
 
 
 async def events_of(

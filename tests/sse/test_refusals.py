@@ -1,0 +1,108 @@
+"""What the gateway answers to requests it cannot serve: JSON errors, never a 500.
+
+Ids beyond PostgreSQL's bigint, tokens for users who do not exist, and more
+streams than one user may hold are all ordinary refusals with an ``error`` code,
+a ``detail`` and, where it helps, a header saying what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from contracts.auth import ALGORITHM, AUDIENCE
+from contracts.settings import Settings
+from tests.sse import helpers
+from tests.support.data import Demo
+from tests.support.processes import Service
+from tests.support.sse import SSEClient
+
+pytestmark = pytest.mark.integration
+
+BEYOND_BIGINT = str(2**63)
+
+
+def assert_json_error(answer: httpx.Response | SSEClient, code: str) -> Any:
+    if isinstance(answer, SSEClient):
+        headers, body = answer.response_headers, answer.body
+    else:
+        headers, body = answer.headers, answer.content
+    assert headers is not None and headers["content-type"] == "application/json"
+    found = json.loads(body)
+    assert found["error"] == code and found["detail"], found
+    return found
+
+
+def signed(settings: Settings, **claims: object) -> str:
+    """A token signed with the real secret, with whatever claims the test needs."""
+    base = {"sub": "1", "aud": AUDIENCE, "exp": int(time.time()) + 300}
+    return jwt.encode({**base, **claims}, settings.secret_key, algorithm=ALGORITHM)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "field"),
+    [
+        ("GET", "/inbox", {"cursor": BEYOND_BIGINT}, "cursor"),
+        ("GET", "/inbox", {"cursor": "9" * 5000}, "cursor"),
+        ("POST", f"/inbox/{BEYOND_BIGINT}/read", {}, "notification_id"),
+        ("POST", f"/inbox/{BEYOND_BIGINT}/archive", {}, "notification_id"),
+        ("POST", f"/inbox/{'9' * 5000}/read", {}, "notification_id"),
+        ("POST", "/inbox/0/archive", {}, "notification_id"),
+    ],
+)
+async def test_inbox_ids_beyond_bigint_are_refused_naming_the_parameter(
+    gateway: Service,
+    demo: Demo,
+    token: Callable[..., str],
+    method: str,
+    path: str,
+    params: dict[str, str],
+    field: str,
+) -> None:
+    bob = {"Authorization": f"Bearer {token(demo.bob)}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=bob) as client:
+        answer = await client.request(method, path, params=params)
+
+    assert answer.status_code == 422
+    found = assert_json_error(answer, "invalid_request")
+    assert [f["field"] for f in found["fields"]] == [field]
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    [BEYOND_BIGINT, "9" * 5000, "0", "-1", "1e3", "12abc"],
+    ids=["beyond-bigint", "5000-digits", "zero", "negative", "float", "text"],
+)
+async def test_a_last_event_id_that_names_no_notification_starts_the_stream_live(
+    settings: Settings,
+    gateway: Service,
+    demo: Demo,
+    token: Callable[..., str],
+    last_event_id: str,
+) -> None:
+    url = f"{gateway.url}/sse?token={token(demo.bob)}"
+    async with helpers.database(settings.database_url) as pg:
+        await helpers.add_and_deliver(pg, demo.bob, "before")
+        async with SSEClient(url, headers={"Last-Event-ID": last_event_id}) as live:
+            fresh = await helpers.add_and_deliver(pg, demo.bob, "after")
+            await live.wait_for("notification")
+
+    assert live.status == 200
+    assert live.ids() == [fresh]
+    assert "Traceback" not in gateway.log()
+
+
+async def test_a_token_that_expires_beyond_any_float_still_opens_a_stream(
+    settings: Settings, gateway: Service, demo: Demo
+) -> None:
+    lasting = signed(settings, sub=str(demo.bob), exp=10**400)
+    async with SSEClient(f"{gateway.url}/sse?token={lasting}") as live:
+        pass
+    assert live.status == 200
