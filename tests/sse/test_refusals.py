@@ -16,7 +16,7 @@ import httpx
 import jwt
 import pytest
 
-from contracts.auth import ALGORITHM, AUDIENCE
+from contracts.auth import ALGORITHM, AUDIENCE, issue_token
 from contracts.settings import Settings
 from tests.sse import helpers
 from tests.support.data import Demo
@@ -97,6 +97,57 @@ async def test_a_last_event_id_that_names_no_notification_starts_the_stream_live
     assert live.status == 200
     assert live.ids() == [fresh]
     assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/sse"),
+        ("HEAD", "/sse"),
+        ("GET", "/inbox"),
+        ("GET", "/inbox/unread-count"),
+        ("POST", "/inbox/read-all"),
+        ("POST", "/inbox/1/read"),
+    ],
+)
+async def test_a_signed_token_for_a_user_who_does_not_exist_gets_401(
+    settings: Settings, gateway: Service, demo: Demo, method: str, path: str
+) -> None:
+    ghost = issue_token(max(demo.alice, demo.bob, demo.carol) + 1000, "ghost", settings)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
+        header = await client.request(
+            method, path, headers={"Authorization": f"Bearer {ghost}"}
+        )
+        query = await client.request(method, path, params={"token": ghost})
+
+    assert [header.status_code, query.status_code] == [401, 401]
+    assert header.headers["www-authenticate"] == "Bearer"
+    if method != "HEAD":
+        found = assert_json_error(header, "unauthorized")
+        assert found["detail"] == "unknown user"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "99999999999999999999999"},
+        {"sub": BEYOND_BIGINT},
+        {"sub": "-1"},
+        {"sub": "0"},
+        {"exp": 1e400},
+    ],
+    ids=["huge-sub", "sub-beyond-bigint", "negative-sub", "zero-sub", "infinite-exp"],
+)
+@pytest.mark.parametrize("path", ["/sse", "/inbox", "/inbox/unread-count"])
+async def test_a_token_whose_claims_name_no_possible_user_gets_401(
+    settings: Settings, gateway: Service, claims: dict[str, object], path: str
+) -> None:
+    forged = signed(settings, **claims)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
+        answer = await client.get(path, headers={"Authorization": f"Bearer {forged}"})
+
+    assert answer.status_code == 401, answer.text
+    assert_json_error(answer, "unauthorized")
 
 
 async def test_a_token_that_expires_beyond_any_float_still_opens_a_stream(

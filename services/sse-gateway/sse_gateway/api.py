@@ -15,18 +15,22 @@ from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import NotFound
 from sse_gateway import inbox
+from sse_gateway.access import require_user
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
 
-def principal(
+async def principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     # A ``?token=`` from an EventSource arrives here as this header (app.GatewayApp).
-    settings = request.app.state.runtime.settings
-    return verify_token(bearer(authorization), settings)
+    runtime = request.app.state.runtime
+    user = verify_token(bearer(authorization), runtime.settings)
+    async with connection(runtime.db) as pg:
+        await require_user(pg, user.user_id)
+    return user
 
 
 def pool(request: Request) -> asyncpg.Pool:

@@ -31,6 +31,7 @@ from contracts.auth import InvalidToken, bearer, verify_token
 from contracts.db import DatabaseUnavailable, connection
 from contracts.settings import Settings
 from sse_gateway import events, inbox, metrics
+from sse_gateway.access import require_user
 from sse_gateway.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,19 @@ class StreamResponse(EventSourceResponse):
                 return
 
 
+class Refused(Exception):
+    """The stream may not open; answer this JSON error instead."""
+
+    def __init__(self, status: int, code: str, detail: str, **headers: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
 class StreamEndpoint:
-    """``GET /sse``: verify the token, join the hub, find the start, stream.
+    """``GET /sse``: verify the token and the user, join the hub, find the start.
 
     The token comes from ``Authorization: Bearer`` or, for EventSource, which
     cannot set headers, from ``?token=``. Refusals are the JSON errors every other
@@ -139,30 +151,32 @@ class StreamEndpoint:
             return
         query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
         token = bearer(headers.get("authorization")) or query.get("token")
+        db = self._pool()
         try:
             user = verify_token(token, self._settings)
+            conn = Connection(user.user_id, expires_at=_expiry(token))
+            if scope["method"] == "HEAD":
+                await self._check(db, conn)
+            else:
+                replay = await self._join(db, conn, headers.get("last-event-id"))
         except InvalidToken as exc:
             await _json(send, 401, "unauthorized", str(exc), extra, **_BEARER)
+            return
+        except Refused as no:
+            await _json(send, no.status, no.code, no.detail, extra, **no.headers)
+            return
+        except Exception:
+            # Nothing is sent yet, so the browser can still get the JSON shape
+            # every route answers with rather than the server's plain-text 500.
+            logger.exception(
+                "could not open a stream", extra={"action": "sse.open_failed"}
+            )
+            await _json(send, 500, "internal", "the stream could not be opened", extra)
             return
 
         if scope["method"] == "HEAD":
             await _head(send, {"Cache-Control": "no-cache", **extra})
             return
-
-        db = self._pool()
-        conn = Connection(user.user_id, expires_at=_expiry(token))
-        # Join the hub before reading the cursor: an event committed in between is
-        # then both queued and in the replay, and the sequence check drops the copy.
-        self._hub.add(conn)
-        try:
-            replay = await start(db, conn, headers.get("last-event-id"))
-        except DatabaseUnavailable:
-            self._hub.remove(conn)
-            await _json(send, 503, "unavailable", "the database is unavailable", extra)
-            return
-        except BaseException:
-            self._hub.remove(conn)
-            raise
 
         body = events_of(conn, self._hub, db, replay, self._retry_ms)
         response_headers = {"Cache-Control": "no-cache", **extra}
@@ -190,6 +204,36 @@ class StreamEndpoint:
             await body.aclose()
             self._hub.remove(conn)
 
+    async def _check(self, db: asyncpg.Pool, conn: Connection) -> None:
+        """Refuse a token whose user does not exist; a HEAD needs no more."""
+        try:
+            async with connection(db) as pg:
+                await require_user(pg, conn.user_id)
+        except DatabaseUnavailable:
+            raise _unavailable() from None
+
+    async def _join(
+        self, db: asyncpg.Pool, conn: Connection, last_event_id: str | None
+    ) -> bool:
+        """Admit ``conn`` to the hub and set its start; True when it must replay.
+
+        On any failure ``conn`` has left the hub again.
+        """
+        try:
+            async with connection(db) as pg:
+                await require_user(pg, conn.user_id)
+                # Joined before reading the cursor: an event committed in between
+                # is then both queued and replayed, and the sequence check drops
+                # the copy.
+                self._hub.add(conn)
+                return await start(pg, conn, last_event_id)
+        except DatabaseUnavailable:
+            self._hub.remove(conn)
+            raise _unavailable() from None
+        except BaseException:
+            self._hub.remove(conn)
+            raise
+
     def _cors(self, origin: str | None) -> dict[str, str]:
         if origin and origin in self._origins:
             return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
@@ -197,6 +241,12 @@ class StreamEndpoint:
 
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
+
+
+def _unavailable() -> Refused:
+    return Refused(
+        503, "unavailable", "the database is unavailable", **{"Retry-After": "2"}
+    )
 
 
 async def _json(
@@ -235,21 +285,22 @@ def _expiry(token: str | None) -> float:
         return float("inf")
 
 
-async def start(db: asyncpg.Pool, conn: Connection, last_event_id: str | None) -> bool:
+async def start(
+    pg: asyncpg.Connection, conn: Connection, last_event_id: str | None
+) -> bool:
     """Set where ``conn`` starts; True when it must replay from there first.
 
     A Last-Event-ID that is not one of this user's notifications counts as none:
     the stream starts live, and the inbox API serves the backlog.
     """
     notification_id = notification_id_of(last_event_id)
-    async with connection(db) as pg:
-        if notification_id is not None:
-            seq = await pg.fetchval(inbox.SEQ_OF, notification_id, conn.user_id)
-            if seq is not None:
-                conn.last_seq = seq
-                return True
-        conn.last_seq = await pg.fetchval(inbox.CURRENT_SEQ, conn.user_id) or 0
-        return False
+    if notification_id is not None:
+        seq = await pg.fetchval(inbox.SEQ_OF, notification_id, conn.user_id)
+        if seq is not None:
+            conn.last_seq = seq
+            return True
+    conn.last_seq = await pg.fetchval(inbox.CURRENT_SEQ, conn.user_id) or 0
+    return False
 
 
 def notification_id_of(last_event_id: str | None) -> int | None:

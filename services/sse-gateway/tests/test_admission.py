@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from sse_gateway.stream import notification_id_of
+import pytest
+from starlette.types import Message
+
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from sse_gateway.hub import Hub
+from sse_gateway.stream import StreamEndpoint, notification_id_of
 
 
 @pytest.mark.parametrize(
@@ -29,3 +35,45 @@ def test_only_a_decimal_bigint_names_a_notification(
     header: str | None, expected: int | None
 ) -> None:
     assert notification_id_of(header) == expected
+
+
+async def test_an_unexpected_failure_before_streaming_is_still_a_json_error() -> None:
+    settings = Settings(env="test")
+    token = issue_token(1, "bob", settings)
+    endpoint = StreamEndpoint(
+        settings,
+        Hub(),
+        lambda: BrokenPool(),  # type: ignore[arg-type, return-value]
+        heartbeat_seconds=15,
+        retry_ms=3000,
+        send_timeout=30,
+        lean=True,
+        origins=frozenset(),
+    )
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/sse",
+        "query_string": f"token={token}".encode(),
+        "headers": [],
+    }
+    await endpoint(scope, _never, send)
+
+    start, body = sent
+    assert start["status"] == 500
+    assert (b"content-type", b"application/json") in start["headers"]
+    assert set(json.loads(body["body"])) == {"error", "detail"}
+
+
+class BrokenPool:
+    async def acquire(self, timeout: float) -> None:
+        raise RuntimeError("a bug, not an outage")
+
+
+async def _never() -> Message:
+    raise AssertionError("the endpoint should not read the request")
