@@ -19,9 +19,11 @@ import pytest
 from contracts.auth import ALGORITHM, AUDIENCE, issue_token
 from contracts.settings import Settings
 from tests.sse import helpers
+from tests.sse.conftest import StartGateway
 from tests.support.data import Demo
 from tests.support.processes import Service
 from tests.support.sse import SSEClient
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +159,57 @@ async def test_a_token_that_expires_beyond_any_float_still_opens_a_stream(
     async with SSEClient(f"{gateway.url}/sse?token={lasting}") as live:
         pass
     assert live.status == 200
+
+
+async def test_a_user_holds_at_most_the_configured_number_of_streams(
+    start_gateway: StartGateway, demo: Demo, token: Callable[..., str]
+) -> None:
+    gateway = start_gateway(NOTIFLOW_SSE_MAX_STREAMS_PER_USER="3")
+    url = f"{gateway.url}/sse?token={token(demo.bob)}"
+    held = [SSEClient(url) for _ in range(3)]
+    for live in held:
+        await live.__aenter__()
+    try:
+        async with SSEClient(url) as refused:
+            pass
+        async with SSEClient(f"{gateway.url}/sse?token={token(demo.alice)}") as alice:
+            pass
+
+        await held.pop().__aexit__(None, None, None)
+        held.append(
+            await eventually(
+                lambda: _opens(url), what="a stream opening once one has closed"
+            )
+        )
+        async with SSEClient(url) as refused_again:
+            pass
+    finally:
+        for live in held:
+            await live.__aexit__(None, None, None)
+
+    assert refused.status == 429
+    assert refused.response_headers is not None
+    assert int(refused.response_headers["retry-after"]) > 0
+    assert_json_error(refused, "too_many_streams")
+    assert alice.status == 200
+    # The refused streams were never counted: exactly one slot came free.
+    assert refused_again.status == 429
+
+
+async def _opens(url: str) -> SSEClient | None:
+    """A stream that opened, kept open for the caller, or None if refused."""
+    live = SSEClient(url)
+    await live.__aenter__()
+    if live.status == 200:
+        return live
+    await live.__aexit__(None, None, None)
+    return None
+
+
+def test_the_stream_limit_setting_refuses_less_than_one() -> None:
+    from pydantic import ValidationError
+
+    from sse_gateway.app import GatewaySettings
+
+    with pytest.raises(ValidationError, match="sse_max_streams_per_user"):
+        GatewaySettings(sse_max_streams_per_user=0)

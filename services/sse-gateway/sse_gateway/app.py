@@ -36,6 +36,8 @@ class GatewaySettings(Settings):
     sse_retry_ms: int = Field(default=3000, ge=100)
     sse_send_timeout: float = Field(default=30.0, gt=0)
     sse_prefetch: int = Field(default=100, ge=1)
+    # Streams one user may hold open on one replica; the next is answered 429.
+    sse_max_streams_per_user: int = Field(default=20, ge=1)
     # False serves streams with sse-starlette's stock response (four tasks per
     # stream); kept to measure against, see bench/sse_fanout.py.
     sse_lean: bool = True
@@ -140,6 +142,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         send_timeout=settings.sse_send_timeout,
         lean=settings.sse_lean,
         origins=frozenset(origins),
+        max_streams=settings.sse_max_streams_per_user,
     )
     # Listed among the routes too, for tools that read them; GatewayApp answers
     # /sse before routing, so this route is not on the path of a request.

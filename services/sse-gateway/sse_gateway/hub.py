@@ -118,6 +118,17 @@ class Hub:
         self._count += 1
         metrics.CONNECTIONS.inc()
 
+    def admit(self, conn: Connection, limit: int) -> bool:
+        """Add ``conn`` unless its user already has ``limit`` streams here.
+
+        Counting and adding happen with no await in between, so requests that
+        arrive together cannot all pass the check.
+        """
+        if len(self._by_user.get(conn.user_id, ())) >= limit:
+            return False
+        self.add(conn)
+        return True
+
     def remove(self, conn: Connection) -> None:
         conns = self._by_user.get(conn.user_id)
         if conns is None or conn not in conns:

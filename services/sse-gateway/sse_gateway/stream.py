@@ -37,6 +37,9 @@ from sse_gateway.hub import Connection, Hub
 logger = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+# A refused stream may try again once one of the user's streams has ended, which
+# nobody can predict; this keeps a client that honours Retry-After from spinning.
+FULL_RETRY_AFTER = 10
 
 
 class StreamResponse(EventSourceResponse):
@@ -117,7 +120,8 @@ class StreamEndpoint:
 
     The token comes from ``Authorization: Bearer`` or, for EventSource, which
     cannot set headers, from ``?token=``. Refusals are the JSON errors every other
-    route answers with.
+    route answers with. A user may hold ``max_streams`` streams on each replica;
+    the limit is per process because the hub is.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class StreamEndpoint:
         send_timeout: float,
         lean: bool,
         origins: frozenset[str],
+        max_streams: int,
     ) -> None:
         self._settings = settings
         self._hub = hub
@@ -140,6 +145,7 @@ class StreamEndpoint:
         self._send_timeout = send_timeout
         self._lean = lean
         self._origins = origins
+        self._max_streams = max_streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {
@@ -225,7 +231,8 @@ class StreamEndpoint:
                 # Joined before reading the cursor: an event committed in between
                 # is then both queued and replayed, and the sequence check drops
                 # the copy.
-                self._hub.add(conn)
+                if not self._hub.admit(conn, self._max_streams):
+                    raise self._full(conn)
                 return await start(pg, conn, last_event_id)
         except DatabaseUnavailable:
             self._hub.remove(conn)
@@ -233,6 +240,21 @@ class StreamEndpoint:
         except BaseException:
             self._hub.remove(conn)
             raise
+
+    def _full(self, conn: Connection) -> Refused:
+        logger.info(
+            "user %s already has %d streams open; refusing another",
+            conn.user_id,
+            self._max_streams,
+            extra={"action": "sse.too_many_streams"},
+        )
+        return Refused(
+            429,
+            "too_many_streams",
+            f"at most {self._max_streams} streams per user may be open at once;"
+            " close one first",
+            **{"Retry-After": str(FULL_RETRY_AFTER)},
+        )
 
     def _cors(self, origin: str | None) -> dict[str, str]:
         if origin and origin in self._origins:

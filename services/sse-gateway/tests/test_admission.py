@@ -9,7 +9,7 @@ from starlette.types import Message
 
 from contracts.auth import issue_token
 from contracts.settings import Settings
-from sse_gateway.hub import Hub
+from sse_gateway.hub import Connection, Hub
 from sse_gateway.stream import StreamEndpoint, notification_id_of
 
 
@@ -37,6 +37,21 @@ def test_only_a_decimal_bigint_names_a_notification(
     assert notification_id_of(header) == expected
 
 
+def test_a_user_joins_only_up_to_the_limit_and_a_leaver_frees_a_place() -> None:
+    hub = Hub()
+    bobs = [Connection(2) for _ in range(3)]
+
+    joined = [hub.admit(conn, 2) for conn in bobs]
+    alice_joined = hub.admit(Connection(1), 2)
+    hub.remove(bobs[0])
+    rejoined = hub.admit(bobs[2], 2)
+
+    assert joined == [True, True, False]
+    assert alice_joined
+    assert rejoined
+    assert hub.connections == 3
+
+
 async def test_an_unexpected_failure_before_streaming_is_still_a_json_error() -> None:
     settings = Settings(env="test")
     token = issue_token(1, "bob", settings)
@@ -49,6 +64,7 @@ async def test_an_unexpected_failure_before_streaming_is_still_a_json_error() ->
         send_timeout=30,
         lean=True,
         origins=frozenset(),
+        max_streams=20,
     )
     sent: list[Message] = []
 
