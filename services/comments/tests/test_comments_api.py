@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -309,3 +310,19 @@ async def test_the_user_directory_needs_a_token_outside_development(
         "carol",
         "dave",
     ]
+
+
+async def test_concurrent_requests_with_one_idempotency_key_store_one_comment(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    headers = {**auth(settings, demo.bob, "bob"), "Idempotency-Key": "k-123"}
+    payload = {"post_id": demo.post, "body": "said once"}
+
+    responses = await asyncio.gather(
+        *(client.post("/comments", json=payload, headers=headers) for _ in range(10))
+    )
+
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 9
+    assert (await counts(settings))[0] == 1
