@@ -59,7 +59,7 @@ def _field(err: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def install_error_handlers(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
+def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
     """JSON answers for every error, and the request body limit."""
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 

@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from comments import dev
 from comments.api import router
-from contracts.http import install_error_handlers
+from contracts.http import install_http_policy
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
-    install_error_handlers(app, settings.max_request_bytes)
+    install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)
     if settings.env == "development":

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from contracts import topology
-from contracts.http import install_error_handlers
+from contracts.http import install_http_policy
 from contracts.messages import DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
@@ -102,7 +102,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
-    install_error_handlers(app)
+    install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)
     return app

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from contracts import metrics, topology
 from contracts.consumer import DeadLetter
 from contracts.db import transaction
-from contracts.http import install_error_handlers
+from contracts.http import install_http_policy
 from contracts.messages import DeliveryRequested
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
@@ -154,7 +154,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Last-Event-ID", "Content-Type"],
         )
-    install_error_handlers(app)
+    install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)
     web.mount(app)
