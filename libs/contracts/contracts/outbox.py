@@ -82,13 +82,17 @@ class OutboxRelay:
         *,
         batch_size: int | None = None,
         sweep_seconds: float | None = None,
+        connection: AbstractRobustConnection | None = None,
     ) -> None:
+        """``connection``, when given, is borrowed: the relay opens its own channel
+        on it and leaves closing it to its owner."""
         self._pool = pool
         self._settings = settings
         self._batch = batch_size or settings.outbox_batch_size
         self._sweep = sweep_seconds or settings.outbox_sweep_seconds
         self._wake = asyncio.Event()
-        self._connection: AbstractRobustConnection | None = None
+        self._connection = connection
+        self._owns_connection = connection is None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._task: asyncio.Task[None] | None = None
@@ -97,9 +101,10 @@ class OutboxRelay:
         self._measured_at = 0.0
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self._settings.amqp_url, timeout=10
-        )
+        if self._connection is None:
+            self._connection = await aio_pika.connect_robust(
+                self._settings.amqp_url, timeout=10
+            )
         self._channel = await self._connection.channel(publisher_confirms=True)
         await topology.declare(self._channel, self._settings.retry_delay_levels)
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
@@ -109,8 +114,10 @@ class OutboxRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._close_listener()
-        if self._connection:
+        if self._owns_connection and self._connection:
             await self._connection.close()
+        elif self._channel is not None:
+            await self._channel.close()
 
     @property
     def connection(self) -> AbstractRobustConnection | None:

@@ -94,7 +94,9 @@ class Runtime:
         self._channel = await self._connection.channel(publisher_confirms=True)
         await topology.declare(self._channel, self.settings.retry_delay_levels)
         if self._want_relay:
-            self.relay = OutboxRelay(self.pool, self.settings)
+            self.relay = OutboxRelay(
+                self.pool, self.settings, connection=self._connection
+            )
             await self.relay.start()
         if self.broker is not None:
             await self.broker.start()
