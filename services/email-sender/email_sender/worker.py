@@ -1,9 +1,10 @@
 """One email delivery: claim the row, send, record the outcome.
 
-The row's status decides everything. A worker first claims it with a conditional
-UPDATE (``pending``/``retrying``, or ``sending`` whose lease ran out because the
-worker holding it died); a row already ``sent``, ``failed`` or ``skipped`` is left
-alone and the message acked, so a redelivered message never sends a second email.
+The row's status decides everything, through the transitions of
+:mod:`contracts.transitions`: a worker first claims the row (``pending``, ``retrying``
+once due, or ``sending`` whose lease ran out because the worker holding it died); a
+row already ``sent``, ``failed`` or ``skipped`` is left alone and the message acked,
+so a redelivered message never sends a second email.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from contracts import metrics
+from contracts import metrics, transitions
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction
 from contracts.messages import DeliveryRequested
@@ -23,40 +24,13 @@ from email_sender import mime, smtp
 
 logger = logging.getLogger(__name__)
 
-CLAIM = """
-WITH claimed AS (
-    UPDATE notifications
-    SET status = 'sending', attempts = attempts + 1, updated_at = now(),
-        lease_expires_at = now() + make_interval(secs => $2)
-    WHERE id = $1 AND type = 'email'
-      AND (status IN ('pending', 'retrying')
-           OR (status = 'sending' AND lease_expires_at < now()))
-    RETURNING id, user_id, email, title, message, metadata, attempts
+_CLAIM_ROW = transitions.claim_sql(
+    "email", "id, user_id, email, title, message, metadata, attempts"
 )
+# The recipient's display name comes with the claim, for the To header.
+CLAIM = f"""
+WITH claimed AS ({_CLAIM_ROW})
 SELECT c.*, u.display_name FROM claimed c JOIN users u ON u.id = c.user_id
-"""
-
-STATUS = "SELECT status, attempts FROM notifications WHERE id = $1"
-
-MARK_SENT = """
-UPDATE notifications
-SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,
-    lease_expires_at = NULL, next_attempt_at = NULL
-WHERE id = $1 AND status = 'sending'
-"""
-
-MARK_RETRYING = """
-UPDATE notifications
-SET status = 'retrying', last_error = $2, updated_at = now(),
-    next_attempt_at = now() + make_interval(secs => $3), lease_expires_at = NULL
-WHERE id = $1 AND status = 'sending'
-"""
-
-MARK_FAILED = """
-UPDATE notifications
-SET status = 'failed', last_error = $2, updated_at = now(), lease_expires_at = NULL,
-    next_attempt_at = NULL
-WHERE id = $1 AND status = 'sending'
 """
 
 
@@ -86,13 +60,16 @@ class EmailWorker:
         async with transaction(self._pool()) as conn:
             row = await conn.fetchrow(CLAIM, delivery.notification_id, self._lease)
             if row is None:
-                current = await conn.fetchrow(STATUS, delivery.notification_id)
+                current = await conn.fetchrow(
+                    transitions.STATUS, delivery.notification_id
+                )
         if row is None:
-            if current is None:
-                raise DeadLetter(f"notification {delivery.notification_id} not found")
+            status = transitions.explain_unclaimed(
+                delivery.notification_id, current, self._delays
+            )
             logger.info(
                 "notification is %s; nothing to send",
-                current["status"],
+                status,
                 extra={"action": "email.skipped_duplicate"},
             )
             return
@@ -113,22 +90,22 @@ class EmailWorker:
             await self._smtp.send(message)
         except (mime.InvalidAddress, smtp.PermanentSendError) as exc:
             reason = str(exc)
-            await self._mark(MARK_FAILED, row["id"], reason)
+            await self._mark(transitions.FAILED, row["id"], reason)
             metrics.settled("email", delivery.channel, "failed")
             raise DeadLetter(f"permanent failure: {reason}") from exc
         except smtp.TransientSendError as exc:
             attempt = row["attempts"]
             if attempt > len(self._delays):
                 reason = f"gave up after {attempt} attempts: {exc.reason}"
-                await self._mark(MARK_FAILED, row["id"], reason)
+                await self._mark(transitions.FAILED, row["id"], reason)
                 metrics.settled("email", delivery.channel, "failed")
                 raise DeadLetter(reason) from exc
             delay = self._delays[attempt - 1]
-            await self._mark(MARK_RETRYING, row["id"], exc.reason, float(delay))
+            await self._mark(transitions.RETRYING, row["id"], exc.reason, float(delay))
             metrics.settled("email", delivery.channel, "retried")
             raise RetryLater(exc.reason, delay) from exc
 
-        await self._mark(MARK_SENT, row["id"])
+        await self._mark(transitions.SENT, row["id"])
         metrics.delivered("email", delivery.channel, delivery.event_occurred_at)
         logger.info(
             "email sent in %.1f ms (attempt %d)",
@@ -137,6 +114,6 @@ class EmailWorker:
             extra={"action": "email.sent"},
         )
 
-    async def _mark(self, statement: str, *args: object) -> None:
+    async def _mark(self, statement: str, notification_id: int, *args: object) -> None:
         async with transaction(self._pool()) as conn:
-            await conn.execute(statement, *args)
+            await transitions.settle(conn, statement, notification_id, None, *args)

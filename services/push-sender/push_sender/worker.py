@@ -27,7 +27,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter
 
-from contracts import metrics
+from contracts import metrics, transitions
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction
 from contracts.messages import DeliveryRequested
@@ -45,61 +45,9 @@ DEVICE_OUTCOMES = Counter(
     ["outcome"],
 )
 
-CLAIM = """
-UPDATE notifications
-SET status = 'sending', attempts = attempts + 1, updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => $2)
-WHERE id = $1 AND type = 'push'
-  AND (status = 'pending'
-       OR (status = 'retrying' AND coalesce(next_attempt_at <= now(), true))
-       OR (status = 'sending' AND lease_expires_at < now()))
-RETURNING id, user_id, title, message, metadata, priority, attempts
-"""
-
-STATUS = """
-SELECT status,
-       greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS due_in
-FROM notifications WHERE id = $1
-"""
-
-# Per-device outcomes go under metadata.push, keyed by subscription id; a later
-# attempt overwrites what an earlier one said about the same device.
-
-
-def _merge(parameter: str) -> str:
-    return (
-        "metadata = jsonb_set(metadata, '{push}', "
-        "coalesce(metadata->'push', '{}') || " + parameter + ")"
-    )
-
-
-MARK_SENT = f"""
-UPDATE notifications
-SET status = 'sent', sent_at = now(), updated_at = now(), last_error = NULL,
-    lease_expires_at = NULL, next_attempt_at = NULL, {_merge("$2::jsonb")}
-WHERE id = $1 AND status = 'sending'
-"""
-
-MARK_RETRYING = f"""
-UPDATE notifications
-SET status = 'retrying', last_error = $2, updated_at = now(), lease_expires_at = NULL,
-    next_attempt_at = now() + make_interval(secs => $3), {_merge("$4::jsonb")}
-WHERE id = $1 AND status = 'sending'
-"""
-
-MARK_FAILED = f"""
-UPDATE notifications
-SET status = 'failed', last_error = $2, updated_at = now(), lease_expires_at = NULL,
-    next_attempt_at = NULL, {_merge("$3::jsonb")}
-WHERE id = $1 AND status = 'sending'
-"""
-
-MARK_SKIPPED = f"""
-UPDATE notifications
-SET status = 'skipped', last_error = $2, updated_at = now(), lease_expires_at = NULL,
-    next_attempt_at = NULL, {_merge("$3::jsonb")}
-WHERE id = $1 AND status = 'sending'
-"""
+CLAIM = transitions.claim_sql(
+    "push", "id, user_id, title, message, metadata, priority, attempts"
+)
 
 NO_SUBSCRIPTION = "user has no push subscription"
 ALL_GONE = "every push subscription of the user is gone (404/410)"
@@ -133,7 +81,9 @@ class PushWorker:
         async with transaction(self._pool()) as conn:
             row = await conn.fetchrow(CLAIM, delivery.notification_id, self._lease)
             if row is None:
-                current = await conn.fetchrow(STATUS, delivery.notification_id)
+                current = await conn.fetchrow(
+                    transitions.STATUS, delivery.notification_id
+                )
             else:
                 devices = await conn.fetch(subs.FOR_USER, row["user_id"])
         if row is None:
@@ -142,7 +92,7 @@ class PushWorker:
 
         started = time.perf_counter()
         if not devices:
-            await self._mark(MARK_SKIPPED, row["id"], NO_SUBSCRIPTION, {})
+            await self._mark(transitions.SKIPPED, row, {}, NO_SUBSCRIPTION)
             metrics.settled("push", delivery.channel, "skipped")
             logger.info("no subscription", extra={"action": "push.skipped"})
             return
@@ -154,14 +104,10 @@ class PushWorker:
         await self._record(delivery, row, pairs, started)
 
     def _unclaimed(self, notification_id: int, current: asyncpg.Record | None) -> None:
-        if current is None:
-            raise DeadLetter(f"notification {notification_id} not found")
-        if current["status"] == "retrying" and current["due_in"] > 0:
-            due_in = float(current["due_in"])
-            raise RetryLater(f"not due for {due_in:.1f}s", self._level(due_in))
+        status = transitions.explain_unclaimed(notification_id, current, self._delays)
         logger.info(
             "notification is %s; nothing to send",
-            current["status"],
+            status,
             extra={"action": "push.skipped_duplicate"},
         )
 
@@ -232,7 +178,9 @@ class PushWorker:
         if accepted:
             async with transaction(self._pool()) as conn:
                 await conn.execute(subs.TOUCH, accepted)
-                await conn.execute(MARK_SENT, row["id"], outcomes)
+                await transitions.settle(
+                    conn, transitions.SENT, row["id"], _devices(row, outcomes)
+                )
             metrics.delivered("push", delivery.channel, delivery.event_occurred_at)
             logger.info(
                 "pushed to %d of %d devices in %.1f ms (attempt %d)",
@@ -249,43 +197,46 @@ class PushWorker:
             reason = "; ".join(sorted({r.detail for r in later}))
             if attempt > len(self._delays):
                 reason = f"gave up after {attempt} attempts: {reason}"
-                await self._mark(MARK_FAILED, row["id"], reason, outcomes)
+                await self._mark(transitions.FAILED, row, outcomes, reason)
                 metrics.settled("push", delivery.channel, "failed")
                 raise DeadLetter(reason)
             wait = max(
                 float(self._delays[attempt - 1]),
                 *(r.retry_after or 0.0 for r in later),
             )
-            await self._mark(MARK_RETRYING, row["id"], reason, outcomes, wait)
+            await self._mark(transitions.RETRYING, row, outcomes, reason, wait)
             metrics.settled("push", delivery.channel, "retried")
-            raise RetryLater(reason, self._level(wait))
+            raise RetryLater(reason, transitions.retry_level(self._delays, wait))
 
         if all(r.outcome == "gone" for r in results):
-            await self._mark(MARK_SKIPPED, row["id"], ALL_GONE, outcomes)
+            await self._mark(transitions.SKIPPED, row, outcomes, ALL_GONE)
             metrics.settled("push", delivery.channel, "skipped")
             logger.info(ALL_GONE, extra={"action": "push.skipped"})
             return
 
         reason = "; ".join(sorted({r.detail for r in results if r.outcome != "gone"}))
-        await self._mark(MARK_FAILED, row["id"], f"rejected: {reason}", outcomes)
+        await self._mark(transitions.FAILED, row, outcomes, f"rejected: {reason}")
         metrics.settled("push", delivery.channel, "failed")
         raise DeadLetter(f"every device refused the push: {reason}")
-
-    def _level(self, wait: float) -> int:
-        """The shortest retry delay not shorter than ``wait``, else the longest."""
-        levels = sorted(self._delays)
-        return next((level for level in levels if level >= wait), levels[-1])
 
     async def _mark(
         self,
         statement: str,
-        notification_id: int,
-        reason: str,
+        row: asyncpg.Record,
         outcomes: dict[str, Any],
-        wait: float | None = None,
+        *args: object,
     ) -> None:
-        args: tuple[Any, ...] = (notification_id, reason)
-        if wait is not None:
-            args += (wait,)
         async with transaction(self._pool()) as conn:
-            await conn.execute(statement, *args, outcomes)
+            await transitions.settle(
+                conn, statement, row["id"], _devices(row, outcomes), *args
+            )
+
+
+def _devices(row: asyncpg.Record, outcomes: dict[str, Any]) -> dict[str, Any]:
+    """The metadata patch: per-device outcomes under ``push``, by subscription id.
+
+    A later attempt overwrites what an earlier one said about the same device. The
+    row is claimed, so its metadata cannot change under us meanwhile.
+    """
+    earlier = (row["metadata"] or {}).get("push") or {}
+    return {"push": {**earlier, **outcomes}}
