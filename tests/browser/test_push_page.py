@@ -164,10 +164,12 @@ async def site(settings: Settings) -> AsyncIterator[Site]:
 
     page, push = Server(), Server()
     push_settings = PushSettings(
-        **settings.model_dump(),
-        vapid_private_key=pem,
-        push_allowed_hosts="127.0.0.1",
-        cors_origins=page.url,
+        **{
+            **settings.model_dump(),
+            "vapid_private_key": pem,
+            "push_allowed_hosts": "127.0.0.1",
+            "cors_origins": page.url,
+        }
     )
     await push.start(create_push_sender(push_settings))
     await page.start(page_app(push.url))

@@ -7,7 +7,6 @@ from typing import Literal
 import httpx
 import pytest
 
-from comments.app import CommentsSettings, cors_origins
 from comments.app import create_app as create_comments
 from contracts.settings import Settings
 from tests.sse.conftest import StartGateway
@@ -43,11 +42,11 @@ def test_demo_tokens_exist_only_in_development() -> None:
     assert "/dev/token" not in paths("test")
 
 
-def test_comments_cors_defaults_to_the_gateway_page_in_development() -> None:
-    assert cors_origins(CommentsSettings(env="development")) == [
+def test_cors_defaults_to_the_demo_page_in_development() -> None:
+    assert Settings(env="development").allowed_origins == [
         "http://127.0.0.1:8081",
         "http://localhost:8081",
     ]
-    assert cors_origins(CommentsSettings(env="test")) == []
-    configured = CommentsSettings(env="test", cors_origins="https://a.example, ")
-    assert cors_origins(configured) == ["https://a.example"]
+    assert Settings(env="test").allowed_origins == []
+    configured = Settings(env="test", cors_origins="https://a.example, ")
+    assert configured.allowed_origins == ["https://a.example"]

@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S")
 
+# Where the SSE gateway serves the demo web page during development.
+DEVELOPMENT_ORIGINS = ("http://127.0.0.1:8081", "http://localhost:8081")
+
 DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 
 
@@ -42,9 +45,19 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(default=10.0, gt=0)
 
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Browser origins allowed to call the HTTP APIs, separated by commas.
+    cors_origins: str = ""
 
     log_level: str = "INFO"
     service_name: str = "notiflow"
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        """CORS origins; in development, by default, the demo page's own."""
+        origins = [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        if not origins and self.env == "development":
+            return list(DEVELOPMENT_ORIGINS)
+        return origins
 
     @property
     def retry_delay_levels(self) -> tuple[int, ...]:

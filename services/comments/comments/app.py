@@ -14,25 +14,9 @@ from contracts.http import install_http_policy
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 
-# Where the gateway serves the demo page during development.
-DEV_ORIGINS = ("http://127.0.0.1:8081", "http://localhost:8081")
-
-
-class CommentsSettings(Settings):
-    # Browser origins allowed to call this API, separated by commas.
-    cors_origins: str = ""
-
-
-def cors_origins(settings: Settings) -> list[str]:
-    configured = getattr(settings, "cors_origins", "")
-    origins = [o.strip() for o in configured.split(",") if o.strip()]
-    if not origins and settings.env == "development":
-        return list(DEV_ORIGINS)
-    return origins
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or CommentsSettings()
+    settings = settings or Settings()
     runtime = Runtime(settings, relay=True)
 
     @asynccontextmanager
@@ -45,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="notiflow comments", lifespan=lifespan)
     app.state.runtime = runtime
-    origins = cors_origins(settings)
+    origins = settings.allowed_origins
     if origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,8 +9,6 @@ from pydantic_settings import SettingsConfigDict
 
 from contracts.settings import Settings
 
-DEVELOPMENT_ORIGINS = "http://127.0.0.1:8081,http://localhost:8081"
-
 
 class PushSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
@@ -29,7 +27,6 @@ class PushSettings(Settings):
     push_allowed_hosts: str = ""
     # Origins of the page that calls the subscription API; None means the
     # development default in development and nothing elsewhere.
-    cors_origins: str | None = None
 
     push_ttl_seconds: int = Field(default=24 * 3600, ge=0, le=28 * 24 * 3600)
     push_timeout: float = Field(default=10.0, gt=0)
@@ -45,13 +42,6 @@ class PushSettings(Settings):
         return frozenset(
             h.strip().lower() for h in self.push_allowed_hosts.split(",") if h.strip()
         )
-
-    @property
-    def allowed_origins(self) -> list[str]:
-        raw = self.cors_origins
-        if raw is None:
-            raw = DEVELOPMENT_ORIGINS if self.env == "development" else ""
-        return [o.strip() for o in raw.split(",") if o.strip()]
 
     @property
     def allow_plain_http(self) -> bool:

@@ -41,7 +41,6 @@ class GatewaySettings(Settings):
     # False serves streams with sse-starlette's stock response (four tasks per
     # stream); kept to measure against, see bench/sse_fanout.py.
     sse_lean: bool = True
-    cors_origins: str = ""
     # Where the web page finds the comments API.
     api_base_url: str = "http://127.0.0.1:8080"
     # Where the page's Web Push controls find the push sender.
@@ -132,7 +131,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = GatewayApp(title="notiflow sse gateway", lifespan=lifespan)
     app.state.runtime = runtime
     app.state.hub = hub
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    origins = settings.allowed_origins
     app.sse = StreamEndpoint(
         settings,
         hub,
