@@ -16,6 +16,7 @@ metadata (top-level keys replace those already there).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,19 +86,35 @@ def retry_level(delays: Sequence[int], wait: float) -> int:
     return next((level for level in levels if level >= wait), levels[-1])
 
 
-def explain_unclaimed(
-    notification_id: int, current: asyncpg.Record | None, delays: Sequence[int]
-) -> str:
-    """Why a claim found nothing: raise if the message must go elsewhere.
+async def claim(
+    conn: asyncpg.Connection,
+    statement: str,
+    notification_id: int,
+    lease_seconds: float,
+    delays: Sequence[int],
+    *,
+    log: logging.Logger,
+    action: str,
+) -> asyncpg.Record | None:
+    """Claim a row with ``statement`` (from :func:`claim_sql`), or say why not.
 
     A missing row is a dead letter. A ``retrying`` row whose time has not come (a
     message replayed early, or a delay shorter than a Retry-After) is parked again.
-    Otherwise the row is final or held by a live worker, and the message is done:
-    the status is returned for the log.
+    Otherwise the row is final or held by a live worker: None, and the message is
+    done, logged on the caller's ``log`` with ``action``.
     """
+    row = await conn.fetchrow(statement, notification_id, lease_seconds)
+    if row is not None:
+        return row
+    current = await conn.fetchrow(STATUS, notification_id)
     if current is None:
         raise DeadLetter(f"notification {notification_id} not found")
     if current["status"] == "retrying" and current["due_in"] > 0:
         due_in = float(current["due_in"])
         raise RetryLater(f"not due for {due_in:.1f}s", retry_level(delays, due_in))
-    return str(current["status"])
+    log.info(
+        "notification is %s; nothing to send",
+        current["status"],
+        extra={"action": action},
+    )
+    return None

@@ -58,20 +58,16 @@ class EmailWorker:
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
     ) -> None:
         async with transaction(self._pool()) as conn:
-            row = await conn.fetchrow(CLAIM, delivery.notification_id, self._lease)
-            if row is None:
-                current = await conn.fetchrow(
-                    transitions.STATUS, delivery.notification_id
-                )
+            row = await transitions.claim(
+                conn,
+                CLAIM,
+                delivery.notification_id,
+                self._lease,
+                self._delays,
+                log=logger,
+                action="email.skipped_duplicate",
+            )
         if row is None:
-            status = transitions.explain_unclaimed(
-                delivery.notification_id, current, self._delays
-            )
-            logger.info(
-                "notification is %s; nothing to send",
-                status,
-                extra={"action": "email.skipped_duplicate"},
-            )
             return
 
         started = time.perf_counter()

@@ -79,16 +79,18 @@ class PushWorker:
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
     ) -> None:
         async with transaction(self._pool()) as conn:
-            row = await conn.fetchrow(CLAIM, delivery.notification_id, self._lease)
+            row = await transitions.claim(
+                conn,
+                CLAIM,
+                delivery.notification_id,
+                self._lease,
+                self._delays,
+                log=logger,
+                action="push.skipped_duplicate",
+            )
             if row is None:
-                current = await conn.fetchrow(
-                    transitions.STATUS, delivery.notification_id
-                )
-            else:
-                devices = await conn.fetch(subs.FOR_USER, row["user_id"])
-        if row is None:
-            self._unclaimed(delivery.notification_id, current)
-            return
+                return
+            devices = await conn.fetch(subs.FOR_USER, row["user_id"])
 
         started = time.perf_counter()
         if not devices:
@@ -102,14 +104,6 @@ class PushWorker:
             *(self._deliver(Subscription(**dict(d)), row, push) for d in devices)
         )
         await self._record(delivery, row, pairs, started)
-
-    def _unclaimed(self, notification_id: int, current: asyncpg.Record | None) -> None:
-        status = transitions.explain_unclaimed(notification_id, current, self._delays)
-        logger.info(
-            "notification is %s; nothing to send",
-            status,
-            extra={"action": "push.skipped_duplicate"},
-        )
 
     def _push(self, row: asyncpg.Record, limit: int = payload.MAX_PLAINTEXT) -> Push:
         metadata: dict[str, Any] = row["metadata"] or {}
