@@ -26,6 +26,7 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import aiosmtplib
 
@@ -59,6 +60,18 @@ class SmtpConfig:
     password: str | None = None
     use_tls: bool = False
     start_tls: bool | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """The connection options of aiosmtplib's ``SMTP`` and ``send``."""
+        return {
+            "hostname": self.host,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+            "use_tls": self.use_tls,
+            "start_tls": self.start_tls,
+            "timeout": self.timeout,
+        }
 
     @property
     def deadline(self) -> float:
@@ -94,13 +107,7 @@ async def _send_once(mail: Mail, config: SmtpConfig) -> str:
         mail.data,
         sender=mail.sender,
         recipients=list(mail.recipients),
-        hostname=config.host,
-        port=config.port,
-        username=config.username,
-        password=config.password,
-        use_tls=config.use_tls,
-        start_tls=config.start_tls,
-        timeout=config.timeout,
+        **config.client_options(),
     )
     _raise_for(errors)
     return reply
@@ -184,16 +191,7 @@ class SmtpPool:
         return await self._connect(), False
 
     async def _connect(self) -> aiosmtplib.SMTP:
-        config = self._config
-        client = aiosmtplib.SMTP(
-            hostname=config.host,
-            port=config.port,
-            username=config.username,
-            password=config.password,
-            use_tls=config.use_tls,
-            start_tls=config.start_tls,
-            timeout=config.timeout,
-        )
+        client = aiosmtplib.SMTP(**self._config.client_options())
         try:
             await client.connect()
         except BaseException:
