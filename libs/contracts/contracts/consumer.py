@@ -25,6 +25,15 @@ every waiting event past the limit, into the dead-letter queue. Holding it
 costs one prefetch slot per message, which nothing else could use while the database
 is away anyway.
 
+Batches. :meth:`Consumers.subscribe_batch` hands a handler every message that is
+waiting at once, up to a limit, so that it can claim, write and settle many rows
+with a few statements instead of a few statements each. Nothing waits for a batch
+to fill: a worker takes whatever has arrived when it becomes free, so one message
+on a quiet queue is handled alone and at once, and batches grow only when messages
+arrive faster than they are handled. The handler answers each message separately
+(done, :class:`RetryLater`, :class:`DeadLetter`), and each message is acked,
+parked or set aside on its own, exactly as a single handler's would be.
+
 :meth:`Consumers.missing` says which queues have no live consumer in this process
 (a channel that is still reconnecting, or a consumer the broker cancelled because
 its queue was deleted); readiness reports them.
@@ -33,11 +42,14 @@ its queue was deleted); readiness reports them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -54,6 +66,8 @@ from contracts.messages import BadMessage, Message, decode
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # When the message was set aside, for ``notiflow-admin dlq list``.
 DEAD_LETTERED_AT_HEADER = "x-notiflow-dead-lettered-at"
@@ -77,6 +91,24 @@ class DeadLetter(Exception):
 
 
 Handler = Callable[[M, AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Item(Generic[M]):
+    """One message of a batch, with the context its own consumer runs in."""
+
+    message: M
+    raw: AbstractIncomingMessage
+    context: contextvars.Context
+
+    def within(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call ``fn`` as if inside this message's consumer: its log ids, its trace."""
+        return self.context.run(fn, *args, **kwargs)
+
+
+# Returns one outcome per item, in order: None (done), or the RetryLater or
+# DeadLetter that says what must happen to that message.
+BatchHandler = Callable[[Sequence[Item[M]]], Awaitable[Sequence[Exception | None]]]
 
 
 class Publisher:
@@ -168,6 +200,43 @@ class Consumers:
         prefetch: int,
         action: str,
     ) -> None:
+        """Call ``handler`` once per message, up to ``prefetch`` at a time."""
+
+        async def run(payload: M, raw: AbstractIncomingMessage) -> None:
+            await self._call(handler, payload, raw, queue, action)
+
+        self._consume(queue, model, run, prefetch=prefetch, action=action)
+
+    def subscribe_batch(
+        self,
+        queue: str,
+        model: type[M],
+        handler: BatchHandler[M],
+        *,
+        prefetch: int,
+        max_batch: int,
+        workers: int = 2,
+        action: str,
+    ) -> None:
+        """Call ``handler`` with up to ``max_batch`` waiting messages at a time.
+
+        ``workers`` batches may run at once; while they do, new messages gather
+        for the next one.
+        """
+        batcher: _Batcher[M] = _Batcher(
+            self, handler, queue, action, max_batch=max_batch, workers=workers
+        )
+        self._consume(queue, model, batcher.submit, prefetch=prefetch, action=action)
+
+    def _consume(
+        self,
+        queue: str,
+        model: type[M],
+        run: Handler[M],
+        *,
+        prefetch: int,
+        action: str,
+    ) -> None:
         self.queues.append(queue)
         subscriber = self._broker.subscriber(
             RabbitQueue(queue, declare=False),
@@ -182,6 +251,10 @@ class Consumers:
 
         @subscriber
         async def consume(message: RabbitMessage) -> None:
+            # The broker runs without FastStream's dependency injection
+            # (``apply_types=False``), which would resolve the message through a
+            # worker thread for every delivery; the decoder hands over the message
+            # itself instead.
             raw: AbstractIncomingMessage = message.raw_message
             self.in_flight += 1
             self._idle.clear()
@@ -194,7 +267,7 @@ class Consumers:
                     kind=SpanKind.CONSUMER,
                 ):
                     outcome = await self._handle(
-                        queue, model, handler, message, raw, action
+                        queue, model, run, message, raw, action
                     )
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
@@ -207,7 +280,7 @@ class Consumers:
         self,
         queue: str,
         model: type[M],
-        handler: Handler[M],
+        run: Handler[M],
         message: Any,
         raw: AbstractIncomingMessage,
         action: str,
@@ -223,7 +296,7 @@ class Consumers:
         ids = {k: str(v) for k, v in _ids(payload).items()}
         with bind(**ids):
             try:
-                await self._call(handler, payload, raw, queue, action)
+                await run(payload, raw)
             except _ShuttingDown:
                 await message.nack(requeue=True)
                 return "returned"
@@ -264,11 +337,18 @@ class Consumers:
         queue: str,
         action: str,
     ) -> None:
-        """Run the handler, again and again while the database is away."""
+        await self.while_database_away(
+            lambda: handler(payload, raw), queue=queue, action=action
+        )
+
+    async def while_database_away(
+        self, attempt: Callable[[], Awaitable[T]], *, queue: str, action: str
+    ) -> T:
+        """Run ``attempt``, again and again while the database is away."""
         backoff = _Backoff()
         while True:
             try:
-                await handler(payload, raw)
+                return await attempt()
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
                 if self.stopping:
                     raise _ShuttingDown from exc
@@ -280,8 +360,6 @@ class Consumers:
                     extra={"action": f"{action}.backoff", "queue": queue},
                 )
                 await asyncio.sleep(delay)
-            else:
-                return
 
     async def _set_aside(
         self, message: Any, raw: AbstractIncomingMessage, queue: str, reason: str
@@ -297,8 +375,113 @@ class Consumers:
         )
 
 
-async def _undecoded(message: Any) -> bytes:
-    return bytes(message.body)
+class _Batcher(Generic[M]):
+    """Gathers the messages of one queue into batches for a :data:`BatchHandler`."""
+
+    def __init__(
+        self,
+        consumers: Consumers,
+        handler: BatchHandler[M],
+        queue: str,
+        action: str,
+        *,
+        max_batch: int,
+        workers: int,
+    ) -> None:
+        if max_batch < 1 or workers < 1:
+            raise ValueError("max_batch and workers must be at least 1")
+        self._consumers = consumers
+        self._handler = handler
+        self._queue = queue
+        self._action = action
+        self._max_batch = max_batch
+        self._workers = workers
+        self._waiting: deque[tuple[Item[M], asyncio.Future[None]]] = deque()
+        self._running: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._sizes = metrics.BATCH_SIZE.labels(queue)
+
+    async def submit(self, payload: M, raw: AbstractIncomingMessage) -> None:
+        """Queue one message; return when its batch is done, or raise its outcome."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((Item(payload, raw, contextvars.copy_context()), done))
+        if not self._scheduled:
+            # Start on the next turn of the loop, so that the messages delivered
+            # together with this one join its batch.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+        await done
+
+    def _start(self) -> None:
+        self._scheduled = False
+        while self._waiting and len(self._running) < self._workers:
+            count = min(self._max_batch, len(self._waiting))
+            batch = [self._waiting.popleft() for _ in range(count)]
+            task = asyncio.create_task(self._run(batch), name=f"batch {self._queue}")
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._start()
+
+    async def _run(self, batch: list[tuple[Item[M], asyncio.Future[None]]]) -> None:
+        items = [item for item, _ in batch]
+        self._sizes.observe(len(items))
+        try:
+            outcomes = await self._outcomes(items)
+        except _ShuttingDown:
+            outcomes = [_ShuttingDown() for _ in items]
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue
+            if outcome is None:
+                done.set_result(None)
+            else:
+                done.set_exception(outcome)
+
+    async def _outcomes(self, items: list[Item[M]]) -> list[Exception | None]:
+        try:
+            return await self._attempt(items)
+        except (_ShuttingDown, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+            # One message may have broken the whole batch; find which by handling
+            # each alone, so that only that one is dead-lettered.
+            logger.warning(
+                "batch of %d failed (%r); handling its messages one by one",
+                len(items),
+                exc,
+                extra={"action": f"{self._action}.batch_failed", "queue": self._queue},
+            )
+            results: list[Exception | None] = []
+            for item in items:
+                try:
+                    results.extend(await self._attempt([item]))
+                except (_ShuttingDown, asyncio.CancelledError):
+                    raise
+                except Exception as single:
+                    results.append(single)
+            return results
+
+    async def _attempt(self, items: list[Item[M]]) -> list[Exception | None]:
+        outcomes = list(
+            await self._consumers.while_database_away(
+                lambda: self._handler(items), queue=self._queue, action=self._action
+            )
+        )
+        if len(outcomes) != len(items):
+            raise RuntimeError(
+                f"batch handler answered {len(outcomes)} outcomes for "
+                f"{len(items)} messages"
+            )
+        return outcomes
+
+
+async def _undecoded(message: Any) -> Any:
+    return message
 
 
 class _ShuttingDown(Exception):

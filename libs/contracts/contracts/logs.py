@@ -54,6 +54,11 @@ def bind(**fields: Any) -> Iterator[None]:
         _bound.reset(token)
 
 
+def bound() -> dict[str, Any]:
+    """The fields :func:`bind` has attached in the current context."""
+    return dict(_bound.get() or {})
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -65,6 +65,13 @@ MESSAGES_HANDLED = Counter(
     ["queue", "outcome"],
 )
 
+BATCH_SIZE = Histogram(
+    "notiflow_consumer_batch_size",
+    "Messages handled together by one call of a batch handler.",
+    ["queue"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)
+
 OUTBOX_PUBLISHED = Counter(
     "notiflow_outbox_published",
     "Outbox rows published to RabbitMQ and confirmed.",

@@ -24,7 +24,7 @@ from faststream.rabbit import RabbitBroker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contracts import logs, topology, tracing
-from contracts.consumer import Consumers, Handler, M, Publisher
+from contracts.consumer import BatchHandler, Consumers, Handler, M, Publisher
 from contracts.db import create_pool
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
@@ -56,6 +56,7 @@ class Runtime:
                 settings.amqp_url,
                 logger=None,
                 graceful_timeout=settings.drain_seconds,
+                apply_types=False,
             )
             self.consumers = Consumers(self.broker, self.publisher)
 
@@ -78,6 +79,30 @@ class Runtime:
             raise RuntimeError("this runtime was built without consumers")
         self.consumers.subscribe(
             queue, model, handler, prefetch=prefetch, action=action
+        )
+
+    def subscribe_batch(
+        self,
+        queue: str,
+        model: type[M],
+        handler: BatchHandler[M],
+        *,
+        prefetch: int,
+        max_batch: int,
+        workers: int = 2,
+        action: str,
+    ) -> None:
+        """Consume ``queue`` in batches, see :meth:`Consumers.subscribe_batch`."""
+        if self.consumers is None:
+            raise RuntimeError("this runtime was built without consumers")
+        self.consumers.subscribe_batch(
+            queue,
+            model,
+            handler,
+            prefetch=prefetch,
+            max_batch=max_batch,
+            workers=workers,
+            action=action,
         )
 
     @property

@@ -1,0 +1,208 @@
+"""Batch consumption on a real broker: messages gather into batches, and each one
+still ends on its own (acked, parked for a retry, or dead-lettered with its reason)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from contracts import topology
+from contracts.consumer import DeadLetter, Item, RetryLater
+from contracts.db import DatabaseUnavailable
+from contracts.logs import bound
+from contracts.messages import DeliveryRequested
+from contracts.runtime import Runtime
+from contracts.settings import Settings
+from tests.integration.helpers import (
+    body,
+    delivery,
+    depths,
+    publish,
+    reason,
+    take_dead_letters,
+)
+from tests.support.waiting import eventually
+
+QUEUE = topology.delivery_queue("push")
+
+
+async def _run(settings: Settings, handler, *, max_batch: int, workers: int = 1):
+    runtime = Runtime(settings, consumers=True)
+    runtime.subscribe_batch(
+        QUEUE,
+        DeliveryRequested,
+        handler,
+        prefetch=100,
+        max_batch=max_batch,
+        workers=workers,
+        action="test",
+    )
+    await runtime.start()
+    return runtime
+
+
+async def test_waiting_messages_are_handled_together_and_each_acked(
+    settings: Settings,
+) -> None:
+    await publish(
+        settings.amqp_url, [delivery(i, 1) for i in range(1, 41)], routing_key="push"
+    )
+    batches: list[list[int]] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        batches.append([item.message.notification_id for item in items])
+        await asyncio.sleep(0.05)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=16)
+    try:
+        await eventually(lambda: _handled(batches, 40), what="every message handled")
+        assert max(len(batch) for batch in batches) > 1, batches
+        assert all(len(batch) <= 16 for batch in batches), batches
+        assert sorted(n for batch in batches for n in batch) == list(range(1, 41))
+
+        async def drained() -> bool:
+            return (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+        await eventually(drained, what="queue empty")
+    finally:
+        await runtime.stop()
+    # Acked, not merely delivered: nothing comes back after the consumer is gone.
+    assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+    assert await take_dead_letters(settings.amqp_url) == []
+
+
+async def _handled(batches: list[list[int]], count: int) -> bool:
+    return sum(len(batch) for batch in batches) >= count
+
+
+async def test_each_message_of_a_batch_ends_its_own_way(settings: Settings) -> None:
+    await publish(
+        settings.amqp_url, [delivery(i, 1) for i in range(1, 7)], routing_key="push"
+    )
+    seen: list[int] = []
+
+    async def handler(
+        items: Sequence[Item[DeliveryRequested]],
+    ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for item in items:
+            number = item.message.notification_id
+            seen.append(number)
+            if number == 2:
+                outcomes.append(DeadLetter("recipient 2 is gone"))
+            elif number == 3:
+                outcomes.append(RetryLater("server busy", 1))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    runtime = await _run(settings, handler, max_batch=10)
+    try:
+        await eventually(lambda: _count(seen, 6), what="six messages handled")
+        dead = await eventually(
+            lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
+        )
+        # Number 3 went to the one-second delay queue and comes back for a second try.
+        await eventually(
+            lambda: _count([n for n in seen if n == 3], 2), what="number 3 again"
+        )
+    finally:
+        await runtime.stop()
+    assert [body(m)["notification_id"] for m in dead] == [2]
+    assert reason(dead[0]) == "recipient 2 is gone"
+    assert seen.count(1) == 1 and seen.count(4) == 1
+
+
+async def _count(seen: list[int], count: int) -> bool:
+    return len(seen) >= count
+
+
+async def test_a_message_that_breaks_its_batch_is_the_only_one_dead_lettered(
+    settings: Settings,
+) -> None:
+    await publish(
+        settings.amqp_url, [delivery(i, 1) for i in range(1, 9)], routing_key="push"
+    )
+    done: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        numbers = [item.message.notification_id for item in items]
+        if 5 in numbers:
+            raise ValueError("cannot handle number 5")
+        done.extend(numbers)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=8)
+    try:
+        await eventually(lambda: _count(done, 7), what="the other seven handled")
+        dead = await eventually(
+            lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
+        )
+    finally:
+        await runtime.stop()
+    assert sorted(done) == [1, 2, 3, 4, 6, 7, 8]
+    assert [body(m)["notification_id"] for m in dead] == [5]
+    assert "cannot handle number 5" in reason(dead[0])
+
+
+async def test_a_batch_waits_out_a_database_outage_and_loses_nothing(
+    settings: Settings,
+) -> None:
+    await publish(
+        settings.amqp_url, [delivery(i, 1) for i in range(1, 5)], routing_key="push"
+    )
+    failures = 2
+    done: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise DatabaseUnavailable("database is away")
+        done.extend(item.message.notification_id for item in items)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=8)
+    try:
+        await eventually(lambda: _count(done, 4), what="all four handled")
+    finally:
+        await runtime.stop()
+    assert sorted(done) == [1, 2, 3, 4]
+    assert await take_dead_letters(settings.amqp_url) == []
+
+
+async def test_items_carry_the_log_ids_of_their_own_message(
+    settings: Settings,
+) -> None:
+    await publish(
+        settings.amqp_url, [delivery(i, 1) for i in (11, 12)], routing_key="push"
+    )
+    fields: dict[int, dict] = {}
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        for item in items:
+            fields[item.message.notification_id] = item.within(bound)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=8)
+    try:
+        await eventually(lambda: _count(list(fields), 2), what="both handled")
+    finally:
+        await runtime.stop()
+    assert fields[11]["notification_id"] == "11"
+    assert fields[12]["notification_id"] == "12"
+
+
+def test_a_batch_consumer_needs_room_for_one_message() -> None:
+    runtime = Runtime(Settings(), consumers=True)
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        return [None] * len(items)
+
+    with pytest.raises(ValueError, match="max_batch"):
+        runtime.subscribe_batch(
+            QUEUE, DeliveryRequested, handler, prefetch=1, max_batch=0, action="t"
+        )
