@@ -12,7 +12,7 @@ from contracts import topology
 from contracts.consumer import DeadLetter, Item, RetryLater
 from contracts.db import DatabaseUnavailable
 from contracts.logs import bound
-from contracts.messages import DeliveryRequested
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime
 from contracts.settings import Settings
 from tests.integration.helpers import (
@@ -206,3 +206,95 @@ def test_a_batch_consumer_needs_room_for_one_message() -> None:
         runtime.subscribe_batch(
             QUEUE, DeliveryRequested, handler, prefetch=1, max_batch=0, action="t"
         )
+
+
+def _envelope(*numbers: int) -> bytes:
+    return DeliveryBatch(
+        deliveries=[
+            DeliveryRequested.model_validate_json(delivery(n, 1)) for n in numbers
+        ]
+    ).to_bytes()
+
+
+async def test_an_envelope_item_that_fails_goes_on_alone(settings: Settings) -> None:
+    await publish(settings.amqp_url, [_envelope(1, 2, 3, 4)], routing_key="push")
+    seen: list[int] = []
+
+    async def handler(
+        items: Sequence[Item[DeliveryRequested]],
+    ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for item in items:
+            number = item.message.notification_id
+            seen.append(number)
+            if number == 2:
+                outcomes.append(DeadLetter("recipient 2 is gone"))
+            elif number == 3 and seen.count(3) == 1:
+                outcomes.append(RetryLater("server busy", 1))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    runtime = Runtime(settings, consumers=True)
+    runtime.subscribe_batch(
+        QUEUE,
+        DeliveryRequested,
+        handler,
+        prefetch=10,
+        max_batch=10,
+        action="test",
+        envelope=DeliveryBatch,
+    )
+    await runtime.start()
+    try:
+        dead = await eventually(
+            lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
+        )
+        await eventually(
+            lambda: _count([n for n in seen if n == 3], 2), what="number 3 again"
+        )
+    finally:
+        await runtime.stop()
+    # The dead letter and the retry are each the one failed delivery, not the
+    # envelope, so that replaying them repeats nothing else.
+    assert len(dead) == 1
+    assert body(dead[0])["notification_id"] == 2
+    assert "deliveries" not in body(dead[0])
+    assert dead[0].message_id == "notification-2"
+    assert reason(dead[0]) == "recipient 2 is gone"
+    assert sorted(seen) == [1, 2, 3, 3, 4]
+
+
+async def test_a_single_handler_is_called_once_per_envelope_item(
+    settings: Settings,
+) -> None:
+    await publish(
+        settings.amqp_url,
+        [_envelope(5, 6, 7), delivery(8, 1)],
+        routing_key="push",
+    )
+    seen: list[tuple[int, str]] = []
+
+    async def handler(message: DeliveryRequested, _raw: object) -> None:
+        seen.append((message.notification_id, bound()["notification_id"]))
+
+    runtime = Runtime(settings, consumers=True)
+    runtime.subscribe(
+        QUEUE,
+        DeliveryRequested,
+        handler,
+        prefetch=10,
+        action="test",
+        envelope=DeliveryBatch,
+    )
+    await runtime.start()
+    try:
+        await eventually(lambda: _count(seen, 4), what="four deliveries handled")
+
+        async def drained() -> bool:
+            return (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+        await eventually(drained, what="queue empty")
+    finally:
+        await runtime.stop()
+    assert sorted(seen) == [(5, "5"), (6, "6"), (7, "7"), (8, "8")]

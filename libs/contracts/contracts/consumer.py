@@ -61,7 +61,7 @@ from opentelemetry.trace import SpanKind
 from contracts import metrics, topology, tracing
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable
 from contracts.logs import bind
-from contracts.messages import BadMessage, Message, decode
+from contracts.messages import BadMessage, Envelope, Message, decode_items
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,14 @@ class Publisher:
         return await self._channel.get_exchange(name, ensure=False)
 
     async def dead_letter(
-        self, raw: AbstractIncomingMessage, queue: str, reason: str
+        self,
+        raw: AbstractIncomingMessage,
+        queue: str,
+        reason: str,
+        *,
+        part: tuple[bytes, str] | None = None,
     ) -> None:
+        """Set ``raw`` aside, or only ``part`` of it: (body, message id)."""
         headers = dict(raw.headers or {})
         headers.update(
             {
@@ -134,11 +140,17 @@ class Publisher:
             }
         )
         exchange = await self._exchange(topology.DEAD_LETTER_EXCHANGE)
-        await exchange.publish(_copy(raw, headers), routing_key=queue, timeout=10)
+        await exchange.publish(_copy(raw, headers, part), routing_key=queue, timeout=10)
 
     async def retry(
-        self, raw: AbstractIncomingMessage, queue: str, delay_seconds: int
+        self,
+        raw: AbstractIncomingMessage,
+        queue: str,
+        delay_seconds: int,
+        *,
+        part: tuple[bytes, str] | None = None,
     ) -> None:
+        """Park ``raw``, or only ``part`` of it, in the delay queue."""
         headers = dict(raw.headers or {})
         headers[topology.ATTEMPT_HEADER] = (
             int(headers.get(topology.ATTEMPT_HEADER, 0)) + 1
@@ -146,17 +158,22 @@ class Publisher:
         exchange = await self._exchange(topology.RetryLevel(delay_seconds).exchange)
         # The retry queue dead-letters through the default exchange, which routes by
         # queue name: the routing key is the queue the message returns to.
-        await exchange.publish(_copy(raw, headers), routing_key=queue, timeout=10)
+        await exchange.publish(_copy(raw, headers, part), routing_key=queue, timeout=10)
 
 
-def _copy(raw: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def _copy(
+    raw: AbstractIncomingMessage,
+    headers: dict[str, Any],
+    part: tuple[bytes, str] | None = None,
+) -> aio_pika.Message:
+    body, message_id = part or (raw.body, raw.message_id)
     return aio_pika.Message(
-        body=raw.body,
+        body=body,
         headers=headers,
         content_type=raw.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         priority=raw.priority,
-        message_id=raw.message_id,
+        message_id=message_id,
         timestamp=raw.timestamp,
     )
 
@@ -199,13 +216,18 @@ class Consumers:
         *,
         prefetch: int,
         action: str,
+        envelope: type[Envelope[M]] | None = None,
     ) -> None:
-        """Call ``handler`` once per message, up to ``prefetch`` at a time."""
+        """Call ``handler`` once per message, up to ``prefetch`` at a time.
+
+        With ``envelope``, a message may also carry several ``model`` messages;
+        ``handler`` is called once for each of them.
+        """
 
         async def run(payload: M, raw: AbstractIncomingMessage) -> None:
             await self._call(handler, payload, raw, queue, action)
 
-        self._consume(queue, model, run, prefetch=prefetch, action=action)
+        self._consume(queue, model, envelope, run, prefetch=prefetch, action=action)
 
     def subscribe_batch(
         self,
@@ -217,21 +239,25 @@ class Consumers:
         max_batch: int,
         workers: int = 2,
         action: str,
+        envelope: type[Envelope[M]] | None = None,
     ) -> None:
         """Call ``handler`` with up to ``max_batch`` waiting messages at a time.
 
         ``workers`` batches may run at once; while they do, new messages gather
-        for the next one.
+        for the next one. The items of an ``envelope`` join batches like messages.
         """
         batcher: _Batcher[M] = _Batcher(
             self, handler, queue, action, max_batch=max_batch, workers=workers
         )
-        self._consume(queue, model, batcher.submit, prefetch=prefetch, action=action)
+        self._consume(
+            queue, model, envelope, batcher.submit, prefetch=prefetch, action=action
+        )
 
     def _consume(
         self,
         queue: str,
         model: type[M],
+        envelope: type[Envelope[M]] | None,
         run: Handler[M],
         *,
         prefetch: int,
@@ -267,7 +293,7 @@ class Consumers:
                     kind=SpanKind.CONSUMER,
                 ):
                     outcome = await self._handle(
-                        queue, model, run, message, raw, action
+                        queue, model, envelope, run, message, raw, action
                     )
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
@@ -280,6 +306,7 @@ class Consumers:
         self,
         queue: str,
         model: type[M],
+        envelope: type[Envelope[M]] | None,
         run: Handler[M],
         message: Any,
         raw: AbstractIncomingMessage,
@@ -288,46 +315,81 @@ class Consumers:
         """Handle one message; return how it ended, for the metrics."""
         started = time.perf_counter()
         try:
-            payload = decode(model, raw.body)
+            items, enveloped = decode_items(model, raw.body, envelope)
         except BadMessage as exc:
             await self._set_aside(message, raw, queue, exc.reason)
             return "dead_lettered"
 
-        ids = {k: str(v) for k, v in _ids(payload).items()}
-        with bind(**ids):
-            try:
-                await run(payload, raw)
-            except _ShuttingDown:
-                await message.nack(requeue=True)
-                return "returned"
-            except RetryLater as exc:
-                await self._publisher().retry(raw, queue, exc.delay_seconds)
-                await message.ack()
-                metrics.RETRIES.labels(queue).inc()
-                logger.info(
-                    "retry in %ds: %s",
-                    exc.delay_seconds,
-                    exc.reason,
-                    extra={"action": f"{action}.retry", "queue": queue},
-                )
-                return "retried"
-            except DeadLetter as exc:
-                await self._set_aside(message, raw, queue, exc.reason)
-                return "dead_lettered"
-            except Exception as exc:
-                logger.exception(
-                    "handler failed; dead-lettering the message",
-                    extra={"action": f"{action}.crashed", "queue": queue},
-                )
-                await self._set_aside(message, raw, queue, f"handler error: {exc!r}")
-                return "dead_lettered"
-            await message.ack()
+        if len(items) == 1:
+            with bind(**_ids(items[0])):
+                outcomes = [await _outcome(run, items[0], raw)]
+        else:
+            # Each item in a task of its own, so that each binds its own ids.
+            outcomes = list(
+                await asyncio.gather(*(_bound_outcome(run, i, raw) for i in items))
+            )
+        if any(isinstance(outcome, _ShuttingDown) for outcome in outcomes):
+            await message.nack(requeue=True)
+            return "returned"
+
+        for index, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+            if outcome is None:
+                continue
+            # An item of an envelope goes on alone; a whole message goes as it came.
+            part = (item.to_bytes(), _part_id(raw, item, index)) if enveloped else None
+            with bind(**_ids(item)):
+                await self._settle_failure(queue, raw, outcome, part, action)
+        await message.ack()
+
+        failures = [o for o in outcomes if o is not None]
+        if not failures:
             logger.debug(
-                "handled in %.1f ms",
+                "handled %d in %.1f ms",
+                len(items),
                 (time.perf_counter() - started) * 1000,
                 extra={"action": f"{action}.done"},
             )
             return "acked"
+        if len(outcomes) > 1:
+            return "split"
+        return "retried" if isinstance(failures[0], RetryLater) else "dead_lettered"
+
+    async def _settle_failure(
+        self,
+        queue: str,
+        raw: AbstractIncomingMessage,
+        outcome: Exception,
+        part: tuple[bytes, str] | None,
+        action: str,
+    ) -> None:
+        """Park or set aside what failed, before the message is acked."""
+        if isinstance(outcome, RetryLater):
+            await self._publisher().retry(raw, queue, outcome.delay_seconds, part=part)
+            metrics.RETRIES.labels(queue).inc()
+            logger.info(
+                "retry in %ds: %s",
+                outcome.delay_seconds,
+                outcome.reason,
+                extra={"action": f"{action}.retry", "queue": queue},
+            )
+            return
+        if isinstance(outcome, DeadLetter):
+            reason = outcome.reason
+        else:
+            logger.error(
+                "handler failed; dead-lettering the message",
+                exc_info=outcome,
+                extra={"action": f"{action}.crashed", "queue": queue},
+            )
+            reason = f"handler error: {outcome!r}"
+        await self._publisher().dead_letter(raw, queue, reason, part=part)
+        metrics.DEAD_LETTERS.labels(queue).inc()
+        logger.warning(
+            "dead-lettered a message from %s: %s",
+            queue,
+            reason,
+            extra={"action": "message.dead_lettered", "queue": queue},
+        )
 
     async def _call(
         self,
@@ -504,12 +566,37 @@ async def _consuming(subscriber: Any) -> bool:
     return not channel.is_closed and tag in channel.consumers
 
 
-def _ids(payload: Message) -> dict[str, Any]:
+def _ids(payload: Message) -> dict[str, str]:
     return {
-        key: getattr(payload, key)
+        key: str(getattr(payload, key))
         for key in ("event_id", "notification_id")
         if getattr(payload, key, None) is not None
     }
+
+
+async def _outcome(
+    run: Handler[M], payload: M, raw: AbstractIncomingMessage
+) -> Exception | None:
+    """None when ``run`` handled ``payload``, else what it raised."""
+    try:
+        await run(payload, raw)
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def _bound_outcome(
+    run: Handler[M], payload: M, raw: AbstractIncomingMessage
+) -> Exception | None:
+    with bind(**_ids(payload)):
+        return await _outcome(run, payload, raw)
+
+
+def _part_id(raw: AbstractIncomingMessage, item: Message, index: int) -> str:
+    notification_id = getattr(item, "notification_id", None)
+    if notification_id is not None:
+        return f"notification-{notification_id}"
+    return f"{raw.message_id or 'message'}#{index}"
 
 
 class _Backoff:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,16 +69,60 @@ class DeliveryRequested(Message):
 
 M = TypeVar("M", bound=Message)
 
+# Rows a DeliveryBatch may carry; a comment in a busy thread is split into several.
+MAX_BATCH_DELIVERIES = 500
+
+
+class Envelope(Message, Generic[M]):
+    """A message carrying several messages of one model, each handled on its own.
+
+    ``ITEMS`` names the field that holds them. A consumer that reads an envelope
+    handles, retries and dead-letters every item separately; an item that fails is
+    sent on as a message of its own.
+    """
+
+    ITEMS: ClassVar[str]
+
+
+class DeliveryBatch(Envelope[DeliveryRequested]):
+    """Several rows of one channel type and priority, for that type's sender.
+
+    One message per (event, type, priority) instead of one per row: a comment that
+    reaches many people costs the broker a few messages, not one per recipient.
+    """
+
+    ITEMS: ClassVar[str] = "deliveries"
+    deliveries: list[DeliveryRequested] = Field(
+        min_length=1, max_length=MAX_BATCH_DELIVERIES
+    )
+
 
 def decode(model: type[M], body: bytes) -> M:
     """Parse ``body`` as ``model``; raise :class:`BadMessage` naming what is wrong."""
+    return _validate(model, _parse(body))
+
+
+def decode_items(
+    model: type[M], body: bytes, envelope: type[Envelope[M]] | None = None
+) -> tuple[list[M], bool]:
+    """The ``model`` messages in ``body``, and whether an ``envelope`` held them."""
+    data = _parse(body)
+    if envelope is not None and envelope.ITEMS in data:
+        return list(getattr(_validate(envelope, data), envelope.ITEMS)), True
+    return [_validate(model, data)], False
+
+
+def _parse(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadMessage(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadMessage(f"body must be a JSON object, got {type(data).__name__}")
+    return data
 
+
+def _validate(model: type[M], data: dict[str, Any]) -> M:
     version = data.get("schema_version")
     if not isinstance(version, str) or not version:
         raise BadMessage("field 'schema_version' is missing")

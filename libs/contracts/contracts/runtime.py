@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from contracts import logs, topology, tracing
 from contracts.consumer import BatchHandler, Consumers, Handler, M, Publisher
 from contracts.db import create_pool
+from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
 from contracts.settings import Settings, get_settings, load_or_exit
@@ -73,12 +74,13 @@ class Runtime:
         *,
         prefetch: int,
         action: str,
+        envelope: type[Envelope[M]] | None = None,
     ) -> None:
         """Consume ``queue`` with the policy of :mod:`contracts.consumer`."""
         if self.consumers is None:
             raise RuntimeError("this runtime was built without consumers")
         self.consumers.subscribe(
-            queue, model, handler, prefetch=prefetch, action=action
+            queue, model, handler, prefetch=prefetch, action=action, envelope=envelope
         )
 
     def subscribe_batch(
@@ -91,6 +93,7 @@ class Runtime:
         max_batch: int,
         workers: int = 2,
         action: str,
+        envelope: type[Envelope[M]] | None = None,
     ) -> None:
         """Consume ``queue`` in batches, see :meth:`Consumers.subscribe_batch`."""
         if self.consumers is None:
@@ -103,6 +106,7 @@ class Runtime:
             max_batch=max_batch,
             workers=workers,
             action=action,
+            envelope=envelope,
         )
 
     @property

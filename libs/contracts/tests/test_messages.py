@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from contracts.messages import BadMessage, CommentCreated, decode
+from contracts.messages import (
+    MAX_BATCH_DELIVERIES,
+    BadMessage,
+    CommentCreated,
+    DeliveryBatch,
+    DeliveryRequested,
+    decode,
+    decode_items,
+)
 
 
 def event(**overrides: object) -> dict[str, object]:
@@ -64,3 +72,69 @@ def test_bad_messages_say_what_is_wrong(body: bytes, reason: str) -> None:
         decode(CommentCreated, body)
 
     assert reason in info.value.reason
+
+
+def delivery(notification_id: int) -> DeliveryRequested:
+    return DeliveryRequested(
+        notification_id=notification_id,
+        event_id=uuid.uuid4(),
+        user_id=7,
+        type="email",
+        channel="comment.reply",
+        priority=5,
+        event_occurred_at=datetime.now(UTC),
+    )
+
+
+def test_a_delivery_batch_yields_its_deliveries_in_order() -> None:
+    batch = DeliveryBatch(deliveries=[delivery(3), delivery(1), delivery(2)])
+
+    items, enveloped = decode_items(DeliveryRequested, batch.to_bytes(), DeliveryBatch)
+
+    assert enveloped
+    assert [i.notification_id for i in items] == [3, 1, 2]
+    assert items == list(batch.deliveries)
+
+
+def test_a_single_delivery_reads_the_same_with_or_without_an_envelope() -> None:
+    single = delivery(9)
+
+    assert decode_items(DeliveryRequested, single.to_bytes(), DeliveryBatch) == (
+        [single],
+        False,
+    )
+    assert decode_items(DeliveryRequested, single.to_bytes()) == ([single], False)
+
+
+@pytest.mark.parametrize(
+    ("count", "problem"), [(0, "at least 1"), (MAX_BATCH_DELIVERIES + 1, "at most")]
+)
+def test_a_delivery_batch_must_hold_a_bounded_number_of_deliveries(
+    count: int, problem: str
+) -> None:
+    body = json.dumps(
+        {
+            "schema_version": "1.0",
+            "deliveries": [
+                json.loads(delivery(n).to_bytes()) for n in range(1, count + 1)
+            ],
+        }
+    ).encode()
+
+    with pytest.raises(BadMessage, match=f"field 'deliveries'.*{problem}"):
+        decode_items(DeliveryRequested, body, DeliveryBatch)
+
+
+def test_a_bad_item_in_a_delivery_batch_is_named() -> None:
+    items = [json.loads(delivery(1).to_bytes()), {"schema_version": "1.0"}]
+    body = json.dumps({"schema_version": "1.0", "deliveries": items}).encode()
+
+    with pytest.raises(BadMessage, match=r"field 'deliveries\.1\.notification_id'"):
+        decode_items(DeliveryRequested, body, DeliveryBatch)
+
+
+def test_a_consumer_without_the_envelope_refuses_a_batch_with_a_reason() -> None:
+    batch = DeliveryBatch(deliveries=[delivery(1)])
+
+    with pytest.raises(BadMessage, match="invalid DeliveryRequested"):
+        decode(DeliveryRequested, batch.to_bytes())
