@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
 from contracts import topology
-from contracts.messages import DeliveryRequested
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.settings import Settings
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
@@ -149,6 +149,7 @@ async def notify(
     message: str = "Have a look, @bob.",
     priority: int = 7,
     post_id: int = 42,
+    publish: bool = True,
 ) -> int:
     """A pending push row, as the dispatcher writes it, and its delivery message."""
     event_id = uuid.uuid4()
@@ -172,18 +173,33 @@ async def notify(
         metadata,
         now,
     )
-    await redeliver(settings, db, row_id)
+    if publish:
+        await redeliver(settings, db, row_id)
     return row_id
 
 
 async def redeliver(settings: Settings, db: asyncpg.Connection, row_id: int) -> None:
     """Publish the delivery message of a stored row (again)."""
+    delivery = await delivery_of(db, row_id)
+    await _publish(settings, delivery.to_bytes(), delivery.priority)
+
+
+async def deliver_together(
+    settings: Settings, db: asyncpg.Connection, row_ids: list[int]
+) -> None:
+    """Publish the rows' deliveries in one envelope, as the dispatcher does."""
+    deliveries = [await delivery_of(db, row_id) for row_id in row_ids]
+    batch = DeliveryBatch(deliveries=deliveries)
+    await _publish(settings, batch.to_bytes(), deliveries[0].priority)
+
+
+async def delivery_of(db: asyncpg.Connection, row_id: int) -> DeliveryRequested:
     row = await db.fetchrow(
         "SELECT event_id, user_id, priority, event_occurred_at FROM notifications "
         "WHERE id = $1",
         row_id,
     )
-    delivery = DeliveryRequested(
+    return DeliveryRequested(
         notification_id=row_id,
         event_id=row["event_id"],
         user_id=row["user_id"],
@@ -192,11 +208,13 @@ async def redeliver(settings: Settings, db: asyncpg.Connection, row_id: int) -> 
         priority=row["priority"],
         event_occurred_at=row["event_occurred_at"],
     )
+
+
+async def _publish(settings: Settings, body: bytes, priority: int) -> None:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(topology.DELIVERIES_EXCHANGE)
         await exchange.publish(
-            aio_pika.Message(delivery.to_bytes(), priority=delivery.priority),
-            routing_key="push",
+            aio_pika.Message(body, priority=priority), routing_key="push"
         )

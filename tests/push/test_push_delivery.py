@@ -15,7 +15,7 @@ from contracts.settings import Settings
 from push_sender import payload
 from push_sender.vapid import b64url, public_point
 from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
-from tests.push.conftest import FakeDNS, notify, redeliver
+from tests.push.conftest import FakeDNS, deliver_together, notify, redeliver
 from tests.support.data import Demo
 from tests.support.push_service import Answer, Device, PushService
 from tests.support.waiting import eventually
@@ -352,3 +352,30 @@ async def test_a_name_rebound_to_an_inside_address_is_refused_and_not_retried(
     assert device["outcome"] == "rejected" and device["status"] is None
     assert "resolves to 127.0.0.1" in device["detail"]
     assert dns.asked == ["push.example.net", "push.example.net"]
+
+
+async def test_rows_delivered_together_are_each_pushed_once_and_settled_alone(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    bobs, alices = push_service.device(), push_service.device()
+    await subscribe(api, settings, demo.bob, bobs)
+    await subscribe(api, settings, demo.alice, alices)
+    rows = [
+        await notify(settings, db, user, title=f"For {user}", publish=False)
+        for user in (demo.bob, demo.alice, demo.dave)
+    ]
+
+    await deliver_together(settings, db, rows)
+
+    settled_rows = [
+        await eventually(lambda r=r: settled(db, r), what=f"row {r} settled")
+        for r in rows
+    ]
+    assert [r["status"] for r in settled_rows] == ["sent", "sent", "skipped"]
+    assert [d.payload["title"] for d in bobs.received] == [f"For {demo.bob}"]
+    assert [d.payload["title"] for d in alices.received] == [f"For {demo.alice}"]
+    assert push_service.problems == []

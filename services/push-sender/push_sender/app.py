@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from contracts import topology
 from contracts.http import install_http_policy
-from contracts.messages import DeliveryRequested
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from push_sender import vapid
@@ -59,6 +59,7 @@ def create_app(
         worker,
         prefetch=settings.push_prefetch,
         action="push",
+        envelope=DeliveryBatch,
     )
 
     @asynccontextmanager
