@@ -12,6 +12,12 @@ A claim takes a ``pending`` row, a ``retrying`` row whose time has come, or a
 ``sending`` row whose lease ran out (its worker died). Every later transition
 applies only to a row still ``sending``, and may merge a patch into the row's
 metadata (top-level keys replace those already there).
+
+A sender that handles messages in batches claims all of a batch's rows with one
+statement (:func:`claim_many_sql`), asks why the rest were not claimed with one
+more (:func:`statuses`, :func:`unclaimed`), and records every delivered row with
+one statement (:data:`SENT_MANY`). The conditions are those of the single-row
+statements, so the two kinds of sender may work side by side on one queue.
 """
 
 from __future__ import annotations
@@ -24,16 +30,11 @@ import asyncpg
 
 from contracts.consumer import DeadLetter, RetryLater
 
-
-def claim_sql(channel_type: str, returning: str) -> str:
-    """The UPDATE that claims one row of ``channel_type`` ($1 id, $2 lease seconds)."""
-    if channel_type not in ("email", "sse", "push"):
-        raise ValueError(f"unknown channel type {channel_type!r}")
-    return f"""
+_CLAIM = """
 UPDATE notifications
 SET status = 'sending', attempts = attempts + 1, updated_at = now(),
     lease_expires_at = now() + make_interval(secs => $2)
-WHERE id = $1 AND type = '{channel_type}'
+WHERE {target} AND type = '{channel_type}'
   AND (status = 'pending'
        OR (status = 'retrying' AND coalesce(next_attempt_at <= now(), true))
        OR (status = 'sending' AND lease_expires_at < now()))
@@ -41,10 +42,38 @@ RETURNING {returning}
 """
 
 
+def _claim_sql(channel_type: str, returning: str, target: str) -> str:
+    if channel_type not in ("email", "sse", "push"):
+        raise ValueError(f"unknown channel type {channel_type!r}")
+    return _CLAIM.format(target=target, channel_type=channel_type, returning=returning)
+
+
+def claim_sql(channel_type: str, returning: str) -> str:
+    """The UPDATE that claims one row of ``channel_type`` ($1 id, $2 lease seconds)."""
+    return _claim_sql(channel_type, returning, "id = $1")
+
+
+def claim_many_sql(channel_type: str, returning: str) -> str:
+    """The UPDATE that claims every claimable row of ``channel_type`` among $1 (ids).
+
+    $2 is the lease in seconds. Rows that cannot be claimed are left out of the
+    result; :func:`statuses` and :func:`unclaimed` say why. Two batches share rows
+    only when a message was delivered twice; should their claims ever deadlock,
+    PostgreSQL cancels one, and its consumer handles those messages one by one.
+    """
+    return _claim_sql(channel_type, returning, "id = ANY($1::bigint[])")
+
+
 STATUS = """
 SELECT status,
        greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS due_in
 FROM notifications WHERE id = $1
+"""
+
+STATUSES = """
+SELECT id, status,
+       greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS due_in
+FROM notifications WHERE id = ANY($1::bigint[])
 """
 
 _SETTLE = """
@@ -67,6 +96,14 @@ FAILED = _SETTLE.format(
 SKIPPED = _SETTLE.format(
     status="skipped", extra="last_error = $3, next_attempt_at = NULL"
 )
+
+# Every row of $1 (ids) still ``sending`` is now ``sent``; metadata is left as it is.
+SENT_MANY = """
+UPDATE notifications
+SET status = 'sent', updated_at = now(), lease_expires_at = NULL,
+    sent_at = now(), last_error = NULL, next_attempt_at = NULL
+WHERE id = ANY($1::bigint[]) AND status = 'sending'
+"""
 
 
 async def settle(
@@ -107,11 +144,40 @@ async def claim(
     if row is not None:
         return row
     current = await conn.fetchrow(STATUS, notification_id)
+    outcome = unclaimed(notification_id, current, delays, log=log, action=action)
+    if outcome is not None:
+        raise outcome
+    return None
+
+
+async def statuses(
+    conn: asyncpg.Connection, notification_ids: Sequence[int]
+) -> dict[int, asyncpg.Record]:
+    """The status of each row that exists among ``notification_ids``, by id."""
+    rows = await conn.fetch(STATUSES, list(notification_ids))
+    return {row["id"]: row for row in rows}
+
+
+def unclaimed(
+    notification_id: int,
+    current: asyncpg.Record | None,
+    delays: Sequence[int],
+    *,
+    log: logging.Logger,
+    action: str,
+) -> DeadLetter | RetryLater | None:
+    """What becomes of the message of a row that could not be claimed.
+
+    ``current`` is the row's :data:`STATUS` (or its line of :data:`STATUSES`), None
+    when it is missing. The answer is the one :func:`claim` raises, or None when the
+    message is done; that case is logged on ``log`` with ``action``, so call this in
+    the message's own logging context.
+    """
     if current is None:
-        raise DeadLetter(f"notification {notification_id} not found")
+        return DeadLetter(f"notification {notification_id} not found")
     if current["status"] == "retrying" and current["due_in"] > 0:
         due_in = float(current["due_in"])
-        raise RetryLater(f"not due for {due_in:.1f}s", retry_level(delays, due_in))
+        return RetryLater(f"not due for {due_in:.1f}s", retry_level(delays, due_in))
     log.info(
         "notification is %s; nothing to send",
         current["status"],
