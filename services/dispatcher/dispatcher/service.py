@@ -1,14 +1,23 @@
-"""From a CommentCreated event to notification rows and their deliveries.
+"""From CommentCreated events to notification rows and their deliveries.
 
-Everything happens in one transaction: the event row, one notification row per
-(recipient, channel type), and one outbox message per row that has something to
-deliver. The event row doubles as the idempotency marker: if it already exists, a
-previous delivery of this event committed all of the above, and there is nothing to do.
+A batch of events is handled in one transaction, with a fixed handful of statements
+whatever its size: the event rows, one notification row per (event, recipient,
+channel type), and one outbox message per row that has something to deliver. The
+event row doubles as the idempotency marker: if it already exists, a previous
+delivery of that event committed all of the above, and there is nothing to do.
+
+An event that names a comment, post or commenter that does not exist is answered
+with a :class:`DeadLetter` and leaves nothing stored, not even its event row, while
+the other events of its batch are stored as usual. Copies of one event id within a
+batch are one event: the first copy decides, and the others end as it did.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,96 +58,196 @@ class Dispatcher:
         self._public_url = public_url.rstrip("/")
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
-        inserted = await conn.fetchval(
-            sql.INSERT_EVENT,
-            event.event_id,
-            "comment.created",
-            event.model_dump(mode="json"),
-            event.occurred_at,
-        )
-        if inserted is None:
-            return Outcome(duplicate=True)
+        """Dispatch one event; raise :class:`DeadLetter` if it must be set aside."""
+        (result,) = await self.handle_many(conn, [event])
+        if isinstance(result, DeadLetter):
+            raise result
+        return result
 
-        # The event is a claim about stored rows; notify nobody about a comment
-        # that is not there or not where the event says.
-        comment = await conn.fetchrow(sql.COMMENT, event.comment_id)
-        if comment is None or (comment["post_id"], comment["author_id"]) != (
-            event.post_id,
-            event.author_id,
+    async def handle_many(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[CommentCreated],
+        *,
+        traces: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Outcome | DeadLetter]:
+        """Dispatch ``events`` in ``conn``'s transaction: one result each, in order.
+
+        ``traces`` holds each event's trace context (what :func:`tracing.inject`
+        gives in that event's consumer), carried onto its deliveries; without it,
+        every delivery continues the current trace.
+        """
+        results: list[Outcome | DeadLetter | None] = [None] * len(events)
+        first: dict[uuid.UUID, int] = {}
+        for index, event in enumerate(events):
+            first.setdefault(event.event_id, index)
+
+        fresh = await self._claim(conn, [events[i] for i in first.values()])
+        for index in first.values():
+            if events[index].event_id not in fresh:
+                results[index] = Outcome(duplicate=True)
+        claimed = [i for i in first.values() if events[i].event_id in fresh]
+
+        posts, dead = await self._check(conn, events, claimed)
+        for index, reason in dead.items():
+            results[index] = DeadLetter(reason)
+        if dead:
+            await conn.execute(sql.DELETE_EVENTS, [events[i].event_id for i in dead])
+
+        valid = [i for i in claimed if i not in dead]
+        if valid:
+            outcomes = await self._dispatch(conn, events, valid, posts, traces)
+            for index, outcome in zip(valid, outcomes, strict=True):
+                results[index] = outcome
+
+        for index, event in enumerate(events):
+            if results[index] is None:
+                # A later copy of an event id ends as its first copy did.
+                decided = results[first[event.event_id]]
+                results[index] = (
+                    DeadLetter(decided.reason)
+                    if isinstance(decided, DeadLetter)
+                    else Outcome(duplicate=True)
+                )
+        return [result for result in results if result is not None]
+
+    async def _claim(
+        self, conn: asyncpg.Connection, events: list[CommentCreated]
+    ) -> set[uuid.UUID]:
+        """Insert the event rows; return the ids that were not stored before."""
+        ordered = sorted(events, key=lambda e: e.event_id)
+        inserted = await conn.fetch(
+            sql.INSERT_EVENTS,
+            [e.event_id for e in ordered],
+            ["comment.created"] * len(ordered),
+            [e.model_dump(mode="json") for e in ordered],
+            [e.occurred_at for e in ordered],
+        )
+        return {row["id"] for row in inserted}
+
+    async def _check(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[CommentCreated],
+        claimed: list[int],
+    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        """The post of each claimed event, and why the others must be set aside."""
+        if not claimed:
+            return {}, {}
+        ids = sorted({events[i].comment_id for i in claimed})
+        comments = {row["id"]: row for row in await conn.fetch(sql.COMMENTS, ids)}
+        posts: dict[int, dict[str, Any]] = {}
+        dead: dict[int, str] = {}
+        for index in claimed:
+            event = events[index]
+            # The event is a claim about stored rows; notify nobody about a comment
+            # that is not there or not where the event says.
+            comment = comments.get(event.comment_id)
+            if comment is None or (comment["post_id"], comment["author_id"]) != (
+                event.post_id,
+                event.author_id,
+            ):
+                dead[index] = (
+                    f"comment {event.comment_id} by user {event.author_id} on post "
+                    f"{event.post_id} does not exist"
+                )
+            elif comment["found_post_id"] is None:
+                dead[index] = (
+                    f"post {event.post_id} of comment {event.comment_id} does not exist"
+                )
+            elif not comment["author_exists"]:
+                dead[index] = f"commenter {event.author_id} does not exist"
+            else:
+                posts[index] = {
+                    "id": comment["found_post_id"],
+                    "title": comment["post_title"],
+                    "author_id": comment["post_author_id"],
+                }
+        return posts, dead
+
+    async def _dispatch(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[CommentCreated],
+        valid: list[int],
+        posts: dict[int, dict[str, Any]],
+        traces: Sequence[Mapping[str, Any]] | None,
+    ) -> list[Outcome]:
+        """Store the rows and deliveries of the ``valid`` events; their outcomes."""
+        pairs = sorted({(events[i].post_id, events[i].comment_id) for i in valid})
+        earlier: dict[int, list[int]] = defaultdict(list)
+        for row in await conn.fetch(
+            sql.PARTICIPANTS, [p for p, _ in pairs], [c for _, c in pairs]
         ):
-            raise DeadLetter(
-                f"comment {event.comment_id} by user {event.author_id} on post "
-                f"{event.post_id} does not exist"
-            )
-        post = await conn.fetchrow(sql.POST, event.post_id)
-        if post is None:
-            raise DeadLetter(
-                f"post {event.post_id} of comment {event.comment_id} does not exist"
-            )
-        participants = await conn.fetch(
-            sql.PARTICIPANTS, event.post_id, event.comment_id
-        )
-        names = who.mentioned_usernames(event.body)
-        mentioned = await conn.fetch(sql.USERS_BY_NAME, names) if names else []
+            earlier[row["comment_id"]].append(row["author_id"])
 
-        recipients = who.resolve(
-            commenter_id=event.author_id,
-            post_author_id=post["author_id"],
-            participant_ids=[r["author_id"] for r in participants],
-            mentioned_ids=[r["id"] for r in mentioned],
-        )
-        ids = [r.user_id for r in recipients] + [event.author_id]
-        users = {r["id"]: r for r in await conn.fetch(sql.USERS_BY_ID, ids)}
-        commenter = users.get(event.author_id)
-        if commenter is None:
-            raise DeadLetter(f"commenter {event.author_id} does not exist")
-        disabled = {
-            (r["user_id"], r["type"]) for r in await conn.fetch(sql.DISABLED_TYPES, ids)
-        }
+        names = {i: who.mentioned_usernames(events[i].body) for i in valid}
+        ids = {events[i].author_id for i in valid}
+        ids.update(posts[i]["author_id"] for i in valid)
+        ids.update(user for i in valid for user in earlier[events[i].comment_id])
+        wanted = sorted({name for i in valid for name in names[i]})
+        found = await conn.fetch(sql.USERS, sorted(ids), wanted)
+        users = {row["id"]: row for row in found}
+        by_name = {row["username"]: row["id"] for row in found}
+        disabled = {(row["id"], t) for row in found for t in row["disabled_types"]}
 
-        rows = self._rows(event, post, commenter, recipients, users, disabled)
+        rows: list[tuple[Any, ...]] = []
+        for index in valid:
+            event = events[index]
+            recipients = who.resolve(
+                commenter_id=event.author_id,
+                post_author_id=posts[index]["author_id"],
+                participant_ids=earlier[event.comment_id],
+                mentioned_ids=[by_name[n] for n in names[index] if n in by_name],
+            )
+            commenter = users[event.author_id]
+            rows.extend(
+                (event.event_id, event.occurred_at, *row)
+                for row in self._rows(
+                    event, posts[index], commenter, recipients, users, disabled
+                )
+            )
         if not rows:
-            return Outcome()
+            return [Outcome() for _ in valid]
+
+        # (event, user, type): the unique key, in the same order in every dispatcher.
+        rows.sort(key=lambda r: (r[0], r[2], r[6]))
         stored = await conn.fetch(
             sql.INSERT_NOTIFICATIONS,
-            event.event_id,
-            event.occurred_at,
             *(list(column) for column in zip(*rows, strict=True)),
         )
-        deliveries = [
-            Outgoing(
-                exchange=topology.DELIVERIES_EXCHANGE,
-                routing_key=row["type"],
-                message_id=f"notification-{row['id']}",
-                priority=row["priority"],
-                headers=tracing.inject(
-                    {"event_id": str(event.event_id), "notification_id": row["id"]}
-                ),
-                message=DeliveryRequested(
-                    notification_id=row["id"],
-                    event_id=event.event_id,
-                    user_id=row["user_id"],
-                    type=row["type"],
-                    channel=row["channel"],
-                    priority=row["priority"],
-                    event_occurred_at=event.occurred_at,
-                ),
+        by_event: dict[uuid.UUID, list[asyncpg.Record]] = defaultdict(list)
+        for row in sorted(stored, key=lambda r: r["id"]):
+            by_event[row["event_id"]].append(row)
+
+        if traces is None:
+            traces = [tracing.inject()] * len(events)
+        deliveries: list[Outgoing] = []
+        outcomes: list[Outcome] = []
+        for index in valid:
+            event = events[index]
+            mine = by_event[event.event_id]
+            pending = [
+                _delivery(event, row, traces[index])
+                for row in mine
+                if row["status"] == "pending"
+            ]
+            deliveries.extend(pending)
+            outcomes.append(
+                Outcome(
+                    rows=len(mine),
+                    pending=len(pending),
+                    skipped=len(mine) - len(pending),
+                    stored=[(r["type"], r["channel"], r["status"]) for r in mine],
+                )
             )
-            for row in stored
-            if row["status"] == "pending"
-        ]
         await enqueue(conn, deliveries)
-        return Outcome(
-            rows=len(stored),
-            pending=len(deliveries),
-            skipped=len(stored) - len(deliveries),
-            stored=[(r["type"], r["channel"], r["status"]) for r in stored],
-        )
+        return outcomes
 
     def _rows(
         self,
         event: CommentCreated,
-        post: asyncpg.Record,
+        post: Mapping[str, Any],
         commenter: asyncpg.Record,
         recipients: list[who.Recipient],
         users: dict[int, asyncpg.Record],
@@ -197,6 +306,31 @@ class Dispatcher:
                     )
                 )
         return rows
+
+
+def _delivery(
+    event: CommentCreated, row: asyncpg.Record, trace: Mapping[str, Any]
+) -> Outgoing:
+    return Outgoing(
+        exchange=topology.DELIVERIES_EXCHANGE,
+        routing_key=row["type"],
+        message_id=f"notification-{row['id']}",
+        priority=row["priority"],
+        headers={
+            **trace,
+            "event_id": str(event.event_id),
+            "notification_id": row["id"],
+        },
+        message=DeliveryRequested(
+            notification_id=row["id"],
+            event_id=event.event_id,
+            user_id=row["user_id"],
+            type=row["type"],
+            channel=row["channel"],
+            priority=row["priority"],
+            event_occurred_at=event.occurred_at,
+        ),
+    )
 
 
 def _person(row: asyncpg.Record) -> dict[str, Any]:

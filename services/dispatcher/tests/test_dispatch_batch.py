@@ -1,0 +1,431 @@
+"""Dispatching a batch of events at once, against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from contracts.consumer import DeadLetter
+from contracts.db import create_pool, transaction
+from contracts.messages import CommentCreated, DeliveryRequested, decode
+from contracts.settings import Settings
+from dispatcher import channels, templates
+from dispatcher.service import Dispatcher, Outcome
+from tests.support import infra
+from tests.support.data import Demo, seed_demo
+
+pytestmark = pytest.mark.integration
+
+STARTED = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def dispatcher() -> Dispatcher:
+    return Dispatcher(
+        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        templates.Renderer(templates.DEFAULT_DIR),
+        "http://127.0.0.1:8081",
+    )
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str
+    pool: asyncpg.Pool
+
+
+async def _pool(url: str) -> asyncpg.Pool:
+    return await create_pool(
+        Settings(env="test", database_url=url), min_size=1, max_size=4
+    )
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    pool = await _pool(database_url)
+    try:
+        yield Database(database_url, pool)
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def other_db(pg_template: str) -> AsyncIterator[Database]:
+    """A second database, cloned from the same template as the first."""
+    name = await infra.create_database(pg_template)
+    pool = await _pool(infra.database_url(name))
+    try:
+        yield Database(infra.database_url(name), pool)
+    finally:
+        await pool.close()
+        await infra.drop_database(name)
+
+
+async def _world(db: Database, event_ids: list[uuid.UUID]) -> list[CommentCreated]:
+    """Two posts and their comments, the same in every fresh database; one event
+    per comment, oldest first."""
+    demo = await seed_demo(db.url)
+    async with db.pool.acquire() as conn:
+        second = await conn.fetchval(
+            "INSERT INTO posts (author_id, title, body) "
+            "VALUES ($1, 'Second post', 'by bob') RETURNING id",
+            demo.bob,
+        )
+        await conn.execute("UPDATE users SET email = NULL WHERE id = $1", demo.dave)
+        await conn.execute(
+            "INSERT INTO notification_preferences VALUES ($1, 'email', false)",
+            demo.alice,
+        )
+        comments = [
+            (demo.post, demo.dave, "I was here first"),
+            (second, demo.alice, "Nice post, bob"),
+            (demo.post, demo.carol, "Thoughts, @bob? Also @dave and @nobody"),
+            (second, demo.carol, "@alice look at this"),
+            (demo.post, demo.bob, "Replying to @carol, and @Alice too"),
+            (second, demo.bob, "no mentions here"),
+        ]
+        events = []
+        for number, (post, author, body) in enumerate(comments):
+            comment = await conn.fetchval(
+                "INSERT INTO comments (post_id, author_id, body) "
+                "VALUES ($1, $2, $3) RETURNING id",
+                post,
+                author,
+                body,
+            )
+            events.append(
+                CommentCreated(
+                    event_id=event_ids[number],
+                    occurred_at=STARTED + timedelta(seconds=number),
+                    comment_id=comment,
+                    post_id=post,
+                    author_id=author,
+                    body=body,
+                )
+            )
+    return events
+
+
+def _users(demo: Demo, *names: str) -> list[int]:
+    return sorted(getattr(demo, name) for name in names)
+
+
+def _event(demo: Demo, comment_id: int, author: int, body: str) -> CommentCreated:
+    return CommentCreated(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(UTC),
+        comment_id=comment_id,
+        post_id=demo.post,
+        author_id=author,
+        body=body,
+    )
+
+
+async def _comment(pool: asyncpg.Pool, demo: Demo, author: int, body: str) -> int:
+    return await pool.fetchval(
+        "INSERT INTO comments (post_id, author_id, body) VALUES ($1, $2, $3) "
+        "RETURNING id",
+        demo.post,
+        author,
+        body,
+    )
+
+
+async def _snapshot(pool: asyncpg.Pool) -> dict[str, Any]:
+    """What dispatching stored, without the ids that depend on insertion order."""
+    async with pool.acquire() as conn:
+        events = await conn.fetch(
+            "SELECT id, type, payload, occurred_at FROM events ORDER BY id"
+        )
+        rows = await conn.fetch(
+            "SELECT id, event_id, user_id, type, email, title, message, channel, "
+            "priority, metadata, status, last_error, event_occurred_at "
+            "FROM notifications ORDER BY event_id, user_id, type"
+        )
+        outbox = await conn.fetch(
+            "SELECT exchange, routing_key, message_id, headers, body, priority "
+            "FROM outbox"
+        )
+    keys = {r["id"]: (r["event_id"], r["user_id"], r["type"]) for r in rows}
+    deliveries = []
+    for entry in outbox:
+        message = decode(DeliveryRequested, entry["body"])
+        assert entry["message_id"] == f"notification-{message.notification_id}"
+        assert entry["headers"]["notification_id"] == message.notification_id
+        assert entry["headers"]["event_id"] == str(message.event_id)
+        key = keys[message.notification_id]
+        assert key == (message.event_id, message.user_id, message.type)
+        deliveries.append(
+            (
+                key,
+                entry["exchange"],
+                entry["routing_key"],
+                entry["priority"],
+                message.channel,
+                message.priority,
+                message.event_occurred_at,
+            )
+        )
+    return {
+        "events": [dict(r) for r in events],
+        "rows": [{k: v for k, v in r.items() if k != "id"} for r in rows],
+        "deliveries": sorted(deliveries),
+    }
+
+
+async def _count(pool: asyncpg.Pool, table: str) -> int:
+    return await pool.fetchval(f"SELECT count(*) FROM {table}")
+
+
+async def test_a_batch_stores_exactly_what_one_event_at_a_time_stores(
+    db: Database, other_db: Database, dispatcher: Dispatcher
+) -> None:
+    event_ids = [uuid.uuid4() for _ in range(6)]
+    events = await _world(db, event_ids)
+    assert await _world(other_db, event_ids) == events
+
+    async with transaction(db.pool) as conn:
+        together = await dispatcher.handle_many(conn, events)
+    alone = []
+    for event in events:
+        async with transaction(other_db.pool) as conn:
+            alone.append(await dispatcher.handle(conn, event))
+
+    assert together == alone
+    batched, single = await _snapshot(db.pool), await _snapshot(other_db.pool)
+    assert batched == single
+    assert len(batched["events"]) == 6
+
+    demo = await seed_demo(db.url)
+    told: dict[uuid.UUID, set[int]] = {}
+    for row in batched["rows"]:
+        told.setdefault(row["event_id"], set()).add(row["user_id"])
+    assert [sorted(told[i]) for i in event_ids] == [
+        _users(demo, "alice"),
+        _users(demo, "bob"),
+        _users(demo, "alice", "bob", "dave"),
+        _users(demo, "alice", "bob"),
+        _users(demo, "alice", "carol", "dave"),
+        _users(demo, "alice", "carol"),
+    ]
+    assert [o.rows for o in together] == [2, 2, 8, 5, 8, 4]
+    assert [o.skipped for o in together] == [1, 0, 2, 1, 2, 1]
+
+
+async def test_participants_are_those_who_commented_before_in_the_same_batch(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    first = await _comment(pool, demo, demo.bob, "first")
+    second = await _comment(pool, demo, demo.carol, "second")
+    third = await _comment(pool, demo, demo.dave, "third")
+    events = [
+        _event(demo, third, demo.dave, "third"),
+        _event(demo, first, demo.bob, "first"),
+        _event(demo, second, demo.carol, "second"),
+    ]
+
+    async with transaction(pool) as conn:
+        await dispatcher.handle_many(conn, events)
+
+    rows = await pool.fetch(
+        "SELECT event_id, array_agg(DISTINCT user_id ORDER BY user_id) AS users "
+        "FROM notifications GROUP BY event_id"
+    )
+    told = {r["event_id"]: r["users"] for r in rows}
+    assert told[events[1].event_id] == [demo.alice]
+    assert told[events[2].event_id] == sorted([demo.alice, demo.bob])
+    assert told[events[0].event_id] == sorted([demo.alice, demo.bob, demo.carol])
+
+
+async def test_an_event_naming_a_missing_comment_is_the_only_one_set_aside(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    real = await _comment(pool, demo, demo.bob, "hello @carol")
+    other = await _comment(pool, demo, demo.carol, "hello back")
+    good = _event(demo, real, demo.bob, "hello @carol")
+    ghost = _event(demo, 999_999, demo.carol, "@bob made up")
+    forged = _event(demo, real, demo.carol, "@alice not mine")
+    later = _event(demo, other, demo.carol, "hello back")
+
+    async with transaction(pool) as conn:
+        results = await dispatcher.handle_many(
+            conn, [good, ghost, forged, ghost, later]
+        )
+
+    assert [type(r) for r in results] == [
+        Outcome,
+        DeadLetter,
+        DeadLetter,
+        DeadLetter,
+        Outcome,
+    ]
+    reasons = [r.reason for r in results if isinstance(r, DeadLetter)]
+    assert reasons[0] == reasons[2]
+    assert f"comment 999999 by user {demo.carol}" in reasons[0]
+    assert all("does not exist" in reason for reason in reasons)
+    stored = {r["id"] for r in await pool.fetch("SELECT id FROM events")}
+    assert stored == {good.event_id, later.event_id}
+    told = await pool.fetch("SELECT DISTINCT event_id FROM notifications")
+    assert {r["event_id"] for r in told} == stored
+    bodies = [
+        decode(DeliveryRequested, b)
+        for (b,) in await pool.fetch("SELECT body FROM outbox")
+    ]
+    assert bodies and {d.event_id for d in bodies} == stored
+
+
+async def test_a_dead_lettered_event_is_not_stored_when_handled_alone(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    ghost = _event(demo, 999_999, demo.carol, "@bob made up")
+
+    with pytest.raises(DeadLetter, match="does not exist"):
+        async with transaction(pool) as conn:
+            await dispatcher.handle(conn, ghost)
+
+    assert await _count(pool, "events") == 0
+    assert await _count(pool, "notifications") == 0
+
+
+async def test_copies_of_an_event_in_one_batch_are_stored_once(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    comment = await _comment(pool, demo, demo.carol, "hi @bob")
+    event = _event(demo, comment, demo.carol, "hi @bob")
+
+    async with transaction(pool) as conn:
+        results = await dispatcher.handle_many(conn, [event, event, event])
+
+    first, *copies = results
+    assert isinstance(first, Outcome) and not first.duplicate and first.rows == 5
+    assert copies == [Outcome(duplicate=True), Outcome(duplicate=True)]
+    assert await _count(pool, "events") == 1
+    assert await _count(pool, "notifications") == 5
+    assert await _count(pool, "outbox") == first.pending
+
+
+async def test_a_redelivered_batch_stores_nothing_twice(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    pool = db.pool
+    events = await _world(db, [uuid.uuid4() for _ in range(6)])
+    async with transaction(pool) as conn:
+        await dispatcher.handle_many(conn, events[:4])
+    before = await _snapshot(pool)
+
+    async with transaction(pool) as conn:
+        again = await dispatcher.handle_many(conn, events[:4])
+    assert again == [Outcome(duplicate=True)] * 4
+    assert await _snapshot(pool) == before
+
+    # A batch mixing old and new events stores only the new ones.
+    async with transaction(pool) as conn:
+        mixed = await dispatcher.handle_many(conn, events[2:])
+    assert [r.duplicate for r in mixed if isinstance(r, Outcome)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    after = await _snapshot(pool)
+    assert len(after["events"]) == 6
+    assert len(after["rows"]) == len(before["rows"]) + sum(r.rows for r in mixed)
+
+
+async def test_a_batch_costs_the_same_statements_whatever_its_size(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    batches = []
+    for size in (1, 3, 30):
+        batch = []
+        for number in range(size):
+            body = f"comment {number} for @bob and @dave"
+            comment = await _comment(pool, demo, demo.carol, body)
+            batch.append(_event(demo, comment, demo.carol, body))
+        batches.append(batch)
+
+    counts = []
+    for batch in batches:
+        async with transaction(pool) as conn:
+            counting = _Counting(conn)
+            await dispatcher.handle_many(counting, batch)  # type: ignore[arg-type]
+            counts.append(len(counting.statements))
+
+    # events, comments, participants, users, notifications, outbox
+    assert counts == [6, 6, 6], counts
+
+
+class _Counting:
+    """A connection that notes every statement it is given."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        self.statements.append(query)
+        return await self._conn.fetch(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        self.statements.append(query)
+        return await self._conn.execute(query, *args)
+
+
+# Makes every event row take a moment to insert, so that two batches inserted at
+# once are still inserting when they reach each other's rows.
+SLOW_EVENT_INSERTS = """
+CREATE FUNCTION slow_event_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(0.02);
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER slow_event_insert BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION slow_event_insert();
+"""
+
+
+async def test_overlapping_batches_on_two_connections_store_each_event_once(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    events = []
+    for number in range(20):
+        comment = await _comment(pool, demo, demo.bob, f"comment {number}")
+        events.append(_event(demo, comment, demo.bob, f"comment {number}"))
+    await pool.execute(SLOW_EVENT_INSERTS)
+
+    async def dispatch(batch: list[CommentCreated]) -> list[Outcome | DeadLetter]:
+        async with transaction(pool, timeout=10) as conn:
+            return await dispatcher.handle_many(conn, batch)
+
+    # Opposite orders: inserted as they come, each batch would take half the rows
+    # and then wait for the other's, and PostgreSQL would abort one as a deadlock.
+    one, two = await asyncio.wait_for(
+        asyncio.gather(dispatch(events), dispatch(events[::-1])), timeout=30
+    )
+
+    stored = [r.duplicate for r in [*one, *two] if isinstance(r, Outcome)]
+    assert len(stored) == 40 and stored.count(False) == 20
+    assert await _count(pool, "events") == 20
+    rows = await pool.fetch("SELECT event_id, user_id, type FROM notifications")
+    assert len(rows) == 20 * 2  # alice, by email and live, for each event
+
