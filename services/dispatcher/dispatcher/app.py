@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from contracts import metrics, topology
+from contracts import metrics, topology, tracing
+from contracts.consumer import DeadLetter, Item
 from contracts.db import transaction
 from contracts.messages import CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 from dispatcher import channels, templates
-from dispatcher.service import Dispatcher
+from dispatcher.service import Dispatcher, Outcome
 
 logger = logging.getLogger(__name__)
+
+# Batches handled at once; while they run, the next one gathers.
+BATCH_WORKERS = 2
 
 
 class DispatcherSettings(Settings):
@@ -28,7 +32,22 @@ class DispatcherSettings(Settings):
     channel_config: Path = channels.DEFAULT_PATH
     templates_dir: Path = templates.DEFAULT_DIR
     public_url: str = "http://127.0.0.1:8081"
-    dispatcher_prefetch: int = 50
+    # Room for two running batches and one gathering. Events held unacked do not
+    # count against the queue's delivery limit; only a return (a dispatcher that
+    # dies, a shutdown during a database outage) does, once per event held.
+    dispatcher_prefetch: int = Field(default=150, ge=1)
+    dispatcher_batch_size: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _prefetch_holds_a_batch(self) -> DispatcherSettings:
+        # A batch is made of unacked events, so prefetch bounds how large it gets.
+        if self.dispatcher_prefetch < self.dispatcher_batch_size:
+            raise ValueError(
+                f"NOTIFLOW_DISPATCHER_PREFETCH ({self.dispatcher_prefetch}) must be "
+                f"at least NOTIFLOW_DISPATCHER_BATCH_SIZE "
+                f"({self.dispatcher_batch_size})"
+            )
+        return self
 
 
 def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
@@ -40,33 +59,33 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         settings.public_url,
     )
 
-    async def on_comment_created(
-        event: CommentCreated, _raw: AbstractIncomingMessage
-    ) -> None:
+    async def on_comments_created(
+        items: Sequence[Item[CommentCreated]],
+    ) -> list[Exception | None]:
+        events = [item.message for item in items]
+        traces = [item.within(tracing.inject) for item in items]
         async with transaction(runtime.db) as conn:
-            outcome = await dispatcher.handle(conn, event)
-        for type_, channel, status in outcome.stored:
-            created = "created" if status == "pending" else status
-            metrics.NOTIFICATIONS.labels(type_, channel, created).inc()
-        if outcome.duplicate:
-            logger.info(
-                "event already dispatched", extra={"action": "dispatch.duplicate"}
-            )
-            return
-        logger.info(
-            "dispatched comment %d: %d notifications, %d to deliver, %d skipped",
-            event.comment_id,
-            outcome.rows,
-            outcome.pending,
-            outcome.skipped,
-            extra={"action": "dispatch.done"},
-        )
+            results = await dispatcher.handle_many(conn, events, traces=traces)
 
-    runtime.subscribe(
+        answers: list[Exception | None] = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, DeadLetter):
+                answers.append(result)
+                continue
+            for type_, channel, status in result.stored:
+                created = "created" if status == "pending" else status
+                metrics.NOTIFICATIONS.labels(type_, channel, created).inc()
+            item.within(_log, item.message, result)
+            answers.append(None)
+        return answers
+
+    runtime.subscribe_batch(
         topology.DISPATCHER_QUEUE,
         CommentCreated,
-        on_comment_created,
+        on_comments_created,
         prefetch=settings.dispatcher_prefetch,
+        max_batch=settings.dispatcher_batch_size,
+        workers=BATCH_WORKERS,
         action="dispatch",
     )
 
@@ -82,3 +101,17 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(health_router(runtime))
     return app
+
+
+def _log(event: CommentCreated, outcome: Outcome) -> None:
+    if outcome.duplicate:
+        logger.info("event already dispatched", extra={"action": "dispatch.duplicate"})
+        return
+    logger.info(
+        "dispatched comment %d: %d notifications, %d to deliver, %d skipped",
+        event.comment_id,
+        outcome.rows,
+        outcome.pending,
+        outcome.skipped,
+        extra={"action": "dispatch.done"},
+    )

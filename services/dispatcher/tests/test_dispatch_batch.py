@@ -17,6 +17,7 @@ from contracts.db import create_pool, transaction
 from contracts.messages import CommentCreated, DeliveryRequested, decode
 from contracts.settings import Settings
 from dispatcher import channels, templates
+from dispatcher.app import DispatcherSettings
 from dispatcher.service import Dispatcher, Outcome
 from tests.support import infra
 from tests.support.data import Demo, seed_demo
@@ -429,3 +430,7 @@ async def test_overlapping_batches_on_two_connections_store_each_event_once(
     rows = await pool.fetch("SELECT event_id, user_id, type FROM notifications")
     assert len(rows) == 20 * 2  # alice, by email and live, for each event
 
+
+def test_a_prefetch_smaller_than_a_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="NOTIFLOW_DISPATCHER_PREFETCH"):
+        DispatcherSettings(dispatcher_prefetch=10, dispatcher_batch_size=20)

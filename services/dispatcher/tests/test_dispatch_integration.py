@@ -252,3 +252,34 @@ async def _dead_letter_reasons(settings: Settings, count: int) -> list[str] | No
             reasons.append(str(message.headers[topology.REASON_HEADER]))
             await message.ack()
         return reasons
+
+
+async def test_a_batch_sets_aside_only_its_event_about_a_missing_comment(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        events = []
+        for author, body in [(demo.bob, "one"), (demo.carol, "two @bob")]:
+            comment = await add_comment(db, demo, author, body)
+            events.append(created(demo, comment, author, body))
+        ghost = created(demo, 999_999, demo.carol, "@bob made up")
+
+        await publish(settings, events[0], ghost, events[1])
+
+        reasons = await eventually(
+            lambda: _dead_letter_reasons(settings, 1), what="a dead letter"
+        )
+        stored = await eventually(lambda: _event_ids(db, 2), what="two events stored")
+        told = await db.fetch("SELECT DISTINCT event_id FROM notifications")
+    finally:
+        await db.close()
+
+    assert len(reasons) == 1 and "comment 999999" in reasons[0], reasons
+    assert stored == {e.event_id for e in events}
+    assert {r["event_id"] for r in told} == stored
+
+
+async def _event_ids(db: asyncpg.Connection, count: int) -> set | None:
+    found = {r["id"] for r in await db.fetch("SELECT id FROM events")}
+    return found if len(found) >= count else None
