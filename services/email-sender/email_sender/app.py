@@ -14,12 +14,18 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import topology
-from contracts.messages import DeliveryRequested
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 from email_sender import smtp
 from email_sender.worker import EmailWorker
+
+# Batches handled at once. A batch lasts as long as its slowest SMTP conversation;
+# with several running, a delivery that arrives meanwhile starts at once in a batch
+# of its own, and deliveries wait and gather into larger batches only once every
+# worker is busy, which is when saving statements matters.
+BATCH_WORKERS = 8
 
 
 class EmailSettings(Settings):
@@ -35,7 +41,11 @@ class EmailSettings(Settings):
     mail_from: str = "notifications@notiflow.localhost"
     mail_from_name: str = "notiflow"
     mail_domain: str = "notiflow.localhost"
-    email_prefetch: int = Field(default=20, ge=1)
+    # Also bounds the SMTP connections: at most BATCH_WORKERS times this many.
+    email_batch_size: int = Field(default=25, ge=1)
+    # Room for a full batch in every worker; a batch is never larger than what the
+    # broker has handed over.
+    email_prefetch: int = Field(default=25 * BATCH_WORKERS, ge=1)
     email_lease_seconds: float = Field(default=120.0, gt=0)
     email_sweep_seconds: float = Field(default=15.0, gt=0)
 
@@ -65,8 +75,12 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         start_tls=settings.smtp_starttls,
     )
 
-    # One connection per message the sender may hold at once.
-    transport = smtp.SmtpPool(config, size=settings.email_prefetch)
+    # One connection for every email that may be in flight at once, so a claimed
+    # row never waits for one and its lease need only cover one SMTP conversation.
+    # The prefetch does not bound them: a DeliveryBatch message carries many rows.
+    # Connections are opened only when that many emails are in flight.
+    in_flight = settings.email_batch_size * BATCH_WORKERS
+    transport = smtp.SmtpPool(config, size=in_flight)
     worker = EmailWorker(
         lambda: runtime.db,
         transport,
@@ -76,12 +90,15 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         retry_delays=settings.retry_delay_levels,
         lease_seconds=settings.email_lease_seconds,
     )
-    runtime.subscribe(
+    runtime.subscribe_batch(
         topology.delivery_queue("email"),
         DeliveryRequested,
         worker,
         prefetch=settings.email_prefetch,
+        max_batch=settings.email_batch_size,
+        workers=BATCH_WORKERS,
         action="email",
+        envelope=DeliveryBatch,
     )
 
     @asynccontextmanager
