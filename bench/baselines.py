@@ -10,8 +10,9 @@ single number:
 * PostgreSQL: 20 connections each INSERT one row per transaction;
 * LISTEN/NOTIFY: one connection notifies, another hears it; median round trip;
 * bare ASGI: uvicorn serving a constant response (bench/asgi_app.py) in a
-  subprocess, hit over keep-alive connections by a minimal HTTP/1.1 client, so the
-  client costs as little as it can and the figure is mostly the server's.
+  subprocess, hit over keep-alive connections by the bench's own minimal HTTP/1.1
+  client (bench/http1.py), so the client costs as little as it can and the figure
+  is mostly the server's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import aio_pika
 import asyncpg
+
+from bench import http1
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,21 +171,25 @@ async def asgi_requests_per_s(
     )
     try:
         await _wait_listening(port, timeout=15)
-        request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        request = http1.prepare("GET", "/", f"127.0.0.1:{port}")
         stop = time.perf_counter() + seconds
         counts = [0] * connections
 
         async def client(index: int) -> None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            conn = http1.Connection("127.0.0.1", port)
             try:
-                while time.perf_counter() < stop:
-                    writer.write(request)
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = _content_length(head)
-                    await reader.readexactly(length)
-                    counts[index] += 1
+                # One deadline for the loop: a timer per request would cost the
+                # client more than the server's answer.
+                async with asyncio.timeout(seconds + 10):
+                    while time.perf_counter() < stop:
+                        response = await conn.send(request)
+                        if response.status != 200:
+                            raise RuntimeError(
+                                f"bare ASGI answered {response.status}, not 200"
+                            )
+                        counts[index] += 1
             finally:
-                writer.close()
+                conn.close()
 
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(connections)))
@@ -194,14 +201,6 @@ async def asgi_requests_per_s(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
-
-
-def _content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
 
 
 async def _wait_listening(port: int, timeout: float) -> None:

@@ -27,6 +27,7 @@ import aio_pika
 import asyncpg
 import httpx
 
+from bench import http1
 from contracts import topology
 from contracts.auth import issue_token
 from contracts.settings import Settings
@@ -189,7 +190,7 @@ class Sent:
 
 
 async def offer(
-    client: httpx.AsyncClient,
+    pool: http1.Pool,
     cast: Cast,
     posts: list[list[int]],
     rate: float,
@@ -201,32 +202,42 @@ async def offer(
 
     ``sent`` fills up while this runs, so a sampler can read it meanwhile.
     """
-    headers = [{"Authorization": f"Bearer {t}"} for t in cast.tokens]
+    requests = [
+        pool.prepare(
+            "POST",
+            "/comments",
+            {"Authorization": f"Bearer {t}", "Content-Type": "application/json"},
+        )
+        for t in cast.tokens
+    ]
     in_flight: set[asyncio.Task[None]] = set()
     total = int(rate * duration)
     sent.scheduled = total
 
+    def failed(sample: str) -> None:
+        sent.errors += 1
+        if len(sent.error_samples) < 5:
+            sent.error_samples.append(sample)
+
     async def post(index: int, due: float) -> None:
         commenter = index % USERS
         thread = posts[commenter][(index // USERS) % len(posts[commenter])]
+        body = b'{"post_id":%d,"body":"Bench comment %d."}' % (thread, index)
         try:
-            resp = await client.post(
-                "/comments",
-                json={"post_id": thread, "body": f"Bench comment {index}."},
-                headers=headers[commenter],
-            )
-        except httpx.HTTPError as exc:
-            sent.errors += 1
-            if len(sent.error_samples) < 5:
-                sent.error_samples.append(repr(exc))
+            resp = await pool.send(requests[commenter], body)
+        except http1.RequestFailed as exc:
+            failed(repr(exc))
             return
         done = time.perf_counter()
-        if resp.status_code != 201:
-            sent.errors += 1
-            if len(sent.error_samples) < 5:
-                sent.error_samples.append(f"{resp.status_code} {resp.text[:200]}")
+        if resp.status != 201:
+            failed(f"{resp.status} {resp.body[:200]!r}")
             return
-        sent.due[json.loads(resp.content)["id"]] = due
+        try:
+            comment_id = int(json.loads(resp.body)["id"])
+        except (ValueError, KeyError, TypeError):
+            failed(f"201 without a comment id: {resp.body[:200]!r}")
+            return
+        sent.due[comment_id] = due
         sent.post_ms.append((done - due) * 1000)
 
     start = time.perf_counter() + 0.05

@@ -26,9 +26,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-import httpx  # noqa: E402
-
-from bench import baselines, chart, load, pyspy, report, system  # noqa: E402
+from bench import baselines, chart, http1, load, pyspy, report, system  # noqa: E402
 from bench.sink import CountingSink  # noqa: E402
 from bench.stack import Platform, smtp_port_for_own_platform  # noqa: E402
 from contracts.settings import Settings  # noqa: E402
@@ -168,17 +166,12 @@ async def run(
         print(f"baselines: {found_baselines}", flush=True)
 
     cast = await load.create_users(platform.database_url, settings)
-    limits = httpx.Limits(
-        max_connections=args.connections, max_keepalive_connections=args.connections
-    )
     async with (
         load.Streams(platform.sse_url, cast) as streams,
         load.QueueWatch(platform.amqp_url, platform.database_url) as watch,
-        httpx.AsyncClient(
-            base_url=platform.comments_url, limits=limits, timeout=30
-        ) as client,
+        http1.Pool(platform.comments_url, args.connections, timeout=30) as pool,
     ):
-        bench = Bench(args, platform, sink, streams, watch, client, cast)
+        bench = Bench(args, platform, sink, streams, watch, pool, cast)
         # A short unreported step: pools fill, code paths warm up.
         await bench.step(min(args.rates) / 2, min(3.0, args.duration), "warmup")
 
@@ -218,7 +211,7 @@ class Bench:
         sink: CountingSink,
         streams: load.Streams,
         watch: load.QueueWatch,
-        client: httpx.AsyncClient,
+        pool: http1.Pool,
         cast: load.Cast,
     ) -> None:
         self.args = args
@@ -226,7 +219,7 @@ class Bench:
         self.sink = sink
         self.streams = streams
         self.watch = watch
-        self.client = client
+        self.pool = pool
         self.cast = cast
         self.profiles: dict[str, dict[str, Any]] = {}
 
@@ -282,7 +275,7 @@ class Bench:
             )
         )
         offered = await load.offer(
-            self.client,
+            self.pool,
             self.cast,
             posts,
             rate,
