@@ -22,10 +22,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
-import httpx
 
 from bench import http1
 from contracts import topology
@@ -35,8 +35,12 @@ from contracts.settings import Settings
 USERS = 5
 POSTS_PER_COMMENTER = 20
 SAMPLE_EVERY_S = 0.5
+CONNECT_TIMEOUT_S = 10.0
+STREAM_SILENCE_S = 60.0
 
 _COMMENT_ID = re.compile(rb'"comment_id":\s*(\d+)')
+# The gateway sends the notification id as the event's id.
+_EVENT_ID = re.compile(rb"^id:\s*(\d+)", re.M)
 # Events end with a blank line; sse-starlette ends lines with CRLF, others with LF.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -111,13 +115,22 @@ async def create_posts(database_url: str, cast: Cast) -> list[list[int]]:
 
 
 class Streams:
-    """One SSE stream per user, read in this process; notes each event's arrival."""
+    """One SSE stream per user, read in this process; notes each event's arrival.
+
+    The streams are read with the bench's own HTTP client (bench/http1.py): the
+    events of every comment arrive here three times, and httpx's stream machinery
+    cost more per event than the parsing below.
+    """
 
     def __init__(self, sse_url: str, cast: Cast) -> None:
-        self._url = sse_url
+        parts = urlsplit(sse_url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._authority = parts.netloc
         self._cast = cast
-        # (comment id, perf_counter when the event's last byte was read)
-        self.arrivals: list[tuple[int, float]] = []
+        # (comment id, notification id, perf_counter when the event's last byte
+        # was read)
+        self.arrivals: list[tuple[int, int, float]] = []
         self.disconnects = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: list[asyncio.Event] = []
@@ -140,41 +153,51 @@ class Streams:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _read(self, token: str, ready: asyncio.Event) -> None:
-        timeout = httpx.Timeout(10, read=None)
+        request = http1.prepare(
+            "GET",
+            "/sse",
+            self._authority,
+            {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"},
+        )
         # Reconnects are bounded: a gateway that keeps dropping streams ends the run
         # with missing deliveries rather than a busy loop.
         for _ in range(20):
+            conn = http1.Connection(self._host, self._port)
             try:
-                async with (
-                    httpx.AsyncClient(timeout=timeout) as client,
-                    client.stream(
-                        "GET", f"{self._url}/sse", params={"token": token}
-                    ) as resp,
-                ):
-                    resp.raise_for_status()
-                    await self._consume(resp, ready)
-            except (httpx.HTTPError, OSError):
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    status = await conn.start(request)
+                if status == 200:
+                    await self._consume(conn, ready)
+            except (http1.RequestFailed, TimeoutError):
                 pass
+            finally:
+                conn.close()
             if self._stopping:
                 return
             self.disconnects += 1
             await asyncio.sleep(0.5)
 
-    async def _consume(self, resp: httpx.Response, ready: asyncio.Event) -> None:
+    async def _consume(self, conn: http1.Connection, ready: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         buffer = b""
-        async for chunk in resp.aiter_bytes():
-            now = time.perf_counter()
-            buffer += chunk
-            *events, buffer = _EVENT_END.split(buffer)
-            for event in events:
-                if b"event: notification" in event:
-                    match = _COMMENT_ID.search(event)
-                    if match:
-                        self.arrivals.append((int(match.group(1)), now))
-                elif event.startswith(b": connected") or event.startswith(
-                    b":connected"
-                ):
-                    ready.set()
+        # The gateway sends a heartbeat every 15 s; a stream silent for much longer
+        # is dead, whatever TCP says.
+        async with asyncio.timeout(STREAM_SILENCE_S) as silence:
+            async for chunk in conn.body():
+                now = time.perf_counter()
+                silence.reschedule(loop.time() + STREAM_SILENCE_S)
+                buffer += chunk
+                *events, buffer = _EVENT_END.split(buffer)
+                for event in events:
+                    if b"event: notification" in event:
+                        comment = _COMMENT_ID.search(event)
+                        notification = _EVENT_ID.search(event)
+                        if comment and notification:
+                            self.arrivals.append(
+                                (int(comment.group(1)), int(notification.group(1)), now)
+                            )
+                    elif event.startswith((b": connected", b":connected")):
+                        ready.set()
 
 
 @dataclass

@@ -290,9 +290,10 @@ class Bench:
         cpu = system.spent(cpu_before, system.snapshot(groups))
         await self._finish_profiles(recorders)
 
+        streamed = self.streams.arrivals[sse_mark:]
         sse_ms = [
             (t - offered.due[cid]) * 1000
-            for cid, t in self.streams.arrivals[sse_mark:]
+            for cid, _, t in streamed
             if cid in offered.due
         ]
         emails = self.sink.arrivals[email_mark:]
@@ -302,9 +303,9 @@ class Bench:
             for nid, t in emails
             if comment_of.get(nid) in offered.due
         ]
-        in_window = sum(
-            1 for _, t in self.streams.arrivals[sse_mark:] if t <= window_end
-        ) + sum(1 for _, t in emails if t <= window_end)
+        in_window = sum(1 for _, _, t in streamed if t <= window_end) + sum(
+            1 for _, t in emails if t <= window_end
+        )
         data = report.StepData(
             rate=rate,
             duration=duration,

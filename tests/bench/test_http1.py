@@ -1,4 +1,4 @@
-"""The bench's HTTP/1.1 client, against scripted local servers.
+"""The bench's HTTP/1.1 client and its SSE reader, against scripted local servers.
 
 Each test starts a tiny asyncio server on 127.0.0.1 that answers the way the test
 says, and looks at what the client did: what it sent, how many connections it
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bench import http1
+from bench import http1, load
 
 Answer = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -273,3 +273,38 @@ async def test_the_pool_holds_at_most_its_size_of_connections() -> None:
 def test_only_plain_http_urls_make_a_pool() -> None:
     with pytest.raises(ValueError, match="https://x"):
         http1.Pool("https://x", size=1)
+
+
+async def test_the_sse_reader_notes_each_notification_with_both_ids() -> None:
+    sent = asyncio.Event()
+
+    async def stream(head: bytes, _: bytes, writer: asyncio.StreamWriter) -> bool:
+        assert head.startswith(b"GET /sse HTTP/1.1\r\n")
+        assert b"Authorization: Bearer token-0\r\n" in head
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        events = [
+            b": connected\r\nretry: 1000\r\n\r\n",
+            b'event: notification\r\nid: 41\r\ndata: {"metadata":',
+            b'{"comment_id":9}}\r\n\r\n: ping\r\n\r\n',
+        ]
+        for event in events:
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        sent.set()
+        await asyncio.sleep(30)
+        return False
+
+    cast = load.Cast(user_ids=[1], tokens=["token-0"])
+    async with Server(stream) as server:
+        async with load.Streams(server.url, cast) as streams:
+            await asyncio.wait_for(sent.wait(), timeout=5)
+            deadline = time.monotonic() + 5
+            while not streams.arrivals and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+    assert [(c, n) for c, n, _ in streams.arrivals] == [(9, 41)]
+    assert streams.disconnects == 0
