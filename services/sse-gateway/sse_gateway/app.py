@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl, urlencode
 
-from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import Field
@@ -15,7 +14,7 @@ from pydantic_settings import SettingsConfigDict
 from starlette.types import Receive, Scope, Send
 
 from contracts import metrics, topology
-from contracts.consumer import DeadLetter
+from contracts.consumer import DeadLetter, Item
 from contracts.db import transaction
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryRequested
@@ -36,6 +35,9 @@ class GatewaySettings(Settings):
     sse_retry_ms: int = Field(default=3000, ge=100)
     sse_send_timeout: float = Field(default=30.0, gt=0)
     sse_prefetch: int = Field(default=100, ge=1)
+    # Deliveries put into inboxes by one transaction, at most. A batch is whatever
+    # is waiting when a worker is free; nothing waits for it to fill.
+    sse_batch_size: int = Field(default=100, ge=1)
     # Streams one user may hold open on one replica; the next is answered 429.
     sse_max_streams_per_user: int = Field(default=20, ge=1)
     # False serves streams with sse-starlette's stock response (four tasks per
@@ -83,34 +85,51 @@ def _token_to_header(scope: Scope) -> Scope:
     }
 
 
+def _settled(
+    delivery: DeliveryRequested, previous: str | None, batch: int
+) -> Exception | None:
+    """Log and count one delivery of a batch; what its message's consumer must do."""
+    if previous == "missing":
+        return DeadLetter(f"notification {delivery.notification_id} not found")
+    if previous is not None:
+        logger.info(
+            "notification is %s; nothing to deliver",
+            previous,
+            extra={"action": "sse.skipped_duplicate"},
+        )
+        return None
+    metrics.delivered("sse", delivery.channel, delivery.event_occurred_at)
+    logger.info(
+        "delivered to inbox in a batch of %d",
+        batch,
+        extra={"action": "sse.delivered"},
+    )
+    return None
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = Runtime(settings, consumers=True)
     hub = Hub(settings.sse_heartbeat_seconds, settings.sse_send_timeout)
     listener: InboxListener | None = None
 
-    async def on_delivery(
-        delivery: DeliveryRequested, _raw: AbstractIncomingMessage
-    ) -> None:
+    async def on_deliveries(
+        items: Sequence[Item[DeliveryRequested]],
+    ) -> list[Exception | None]:
+        ids = [item.message.notification_id for item in items]
         async with transaction(runtime.db) as conn:
-            previous = await inbox.deliver(conn, delivery.notification_id)
-        if previous == "missing":
-            raise DeadLetter(f"notification {delivery.notification_id} not found")
-        if previous is not None:
-            logger.info(
-                "notification is %s; nothing to deliver",
-                previous,
-                extra={"action": "sse.skipped_duplicate"},
-            )
-            return
-        metrics.delivered("sse", delivery.channel, delivery.event_occurred_at)
-        logger.info("delivered to inbox", extra={"action": "sse.delivered"})
+            previous = await inbox.deliver_many(conn, ids)
+        return [
+            item.within(_settled, item.message, before, len(items))
+            for item, before in zip(items, previous, strict=True)
+        ]
 
-    runtime.subscribe(
+    runtime.subscribe_batch(
         topology.delivery_queue("sse"),
         DeliveryRequested,
-        on_delivery,
+        on_deliveries,
         prefetch=settings.sse_prefetch,
+        max_batch=settings.sse_batch_size,
         action="sse",
     )
 

@@ -1,21 +1,31 @@
-"""Delivering many notifications in one transaction, on the real PostgreSQL: the
-numbers and unread counts each event carries, and rows that are not there to
-deliver."""
+"""Delivering many notifications in one transaction, on the real PostgreSQL and
+RabbitMQ: the numbers and unread counts each event carries, rows that are not
+there to deliver, and two gateways racing for the same users."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from contracts.logs import JsonFormatter
+from contracts.messages import DeliveryRequested
 from contracts.settings import Settings
 from sse_gateway import inbox
+from sse_gateway.app import GatewaySettings, create_app
+from tests.integration.helpers import body, publish, reason, take_dead_letters
 from tests.sse import helpers
 from tests.support.data import Demo, seed_demo
+from tests.support.processes import Service
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -71,6 +81,18 @@ async def listening(url: str) -> AsyncIterator[Heard]:
         yield heard
     finally:
         await conn.close()
+
+
+def sse_delivery(notification_id: int, user_id: int) -> bytes:
+    return DeliveryRequested(
+        notification_id=notification_id,
+        event_id=uuid.uuid4(),
+        user_id=user_id,
+        type="sse",
+        channel="comment.mention",
+        priority=0,
+        event_occurred_at=datetime.now(UTC),
+    ).to_bytes()
 
 
 async def test_a_batch_numbers_each_users_rows_in_id_order_after_what_they_had(
@@ -160,3 +182,151 @@ async def test_rows_not_waiting_are_answered_as_they_are_and_never_announced(
         (fresh, 2, 2)
     ]
     assert seq_of_sent == 1
+
+
+@pytest.fixture
+def delivered_lines() -> Iterator[list[dict[str, Any]]]:
+    """The gateway's delivery log lines, formatted as in production."""
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))
+
+    handler = Collect(logging.INFO)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("sse_gateway.app")
+    previous_level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
+
+
+async def test_a_gateway_dead_letters_a_missing_row_and_skips_a_sent_one(
+    settings: Settings, demo: Demo, delivered_lines: list[dict[str, Any]]
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        sent = await helpers.add_and_deliver(pg, demo.bob, "already sent")
+        first = await helpers.add(pg, demo.bob, "first")
+        second = await helpers.add(pg, demo.alice, "second")
+    missing = second + 1000
+    # Published before the gateway starts, so that they wait and are taken in
+    # batches (how they split is up to the consumer; deliver_many is tested alone
+    # above with exactly this mix).
+    await publish(
+        settings.amqp_url,
+        [
+            sse_delivery(first, demo.bob),
+            sse_delivery(sent, demo.bob),
+            sse_delivery(missing, demo.bob),
+            sse_delivery(second, demo.alice),
+        ],
+        routing_key="sse",
+    )
+    app = create_app(GatewaySettings(**settings.model_dump()))
+
+    async with listening(settings.database_url) as heard:
+        async with app.router.lifespan_context(app):
+            dead = await eventually(
+                lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
+            )
+
+            async def all_answered() -> bool:
+                return len(delivered_lines) == 3
+
+            await eventually(all_answered, what="three deliveries logged")
+        await heard.settle()
+
+    assert [body(m)["notification_id"] for m in dead] == [missing]
+    assert reason(dead[0]) == f"notification {missing} not found"
+    assert sorted(e["id"] for _, e in heard.events()) == sorted([first, second])
+    by_action = {line["notification_id"]: line["action"] for line in delivered_lines}
+    assert by_action == {
+        str(first): "sse.delivered",
+        str(sent): "sse.skipped_duplicate",
+        str(second): "sse.delivered",
+    }
+
+
+@pytest.fixture
+def two_gateways(settings: Settings, tmp_path: Path) -> Iterator[list[Service]]:
+    env = {
+        "NOTIFLOW_ENV": "test",
+        "NOTIFLOW_DATABASE_URL": settings.database_url,
+        "NOTIFLOW_AMQP_URL": settings.amqp_url,
+        "NOTIFLOW_RETRY_DELAYS": settings.retry_delays,
+        "NOTIFLOW_DRAIN_SECONDS": "3",
+        # Small batches, so that many transactions of both gateways interleave.
+        "NOTIFLOW_SSE_BATCH_SIZE": "10",
+    }
+    gateways = [Service("sse-gateway", env, tmp_path).start() for _ in range(2)]
+    try:
+        for gateway in gateways:
+            gateway.wait_ready()
+        yield gateways
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+
+
+def actions(gateway: Service) -> list[str]:
+    found = []
+    for line in gateway.log_path.read_text().splitlines():
+        try:
+            action = json.loads(line).get("action")
+        except ValueError:
+            continue
+        if action in ("sse.delivered", "sse.skipped_duplicate"):
+            found.append(action)
+    return found
+
+
+async def test_two_gateways_delivering_for_the_same_users_leave_no_gaps_or_repeats(
+    settings: Settings, demo: Demo, two_gateways: list[Service]
+) -> None:
+    users = [demo.alice, demo.bob, demo.carol]
+    async with helpers.database(settings.database_url) as pg:
+        rows = [
+            (await helpers.add(pg, users[i % 3], f"n{i}"), users[i % 3])
+            for i in range(240)
+        ]
+    # Every delivery twice in a row: the broker hands consecutive messages to
+    # different consumers, so the gateways also race for the very same rows.
+    bodies = [sse_delivery(n, user) for n, user in rows for _ in range(2)]
+
+    async with listening(settings.database_url) as heard:
+        await asyncio.gather(
+            publish(settings.amqp_url, bodies[::2], routing_key="sse"),
+            publish(settings.amqp_url, bodies[1::2], routing_key="sse"),
+        )
+
+        async def all_answered() -> bool:
+            return sum(len(actions(g)) for g in two_gateways) == len(bodies)
+
+        await eventually(all_answered, timeout=60, what="every delivery answered")
+        await heard.settle()
+        async with helpers.database(settings.database_url) as pg:
+            stored = await pg.fetch(
+                "SELECT user_id, inbox_seq FROM notifications WHERE status = 'sent'"
+            )
+
+    assert all("sse.delivered" in actions(g) for g in two_gateways)
+    assert sum(actions(g).count("sse.delivered") for g in two_gateways) == len(rows)
+    assert await take_dead_letters(settings.amqp_url) == []
+
+    events = heard.events()
+    assert sorted(e["id"] for _, e in events) == sorted(n for n, _ in rows)
+    for user in users:
+        count = sum(1 for _, owner in rows if owner == user)
+        mine = [e for u, e in events if u == user]
+        # Heard in commit order: consecutive numbers, each once, and no reads,
+        # so the unread count is the number itself.
+        assert [e["seq"] for e in mine] == list(range(1, count + 1))
+        assert all(e["unread"] == e["seq"] for e in mine)
+        assert sorted(r["inbox_seq"] for r in stored if r["user_id"] == user) == list(
+            range(1, count + 1)
+        )
