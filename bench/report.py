@@ -28,6 +28,17 @@ MAX_BACKLOG_GROWTH_SHARE = 0.05
 # A backlog smaller than this many seconds of work never counts as growing.
 BACKLOG_GRACE_SECONDS = 1.0
 
+# The stages of bench/stages.py, in the order a comment passes them, as the report
+# names them. "Began" is PostgreSQL's now(): a transaction's start.
+STAGE_LABELS = {
+    "due_to_stored": "due → comment transaction began",
+    "stored_to_dispatched": "→ dispatcher transaction began",
+    "dispatched_to_inbox": "→ gateway's inbox transaction began",
+    "inbox_to_stream": "→ event read from the stream",
+    "due_to_stream": "due → event, the same rows",
+    "dispatched_to_email_sent": "email: dispatcher → sender marks it sent",
+}
+
 TARGETS = {
     "sustained_comments_per_s": 500,
     "deliveries_per_s": 3000,
@@ -195,6 +206,7 @@ def build(
         "sse_latency_ms": _latency(measured.get("sse_latency_ms", empty)),
         "email_latency_ms": _latency(measured.get("email_latency_ms", empty)),
         "post_latency_ms": _latency(measured.get("post_latency_ms", empty)),
+        "stages_ms": measured.get("stages_ms", {}),
         "cpu_ms_per_comment": (best or measured).get("cpu_ms_per_comment", {}),
         "cpu_measured_at_rate": (best or measured).get("rate"),
         "baselines": dict(baselines),
@@ -300,6 +312,8 @@ def format_text(report: Mapping[str, Any]) -> str:
             f"p95 {_ms(stats['p95'])} ms, p99 {_ms(stats['p99'])} ms, "
             f"max {_ms(stats['max'])} ms"
         )
+    half = next((s for s in report["steps"] if s["purpose"] == "half"), {})
+    lines += _stages_text(report.get("stages_ms") or {}, at, half.get("clock_drift_ms"))
     lines.append("")
     lines.append(f"CPU ms per comment (step at {report['cpu_measured_at_rate']}/s):")
     for name, value in sorted(report["cpu_ms_per_comment"].items()):
@@ -327,6 +341,27 @@ def format_text(report: Mapping[str, Any]) -> str:
         mark = "n/a" if met is None else ("met" if met else "NOT met")
         lines.append(f"  {name:<42} {mark}")
     return "\n".join(lines)
+
+
+def _stages_text(
+    found: Mapping[str, Mapping[str, Any]], at: object, drift_ms: float | None
+) -> list[str]:
+    """The stage breakdown of the half-rate step, in the order a comment goes."""
+    if not found:
+        return []
+    lines = [
+        "",
+        f"where POST → SSE time goes at {at} comments/s, p50 / p95 ms (count); "
+        f"clocks drifted {'-' if drift_ms is None else f'{drift_ms:.3f}'} ms "
+        "during the step:",
+    ]
+    for key, label in STAGE_LABELS.items():
+        stats = found.get(key, {})
+        lines.append(
+            f"  {label:<42} {_ms(stats.get('p50')):>8} / {_ms(stats.get('p95')):>8}"
+            f"   ({stats.get('count', 0)})"
+        )
+    return lines
 
 
 def _share(value: float | None) -> str:

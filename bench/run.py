@@ -26,7 +26,16 @@ import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench import baselines, chart, http1, load, pyspy, report, system  # noqa: E402
+from bench import (  # noqa: E402
+    baselines,
+    chart,
+    http1,
+    load,
+    pyspy,
+    report,
+    stages,
+    system,
+)
 from bench.sink import CountingSink  # noqa: E402
 from bench.stack import Platform, smtp_port_for_own_platform  # noqa: E402
 from contracts.settings import Settings  # noqa: E402
@@ -255,6 +264,7 @@ class Bench:
         backlog: list[tuple[float, float]] = []
         queues: dict[str, list[tuple[float, float]]] = {}
         sent = load.Sent()
+        offset = stages.clock_offset()
         started = time.perf_counter()
         window_end = started + duration
         recorders = self._start_profiles(rate, duration, purpose)
@@ -324,6 +334,15 @@ class Bench:
             purpose=purpose,
         )
         summary = report.summarise(data, self.args.max_p99_ms)
+        if purpose == "half":
+            rows = await stages.fetch_rows(self.watch.db, offered.due)
+            summary["stages_ms"] = stages.breakdown(
+                offered.due, rows, {nid: t for _, nid, t in streamed}, offset
+            )
+            # How far the two clocks moved apart during the step: the error the one
+            # offset leaves in the first and last stage.
+            drift = stages.clock_offset() - offset
+            summary["clock_drift_ms"] = round(drift * 1000, 3)
         if offered.error_samples:
             summary["error_samples"] = offered.error_samples
         if purpose != "warmup":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import chart, pyspy, report
+from bench import chart, pyspy, report, stages
 
 
 def _step(rate: float, purpose: str = "ramp", late_ms: float = 0.0) -> report.StepData:
@@ -68,6 +68,14 @@ def test_the_report_has_every_key_and_renders(tmp_path: Path) -> None:
         report.summarise(_step(80, late_ms=5000), 1000),
         report.summarise(_step(20, purpose="half"), 1000),
     ]
+    stored = {"comment_id": 1, "stored_at": 0.004, "notification_id": 2}
+    steps[3]["stages_ms"] = stages.breakdown(
+        {1: 0.0},
+        [{**stored, "type": "sse", "dispatched_at": 0.010, "sent_at": 0.015}],
+        {2: 0.018},
+        offset=0.0,
+    )
+    steps[3]["clock_drift_ms"] = 0.01
     baselines = {
         "broker_msgs_per_s": 4000.0,
         "pg_commits_per_s": 9000.0,
@@ -89,8 +97,20 @@ def test_the_report_has_every_key_and_renders(tmp_path: Path) -> None:
     json.dumps(built)
     text = report.format_text(built)
     assert "sustained: 40.0 comments/s" in text
+    assert built["stages_ms"]["inbox_to_stream"]["p50"] == 3.0
+    assert "where POST → SSE time goes at 20 comments/s" in text
+    assert "→ event read from the stream" in text
     png = chart.draw(built, tmp_path / "chart.png")
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_report_without_a_stage_breakdown_still_renders() -> None:
+    steps = [report.summarise(_step(20), 1000)]
+
+    built = report.build(steps, {}, {"cores": 2}, {})
+
+    assert built["stages_ms"] == {}
+    assert "where POST → SSE time goes" not in report.format_text(built)
 
 
 def test_py_spy_stacks_are_summarised_by_function_and_library() -> None:
