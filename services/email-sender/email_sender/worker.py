@@ -8,11 +8,10 @@ so a redelivered message never sends a second email.
 
 The consumer hands over whatever deliveries are waiting, and a batch costs two
 statements whatever its size: one claims every row it can, one records every email
-the server took. The rest is per message: a row that could not be claimed is
-explained with one more statement for all of them; failures are recorded row by row,
-as they are rare. The emails are sent concurrently, each on a connection of the
-SMTP pool, and each in its own message's context, so what is logged on its way
-carries its ids and trace.
+the server took. Rows that could not be claimed are explained with one more, and
+failures, which are rare, with one per kind. The emails are sent concurrently, each
+on its own connection from the SMTP pool and in its own message's context, so that
+what is logged on its way carries that message's ids and trace.
 
 Between sending and recording, the outcome lives only in this process. If the
 database goes away just then, the consumer runs the batch again once it is back;
