@@ -253,12 +253,14 @@ async def offer(
             return
         done = time.perf_counter()
         if resp.status != 201:
-            failed(f"{resp.status} {resp.body[:200]!r}")
+            failed(f"{resp.status} {resp.body[:200].decode(errors='replace')}")
             return
         try:
             comment_id = int(json.loads(resp.body)["id"])
         except (ValueError, KeyError, TypeError):
-            failed(f"201 without a comment id: {resp.body[:200]!r}")
+            failed(
+                f"201 without a comment id: {resp.body[:200].decode(errors='replace')}"
+            )
             return
         sent.due[comment_id] = due
         sent.post_ms.append((done - due) * 1000)
