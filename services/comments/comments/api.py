@@ -106,22 +106,21 @@ async def create_comment(
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
     async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
-        if idempotency_key is not None:
-            claimed = await conn.fetchval(
-                sql.CLAIM_IDEMPOTENCY_KEY, user.user_id, idempotency_key, request_hash
-            )
-            if claimed is None:
-                return await _replay(conn, user, idempotency_key, request_hash)
-
-        if await conn.fetchval(sql.POST_EXISTS, new.post_id) is None:
+        row = await conn.fetchrow(
+            sql.CREATE_COMMENT,
+            new.post_id,
+            user.user_id,
+            new.body,
+            idempotency_key,
+            request_hash,
+        )
+        if idempotency_key is not None and not row["claimed"]:
+            return await _replay(conn, user, idempotency_key, request_hash)
+        if not row["post_exists"]:
             raise NotFound(f"post {new.post_id} does not exist")
-        author = await conn.fetchrow(sql.GET_USER, user.user_id)
-        if author is None:
+        if row["author_id"] is None:
             raise NotFound(f"user {user.user_id} named by the token does not exist")
 
-        row = await conn.fetchrow(
-            sql.INSERT_COMMENT, new.post_id, user.user_id, new.body
-        )
         event = CommentCreated(
             event_id=uuid.uuid4(),
             occurred_at=datetime.now(UTC),
@@ -146,11 +145,7 @@ async def create_comment(
             "id": row["id"],
             "post_id": new.post_id,
             "body": new.body,
-            "author": {
-                "id": author["id"],
-                "username": author["username"],
-                "display_name": author["display_name"],
-            },
+            "author": sql.person(row),
             "created_at": row["created_at"].isoformat(),
             "event_id": str(event.event_id),
         }

@@ -32,22 +32,40 @@ WHERE c.post_id = $1
 ORDER BY c.id
 """
 
-POST_EXISTS = "SELECT 1 FROM posts WHERE id = $1"
-
-INSERT_COMMENT = """
-INSERT INTO comments (post_id, author_id, body) VALUES ($1, $2, $3)
-RETURNING id, created_at
-"""
-
-GET_USER = "SELECT id, username, display_name FROM users WHERE id = $1"
-
+# One round trip for what used to take three or four: claim the Idempotency-Key ($4,
+# when there is one), look up the post and the author, and insert the comment only
+# when the key was claimed and both exist. The row always comes back and says which
+# step stopped the insert, in the order the API reports them: a key already claimed
+# (replay), then a missing post, then a missing author.
+#
 # The key row is inserted first: a concurrent request with the same key waits on the
-# primary key until the first commits, then finds the stored response.
-CLAIM_IDEMPOTENCY_KEY = """
-INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response)
-VALUES ($1, $2, $3, 0, 'null')
-ON CONFLICT (user_id, key) DO NOTHING
-RETURNING key
+# primary key until the first commits, then finds the stored response. A data-modifying
+# CTE runs to completion whether or not the rest reads it, so the claim is taken even
+# when the insert is skipped, and rolls back with the transaction if the API refuses.
+CREATE_COMMENT = """
+WITH claim AS (
+    INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response)
+    SELECT $2, $4, $5, 0, 'null' WHERE $4::text IS NOT NULL
+    ON CONFLICT (user_id, key) DO NOTHING
+    RETURNING key
+), post AS (
+    SELECT id FROM posts WHERE id = $1
+), author AS (
+    SELECT id, username, display_name FROM users WHERE id = $2
+), inserted AS (
+    INSERT INTO comments (post_id, author_id, body)
+    SELECT post.id, author.id, $3 FROM post, author
+    WHERE $4::text IS NULL OR EXISTS (SELECT FROM claim)
+    RETURNING id, created_at
+)
+SELECT $4::text IS NULL OR EXISTS (SELECT FROM claim) AS claimed,
+       EXISTS (SELECT FROM post) AS post_exists,
+       author.id AS author_id, author.username AS author_username,
+       author.display_name AS author_display_name,
+       inserted.id, inserted.created_at
+FROM (VALUES (1)) AS one (n)
+LEFT JOIN author ON true
+LEFT JOIN inserted ON true
 """
 
 STORED_RESPONSE = """

@@ -150,6 +150,48 @@ async def test_unknown_post_is_404_and_stores_nothing(
     assert await counts(settings) == (0, 0)
 
 
+async def test_a_token_for_a_user_not_in_the_database_is_404_and_stores_nothing(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    missing_user = demo.dave + 1000
+    headers = auth(settings, missing_user, "ghost")
+
+    on_a_post = await client.post(
+        "/comments", json={"post_id": demo.post, "body": "hi"}, headers=headers
+    )
+    on_no_post = await client.post(
+        "/comments", json={"post_id": 999999, "body": "hi"}, headers=headers
+    )
+
+    assert on_a_post.status_code == 404
+    assert on_a_post.json()["detail"] == (
+        f"user {missing_user} named by the token does not exist"
+    )
+    assert on_no_post.json()["detail"] == "post 999999 does not exist", (
+        "a missing post is reported before a missing author"
+    )
+    assert await counts(settings) == (0, 0)
+
+
+async def test_a_refused_comment_leaves_its_idempotency_key_free(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    headers = {**auth(settings, demo.bob, "bob"), "Idempotency-Key": "k-404"}
+
+    refused = await client.post(
+        "/comments", json={"post_id": 999999, "body": "hi"}, headers=headers
+    )
+    stored = await client.post(
+        "/comments", json={"post_id": demo.post, "body": "hi"}, headers=headers
+    )
+
+    assert refused.status_code == 404
+    assert refused.json()["detail"] == "post 999999 does not exist"
+    assert stored.status_code == 201, stored.text
+    assert "Idempotent-Replayed" not in stored.headers
+    assert (await counts(settings))[0] == 1
+
+
 @pytest.mark.parametrize(
     "headers",
     [
