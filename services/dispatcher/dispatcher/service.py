@@ -77,6 +77,8 @@ class Dispatcher:
         gives in that event's consumer), carried onto its deliveries; without it,
         every delivery continues the current trace.
         """
+        if not events:
+            return []
         results: list[Outcome | DeadLetter | None] = [None] * len(events)
         first: dict[uuid.UUID, int] = {}
         for index, event in enumerate(events):

@@ -373,6 +373,16 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
     assert counts == [6, 6, 6], counts
 
 
+async def test_an_empty_batch_runs_no_statement(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    async with transaction(db.pool) as conn:
+        counting = _Counting(conn)
+        assert await dispatcher.handle_many(counting, []) == []  # type: ignore[arg-type]
+
+    assert counting.statements == []
+
+
 class _Counting:
     """A connection that notes every statement it is given."""
 
