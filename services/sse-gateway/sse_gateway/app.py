@@ -17,7 +17,7 @@ from contracts import metrics, topology
 from contracts.consumer import DeadLetter, Item
 from contracts.db import transaction
 from contracts.http import install_http_policy
-from contracts.messages import DeliveryRequested
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 from sse_gateway import inbox, web
@@ -131,6 +131,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         prefetch=settings.sse_prefetch,
         max_batch=settings.sse_batch_size,
         action="sse",
+        envelope=DeliveryBatch,
     )
 
     @asynccontextmanager
