@@ -39,12 +39,18 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[
                      $6::smallint[])
 """
 
+# Claiming and deleting are one statement: the rows are deleted inside the relay's
+# transaction, which commits only once RabbitMQ has confirmed every publish, and rolls
+# back (leaving the rows for the next try) if any publish fails. The delete's row locks
+# make other relays skip these rows until then. ``= ANY(ARRAY(…))`` runs the claim
+# once and deletes by primary key, however large a backlog the planner expects.
 CLAIM_SQL = """
-SELECT id, exchange, routing_key, message_id, headers, body, priority, created_at
-FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+DELETE FROM outbox
+WHERE id = ANY(ARRAY(
+    SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+))
+RETURNING id, exchange, routing_key, message_id, headers, body, priority, created_at
 """
-
-DELETE_SQL = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
 
 @dataclass(frozen=True)
@@ -207,8 +213,9 @@ class OutboxRelay:
             if not rows:
                 return 0
             started = time.perf_counter()
+            # RETURNING keeps no order; publish in the order the rows were written.
+            rows.sort(key=lambda row: row["id"])
             await asyncio.gather(*(self._publish(row) for row in rows))
-            await conn.execute(DELETE_SQL, [row["id"] for row in rows])
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
         logger.debug(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import aio_pika
@@ -130,3 +131,59 @@ async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings) -
         await pool.close()
 
     assert got == [2]
+
+
+async def _without_notify(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wake")
+
+
+async def test_rows_stay_in_the_outbox_until_every_publish_is_confirmed(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    try:
+        await _without_notify(pool)
+        await relay.start()
+        delivered = event(1)
+        lost = replace(event(2), exchange="no-such-exchange")
+        await write(pool, [delivered, lost])
+
+        # RabbitMQ refuses the second publish; the first may have been confirmed.
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await relay.drain()
+
+        async with pool.acquire() as conn:
+            left = await conn.fetch("SELECT message_id FROM outbox ORDER BY id")
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert [r["message_id"] for r in left] == [delivered.message_id, lost.message_id]
+
+
+async def test_relays_side_by_side_publish_every_row_once(settings: Settings) -> None:
+    pool = await create_pool(settings)
+    relays = [OutboxRelay(pool, settings, batch_size=5) for _ in range(3)]
+    got: list[int] = []
+
+    async def all_of_them() -> bool:
+        got.extend(await received(settings))
+        return len(got) >= 120
+
+    try:
+        for relay in relays:
+            await relay.start()
+        for start in range(0, 120, 10):
+            await write(pool, [event(n) for n in range(start, start + 10)])
+
+        await eventually(all_of_them, what="120 messages on the queue")
+    finally:
+        for relay in relays:
+            await relay.stop()
+        await pool.close()
+
+    assert sorted(got) == list(range(120))
+    assert sum(relay.published for relay in relays) == 120
