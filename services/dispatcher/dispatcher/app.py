@@ -14,7 +14,7 @@ from pydantic_settings import SettingsConfigDict
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
 from contracts.db import transaction
-from contracts.messages import CommentCreated
+from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 from dispatcher import channels, templates
@@ -37,6 +37,11 @@ class DispatcherSettings(Settings):
     # dies, a shutdown during a database outage) does, once per event held.
     dispatcher_prefetch: int = Field(default=150, ge=1)
     dispatcher_batch_size: int = Field(default=50, ge=1)
+    # Deliveries of one event, channel type and priority that travel in one message;
+    # 1 sends a message per row, which senders older than DeliveryBatch need.
+    dispatcher_deliveries_per_message: int = Field(
+        default=100, ge=1, le=MAX_BATCH_DELIVERIES
+    )
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> DispatcherSettings:
@@ -57,6 +62,7 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         channels.ChannelConfigs(settings.channel_config),
         templates.Renderer(settings.templates_dir),
         settings.public_url,
+        per_message=settings.dispatcher_deliveries_per_message,
     )
 
     async def on_comments_created(

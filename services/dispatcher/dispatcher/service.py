@@ -25,7 +25,12 @@ import asyncpg
 
 from contracts import topology, tracing
 from contracts.consumer import DeadLetter
-from contracts.messages import CommentCreated, DeliveryRequested
+from contracts.messages import (
+    MAX_BATCH_DELIVERIES,
+    CommentCreated,
+    DeliveryBatch,
+    DeliveryRequested,
+)
 from contracts.outbox import Outgoing, enqueue
 from dispatcher import recipients as who
 from dispatcher import repository as sql
@@ -51,11 +56,22 @@ class Outcome:
 
 class Dispatcher:
     def __init__(
-        self, channels: ChannelConfigs, renderer: Renderer, public_url: str
+        self,
+        channels: ChannelConfigs,
+        renderer: Renderer,
+        public_url: str,
+        *,
+        per_message: int = MAX_BATCH_DELIVERIES,
     ) -> None:
+        """``per_message``: deliveries one message may carry; 1 sends each alone."""
+        if not 1 <= per_message <= MAX_BATCH_DELIVERIES:
+            raise ValueError(
+                f"deliveries per message must be 1 to {MAX_BATCH_DELIVERIES}"
+            )
         self._channels = channels
         self._renderer = renderer
         self._public_url = public_url.rstrip("/")
+        self._per_message = per_message
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
         """Dispatch one event; raise :class:`DeadLetter` if it must be set aside."""
@@ -229,12 +245,10 @@ class Dispatcher:
         for index in valid:
             event = events[index]
             mine = by_event[event.event_id]
-            pending = [
-                _delivery(event, row, traces[index])
-                for row in mine
-                if row["status"] == "pending"
-            ]
-            deliveries.extend(pending)
+            pending = [row for row in mine if row["status"] == "pending"]
+            deliveries.extend(
+                _messages(event, pending, traces[index], self._per_message)
+            )
             outcomes.append(
                 Outcome(
                     rows=len(mine),
@@ -310,29 +324,53 @@ class Dispatcher:
         return rows
 
 
-def _delivery(
-    event: CommentCreated, row: asyncpg.Record, trace: Mapping[str, Any]
-) -> Outgoing:
-    return Outgoing(
-        exchange=topology.DELIVERIES_EXCHANGE,
-        routing_key=row["type"],
-        message_id=f"notification-{row['id']}",
-        priority=row["priority"],
-        headers={
-            **trace,
-            "event_id": str(event.event_id),
-            "notification_id": row["id"],
-        },
-        message=DeliveryRequested(
-            notification_id=row["id"],
-            event_id=event.event_id,
-            user_id=row["user_id"],
-            type=row["type"],
-            channel=row["channel"],
-            priority=row["priority"],
-            event_occurred_at=event.occurred_at,
-        ),
-    )
+def _messages(
+    event: CommentCreated,
+    rows: list[asyncpg.Record],
+    trace: Mapping[str, Any],
+    per_message: int,
+) -> list[Outgoing]:
+    """The messages for one event's pending rows.
+
+    Rows of one channel type and priority travel together, up to ``per_message``
+    in a :class:`DeliveryBatch`; a row alone is sent as a plain DeliveryRequested.
+    """
+    groups: dict[tuple[str, int], list[DeliveryRequested]] = defaultdict(list)
+    for row in rows:
+        groups[(row["type"], row["priority"])].append(
+            DeliveryRequested(
+                notification_id=row["id"],
+                event_id=event.event_id,
+                user_id=row["user_id"],
+                type=row["type"],
+                channel=row["channel"],
+                priority=row["priority"],
+                event_occurred_at=event.occurred_at,
+            )
+        )
+    messages: list[Outgoing] = []
+    for (type_, priority), group in groups.items():
+        for start in range(0, len(group), per_message):
+            chunk = group[start : start + per_message]
+            first = chunk[0].notification_id
+            headers: dict[str, Any] = {**trace, "event_id": str(event.event_id)}
+            if len(chunk) == 1:
+                headers["notification_id"] = first
+            messages.append(
+                Outgoing(
+                    exchange=topology.DELIVERIES_EXCHANGE,
+                    routing_key=type_,
+                    message_id=f"notification-{first}"
+                    if len(chunk) == 1
+                    else f"notifications-{first}+{len(chunk)}",
+                    priority=priority,
+                    headers=headers,
+                    message=chunk[0]
+                    if len(chunk) == 1
+                    else DeliveryBatch(deliveries=chunk),
+                )
+            )
+    return messages
 
 
 def _person(row: asyncpg.Record) -> dict[str, Any]:

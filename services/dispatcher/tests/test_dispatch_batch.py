@@ -14,13 +14,14 @@ import pytest
 
 from contracts.consumer import DeadLetter
 from contracts.db import create_pool, transaction
-from contracts.messages import CommentCreated, DeliveryRequested, decode
+from contracts.messages import CommentCreated
 from contracts.settings import Settings
 from dispatcher import channels, templates
 from dispatcher.app import DispatcherSettings
 from dispatcher.service import Dispatcher, Outcome
 from tests.support import infra
 from tests.support.data import Demo, seed_demo
+from tests.support.deliveries import deliveries_in
 
 pytestmark = pytest.mark.integration
 
@@ -156,10 +157,8 @@ async def _snapshot(pool: asyncpg.Pool) -> dict[str, Any]:
         )
     keys = {r["id"]: (r["event_id"], r["user_id"], r["type"]) for r in rows}
     deliveries = []
-    for entry in outbox:
-        message = decode(DeliveryRequested, entry["body"])
-        assert entry["message_id"] == f"notification-{message.notification_id}"
-        assert entry["headers"]["notification_id"] == message.notification_id
+    pairs = [(e, m) for e in outbox for m in deliveries_in(e["body"])]
+    for entry, message in pairs:
         assert entry["headers"]["event_id"] == str(message.event_id)
         key = keys[message.notification_id]
         assert key == (message.event_id, message.user_id, message.type)
@@ -280,8 +279,9 @@ async def test_an_event_naming_a_missing_comment_is_the_only_one_set_aside(
     told = await pool.fetch("SELECT DISTINCT event_id FROM notifications")
     assert {r["event_id"] for r in told} == stored
     bodies = [
-        decode(DeliveryRequested, b)
+        d
         for (b,) in await pool.fetch("SELECT body FROM outbox")
+        for d in deliveries_in(b)
     ]
     assert bodies and {d.event_id for d in bodies} == stored
 
@@ -444,3 +444,70 @@ async def test_overlapping_batches_on_two_connections_store_each_event_once(
 def test_a_prefetch_smaller_than_a_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="NOTIFLOW_DISPATCHER_PREFETCH"):
         DispatcherSettings(dispatcher_prefetch=10, dispatcher_batch_size=20)
+
+
+async def _outbox(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT routing_key, message_id, priority, headers, body "
+        "FROM outbox ORDER BY id"
+    )
+
+
+@pytest.mark.parametrize(
+    ("per_message", "sizes"), [(100, [4]), (3, [3, 1]), (1, [1, 1, 1, 1])]
+)
+async def test_deliveries_of_one_type_and_priority_share_messages_up_to_the_limit(
+    db: Database, per_message: int, sizes: list[int]
+) -> None:
+    demo = await seed_demo(db.url)
+    dispatcher = Dispatcher(
+        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        templates.Renderer(templates.DEFAULT_DIR),
+        "http://127.0.0.1:8081",
+        per_message=per_message,
+    )
+    # Four people earlier in the thread; the fifth comment replies to all of them.
+    async with db.pool.acquire() as conn:
+        extra = [
+            await conn.fetchval(
+                "INSERT INTO users (username, display_name, email) "
+                "VALUES ($1, $1, $2) RETURNING id",
+                f"reader{n}",
+                f"reader{n}@example.test",
+            )
+            for n in range(3)
+        ]
+    for author in extra:
+        await _comment(db.pool, demo, author, "me too")
+    comment = await _comment(db.pool, demo, demo.carol, "no mentions at all")
+    async with transaction(db.pool) as conn:
+        await dispatcher.handle(conn, _event(demo, comment, demo.carol, "no mentions"))
+
+    emails = [r for r in await _outbox(db.pool) if r["routing_key"] == "email"]
+    assert [len(deliveries_in(r["body"])) for r in emails] == sizes
+    rows = await db.pool.fetch(
+        "SELECT id, user_id FROM notifications WHERE type = 'email' ORDER BY id"
+    )
+    carried = [d for r in emails for d in deliveries_in(r["body"])]
+    assert [d.notification_id for d in carried] == [r["id"] for r in rows]
+    assert sorted(d.user_id for d in carried) == sorted([demo.alice, *extra])
+    for record, size in zip(emails, sizes, strict=True):
+        first = deliveries_in(record["body"])[0].notification_id
+        if size == 1:
+            # A delivery alone is a plain DeliveryRequested, as older senders read.
+            assert b'"deliveries"' not in bytes(record["body"])
+            assert record["message_id"] == f"notification-{first}"
+            assert record["headers"]["notification_id"] == first
+        else:
+            assert record["message_id"] == f"notifications-{first}+{size}"
+            assert "notification_id" not in record["headers"]
+
+
+def test_deliveries_per_message_must_fit_a_batch() -> None:
+    with pytest.raises(ValueError, match="deliveries per message"):
+        Dispatcher(
+            channels.ChannelConfigs(channels.DEFAULT_PATH),
+            templates.Renderer(templates.DEFAULT_DIR),
+            "http://127.0.0.1:8081",
+            per_message=0,
+        )
