@@ -6,18 +6,23 @@ once due, or ``sending`` whose lease ran out because the worker holding it died)
 row already ``sent``, ``failed`` or ``skipped`` is left alone and the message acked,
 so a redelivered message never sends a second email.
 
-The consumer hands over whatever deliveries are waiting, and a batch costs two
-statements whatever its size: one claims every row it can, one records every email
-the server took. Rows that could not be claimed are explained with one more, and
-failures, which are rare, with one per kind. The emails are sent concurrently, each
-on its own connection from the SMTP pool and in its own message's context, so that
-what is logged on its way carries that message's ids and trace.
+The consumer hands over whatever deliveries are waiting, and one statement claims
+every row of the batch it can; rows that could not be claimed are explained with
+one more. The emails are sent concurrently, each on its own connection from the SMTP
+pool and in its own message's context, so that what is logged on its way carries
+that message's ids and trace. Failures, which are rare, are recorded with one
+statement per kind once the batch is done.
 
-Between sending and recording, the outcome lives only in this process. If the
-database goes away just then, the consumer runs the batch again once it is back;
-its rows are found ``sending`` under a live lease and their messages acked, and
-the lease sweeper hands them out again once the lease has run out. Those emails go
-out a second time, with the same ``Message-ID``.
+An email the server has taken but whose row is not yet ``sent`` goes out a second
+time (with the same ``Message-ID``) if this process dies then: the lease sweeper
+hands the row out again. So a row is not kept waiting for the slowest email of its
+batch: :class:`SentRecorder` marks it ``sent`` as soon as its email is taken, in one
+statement with every other row whose email was taken meanwhile, by any batch.
+
+If the database goes away between sending and recording, the consumer runs the
+batch again once it is back; its rows are found ``sending`` under a live lease and
+their messages acked, and the sweeper hands them out again once the lease has run
+out.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import asyncpg
 
 from contracts import metrics, transitions
 from contracts.consumer import DeadLetter, Item, RetryLater
-from contracts.db import connection
+from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, connection
 from contracts.messages import DeliveryRequested
 from email_sender import mime, smtp
 
@@ -61,6 +66,55 @@ class _Claimed:
     row: asyncpg.Record
 
 
+class SentRecorder:
+    """Marks rows ``sent`` in as few statements as keep each one waiting briefly.
+
+    A row whose email was taken while a statement ran goes into the next one, so
+    under load one statement records many rows, and when idle a row is recorded at
+    once on its own.
+    """
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
+        self._pool = pool
+        self._lock = asyncio.Lock()
+        # Insertion-ordered: the rows waiting for the next statement.
+        self._pending: dict[int, None] = {}
+        self._failed: dict[int, BaseException] = {}
+
+    async def record(self, notification_id: int) -> None:
+        """Return once the row is ``sent``; raise what the statement raised."""
+        self._pending[notification_id] = None
+        async with self._lock:
+            if (error := self._failed.pop(notification_id, None)) is not None:
+                raise _again(error)
+            if notification_id not in self._pending:
+                return  # the statement that ran meanwhile took it
+            ids = list(self._pending)
+            self._pending.clear()
+            try:
+                async with connection(self._pool()) as conn:
+                    await conn.execute(transitions.SENT_MANY, ids)
+            except Exception as exc:
+                # The others waiting on this statement learn of it without trying
+                # again, each for as long as acquiring a connection may take.
+                self._failed.update(
+                    (other, exc) for other in ids if other != notification_id
+                )
+                raise
+            except BaseException:
+                # Cancelled: the others try for themselves.
+                self._pending.update(dict.fromkeys(ids))
+                self._pending.pop(notification_id, None)
+                raise
+
+
+def _again(error: BaseException) -> Exception:
+    """The error a row learns of when the statement that took it failed."""
+    if isinstance(error, (DatabaseUnavailable, *UNAVAILABLE_ERRORS)):
+        return DatabaseUnavailable(f"recording sent rows failed: {error!r}")
+    return RuntimeError(f"recording sent rows failed: {error!r}")
+
+
 class EmailWorker:
     """A batch handler for :meth:`contracts.runtime.Runtime.subscribe_batch`."""
 
@@ -77,6 +131,7 @@ class EmailWorker:
     ) -> None:
         self._pool = pool
         self._smtp = transport
+        self._sent = SentRecorder(pool)
         self._sender = sender
         self._sender_name = sender_name
         self._domain = domain
@@ -91,38 +146,33 @@ class EmailWorker:
 
         # Each task starts from a copy of its own message's context.
         tasks = [
-            c.item.within(asyncio.create_task, self._deliver(c.row)) for c in claimed
+            c.item.within(asyncio.create_task, self._deliver(c, len(items)))
+            for c in claimed
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
 
-        sent: list[tuple[_Claimed, float]] = []
         failures: list[tuple[_Claimed, str, tuple[object, ...]]] = []
+        unavailable: BaseException | None = None
         for c, result in zip(claimed, results, strict=True):
-            if isinstance(result, float):
-                sent.append((c, result))
-            elif isinstance(result, mime.InvalidAddress | smtp.SendFailed):
+            if result is None:
+                continue
+            if isinstance(result, mime.InvalidAddress | smtp.SendFailed):
                 outcome, statement, args = self._failure(c.row, result)
                 outcomes[c.index] = outcome
                 failures.append((c, statement, args))
+            elif isinstance(result, (DatabaseUnavailable, *UNAVAILABLE_ERRORS)):
+                unavailable = result
             elif isinstance(result, Exception):
                 # A bug, as it would be in a handler of one message: the message is
                 # dead-lettered with the error, and the row left to its lease.
                 outcomes[c.index] = result
             else:
                 raise result
+        if unavailable is not None:
+            # The whole batch waits for the database and runs again.
+            raise unavailable
 
-        await self._record([c.row["id"] for c, _ in sent], failures)
-
-        for c, elapsed in sent:
-            message = c.item.message
-            metrics.delivered("email", message.channel, message.event_occurred_at)
-            c.item.within(
-                logger.info,
-                "email sent in %.1f ms (attempt %d)",
-                elapsed,
-                c.row["attempts"],
-                extra={"action": "email.sent", "batch": len(items)},
-            )
+        await self._record_failures(failures)
         for c, statement, _ in failures:
             status = "retried" if statement == transitions.RETRYING else "failed"
             metrics.settled("email", c.item.message.channel, status)
@@ -161,9 +211,13 @@ class EmailWorker:
             )
         return claimed
 
-    async def _deliver(self, row: asyncpg.Record) -> float:
-        """Build and send the email of ``row``; return how long it took, in ms."""
+    async def _deliver(self, claimed: _Claimed, batch: int) -> None:
+        """Build and send the email of a claimed row, and record it ``sent``.
+
+        Runs in the context of the row's message: its log line carries its ids.
+        """
         started = time.perf_counter()
+        row = claimed.row
         message = mime.build(
             notification_id=row["id"],
             to_address=row["email"],
@@ -176,7 +230,16 @@ class EmailWorker:
             domain=self._domain,
         )
         await self._smtp.send(message)
-        return (time.perf_counter() - started) * 1000
+        await self._sent.record(row["id"])
+
+        delivery = claimed.item.message
+        metrics.delivered("email", delivery.channel, delivery.event_occurred_at)
+        logger.info(
+            "email sent in %.1f ms (attempt %d)",
+            (time.perf_counter() - started) * 1000,
+            row["attempts"],
+            extra={"action": "email.sent", "batch": batch},
+        )
 
     def _failure(
         self, row: asyncpg.Record, exc: mime.InvalidAddress | smtp.SendFailed
@@ -194,17 +257,13 @@ class EmailWorker:
         retry = RetryLater(exc.reason, delay)
         return retry, transitions.RETRYING, (exc.reason, float(delay))
 
-    async def _record(
-        self,
-        sent: list[int],
-        failures: list[tuple[_Claimed, str, tuple[object, ...]]],
+    async def _record_failures(
+        self, failures: list[tuple[_Claimed, str, tuple[object, ...]]]
     ) -> None:
-        """Store every outcome; each statement commits on its own."""
-        if not (sent or failures):
+        """Store the failed rows' transitions; each statement commits on its own."""
+        if not failures:
             return
         async with connection(self._pool()) as conn:
-            if sent:
-                await conn.execute(transitions.SENT_MANY, sent)
             for statement in (transitions.FAILED, transitions.RETRYING):
                 rows = [
                     (c.row["id"], {}, *args)
