@@ -8,6 +8,7 @@ batches. Retry delays are 1 s and 2 s.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -33,11 +34,14 @@ EMAIL_QUEUE = topology.delivery_queue("email")
 
 
 class BusyMailboxes(SmtpServer):
-    """Answers RCPT for the addresses in :attr:`busy` with a 451, once each."""
+    """Answers RCPT for the addresses in :attr:`busy` with a 451, once each, and
+    takes :attr:`slow_seconds` over the DATA of a message to one in :attr:`slow`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.busy: set[str] = set()
+        self.slow: set[str] = set()
+        self.slow_seconds = 0.0
 
     async def handle_RCPT(
         self,
@@ -53,6 +57,13 @@ class BusyMailboxes(SmtpServer):
         return await super().handle_RCPT(
             server, session, envelope, address, rcpt_options
         )
+
+    async def handle_DATA(
+        self, server: Any, session: Session, envelope: Envelope
+    ) -> str:
+        if self.slow.intersection(envelope.rcpt_tos):
+            await asyncio.sleep(self.slow_seconds)
+        return await super().handle_DATA(server, session, envelope)
 
 
 @pytest.fixture
@@ -271,21 +282,9 @@ async def test_a_delivery_batch_message_sends_its_rows_and_sets_aside_only_the_b
         await helpers.email_row(db, user, address, event_id=event)
         for user, address in zip(users, addresses, strict=True)
     ]
-    envelope = DeliveryBatch(
-        deliveries=[
-            DeliveryRequested(
-                notification_id=note,
-                event_id=event,
-                user_id=user,
-                type="email",
-                channel="comment.reply",
-                priority=0,
-                event_occurred_at=datetime.now(UTC),
-            )
-            for note, user in zip(notes, users, strict=True)
-        ]
+    await helpers.publish(
+        settings.amqp_url, [_envelope(event, list(zip(notes, users, strict=True)))]
     )
-    await helpers.publish(settings.amqp_url, [envelope.to_bytes()])
 
     async with email_sender():
         statuses = await eventually(
@@ -303,3 +302,64 @@ async def test_a_delivery_batch_message_sends_its_rows_and_sets_aside_only_the_b
     # The bad row goes on alone, so replaying it repeats nothing else.
     assert helpers.body(dead)["notification_id"] == notes[1]
     assert helpers.reason(dead).startswith("permanent failure: invalid recipient")
+
+
+async def test_a_row_is_sent_without_waiting_for_the_slowest_email_of_its_batch(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: BusyMailboxes,
+    email_sender: EmailSenderFactory,
+) -> None:
+    # Every row a worker dies holding after the server took its email is sent
+    # again: none should wait for its batch's slowest email to be recorded.
+    smtp.slow.add("slow@example.com")
+    smtp.slow_seconds = 2.0
+    event = uuid.uuid4()
+    await db.execute(helpers.INSERT_EVENT, event)
+    users = [demo.alice, demo.bob, demo.carol, demo.dave]
+    addresses = ["slow@example.com", "b@example.com", "c@example.com", "d@example.com"]
+    notes = [
+        await helpers.email_row(db, user, address, event_id=event)
+        for user, address in zip(users, addresses, strict=True)
+    ]
+    # One message carrying all four rows: they are handled as one batch.
+    await helpers.publish(
+        settings.amqp_url, [_envelope(event, list(zip(notes, users, strict=True)))]
+    )
+    slow, fast = notes[0], notes[1:]
+
+    async with email_sender(smtp_timeout=5, email_lease_seconds=30):
+
+        async def fast_ones_sent() -> dict[int, str] | None:
+            statuses = await _statuses(db, notes)
+            if all(statuses[n] == "sent" for n in fast):
+                return statuses
+            return None
+
+        statuses = await eventually(
+            fast_ones_sent, interval=0.05, what="the fast rows sent"
+        )
+        final = await eventually(lambda: _all_final(db, notes), what="all sent")
+
+    assert statuses[slow] == "sending"
+    assert final == {n: "sent" for n in notes}
+    assert sorted(smtp.message_ids().values()) == [1] * len(notes)
+
+
+def _envelope(event: uuid.UUID, rows: list[tuple[int, int]]) -> bytes:
+    """A DeliveryBatch message for (notification id, user id) rows of one event."""
+    return DeliveryBatch(
+        deliveries=[
+            DeliveryRequested(
+                notification_id=note,
+                event_id=event,
+                user_id=user,
+                type="email",
+                channel="comment.reply",
+                priority=0,
+                event_occurred_at=datetime.now(UTC),
+            )
+            for note, user in rows
+        ]
+    ).to_bytes()
