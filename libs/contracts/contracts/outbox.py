@@ -130,6 +130,8 @@ class OutboxRelay:
         return self._connection
 
     def wake(self) -> None:
+        """Publish soon. A writer in this process calls it after committing outbox
+        rows, so the relay need not wait for the NOTIFY to come back round."""
         self._wake.set()
 
     async def _listen(self) -> None:
@@ -167,7 +169,6 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sweep)
             except TimeoutError:
                 pass
-            self._wake.clear()
             try:
                 if time.monotonic() - self._measured_at >= self._sweep:
                     # Measured before publishing and whether or not publishing
@@ -209,6 +210,11 @@ class OutboxRelay:
 
     async def _publish_batch(self) -> int:
         async with self._pool.acquire(timeout=5) as conn, conn.transaction():
+            # A wake-up is cleared here, not when the relay wakes: every commit
+            # signalled until now is in the snapshot of the claim sent next, so the
+            # signals that arrive while the relay gets a connection count as served,
+            # and only those that arrive after the claim was sent cause another.
+            self._wake.clear()
             rows = await conn.fetch(CLAIM_SQL, self._batch)
             if not rows:
                 return 0

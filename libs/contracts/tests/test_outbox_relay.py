@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -136,6 +137,77 @@ async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings) -
 async def _without_notify(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         await conn.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wake")
+
+
+async def test_a_wake_from_a_writer_in_the_process_publishes_without_a_sweep(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    try:
+        # No NOTIFY reaches the relay: only the writer's own wake can.
+        await _without_notify(pool)
+        await relay.start()
+
+        await write(pool, [event(1)])
+        relay.wake()
+
+        got = await eventually(
+            lambda: received(settings), what="the message", timeout=10
+        )
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert got == [1]
+
+
+class HeldRelay(OutboxRelay):
+    """A relay that stops before its first publish until the test lets it go on."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        super().__init__(pool, settings)
+        self.publishing = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        self.publishing.set()
+        await self.go_on.wait()
+        await super()._publish(row)
+
+
+async def test_a_wake_while_the_relay_publishes_is_served_without_a_sweep(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = HeldRelay(pool, slow_sweep)
+    try:
+        await _without_notify(pool)
+        await relay.start()
+        await write(pool, [event(1)])
+        relay.wake()
+        await asyncio.wait_for(relay.publishing.wait(), timeout=10)
+
+        # Committed after the relay took its batch: the claim in flight cannot
+        # have seen it, so this wake must cause another.
+        await write(pool, [event(2)])
+        relay.wake()
+        relay.go_on.set()
+
+        got: list[int] = []
+
+        async def both() -> bool:
+            got.extend(await received(settings))
+            return len(got) >= 2
+
+        await eventually(both, what="both messages", timeout=10)
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert sorted(got) == [1, 2]
 
 
 async def test_rows_stay_in_the_outbox_until_every_publish_is_confirmed(

@@ -22,7 +22,7 @@ from pydantic import (
 from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import MAX_ID, Principal, bearer, verify_token
-from contracts.db import transaction
+from contracts.db import connection, transaction
 from contracts.http import Conflict, NotFound, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
@@ -105,54 +105,59 @@ async def create_comment(
 ) -> JSONResponse:
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
-    async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
-        row = await conn.fetchrow(
-            sql.CREATE_COMMENT,
-            new.post_id,
-            user.user_id,
-            new.body,
-            idempotency_key,
-            request_hash,
-        )
-        if idempotency_key is not None and not row["claimed"]:
-            return await _replay(conn, user, idempotency_key, request_hash)
-        if not row["post_exists"]:
-            raise NotFound(f"post {new.post_id} does not exist")
-        if row["author_id"] is None:
-            raise NotFound(f"user {user.user_id} named by the token does not exist")
-
-        event = CommentCreated(
-            event_id=uuid.uuid4(),
-            occurred_at=datetime.now(UTC),
-            comment_id=row["id"],
-            post_id=new.post_id,
-            author_id=user.user_id,
-            body=new.body,
-        )
-        await enqueue(
-            conn,
-            [
-                Outgoing(
-                    exchange=topology.EVENTS_EXCHANGE,
-                    routing_key=topology.COMMENT_CREATED,
-                    message_id=str(event.event_id),
-                    message=event,
-                    headers=tracing.inject({"event_id": str(event.event_id)}),
-                )
-            ],
-        )
-        body = {
-            "id": row["id"],
-            "post_id": new.post_id,
-            "body": new.body,
-            "author": sql.person(row),
-            "created_at": row["created_at"].isoformat(),
-            "event_id": str(event.event_id),
-        }
-        if idempotency_key is not None:
-            await conn.execute(
-                sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
+    async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                sql.CREATE_COMMENT,
+                new.post_id,
+                user.user_id,
+                new.body,
+                idempotency_key,
+                request_hash,
             )
+            if idempotency_key is not None and not row["claimed"]:
+                return await _replay(conn, user, idempotency_key, request_hash)
+            if not row["post_exists"]:
+                raise NotFound(f"post {new.post_id} does not exist")
+            if row["author_id"] is None:
+                raise NotFound(f"user {user.user_id} named by the token does not exist")
+
+            event = CommentCreated(
+                event_id=uuid.uuid4(),
+                occurred_at=datetime.now(UTC),
+                comment_id=row["id"],
+                post_id=new.post_id,
+                author_id=user.user_id,
+                body=new.body,
+            )
+            await enqueue(
+                conn,
+                [
+                    Outgoing(
+                        exchange=topology.EVENTS_EXCHANGE,
+                        routing_key=topology.COMMENT_CREATED,
+                        message_id=str(event.event_id),
+                        message=event,
+                        headers=tracing.inject({"event_id": str(event.event_id)}),
+                    )
+                ],
+            )
+            body = {
+                "id": row["id"],
+                "post_id": new.post_id,
+                "body": new.body,
+                "author": sql.person(row),
+                "created_at": row["created_at"].isoformat(),
+                "event_id": str(event.event_id),
+            }
+            if idempotency_key is not None:
+                await conn.execute(
+                    sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
+                )
+        # The outbox row is committed: have this process's relay publish it now,
+        # before the trigger's NOTIFY has come back round through PostgreSQL.
+        if rt.relay is not None:
+            rt.relay.wake()
 
     logger.info(
         "comment %d stored on post %d",

@@ -192,6 +192,37 @@ async def test_a_refused_comment_leaves_its_idempotency_key_free(
     assert (await counts(settings))[0] == 1
 
 
+async def test_a_comment_is_published_by_its_own_process_without_notify_or_sweep(
+    settings: Settings, demo: Demo
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        await db.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_wake")
+    finally:
+        await db.close()
+    app = create_app(slow_sweep)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection, app.router.lifespan_context(app):
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            resp = await c.post(
+                "/comments",
+                json={"post_id": demo.post, "body": "no NOTIFY needed"},
+                headers=auth(settings, demo.bob, "bob"),
+            )
+
+        message = await eventually(
+            lambda: queue.get(fail=False), what="CommentCreated", timeout=10
+        )
+        await message.ack()
+
+    assert resp.status_code == 201
+    assert decode(CommentCreated, message.body).comment_id == resp.json()["id"]
+
+
 @pytest.mark.parametrize(
     "headers",
     [
