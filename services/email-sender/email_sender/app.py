@@ -78,7 +78,7 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
     # One connection for every email that may be in flight at once, so a claimed
     # row never waits for one and its lease need only cover one SMTP conversation.
     # The prefetch does not bound them: a DeliveryBatch message carries many rows.
-    # Connections are opened only when that many emails are in flight.
+    # The pool opens a connection only when no idle one is left.
     in_flight = settings.email_batch_size * BATCH_WORKERS
     transport = smtp.SmtpPool(config, size=in_flight)
     worker = EmailWorker(
