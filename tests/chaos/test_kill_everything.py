@@ -47,6 +47,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 COMMENTS = 300
 MAX_KILLS = 12
 CHAOS_SECONDS = 25.0
+# How long before a kill an email may have been taken by the SMTP server and still
+# not be recorded as sent: the time to commit 'sent' on a busy machine, generously.
+KILL_WINDOW_S = 5.0
 DRAIN_SECONDS = 90.0
 VICTIMS = ("dispatcher", "email-sender", "sse-gateway")
 # Per comment by carol on alice's post mentioning bob: alice and bob, each by email
@@ -130,6 +133,8 @@ class Chaos:
         self.log_dir = log_dir
         self.restart_broker = restart_broker
         self.kills: dict[str, int] = dict.fromkeys(VICTIMS, 0)
+        # time.monotonic() of each kill, by service
+        self.killed_at: dict[str, list[float]] = {name: [] for name in VICTIMS}
         self.broker_restarts = 0
 
     def kill_and_restart(self, name: str) -> None:
@@ -137,6 +142,7 @@ class Chaos:
         may well land while it is still starting, which is a moment like any other."""
         victim = self.services[name]
         victim.kill()
+        self.killed_at[name].append(time.monotonic())
         victim.stop()  # closes its log file; the process is already gone
         self.kills[name] += 1
         self.services[name] = Service(name, self.env, self.log_dir).start()
@@ -282,6 +288,17 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
     }
     received = smtp.message_ids()
     extra_copies = sum(count - 1 for count in received.values())
+    first_copy = smtp.first_arrivals()
+    # A copied email whose first copy arrived in no sender's last moments.
+    unexplained = [
+        message_id
+        for message_id, count in received.items()
+        if count > 1
+        and not any(
+            0 <= killed - first_copy[message_id] <= KILL_WINDOW_S
+            for killed in chaos.killed_at["email-sender"]
+        )
+    ]
 
     print(
         f"\nchaos (seed {seed}): comments={len(events)} deliveries={len(rows)} "
@@ -290,6 +307,7 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
         f"duplicate_rows={duplicate_rows} lost_rows={len(lost)} "
         f"emails_missing={len(email_ids - set(received))} "
         f"email_copies_with_same_message_id={extra_copies} "
+        f"copies_not_explained_by_a_kill={len(unexplained)} "
         f"time_to_drain={drained - chaos_done:.1f}s "
         f"total={time.monotonic() - started:.1f}s"
     )
@@ -303,8 +321,10 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
     assert {r["status"] for r in pushed} <= {"skipped"}
     # One message per email row, by Message-ID; nothing else arrived.
     assert set(received) == email_ids
-    # A second copy can only come from a kill between the SMTP reply and 'sent'.
-    assert extra_copies <= chaos.kills["email-sender"]
+    # A second copy can only come from a kill between the SMTP reply and 'sent':
+    # the first copy of every copied email arrived shortly before a sender died.
+    # How many one kill copies depends on how many emails were in flight.
+    assert unexplained == [], unexplained
     assert outbox == 0
     assert set(depths.values()) == {0}, depths
 

@@ -24,7 +24,7 @@ import email.policy
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
@@ -40,6 +40,8 @@ class Received:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     data: bytes
+    # time.monotonic() when the server answered DATA
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def message_id(self) -> str:
@@ -128,6 +130,14 @@ class SmtpServer:
             loop = protocol.loop
             if protocol.transport is not None:
                 loop.call_soon_threadsafe(protocol.transport.close)
+
+    def first_arrivals(self) -> dict[str, float]:
+        """When the first copy of each Message-ID arrived (time.monotonic())."""
+        first: dict[str, float] = {}
+        with self._lock:
+            for record in self.received:
+                first.setdefault(record.message_id, record.at)
+        return first
 
     def message_ids(self) -> Counter[str]:
         with self._lock:
