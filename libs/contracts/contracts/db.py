@@ -42,6 +42,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing more to reset when a connection goes back to the pool.
+
+    asyncpg rolls back a transaction left open before calling this. Its default
+    reset would then also run ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and
+    release advisory locks: one more round trip for every use of the pool, to undo
+    session state that notiflow never sets on a pooled connection (listeners have
+    connections of their own; advisory locks are transaction-scoped).
+    """
+
+
 async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
     options: dict[str, object] = {
         "min_size": settings.db_pool_min,
@@ -49,6 +60,7 @@ async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
         "command_timeout": settings.db_command_timeout,
         "timeout": settings.db_acquire_timeout * 5,
         "init": _init_connection,
+        "reset": _keep_session,
     }
     options.update(overrides)
     pool = await asyncpg.create_pool(settings.database_url, **options)
