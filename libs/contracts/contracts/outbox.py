@@ -6,9 +6,14 @@ publishes the rows with publisher confirms and deletes them only once RabbitMQ h
 confirmed every one, so a crash at any point can repeat a message but never lose it;
 consumers are idempotent for that reason.
 
-The relay is woken by ``NOTIFY notiflow_outbox`` (a trigger on the table fires at
-commit) and also sweeps on a timer, which covers a lost LISTEN connection, rows
-committed while the relay was down, and a batch that failed to publish.
+A writer wakes the relay of its own process as soon as it commits
+(:meth:`OutboxRelay.wake`). Every relay also hears ``NOTIFY notiflow_outbox`` (a
+trigger on the table fires at commit), for rows written by a process without a relay
+of its own or whose relay is gone; since the writer's relay is normally publishing
+them already, a relay answers a notification only after a short delay, once for all
+it heard meanwhile, so that N relays do not all race for every commit. A sweep on a
+timer covers a lost LISTEN connection, rows committed while no relay ran, and a
+batch that failed to publish.
 """
 
 from __future__ import annotations
@@ -103,6 +108,8 @@ class OutboxRelay:
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
+        self._notify_delay = settings.outbox_notify_delay_seconds
+        self._notified: asyncio.TimerHandle | None = None
         self.published = 0
         self._measured_at = 0.0
 
@@ -116,6 +123,8 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
+        if self._notified is not None:
+            self._notified.cancel()
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -151,6 +160,15 @@ class OutboxRelay:
             self._listener = None
 
     def _on_notify(self, *_: object) -> None:
+        if self._notify_delay <= 0:
+            self._wake.set()
+        elif self._notified is None:
+            self._notified = asyncio.get_running_loop().call_later(
+                self._notify_delay, self._after_notify
+            )
+
+    def _after_notify(self) -> None:
+        self._notified = None
         self._wake.set()
 
     async def _close_listener(self) -> None:

@@ -110,6 +110,48 @@ async def test_a_commit_wakes_the_relay_without_waiting_for_a_sweep(
     assert got == [1]
 
 
+async def test_a_burst_of_commits_elsewhere_is_answered_with_one_claim(
+    settings: Settings,
+) -> None:
+    patient = settings.model_copy(
+        update={"outbox_sweep_seconds": 3600, "outbox_notify_delay_seconds": 0.5}
+    )
+    pool = await create_pool(patient)
+    relay = OutboxRelay(pool, patient)
+    claims = 0
+    publish_batch = relay._publish_batch
+
+    async def counted() -> int:
+        nonlocal claims
+        claims += 1
+        return await publish_batch()
+
+    relay._publish_batch = counted  # type: ignore[method-assign]
+    try:
+        await relay.start()
+        await eventually(lambda: _listening(relay), what="relay listening", timeout=10)
+        claims = 0
+        # Twenty commits from another process, each with its own NOTIFY.
+        for number in range(20):
+            await write(pool, [event(number)])
+
+        got: list[int] = []
+
+        async def all_twenty() -> bool:
+            got.extend(await received(settings))
+            return len(got) >= 20
+
+        await eventually(all_twenty, what="twenty messages", timeout=10)
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert sorted(got) == list(range(20))
+    # One claim takes the burst (and a second finds the rest or nothing),
+    # instead of a claim per notification.
+    assert 1 <= claims <= 3, claims
+
+
 async def _listening(relay: OutboxRelay) -> bool:
     listener = relay._listener  # the relay opens it on its first loop
     return listener is not None and not listener.is_closed()

@@ -72,6 +72,9 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         traces = [item.within(tracing.inject) for item in items]
         async with transaction(runtime.db) as conn:
             results = await dispatcher.handle_many(conn, events, traces=traces)
+        if runtime.relay is not None:
+            # Publish this batch's deliveries now, not when the NOTIFY comes round.
+            runtime.relay.wake()
 
         answers: list[Exception | None] = []
         for item, result in zip(items, results, strict=True):
