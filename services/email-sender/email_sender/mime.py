@@ -15,6 +15,7 @@ the email sender's CPU time.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import charset as charsets
@@ -84,6 +85,10 @@ def build(
     body = MIMEText(text, "plain", _UTF8)
     if html:
         msg: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
+        # A boundary of our own: left to the generator, each message would compile
+        # a fresh regular expression to check that its random boundary does not
+        # occur in the parts. "=_" cannot occur in quoted-printable text at all.
+        msg.set_boundary(f"=_notiflow_{secrets.token_hex(12)}")
         msg.attach(body)
         page = f"<!doctype html><html><body>{html}</body></html>"
         msg.attach(MIMEText(page, "html", _UTF8))
