@@ -2,7 +2,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import random
+import string
 
+import pytest
+
+from email_sender import mime
 from email_sender.mime import build
 
 
@@ -85,3 +90,41 @@ def test_long_subjects_and_names_fold_and_decode_back_exactly() -> None:
     assert str(back["Subject"]) == subject
     assert back["To"].addresses[0].display_name == name
     assert max(len(line) for line in mail.data.split(b"\r\n")) <= 998
+
+
+def test_headers_are_written_exactly_as_the_standard_library_writes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Short ASCII headers skip the standard library's folding; every message must
+    # still come out byte for byte as compat32 would write it.
+    monkeypatch.setattr(mime.secrets, "token_hex", lambda n: "ab" * n)
+    standard = email.policy.compat32.clone(linesep="\r\n")
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + " \t,.;:'\"()<>@=?_-" + "éü🚀中"
+
+    def text(most: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, most)))
+
+    for number in range(300):
+        options = {
+            "notification_id": number,
+            "to_address": "bob@example.com",
+            "to_name": text(30),
+            "subject": text(120),
+            "text": text(200),
+            "html": text(100) if number % 3 else None,
+            "sender": "notifications@notiflow.localhost",
+            "sender_name": text(20),
+            "domain": "notiflow.localhost",
+            "extra_headers": {"X-Campaign": text(100)} if number % 5 == 0 else None,
+        }
+        ours = build(**options).data
+        monkeypatch.setattr(mime, "_WIRE", standard)
+        theirs = build(**options).data
+        monkeypatch.undo()
+        monkeypatch.setattr(mime.secrets, "token_hex", lambda n: "ab" * n)
+        assert _without_date(ours) == _without_date(theirs), options
+
+
+def _without_date(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\r\n") if not line.startswith(b"Date:")]
