@@ -183,8 +183,12 @@ class OutboxRelay:
         failures = 0
         while True:
             await self._listen()
+            # Not ``wait_for``: on Python 3.11 it returns the result, and drops the
+            # cancellation, when :meth:`stop` cancels just as a wake-up arrives, and
+            # the relay would then never stop.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._sweep)
+                async with asyncio.timeout(self._sweep):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             try:

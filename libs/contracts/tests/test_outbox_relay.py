@@ -252,6 +252,28 @@ async def test_a_wake_while_the_relay_publishes_is_served_without_a_sweep(
     assert sorted(got) == [1, 2]
 
 
+async def test_a_relay_woken_as_it_is_stopped_still_stops(settings: Settings) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    try:
+        # The wake-up lands at each of the first few steps of the event loop
+        # before the cancellation does.
+        for steps in range(4):
+            relay = OutboxRelay(pool, slow_sweep)
+            await relay.start()
+            await eventually(lambda r=relay: _listening(r), what="relay listening")
+
+            relay.wake()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            try:
+                await asyncio.wait_for(relay.stop(), timeout=10)
+            except TimeoutError:
+                pytest.fail(f"the relay did not stop, woken {steps} steps before")
+    finally:
+        await pool.close()
+
+
 async def test_rows_stay_in_the_outbox_until_every_publish_is_confirmed(
     settings: Settings,
 ) -> None:
