@@ -4,6 +4,7 @@ still ends on its own (acked, parked for a retry, or dead-lettered with its reas
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 
 import pytest
@@ -28,7 +29,9 @@ from tests.support.waiting import eventually
 QUEUE = topology.delivery_queue("push")
 
 
-async def _run(settings: Settings, handler, *, max_batch: int, workers: int = 1):
+async def _run(
+    settings: Settings, handler, *, max_batch: int, workers: int = 1, envelope=None
+):
     runtime = Runtime(settings, consumers=True)
     runtime.subscribe_batch(
         QUEUE,
@@ -38,6 +41,7 @@ async def _run(settings: Settings, handler, *, max_batch: int, workers: int = 1)
         max_batch=max_batch,
         workers=workers,
         action="test",
+        envelope=envelope,
     )
     await runtime.start()
     return runtime
@@ -298,3 +302,31 @@ async def test_a_single_handler_is_called_once_per_envelope_item(
     finally:
         await runtime.stop()
     assert sorted(seen) == [(5, "5"), (6, "6"), (7, "7"), (8, "8")]
+
+
+async def test_a_bad_item_in_an_envelope_is_set_aside_and_the_rest_handled(
+    settings: Settings,
+) -> None:
+    good = [json.loads(delivery(n, 1)) for n in (21, 23)]
+    bad = {"schema_version": "1.0", "notification_id": "nope"}
+    envelope = {"schema_version": "1.0", "deliveries": [good[0], bad, good[1]]}
+    await publish(
+        settings.amqp_url, [json.dumps(envelope).encode()], routing_key="push"
+    )
+    seen: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        seen.extend(item.message.notification_id for item in items)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=10, envelope=DeliveryBatch)
+    try:
+        await eventually(lambda: _count(seen, 2), what="the two good deliveries")
+        dead = await eventually(
+            lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
+        )
+    finally:
+        await runtime.stop()
+    assert sorted(seen) == [21, 23]
+    assert [body(m) for m in dead] == [bad]
+    assert "item 1 of DeliveryBatch" in reason(dead[0])

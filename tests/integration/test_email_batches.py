@@ -363,3 +363,26 @@ def _envelope(event: uuid.UUID, rows: list[tuple[int, int]]) -> bytes:
             for note, user in rows
         ]
     ).to_bytes()
+
+
+async def test_a_delivery_of_a_row_of_another_type_is_dead_lettered_with_why(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: BusyMailboxes,
+    email_sender: EmailSenderFactory,
+) -> None:
+    live = await db.fetchval(
+        "UPDATE notifications SET type = 'sse' WHERE id = $1 RETURNING id",
+        await helpers.email_row(db, demo.bob, "bob@example.com"),
+    )
+    await helpers.publish(settings.amqp_url, [helpers.delivery(live, demo.bob)])
+
+    async with email_sender():
+        [dead] = await eventually(
+            lambda: helpers.take_dead_letters(settings.amqp_url), what="dead letter"
+        )
+
+    assert helpers.reason(dead) == f"notification {live} is of type sse, not email"
+    assert (await helpers.row(db, live))["status"] == "pending"
+    assert smtp.received == []

@@ -7,5 +7,5 @@ from contracts.messages import DeliveryBatch, DeliveryRequested, decode_items
 
 def deliveries_in(body: bytes) -> list[DeliveryRequested]:
     """The deliveries a message carries: one, or the items of a DeliveryBatch."""
-    items, _ = decode_items(DeliveryRequested, bytes(body), DeliveryBatch)
-    return items
+    parts, _ = decode_items(DeliveryRequested, bytes(body), DeliveryBatch)
+    return [part.message for part in parts if part.message is not None]

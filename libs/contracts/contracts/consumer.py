@@ -315,30 +315,38 @@ class Consumers:
         """Handle one message; return how it ended, for the metrics."""
         started = time.perf_counter()
         try:
-            items, enveloped = decode_items(model, raw.body, envelope)
+            parts, enveloped = decode_items(model, raw.body, envelope)
         except BadMessage as exc:
             await self._set_aside(message, raw, queue, exc.reason)
             return "dead_lettered"
 
+        items = [part.message for part in parts if part.message is not None]
         if len(items) == 1:
             with bind(**_ids(items[0])):
-                outcomes = [await _outcome(run, items[0], raw)]
+                done = [await _outcome(run, items[0], raw)]
         else:
             # Each item in a task of its own, so that each binds its own ids.
-            outcomes = list(
+            done = list(
                 await asyncio.gather(*(_bound_outcome(run, i, raw) for i in items))
             )
-        if any(isinstance(outcome, _ShuttingDown) for outcome in outcomes):
+        if any(isinstance(outcome, _ShuttingDown) for outcome in done):
             await message.nack(requeue=True)
             return "returned"
 
-        for index, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        answers = iter(done)
+        outcomes: list[Exception | None] = [
+            next(answers) if part.problem is None else DeadLetter(part.problem.reason)
+            for part in parts
+        ]
+        for index, (part, outcome) in enumerate(zip(parts, outcomes, strict=True)):
             if outcome is None:
                 continue
             # An item of an envelope goes on alone; a whole message goes as it came.
-            part = (item.to_bytes(), _part_id(raw, item, index)) if enveloped else None
-            with bind(**_ids(item)):
-                await self._settle_failure(queue, raw, outcome, part, action)
+            alone = (
+                (part.body, _part_id(raw, part.message, index)) if enveloped else None
+            )
+            with bind(**(_ids(part.message) if part.message is not None else {})):
+                await self._settle_failure(queue, raw, outcome, alone, action)
         await message.ack()
 
         failures = [o for o in outcomes if o is not None]
@@ -592,7 +600,7 @@ async def _bound_outcome(
         return await _outcome(run, payload, raw)
 
 
-def _part_id(raw: AbstractIncomingMessage, item: Message, index: int) -> str:
+def _part_id(raw: AbstractIncomingMessage, item: Message | None, index: int) -> str:
     notification_id = getattr(item, "notification_id", None)
     if notification_id is not None:
         return f"notification-{notification_id}"

@@ -9,13 +9,17 @@ fields they do not know; a different major version is refused with
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ChannelType = Literal["email", "sse", "push"]
+
+# Row ids are PostgreSQL bigints: a message naming a larger one names no row.
+RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
 class BadMessage(Exception):
@@ -46,9 +50,9 @@ class CommentCreated(Message):
 
     event_id: UUID
     occurred_at: datetime
-    comment_id: int
-    post_id: int
-    author_id: int
+    comment_id: RowId
+    post_id: RowId
+    author_id: RowId
     body: str
 
 
@@ -58,9 +62,9 @@ class DeliveryRequested(Message):
     The row in PostgreSQL is the truth; the message only says which row to claim.
     """
 
-    notification_id: int
+    notification_id: RowId
     event_id: UUID
-    user_id: int
+    user_id: RowId
     type: ChannelType
     channel: str
     priority: int = Field(ge=0, le=9)
@@ -102,14 +106,59 @@ def decode(model: type[M], body: bytes) -> M:
     return _validate(model, _parse(body))
 
 
+@dataclass(frozen=True)
+class Part(Generic[M]):
+    """One message a body carries: decoded, or the reason it cannot be; and the
+    bytes it would have as a message of its own."""
+
+    message: M | None
+    problem: BadMessage | None
+    body: bytes
+
+
 def decode_items(
     model: type[M], body: bytes, envelope: type[Envelope[M]] | None = None
-) -> tuple[list[M], bool]:
-    """The ``model`` messages in ``body``, and whether an ``envelope`` held them."""
+) -> tuple[list[Part[M]], bool]:
+    """The ``model`` messages in ``body``, and whether an ``envelope`` held them.
+
+    A body that is not one ``model`` nor a well-formed envelope raises
+    :class:`BadMessage`. Inside an envelope each item is decoded on its own, so a
+    bad item is a :class:`Part` with a problem and does not spoil the others.
+    """
     data = _parse(body)
-    if envelope is not None and envelope.ITEMS in data:
-        return list(getattr(_validate(envelope, data), envelope.ITEMS)), True
-    return [_validate(model, data)], False
+    if envelope is None or envelope.ITEMS not in data:
+        return [Part(_validate(model, data), None, body)], False
+
+    _check_version(envelope, data)
+    items = data[envelope.ITEMS]
+    field = envelope.model_fields[envelope.ITEMS]
+    lowest, highest = _length_bounds(field.metadata)
+    if not isinstance(items, list) or not lowest <= len(items) <= highest:
+        raise BadMessage(
+            f"invalid {envelope.__name__}: field '{envelope.ITEMS}' must be a list "
+            f"of {lowest} to {highest} items"
+        )
+    parts: list[Part[M]] = []
+    for index, item in enumerate(items):
+        own = json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            if not isinstance(item, dict):
+                raise BadMessage(
+                    f"item must be a JSON object, got {type(item).__name__}"
+                )
+            parts.append(Part(_validate(model, item), None, own))
+        except BadMessage as exc:
+            reason = f"item {index} of {envelope.__name__}: {exc.reason}"
+            parts.append(Part(None, BadMessage(reason), own))
+    return parts, True
+
+
+def _length_bounds(metadata: list[Any]) -> tuple[int, int]:
+    lowest, highest = 0, 2**31
+    for rule in metadata:
+        lowest = getattr(rule, "min_length", None) or lowest
+        highest = getattr(rule, "max_length", None) or highest
+    return lowest, highest
 
 
 def _parse(body: bytes) -> dict[str, Any]:
@@ -122,10 +171,15 @@ def _parse(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _validate(model: type[M], data: dict[str, Any]) -> M:
+def _check_version(model: type[Message], data: dict[str, Any]) -> None:
     version = data.get("schema_version")
-    if not isinstance(version, str) or not version:
+    if version is None or version == "":
         raise BadMessage("field 'schema_version' is missing")
+    if not isinstance(version, str):
+        raise BadMessage(
+            "field 'schema_version' must be a string such as \"1.0\", "
+            f"got {type(version).__name__}"
+        )
     major, _, _ = version.partition(".")
     if major != str(model.MAJOR):
         raise BadMessage(
@@ -133,6 +187,9 @@ def _validate(model: type[M], data: dict[str, Any]) -> M:
             f"this consumer reads major version {model.MAJOR}"
         )
 
+
+def _validate(model: type[M], data: dict[str, Any]) -> M:
+    _check_version(model, data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -65,13 +65,13 @@ def claim_many_sql(channel_type: str, returning: str) -> str:
 
 
 STATUS = """
-SELECT status,
+SELECT type, status,
        greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS due_in
 FROM notifications WHERE id = $1
 """
 
 STATUSES = """
-SELECT id, status,
+SELECT id, type, status,
        greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS due_in
 FROM notifications WHERE id = ANY($1::bigint[])
 """
@@ -132,6 +132,7 @@ async def claim(
     *,
     log: logging.Logger,
     action: str,
+    channel_type: str | None = None,
 ) -> asyncpg.Record | None:
     """Claim a row with ``statement`` (from :func:`claim_sql`), or say why not.
 
@@ -144,7 +145,14 @@ async def claim(
     if row is not None:
         return row
     current = await conn.fetchrow(STATUS, notification_id)
-    outcome = unclaimed(notification_id, current, delays, log=log, action=action)
+    outcome = unclaimed(
+        notification_id,
+        current,
+        delays,
+        log=log,
+        action=action,
+        channel_type=channel_type,
+    )
     if outcome is not None:
         raise outcome
     return None
@@ -165,16 +173,24 @@ def unclaimed(
     *,
     log: logging.Logger,
     action: str,
+    channel_type: str | None = None,
 ) -> DeadLetter | RetryLater | None:
     """What becomes of the message of a row that could not be claimed.
 
     ``current`` is the row's :data:`STATUS` (or its line of :data:`STATUSES`), None
-    when it is missing. The answer is the one :func:`claim` raises, or None when the
+    when it is missing; a row of another type than ``channel_type`` is a dead
+    letter too. The answer is the one :func:`claim` raises, or None when the
     message is done; that case is logged on ``log`` with ``action``, so call this in
     the message's own logging context.
     """
     if current is None:
         return DeadLetter(f"notification {notification_id} not found")
+    if channel_type is not None and current["type"] != channel_type:
+        # Routed to the wrong sender: no claim of this type can ever take it.
+        return DeadLetter(
+            f"notification {notification_id} is of type {current['type']}, "
+            f"not {channel_type}"
+        )
     if current["status"] == "retrying" and current["due_in"] > 0:
         due_in = float(current["due_in"])
         return RetryLater(f"not due for {due_in:.1f}s", retry_level(delays, due_in))

@@ -89,28 +89,29 @@ def delivery(notification_id: int) -> DeliveryRequested:
 def test_a_delivery_batch_yields_its_deliveries_in_order() -> None:
     batch = DeliveryBatch(deliveries=[delivery(3), delivery(1), delivery(2)])
 
-    items, enveloped = decode_items(DeliveryRequested, batch.to_bytes(), DeliveryBatch)
+    parts, enveloped = decode_items(DeliveryRequested, batch.to_bytes(), DeliveryBatch)
 
     assert enveloped
-    assert [i.notification_id for i in items] == [3, 1, 2]
-    assert items == list(batch.deliveries)
+    assert [p.message for p in parts] == list(batch.deliveries)
+    assert [p.problem for p in parts] == [None, None, None]
+    # Each part can travel alone as the DeliveryRequested it is.
+    assert [decode(DeliveryRequested, p.body) for p in parts] == list(batch.deliveries)
 
 
 def test_a_single_delivery_reads_the_same_with_or_without_an_envelope() -> None:
     single = delivery(9)
 
-    assert decode_items(DeliveryRequested, single.to_bytes(), DeliveryBatch) == (
-        [single],
-        False,
-    )
-    assert decode_items(DeliveryRequested, single.to_bytes()) == ([single], False)
+    for envelope in (DeliveryBatch, None):
+        parts, enveloped = decode_items(DeliveryRequested, single.to_bytes(), envelope)
+        assert not enveloped
+        assert [(p.message, p.problem, p.body) for p in parts] == [
+            (single, None, single.to_bytes())
+        ]
 
 
-@pytest.mark.parametrize(
-    ("count", "problem"), [(0, "at least 1"), (MAX_BATCH_DELIVERIES + 1, "at most")]
-)
+@pytest.mark.parametrize("count", [0, MAX_BATCH_DELIVERIES + 1])
 def test_a_delivery_batch_must_hold_a_bounded_number_of_deliveries(
-    count: int, problem: str
+    count: int,
 ) -> None:
     body = json.dumps(
         {
@@ -121,16 +122,54 @@ def test_a_delivery_batch_must_hold_a_bounded_number_of_deliveries(
         }
     ).encode()
 
-    with pytest.raises(BadMessage, match=f"field 'deliveries'.*{problem}"):
+    with pytest.raises(BadMessage, match="field 'deliveries' must be a list of 1 to"):
         decode_items(DeliveryRequested, body, DeliveryBatch)
 
 
-def test_a_bad_item_in_a_delivery_batch_is_named() -> None:
-    items = [json.loads(delivery(1).to_bytes()), {"schema_version": "1.0"}]
+def test_a_bad_item_in_a_delivery_batch_spoils_only_itself() -> None:
+    good, later = json.loads(delivery(1).to_bytes()), json.loads(delivery(3).to_bytes())
+    items = [good, {"schema_version": "1.0", "notification_id": "nope"}, 7, later]
     body = json.dumps({"schema_version": "1.0", "deliveries": items}).encode()
 
-    with pytest.raises(BadMessage, match=r"field 'deliveries\.1\.notification_id'"):
-        decode_items(DeliveryRequested, body, DeliveryBatch)
+    parts, _ = decode_items(DeliveryRequested, body, DeliveryBatch)
+
+    assert [p.message.notification_id if p.message else None for p in parts] == [
+        1,
+        None,
+        None,
+        3,
+    ]
+    assert parts[1].problem is not None
+    assert "item 1 of DeliveryBatch" in parts[1].problem.reason
+    assert "field 'notification_id'" in parts[1].problem.reason
+    assert parts[2].problem is not None
+    assert "must be a JSON object" in parts[2].problem.reason
+    assert json.loads(parts[1].body) == items[1]
+
+
+def test_an_item_of_another_major_version_is_refused_alone() -> None:
+    odd = {**json.loads(delivery(2).to_bytes()), "schema_version": "9.0"}
+    items = [json.loads(delivery(1).to_bytes()), odd]
+    body = json.dumps({"schema_version": "1.0", "deliveries": items}).encode()
+
+    parts, _ = decode_items(DeliveryRequested, body, DeliveryBatch)
+
+    assert parts[0].problem is None
+    assert parts[1].problem is not None
+    assert "unsupported schema_version '9.0'" in parts[1].problem.reason
+
+
+def test_a_schema_version_that_is_not_a_string_is_named_as_such() -> None:
+    with pytest.raises(BadMessage, match="'schema_version' must be a string"):
+        decode(CommentCreated, json.dumps(event(schema_version=1.0)).encode())
+
+
+@pytest.mark.parametrize("bad", [0, 2**63])
+def test_ids_no_row_can_have_are_refused(bad: int) -> None:
+    body = json.dumps({**json.loads(delivery(1).to_bytes()), "user_id": bad}).encode()
+
+    with pytest.raises(BadMessage, match="field 'user_id'"):
+        decode(DeliveryRequested, body)
 
 
 def test_a_consumer_without_the_envelope_refuses_a_batch_with_a_reason() -> None:

@@ -208,6 +208,7 @@ class EmailWorker:
                 self._delays,
                 log=logger,
                 action=SKIPPED_ACTION,
+                channel_type="email",
             )
         return claimed
 

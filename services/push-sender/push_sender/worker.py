@@ -87,6 +87,7 @@ class PushWorker:
                 self._delays,
                 log=logger,
                 action="push.skipped_duplicate",
+                channel_type="push",
             )
             if row is None:
                 return
