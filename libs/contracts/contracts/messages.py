@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 ChannelType = Literal["email", "sse", "push"]
 
 # Row ids are PostgreSQL bigints: a message naming a larger one names no row.
-RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+RowId = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class BadMessage(Exception):

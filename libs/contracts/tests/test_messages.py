@@ -164,7 +164,7 @@ def test_a_schema_version_that_is_not_a_string_is_named_as_such() -> None:
         decode(CommentCreated, json.dumps(event(schema_version=1.0)).encode())
 
 
-@pytest.mark.parametrize("bad", [0, 2**63])
+@pytest.mark.parametrize("bad", [-1, 2**63])
 def test_ids_no_row_can_have_are_refused(bad: int) -> None:
     body = json.dumps({**json.loads(delivery(1).to_bytes()), "user_id": bad}).encode()
 
