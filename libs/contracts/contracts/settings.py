@@ -89,6 +89,17 @@ class Settings(BaseSettings):
         return self
 
 
+def prefetch_holds_batch(service: str, prefetch: int, batch_size: int) -> None:
+    """Refuse a prefetch below the batch size: batches are made of unacked messages,
+    so the prefetch bounds how large one can get."""
+    if prefetch < batch_size:
+        name = service.upper()
+        raise ValueError(
+            f"NOTIFLOW_{name}_PREFETCH ({prefetch}) must be at least "
+            f"NOTIFLOW_{name}_BATCH_SIZE ({batch_size})"
+        )
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages shown to people."""
     parts = urlsplit(url)

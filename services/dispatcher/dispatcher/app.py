@@ -16,7 +16,7 @@ from contracts.consumer import DeadLetter, Item
 from contracts.db import transaction
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings
+from contracts.settings import Settings, prefetch_holds_batch
 from dispatcher import channels, templates
 from dispatcher.service import Dispatcher, Outcome
 
@@ -45,13 +45,9 @@ class DispatcherSettings(Settings):
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> DispatcherSettings:
-        # A batch is made of unacked events, so prefetch bounds how large it gets.
-        if self.dispatcher_prefetch < self.dispatcher_batch_size:
-            raise ValueError(
-                f"NOTIFLOW_DISPATCHER_PREFETCH ({self.dispatcher_prefetch}) must be "
-                f"at least NOTIFLOW_DISPATCHER_BATCH_SIZE "
-                f"({self.dispatcher_batch_size})"
-            )
+        prefetch_holds_batch(
+            "dispatcher", self.dispatcher_prefetch, self.dispatcher_batch_size
+        )
         return self
 
 

@@ -17,7 +17,7 @@ from contracts import topology
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings
+from contracts.settings import Settings, prefetch_holds_batch
 from email_sender import smtp
 from email_sender.worker import EmailWorker
 
@@ -59,6 +59,7 @@ class EmailSettings(Settings):
                 f"NOTIFLOW_EMAIL_LEASE_SECONDS ({self.email_lease_seconds:g}) must be "
                 f"longer than one whole SMTP conversation may take ({longest:g}s)"
             )
+        prefetch_holds_batch("email", self.email_prefetch, self.email_batch_size)
         return self
 
 

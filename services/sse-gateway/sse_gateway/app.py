@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from starlette.types import Receive, Scope, Send
 
@@ -19,7 +19,7 @@ from contracts.db import transaction
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings
+from contracts.settings import Settings, prefetch_holds_batch
 from sse_gateway import inbox, web
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
@@ -47,6 +47,11 @@ class GatewaySettings(Settings):
     api_base_url: str = "http://127.0.0.1:8080"
     # Where the page's Web Push controls find the push sender.
     push_base_url: str = "http://127.0.0.1:8084"
+
+    @model_validator(mode="after")
+    def _prefetch_holds_a_batch(self) -> GatewaySettings:
+        prefetch_holds_batch("sse", self.sse_prefetch, self.sse_batch_size)
+        return self
 
 
 class GatewayApp(FastAPI):
