@@ -390,14 +390,7 @@ class Consumers:
                 extra={"action": f"{action}.crashed", "queue": queue},
             )
             reason = f"handler error: {outcome!r}"
-        await self._publisher().dead_letter(raw, queue, reason, part=part)
-        metrics.DEAD_LETTERS.labels(queue).inc()
-        logger.warning(
-            "dead-lettered a message from %s: %s",
-            queue,
-            reason,
-            extra={"action": "message.dead_lettered", "queue": queue},
-        )
+        await self._dead_letter(raw, queue, reason, part)
 
     async def _call(
         self,
@@ -434,8 +427,17 @@ class Consumers:
     async def _set_aside(
         self, message: Any, raw: AbstractIncomingMessage, queue: str, reason: str
     ) -> None:
-        await self._publisher().dead_letter(raw, queue, reason)
+        await self._dead_letter(raw, queue, reason, None)
         await message.ack()
+
+    async def _dead_letter(
+        self,
+        raw: AbstractIncomingMessage,
+        queue: str,
+        reason: str,
+        part: tuple[bytes, str] | None,
+    ) -> None:
+        await self._publisher().dead_letter(raw, queue, reason, part=part)
         metrics.DEAD_LETTERS.labels(queue).inc()
         logger.warning(
             "dead-lettered a message from %s: %s",
