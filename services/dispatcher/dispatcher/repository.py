@@ -27,7 +27,7 @@ DELETE_EVENTS = "DELETE FROM events WHERE id = ANY($1::uuid[])"
 # Each comment with its post and whether its author exists, so that an event naming
 # a missing comment, post or commenter is found before anything is written for it.
 COMMENTS = """
-SELECT c.id, c.post_id, c.author_id,
+SELECT c.id, c.post_id, c.author_id, c.body,
        p.id AS found_post_id, p.title AS post_title, p.author_id AS post_author_id,
        u.id IS NOT NULL AS author_exists
 FROM comments c

@@ -169,6 +169,13 @@ class Dispatcher:
                     f"comment {event.comment_id} by user {event.author_id} on post "
                     f"{event.post_id} does not exist"
                 )
+            elif comment["body"] != event.body:
+                # Comments are never edited: another body is not this comment's,
+                # and its mentions must not reach anyone.
+                dead[index] = (
+                    f"comment {event.comment_id}: the event's body differs from "
+                    f"the stored comment's"
+                )
             elif comment["found_post_id"] is None:
                 dead[index] = (
                     f"post {event.post_id} of comment {event.comment_id} does not exist"

@@ -481,7 +481,9 @@ async def test_deliveries_of_one_type_and_priority_share_messages_up_to_the_limi
         await _comment(db.pool, demo, author, "me too")
     comment = await _comment(db.pool, demo, demo.carol, "no mentions at all")
     async with transaction(db.pool) as conn:
-        await dispatcher.handle(conn, _event(demo, comment, demo.carol, "no mentions"))
+        await dispatcher.handle(
+            conn, _event(demo, comment, demo.carol, "no mentions at all")
+        )
 
     emails = [r for r in await _outbox(db.pool) if r["routing_key"] == "email"]
     assert [len(deliveries_in(r["body"])) for r in emails] == sizes
@@ -511,3 +513,19 @@ def test_deliveries_per_message_must_fit_a_batch() -> None:
             "http://127.0.0.1:8081",
             per_message=0,
         )
+
+
+async def test_an_event_whose_body_is_not_the_stored_comments_is_set_aside(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    comment = await _comment(db.pool, demo, demo.bob, "plain words")
+    tampered = _event(demo, comment, demo.bob, "plain words @dave")
+
+    async with transaction(db.pool) as conn:
+        [result] = await dispatcher.handle_many(conn, [tampered])
+
+    assert isinstance(result, DeadLetter)
+    assert "body differs from the stored comment" in result.reason
+    assert await db.pool.fetchval("SELECT count(*) FROM notifications") == 0
+    assert await db.pool.fetchval("SELECT count(*) FROM events") == 0
