@@ -64,7 +64,7 @@ async def test_a_high_priority_email_overtakes_a_backlog_of_low_ones(
     await _publish_through_the_outbox(settings, db, low)
     await _publish_through_the_outbox(settings, db, [urgent])
 
-    async with email_sender(email_prefetch=1):
+    async with email_sender(email_prefetch=1, email_batch_size=1):
         await eventually(
             lambda: _received(smtp, BACKLOG + 1), what="every email", timeout=30
         )

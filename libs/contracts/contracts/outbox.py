@@ -110,6 +110,7 @@ class OutboxRelay:
         self._listener: asyncpg.Connection | None = None
         self._notify_delay = settings.outbox_notify_delay_seconds
         self._notified: asyncio.TimerHandle | None = None
+        self._stopping = False
         self.published = 0
         self._measured_at = 0.0
 
@@ -123,6 +124,7 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._notified is not None:
             self._notified.cancel()
         if self._task:
@@ -181,7 +183,7 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             await self._listen()
             # Not ``wait_for``: on Python 3.11 it returns the result, and drops the
             # cancellation, when :meth:`stop` cancels just as a wake-up arrives, and
@@ -201,6 +203,10 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    # A library may turn the cancellation of a publish in flight
+                    # into a TimeoutError; stopping wins over retrying.
+                    return
                 failures += 1
                 delay = min(0.2 * 2**failures, 5.0)
                 logger.warning(

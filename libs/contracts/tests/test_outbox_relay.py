@@ -274,6 +274,36 @@ async def test_a_relay_woken_as_it_is_stopped_still_stops(settings: Settings) ->
         await pool.close()
 
 
+async def test_a_relay_stops_when_a_publish_turns_its_cancellation_into_a_timeout(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    publishing = asyncio.Event()
+
+    async def stubborn(_row: object) -> None:
+        # What a client library does when cancelled inside its own timeout.
+        publishing.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise TimeoutError() from None
+
+    relay._publish = stubborn  # type: ignore[method-assign]
+    try:
+        await write(pool, [event(1)])
+        await relay.start()
+        relay.wake()
+        await asyncio.wait_for(publishing.wait(), timeout=10)
+        try:
+            await asyncio.wait_for(relay.stop(), timeout=10)
+        except TimeoutError:
+            pytest.fail("the relay kept retrying instead of stopping")
+    finally:
+        await pool.close()
+
+
 async def test_rows_stay_in_the_outbox_until_every_publish_is_confirmed(
     settings: Settings,
 ) -> None:
