@@ -203,10 +203,10 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
     settings = load_or_exit(get_settings)
     app = load_or_exit(make_app)
+    port = _port(os.environ.get("PORT"), default_port)
     logs.configure(service, settings.log_level)
     tracing.configure(service)
     require_services(settings, migrated=True)
-    port = int(os.environ.get("PORT", default_port))
     host = os.environ.get("HOST", "127.0.0.1")
     logger.info(
         "%s listening on http://%s:%d",
@@ -225,3 +225,16 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
         lifespan="on",
     )
     sys.exit(0)
+
+
+def _port(value: str | None, default: int) -> int:
+    """``PORT`` as a TCP port, or exit 2 saying what is wrong with it."""
+    if value is None or value == "":
+        return default
+    if value.isdigit() and 1 <= int(value) <= 65535:
+        return int(value)
+    print(
+        f"invalid setting PORT: must be a TCP port from 1 to 65535, got {value!r}",
+        file=sys.stderr,
+    )
+    sys.exit(2)

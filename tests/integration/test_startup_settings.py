@@ -1,4 +1,5 @@
-"""Every batch consumer refuses a prefetch that cannot hold one batch, by name."""
+"""Settings a service refuses at start-up, naming them: a prefetch that cannot hold
+one batch, a PORT that is no TCP port."""
 
 from __future__ import annotations
 
@@ -46,4 +47,22 @@ def test_the_email_sender_exits_2_on_a_prefetch_below_its_batch() -> None:
 
     assert done.returncode == 2, done.stderr
     assert "NOTIFLOW_EMAIL_PREFETCH (5) must be at least" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "comments"],
+        env={"PATH": "/usr/bin:/bin", "PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"invalid setting PORT: must be a TCP port from 1 to 65535, got {port!r}"
+        in (done.stderr)
+    )
     assert "Traceback" not in done.stderr
