@@ -225,7 +225,9 @@ class Consumers:
         """
 
         async def run(payload: M, raw: AbstractIncomingMessage) -> None:
-            await self._call(handler, payload, raw, queue, action)
+            await self.while_database_away(
+                lambda: handler(payload, raw), queue=queue, action=action
+            )
 
         self._consume(queue, model, envelope, run, prefetch=prefetch, action=action)
 
@@ -391,18 +393,6 @@ class Consumers:
             )
             reason = f"handler error: {outcome!r}"
         await self._dead_letter(raw, queue, reason, part)
-
-    async def _call(
-        self,
-        handler: Handler[M],
-        payload: M,
-        raw: AbstractIncomingMessage,
-        queue: str,
-        action: str,
-    ) -> None:
-        await self.while_database_away(
-            lambda: handler(payload, raw), queue=queue, action=action
-        )
 
     async def while_database_away(
         self, attempt: Callable[[], Awaitable[T]], *, queue: str, action: str

@@ -361,20 +361,21 @@ def _messages(
             chunk = group[start : start + per_message]
             first = chunk[0].notification_id
             headers: dict[str, Any] = {**trace, "event_id": str(event.event_id)}
+            message: DeliveryRequested | DeliveryBatch
             if len(chunk) == 1:
                 headers["notification_id"] = first
+                message_id, message = f"notification-{first}", chunk[0]
+            else:
+                message_id = f"notifications-{first}+{len(chunk)}"
+                message = DeliveryBatch(deliveries=chunk)
             messages.append(
                 Outgoing(
                     exchange=topology.DELIVERIES_EXCHANGE,
                     routing_key=type_,
-                    message_id=f"notification-{first}"
-                    if len(chunk) == 1
-                    else f"notifications-{first}+{len(chunk)}",
+                    message_id=message_id,
                     priority=priority,
                     headers=headers,
-                    message=chunk[0]
-                    if len(chunk) == 1
-                    else DeliveryBatch(deliveries=chunk),
+                    message=message,
                 )
             )
     return messages
