@@ -3,12 +3,75 @@ from __future__ import annotations
 import email
 import email.policy
 import random
+import secrets
 import string
+from datetime import UTC, datetime
+from email import charset as charsets
+from email.header import Header
+from email.headerregistry import Address
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import Compat32
+from email.utils import format_datetime, formataddr
+from typing import Any
 
 import pytest
 
 from email_sender import mime
-from email_sender.mime import build
+from email_sender.mime import InvalidAddress, build
+
+STANDARD = email.policy.compat32.clone(linesep="\r\n")
+
+_UTF8 = charsets.Charset("utf-8")
+_UTF8.header_encoding = charsets.SHORTEST
+_UTF8.body_encoding = charsets.QP
+
+
+def reference_build(
+    *,
+    notification_id: int,
+    to_address: str,
+    to_name: str,
+    subject: str,
+    text: str,
+    html: str | None,
+    sender: str,
+    sender_name: str,
+    domain: str,
+    extra_headers: dict[str, Any] | None = None,
+    policy: Compat32 = STANDARD,
+) -> bytes:
+    """The message as the standard library's MIME classes build and flatten it.
+
+    This is how ``build`` used to write every message; it now writes the same
+    bytes directly, and these tests hold it to that.
+    """
+    to = Address(display_name=to_name, addr_spec=to_address.strip())
+    body = MIMEText(text, "plain", _UTF8)
+    if html:
+        msg: MIMEText | MIMEMultipart = MIMEMultipart("alternative")
+        msg.set_boundary(f"=_notiflow_{secrets.token_hex(12)}")
+        msg.attach(body)
+        page = f"<!doctype html><html><body>{html}</body></html>"
+        msg.attach(MIMEText(page, "html", _UTF8))
+    else:
+        msg = body
+    msg["From"] = formataddr((sender_name, sender), charset=_UTF8)
+    msg["To"] = formataddr((to.display_name, to.addr_spec), charset=_UTF8)
+    msg["Subject"] = Header(subject, _UTF8, header_name="Subject")
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = f"<notification-{notification_id}@{domain}>"
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Notiflow-Notification-Id"] = str(notification_id)
+    for name, value in (extra_headers or {}).items():
+        msg[name] = Header(str(value), _UTF8, header_name=name)
+    return msg.as_bytes(policy=policy)
+
+
+@pytest.fixture
+def fixed_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same multipart boundary for ``build`` and the reference."""
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "ab" * n)
 
 
 def parse(raw: bytes) -> email.message.EmailMessage:
@@ -93,12 +156,11 @@ def test_long_subjects_and_names_fold_and_decode_back_exactly() -> None:
 
 
 def test_headers_are_written_exactly_as_the_standard_library_writes_them(
-    monkeypatch: pytest.MonkeyPatch,
+    fixed_boundary: None,
 ) -> None:
-    # Short ASCII headers skip the standard library's folding; every message must
-    # still come out byte for byte as compat32 would write it.
-    monkeypatch.setattr(mime.secrets, "token_hex", lambda n: "ab" * n)
-    standard = email.policy.compat32.clone(linesep="\r\n")
+    # build writes the bytes itself, and short ASCII headers skip the standard
+    # library's folding; every message must still come out byte for byte as the
+    # MIME classes flattened with compat32 would.
     rng = random.Random(7)
     alphabet = string.ascii_letters + " \t,.;:'\"()<>@=?_-" + "éü🚀中"
 
@@ -119,11 +181,146 @@ def test_headers_are_written_exactly_as_the_standard_library_writes_them(
             "extra_headers": {"X-Campaign": text(100)} if number % 5 == 0 else None,
         }
         ours = build(**options).data
-        monkeypatch.setattr(mime, "_WIRE", standard)
-        theirs = build(**options).data
-        monkeypatch.undo()
-        monkeypatch.setattr(mime.secrets, "token_hex", lambda n: "ab" * n)
-        assert _without_date(ours) == _without_date(theirs), options
+        assert _without_date(ours) == _without_date(reference_build(**options)), options
+
+
+# Pieces of generated text: words, the characters quoted-printable and header
+# encoding treat specially, and every kind of line end.
+_WORDS = [
+    "hello", "Zoë", "naïve", "中文", "🚀", "👩‍💻", "“quoted”", "a=b", "=?utf-8?q?x?=",
+    "tab\there", "x" * 90, "é" * 40, "From", ".", "..", "-", "_", "?", '"', "\\",
+    "(c)", "<b>", "a,b;c:d", "@", "\x00", "\x7f", "\u00a0", "\u2028", "\x85",
+]  # fmt: skip
+_SPACES = [" ", " ", " ", "  ", "\t", " \t"]
+_LINE_ENDS = ["\n", "\r\n", "\r", "\n\n", "\r\n\r\n"]
+
+
+def _words(rng: random.Random, most: int) -> str:
+    count = rng.randint(0, most)
+    parts = []
+    for _ in range(count):
+        parts.append(rng.choice(_WORDS))
+        parts.append(rng.choice(_SPACES))
+    return "".join(parts).strip() if rng.random() < 0.7 else "".join(parts)
+
+
+def _body(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(0, 8)):
+        shape = rng.random()
+        if shape < 0.15:
+            line = "From " + _words(rng, 5)
+        elif shape < 0.25:
+            line = "." + _words(rng, 3)
+        elif shape < 0.4:
+            # Right around the 76-character wrap, ending in whitespace or "=".
+            line = "y" * rng.randint(70, 80) + rng.choice(["", " ", "\t", "=", "é"])
+        elif shape < 0.5:
+            line = "".join(rng.choice("ab é=\t") for _ in range(rng.randint(0, 300)))
+        else:
+            line = _words(rng, 30)
+        lines.append(line + rng.choice(_LINE_ENDS))
+    body = "".join(lines)
+    return body if rng.random() < 0.5 else body.rstrip("\r\n")
+
+
+def _options(rng: random.Random, number: int) -> dict[str, Any]:
+    long_subject = "Zoë 🚀 mentioned you on “" + "a long thread title " * 8 + "”"
+    extra: dict[str, Any] | None = None
+    if number % 3 == 0:
+        extra = {
+            "List-Unsubscribe": f"<https://notiflow.example.com/u/{number}>",
+            "X-Campaign": rng.choice([_words(rng, 20), number, "", "x" * 120]),
+        }
+    return {
+        "notification_id": rng.choice([number, 10**18 + number]),
+        "to_address": rng.choice(
+            ["bob@example.com", " first.last+tag@mail.example.org ", "x@y.co"]
+        ),
+        "to_name": rng.choice(["", "Bob", "Zoë 🚀 Carol", _words(rng, 12)]),
+        "subject": rng.choice(["", "Hi", long_subject, _words(rng, 25)]),
+        "text": _body(rng),
+        "html": rng.choice([None, "", "<p>hi</p>", _body(rng)]),
+        "sender": "notifications@notiflow.example.com",
+        "sender_name": rng.choice(["notiflow", "Équipe notiflow", _words(rng, 8)]),
+        "domain": rng.choice(
+            ["notiflow.example.com", "a-domain-long-enough-to-fold." * 2 + "example"]
+        ),
+        "extra_headers": extra,
+    }
+
+
+def test_build_writes_what_the_mime_classes_write(fixed_boundary: None) -> None:
+    # Non-ASCII and long names and subjects that fold, bodies with lines that
+    # quoted-printable wraps or escapes, lines starting with "From " or ".", CR, LF
+    # and CRLF, text-only messages, extra headers, a Message-ID too long to fit.
+    rng = random.Random(20240611)
+    for number in range(400):
+        options = _options(rng, number)
+        ours = build(**options).data
+        assert _without_date(ours) == _without_date(reference_build(**options)), options
+
+
+def test_a_name_compat32_would_break_is_written_as_before(
+    fixed_boundary: None,
+) -> None:
+    # compat32 breaks a header's line at a vertical tab, a form feed or a file
+    # separator; a short ASCII header is written whole instead, as it always was.
+    for name in ["Bob\x0bSmith", "Bob\x0cSmith", "Bob\x1cSmith"]:
+        options: dict[str, Any] = {
+            "notification_id": 1,
+            "to_address": "bob@example.com",
+            "to_name": name,
+            "subject": "s",
+            "text": "t",
+            "html": "<p>t</p>",
+            "sender": "n@example.com",
+            "sender_name": name,
+            "domain": "example.com",
+        }
+        old = reference_build(**options, policy=mime._WIRE)
+        assert _without_date(build(**options).data) == _without_date(old)
+
+
+@pytest.mark.parametrize("address", ["", "   ", None, "not an address", "a@@b.com"])
+def test_a_bad_address_is_refused_every_time(address: str | None) -> None:
+    for _ in range(2):
+        with pytest.raises(InvalidAddress):
+            build(
+                notification_id=1,
+                to_address=address,  # type: ignore[arg-type]
+                to_name="Bob",
+                subject="s",
+                text="t",
+                html=None,
+                sender="n@example.com",
+                sender_name="n",
+                domain="example.com",
+            )
+
+
+def test_each_display_name_of_an_address_gets_its_own_to_header() -> None:
+    def to(name: str) -> tuple[str, bytes]:
+        mail = build(
+            notification_id=1,
+            to_address="bob@example.com",
+            to_name=name,
+            subject="s",
+            text="t",
+            html=None,
+            sender="n@example.com",
+            sender_name="n",
+            domain="example.com",
+        )
+        (line,) = [x for x in mail.data.split(b"\r\n") if x.startswith(b"To:")]
+        return parse(mail.data)["To"].addresses[0].display_name, line
+
+    bob, zoe, bob_again = to("Bob"), to("Zoë"), to("Bob")
+
+    assert bob == ("Bob", b"To: Bob <bob@example.com>")
+    assert zoe[0] == "Zoë"
+    assert zoe[1] != bob[1]
+    assert bob_again == bob
 
 
 def _without_date(data: bytes) -> list[bytes]:
