@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -43,6 +44,24 @@ def _ascii_key(value: str | None) -> str | None:
 
 router = APIRouter()
 
+# Default-ignorable code points that Unicode files as letters or marks rather than
+# format characters: fillers, the grapheme joiner, variation selectors. Like
+# format characters (zero-width spaces and joiners, bidi marks, the byte order
+# mark, tags), they show nothing on their own.
+_IGNORABLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def _shows_something(char: str) -> bool:
+    return not (
+        char.isspace()
+        or char in _IGNORABLE
+        or unicodedata.category(char) in ("Cc", "Cf")
+    )
+
 
 class NewComment(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,7 +72,9 @@ class NewComment(BaseModel):
     @field_validator("body")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+        # Zero-width and format characters are blank to every reader; one
+        # character that shows, anywhere, makes the body text.
+        if not any(map(_shows_something, value)):
             raise ValueError("must contain text")
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")

@@ -134,6 +134,64 @@ async def test_invalid_comment_is_422_naming_the_field_and_stores_nothing(
     assert await counts(settings) == (0, 0)
 
 
+INVISIBLE_BODIES = [
+    "\u200b",
+    "\u200b\u200c\u200d",
+    " \u2060\n\ufeff\t",
+    "\u00ad\u061c\u200e\u202e\u2066",
+    "\U000e0001\U000e0041",
+    "\u3164\u115f",
+    "\u034f\ufe0f\U000e0100",
+    "\x07\x1b",
+]
+
+
+async def test_comment_of_only_invisible_characters_is_refused(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    answers = [
+        await client.post(
+            "/comments",
+            json={"post_id": demo.post, "body": body},
+            headers=auth(settings, demo.bob, "bob"),
+        )
+        for body in INVISIBLE_BODIES
+    ]
+
+    for body, resp in zip(INVISIBLE_BODIES, answers, strict=True):
+        assert resp.status_code == 422, ascii(body)
+        assert resp.json()["fields"] == [
+            {"field": "body", "message": "Value error, must contain text"}
+        ]
+    assert await counts(settings) == (0, 0)
+
+
+async def test_visible_text_with_joiners_and_format_characters_is_kept_unchanged(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    bodies = [
+        "\U0001f469\u200d\U0001f4bb",  # woman technologist, a ZWJ sequence
+        "\u2764\ufe0f",  # heart with its emoji presentation selector
+        "\u200bx\u200b",
+        "co\u00adoperate",
+        "\u05e9\u05dc\u05d5\u05dd \u200f!",
+    ]
+
+    created = [
+        await client.post(
+            "/comments",
+            json={"post_id": demo.post, "body": body},
+            headers=auth(settings, demo.bob, "bob"),
+        )
+        for body in bodies
+    ]
+    thread = (await client.get(f"/posts/{demo.post}")).json()
+
+    assert [r.status_code for r in created] == [201] * len(bodies)
+    assert [r.json()["body"] for r in created] == bodies
+    assert [c["body"] for c in thread["comments"]] == bodies
+
+
 async def test_unknown_post_is_404_and_stores_nothing(
     client: httpx.AsyncClient, settings: Settings, demo: Demo
 ) -> None:
