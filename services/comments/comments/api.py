@@ -35,9 +35,16 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 def _ascii_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    # A header sent with no value arrives as "" (servers strip the spaces around
+    # a value). Its sender meant to send a key: taking the request as one without
+    # a key would let a retry store the comment twice.
+    if not value.strip():
+        raise ValueError("must not be empty; send a key such as a UUID, or no header")
     # Header values arrive as bytes that the server decodes as Latin-1, so a UTF-8
     # key would be stored garbled; keys are meant to be UUIDs, so refuse the rest.
-    if value is not None and not (value.isascii() and value.isprintable()):
+    if not (value.isascii() and value.isprintable()):
         raise ValueError("must be printable ASCII, such as a UUID")
     return value
 
@@ -120,7 +127,7 @@ async def create_comment(
     user: UserDep,
     idempotency_key: Annotated[
         str | None,
-        Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS, min_length=1),
+        Header(max_length=MAX_IDEMPOTENCY_KEY_CHARS),
         AfterValidator(_ascii_key),
     ] = None,
 ) -> JSONResponse:

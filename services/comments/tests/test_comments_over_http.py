@@ -1,0 +1,131 @@
+"""The comments API served by uvicorn, for what only a real HTTP server shows: how
+header values and bodies arrive once they have crossed the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from comments.app import create_app
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from tests.support.data import Demo, seed_demo
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Served:
+    app: FastAPI
+    port: int
+    token: str
+    post: int
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[Served]:
+    """The comments app behind uvicorn on 127.0.0.1, in the test's event loop."""
+    demo: Demo = await seed_demo(settings.database_url)
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_config=None, access_log=False, ws="none")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        yield Served(
+            app,
+            sock.getsockname()[1],
+            issue_token(demo.bob, "bob", settings),
+            demo.post,
+        )
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=15)
+        sock.close()
+
+
+async def post_raw(port: int, headers: bytes, body: bytes) -> tuple[int, Any]:
+    """POST /comments written byte for byte; the status and the JSON answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /comments HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n".encode()
+            + headers
+            + b"\r\n"
+            + body
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+async def stored(settings: Settings) -> tuple[int, int, int]:
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        return (
+            await conn.fetchval("SELECT count(*) FROM comments"),
+            await conn.fetchval("SELECT count(*) FROM outbox"),
+            await conn.fetchval("SELECT count(*) FROM idempotency_keys"),
+        )
+    finally:
+        await conn.close()
+
+
+EMPTY_KEY = {
+    "field": "idempotency-key",
+    "message": "Value error, must not be empty; send a key such as a UUID, "
+    "or no header",
+}
+
+
+async def test_an_empty_idempotency_key_is_refused_naming_the_header(
+    served: Served, settings: Settings
+) -> None:
+    auth = f"Authorization: Bearer {served.token}\r\n".encode()
+    body = json.dumps({"post_id": served.post, "body": "hi"}).encode()
+    transport = httpx.ASGITransport(app=served.app)
+
+    over_http = [
+        await post_raw(served.port, auth + b"Idempotency-Key:" + value + b"\r\n", body)
+        for value in (b"", b" ", b"   \t ")
+    ]
+    # Straight to the app, the spaces arrive as they were sent.
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        direct = await c.post(
+            "/comments",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {served.token}",
+                "Content-Type": "application/json",
+                "Idempotency-Key": "   ",
+            },
+        )
+
+    for status, answer in [*over_http, (direct.status_code, direct.json())]:
+        assert status == 422
+        assert answer["error"] == "invalid_request"
+        assert answer["fields"] == [EMPTY_KEY]
+        assert answer["detail"].startswith("idempotency-key: ")
+    assert await stored(settings) == (0, 0, 0)
