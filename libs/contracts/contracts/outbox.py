@@ -6,14 +6,22 @@ publishes the rows with publisher confirms and deletes them only once RabbitMQ h
 confirmed every one, so a crash at any point can repeat a message but never lose it;
 consumers are idempotent for that reason.
 
-A writer wakes the relay of its own process as soon as it commits
-(:meth:`OutboxRelay.wake`). Every relay also hears ``NOTIFY notiflow_outbox`` (a
-trigger on the table fires at commit), for rows written by a process without a relay
-of its own or whose relay is gone; since the writer's relay is normally publishing
-them already, a relay answers a notification only after a short delay, once for all
-it heard meanwhile, so that N relays do not all race for every commit. A sweep on a
-timer covers a lost LISTEN connection, rows committed while no relay ran, and a
-batch that failed to publish.
+Hand-off. A writer in a process with a relay enqueues with ``hand_off=True`` and,
+once it has committed, gives the stored rows to that relay
+(:meth:`OutboxRelay.hand_off`). The relay publishes them and then deletes them by id:
+no claiming transaction is held open across the publishes, and nothing is read back.
+A crash between the confirms and the delete leaves the rows in the table, where a
+claim finds them, so a message may be published twice but is never lost. Such rows
+send no ``NOTIFY``: nobody else needs to hear of them.
+
+Claims. Rows written by a process without a relay (an operator's command, say), or
+left behind by a relay that stopped or failed, are claimed: a trigger on the table
+sends ``NOTIFY notiflow_outbox`` at commit, every relay hears it and, after a short
+delay (``outbox_notify_delay_seconds``, once for all it heard meanwhile), claims the
+waiting rows that are at least that old. Younger rows are left to the relay they
+were handed to, so a busy writer's rows are not published twice by the others. A
+sweep on a timer covers a lost LISTEN connection, rows committed while no relay ran,
+and a hand-off that failed to publish.
 """
 
 from __future__ import annotations
@@ -38,10 +46,26 @@ logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "notiflow_outbox"
 
+ROW_FIELDS = (
+    "id, exchange, routing_key, message_id, headers, body, priority, created_at"
+)
+
 INSERT_SQL = """
 INSERT INTO outbox (exchange, routing_key, message_id, headers, body, priority)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[],
                      $6::smallint[])
+"""
+
+# The same insert, for rows the writer hands to its relay: the transaction-local
+# setting tells the table's trigger not to NOTIFY the other relays, and the rows come
+# back for the hand-off.
+HAND_OFF_SQL = f"""
+WITH handed AS (SELECT set_config('notiflow.outbox_handoff', 'on', true))
+INSERT INTO outbox (exchange, routing_key, message_id, headers, body, priority)
+SELECT e, r, m, h, b, p FROM handed,
+    unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[],
+           $6::smallint[]) AS t(e, r, m, h, b, p)
+RETURNING {ROW_FIELDS}
 """
 
 # Claiming and deleting are one statement: the rows are deleted inside the relay's
@@ -49,13 +73,22 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[
 # back (leaving the rows for the next try) if any publish fails. The delete's row locks
 # make other relays skip these rows until then. ``= ANY(ARRAY(…))`` runs the claim
 # once and deletes by primary key, however large a backlog the planner expects.
-CLAIM_SQL = """
+#
+# Only rows at least ``$2`` seconds old are claimed: younger ones may be in the hands
+# of the relay of the process that wrote them.
+CLAIM_SQL = f"""
 DELETE FROM outbox
 WHERE id = ANY(ARRAY(
-    SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+    SELECT id FROM outbox
+    WHERE created_at <= clock_timestamp() - make_interval(secs => $2)
+    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 ))
-RETURNING id, exchange, routing_key, message_id, headers, body, priority, created_at
+RETURNING {ROW_FIELDS}
 """
+
+# After the hand-off's publishes are confirmed. A row a claim took meanwhile is
+# gone already, or locked until that claim commits; either way it is deleted once.
+DELETE_SQL = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
 
 @dataclass(frozen=True)
@@ -68,12 +101,19 @@ class Outgoing:
     headers: Mapping[str, Any] | None = None
 
 
-async def enqueue(conn: asyncpg.Connection, items: Sequence[Outgoing]) -> None:
-    """Store ``items`` in the outbox, in the caller's transaction."""
+async def enqueue(
+    conn: asyncpg.Connection, items: Sequence[Outgoing], *, hand_off: bool = False
+) -> list[asyncpg.Record]:
+    """Store ``items`` in the outbox, in the caller's transaction.
+
+    With ``hand_off``, the stored rows are returned for the caller to give to its
+    relay once the transaction has committed (:meth:`OutboxRelay.hand_off`), and no
+    other relay is notified of them. Without it, every relay hears of the commit and
+    the rows are claimed; nothing is returned.
+    """
     if not items:
-        return
-    await conn.execute(
-        INSERT_SQL,
+        return []
+    columns = (
         [i.exchange for i in items],
         [i.routing_key for i in items],
         [i.message_id for i in items],
@@ -81,6 +121,10 @@ async def enqueue(conn: asyncpg.Connection, items: Sequence[Outgoing]) -> None:
         [i.message.to_bytes() for i in items],
         [i.priority for i in items],
     )
+    if hand_off:
+        return await conn.fetch(HAND_OFF_SQL, *columns)
+    await conn.execute(INSERT_SQL, *columns)
+    return []
 
 
 class OutboxRelay:
@@ -110,6 +154,12 @@ class OutboxRelay:
         self._listener: asyncpg.Connection | None = None
         self._notify_delay = settings.outbox_notify_delay_seconds
         self._notified: asyncio.TimerHandle | None = None
+        # Rows handed over by writers in this process, oldest first.
+        self._handed: list[asyncpg.Record] = []
+        # A claim is due: a sweep, a NOTIFY, a failed publish or :meth:`wake`.
+        # ``_claim_age`` is how old the rows it takes must be.
+        self._claim_due = False
+        self._claim_age = self._notify_delay
         self._stopping = False
         self.published = 0
         self._measured_at = 0.0
@@ -141,8 +191,22 @@ class OutboxRelay:
         return self._connection
 
     def wake(self) -> None:
-        """Publish soon. A writer in this process calls it after committing outbox
-        rows, so the relay need not wait for the NOTIFY to come back round."""
+        """Claim and publish every waiting row soon, however young."""
+        self._claim(0.0)
+
+    def hand_off(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Publish ``rows``, which :func:`enqueue` stored with ``hand_off=True`` in a
+        transaction that has committed, then delete them."""
+        if rows:
+            self._handed.extend(rows)
+            self._wake.set()
+
+    def _claim(self, min_age: float) -> None:
+        if self._claim_due:
+            self._claim_age = min(self._claim_age, min_age)
+        else:
+            self._claim_due = True
+            self._claim_age = min_age
         self._wake.set()
 
     async def _listen(self) -> None:
@@ -163,15 +227,17 @@ class OutboxRelay:
 
     def _on_notify(self, *_: object) -> None:
         if self._notify_delay <= 0:
-            self._wake.set()
+            self._claim(0.0)
         elif self._notified is None:
+            # A little later than the age the claim asks for, so that the rows
+            # whose commit was announced are old enough by then.
             self._notified = asyncio.get_running_loop().call_later(
-                self._notify_delay, self._after_notify
+                self._notify_delay * 1.1 + 0.01, self._after_notify
             )
 
     def _after_notify(self) -> None:
         self._notified = None
-        self._wake.set()
+        self._claim(self._notify_delay)
 
     async def _close_listener(self) -> None:
         if self._listener is not None:
@@ -192,13 +258,17 @@ class OutboxRelay:
                 async with asyncio.timeout(self._sweep):
                     await self._wake.wait()
             except TimeoutError:
-                pass
+                self._claim(self._notify_delay)
             try:
                 if time.monotonic() - self._measured_at >= self._sweep:
                     # Measured before publishing and whether or not publishing
                     # works, so that an outage shows as a growing backlog.
                     await self._measure_backlog()
-                await self.drain()
+                self._wake.clear()
+                await self._publish_handed()
+                if self._claim_due:
+                    self._claim_due = False
+                    await self.drain(self._claim_age)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -216,16 +286,34 @@ class OutboxRelay:
                     extra={"action": "outbox.publish_failed"},
                 )
                 await asyncio.sleep(delay)
-                self._wake.set()
+                self._claim(self._notify_delay)
 
-    async def drain(self) -> int:
-        """Publish until the outbox is empty; return how many were published."""
+    async def drain(self, min_age: float = 0.0) -> int:
+        """Claim and publish the rows at least ``min_age`` seconds old until none
+        is left; return how many were published."""
         total = 0
         while True:
-            count = await self._publish_batch()
+            count = await self._publish_batch(min_age)
             total += count
             if count < self._batch:
                 return total
+
+    async def _publish_handed(self) -> None:
+        """Publish what writers handed over, a batch at a time, deleting each batch
+        once RabbitMQ has confirmed all of it."""
+        while self._handed:
+            rows = self._handed[: self._batch]
+            del self._handed[: self._batch]
+            try:
+                await self._publish_all(rows)
+            except BaseException:
+                # Left in the table, with those handed over after them, for the
+                # claim that follows a failure: in order, and old enough by then.
+                self._handed.clear()
+                raise
+            async with self._pool.acquire(timeout=5) as conn:
+                await conn.execute(DELETE_SQL, [row["id"] for row in rows])
+            self._published(rows)
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -236,29 +324,35 @@ class OutboxRelay:
             self._exchanges[name] = exchange
         return exchange
 
-    async def _publish_batch(self) -> int:
+    async def _publish_batch(self, min_age: float = 0.0) -> int:
         async with self._pool.acquire(timeout=5) as conn, conn.transaction():
-            # A wake-up is cleared here, not when the relay wakes: every commit
-            # signalled until now is in the snapshot of the claim sent next, so the
-            # signals that arrive while the relay gets a connection count as served,
-            # and only those that arrive after the claim was sent cause another.
-            self._wake.clear()
-            rows = await conn.fetch(CLAIM_SQL, self._batch)
+            rows = await conn.fetch(CLAIM_SQL, self._batch, min_age)
             if not rows:
                 return 0
-            started = time.perf_counter()
             # RETURNING keeps no order; publish in the order the rows were written.
             rows.sort(key=lambda row: row["id"])
-            await asyncio.gather(*(self._publish(row) for row in rows))
-        self.published += len(rows)
-        metrics.OUTBOX_PUBLISHED.inc(len(rows))
+            await self._publish_all(rows)
+        claimed = {row["id"] for row in rows}
+        if self._handed:
+            # Handed-over rows this claim took (a relay that fell behind) are
+            # published; do not publish them again.
+            self._handed = [row for row in self._handed if row["id"] not in claimed]
+        self._published(rows)
+        return len(rows)
+
+    async def _publish_all(self, rows: Sequence[asyncpg.Record]) -> None:
+        started = time.perf_counter()
+        await asyncio.gather(*(self._publish(row) for row in rows))
         logger.debug(
             "published %d outbox messages in %.1f ms",
             len(rows),
             (time.perf_counter() - started) * 1000,
             extra={"action": "outbox.published"},
         )
-        return len(rows)
+
+    def _published(self, rows: Sequence[asyncpg.Record]) -> None:
+        self.published += len(rows)
+        metrics.OUTBOX_PUBLISHED.inc(len(rows))
 
     async def _publish(self, row: asyncpg.Record) -> None:
         exchange = await self._exchange(row["exchange"])

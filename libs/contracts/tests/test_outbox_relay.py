@@ -121,10 +121,10 @@ async def test_a_burst_of_commits_elsewhere_is_answered_with_one_claim(
     claims = 0
     publish_batch = relay._publish_batch
 
-    async def counted() -> int:
+    async def counted(min_age: float = 0.0) -> int:
         nonlocal claims
         claims += 1
-        return await publish_batch()
+        return await publish_batch(min_age)
 
     relay._publish_batch = counted  # type: ignore[method-assign]
     try:
@@ -353,3 +353,146 @@ async def test_relays_side_by_side_publish_every_row_once(settings: Settings) ->
 
     assert sorted(got) == list(range(120))
     assert sum(relay.published for relay in relays) == 120
+
+
+async def hand_over(pool: asyncpg.Pool, items: list[Outgoing]) -> list[asyncpg.Record]:
+    async with pool.acquire() as conn, conn.transaction():
+        return await enqueue(conn, items, hand_off=True)
+
+
+async def outbox_ids(pool: asyncpg.Pool) -> list[int]:
+    async with pool.acquire() as conn:
+        return [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
+
+
+async def test_rows_handed_over_are_published_and_deleted_without_a_claim(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    claims = 0
+    publish_batch = relay._publish_batch
+
+    async def counted(min_age: float = 0.0) -> int:
+        nonlocal claims
+        claims += 1
+        return await publish_batch(min_age)
+
+    relay._publish_batch = counted  # type: ignore[method-assign]
+    try:
+        await relay.start()
+        rows = await hand_over(pool, [event(n) for n in range(5)])
+        relay.hand_off(rows)
+
+        got: list[int] = []
+
+        async def all_five() -> bool:
+            got.extend(await received(settings))
+            return len(got) >= 5
+
+        await eventually(all_five, what="five messages")
+        await eventually(
+            lambda: _empty(pool), what="the handed rows deleted", timeout=10
+        )
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert got == list(range(5))
+    assert claims == 0
+
+
+async def _empty(pool: asyncpg.Pool) -> bool:
+    return await outbox_ids(pool) == []
+
+
+async def test_rows_handed_over_wake_no_other_relay(settings: Settings) -> None:
+    pool = await create_pool(settings)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        "notiflow_outbox", lambda *args: heard.put_nowait(args[-1])
+    )
+    try:
+        await hand_over(pool, [event(1)])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(heard.get(), timeout=0.5)
+
+        # The setting lasted only for the handing transaction.
+        await write(pool, [event(2)])
+        await asyncio.wait_for(heard.get(), timeout=5)
+    finally:
+        await listener.close()
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM outbox")
+        await pool.close()
+
+
+async def test_a_claim_leaves_rows_younger_than_the_notify_delay_to_their_relay(
+    settings: Settings,
+) -> None:
+    # Another process's relay: it hears every NOTIFY and claims a second later.
+    other = settings.model_copy(
+        update={"outbox_sweep_seconds": 3600, "outbox_notify_delay_seconds": 1.0}
+    )
+    pool = await create_pool(other)
+    relay = OutboxRelay(pool, other)
+    try:
+        await relay.start()
+        await eventually(lambda: _listening(relay), what="relay listening", timeout=10)
+        await write(pool, [event(1)])
+        await asyncio.sleep(0.6)
+        # Stored for a hand-off to a relay that has not got to it yet.
+        [young] = await hand_over(pool, [event(2)])
+
+        await eventually(
+            lambda: _published(relay, 1), what="the claimed message", timeout=10
+        )
+        left = await outbox_ids(pool)
+        got = await received(settings)
+    finally:
+        await relay.stop()
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM outbox")
+        await pool.close()
+
+    assert got == [1]
+    assert left == [young["id"]]
+
+
+async def _published(relay: OutboxRelay, count: int) -> bool:
+    return relay.published >= count
+
+
+async def test_a_hand_off_that_fails_to_publish_is_published_by_a_claim(
+    settings: Settings,
+) -> None:
+    quick = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(quick)
+    relay = OutboxRelay(pool, quick)
+    publish = relay._publish
+    failed = 0
+
+    async def broken_once(row: asyncpg.Record) -> None:
+        nonlocal failed
+        if not failed:
+            failed += 1
+            raise aio_pika.exceptions.AMQPConnectionError("broker went away")
+        await publish(row)
+
+    relay._publish = broken_once  # type: ignore[method-assign]
+    try:
+        await relay.start()
+        relay.hand_off(await hand_over(pool, [event(7)]))
+
+        got = await eventually(
+            lambda: received(settings), what="the message", timeout=15
+        )
+        await eventually(lambda: _empty(pool), what="the row deleted", timeout=10)
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert failed == 1
+    assert got == [7]

@@ -158,7 +158,7 @@ async def create_comment(
                 author_id=user.user_id,
                 body=new.body,
             )
-            await enqueue(
+            outbox = await enqueue(
                 conn,
                 [
                     Outgoing(
@@ -169,6 +169,7 @@ async def create_comment(
                         headers=tracing.inject({"event_id": str(event.event_id)}),
                     )
                 ],
+                hand_off=rt.relay is not None,
             )
             body = {
                 "id": row["id"],
@@ -182,10 +183,9 @@ async def create_comment(
                 await conn.execute(
                     sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
                 )
-        # The outbox row is committed: have this process's relay publish it now,
-        # before the trigger's NOTIFY has come back round through PostgreSQL.
+        # The outbox row is committed: this process's relay publishes it now.
         if rt.relay is not None:
-            rt.relay.wake()
+            rt.relay.hand_off(outbox)
 
     logger.info(
         "comment %d stored on post %d",

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 from fastapi import FastAPI
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -66,11 +67,15 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     ) -> list[Exception | None]:
         events = [item.message for item in items]
         traces = [item.within(tracing.inject) for item in items]
+        relay = runtime.relay
+        outbox: list[asyncpg.Record] | None = [] if relay is not None else None
         async with transaction(runtime.db) as conn:
-            results = await dispatcher.handle_many(conn, events, traces=traces)
-        if runtime.relay is not None:
-            # Publish this batch's deliveries now, not when the NOTIFY comes round.
-            runtime.relay.wake()
+            results = await dispatcher.handle_many(
+                conn, events, traces=traces, outbox=outbox
+            )
+        if relay is not None and outbox:
+            # Committed: this process's relay publishes the deliveries now.
+            relay.hand_off(outbox)
 
         answers: list[Exception | None] = []
         for item, result in zip(items, results, strict=True):

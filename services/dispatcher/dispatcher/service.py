@@ -86,12 +86,17 @@ class Dispatcher:
         events: Sequence[CommentCreated],
         *,
         traces: Sequence[Mapping[str, Any]] | None = None,
+        outbox: list[asyncpg.Record] | None = None,
     ) -> list[Outcome | DeadLetter]:
         """Dispatch ``events`` in ``conn``'s transaction: one result each, in order.
 
         ``traces`` holds each event's trace context (what :func:`tracing.inject`
         gives in that event's consumer), carried onto its deliveries; without it,
         every delivery continues the current trace.
+
+        With ``outbox``, the delivery messages are stored for a hand-off and their
+        outbox rows added to it: give them to the process's relay once the
+        transaction commits (:meth:`contracts.outbox.OutboxRelay.hand_off`).
         """
         if not events:
             return []
@@ -114,7 +119,7 @@ class Dispatcher:
 
         valid = [i for i in claimed if i not in dead]
         if valid:
-            outcomes = await self._dispatch(conn, events, valid, posts, traces)
+            outcomes = await self._dispatch(conn, events, valid, posts, traces, outbox)
             for index, outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
 
@@ -197,6 +202,7 @@ class Dispatcher:
         valid: list[int],
         posts: dict[int, dict[str, Any]],
         traces: Sequence[Mapping[str, Any]] | None,
+        outbox: list[asyncpg.Record] | None,
     ) -> list[Outcome]:
         """Store the rows and deliveries of the ``valid`` events; their outcomes."""
         pairs = sorted({(events[i].post_id, events[i].comment_id) for i in valid})
@@ -264,7 +270,9 @@ class Dispatcher:
                     stored=[(r["type"], r["channel"], r["status"]) for r in mine],
                 )
             )
-        await enqueue(conn, deliveries)
+        stored_messages = await enqueue(conn, deliveries, hand_off=outbox is not None)
+        if outbox is not None:
+            outbox.extend(stored_messages)
         return outcomes
 
     def _rows(
