@@ -155,7 +155,7 @@ class OutboxRelay:
         self._notify_delay = settings.outbox_notify_delay_seconds
         self._notified: asyncio.TimerHandle | None = None
         # Rows handed over by writers in this process, oldest first.
-        self._handed: list[asyncpg.Record] = []
+        self._handed: list[Mapping[str, Any]] = []
         # A claim is due: a sweep, a NOTIFY, a failed publish or :meth:`wake`.
         # ``_claim_age`` is how old the rows it takes must be.
         self._claim_due = False
@@ -194,9 +194,10 @@ class OutboxRelay:
         """Claim and publish every waiting row soon, however young."""
         self._claim(0.0)
 
-    def hand_off(self, rows: Sequence[asyncpg.Record]) -> None:
+    def hand_off(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Publish ``rows``, which :func:`enqueue` stored with ``hand_off=True`` in a
-        transaction that has committed, then delete them."""
+        transaction that has committed, then delete them. A row is the outbox
+        table's columns by name, as :data:`ROW_FIELDS` lists them."""
         if rows:
             self._handed.extend(rows)
             self._wake.set()
@@ -340,7 +341,7 @@ class OutboxRelay:
         self._published(rows)
         return len(rows)
 
-    async def _publish_all(self, rows: Sequence[asyncpg.Record]) -> None:
+    async def _publish_all(self, rows: Sequence[Mapping[str, Any]]) -> None:
         started = time.perf_counter()
         await asyncio.gather(*(self._publish(row) for row in rows))
         logger.debug(
@@ -350,11 +351,11 @@ class OutboxRelay:
             extra={"action": "outbox.published"},
         )
 
-    def _published(self, rows: Sequence[asyncpg.Record]) -> None:
+    def _published(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
 
-    async def _publish(self, row: asyncpg.Record) -> None:
+    async def _publish(self, row: Mapping[str, Any]) -> None:
         exchange = await self._exchange(row["exchange"])
         with tracing.span(
             f"publish {row['routing_key']}",

@@ -27,6 +27,7 @@ from contracts.db import connection, transaction
 from contracts.http import Conflict, NotFound, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
+from contracts.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ async def create_comment(
         AfterValidator(_ascii_key),
     ] = None,
 ) -> JSONResponse:
+    if idempotency_key is None:
+        return await _create(new, rt, user)
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
     async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
@@ -193,6 +196,47 @@ async def create_comment(
         new.post_id,
         extra={"action": "comment.created", "event_id": str(event.event_id)},
     )
+    return JSONResponse(body, status_code=201)
+
+
+async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse:
+    """A comment without an Idempotency-Key: one statement stores it and its event."""
+    event_id = str(uuid.uuid4())
+    async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
+        row = await conn.fetchrow(
+            sql.CREATE_COMMENT_AND_EVENT,
+            new.post_id,
+            user.user_id,
+            new.body,
+            topology.EVENTS_EXCHANGE,
+            topology.COMMENT_CREATED,
+            event_id,
+            tracing.inject({"event_id": event_id}),
+            "on" if rt.relay is not None else "off",
+            f"{CommentCreated.MAJOR}.{CommentCreated.MINOR}",
+            datetime.now(UTC).isoformat(),
+        )
+    if not row["post_exists"]:
+        raise NotFound(f"post {new.post_id} does not exist")
+    if row["author_id"] is None:
+        raise NotFound(f"user {user.user_id} named by the token does not exist")
+    # Committed: this process's relay publishes the event now.
+    if rt.relay is not None:
+        rt.relay.hand_off([sql.outbox_row(row)])
+    logger.info(
+        "comment %d stored on post %d",
+        row["id"],
+        new.post_id,
+        extra={"action": "comment.created", "event_id": event_id},
+    )
+    body = {
+        "id": row["id"],
+        "post_id": new.post_id,
+        "body": new.body,
+        "author": sql.person(row),
+        "created_at": row["created_at"].isoformat(),
+        "event_id": event_id,
+    }
     return JSONResponse(body, status_code=201)
 
 

@@ -68,6 +68,51 @@ LEFT JOIN author ON true
 LEFT JOIN inserted ON true
 """
 
+# Without an Idempotency-Key, everything is one statement, so one transaction and one
+# round trip: look up the post and the author, insert the comment, and write its
+# CommentCreated into the outbox, built here because only the insert knows the
+# comment's id. $8 is 'on' when the process's relay takes the outbox row by hand-off
+# (see contracts.outbox), which keeps the table's trigger from notifying the others.
+# Nothing is written when the post or the author is missing.
+CREATE_COMMENT_AND_EVENT = """
+WITH handed AS (
+    SELECT set_config('notiflow.outbox_handoff', $8, true)
+), post AS (
+    SELECT id FROM posts WHERE id = $1
+), author AS (
+    SELECT id, username, display_name FROM users WHERE id = $2
+), inserted AS (
+    INSERT INTO comments (post_id, author_id, body)
+    SELECT post.id, author.id, $3 FROM post, author
+    RETURNING id, created_at
+), queued AS (
+    INSERT INTO outbox (exchange, routing_key, message_id, headers, body)
+    SELECT $4, $5, $6::text, $7::jsonb,
+        convert_to(json_build_object(
+            'schema_version', $9::text,
+            'event_id', $6::text,
+            'occurred_at', $10::text,
+            'comment_id', inserted.id,
+            'post_id', $1::bigint,
+            'author_id', $2::bigint,
+            'body', $3::text
+        )::text, 'UTF8')
+    FROM inserted, handed
+    RETURNING *
+)
+SELECT EXISTS (SELECT FROM post) AS post_exists,
+       author.id AS author_id, author.username AS author_username,
+       author.display_name AS author_display_name,
+       inserted.id, inserted.created_at,
+       queued.id AS outbox_id, queued.exchange, queued.routing_key,
+       queued.message_id, queued.headers, queued.body AS message_body,
+       queued.priority, queued.created_at AS queued_at
+FROM (VALUES (1)) AS one (n)
+LEFT JOIN author ON true
+LEFT JOIN inserted ON true
+LEFT JOIN queued ON true
+"""
+
 STORED_RESPONSE = """
 SELECT request_hash, status_code, response FROM idempotency_keys
 WHERE user_id = $1 AND key = $2
@@ -77,6 +122,20 @@ STORE_RESPONSE = """
 UPDATE idempotency_keys SET status_code = $3, response = $4
 WHERE user_id = $1 AND key = $2
 """
+
+
+def outbox_row(row: asyncpg.Record) -> dict[str, object]:
+    """The outbox row :data:`CREATE_COMMENT_AND_EVENT` wrote, as the relay takes it."""
+    return {
+        "id": row["outbox_id"],
+        "exchange": row["exchange"],
+        "routing_key": row["routing_key"],
+        "message_id": row["message_id"],
+        "headers": row["headers"],
+        "body": row["message_body"],
+        "priority": row["priority"],
+        "created_at": row["queued_at"],
+    }
 
 
 def person(row: asyncpg.Record) -> dict[str, object]:

@@ -98,7 +98,44 @@ async def test_created_comment_is_published_as_comment_created(
         demo.bob,
         "hello @alice",
     )
-    assert await counts(settings) == (1, 0), "the relay deletes what it published"
+
+    async def deleted() -> bool:
+        return await counts(settings) == (1, 0)
+
+    await eventually(deleted, what="the relay deleting what it published")
+
+
+@pytest.mark.parametrize("key", [None, "b2c6a0de-4a0f-4f7e-9d6f-0a1b2c3d4e5f"])
+async def test_the_event_carries_the_comment_exactly_with_or_without_a_key(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo, key: str | None
+) -> None:
+    text = 'quotes " and \\ back\\slashes,\ttabs\nlines, \u2028, é, 👩‍💻 @alice'
+    headers = auth(settings, demo.bob, "bob")
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
+
+        resp = await client.post(
+            "/comments", json={"post_id": demo.post, "body": text}, headers=headers
+        )
+        assert resp.status_code == 201
+        body = resp.json()
+
+        message = await eventually(
+            lambda: queue.get(fail=False), what="CommentCreated on the queue"
+        )
+        event = decode(CommentCreated, message.body)
+        await message.ack()
+
+    assert body["body"] == text
+    assert event.body == text
+    assert (event.comment_id, str(event.event_id)) == (body["id"], body["event_id"])
+    assert (event.post_id, event.author_id) == (demo.post, demo.bob)
+    assert event.schema_version == "1.0"
+    assert message.message_id == body["event_id"]
 
 
 @pytest.mark.parametrize(
