@@ -4,11 +4,13 @@ Errors are JSON objects with a stable ``error`` code and a ``detail`` a person c
 read; validation errors list each offending field by its dotted path (at most
 :data:`MAX_REPORTED_FIELDS` of them, so a huge bad request cannot make a huger
 answer). Request bodies above ``NOTIFLOW_MAX_REQUEST_BYTES`` are refused with 413
-before they are read in full.
+before they are read in full, and a JSON body that gives one key twice is refused
+with 422 naming the key, before any route sees it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,29 +61,33 @@ def _field(err: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
+def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
+    """422 listing each ``(field, message)``, the first :data:`MAX_REPORTED_FIELDS`."""
+    fields = [
+        {"field": field, "message": message}
+        for field, message in problems[:MAX_REPORTED_FIELDS]
+    ]
+    if len(problems) > MAX_REPORTED_FIELDS:
+        fields.append(
+            {
+                "field": WHOLE_BODY,
+                "message": f"and {len(problems) - MAX_REPORTED_FIELDS} more problems",
+            }
+        )
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return JSONResponse(
+        {"error": "invalid_request", "detail": summary, "fields": fields},
+        status_code=422,
+    )
+
+
 def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
-    """JSON answers for every error, and the request body limit."""
+    """JSON answers for every error, the request body limit, unique JSON keys."""
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        fields = [
-            {"field": _field(err), "message": err["msg"]}
-            for err in errors[:MAX_REPORTED_FIELDS]
-        ]
-        if len(errors) > MAX_REPORTED_FIELDS:
-            fields.append(
-                {
-                    "field": WHOLE_BODY,
-                    "message": f"and {len(errors) - MAX_REPORTED_FIELDS} more problems",
-                }
-            )
-        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-        return JSONResponse(
-            {"error": "invalid_request", "detail": summary, "fields": fields},
-            status_code=422,
-        )
+        return invalid_request([(_field(err), err["msg"]) for err in exc.errors()])
 
     @app.exception_handler(InvalidToken)
     async def unauthorized(_: Request, exc: InvalidToken) -> JSONResponse:
@@ -141,10 +147,14 @@ UserDep = Annotated[Principal, Depends(current_user)]
 
 
 class BodyLimit:
-    """Refuse request bodies longer than ``max_bytes`` with 413, reading no further.
+    """Refuse request bodies longer than ``max_bytes`` with 413, reading no further,
+    and JSON bodies that give a key twice with 422.
 
     A declared ``Content-Length`` is checked before anything is read. A body sent
-    without one (chunked) is read here, up to the limit, and handed on whole.
+    without one (chunked), and any JSON body, is read here, up to the limit, and
+    handed on whole. JSON parsers keep the last of two equal keys, so
+    ``{"post_id": 1, "post_id": 2}`` would otherwise be taken as post 2 without a
+    word; which one the sender meant cannot be known.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -155,16 +165,18 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length, content_type = _header(scope, b"content-length", b"content-type")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
                 await _too_large(self.max_bytes, scope, receive, send)
                 return
-            await self.app(scope, receive, send)
-            return
+            if int(length) == 0 or not _is_json(content_type):
+                await self.app(scope, receive, send)
+                return
 
         chunks: list[bytes] = []
         size = 0
+        complete = False
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -175,7 +187,14 @@ class BodyLimit:
                 await _too_large(self.max_bytes, scope, receive, send)
                 return
             if not message.get("more_body", False):
+                complete = True
                 break
+        body = b"".join(chunks)
+        if complete and body and _is_json(content_type):
+            if repeated := repeated_keys(body):
+                problems = [(path, "key given more than once") for path in repeated]
+                await invalid_request(problems)(scope, receive, send)
+                return
         replayed = False
 
         async def replay() -> Message:
@@ -183,13 +202,81 @@ class BodyLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {
-                "type": "http.request",
-                "body": b"".join(chunks),
-                "more_body": False,
-            }
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _header(scope: Scope, *names: bytes) -> list[bytes | None]:
+    """The first value of each named header, as Starlette's ``Headers.get`` reads."""
+    found: list[bytes | None] = [None] * len(names)
+    for name, value in scope["headers"]:
+        if name in names:
+            index = names.index(name)
+            if found[index] is None:
+                found[index] = value
+    return found
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
+
+
+class _Repeating(dict[str, Any]):
+    """A JSON object in which ``repeated`` keys were given more than once."""
+
+    repeated: list[str]
+
+
+def repeated_keys(body: bytes) -> list[str]:
+    """Where a JSON body gives a key twice, as dotted paths (``keys.auth``,
+    ``items.0.id``); empty when no key is repeated, or when the body is not JSON,
+    which the route's own parsing reports."""
+    found = False
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        found = True
+        marked = _Repeating(obj)
+        seen: set[str] = set()
+        marked.repeated = []
+        for key, _ in pairs:
+            if key in seen and key not in marked.repeated:
+                marked.repeated.append(key)
+            seen.add(key)
+        return marked
+
+    try:
+        document = json.loads(body, object_pairs_hook=unique)
+    except (ValueError, RecursionError):
+        return []
+    if not found:
+        return []
+    paths: list[str] = []
+    # Objects nest inside lists, so walk both; iteratively, since a body may nest
+    # as deep as the parser allows.
+    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, _Repeating):
+            paths.extend(".".join((*at, key)) for key in value.repeated)
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = [(str(index), item) for index, item in enumerate(value)]
+        else:
+            continue
+        stack.extend(((*at, key), item) for key, item in reversed(items))
+    return paths
 
 
 async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:

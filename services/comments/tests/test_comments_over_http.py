@@ -129,3 +129,29 @@ async def test_an_empty_idempotency_key_is_refused_naming_the_header(
         assert answer["fields"] == [EMPTY_KEY]
         assert answer["detail"].startswith("idempotency-key: ")
     assert await stored(settings) == (0, 0, 0)
+
+
+async def test_a_comment_that_repeats_a_key_is_refused_and_stores_nothing(
+    served: Served, settings: Settings
+) -> None:
+    body = f'{{"post_id": {served.post}, "body": "a", "body": "b"}}'.encode()
+    headers = {
+        "Authorization": f"Bearer {served.token}",
+        "Content-Type": "application/json",
+    }
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 5):
+            yield body[start : start + 5]
+
+    url = f"http://127.0.0.1:{served.port}"
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        declared = await client.post("/comments", content=body, headers=headers)
+        streamed = await client.post("/comments", content=chunks(), headers=headers)
+
+    for resp in (declared, streamed):
+        assert resp.status_code == 422
+        assert resp.json()["fields"] == [
+            {"field": "body", "message": "key given more than once"}
+        ]
+    assert await stored(settings) == (0, 0, 0)

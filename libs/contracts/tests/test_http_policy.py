@@ -1,0 +1,157 @@
+"""What the shared HTTP policy answers before a route runs: repeated JSON keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Body, FastAPI, Request
+
+from contracts.http import install_http_policy, repeated_keys
+
+
+class Echo:
+    """An app whose routes hand back what they were given, and count their calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.app = FastAPI()
+        install_http_policy(self.app, max_request_bytes=64 * 1024)
+
+        @self.app.post("/json")
+        async def as_json(payload: Annotated[Any, Body()]) -> Any:
+            self.calls += 1
+            return payload
+
+        @self.app.post("/raw")
+        async def as_bytes(request: Request) -> dict[str, str]:
+            self.calls += 1
+            return {"body": (await request.body()).decode()}
+
+    def client(self) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def chunked(body: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+async def test_a_json_body_that_repeats_a_key_is_refused_naming_the_key() -> None:
+    echo = Echo()
+    body = b'{"post_id": 1, "post_id": 2, "body": "x"}'
+
+    async with echo.client() as client:
+        declared = await client.post("/json", content=body, headers=JSON)
+        streamed = await client.post("/json", content=chunked(body), headers=JSON)
+
+    for resp in (declared, streamed):
+        assert resp.status_code == 422
+        assert resp.json() == {
+            "error": "invalid_request",
+            "detail": "post_id: key given more than once",
+            "fields": [{"field": "post_id", "message": "key given more than once"}],
+        }
+    assert echo.calls == 0
+
+
+async def test_a_repeated_key_is_named_by_its_path_through_objects_and_lists() -> None:
+    echo = Echo()
+    body = (
+        b'{"keys": {"auth": "a", "p256dh": "b", "auth": "c"},'
+        b' "items": [{"id": 1}, {"id": 2, "id": 3, "x": 0, "x": 0}],'
+        b' "n": 1, "\\u006e": 2}'
+    )
+
+    async with echo.client() as client:
+        resp = await client.post("/json", content=body, headers=JSON)
+
+    assert resp.status_code == 422
+    assert [f["field"] for f in resp.json()["fields"]] == [
+        "n",
+        "keys.auth",
+        "items.1.id",
+        "items.1.x",
+    ]
+    assert echo.calls == 0
+
+
+async def test_a_json_body_without_repeated_keys_reaches_the_route_whole() -> None:
+    echo = Echo()
+    payload = {"post_id": 1, "body": "é" * 3000, "nested": [{"a": 1}, {"a": 1}]}
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    patch = {"Content-Type": "application/merge-patch+json; charset=utf-8"}
+
+    async with echo.client() as client:
+        declared = await client.post("/json", content=body, headers=JSON)
+        streamed = await client.post("/json", content=chunked(body, 100), headers=JSON)
+        typed = await client.post("/json", content=body, headers=patch)
+        empty = await client.post("/json", headers=JSON)
+
+    assert [r.json() for r in (declared, streamed, typed)] == [payload] * 3
+    assert empty.status_code == 422, "a missing body is still the route's to refuse"
+    assert echo.calls == 3
+
+
+async def test_only_json_bodies_are_checked_for_repeated_keys() -> None:
+    echo = Echo()
+    text = '{"a": 1, "a": 2}'
+
+    async with echo.client() as client:
+        plain = await client.post(
+            "/raw", content=text, headers={"Content-Type": "text/plain"}
+        )
+        untyped = await client.post("/raw", content=chunked(text.encode()))
+
+    assert [r.json() for r in (plain, untyped)] == [{"body": text}] * 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{oops", b'{"a": 1, "a": }', b"[" * 50_000, b"\xff\xfe{", b"   "],
+    ids=["truncated", "invalid-after-repeat", "deep", "not-utf8", "blank"],
+)
+async def test_a_body_that_is_not_json_is_left_to_the_route_to_refuse(
+    body: bytes,
+) -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        resp = await client.post("/json", content=body, headers=JSON)
+
+    assert resp.status_code in (400, 422)
+    assert resp.json()["error"] in ("bad_request", "invalid_request")
+    assert "key given more than once" not in resp.text
+    assert echo.calls == 0
+
+
+async def test_many_repeated_keys_get_a_short_answer() -> None:
+    echo = Echo()
+    body = "{" + ", ".join(f'"k{n}": 1, "k{n}": 2' for n in range(30)) + "}"
+
+    async with echo.client() as client:
+        resp = await client.post("/json", content=body, headers=JSON)
+
+    fields = resp.json()["fields"]
+    assert len(fields) == 21
+    assert fields[0] == {"field": "k0", "message": "key given more than once"}
+    assert fields[-1]["message"] == "and 10 more problems"
+
+
+def test_repeated_keys_are_found_only_where_they_repeat() -> None:
+    cases: Iterable[tuple[bytes, list[str]]] = [
+        (b'{"a": {"b": 1}, "c": {"b": 1}}', []),
+        (b'[{"a": 1, "a": 1}]', ["0.a"]),
+        (b'{"a": 1, "a": 2, "a": 3}', ["a"]),
+        (b'"a string"', []),
+        (b"not json", []),
+    ]
+
+    assert [repeated_keys(body) for body, _ in cases] == [want for _, want in cases]
