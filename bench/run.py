@@ -45,6 +45,8 @@ RESULTS = ROOT / "bench" / "results"
 DRAIN_LIMIT_S = 60.0
 DRAIN_IDLE_S = 10.0
 SETTLE_LIMIT_S = 120.0
+# Seconds without a new arrival before a step may start.
+SETTLE_QUIET_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,19 +235,35 @@ class Bench:
         self.profiles: dict[str, dict[str, Any]] = {}
 
     async def settle(self) -> None:
-        """Wait (bounded) until every queue and outbox is empty."""
+        """Wait (bounded) until every queue and outbox is empty and nothing more
+        arrives.
+
+        A queue's depth counts only the messages waiting in it, not those its
+        consumers have taken and not yet acked (up to their prefetch each), so after
+        an overloaded step the queues look empty while deliveries still arrive. A
+        step measured then would be charged for the previous one's backlog.
+        """
         deadline = time.perf_counter() + SETTLE_LIMIT_S
         last: object = None
+        arrived = -1
+        quiet_since = time.perf_counter()
         while time.perf_counter() < deadline:
+            now = time.perf_counter()
+            count = len(self.streams.arrivals) + len(self.sink.arrivals)
+            if count != arrived:
+                arrived, quiet_since = count, now
             try:
                 last = await self.watch.depths()
             except Exception as exc:
                 last = exc
             else:
-                if not any(last.values()):
+                if not any(last.values()) and now - quiet_since >= SETTLE_QUIET_S:
                     return
-            await asyncio.sleep(0.5)
-        print(f"queues did not empty in {SETTLE_LIMIT_S:.0f} s: {last!r}", flush=True)
+            await asyncio.sleep(0.25)
+        print(
+            f"the platform did not settle in {SETTLE_LIMIT_S:.0f} s: {last!r}",
+            flush=True,
+        )
 
     async def _process_groups(self) -> dict[str, list[int]]:
         groups = {name: [pid] for name, pid in self.platform.pids.items()}
