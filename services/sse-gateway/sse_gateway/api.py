@@ -9,7 +9,8 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
+from pydantic import BaseModel, ConfigDict
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
@@ -41,6 +42,19 @@ User = Annotated[Principal, Depends(principal)]
 Pool = Annotated[asyncpg.Pool, Depends(pool)]
 # A notification id in a path; beyond bigint it can name no row (422, not 500).
 NotificationId = Annotated[int, Path(ge=1, le=inbox.MAX_ID)]
+
+
+class NoOptions(BaseModel):
+    """A change to the whole inbox takes no options. A body that carries some
+    (a filter, say) is refused rather than ignored: marking everything read
+    cannot be undone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# No body at all, or ``{}`` sent as JSON; anything else, JSON or not, is 422
+# before the route runs. Not optional, or a JSON ``null`` would pass for no body.
+NoBody = Annotated[NoOptions, Body(default_factory=NoOptions)]
 
 
 @router.get("/inbox")
@@ -114,7 +128,7 @@ async def mark_read(
 
 
 @router.post("/inbox/read-all")
-async def mark_all_read(user: User, db: Pool) -> dict[str, Any]:
+async def mark_all_read(user: User, db: Pool, _: NoBody) -> dict[str, Any]:
     ids, unread = await _read_state_change(
         db, user.user_id, "read", inbox.MARK_ALL_READ
     )

@@ -1,0 +1,85 @@
+"""What the inbox routes take in a request body, on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from contracts.auth import issue_token
+from contracts.settings import Settings
+from sse_gateway.app import GatewaySettings, create_app
+from tests.sse import helpers
+from tests.support.data import Demo, seed_demo
+
+pytestmark = pytest.mark.integration
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def demo(settings: Settings) -> Demo:
+    return await seed_demo(settings.database_url)
+
+
+@pytest.fixture
+async def bob(settings: Settings, demo: Demo) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(GatewaySettings(**settings.model_dump()))
+    token = issue_token(demo.bob, "bob", settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://t",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client:
+            yield client
+
+
+REFUSED = [
+    (b"{oops", JSON, "(request body)"),
+    (b"   ", JSON, "(request body)"),
+    (b"[]", JSON, "(request body)"),
+    (b"null", JSON, "(request body)"),
+    (b'"all"', JSON, "(request body)"),
+    (b'{"before": 5}', JSON, "before"),
+    (b'{"before": 5, "before": 6}', JSON, "before"),
+    (b"{}", {"Content-Type": "text/plain"}, "(request body)"),
+    (b"everything", {}, "(request body)"),
+]
+
+
+async def test_read_all_with_any_other_body_is_refused_and_marks_nothing(
+    bob: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        for n in range(3):
+            await helpers.add_and_deliver(pg, demo.bob, f"n{n}")
+
+    answers = [
+        await bob.post("/inbox/read-all", content=content, headers=headers)
+        for content, headers, _ in REFUSED
+    ]
+
+    for (content, _, field), answer in zip(REFUSED, answers, strict=True):
+        assert answer.status_code == 422, (content, answer.text)
+        assert answer.json()["error"] == "invalid_request"
+        assert answer.json()["fields"][0]["field"] == field, content
+    assert (await bob.get("/inbox/unread-count")).json() == {"unread": 3}
+
+
+async def test_read_all_takes_no_body_or_an_empty_json_object(
+    bob: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        first = [await helpers.add_and_deliver(pg, demo.bob, f"a{n}") for n in range(2)]
+
+    bare = await bob.post("/inbox/read-all")
+    async with helpers.database(settings.database_url) as pg:
+        second = await helpers.add_and_deliver(pg, demo.bob, "b")
+    empty = await bob.post("/inbox/read-all", json={})
+    again = await bob.post("/inbox/read-all", content=b"", headers=JSON)
+
+    assert bare.status_code == 200 and sorted(bare.json()["marked"]) == sorted(first)
+    assert empty.json() == {"marked": [second], "unread": 0}
+    assert again.json() == {"marked": [], "unread": 0}
