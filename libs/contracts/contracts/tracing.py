@@ -4,10 +4,14 @@ One trace runs from ``POST /comments`` through the outbox relay, the dispatcher 
 each delivery: writers put the W3C ``traceparent`` into the outbox row's headers, the
 relay publishes them as AMQP headers, and consumers continue the trace from there.
 
-Spans are always made, so every log line can carry a ``trace_id``; they are exported
-only when the standard OTLP variables say where to (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless ``OTEL_TRACES_EXPORTER=none`` or
-``OTEL_SDK_DISABLED=true``.
+Spans are always made, so every log line can carry a ``trace_id``; they are recorded
+and exported only when the standard OTLP variables say where to
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless
+``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``. A process that exports
+nothing makes its spans non-recording: they still carry and pass on the trace id, but
+keep no attributes or timings, which no one would read. Their trace context goes on
+marked "not sampled", so turn export on for every service or for none: a service
+that exports but continues a trace from one that does not leaves its spans out too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Span, SpanKind
 
 _tracer = trace.get_tracer("notiflow")
@@ -43,7 +48,8 @@ def configure(service: str) -> None:
     if _configured:
         return
     provider = TracerProvider(
-        resource=Resource.create({"service.name": f"notiflow-{service}"})
+        resource=Resource.create({"service.name": f"notiflow-{service}"}),
+        sampler=None if exporting() else ALWAYS_OFF,
     )
     if exporting():
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
