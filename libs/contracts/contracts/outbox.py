@@ -14,14 +14,14 @@ A crash between the confirms and the delete leaves the rows in the table, where 
 claim finds them, so a message may be published twice but is never lost. Such rows
 send no ``NOTIFY``: nobody else needs to hear of them.
 
-Claims. Rows written by a process without a relay (an operator's command, say), or
-left behind by a relay that stopped or failed, are claimed: a trigger on the table
-sends ``NOTIFY notiflow_outbox`` at commit, every relay hears it and, after a short
-delay (``outbox_notify_delay_seconds``, once for all it heard meanwhile), claims the
-waiting rows that are at least that old. Younger rows are left to the relay they
-were handed to, so a busy writer's rows are not published twice by the others. A
-sweep on a timer covers a lost LISTEN connection, rows committed while no relay ran,
-and a hand-off that failed to publish.
+Claims. Rows written by a process without a relay (an operator's command, say) are
+claimed: a trigger on the table sends ``NOTIFY notiflow_outbox`` at commit, every
+relay hears it and, after a short delay (``outbox_notify_delay_seconds``, once for all
+it heard meanwhile), claims the waiting rows that are at least that old. Younger rows
+are left to the relay they were handed to, so a busy writer's rows are not published
+twice by the others. A sweep every ``outbox_sweep_seconds`` claims rows older than
+that period, which no relay holds any more: rows committed while no relay ran, rows
+of a relay that stopped or crashed, and anything a lost LISTEN connection missed.
 """
 
 from __future__ import annotations
@@ -156,10 +156,14 @@ class OutboxRelay:
         self._notified: asyncio.TimerHandle | None = None
         # Rows handed over by writers in this process, oldest first.
         self._handed: list[Mapping[str, Any]] = []
-        # A claim is due: a sweep, a NOTIFY, a failed publish or :meth:`wake`.
-        # ``_claim_age`` is how old the rows it takes must be.
+        self._max_handed = 10 * self._batch
+        # A claim is due: a sweep, a NOTIFY or :meth:`wake`. ``_claim_age`` is how
+        # old the rows it takes must be.
         self._claim_due = False
         self._claim_age = self._notify_delay
+        # A sweep looks for rows no relay publishes any more: a relay that stopped
+        # or fell far behind. Rows a busy relay still holds are younger than this.
+        self._orphan_age = max(self._notify_delay, self._sweep)
         self._stopping = False
         self.published = 0
         self._measured_at = 0.0
@@ -198,8 +202,11 @@ class OutboxRelay:
         """Publish ``rows``, which :func:`enqueue` stored with ``hand_off=True`` in a
         transaction that has committed, then delete them. A row is the outbox
         table's columns by name, as :data:`ROW_FIELDS` lists them."""
-        if rows:
-            self._handed.extend(rows)
+        room = self._max_handed - len(self._handed)
+        if rows and room > 0:
+            # Beyond the limit (a broker outage, say) rows stay in the table only,
+            # and a sweep publishes them once the relay catches up.
+            self._handed.extend(rows[:room])
             self._wake.set()
 
     def _claim(self, min_age: float) -> None:
@@ -259,7 +266,7 @@ class OutboxRelay:
                 async with asyncio.timeout(self._sweep):
                     await self._wake.wait()
             except TimeoutError:
-                self._claim(self._notify_delay)
+                self._claim(self._orphan_age)
             try:
                 if time.monotonic() - self._measured_at >= self._sweep:
                     # Measured before publishing and whether or not publishing
@@ -268,8 +275,12 @@ class OutboxRelay:
                 self._wake.clear()
                 await self._publish_handed()
                 if self._claim_due:
-                    self._claim_due = False
-                    await self.drain(self._claim_age)
+                    age, self._claim_due = self._claim_age, False
+                    try:
+                        await self.drain(age)
+                    except BaseException:
+                        self._claim(age)
+                        raise
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -287,7 +298,7 @@ class OutboxRelay:
                     extra={"action": "outbox.publish_failed"},
                 )
                 await asyncio.sleep(delay)
-                self._claim(self._notify_delay)
+                self._wake.set()
 
     async def drain(self, min_age: float = 0.0) -> int:
         """Claim and publish the rows at least ``min_age`` seconds old until none
@@ -308,9 +319,8 @@ class OutboxRelay:
             try:
                 await self._publish_all(rows)
             except BaseException:
-                # Left in the table, with those handed over after them, for the
-                # claim that follows a failure: in order, and old enough by then.
-                self._handed.clear()
+                # Tried again, in order, after the failure's back-off.
+                self._handed[:0] = rows
                 raise
             async with self._pool.acquire(timeout=5) as conn:
                 await conn.execute(DELETE_SQL, [row["id"] for row in rows])

@@ -496,3 +496,33 @@ async def test_a_hand_off_that_fails_to_publish_is_published_by_a_claim(
 
     assert failed == 1
     assert got == [7]
+
+
+async def test_rows_handed_over_beyond_what_a_relay_holds_are_swept_later(
+    settings: Settings,
+) -> None:
+    # Batches of two: the relay holds at most twenty handed-over rows.
+    quick = settings.model_copy(update={"outbox_sweep_seconds": 0.5})
+    pool = await create_pool(quick)
+    relay = OutboxRelay(pool, quick, batch_size=2)
+    got: list[int] = []
+
+    async def all_thirty() -> bool:
+        got.extend(await received(settings))
+        return len(got) >= 30
+
+    try:
+        await relay.start()
+        relay.hand_off(await hand_over(pool, [event(n) for n in range(30)]))
+        held = len(relay._handed)
+
+        await eventually(all_thirty, what="thirty messages", timeout=15)
+        await eventually(lambda: _empty(pool), what="the rows deleted", timeout=10)
+        await asyncio.sleep(1.2)
+        got.extend(await received(settings))
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert held == 20
+    assert sorted(got) == list(range(30)), "each published once"
