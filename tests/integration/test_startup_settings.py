@@ -1,5 +1,6 @@
 """Settings a service refuses at start-up, naming them: a prefetch that cannot hold
-one batch, a PORT that is no TCP port."""
+one batch, a PORT that is no TCP port, a database or broker URL that cannot be used;
+and what no message at start-up shows: a password."""
 
 from __future__ import annotations
 
@@ -66,3 +67,75 @@ def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
         in (done.stderr)
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "name", "value", "complaint"),
+    [
+        (
+            "comments",
+            "NOTIFLOW_DATABASE_URL",
+            "postgresql://u:hunter22@host:notaport/db",
+            "the port must be a number from 1 to 65535",
+        ),
+        (
+            "comments",
+            "NOTIFLOW_DATABASE_URL",
+            "not-a-url",
+            "must start with postgresql:// or postgres://",
+        ),
+        (
+            "dispatcher",
+            "NOTIFLOW_AMQP_URL",
+            "amqp://guest:hunter22@127.0.0.1:99999/",
+            "the port must be a number from 1 to 65535",
+        ),
+        (
+            "sse_gateway",
+            "NOTIFLOW_AMQP_URL",
+            "http://x",
+            "must start with amqp:// or amqps://",
+        ),
+        (
+            "comments",
+            "NOTIFLOW_AMQP_URL",
+            "amqp://guest:hun#ter22@127.0.0.1/",
+            "the port must be a number from 1 to 65535",
+        ),
+    ],
+)
+def test_a_malformed_service_url_exits_2_naming_the_setting_not_the_password(
+    service: str, name: str, value: str, complaint: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", service],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert f"notiflow: invalid setting {name}: {complaint}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "hunter22" not in done.stderr + done.stdout
+    assert "ter22" not in done.stderr + done.stdout
+
+
+def test_unreachable_servers_are_named_with_their_passwords_as_stars() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "comments"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "NOTIFLOW_DATABASE_URL": "postgresql://postgres:hunter22@127.0.0.1:1/x",
+            "NOTIFLOW_AMQP_URL": "amqp://guest:hunter22@127.0.0.1:1/",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "postgresql://postgres:***@127.0.0.1:1/x" in done.stderr
+    assert "amqp://guest:***@127.0.0.1:1/" in done.stderr
+    assert "hunter22" not in done.stderr + done.stdout

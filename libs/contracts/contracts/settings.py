@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S")
@@ -23,9 +23,16 @@ DEVELOPMENT_ORIGINS = ("http://127.0.0.1:8081", "http://localhost:8081")
 
 DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 
+DATABASE_URL_EXAMPLE = "postgresql://user:password@host:5432/notiflow"
+AMQP_URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
+    # Errors never repeat a value: it may be a secret, or a URL holding one, and
+    # a tool that lets a ValidationError escape would print it.
+    model_config = SettingsConfigDict(
+        env_prefix="NOTIFLOW_", extra="ignore", hide_input_in_errors=True
+    )
 
     env: Literal["development", "production", "test"] = "development"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/notiflow"
@@ -53,6 +60,16 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     service_name: str = "notiflow"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return check_url(value, ("postgresql", "postgres"), DATABASE_URL_EXAMPLE)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE, need_host=True)
 
     @property
     def allowed_origins(self) -> list[str]:
@@ -100,13 +117,75 @@ def prefetch_holds_batch(service: str, prefetch: int, batch_size: int) -> None:
         )
 
 
+# A / ? or # in a password ends the URL's host part early, so that the rest of
+# the password is read as the port, the path or the query; asyncpg takes the
+# first @ for the end of the password.
+_ENCODE = "percent-encode any / ? # @ in the user name or password (%2F %3F %23 %40)"
+
+
+def check_url(
+    url: str, schemes: tuple[str, ...], example: str, *, need_host: bool = False
+) -> str:
+    """``url``, if it reads as a URL of one of ``schemes`` with a usable port.
+
+    Else ValueError saying what is wrong, without repeating the URL or any part of
+    it: a password may be in it, or, when the URL is malformed, in any part.
+    """
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.strip().lower() not in schemes:
+        wanted = " or ".join(f"{name}://" for name in schemes)
+        raise ValueError(f"must start with {wanted}, as in {example}")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(
+            f"cannot be read as a URL (is an IPv6 host in [ ]?); {_ENCODE}"
+        ) from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(
+            f"the port must be a number from 1 to 65535; if it is, {_ENCODE}"
+        )
+    after_host = parts.path + parts.query + parts.fragment
+    if parts.netloc.count("@") > 1 or "@" in after_host:
+        raise ValueError(f"has an @ out of place; {_ENCODE}")
+    if need_host and not parts.hostname:
+        raise ValueError(f"must name a host, as in {example}")
+    return url
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages shown to people."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    """The URL for messages people see: its password as ``***``, no query.
+
+    A URL that does not read as one is not shown at all, since its password could
+    be in any part of it.
+    """
+    unreadable = "(a URL that cannot be read)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return unreadable
+    # An @ past the host part means a / ? or # in the password ended the host
+    # part early: what looks like a host and port there is the password's start.
+    if (
+        not parts.scheme
+        or "://" not in url
+        or "@" in parts.path + parts.query + parts.fragment
+    ):
+        return unreadable
+    where = parts.hostname or ""
+    if ":" in where:
+        where = f"[{where}]"
+    if port is not None:
+        where = f"{where}:{port}"
+    if parts.username is not None:
+        secret = ":***" if parts.password is not None else ""
+        where = f"{parts.username}{secret}@{where}"
+    return f"{parts.scheme}://{where}{parts.path}"
 
 
 @lru_cache(maxsize=1)

@@ -19,9 +19,11 @@ def test_a_closed_port_is_named_with_how_to_start_the_server() -> None:
 
     pg, mq = problems(settings)
 
-    assert "PostgreSQL is not reachable at postgresql://postgres@127.0.0.1:1/x" in pg
+    assert (
+        "PostgreSQL is not reachable at postgresql://postgres:***@127.0.0.1:1/x" in pg
+    )
     assert "pg_ctlcluster" in pg
-    assert "RabbitMQ is not reachable at amqp://guest@127.0.0.1:1/" in mq
+    assert "RabbitMQ is not reachable at amqp://guest:***@127.0.0.1:1/" in mq
     assert "rabbitmq-server -detached" in mq
     assert "pw" not in pg and "secret" not in mq
 
