@@ -63,12 +63,23 @@ def problems(
     return found
 
 
+def _scrubbed(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` blanked, should a library repeat it."""
+    password = urlsplit(url).password
+    for secret in {password, unquote(password)} if password else ():
+        text = text.replace(secret, "***")
+    return text
+
+
 async def _postgres(url: str, migrated: bool) -> str | None:
     """Log in, to tell a refused user or a missing database from a running server."""
     where = redact_url(url)
     target = url if migrated else urlunsplit(urlsplit(url)._replace(path="/postgres"))
     try:
         conn = await asyncpg.connect(target, timeout=5)
+    except ValueError as exc:
+        # asyncpg reads the URL's query (sslmode and the like) only here.
+        return f"invalid setting NOTIFLOW_DATABASE_URL: {_scrubbed(str(exc), url)}"
     except asyncpg.InvalidCatalogNameError:
         return (
             f"the database at {where} does not exist; create and migrate it with "
@@ -78,9 +89,12 @@ async def _postgres(url: str, migrated: bool) -> str | None:
         asyncpg.InvalidPasswordError,
         asyncpg.InvalidAuthorizationSpecificationError,
     ) as exc:
-        return f"PostgreSQL at {where} refused the login: {exc}"
+        return f"PostgreSQL at {where} refused the login: {_scrubbed(str(exc), url)}"
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return f"PostgreSQL at {where} did not accept a connection: {exc!r}"
+        return (
+            f"PostgreSQL at {where} did not accept a connection: "
+            f"{_scrubbed(repr(exc), url)}"
+        )
     try:
         if migrated and not await conn.fetchval("SELECT to_regclass('notifications')"):
             return (

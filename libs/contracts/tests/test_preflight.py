@@ -48,3 +48,13 @@ def test_a_service_needs_a_migrated_database() -> None:
 
     assert "does not exist" in missing and "make migrate" in missing
     assert problems(absent, broker=False) == [], "migrate itself only needs a login"
+
+
+def test_a_url_option_the_driver_refuses_is_named_without_the_password() -> None:
+    with_password = infra.PG_URL.replace("://postgres@", "://postgres:hunter22@")
+    settings = Settings(database_url=f"{with_password}/x?sslmode=bogus")
+
+    [refused] = problems(settings, broker=False)
+
+    assert refused.startswith("invalid setting NOTIFLOW_DATABASE_URL: `sslmode`")
+    assert "hunter22" not in refused
