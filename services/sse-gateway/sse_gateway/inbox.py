@@ -9,7 +9,7 @@ order. Browsers see the notification id as the SSE ``id:``; the gateway turns it
 back into the user's sequence number on reconnect.
 
 Batches. :func:`deliver_many` puts many notifications into their inboxes in one
-transaction of a few statements. It locks the rows in id order and then the users'
+transaction of two statements. It locks the rows in id order and then the users'
 sequence rows in user order, the same order in every replica, so two replicas
 delivering for the same users wait for each other instead of deadlocking. Each user
 gets one range of numbers, handed out to that user's rows in id order; the order
@@ -17,7 +17,9 @@ in which numbers become visible is still commit order, because the sequence row
 stays locked until the whole batch commits.
 
 Fan-out. The transaction that delivers into the inbox also sends
-``NOTIFY notiflow_inbox``, one per notification; PostgreSQL delivers them at commit,
+``NOTIFY notiflow_inbox``, one per notification, carrying the event JSON that
+:func:`event` makes of the row (written by PostgreSQL, so that the rows need not
+come back to the gateway first); PostgreSQL delivers them at commit,
 in the order they were sent, to every gateway replica, each of which writes them to
 its own open connections for that user.
 """
@@ -44,61 +46,124 @@ id, user_id, title, message, channel, type, priority, metadata, created_at,
 inbox_seq, read_at, event_id
 """
 
-# Only rows still waiting are locked. A final row that stayed locked while the batch
-# waits for a user's sequence row could deadlock with a read-state change, which
-# takes the sequence row first and then updates that user's delivered rows.
-LOCK_WAITING = """
-SELECT id, user_id FROM notifications
-WHERE id = ANY($1::bigint[]) AND type = 'sse'
-  AND status NOT IN ('sent', 'failed', 'skipped')
-ORDER BY id
-FOR UPDATE
+
+def _iso(column: str) -> str:
+    """``column`` (a timestamptz) as Python's ``isoformat()`` writes it in UTC."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return f"""CASE WHEN {column} IS NULL THEN NULL ELSE
+        to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS')
+        || CASE WHEN extract(microseconds FROM {column})::bigint % 1000000 = 0
+                THEN '' ELSE to_char({utc}, '.US') END
+        || '+00:00' END"""
+
+
+# Delivering a batch takes two statements in one transaction. The first numbers the
+# rows and marks them delivered:
+#
+# - ``locked``: the rows still waiting, locked in id order. Only those: a final row
+#   that stayed locked while the batch waits for a user's sequence row could
+#   deadlock with a read-state change, which takes the sequence row first and then
+#   updates that user's delivered rows. ``taken`` reads all of ``locked`` before
+#   ``reserved`` takes its first sequence row, so every notification row is locked
+#   before any sequence row.
+# - ``reserved``: one range of numbers per user; ``last_seq`` grows by the number
+#   of rows the user gets, locking the sequence rows in user order.
+# - the update gives each row the next number of its user's range, in id order.
+#
+# Rows not returned were not waiting, or are not SSE rows.
+DELIVER = """
+WITH locked AS (
+    SELECT id, user_id FROM notifications
+    WHERE id = ANY($1::bigint[]) AND type = 'sse'
+      AND status NOT IN ('sent', 'failed', 'skipped')
+    ORDER BY id
+    FOR UPDATE
+), taken AS (
+    SELECT user_id, count(*) AS n FROM locked GROUP BY user_id
+), reserved AS (
+    INSERT INTO inbox_sequences (user_id, last_seq)
+    SELECT user_id, n FROM taken ORDER BY user_id
+    ON CONFLICT (user_id) DO UPDATE
+    SET last_seq = inbox_sequences.last_seq + EXCLUDED.last_seq
+    RETURNING user_id, last_seq
+), numbered AS (
+    SELECT locked.id,
+           reserved.last_seq - taken.n
+           + row_number() OVER (PARTITION BY locked.user_id ORDER BY locked.id) AS seq
+    FROM locked
+    JOIN taken USING (user_id)
+    JOIN reserved USING (user_id)
+)
+UPDATE notifications
+SET status = 'sent', inbox_seq = numbered.seq, attempts = attempts + 1,
+    sent_at = now(), updated_at = now(), last_error = NULL
+FROM numbered
+WHERE notifications.id = numbered.id
+RETURNING notifications.id
 """
 
-# What the rows not locked are now. One that an operator's replay made waiting
-# again since the lock was tried is answered with that status and left alone: the
+# The second announces them. It needs a snapshot of its own, taken once the
+# sequence rows are locked: a user's unread count must include what another
+# replica committed while this one waited for that lock. Each row's count is the
+# one a one-at-a-time delivery would have shown: the user's unread count without
+# the batch, plus the batch's unread rows up to this one. Each row gets a NOTIFY,
+# in id order; PostgreSQL delivers them at commit, in the order they were sent.
+# The event is the JSON :func:`event` makes of the row, plus the count; one bigger
+# than $3 bytes (PostgreSQL refuses 8000) is sent as a reference instead, for each
+# replica to read back.
+ANNOUNCE = f"""
+WITH batch AS (
+    SELECT *, (read_at IS NULL AND archived_at IS NULL)::int AS counts
+    FROM notifications WHERE id = ANY($1::bigint[])
+), now_unread AS (
+    SELECT user_id, count(*) AS unread FROM notifications
+    WHERE user_id IN (SELECT user_id FROM batch) AND inbox_seq IS NOT NULL
+      AND read_at IS NULL AND archived_at IS NULL
+    GROUP BY user_id
+), counted AS (
+    SELECT batch.*,
+           coalesce(now_unread.unread, 0)
+           - sum(counts) OVER (PARTITION BY batch.user_id)
+           + sum(counts) OVER (PARTITION BY batch.user_id ORDER BY batch.id)
+           AS unread
+    FROM batch LEFT JOIN now_unread USING (user_id)
+), announced AS (
+    SELECT id, user_id, unread, json_build_object(
+        'kind', 'notification',
+        'u', user_id,
+        'event', json_build_object(
+            'id', id,
+            'seq', inbox_seq,
+            'event_id', event_id::text,
+            'title', title,
+            'message', message,
+            'channel', channel,
+            'type', type,
+            'priority', priority,
+            'metadata', metadata - 'html',
+            'created_at', {_iso("created_at")},
+            'read_at', {_iso("read_at")},
+            'unread', unread
+        )
+    )::text AS inline
+    FROM counted
+    ORDER BY id
+)
+SELECT pg_notify($2, CASE
+    WHEN octet_length(inline) <= $3 THEN inline
+    ELSE json_build_object(
+        'kind', 'notification', 'u', user_id, 'ref', id, 'unread', unread
+    )::text
+END)
+FROM announced
+"""
+
+# What the rows not delivered are now. One that an operator's replay made waiting
+# again since the batch was tried is answered with that status and left alone: the
 # replay's own message delivers it.
 STATUS_OF = """
 SELECT id, status FROM notifications WHERE id = ANY($1::bigint[]) AND type = 'sse'
 """
-
-# One range per user: ``last_seq`` grows by the number of rows the user gets, and
-# the range ends at the value returned. Rows are inserted in user order, so the
-# sequence rows are locked in that order.
-RESERVE_SEQS = """
-INSERT INTO inbox_sequences (user_id, last_seq)
-SELECT user_id, taken FROM unnest($1::bigint[], $2::bigint[]) AS t(user_id, taken)
-ORDER BY user_id
-ON CONFLICT (user_id) DO UPDATE
-SET last_seq = inbox_sequences.last_seq + EXCLUDED.last_seq
-RETURNING user_id, last_seq
-"""
-
-# ``earlier`` sees the snapshot from before the UPDATE (every part of a statement
-# does): each user's unread count without this batch. The caller adds the batch's
-# rows one by one, which gives the count a one-at-a-time delivery would have shown.
-MARK_DELIVERED = f"""
-WITH delivered AS (
-    UPDATE notifications
-    SET status = 'sent', inbox_seq = t.seq, attempts = attempts + 1,
-        sent_at = now(), updated_at = now(), last_error = NULL
-    FROM unnest($1::bigint[], $2::bigint[]) AS t(delivered_id, seq)
-    WHERE id = t.delivered_id
-    RETURNING {EVENT_FIELDS}, archived_at
-), earlier AS (
-    SELECT user_id, count(*) AS unread FROM notifications
-    WHERE user_id = ANY($3::bigint[]) AND inbox_seq IS NOT NULL
-      AND read_at IS NULL AND archived_at IS NULL
-    GROUP BY user_id
-)
-SELECT delivered.*, coalesce(earlier.unread, 0) AS unread_before
-FROM delivered LEFT JOIN earlier USING (user_id)
-ORDER BY delivered.id
-"""
-
-# unnest yields the payloads in array order, and PostgreSQL delivers notifications
-# in the order they were sent.
-NOTIFY_ALL = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 CURRENT_SEQ = "SELECT last_seq FROM inbox_sequences WHERE user_id = $1"
 
@@ -193,15 +258,14 @@ async def deliver_many(
     if not wanted:
         return [previous[n] for n in notification_ids]
 
-    rows = await conn.fetch(LOCK_WAITING, wanted)
-    if len(rows) < len(wanted):
-        locked = {row["id"] for row in rows}
-        others = [n for n in wanted if n not in locked]
+    delivered = [row["id"] for row in await conn.fetch(DELIVER, wanted)]
+    if delivered:
+        await conn.execute(ANNOUNCE, delivered, NOTIFY_CHANNEL, MAX_INLINE_PAYLOAD)
+    if len(delivered) < len(wanted):
+        others = [n for n in wanted if n not in delivered]
         for row in await conn.fetch(STATUS_OF, others):
             previous[row["id"]] = row["status"]
-    if rows:
-        await _deliver_locked(conn, rows)
-        previous.update(dict.fromkeys((row["id"] for row in rows), None))
+    previous.update(dict.fromkeys(delivered, None))
 
     answers: list[str | None] = []
     seen: set[int] = set()
@@ -212,37 +276,6 @@ async def deliver_many(
         seen.add(n)
         answers.append(answer)
     return answers
-
-
-async def _deliver_locked(
-    conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
-) -> None:
-    """Number, mark and announce rows locked by ``LOCK_WAITING``, in id order."""
-    taken: dict[int, int] = {}
-    for row in rows:
-        taken[row["user_id"]] = taken.get(row["user_id"], 0) + 1
-    users = sorted(taken)
-    reserved = await conn.fetch(RESERVE_SEQS, users, [taken[u] for u in users])
-    next_seq = {r["user_id"]: r["last_seq"] - taken[r["user_id"]] + 1 for r in reserved}
-
-    ids, seqs = [], []
-    for row in rows:
-        ids.append(row["id"])
-        seqs.append(next_seq[row["user_id"]])
-        next_seq[row["user_id"]] += 1
-    delivered = await conn.fetch(MARK_DELIVERED, ids, seqs, users)
-
-    unread: dict[int, int] = {}
-    payloads = []
-    for row in delivered:
-        user_id = row["user_id"]
-        count = unread.get(user_id, row["unread_before"])
-        if row["read_at"] is None and row["archived_at"] is None:
-            count += 1
-        unread[user_id] = count
-        data = {**event(row), "unread": count}
-        payloads.append(payload({"kind": "notification", "u": user_id, "event": data}))
-    await conn.execute(NOTIFY_ALL, NOTIFY_CHANNEL, payloads)
 
 
 async def announce(conn: asyncpg.Connection, message: dict[str, Any]) -> None:

@@ -330,3 +330,32 @@ async def test_two_gateways_delivering_for_the_same_users_leave_no_gaps_or_repea
         assert sorted(r["inbox_seq"] for r in stored if r["user_id"] == user) == list(
             range(1, count + 1)
         )
+
+
+async def test_the_announced_event_is_what_a_replay_of_the_row_shows(
+    settings: Settings, demo: Demo
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        plain = await helpers.add(pg, demo.bob, 'Zoë said „hi“ 👩‍💻 \\ " \n done')
+        whole_second = await helpers.add(pg, demo.bob, "on the second")
+        await pg.execute(
+            "UPDATE notifications SET metadata = $2, created_at = $3 WHERE id = $1",
+            whole_second,
+            {"post_id": 7, "html": "<p>kept out</p>", "nested": {"a": [1, "ü"]}},
+            datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        )
+        async with listening(settings.database_url) as heard:
+            async with pg.transaction():
+                await inbox.deliver_many(pg, [plain, whole_second])
+            await heard.settle()
+        rows = {n: await pg.fetchrow(inbox.BY_ID, n) for n in (plain, whole_second)}
+
+    announced = dict(heard.events())
+    events = [event for _, event in heard.events()]
+    assert announced.keys() == {demo.bob}
+    assert events == [
+        {**inbox.event(rows[plain]), "unread": 1},
+        {**inbox.event(rows[whole_second]), "unread": 2},
+    ]
+    assert events[1]["created_at"] == "2026-01-02T03:04:05+00:00"
+    assert "html" not in events[1]["metadata"]
