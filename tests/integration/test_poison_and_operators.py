@@ -227,7 +227,20 @@ def test_admin_says_which_server_it_cannot_reach(settings: Settings) -> None:
     done = admin(settings.model_copy(update={"amqp_url": closed}), "dlq", "list")
 
     assert done.returncode == 1
-    assert "notiflow-admin: cannot reach amqp://guest@127.0.0.1:" in done.stderr
+    assert "notiflow-admin: cannot reach amqp://guest:***@127.0.0.1:" in done.stderr
+    assert "secret" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_admin_given_a_malformed_url_exits_2_naming_the_setting(
+    settings: Settings,
+) -> None:
+    malformed = "amqp://guest:secret@127.0.0.1:notaport/"
+
+    done = admin(settings.model_copy(update={"amqp_url": malformed}), "dlq", "list")
+
+    assert done.returncode == 2
+    assert "NOTIFLOW_AMQP_URL" in done.stderr
     assert "secret" not in done.stderr
     assert "Traceback" not in done.stderr
 

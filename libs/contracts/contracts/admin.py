@@ -44,7 +44,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts import topology
 from contracts.consumer import DEAD_LETTERED_AT_HEADER
 from contracts.recovery import requeue_failed
-from contracts.settings import Settings, redact_url
+from contracts.settings import Settings, load_or_exit, redact_url
 
 # Headers a replayed message should not carry back to its consumer.
 _SET_ASIDE_HEADERS = {
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         _check(args)
     except UsageError as exc:
         parser().error(str(exc))
-    settings = settings or Settings()
+    settings = settings or load_or_exit(Settings)
     try:
         code = asyncio.run(run(args, settings))
         _flush_stdout()
