@@ -45,9 +45,9 @@ NotificationId = Annotated[int, Path(ge=1, le=inbox.MAX_ID)]
 
 
 class NoOptions(BaseModel):
-    """A change to the whole inbox takes no options. A body that carries some
-    (a filter, say) is refused rather than ignored: marking everything read
-    cannot be undone."""
+    """A read-state change takes no options. A body that carries some (a filter,
+    say) is refused rather than ignored: marking read or archiving the wrong
+    notifications cannot be undone."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -114,7 +114,7 @@ async def _read_state_change(
 
 @router.post("/inbox/{notification_id}/read")
 async def mark_read(
-    notification_id: NotificationId, user: User, db: Pool
+    notification_id: NotificationId, user: User, db: Pool, _: NoBody
 ) -> dict[str, Any]:
     ids, unread = await _read_state_change(
         db,
@@ -137,7 +137,7 @@ async def mark_all_read(user: User, db: Pool, _: NoBody) -> dict[str, Any]:
 
 @router.post("/inbox/{notification_id}/archive")
 async def archive(
-    notification_id: NotificationId, user: User, db: Pool
+    notification_id: NotificationId, user: User, db: Pool, _: NoBody
 ) -> dict[str, Any]:
     ids, unread = await _read_state_change(
         db,

@@ -83,3 +83,22 @@ async def test_read_all_takes_no_body_or_an_empty_json_object(
     assert bare.status_code == 200 and sorted(bare.json()["marked"]) == sorted(first)
     assert empty.json() == {"marked": [second], "unread": 0}
     assert again.json() == {"marked": [], "unread": 0}
+
+
+@pytest.mark.parametrize("action", ["read", "archive"])
+async def test_changing_one_notification_with_a_body_is_refused_and_changes_nothing(
+    bob: httpx.AsyncClient, settings: Settings, demo: Demo, action: str
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        mine = await helpers.add_and_deliver(pg, demo.bob, "mine")
+
+    answers = [
+        await bob.post(f"/inbox/{mine}/{action}", content=content, headers=headers)
+        for content, headers, _ in REFUSED
+    ]
+    bare = await bob.post(f"/inbox/{mine}/{action}")
+
+    for content, answer in zip(REFUSED, answers, strict=True):
+        assert answer.status_code == 422, (content, answer.text)
+    assert bare.status_code == 200
+    assert bare.json()["unread"] == 0
