@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from yoyo import get_backend, read_migrations
 
 from contracts import migrate
 from tests.support import infra
@@ -47,3 +48,67 @@ async def test_migrations_apply_roll_back_and_apply_again(empty_database: str) -
 
     assert migrate.apply(empty_database) == applied
     assert await tables(empty_database) == first
+
+
+ADD_DELIVERED = """
+WITH event AS (
+    INSERT INTO events (id, type, payload, occurred_at)
+    VALUES (gen_random_uuid(), 'comment.created', '{}', now())
+    RETURNING id
+)
+INSERT INTO notifications (
+    event_id, user_id, title, message, type, channel, event_occurred_at,
+    inbox_seq, read_at, archived_at, status
+)
+SELECT event.id, $1, 't', 'm', 'sse', 'comment.reply', now(), $2::bigint,
+       CASE WHEN $3 THEN now() END, CASE WHEN $4 THEN now() END, 'sent'
+FROM event
+"""
+
+
+async def test_the_unread_count_column_starts_from_the_rows_already_delivered(
+    empty_database: str,
+) -> None:
+    migrate.ensure_database(empty_database)
+    backend = get_backend(migrate._yoyo_url(empty_database))
+    try:
+        every = read_migrations(str(migrate.MIGRATIONS))
+        with backend.lock():
+            backend.apply_migrations(
+                backend.to_apply(every).filter(lambda m: m.id < "0004")
+            )
+    finally:
+        backend.connection.close()
+
+    conn = await asyncpg.connect(empty_database)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (username, email, display_name) "
+            "VALUES ('u', 'u@example.com', 'U') RETURNING id"
+        )
+        # Delivered: two unread, one read, one archived; and one not delivered yet.
+        rows = [
+            (1, False, False),
+            (2, True, False),
+            (3, False, True),
+            (4, False, False),
+            (None, False, False),
+        ]
+        for seq, read, archived in rows:
+            await conn.execute(ADD_DELIVERED, user, seq, read, archived)
+        await conn.execute(
+            "INSERT INTO inbox_sequences (user_id, last_seq) VALUES ($1, 4)", user
+        )
+    finally:
+        await conn.close()
+
+    migrate.apply(empty_database)
+
+    conn = await asyncpg.connect(empty_database)
+    try:
+        unread = await conn.fetchval(
+            "SELECT unread FROM inbox_sequences WHERE user_id = $1", user
+        )
+    finally:
+        await conn.close()
+    assert unread == 2

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from contracts import metrics, topology
 from contracts.consumer import DeadLetter, Item
-from contracts.db import transaction
+from contracts.db import connection
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime, health_router
@@ -122,7 +122,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         items: Sequence[Item[DeliveryRequested]],
     ) -> list[Exception | None]:
         ids = [item.message.notification_id for item in items]
-        async with transaction(runtime.db) as conn:
+        # One statement, which commits on its own: no BEGIN and COMMIT around it.
+        async with connection(runtime.db) as conn:
             previous = await inbox.deliver_many(conn, ids)
         return [
             item.within(_settled, item.message, before, len(items))

@@ -9,14 +9,14 @@ order. Browsers see the notification id as the SSE ``id:``; the gateway turns it
 back into the user's sequence number on reconnect.
 
 Batches. :func:`deliver_many` puts many notifications into their inboxes in one
-transaction of two statements. It locks the rows in id order and then the users'
+statement. It locks the rows in id order and then the users'
 sequence rows in user order, the same order in every replica, so two replicas
 delivering for the same users wait for each other instead of deadlocking. Each user
 gets one range of numbers, handed out to that user's rows in id order; the order
 in which numbers become visible is still commit order, because the sequence row
 stays locked until the whole batch commits.
 
-Fan-out. The transaction that delivers into the inbox also sends
+Fan-out. The statement that delivers into the inbox also sends
 ``NOTIFY notiflow_inbox``, one per notification, carrying the event JSON that
 :func:`event` makes of the row (written by PostgreSQL, so that the rows need not
 come back to the gateway first); PostgreSQL delivers them at commit,
@@ -57,8 +57,7 @@ def _iso(column: str) -> str:
         || '+00:00' END"""
 
 
-# Delivering a batch takes two statements in one transaction. The first numbers the
-# rows and marks them delivered:
+# Delivering a batch is one statement, so one transaction and one round trip:
 #
 # - ``locked``: the rows still waiting, locked in id order. Only those: a final row
 #   that stayed locked while the batch waits for a user's sequence row could
@@ -66,12 +65,21 @@ def _iso(column: str) -> str:
 #   updates that user's delivered rows. ``taken`` reads all of ``locked`` before
 #   ``reserved`` takes its first sequence row, so every notification row is locked
 #   before any sequence row.
-# - ``reserved``: one range of numbers per user; ``last_seq`` grows by the number
-#   of rows the user gets, locking the sequence rows in user order.
-# - the update gives each row the next number of its user's range, in id order.
+# - ``reserved``: one range of numbers per user; ``last_seq`` grows by the number of
+#   rows the user gets, locking the sequence rows in user order. It also reads the
+#   user's unread count, as the latest commit left it: the lock is held, and this
+#   batch's own rows are counted only by the triggers that run when the statement
+#   ends (migration 0004).
+# - ``delivered``: each row gets the next number of its user's range, in id order.
+# - ``counted``: each row's unread count is the one a one-at-a-time delivery would
+#   have shown: the count before the batch plus the batch's rows up to this one.
+# - the NOTIFY of each row, in id order; PostgreSQL delivers them at commit, in the
+#   order they were sent. The event is the JSON :func:`event` makes of the row, plus
+#   the count; one bigger than $3 bytes (PostgreSQL refuses 8000) is sent as a
+#   reference instead, for each replica to read back.
 #
 # Rows not returned were not waiting, or are not SSE rows.
-DELIVER = """
+DELIVER = f"""
 WITH locked AS (
     SELECT id, user_id FROM notifications
     WHERE id = ANY($1::bigint[]) AND type = 'sse'
@@ -85,7 +93,7 @@ WITH locked AS (
     SELECT user_id, n FROM taken ORDER BY user_id
     ON CONFLICT (user_id) DO UPDATE
     SET last_seq = inbox_sequences.last_seq + EXCLUDED.last_seq
-    RETURNING user_id, last_seq
+    RETURNING user_id, last_seq, unread
 ), numbered AS (
     SELECT locked.id,
            reserved.last_seq - taken.n
@@ -93,40 +101,19 @@ WITH locked AS (
     FROM locked
     JOIN taken USING (user_id)
     JOIN reserved USING (user_id)
-)
-UPDATE notifications
-SET status = 'sent', inbox_seq = numbered.seq, attempts = attempts + 1,
-    sent_at = now(), updated_at = now(), last_error = NULL
-FROM numbered
-WHERE notifications.id = numbered.id
-RETURNING notifications.id
-"""
-
-# The second announces them. It needs a snapshot of its own, taken once the
-# sequence rows are locked: a user's unread count must include what another
-# replica committed while this one waited for that lock. Each row's count is the
-# one a one-at-a-time delivery would have shown: the user's unread count without
-# the batch, plus the batch's unread rows up to this one. Each row gets a NOTIFY,
-# in id order; PostgreSQL delivers them at commit, in the order they were sent.
-# The event is the JSON :func:`event` makes of the row, plus the count; one bigger
-# than $3 bytes (PostgreSQL refuses 8000) is sent as a reference instead, for each
-# replica to read back.
-ANNOUNCE = f"""
-WITH batch AS (
-    SELECT *, (read_at IS NULL AND archived_at IS NULL)::int AS counts
-    FROM notifications WHERE id = ANY($1::bigint[])
-), now_unread AS (
-    SELECT user_id, count(*) AS unread FROM notifications
-    WHERE user_id IN (SELECT user_id FROM batch) AND inbox_seq IS NOT NULL
-      AND read_at IS NULL AND archived_at IS NULL
-    GROUP BY user_id
+), delivered AS (
+    UPDATE notifications
+    SET status = 'sent', inbox_seq = numbered.seq, attempts = attempts + 1,
+        sent_at = now(), updated_at = now(), last_error = NULL
+    FROM numbered
+    WHERE notifications.id = numbered.id
+    RETURNING notifications.*
 ), counted AS (
-    SELECT batch.*,
-           coalesce(now_unread.unread, 0)
-           - sum(counts) OVER (PARTITION BY batch.user_id)
-           + sum(counts) OVER (PARTITION BY batch.user_id ORDER BY batch.id)
-           AS unread
-    FROM batch LEFT JOIN now_unread USING (user_id)
+    SELECT delivered.*,
+           reserved.unread + sum(
+               (delivered.read_at IS NULL AND delivered.archived_at IS NULL)::int
+           ) OVER (PARTITION BY delivered.user_id ORDER BY delivered.id) AS unread
+    FROM delivered JOIN reserved USING (user_id)
 ), announced AS (
     SELECT id, user_id, unread, json_build_object(
         'kind', 'notification',
@@ -149,7 +136,7 @@ WITH batch AS (
     FROM counted
     ORDER BY id
 )
-SELECT pg_notify($2, CASE
+SELECT id, pg_notify($2, CASE
     WHEN octet_length(inline) <= $3 THEN inline
     ELSE json_build_object(
         'kind', 'notification', 'u', user_id, 'ref', id, 'unread', unread
@@ -186,10 +173,9 @@ ORDER BY inbox_seq DESC
 LIMIT $3
 """
 
+# Kept by triggers as rows are delivered, read, archived or deleted (migration 0004).
 UNREAD = """
-SELECT count(*) FROM notifications
-WHERE user_id = $1 AND inbox_seq IS NOT NULL AND read_at IS NULL
-  AND archived_at IS NULL
+SELECT coalesce((SELECT unread FROM inbox_sequences WHERE user_id = $1), 0)
 """
 
 MARK_READ = """
@@ -251,16 +237,18 @@ async def deliver_many(
     Returns one answer per id, in order: None when this call delivered it, the
     previous status when the row was already final (nothing done), or "missing"
     when there is no such SSE row. An id given twice is delivered once; its later
-    copies answer like a redelivery would. Must run inside a transaction.
+    copies answer like a redelivery would. The delivery is one statement: outside a
+    transaction it commits on its own.
     """
     wanted = sorted({n for n in notification_ids if 1 <= n <= MAX_ID})
     previous: dict[int, str | None] = dict.fromkeys(notification_ids, "missing")
     if not wanted:
         return [previous[n] for n in notification_ids]
 
-    delivered = [row["id"] for row in await conn.fetch(DELIVER, wanted)]
-    if delivered:
-        await conn.execute(ANNOUNCE, delivered, NOTIFY_CHANNEL, MAX_INLINE_PAYLOAD)
+    delivered = {
+        row["id"]
+        for row in await conn.fetch(DELIVER, wanted, NOTIFY_CHANNEL, MAX_INLINE_PAYLOAD)
+    }
     if len(delivered) < len(wanted):
         others = [n for n in wanted if n not in delivered]
         for row in await conn.fetch(STATUS_OF, others):

@@ -359,3 +359,41 @@ async def test_the_announced_event_is_what_a_replay_of_the_row_shows(
     ]
     assert events[1]["created_at"] == "2026-01-02T03:04:05+00:00"
     assert "html" not in events[1]["metadata"]
+
+
+COUNTED = """
+SELECT user_id, count(*) FROM notifications
+WHERE inbox_seq IS NOT NULL AND read_at IS NULL AND archived_at IS NULL
+GROUP BY user_id
+"""
+
+
+async def test_the_unread_count_kept_beside_the_sequence_matches_the_rows(
+    settings: Settings, demo: Demo
+) -> None:
+    async def both(pg: asyncpg.Connection) -> tuple[dict[int, int], dict[int, int]]:
+        kept = dict(await pg.fetch("SELECT user_id, unread FROM inbox_sequences"))
+        counted = dict(await pg.fetch(COUNTED))
+        return {u: n for u, n in kept.items() if n}, counted
+
+    async with helpers.database(settings.database_url) as pg:
+        bobs = [await helpers.add(pg, demo.bob, f"b{n}") for n in range(4)]
+        alices = [await helpers.add(pg, demo.alice, f"a{n}") for n in range(2)]
+        await inbox.deliver_many(pg, [*bobs, *alices])
+        steps = [await both(pg)]
+
+        await pg.execute(inbox.MARK_READ, demo.bob, [bobs[0], bobs[1]])
+        steps.append(await both(pg))
+        await pg.execute(inbox.ARCHIVE, demo.bob, bobs[2])
+        steps.append(await both(pg))
+        await pg.execute(inbox.MARK_ALL_READ, demo.alice)
+        steps.append(await both(pg))
+        await pg.execute("DELETE FROM notifications WHERE id = $1", bobs[3])
+        steps.append(await both(pg))
+        unread = await pg.fetchval(inbox.UNREAD, demo.bob)
+
+    assert steps[0] == ({demo.bob: 4, demo.alice: 2},) * 2
+    for kept, counted in steps:
+        assert kept == counted
+    assert steps[-1] == ({}, {})
+    assert unread == 0
