@@ -44,6 +44,19 @@ async def write(pool: asyncpg.Pool, items: list[Outgoing]) -> None:
         await enqueue(conn, items)
 
 
+def count_claims(relay: OutboxRelay) -> list[float]:
+    """The age limit of every claim ``relay`` makes from now on, in order."""
+    claims: list[float] = []
+    publish_batch = relay._publish_batch
+
+    async def counted(min_age: float = 0.0) -> int:
+        claims.append(min_age)
+        return await publish_batch(min_age)
+
+    relay._publish_batch = counted  # type: ignore[method-assign]
+    return claims
+
+
 async def received(settings: Settings) -> list[int]:
     connection = await aio_pika.connect(settings.amqp_url)
     found = []
@@ -118,19 +131,11 @@ async def test_a_burst_of_commits_elsewhere_is_answered_with_one_claim(
     )
     pool = await create_pool(patient)
     relay = OutboxRelay(pool, patient)
-    claims = 0
-    publish_batch = relay._publish_batch
-
-    async def counted(min_age: float = 0.0) -> int:
-        nonlocal claims
-        claims += 1
-        return await publish_batch(min_age)
-
-    relay._publish_batch = counted  # type: ignore[method-assign]
+    claims = count_claims(relay)
     try:
         await relay.start()
         await eventually(lambda: _listening(relay), what="relay listening", timeout=10)
-        claims = 0
+        claims.clear()
         # Twenty commits from another process, each with its own NOTIFY.
         for number in range(20):
             await write(pool, [event(number)])
@@ -149,7 +154,7 @@ async def test_a_burst_of_commits_elsewhere_is_answered_with_one_claim(
     assert sorted(got) == list(range(20))
     # One claim takes the burst (and a second finds the rest or nothing),
     # instead of a claim per notification.
-    assert 1 <= claims <= 3, claims
+    assert 1 <= len(claims) <= 3, claims
 
 
 async def _listening(relay: OutboxRelay) -> bool:
@@ -371,15 +376,7 @@ async def test_rows_handed_over_are_published_and_deleted_without_a_claim(
     slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
     pool = await create_pool(slow_sweep)
     relay = OutboxRelay(pool, slow_sweep)
-    claims = 0
-    publish_batch = relay._publish_batch
-
-    async def counted(min_age: float = 0.0) -> int:
-        nonlocal claims
-        claims += 1
-        return await publish_batch(min_age)
-
-    relay._publish_batch = counted  # type: ignore[method-assign]
+    claims = count_claims(relay)
     try:
         await relay.start()
         rows = await hand_over(pool, [event(n) for n in range(5)])
@@ -400,7 +397,7 @@ async def test_rows_handed_over_are_published_and_deleted_without_a_claim(
         await pool.close()
 
     assert got == list(range(5))
-    assert claims == 0
+    assert claims == []
 
 
 async def _empty(pool: asyncpg.Pool) -> bool:

@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
 from pydantic import (
@@ -174,14 +175,7 @@ async def create_comment(
                 ],
                 hand_off=rt.relay is not None,
             )
-            body = {
-                "id": row["id"],
-                "post_id": new.post_id,
-                "body": new.body,
-                "author": sql.person(row),
-                "created_at": row["created_at"].isoformat(),
-                "event_id": str(event.event_id),
-            }
+            body = _created(new, row, str(event.event_id))
             if idempotency_key is not None:
                 await conn.execute(
                     sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
@@ -190,12 +184,7 @@ async def create_comment(
         if rt.relay is not None:
             rt.relay.hand_off(outbox)
 
-    logger.info(
-        "comment %d stored on post %d",
-        row["id"],
-        new.post_id,
-        extra={"action": "comment.created", "event_id": str(event.event_id)},
-    )
+    _log_stored(row["id"], new.post_id, str(event.event_id))
     return JSONResponse(body, status_code=201)
 
 
@@ -223,13 +212,22 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
     # Committed: this process's relay publishes the event now.
     if rt.relay is not None:
         rt.relay.hand_off([sql.outbox_row(row)])
+    _log_stored(row["id"], new.post_id, event_id)
+    return JSONResponse(_created(new, row, event_id), status_code=201)
+
+
+def _log_stored(comment_id: int, post_id: int, event_id: str) -> None:
     logger.info(
         "comment %d stored on post %d",
-        row["id"],
-        new.post_id,
+        comment_id,
+        post_id,
         extra={"action": "comment.created", "event_id": event_id},
     )
-    body = {
+
+
+def _created(new: NewComment, row: asyncpg.Record, event_id: str) -> dict[str, Any]:
+    """The ``201`` body for a stored comment."""
+    return {
         "id": row["id"],
         "post_id": new.post_id,
         "body": new.body,
@@ -237,7 +235,6 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
         "created_at": row["created_at"].isoformat(),
         "event_id": event_id,
     }
-    return JSONResponse(body, status_code=201)
 
 
 async def _replay(
