@@ -8,8 +8,14 @@
 -- rows, a read-state change takes it first), so the count read under that lock is
 -- exact, and the triggers' own updates of the row wait for nobody.
 --
--- Deliveries lock notifications before inbox_sequences; so does this migration, so
--- that running it beside live gateways makes them wait, not deadlock.
+-- Running beside live gateways, of this release or the one before, it must make them
+-- wait and never deadlock with them. Every transaction of theirs that writes to
+-- notifications and touches inbox_sequences takes inbox_sequences first: a delivery
+-- holds only row locks taken by SELECT ... FOR UPDATE on notifications (which this
+-- migration's lock does not wait for) until it has upserted the sequence rows, and
+-- a read-state change locks the sequence row before anything else. So this takes
+-- inbox_sequences first too, then notifications, holding both to the commit.
+LOCK TABLE inbox_sequences IN ACCESS EXCLUSIVE MODE;
 LOCK TABLE notifications IN SHARE ROW EXCLUSIVE MODE;
 ALTER TABLE inbox_sequences ADD COLUMN unread bigint NOT NULL DEFAULT 0;
 
