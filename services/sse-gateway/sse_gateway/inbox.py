@@ -266,8 +266,35 @@ async def deliver_many(
     return answers
 
 
+# unnest yields the payloads in array order, and PostgreSQL delivers notifications
+# in the order they were sent.
+NOTIFY_EACH = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+
+
 async def announce(conn: asyncpg.Connection, message: dict[str, Any]) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload(message))
+    """Send ``message`` to every replica, in as many NOTIFYs as its ids need."""
+    await conn.execute(
+        NOTIFY_EACH, NOTIFY_CHANNEL, [payload(part) for part in _parts(message)]
+    )
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """``message`` split by its ``ids`` into parts that each fit in a NOTIFY.
+
+    A read-state change names every notification it changed, and marking all read
+    can change thousands: more than one payload holds. Each part carries the same
+    unread count, the count after the whole change.
+    """
+    ids = message.get("ids")
+    if not ids or len(payload(message).encode()) <= MAX_INLINE_PAYLOAD:
+        return [message]
+    overhead = len(payload({**message, "ids": []}).encode())
+    # A bigint is at most 19 digits and a sign; one more for the comma.
+    per_part = max(1, (MAX_INLINE_PAYLOAD - overhead) // 21)
+    return [
+        {**message, "ids": ids[start : start + per_part]}
+        for start in range(0, len(ids), per_part)
+    ]
 
 
 def payload(message: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -9,9 +10,11 @@ import pytest
 
 from contracts.auth import issue_token
 from contracts.settings import Settings
+from sse_gateway import inbox
 from sse_gateway.app import GatewaySettings, create_app
 from tests.sse import helpers
 from tests.support.data import Demo, seed_demo
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +105,30 @@ async def test_changing_one_notification_with_a_body_is_refused_and_changes_noth
         assert answer.status_code == 422, (content, answer.text)
     assert bare.status_code == 200
     assert bare.json()["unread"] == 0
+
+
+async def test_marking_thousands_read_is_announced_in_parts_that_name_them_all(
+    bob: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    heard: list[dict[str, object]] = []
+    async with helpers.database(settings.database_url) as pg:
+        ids = [await helpers.add(pg, demo.bob, f"n{n}") for n in range(2000)]
+        await inbox.deliver_many(pg, ids)
+        await pg.add_listener(
+            inbox.NOTIFY_CHANNEL, lambda *args: heard.append(json.loads(args[-1]))
+        )
+
+        answer = await bob.post("/inbox/read-all")
+
+        async def all_heard() -> bool:
+            named = [n for m in heard if m.get("kind") == "read" for n in m["ids"]]
+            return sorted(named) == sorted(ids)
+
+        await eventually(all_heard, what="every id announced as read")
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["unread"] == 0
+    assert len(answer.json()["marked"]) == 2000
+    parts = [m for m in heard if m.get("kind") == "read"]
+    assert len(parts) > 1
+    assert all(m["unread"] == 0 for m in parts)
