@@ -4,14 +4,18 @@ and what no message at start-up shows: a password."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
+from yoyo import get_backend, read_migrations
 
+from contracts import migrate
 from dispatcher.app import DispatcherSettings
 from email_sender.app import EmailSettings
 from sse_gateway.app import GatewaySettings
+from tests.support import infra
 
 
 @pytest.mark.parametrize(
@@ -139,3 +143,40 @@ def test_unreachable_servers_are_named_with_their_passwords_as_stars() -> None:
     assert "postgresql://postgres:***@127.0.0.1:1/x" in done.stderr
     assert "amqp://guest:***@127.0.0.1:1/" in done.stderr
     assert "hunter22" not in done.stderr + done.stdout
+
+
+def test_the_sse_gateway_exits_2_on_a_database_an_older_release_migrated(
+    amqp_url: str,
+) -> None:
+    name = infra.unique("notiflow_old")
+    url = infra.database_url(name)
+    try:
+        migrate.ensure_database(url)
+        backend = get_backend(migrate._yoyo_url(url))
+        try:
+            every = read_migrations(str(migrate.MIGRATIONS))
+            with backend.lock():
+                backend.apply_migrations(
+                    backend.to_apply(every).filter(lambda m: m.id < "0004")
+                )
+        finally:
+            backend.connection.close()
+
+        done = subprocess.run(
+            [sys.executable, "-m", "sse_gateway"],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "NOTIFLOW_DATABASE_URL": url,
+                "NOTIFLOW_AMQP_URL": amqp_url,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        asyncio.run(infra.drop_database(name))
+
+    assert done.returncode == 2, done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("notiflow: ")]
+    assert "0004_inbox_unread_count" in line and "notiflow-migrate" in line
+    assert "Traceback" not in done.stderr

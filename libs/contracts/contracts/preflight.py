@@ -7,8 +7,10 @@ and how to start it, then exits with status 2 instead of printing a traceback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
@@ -22,6 +24,53 @@ PG_HINT = (
     "$(ls /etc/postgresql) main start   (or set NOTIFLOW_DATABASE_URL)"
 )
 AMQP_HINT = "start it with: rabbitmq-server -detached   (or set NOTIFLOW_AMQP_URL)"
+
+# The same directory as ``contracts.migrate.MIGRATIONS``, named here so that a
+# service's start-up does not import yoyo and psycopg only to list file names.
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Where yoyo records each applied migration, one row per file stem in
+# ``migration_id`` (yoyo's default table, which ``contracts.migrate`` keeps).
+APPLIED_SQL = (
+    "SELECT to_regclass('notifications') IS NOT NULL, "
+    "array(SELECT migration_id FROM _yoyo_migration)"
+)
+
+logger = logging.getLogger(__name__)
+
+
+def known_migrations(directory: Path = MIGRATIONS) -> set[str]:
+    """The ids yoyo gives the migrations this code ships: their file stems."""
+    return {
+        path.name.removesuffix(".sql")
+        for path in directory.glob("*.sql")
+        if not path.name.endswith(".rollback.sql")
+    }
+
+
+def schema_problem(where: str, has_tables: bool, applied: set[str]) -> str | None:
+    """Why a database whose migrations are ``applied`` cannot serve this code.
+
+    Migrations the code does not know are let through: a rolling upgrade runs
+    the newer release's migrations while the older services still run.
+    """
+    if not has_tables:
+        return (
+            f"the database at {where} has no notiflow tables; apply the "
+            "migrations with `make migrate` (notiflow-migrate)"
+        )
+    known = known_migrations()
+    if missing := sorted(known - applied):
+        return (
+            f"the database at {where} lacks migration(s) {', '.join(missing)}; "
+            "apply them with `make migrate` (notiflow-migrate)"
+        )
+    if newer := sorted(applied - known):
+        logger.info(
+            "the database at %s has migration(s) this release does not know: %s",
+            where,
+            ", ".join(newer),
+        )
+    return None
 
 
 def _reachable(url: str, default_port: int, timeout: float = 3.0) -> str | None:
@@ -95,15 +144,19 @@ async def _postgres(url: str, migrated: bool) -> str | None:
             f"PostgreSQL at {where} did not accept a connection: "
             f"{_scrubbed(repr(exc), url)}"
         )
+    if not migrated:
+        await conn.close()
+        return None
     try:
-        if migrated and not await conn.fetchval("SELECT to_regclass('notifications')"):
-            return (
-                f"the database at {where} has no notiflow tables; apply the "
-                "migrations with `make migrate` (notiflow-migrate)"
-            )
+        try:
+            has_tables, applied = await conn.fetchrow(APPLIED_SQL)
+        except asyncpg.UndefinedTableError:
+            # yoyo never ran here: whatever tables exist, no migration is recorded.
+            has_tables = await conn.fetchval("SELECT to_regclass('notifications')")
+            applied = []
     finally:
         await conn.close()
-    return None
+    return schema_problem(where, bool(has_tables), set(applied))
 
 
 async def _rabbitmq(url: str) -> str | None:

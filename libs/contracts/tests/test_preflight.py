@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from collections.abc import Iterator
 
-from contracts.preflight import problems
+import psycopg
+import pytest
+from yoyo import get_backend, read_migrations
+
+from contracts import migrate
+from contracts.preflight import problems, require_services
 from contracts.settings import Settings
 from tests.support import infra
 
@@ -58,3 +64,104 @@ def test_a_url_option_the_driver_refuses_is_named_without_the_password() -> None
 
     assert refused.startswith("invalid setting NOTIFLOW_DATABASE_URL: `sslmode`")
     assert "hunter22" not in refused
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    name = infra.unique("notiflow_pre")
+    try:
+        yield infra.database_url(name)
+    finally:
+        asyncio.run(infra.drop_database(name))
+
+
+def apply_before(url: str, migration_id: str) -> None:
+    """Migrate ``url`` as an older release would: every migration before one."""
+    migrate.ensure_database(url)
+    backend = get_backend(migrate._yoyo_url(url))
+    try:
+        every = read_migrations(str(migrate.MIGRATIONS))
+        with backend.lock():
+            backend.apply_migrations(
+                backend.to_apply(every).filter(lambda m: m.id < migration_id)
+            )
+    finally:
+        backend.connection.close()
+
+
+def test_a_database_missing_a_migration_is_refused_naming_it(
+    empty_database: str,
+) -> None:
+    apply_before(empty_database, "0004")
+
+    [missing] = problems(
+        Settings(database_url=empty_database), broker=False, migrated=True
+    )
+
+    assert "0004_inbox_unread_count" in missing
+    assert "0003" not in missing, "only what is missing is named"
+    assert "notiflow-migrate" in missing and "make migrate" in missing
+
+
+def test_a_service_exits_2_with_one_line_on_a_database_missing_a_migration(
+    empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    apply_before(empty_database, "0004")
+
+    with pytest.raises(SystemExit) as refused:
+        require_services(
+            Settings(database_url=empty_database), broker=False, migrated=True
+        )
+
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("notiflow: ") and "0004_inbox_unread_count" in line
+
+
+def test_a_database_with_every_migration_passes(empty_database: str) -> None:
+    migrate.apply(empty_database)
+
+    assert (
+        problems(Settings(database_url=empty_database), broker=False, migrated=True)
+        == []
+    )
+
+
+def test_a_database_a_newer_release_migrated_further_passes(
+    empty_database: str,
+) -> None:
+    migrate.apply(empty_database)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO _yoyo_migration "
+            "(migration_hash, migration_id, applied_at_utc) "
+            "VALUES ('next', '9999_from_a_newer_release', now())"
+        )
+
+    assert (
+        problems(Settings(database_url=empty_database), broker=False, migrated=True)
+        == []
+    )
+
+
+def test_a_database_yoyo_never_ran_on_is_told_to_migrate(empty_database: str) -> None:
+    migrate.ensure_database(empty_database)
+
+    [missing] = problems(
+        Settings(database_url=empty_database), broker=False, migrated=True
+    )
+
+    assert "has no notiflow tables" in missing and "make migrate" in missing
+
+
+def test_a_database_whose_migrations_were_rolled_back_is_told_to_migrate(
+    empty_database: str,
+) -> None:
+    migrate.apply(empty_database)
+    migrate.rollback_all(empty_database)
+
+    [missing] = problems(
+        Settings(database_url=empty_database), broker=False, migrated=True
+    )
+
+    assert "has no notiflow tables" in missing and "make migrate" in missing
