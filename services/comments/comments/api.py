@@ -53,23 +53,21 @@ def _ascii_key(value: str | None) -> str | None:
 
 router = APIRouter()
 
-# Default-ignorable code points that Unicode files as letters or marks rather than
-# format characters: fillers, the grapheme joiner, variation selectors. Like
-# format characters (zero-width spaces and joiners, bidi marks, the byte order
-# mark, tags), they show nothing on their own.
-_IGNORABLE = frozenset(
-    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
+# Code points Unicode files as letters or symbols that still show nothing: fillers,
+# the grapheme joiner, variation selectors, the blank Braille pattern.
+_BLANK = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
     + "".join(map(chr, range(0xFE00, 0xFE10)))
     + "".join(map(chr, range(0xE0100, 0xE01F0)))
 )
+# Letters, numbers, punctuation and symbols. Not marks, which show only on another
+# character; not spaces, controls, format characters (zero-width spaces and
+# joiners, bidi marks, the byte order mark), private-use or unassigned code points.
+_VISIBLE_CATEGORIES = ("L", "N", "P", "S")
 
 
 def _shows_something(char: str) -> bool:
-    return not (
-        char.isspace()
-        or char in _IGNORABLE
-        or unicodedata.category(char) in ("Cc", "Cf")
-    )
+    return unicodedata.category(char)[0] in _VISIBLE_CATEGORIES and char not in _BLANK
 
 
 class NewComment(BaseModel):

@@ -149,6 +149,12 @@ INVISIBLE_BODIES = [
     "\u3164\u115f",
     "\u034f\ufe0f\U000e0100",
     "\x07\x1b",
+    "\u2800\u2800",
+    "\u0301",
+    "\ufeff\u0301\u20dd",
+    "\uffff",
+    "\ue000",
+    "\u0378",
 ]
 
 
@@ -181,6 +187,9 @@ async def test_visible_text_with_joiners_and_format_characters_is_kept_unchanged
         "\u200bx\u200b",
         "co\u00adoperate",
         "\u05e9\u05dc\u05d5\u05dd \u200f!",
+        "e\u0301",  # a letter with a combining accent
+        "?",
+        "7",
     ]
 
     created = [
