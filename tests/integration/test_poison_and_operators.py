@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aio_pika
@@ -218,6 +219,149 @@ async def test_dlq_list_into_a_closed_pipe_stops_quietly(settings: Settings) -> 
 
     assert done.returncode == 141  # as a tool killed by SIGPIPE reports it
     assert done.stderr == ""
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+
+
+async def _dead_lettered_by_rabbitmq(settings: Settings, message_id: str) -> bytes:
+    """Put a CommentCreated event into the dead-letter queue carrying only the
+    headers RabbitMQ writes when the dispatcher queue's delivery limit is reached."""
+    body = json.dumps({"event_id": "3f2c8d9e-0000-4000-8000-000000000001"}).encode()
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare(channel, (1, 2))
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                message_id=message_id,
+                headers={
+                    "x-death": [
+                        {
+                            "count": 1,
+                            "reason": "delivery_limit",
+                            "queue": topology.DISPATCHER_QUEUE,
+                            "time": datetime.now(UTC).replace(microsecond=0),
+                            "exchange": topology.EVENTS_EXCHANGE,
+                            "routing-keys": [topology.COMMENT_CREATED],
+                        }
+                    ],
+                    "x-first-death-queue": topology.DISPATCHER_QUEUE,
+                    "x-first-death-reason": "delivery_limit",
+                    "x-delivery-count": topology.DELIVERY_LIMIT + 1,
+                    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-01",
+                },
+            ),
+            routing_key=topology.DEAD_LETTER_QUEUE,
+            timeout=10,
+        )
+    return body
+
+
+async def _take(settings: Settings, queue: str) -> aio_pika.abc.AbstractMessage | None:
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return await declared.get(no_ack=True, fail=False, timeout=10)
+
+
+async def test_a_message_rabbitmq_dead_lettered_is_listed_with_its_queue_and_reason(
+    settings: Settings,
+) -> None:
+    await _dead_lettered_by_rabbitmq(settings, "comment-created-7")
+
+    listed = admin(settings, "dlq", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "1 dead letters" in listed.stdout
+    entry = next(
+        line for line in listed.stdout.splitlines() if "comment-created-7" in line
+    )
+    assert f"queue={topology.DISPATCHER_QUEUE}" in entry
+    assert "event=3f2c8d9e-0000-4000-8000-000000000001" in entry
+    assert "age=-" not in entry  # from the time RabbitMQ wrote into x-death
+    assert "RabbitMQ dead-lettered it: delivery_limit" in listed.stdout
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+
+
+async def test_a_message_rabbitmq_dead_lettered_is_replayed_to_its_queue(
+    settings: Settings,
+) -> None:
+    body = await _dead_lettered_by_rabbitmq(settings, "comment-created-8")
+
+    replayed = admin(settings, "dlq", "replay", "comment-created-8")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed comment-created-8" in replayed.stdout
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 0)
+    back = await _take(settings, topology.DISPATCHER_QUEUE)
+    assert back is not None
+    assert (back.body, back.message_id) == (body, "comment-created-8")
+    # It starts afresh: no deaths, no deliveries counted against its limit (the
+    # quorum queue itself may add a count of 0 on delivery).
+    headers = dict(back.headers or {})
+    assert headers.pop("x-delivery-count", 0) == 0
+    assert headers == {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-01"}
+
+
+async def test_replay_all_sends_back_what_the_delivery_limit_dead_lettered(
+    settings: Settings,
+) -> None:
+    # A dispatcher that crashes on a message makes RabbitMQ deliver it again, until
+    # the quorum queue's delivery limit dead-letters it with only x-death to say why.
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare(channel, (1, 2))
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE)
+        await events.publish(
+            aio_pika.Message(b'{"event_id": "crash"}', message_id="comment-created-9"),
+            routing_key=topology.COMMENT_CREATED,
+            timeout=10,
+        )
+        dispatcher = await channel.get_queue(topology.DISPATCHER_QUEUE)
+        for _ in range(topology.DELIVERY_LIMIT + 5):
+            message = await dispatcher.get(no_ack=False, fail=False, timeout=10)
+            if message is None:
+                break
+            await message.nack(requeue=True)
+    await eventually(
+        lambda: _depth(settings, topology.DEAD_LETTER_QUEUE, 1), what="dead-lettered"
+    )
+
+    listed = admin(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"queue={topology.DISPATCHER_QUEUE}" in listed.stdout
+    assert "RabbitMQ dead-lettered it: delivery_limit" in listed.stdout
+
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 replayed" in replayed.stdout
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 0)
+    back = await _take(settings, topology.DISPATCHER_QUEUE)
+    assert back is not None and back.message_id == "comment-created-9"
+    assert "x-death" not in (back.headers or {})
+
+
+async def test_a_dead_letter_without_an_origin_is_listed_but_not_replayed(
+    settings: Settings,
+) -> None:
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare(channel, (1, 2))
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", message_id="nowhere-1"),
+            routing_key=topology.DEAD_LETTER_QUEUE,
+            timeout=10,
+        )
+
+    listed = admin(settings, "dlq", "list")
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert "nowhere-1  age=" in listed.stdout and "queue=-" in listed.stdout
+    assert replayed.returncode == 0 and "0 replayed" in replayed.stdout
     assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
 
 

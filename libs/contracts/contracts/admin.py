@@ -13,6 +13,11 @@ it was taken from, through the default exchange, waits for RabbitMQ's confirm, a
 only then removes it from the dead-letter queue: a crash in between leaves a
 duplicate, which every consumer absorbs, never a loss.
 
+A consumer that sets a message aside names its queue and the reason in notiflow's
+own headers. RabbitMQ dead-letters on its own too (the dispatcher queue's delivery
+limit after a consumer crashed over and over, a rejection, an expiry) and then
+writes only ``x-death``; its latest entry names the queue and the reason instead.
+
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
 the next outbox relay to wake up publishes them. Times without a zone are UTC.
@@ -46,7 +51,9 @@ from contracts.consumer import DEAD_LETTERED_AT_HEADER
 from contracts.recovery import requeue_failed
 from contracts.settings import Settings, load_or_exit, redact_url
 
-# Headers a replayed message should not carry back to its consumer.
+# Headers a replayed message should not carry back to its consumer. Without
+# RabbitMQ's death and delivery counts it starts afresh, as a first publish does: a
+# message that reached the delivery limit gets its full allowance again.
 _SET_ASIDE_HEADERS = {
     topology.REASON_HEADER,
     topology.ORIGIN_QUEUE_HEADER,
@@ -109,9 +116,45 @@ def message_name(message: AbstractIncomingMessage) -> str:
     return "sha256:" + hashlib.sha256(message.body).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a dead letter came from and why; empty strings when nobody said."""
+
+    queue: str
+    reason: str
+    when: datetime | None
+
+
+def origin(message: AbstractIncomingMessage) -> Origin:
+    headers = message.headers or {}
+    queue = _text(headers.get(topology.ORIGIN_QUEUE_HEADER))
+    if queue:
+        return Origin(
+            queue=queue,
+            reason=_text(headers.get(topology.REASON_HEADER)),
+            when=_when(headers.get(DEAD_LETTERED_AT_HEADER)),
+        )
+    # RabbitMQ lists a message's deaths most recent first, one entry per queue and
+    # reason, so the first entry is the queue it has to go back to.
+    deaths = headers.get("x-death")
+    latest = deaths[0] if isinstance(deaths, list) and deaths else None
+    if isinstance(latest, dict) and (queue := _text(latest.get("queue"))):
+        return Origin(
+            queue=queue,
+            reason=f"RabbitMQ dead-lettered it: {_text(latest.get('reason')) or '?'}",
+            when=_when(latest.get("time")),
+        )
+    return Origin(
+        queue="",
+        reason=_text(headers.get(topology.REASON_HEADER)),
+        when=_when(headers.get(DEAD_LETTERED_AT_HEADER)),
+    )
+
+
 def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
     headers = message.headers or {}
-    since = _when(headers.get(DEAD_LETTERED_AT_HEADER)) or message.timestamp
+    came_from = origin(message)
+    since = came_from.when or message.timestamp
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     # The outbox puts the ids in headers, but a message from elsewhere may carry
@@ -119,8 +162,8 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
     sources = (headers, _json_object(message.body))
     return DeadLetter(
         id=message_name(message),
-        reason=str(headers.get(topology.REASON_HEADER, "")),
-        queue=str(headers.get(topology.ORIGIN_QUEUE_HEADER, "")),
+        reason=came_from.reason,
+        queue=came_from.queue,
         event_id=_first_id(sources, "event_id"),
         notification_id=_first_id(sources, "notification_id"),
         age_seconds=(now - since).total_seconds() if since else None,
@@ -146,6 +189,14 @@ def _first_id(sources: tuple[dict[str, Any], ...], key: str) -> str:
         if text := str(value).strip():
             return text
     return ""
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
 
 
 def _when(value: Any) -> datetime | None:
@@ -205,7 +256,7 @@ async def dlq_replay(
         publishing = await connection.channel(publisher_confirms=True)
         for message in await _taken(reading):
             name = message_name(message)
-            queue = str((message.headers or {}).get(topology.ORIGIN_QUEUE_HEADER, ""))
+            queue = origin(message).queue
             if (wanted is not None and name not in wanted) or not queue:
                 await message.nack(requeue=True)
                 continue
