@@ -9,9 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from yoyo import get_backend, read_migrations
 
-from contracts import migrate
 from dispatcher.app import DispatcherSettings
 from email_sender.app import EmailSettings
 from sse_gateway.app import GatewaySettings
@@ -151,16 +149,7 @@ def test_the_sse_gateway_exits_2_on_a_database_an_older_release_migrated(
     name = infra.unique("notiflow_old")
     url = infra.database_url(name)
     try:
-        migrate.ensure_database(url)
-        backend = get_backend(migrate._yoyo_url(url))
-        try:
-            every = read_migrations(str(migrate.MIGRATIONS))
-            with backend.lock():
-                backend.apply_migrations(
-                    backend.to_apply(every).filter(lambda m: m.id < "0004")
-                )
-        finally:
-            backend.connection.close()
+        infra.migrate_before(url, "0004")
 
         done = subprocess.run(
             [sys.executable, "-m", "sse_gateway"],

@@ -16,6 +16,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from yoyo import get_backend, read_migrations
 
 from contracts import migrate
 
@@ -82,3 +83,17 @@ def amqp_url(vhost: str) -> str:
 
 def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def migrate_before(url: str, migration_id: str) -> None:
+    """Migrate ``url`` as an older release would: every migration before one."""
+    migrate.ensure_database(url)
+    backend = get_backend(migrate._yoyo_url(url))
+    try:
+        every = read_migrations(str(migrate.MIGRATIONS))
+        with backend.lock():
+            backend.apply_migrations(
+                backend.to_apply(every).filter(lambda m: m.id < migration_id)
+            )
+    finally:
+        backend.connection.close()

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from yoyo import get_backend, read_migrations
 
 from contracts import migrate
 from tests.support import infra
@@ -69,16 +68,7 @@ FROM event
 async def test_the_unread_count_column_starts_from_the_rows_already_delivered(
     empty_database: str,
 ) -> None:
-    migrate.ensure_database(empty_database)
-    backend = get_backend(migrate._yoyo_url(empty_database))
-    try:
-        every = read_migrations(str(migrate.MIGRATIONS))
-        with backend.lock():
-            backend.apply_migrations(
-                backend.to_apply(every).filter(lambda m: m.id < "0004")
-            )
-    finally:
-        backend.connection.close()
+    infra.migrate_before(empty_database, "0004")
 
     conn = await asyncpg.connect(empty_database)
     try:

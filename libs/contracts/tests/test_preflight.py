@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from yoyo import get_backend, read_migrations
 
 from contracts import migrate
 from contracts.preflight import problems, require_services
@@ -75,24 +74,10 @@ def empty_database() -> Iterator[str]:
         asyncio.run(infra.drop_database(name))
 
 
-def apply_before(url: str, migration_id: str) -> None:
-    """Migrate ``url`` as an older release would: every migration before one."""
-    migrate.ensure_database(url)
-    backend = get_backend(migrate._yoyo_url(url))
-    try:
-        every = read_migrations(str(migrate.MIGRATIONS))
-        with backend.lock():
-            backend.apply_migrations(
-                backend.to_apply(every).filter(lambda m: m.id < migration_id)
-            )
-    finally:
-        backend.connection.close()
-
-
 def test_a_database_missing_a_migration_is_refused_naming_it(
     empty_database: str,
 ) -> None:
-    apply_before(empty_database, "0004")
+    infra.migrate_before(empty_database, "0004")
 
     [missing] = problems(
         Settings(database_url=empty_database), broker=False, migrated=True
@@ -106,7 +91,7 @@ def test_a_database_missing_a_migration_is_refused_naming_it(
 def test_a_service_exits_2_with_one_line_on_a_database_missing_a_migration(
     empty_database: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    apply_before(empty_database, "0004")
+    infra.migrate_before(empty_database, "0004")
 
     with pytest.raises(SystemExit) as refused:
         require_services(
