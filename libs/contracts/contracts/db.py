@@ -28,6 +28,9 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # The server ending the session: a restart, a failover, an administrator.
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
 )
 
 
@@ -87,8 +90,23 @@ async def connection(
         yield conn
     except LOST_ERRORS as exc:
         raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
+    except Exception as exc:
+        # Whatever a connection that is closed now raised (asyncpg can report a
+        # session the server ended as an internal protocol error), the cause is
+        # the lost connection, not the statement.
+        if _closed(conn):
+            raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
+        raise
     finally:
         await pool.release(conn)
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool has already taken back a connection it saw die.
+        return True
 
 
 @asynccontextmanager
