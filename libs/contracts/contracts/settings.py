@@ -47,8 +47,9 @@ class Settings(BaseSettings):
 
     outbox_batch_size: int = Field(default=500, ge=1)
     outbox_sweep_seconds: float = Field(default=2.0, gt=0)
-    # How long a relay waits before answering another process's NOTIFY; a writer's
-    # own relay is woken at once, in-process. 0 answers every NOTIFY at once.
+    # How long a relay waits before answering a NOTIFY, which only a writer without
+    # a relay of its own sends (writers with one hand their rows to it), and how
+    # old the rows that claim takes must be. 0 answers every NOTIFY at once.
     outbox_notify_delay_seconds: float = Field(default=0.2, ge=0, le=60)
 
     retry_delays: str = "5,30,120,600,3600"
