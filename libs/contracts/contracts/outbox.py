@@ -157,10 +157,9 @@ class OutboxRelay:
         # Rows handed over by writers in this process, oldest first.
         self._handed: list[Mapping[str, Any]] = []
         self._max_handed = 10 * self._batch
-        # A claim is due: a sweep, a NOTIFY or :meth:`wake`. ``_claim_age`` is how
-        # old the rows it takes must be.
-        self._claim_due = False
-        self._claim_age = self._notify_delay
+        # How old the rows must be that the next claim takes, once a sweep, a
+        # NOTIFY or :meth:`wake` has asked for one; None while none is due.
+        self._claim_age: float | None = None
         # A sweep looks for rows no relay publishes any more: a relay that stopped
         # or fell far behind. Rows a busy relay still holds are younger than this.
         self._orphan_age = max(self._notify_delay, self._sweep)
@@ -210,10 +209,7 @@ class OutboxRelay:
             self._wake.set()
 
     def _claim(self, min_age: float) -> None:
-        if self._claim_due:
-            self._claim_age = min(self._claim_age, min_age)
-        else:
-            self._claim_due = True
+        if self._claim_age is None or min_age < self._claim_age:
             self._claim_age = min_age
         self._wake.set()
 
@@ -274,8 +270,8 @@ class OutboxRelay:
                     await self._measure_backlog()
                 self._wake.clear()
                 await self._publish_handed()
-                if self._claim_due:
-                    age, self._claim_due = self._claim_age, False
+                if (age := self._claim_age) is not None:
+                    self._claim_age = None
                     try:
                         await self.drain(age)
                     except BaseException:
