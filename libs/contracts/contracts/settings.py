@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     outbox_notify_delay_seconds: float = Field(default=0.2, ge=0, le=60)
 
     retry_delays: str = "5,30,120,600,3600"
+    # A notification still pending this long (its message may have been lost with
+    # a delivery queue) is published again by its sender's lease sweeper, at most
+    # once per this period. Rows of a backlog that waits longer in its queue get a
+    # duplicate message each period, which the claim lets through only once.
+    pending_republish_seconds: float = Field(default=600.0, gt=0)
     drain_seconds: float = Field(default=10.0, gt=0)
 
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
