@@ -29,9 +29,15 @@ from contracts.db import create_pool
 from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
-from contracts.settings import Settings, get_settings, load_or_exit
+from contracts.settings import Settings, amqp_options, get_settings, load_or_exit
 
 logger = logging.getLogger(__name__)
+
+# Seconds a connection to the broker may take to open, and the pause between
+# attempts to reopen a lost one when the URL sets no reconnect_interval (the
+# pause aio-pika takes too).
+CONNECT_TIMEOUT = 10
+RECONNECT_INTERVAL = 5.0
 
 
 class Runtime:
@@ -53,8 +59,15 @@ class Runtime:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         if consumers:
+            # FastStream hands aio-pika a reconnect interval and a fail_fast of
+            # its own, which win over the URL's, so it gets the URL's interval;
+            # the settings refuse a fail_fast, and any option that would reach
+            # aio-pika twice, in the URL.
+            interval = amqp_options(settings.amqp_url).get("reconnect_interval")
             self.broker = RabbitBroker(
                 settings.amqp_url,
+                timeout=CONNECT_TIMEOUT,
+                reconnect_interval=float(interval or RECONNECT_INTERVAL),
                 logger=None,
                 graceful_timeout=settings.drain_seconds,
                 apply_types=False,
@@ -118,7 +131,7 @@ class Runtime:
     async def start(self) -> None:
         self.pool = await create_pool(self.settings, **self._pool_options)
         self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, timeout=10
+            self.settings.amqp_url, timeout=CONNECT_TIMEOUT
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
         await topology.declare(self._channel, self.settings.retry_delay_levels)

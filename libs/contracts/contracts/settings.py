@@ -7,11 +7,15 @@ production (the token signing secret) refuses to start outside development mode.
 
 from __future__ import annotations
 
+import binascii
+import os
+import re
 import sys
+from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,7 +79,8 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        return check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE, need_host=True)
+        url = check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE, need_host=True)
+        return check_amqp_options(url)
 
     @property
     def allowed_origins(self) -> list[str]:
@@ -161,6 +166,157 @@ def check_url(
     if need_host and not parts.hostname:
         raise ValueError(f"must name a host, as in {example}")
     return url
+
+
+# The options an AMQP URL's query may carry: those aiormq (heartbeat, name, auth
+# and TLS) and aio-pika (the rest) read from it, each with what its value must
+# be. The clients take the first of a repeated option and read a number they
+# cannot parse as 0, and FastStream's broker rebuilds the URL by passing every
+# option to aio-pika as a keyword argument, so that an option named like one of
+# aio-pika's own arguments (host, ssl and the like) reaches it twice.
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_TLS_OPTIONS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
+
+
+def _heartbeat(value: str) -> str | None:
+    if _WHOLE.fullmatch(value) and int(value) <= 65534:
+        return None
+    return "must be whole seconds from 0 to 65534 (0 turns heartbeats off)"
+
+
+def _whole(value: str) -> str | None:
+    return None if _WHOLE.fullmatch(value) else "must be a whole number, 0 or more"
+
+
+def _seconds(value: str) -> str | None:
+    if _DECIMAL.fullmatch(value) and float(value) > 0:
+        return None
+    return "must be a number of seconds above 0, such as 0.25 or 5"
+
+
+def _text(value: str) -> str | None:
+    return None
+
+
+def _auth(value: str) -> str | None:
+    if value.lower() in ("plain", "external"):
+        return None
+    return "must be plain or external"
+
+
+def _file(value: str) -> str | None:
+    return None if os.path.isfile(value) else "names no file that exists here"
+
+
+def _directory(value: str) -> str | None:
+    return None if os.path.isdir(value) else "names no directory that exists here"
+
+
+def _base64(value: str) -> str | None:
+    try:
+        b64decode(value, validate=True)
+    except binascii.Error:
+        return "must be base64, with each + in it percent-encoded as %2B"
+    return None
+
+
+def _flag(value: str) -> str | None:
+    return None if value in ("0", "1") else "must be 0 or 1"
+
+
+AMQP_OPTIONS: dict[str, Callable[[str], str | None]] = {
+    "heartbeat": _heartbeat,
+    "name": _text,
+    "auth": _auth,
+    "cafile": _file,
+    "capath": _directory,
+    "cadata": _base64,
+    "certfile": _file,
+    "keyfile": _file,
+    "no_verify_ssl": _flag,
+    "interleave": _whole,
+    "happy_eyeballs_delay": _seconds,
+    "reconnect_interval": _seconds,
+}
+
+_IN_URL = f"belongs in the URL itself, as in {AMQP_URL_EXAMPLE}"
+_USE_AMQPS = (
+    "is not an option: for TLS use an amqps:// URL, with cafile, capath, cadata, "
+    "certfile, keyfile or no_verify_ssl as options"
+)
+_USE_NAME = "is not an option: name the connection with name="
+_OWN_TIMEOUT = "is not taken: notiflow bounds how long connecting may take itself"
+# Options people reach for that the clients do not take from the query, or that
+# notiflow passes itself, and what to do instead.
+_NOT_OPTIONS = {
+    "host": _IN_URL,
+    "port": _IN_URL,
+    "login": _IN_URL,
+    "user": _IN_URL,
+    "password": _IN_URL,
+    "virtualhost": _IN_URL,
+    "vhost": _IN_URL,
+    "ssl": _USE_AMQPS,
+    "ssl_options": _USE_AMQPS,
+    "client_properties": _USE_NAME,
+    "connection_name": _USE_NAME,
+    "timeout": _OWN_TIMEOUT,
+    "connection_timeout": _OWN_TIMEOUT,
+    "fail_fast": "is not taken: notiflow always stops when it cannot reach the "
+    "broker at start",
+}
+
+
+def amqp_options(url: str) -> dict[str, str]:
+    """The options in the query of ``url``, decoded; the first of any repeated."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        options.setdefault(name, value)
+    return options
+
+
+def check_amqp_options(url: str) -> str:
+    """``url``, if each option in its query is one the broker clients take, given
+    once, with a value they can use.
+
+    Else ValueError naming the option and showing the URL with its password as
+    ``***``. It never repeats a value: one may be a secret put in the wrong place.
+    """
+    tls = urlsplit(url).scheme.lower() == "amqps"
+    seen: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if problem := _option_problem(name, value, seen, tls):
+            shown = name if len(name) <= 40 else f"{name[:40]}..."
+            raise ValueError(f"query option {shown!r} {problem} (in {redact_url(url)})")
+        seen[name] = value
+    if "keyfile" in seen and "certfile" not in seen:
+        problem = "query option 'keyfile' needs a certfile beside it"
+    elif seen.get("auth", "").lower() == "external" and "certfile" not in seen:
+        problem = (
+            "query option 'auth' of external needs an amqps:// URL with a certfile"
+        )
+    else:
+        return url
+    raise ValueError(f"{problem} (in {redact_url(url)})")
+
+
+def _option_problem(
+    name: str, value: str, seen: dict[str, str], tls: bool
+) -> str | None:
+    if name in _NOT_OPTIONS:
+        return _NOT_OPTIONS[name]
+    check = AMQP_OPTIONS.get(name)
+    if check is None:
+        known = ", ".join(sorted(AMQP_OPTIONS))
+        return f"is not one the broker clients take; they take {known}"
+    if name in seen:
+        return "is given more than once"
+    if value == "":
+        return "has no value"
+    if name in _TLS_OPTIONS and not tls:
+        return "applies only to amqps:// URLs"
+    return check(value)
 
 
 def redact_url(url: str) -> str:

@@ -1,10 +1,15 @@
-"""The database and broker URLs: which are refused, and how they are shown."""
+"""The database and broker URLs: which are refused, and how they are shown; the
+options a broker URL may carry, and that the consumers' broker takes them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
+from yarl import URL
 
+from contracts.runtime import Runtime
 from contracts.settings import Settings, describe, redact_url
 
 UNREADABLE = "(a URL that cannot be read)"
@@ -114,3 +119,103 @@ def test_a_settings_error_that_escapes_does_not_repeat_the_url() -> None:
 
     assert "hunter22" not in str(refused.value)
     assert "amqp_url" in str(refused.value)
+
+
+BROKER = "amqp://guest:hunter22@127.0.0.1:5672/v"
+TLS_BROKER = "amqps://guest:hunter22@mq.example:5671/v"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            f"{BROKER}?ssl=1",
+            "query option 'ssl' is not an option: for TLS use an amqps",
+        ),
+        (f"{BROKER}?host=x", "query option 'host' belongs in the URL itself"),
+        (f"{BROKER}?port=5673", "query option 'port' belongs in the URL itself"),
+        (f"{BROKER}?virtualhost=x", "query option 'virtualhost' belongs in the URL"),
+        (f"{BROKER}?client_properties=x", "query option 'client_properties' is not"),
+        (f"{BROKER}?timeout=5", "query option 'timeout' is not taken: notiflow"),
+        (f"{BROKER}?fail_fast=0", "query option 'fail_fast' is not taken"),
+        (f"{BROKER}?bogus=1", "query option 'bogus' is not one the broker clients"),
+        (f"{BROKER}?heartbeat=abc", "query option 'heartbeat' must be whole seconds"),
+        (f"{BROKER}?heartbeat=65535", "query option 'heartbeat' must be whole"),
+        (f"{BROKER}?heartbeat=-1", "query option 'heartbeat' must be whole"),
+        (f"{BROKER}?heartbeat=3&heartbeat=4", "'heartbeat' is given more than once"),
+        (f"{BROKER}?name=", "query option 'name' has no value"),
+        (f"{BROKER}?heartbeat", "query option 'heartbeat' has no value"),
+        (f"{BROKER}?reconnect_interval=0", "'reconnect_interval' must be a number"),
+        (f"{BROKER}?happy_eyeballs_delay=1e3", "'happy_eyeballs_delay' must be"),
+        (f"{BROKER}?interleave=x", "query option 'interleave' must be a whole number"),
+        (f"{BROKER}?auth=kerberos", "query option 'auth' must be plain or external"),
+        (f"{BROKER}?no_verify_ssl=1", "'no_verify_ssl' applies only to amqps:// URLs"),
+        (f"{TLS_BROKER}?no_verify_ssl=yes", "'no_verify_ssl' must be 0 or 1"),
+        (f"{TLS_BROKER}?cafile=/nonexistent", "'cafile' names no file that exists"),
+        (f"{TLS_BROKER}?capath=/nonexistent", "'capath' names no directory that"),
+        (f"{TLS_BROKER}?cadata=ab+c", "'cadata' must be base64, with each +"),
+        (f"{TLS_BROKER}?auth=external", "'auth' of external needs an amqps:// URL"),
+    ],
+)
+def test_a_broker_url_option_the_clients_cannot_take_is_refused_naming_it(
+    url: str, message: str
+) -> None:
+    text = complaint(amqp_url=url)
+
+    assert text.startswith("NOTIFLOW_AMQP_URL: query option '")
+    assert message in text
+    assert text.endswith(f"(in {redact_url(url)})")
+    assert ":***@" in text and "hunter22" not in text
+
+
+def test_a_key_file_without_its_certificate_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("key")
+
+    text = complaint(amqp_url=f"{TLS_BROKER}?keyfile={key}")
+
+    assert text.startswith("NOTIFLOW_AMQP_URL: query option 'keyfile' needs a certfile")
+
+
+def test_a_broker_url_option_value_is_not_repeated() -> None:
+    # A password pasted as an option's value stays out of the message.
+    text = complaint(amqp_url=f"{BROKER}?password=hunter22&heartbeat=hunter22")
+
+    assert "'password'" in text and "hunter22" not in text
+
+
+def test_the_broker_url_options_aio_pika_documents_are_accepted(
+    tmp_path: Path,
+) -> None:
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("pem")
+    urls = [
+        f"{BROKER}?heartbeat=30",
+        f"{BROKER}?heartbeat=0&name=notiflow%20dispatcher&auth=plain",
+        f"{BROKER}?interleave=1&happy_eyeballs_delay=0.25&reconnect_interval=2.5",
+        f"{TLS_BROKER}?cafile={tmp_path}/ca.pem&certfile={tmp_path}/client.pem"
+        f"&keyfile={tmp_path}/client.key&auth=EXTERNAL",
+        f"{TLS_BROKER}?capath={tmp_path}&cadata=YWJj%2BwA%3D&no_verify_ssl=1",
+    ]
+
+    for url in urls:
+        assert Settings(amqp_url=url).amqp_url == url
+
+
+def test_the_consumers_broker_takes_every_accepted_option_once(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ca.pem").write_text("pem")
+    urls = {
+        f"{BROKER}?heartbeat=30&name=n&reconnect_interval=2.5": 2.5,
+        f"{TLS_BROKER}?cafile={tmp_path}/ca.pem&no_verify_ssl=1&heartbeat=5": 5.0,
+    }
+
+    for url, interval in urls.items():
+        broker = Runtime(Settings(amqp_url=url), consumers=True).broker
+
+        # What FastStream will hand to aio-pika's connect_robust.
+        assert broker is not None
+        given = broker._connection_kwargs
+        assert URL(given["url"]).query == URL(url).query
+        assert given["reconnect_interval"] == interval
