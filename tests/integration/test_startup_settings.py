@@ -1,6 +1,7 @@
 """Settings a service refuses at start-up, naming them: a prefetch that cannot hold
-one batch, a PORT that is no TCP port, a database or broker URL that cannot be used;
-and what no message at start-up shows: a password."""
+one batch, a PORT that is no TCP port, a database or broker URL that cannot be used,
+a broker URL option the clients do not take; and what no message at start-up shows:
+a password."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from dispatcher.app import DispatcherSettings
 from email_sender.app import EmailSettings
 from sse_gateway.app import GatewaySettings
 from tests.support import infra
+from tests.support.processes import BIN
+
+PY = sys.executable
+ADMIN = str(BIN / "notiflow-admin")
 
 
 @pytest.mark.parametrize(
@@ -122,6 +127,38 @@ def test_a_malformed_service_url_exits_2_naming_the_setting_not_the_password(
     assert "Traceback" not in done.stderr
     assert "hunter22" not in done.stderr + done.stdout
     assert "ter22" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "query", "complaint"),
+    [
+        ([PY, "-m", "dispatcher"], "ssl=1", "query option 'ssl' is not an option"),
+        ([PY, "-m", "comments"], "host=x", "query option 'host' belongs in the URL"),
+        ([PY, "-m", "sse_gateway"], "heartbeat=soon", "query option 'heartbeat'"),
+        ([PY, "-m", "email_sender"], "bogus=1", "query option 'bogus' is not one"),
+        ([ADMIN, "dlq", "list"], "ssl=1", "query option 'ssl' is not an option"),
+    ],
+)
+def test_a_broker_url_option_the_clients_cannot_take_exits_2_naming_it(
+    command: list[str], query: str, complaint: str
+) -> None:
+    done = subprocess.run(
+        command,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "NOTIFLOW_AMQP_URL": f"amqp://guest:hunter22@127.0.0.1:5672/?{query}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("notiflow")]
+    assert line.startswith(f"notiflow: invalid setting NOTIFLOW_AMQP_URL: {complaint}")
+    assert line.endswith("(in amqp://guest:***@127.0.0.1:5672/)")
+    assert "Traceback" not in done.stderr
+    assert "hunter22" not in done.stderr + done.stdout
 
 
 def test_unreachable_servers_are_named_with_their_passwords_as_stars() -> None:
