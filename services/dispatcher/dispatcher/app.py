@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-import asyncpg
 from fastapi import FastAPI
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
-from contracts.db import transaction
+from contracts.db import connection
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings, prefetch_holds_batch
@@ -68,8 +68,8 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         events = [item.message for item in items]
         traces = [item.within(tracing.inject) for item in items]
         relay = runtime.relay
-        outbox: list[asyncpg.Record] | None = [] if relay is not None else None
-        async with transaction(runtime.db) as conn:
+        outbox: list[Mapping[str, Any]] | None = [] if relay is not None else None
+        async with connection(runtime.db) as conn:
             results = await dispatcher.handle_many(
                 conn, events, traces=traces, outbox=outbox
             )

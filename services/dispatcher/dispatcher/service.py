@@ -1,10 +1,11 @@
 """From CommentCreated events to notification rows and their deliveries.
 
-A batch of events is handled in one transaction, with a fixed handful of statements
-whatever its size: the event rows, one notification row per (event, recipient,
-channel type), and one outbox message per row that has something to deliver. The
-event row doubles as the idempotency marker: if it already exists, a previous
-delivery of that event committed all of the above, and there is nothing to do.
+A batch of events takes two statements whatever its size: one reads what the batch
+needs (the comments, their threads, the people), one stores the event rows, one
+notification row per (event, recipient, channel type) and the delivery messages
+of the rows that have something to deliver, all committed together. The event row
+doubles as the idempotency marker: if it already exists, a previous delivery of
+that event committed all of the above, and there is nothing to do.
 
 An event that names a comment, post or commenter that does not exist is answered
 with a :class:`DeadLetter` and leaves nothing stored, not even its event row, while
@@ -14,6 +15,7 @@ batch are one event: the first copy decides, and the others end as it did.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections import defaultdict
@@ -30,8 +32,8 @@ from contracts.messages import (
     CommentCreated,
     DeliveryBatch,
     DeliveryRequested,
+    Message,
 )
-from contracts.outbox import Outgoing, enqueue
 from dispatcher import recipients as who
 from dispatcher import repository as sql
 from dispatcher.channels import ChannelConfigs, ChannelFile
@@ -86,17 +88,20 @@ class Dispatcher:
         events: Sequence[CommentCreated],
         *,
         traces: Sequence[Mapping[str, Any]] | None = None,
-        outbox: list[asyncpg.Record] | None = None,
+        outbox: list[Mapping[str, Any]] | None = None,
     ) -> list[Outcome | DeadLetter]:
-        """Dispatch ``events`` in ``conn``'s transaction: one result each, in order.
+        """Dispatch ``events``: one result each, in order.
+
+        Two statements: one reads what the batch needs, one stores everything. The
+        second commits on its own, unless ``conn`` is in a transaction.
 
         ``traces`` holds each event's trace context (what :func:`tracing.inject`
         gives in that event's consumer), carried onto its deliveries; without it,
         every delivery continues the current trace.
 
         With ``outbox``, the delivery messages are stored for a hand-off and their
-        outbox rows added to it: give them to the process's relay once the
-        transaction commits (:meth:`contracts.outbox.OutboxRelay.hand_off`).
+        outbox rows added to it: give them to the process's relay once they are
+        committed (:meth:`contracts.outbox.OutboxRelay.hand_off`).
         """
         if not events:
             return []
@@ -104,22 +109,32 @@ class Dispatcher:
         first: dict[uuid.UUID, int] = {}
         for index, event in enumerate(events):
             first.setdefault(event.event_id, index)
+        unique = list(first.values())
+        names = {i: who.mentioned_usernames(events[i].body) for i in unique}
 
-        fresh = await self._claim(conn, [events[i] for i in first.values()])
-        for index in first.values():
-            if events[index].event_id not in fresh:
+        facts = await conn.fetchrow(
+            sql.LOOKUP,
+            [events[i].event_id for i in unique],
+            [events[i].comment_id for i in unique],
+            [events[i].post_id for i in unique],
+            sorted({name for i in unique for name in names[i]}),
+        )
+        stored_before = set(facts["stored"])
+        for index in unique:
+            if events[index].event_id in stored_before:
                 results[index] = Outcome(duplicate=True)
-        claimed = [i for i in first.values() if events[i].event_id in fresh]
+        fresh = [i for i in unique if events[i].event_id not in stored_before]
 
-        posts, dead = await self._check(conn, events, claimed)
+        comments = {c["id"]: c for c in _named(sql.COMMENT_FIELDS, facts["comments"])}
+        posts, dead = _check(events, fresh, comments)
         for index, reason in dead.items():
             results[index] = DeadLetter(reason)
-        if dead:
-            await conn.execute(sql.DELETE_EVENTS, [events[i].event_id for i in dead])
 
-        valid = [i for i in claimed if i not in dead]
+        valid = [i for i in fresh if i not in dead]
         if valid:
-            outcomes = await self._dispatch(conn, events, valid, posts, traces, outbox)
+            outcomes = await self._store(
+                conn, events, valid, posts, facts, names, traces, outbox
+            )
             for index, outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
 
@@ -134,90 +149,22 @@ class Dispatcher:
                 )
         return [result for result in results if result is not None]
 
-    async def _claim(
-        self, conn: asyncpg.Connection, events: list[CommentCreated]
-    ) -> set[uuid.UUID]:
-        """Insert the event rows; return the ids that were not stored before."""
-        ordered = sorted(events, key=lambda e: e.event_id)
-        inserted = await conn.fetch(
-            sql.INSERT_EVENTS,
-            [e.event_id for e in ordered],
-            ["comment.created"] * len(ordered),
-            [e.model_dump(mode="json") for e in ordered],
-            [e.occurred_at for e in ordered],
-        )
-        return {row["id"] for row in inserted}
-
-    async def _check(
-        self,
-        conn: asyncpg.Connection,
-        events: Sequence[CommentCreated],
-        claimed: list[int],
-    ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-        """The post of each claimed event, and why the others must be set aside."""
-        if not claimed:
-            return {}, {}
-        ids = sorted({events[i].comment_id for i in claimed})
-        comments = {row["id"]: row for row in await conn.fetch(sql.COMMENTS, ids)}
-        posts: dict[int, dict[str, Any]] = {}
-        dead: dict[int, str] = {}
-        for index in claimed:
-            event = events[index]
-            # The event is a claim about stored rows; notify nobody about a comment
-            # that is not there or not where the event says.
-            comment = comments.get(event.comment_id)
-            if comment is None or (comment["post_id"], comment["author_id"]) != (
-                event.post_id,
-                event.author_id,
-            ):
-                dead[index] = (
-                    f"comment {event.comment_id} by user {event.author_id} on post "
-                    f"{event.post_id} does not exist"
-                )
-            elif comment["body"] != event.body:
-                # Comments are never edited: another body is not this comment's,
-                # and its mentions must not reach anyone.
-                dead[index] = (
-                    f"comment {event.comment_id}: the event's body differs from "
-                    f"the stored comment's"
-                )
-            elif comment["found_post_id"] is None:
-                dead[index] = (
-                    f"post {event.post_id} of comment {event.comment_id} does not exist"
-                )
-            elif not comment["author_exists"]:
-                dead[index] = f"commenter {event.author_id} does not exist"
-            else:
-                posts[index] = {
-                    "id": comment["found_post_id"],
-                    "title": comment["post_title"],
-                    "author_id": comment["post_author_id"],
-                }
-        return posts, dead
-
-    async def _dispatch(
+    async def _store(
         self,
         conn: asyncpg.Connection,
         events: Sequence[CommentCreated],
         valid: list[int],
         posts: dict[int, dict[str, Any]],
+        facts: asyncpg.Record,
+        names: dict[int, list[str]],
         traces: Sequence[Mapping[str, Any]] | None,
-        outbox: list[asyncpg.Record] | None,
+        outbox: list[Mapping[str, Any]] | None,
     ) -> list[Outcome]:
-        """Store the rows and deliveries of the ``valid`` events; their outcomes."""
-        pairs = sorted({(events[i].post_id, events[i].comment_id) for i in valid})
+        """Store the ``valid`` events, their rows and deliveries; their outcomes."""
         earlier: dict[int, list[int]] = defaultdict(list)
-        for row in await conn.fetch(
-            sql.PARTICIPANTS, [p for p, _ in pairs], [c for _, c in pairs]
-        ):
+        for row in _named(sql.EARLIER_FIELDS, facts["earlier"]):
             earlier[row["comment_id"]].append(row["author_id"])
-
-        names = {i: who.mentioned_usernames(events[i].body) for i in valid}
-        ids = {events[i].author_id for i in valid}
-        ids.update(posts[i]["author_id"] for i in valid)
-        ids.update(user for i in valid for user in earlier[events[i].comment_id])
-        wanted = sorted({name for i in valid for name in names[i]})
-        found = await conn.fetch(sql.USERS, sorted(ids), wanted)
+        found = _named(sql.USER_FIELDS, facts["users"])
         users = {row["id"]: row for row in found}
         by_name = {row["username"]: row["id"] for row in found}
         disabled = {(row["id"], t) for row in found for t in row["disabled_types"]}
@@ -238,41 +185,56 @@ class Dispatcher:
                     event, posts[index], commenter, recipients, users, disabled
                 )
             )
-        if not rows:
-            return [Outcome() for _ in valid]
-
         # (event, user, type): the unique key, in the same order in every dispatcher.
         rows.sort(key=lambda r: (r[0], r[2], r[6]))
-        stored = await conn.fetch(
-            sql.INSERT_NOTIFICATIONS,
-            *(list(column) for column in zip(*rows, strict=True)),
-        )
-        by_event: dict[uuid.UUID, list[asyncpg.Record]] = defaultdict(list)
-        for row in sorted(stored, key=lambda r: r["id"]):
-            by_event[row["event_id"]].append(row)
+        row_columns = [list(column) for column in zip(*rows, strict=True)] or [[]] * 12
 
         if traces is None:
             traces = [tracing.inject()] * len(events)
-        deliveries: list[Outgoing] = []
+        ordered = sorted(valid, key=lambda i: events[i].event_id)
+        payloads = [events[i].model_dump(mode="json") for i in ordered]
+        result = await conn.fetchrow(
+            sql.STORE,
+            "on" if outbox is not None else "off",
+            [events[i].event_id for i in ordered],
+            payloads,
+            [events[i].occurred_at for i in ordered],
+            [payload["occurred_at"] for payload in payloads],
+            [{**traces[i], "event_id": str(events[i].event_id)} for i in ordered],
+            *row_columns,
+            self._per_message,
+            _version(DeliveryRequested),
+            _version(DeliveryBatch),
+            topology.DELIVERIES_EXCHANGE,
+        )
+        if outbox is not None:
+            for row in _named(sql.QUEUED_FIELDS, result["queued"]):
+                row["headers"] = json.loads(row["headers"])
+                outbox.append(row)
+
+        fresh = set(result["fresh"])
+        by_event: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
+        for row in sorted(
+            _named(sql.NOTIFICATION_FIELDS, result["stored"]), key=lambda r: r["id"]
+        ):
+            by_event[row["event_id"]].append(row)
         outcomes: list[Outcome] = []
         for index in valid:
-            event = events[index]
-            mine = by_event[event.event_id]
-            pending = [row for row in mine if row["status"] == "pending"]
-            deliveries.extend(
-                _messages(event, pending, traces[index], self._per_message)
-            )
+            event_id = events[index].event_id
+            if event_id not in fresh:
+                # Stored by another dispatcher since the lookup.
+                outcomes.append(Outcome(duplicate=True))
+                continue
+            mine = by_event[event_id]
+            pending = sum(1 for row in mine if row["status"] == "pending")
             outcomes.append(
                 Outcome(
                     rows=len(mine),
-                    pending=len(pending),
-                    skipped=len(mine) - len(pending),
+                    pending=pending,
+                    skipped=len(mine) - pending,
                     stored=[(r["type"], r["channel"], r["status"]) for r in mine],
                 )
             )
-        stored_messages = await enqueue(conn, deliveries, hand_off=outbox is not None)
-        if outbox is not None:
-            outbox.extend(stored_messages)
         return outcomes
 
     def _rows(
@@ -339,54 +301,58 @@ class Dispatcher:
         return rows
 
 
-def _messages(
-    event: CommentCreated,
-    rows: list[asyncpg.Record],
-    trace: Mapping[str, Any],
-    per_message: int,
-) -> list[Outgoing]:
-    """The messages for one event's pending rows.
+def _check(
+    events: Sequence[CommentCreated],
+    fresh: list[int],
+    comments: Mapping[int, Mapping[str, Any]],
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """The post of each fresh event, and why the others must be set aside."""
+    posts: dict[int, dict[str, Any]] = {}
+    dead: dict[int, str] = {}
+    for index in fresh:
+        event = events[index]
+        # The event is a claim about stored rows; notify nobody about a comment
+        # that is not there or not where the event says.
+        comment = comments.get(event.comment_id)
+        if comment is None or (comment["post_id"], comment["author_id"]) != (
+            event.post_id,
+            event.author_id,
+        ):
+            dead[index] = (
+                f"comment {event.comment_id} by user {event.author_id} on post "
+                f"{event.post_id} does not exist"
+            )
+        elif comment["body"] != event.body:
+            # Comments are never edited: another body is not this comment's,
+            # and its mentions must not reach anyone.
+            dead[index] = (
+                f"comment {event.comment_id}: the event's body differs from "
+                f"the stored comment's"
+            )
+        elif comment["found_post_id"] is None:
+            dead[index] = (
+                f"post {event.post_id} of comment {event.comment_id} does not exist"
+            )
+        elif not comment["author_exists"]:
+            dead[index] = f"commenter {event.author_id} does not exist"
+        else:
+            posts[index] = {
+                "id": comment["found_post_id"],
+                "title": comment["post_title"],
+                "author_id": comment["post_author_id"],
+            }
+    return posts, dead
 
-    Rows of one channel type and priority travel together, up to ``per_message``
-    in a :class:`DeliveryBatch`; a row alone is sent as a plain DeliveryRequested.
-    """
-    groups: dict[tuple[str, int], list[DeliveryRequested]] = defaultdict(list)
-    for row in rows:
-        groups[(row["type"], row["priority"])].append(
-            DeliveryRequested(
-                notification_id=row["id"],
-                event_id=event.event_id,
-                user_id=row["user_id"],
-                type=row["type"],
-                channel=row["channel"],
-                priority=row["priority"],
-                event_occurred_at=event.occurred_at,
-            )
-        )
-    messages: list[Outgoing] = []
-    for (type_, priority), group in groups.items():
-        for start in range(0, len(group), per_message):
-            chunk = group[start : start + per_message]
-            first = chunk[0].notification_id
-            headers: dict[str, Any] = {**trace, "event_id": str(event.event_id)}
-            message: DeliveryRequested | DeliveryBatch
-            if len(chunk) == 1:
-                headers["notification_id"] = first
-                message_id, message = f"notification-{first}", chunk[0]
-            else:
-                message_id = f"notifications-{first}+{len(chunk)}"
-                message = DeliveryBatch(deliveries=chunk)
-            messages.append(
-                Outgoing(
-                    exchange=topology.DELIVERIES_EXCHANGE,
-                    routing_key=type_,
-                    message_id=message_id,
-                    priority=priority,
-                    headers=headers,
-                    message=message,
-                )
-            )
-    return messages
+
+def _named(
+    fields: tuple[str, ...], records: Sequence[tuple[Any, ...]]
+) -> list[dict[str, Any]]:
+    """Anonymous records (tuples) as dicts, by the names of their positions."""
+    return [dict(zip(fields, record, strict=True)) for record in records]
+
+
+def _version(model: type[Message]) -> str:
+    return f"{model.MAJOR}.{model.MINOR}"
 
 
 def _person(row: asyncpg.Record) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -14,7 +15,7 @@ import pytest
 
 from contracts.consumer import DeadLetter
 from contracts.db import create_pool, transaction
-from contracts.messages import CommentCreated
+from contracts.messages import CommentCreated, DeliveryBatch, DeliveryRequested
 from contracts.settings import Settings
 from dispatcher import channels, templates
 from dispatcher.app import DispatcherSettings
@@ -364,13 +365,15 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
 
     counts = []
     for batch in batches:
-        async with transaction(pool) as conn:
+        async with pool.acquire() as conn:
             counting = _Counting(conn)
-            await dispatcher.handle_many(counting, batch)  # type: ignore[arg-type]
+            results = await dispatcher.handle_many(counting, batch)  # type: ignore[arg-type]
             counts.append(len(counting.statements))
+        stored = [r.rows for r in results if isinstance(r, Outcome)]
+        assert len(stored) == len(batch) and min(stored) > 0, stored
 
-    # events, comments, participants, users, notifications, outbox
-    assert counts == [6, 6, 6], counts
+    # one to read what the batch needs, one to store all of it
+    assert counts == [2, 2, 2], counts
 
 
 async def test_an_empty_batch_runs_no_statement(
@@ -397,6 +400,10 @@ class _Counting:
     async def execute(self, query: str, *args: Any) -> str:
         self.statements.append(query)
         return await self._conn.execute(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        self.statements.append(query)
+        return await self._conn.fetchrow(query, *args)
 
 
 # Makes every event row take a moment to insert, so that two batches inserted at
@@ -529,3 +536,100 @@ async def test_an_event_whose_body_is_not_the_stored_comments_is_set_aside(
     assert "body differs from the stored comment" in result.reason
     assert await db.pool.fetchval("SELECT count(*) FROM notifications") == 0
     assert await db.pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+@pytest.mark.parametrize("per_message", [100, 2])
+async def test_delivery_messages_written_by_postgres_equal_the_models_serialised(
+    db: Database, per_message: int
+) -> None:
+    demo = await seed_demo(db.url)
+    dispatcher = Dispatcher(
+        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        templates.Renderer(templates.DEFAULT_DIR),
+        "http://127.0.0.1:8081",
+        per_message=per_message,
+    )
+    body = "for @bob, @dave and @alice"
+    comment = await _comment(db.pool, demo, demo.carol, body)
+    # Microseconds and an offset other than UTC: the text must survive as written.
+    event = CommentCreated(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime(
+            2026,
+            3,
+            1,
+            23,
+            59,
+            58,
+            120034,
+            tzinfo=timezone(timedelta(hours=5, minutes=30)),
+        ),
+        comment_id=comment,
+        post_id=demo.post,
+        author_id=demo.carol,
+        body=body,
+    )
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    handed: list[Mapping[str, Any]] = []
+    async with db.pool.acquire() as conn:
+        [outcome] = await dispatcher.handle_many(
+            conn, [event], traces=[trace], outbox=handed
+        )
+
+    assert isinstance(outcome, Outcome) and outcome.pending >= 4
+    rows = await db.pool.fetch(
+        "SELECT id, user_id, type, channel, priority FROM notifications "
+        "WHERE status = 'pending' ORDER BY id"
+    )
+    stored = await db.pool.fetch(
+        "SELECT id, exchange, routing_key, message_id, headers, body, priority, "
+        "created_at FROM outbox ORDER BY id"
+    )
+    expected: list[dict[str, Any]] = []
+    for type_ in sorted({row["type"] for row in rows}):
+        mine = [row for row in rows if row["type"] == type_]
+        for start in range(0, len(mine), per_message):
+            chunk = [
+                DeliveryRequested(
+                    notification_id=row["id"],
+                    event_id=event.event_id,
+                    user_id=row["user_id"],
+                    type=row["type"],
+                    channel=row["channel"],
+                    priority=row["priority"],
+                    event_occurred_at=event.occurred_at,
+                )
+                for row in mine[start : start + per_message]
+            ]
+            headers: dict[str, Any] = {**trace, "event_id": str(event.event_id)}
+            if len(chunk) == 1:
+                headers["notification_id"] = chunk[0].notification_id
+                message: Any = chunk[0]
+                message_id = f"notification-{chunk[0].notification_id}"
+            else:
+                message = DeliveryBatch(deliveries=chunk)
+                message_id = f"notifications-{chunk[0].notification_id}+{len(chunk)}"
+            expected.append(
+                {
+                    "routing_key": type_,
+                    "message_id": message_id,
+                    "headers": headers,
+                    "body": json.loads(message.to_bytes()),
+                }
+            )
+
+    written = [
+        {
+            "routing_key": r["routing_key"],
+            "message_id": r["message_id"],
+            "headers": r["headers"],
+            "body": json.loads(bytes(r["body"])),
+        }
+        for r in stored
+    ]
+    key = lambda m: m["message_id"]  # noqa: E731
+    assert sorted(written, key=key) == sorted(expected, key=key)
+    # What the relay was handed is what the table holds, row for row.
+    assert [dict(r) for r in stored] == [
+        {**row, "body": bytes(row["body"])} for row in handed
+    ]
