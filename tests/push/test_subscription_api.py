@@ -21,6 +21,7 @@ from push_sender.settings import PushSettings
 from push_sender.vapid import public_point
 from tests.push.conftest import FakeDNS, VapidPair
 from tests.support.data import Demo
+from tests.support.ids import other_spellings
 from tests.support.push_service import PushService
 
 
@@ -411,3 +412,29 @@ async def test_a_token_naming_a_user_id_beyond_bigint_is_unauthorized(
     removed = await api.delete("/push/subscriptions/1", headers=headers)
 
     assert [listed.status_code, added.status_code, removed.status_code] == [401] * 3
+
+
+@pytest.mark.integration
+async def test_a_subscription_id_not_written_in_canonical_decimal_removes_nothing(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+) -> None:
+    bob = auth(settings, demo.bob)
+    created = await api.post(
+        "/push/subscriptions", json=push_service.device().subscription(), headers=bob
+    )
+    mine = created.json()["id"]
+
+    answers = [
+        await api.delete(f"/push/subscriptions/{spelling}", headers=bob)
+        for spelling in other_spellings(mine)
+    ]
+    kept = await api.get("/push/subscriptions", headers=bob)
+
+    for spelling, resp in zip(other_spellings(mine), answers, strict=True):
+        assert resp.status_code == 422, (spelling, resp.text)
+        fields = [f["field"] for f in resp.json()["fields"]]
+        assert fields == ["subscription_id"], spelling
+    assert [s["id"] for s in kept.json()] == [mine]

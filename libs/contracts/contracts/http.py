@@ -5,23 +5,26 @@ read; validation errors list each offending field by its dotted path (at most
 :data:`MAX_REPORTED_FIELDS` of them, so a huge bad request cannot make a huger
 answer). Request bodies above ``NOTIFLOW_MAX_REQUEST_BYTES`` are refused with 413
 before they are read in full, and a JSON body that gives one key twice is refused
-with 422 naming the key, before any route sees it.
+with 422 naming the key, before any route sees it. Ids in a path are taken only as
+written in canonical decimal (:data:`PathId`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import asyncpg
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contracts.auth import InvalidToken, Principal, bearer, verify_token
+from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import DatabaseUnavailable
 
 if TYPE_CHECKING:
@@ -144,6 +147,25 @@ async def current_user(
 
 RuntimeDep = Annotated["Runtime", Depends(current_runtime)]
 UserDep = Annotated[Principal, Depends(current_user)]
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
+
+
+def _canonical(value: object) -> object:
+    # Left alone, the int parsing would take " 39", "+39", "039", "3_9" and "39.0"
+    # for notification 39: one row with many names, each of them a guess at what
+    # the sender meant.
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise ValueError(
+            "must be a whole number in the digits 0-9, with no sign, leading "
+            "zeros, spaces or other characters"
+        )
+    return value
+
+
+# The id of a row in a path: a bigint above zero, written in canonical decimal
+# (anything else is a 422 naming the parameter, not another name for the row).
+PathId = Annotated[int, BeforeValidator(_canonical), Path(ge=1, le=MAX_ID)]
 
 
 class BodyLimit:

@@ -1,4 +1,5 @@
-"""What the shared HTTP policy answers before a route runs: repeated JSON keys."""
+"""What the shared HTTP policy answers before a route runs: repeated JSON keys,
+loosely written path ids."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from fastapi import Body, FastAPI, Request
 
-from contracts.http import install_http_policy, repeated_keys
+from contracts.http import PathId, install_http_policy, repeated_keys
 
 
 class Echo:
@@ -30,6 +31,11 @@ class Echo:
         async def as_bytes(request: Request) -> dict[str, str]:
             self.calls += 1
             return {"body": (await request.body()).decode()}
+
+        @self.app.get("/items/{item_id}")
+        async def item(item_id: PathId) -> dict[str, int]:
+            self.calls += 1
+            return {"id": item_id}
 
     def client(self) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
@@ -155,3 +161,26 @@ def test_repeated_keys_are_found_only_where_they_repeat() -> None:
     ]
 
     assert [repeated_keys(body) for body, _ in cases] == [want for _, want in cases]
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["+7", "07", "%207", "7%20", "7%0A", "7.0", "0_7", "%EF%BC%97", "-7", "0x7"],
+)
+async def test_a_path_id_is_taken_only_in_canonical_decimal(written: str) -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        loose = await client.get(f"/items/{written}")
+        exact = await client.get("/items/7")
+
+    assert loose.status_code == 422
+    assert loose.json()["fields"] == [
+        {
+            "field": "item_id",
+            "message": "Value error, must be a whole number in the digits 0-9, "
+            "with no sign, leading zeros, spaces or other characters",
+        }
+    ]
+    assert exact.json() == {"id": 7}
+    assert echo.calls == 1

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header, Path
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import (
     AfterValidator,
@@ -25,7 +25,7 @@ from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import MAX_ID, Principal, bearer, verify_token
 from contracts.db import connection, transaction
-from contracts.http import Conflict, NotFound, RuntimeDep, UserDep
+from contracts.http import Conflict, NotFound, PathId, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
 from contracts.runtime import Runtime
@@ -109,9 +109,7 @@ async def list_posts(rt: RuntimeDep) -> list[dict[str, Any]]:
 
 
 @router.get("/posts/{post_id}")
-async def get_post(
-    post_id: Annotated[int, Path(gt=0, le=MAX_ID)], rt: RuntimeDep
-) -> dict[str, Any]:
+async def get_post(post_id: PathId, rt: RuntimeDep) -> dict[str, Any]:
     async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         row = await conn.fetchrow(sql.GET_POST, post_id)
         if row is None:

@@ -16,6 +16,7 @@ from contracts.auth import issue_token
 from contracts.messages import CommentCreated, decode
 from contracts.settings import Settings
 from tests.support.data import Demo, seed_demo
+from tests.support.ids import other_spellings
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -472,3 +473,16 @@ async def test_concurrent_requests_with_one_idempotency_key_store_one_comment(
     assert len({r.json()["id"] for r in responses}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 9
     assert (await counts(settings))[0] == 1
+
+
+async def test_a_post_id_not_written_in_canonical_decimal_is_refused_naming_it(
+    client: httpx.AsyncClient, demo: Demo
+) -> None:
+    answers = [await client.get(f"/posts/{s}") for s in other_spellings(demo.post)]
+    canonical = await client.get(f"/posts/{demo.post}")
+
+    for spelling, resp in zip(other_spellings(demo.post), answers, strict=True):
+        assert resp.status_code == 422, (spelling, resp.text)
+        assert resp.json()["error"] == "invalid_request"
+        assert [f["field"] for f in resp.json()["fields"]] == ["post_id"], spelling
+    assert canonical.status_code == 200

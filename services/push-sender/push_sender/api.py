@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from contracts.auth import MAX_ID
 from contracts.db import transaction
-from contracts.http import NotFound, RuntimeDep, UserDep
+from contracts.http import NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
 from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
 
 MAX_USER_AGENT_CHARS = 500
 
-# Ids are bigints: a larger number names no row, and asyncpg could not send it.
-SubscriptionId = Annotated[int, Path(ge=1, le=MAX_ID)]
+# Ids are bigints in canonical decimal: a larger number names no row, and asyncpg
+# could not send it.
+SubscriptionId = PathId
 
 router = APIRouter(prefix="/push")
 

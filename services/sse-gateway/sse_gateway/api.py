@@ -9,12 +9,12 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
-from contracts.http import NotFound
+from contracts.http import NotFound, PathId
 from sse_gateway import inbox
 from sse_gateway.access import require_user
 
@@ -40,8 +40,9 @@ def pool(request: Request) -> asyncpg.Pool:
 
 User = Annotated[Principal, Depends(principal)]
 Pool = Annotated[asyncpg.Pool, Depends(pool)]
-# A notification id in a path; beyond bigint it can name no row (422, not 500).
-NotificationId = Annotated[int, Path(ge=1, le=inbox.MAX_ID)]
+# A notification id in a path, in canonical decimal; beyond bigint it can name no
+# row (422, not 500).
+NotificationId = PathId
 
 
 class NoOptions(BaseModel):

@@ -14,6 +14,7 @@ from sse_gateway import inbox
 from sse_gateway.app import GatewaySettings, create_app
 from tests.sse import helpers
 from tests.support.data import Demo, seed_demo
+from tests.support.ids import other_spellings
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -132,3 +133,30 @@ async def test_marking_thousands_read_is_announced_in_parts_that_name_them_all(
     parts = [m for m in heard if m.get("kind") == "read"]
     assert len(parts) > 1
     assert all(m["unread"] == 0 for m in parts)
+
+
+@pytest.mark.parametrize("action", ["read", "archive"])
+async def test_a_notification_id_not_written_in_canonical_decimal_changes_nothing(
+    bob: httpx.AsyncClient, settings: Settings, demo: Demo, action: str
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        mine = await helpers.add_and_deliver(pg, demo.bob, "mine")
+
+    answers = [
+        await bob.post(f"/inbox/{spelling}/{action}")
+        for spelling in other_spellings(mine)
+    ]
+    async with helpers.database(settings.database_url) as pg:
+        untouched = await pg.fetchrow(
+            "SELECT read_at, archived_at FROM notifications WHERE id = $1", mine
+        )
+    canonical = await bob.post(f"/inbox/{mine}/{action}")
+
+    for spelling, answer in zip(other_spellings(mine), answers, strict=True):
+        assert answer.status_code == 422, (spelling, answer.text)
+        assert answer.json()["error"] == "invalid_request"
+        fields = [f["field"] for f in answer.json()["fields"]]
+        assert fields == ["notification_id"], spelling
+    assert tuple(untouched) == (None, None)
+    assert canonical.status_code == 200
+    assert canonical.json()["unread"] == 0
