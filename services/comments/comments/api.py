@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
     AfterValidator,
@@ -121,6 +122,7 @@ async def get_post(post_id: PathId, rt: RuntimeDep) -> dict[str, Any]:
 @router.post("/comments", status_code=201)
 async def create_comment(
     new: NewComment,
+    request: Request,
     rt: RuntimeDep,
     user: UserDep,
     idempotency_key: Annotated[
@@ -129,6 +131,19 @@ async def create_comment(
         AfterValidator(_ascii_key),
     ] = None,
 ) -> JSONResponse:
+    # The parameter holds the first of the request's keys. Which one a sender of
+    # two meant cannot be known, and a retry that sends them in another order, or
+    # through a proxy that keeps only the last, would store the comment twice.
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("header", "idempotency-key"),
+                    "msg": "given more than once; send one key",
+                    "type": "value_error",
+                }
+            ]
+        )
     if idempotency_key is None:
         return await _create(new, rt, user)
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()

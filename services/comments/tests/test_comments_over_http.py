@@ -33,13 +33,22 @@ class Served:
 
 
 @pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[Served]:
-    """The comments app behind uvicorn on 127.0.0.1, in the test's event loop."""
+async def served(
+    settings: Settings, request: pytest.FixtureRequest
+) -> AsyncIterator[Served]:
+    """The comments app behind uvicorn on 127.0.0.1, in the test's event loop.
+
+    The HTTP parser is uvicorn's choice (httptools, as the services run), unless a
+    test names one through indirect parametrisation.
+    """
     demo: Demo = await seed_demo(settings.database_url)
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_config=None, access_log=False, ws="none")
+    http = getattr(request, "param", "auto")
+    config = uvicorn.Config(
+        app, http=http, log_config=None, access_log=False, ws="none"
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -62,6 +71,14 @@ async def served(settings: Settings) -> AsyncIterator[Served]:
 
 async def post_raw(port: int, headers: bytes, body: bytes) -> tuple[int, Any]:
     """POST /comments written byte for byte; the status and the JSON answer."""
+    status, _, content = await post_bytes(port, headers, body)
+    return status, json.loads(content)
+
+
+async def post_bytes(
+    port: int, headers: bytes, body: bytes
+) -> tuple[int, bytes, bytes]:
+    """POST /comments written byte for byte; the status, headers and body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(
@@ -78,7 +95,8 @@ async def post_raw(port: int, headers: bytes, body: bytes) -> tuple[int, Any]:
         writer.close()
         await writer.wait_closed()
     status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+    head, _, content = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), head.lower(), content
 
 
 async def stored(settings: Settings) -> tuple[int, int, int]:
@@ -154,4 +172,81 @@ async def test_a_comment_that_repeats_a_key_is_refused_and_stores_nothing(
         assert resp.json()["fields"] == [
             {"field": "body", "message": "key given more than once"}
         ]
+    assert await stored(settings) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [(b"key-1", b"key-2"), (b"key-1", b"key-1"), (b"", b"key-2")],
+    ids=["different", "equal", "empty-first"],
+)
+async def test_a_comment_with_two_idempotency_keys_is_refused_and_stores_nothing(
+    served: Served, settings: Settings, keys: tuple[bytes, bytes]
+) -> None:
+    auth = f"Authorization: Bearer {served.token}\r\n".encode()
+    headers = b"".join(b"Idempotency-Key: " + key + b"\r\n" for key in keys)
+    body = json.dumps({"post_id": served.post, "body": "hi"}).encode()
+
+    status, answer = await post_raw(served.port, auth + headers, body)
+
+    assert status == 422
+    assert answer["error"] == "invalid_request"
+    assert [f["field"] for f in answer["fields"]] == ["idempotency-key"]
+    assert answer["detail"].startswith("idempotency-key: ")
+    assert await stored(settings) == (0, 0, 0)
+
+
+NOT_PRINTABLE = {
+    "field": "idempotency-key",
+    "message": "Value error, must be printable ASCII, such as a UUID",
+}
+
+
+async def test_a_tab_in_the_idempotency_key_is_refused_naming_the_header(
+    served: Served, settings: Settings
+) -> None:
+    auth = f"Authorization: Bearer {served.token}\r\n".encode()
+    body = json.dumps({"post_id": served.post, "body": "hi"}).encode()
+
+    status, answer = await post_raw(
+        served.port, auth + b"Idempotency-Key: key\tone\r\n", body
+    )
+
+    assert (status, answer["fields"]) == (422, [NOT_PRINTABLE])
+    assert await stored(settings) == (0, 0, 0)
+
+
+# Other control characters never reach the app under httptools, which the
+# services run on: it answers the request itself, in plain text.
+@pytest.mark.parametrize("control", [b"\x01", b"\x1b", b"\x7f"])
+async def test_a_control_character_in_the_idempotency_key_stores_nothing(
+    served: Served, settings: Settings, control: bytes
+) -> None:
+    auth = f"Authorization: Bearer {served.token}\r\n".encode()
+    body = json.dumps({"post_id": served.post, "body": "hi"}).encode()
+
+    status, head, content = await post_bytes(
+        served.port, auth + b"Idempotency-Key: key" + control + b"1\r\n", body
+    )
+
+    assert status == 400
+    assert b"content-type: text/plain" in head
+    assert content == b"Invalid HTTP request received."
+    assert await stored(settings) == (0, 0, 0)
+
+
+# h11, uvicorn's parser where httptools is missing, hands them to the app.
+@pytest.mark.parametrize("served", ["h11"], indirect=True)
+@pytest.mark.parametrize("control", [b"\x01", b"\x1b", b"\x7f"])
+async def test_a_control_character_the_server_lets_through_is_refused_by_the_app(
+    served: Served, settings: Settings, control: bytes
+) -> None:
+    auth = f"Authorization: Bearer {served.token}\r\n".encode()
+    body = json.dumps({"post_id": served.post, "body": "hi"}).encode()
+
+    status, answer = await post_raw(
+        served.port, auth + b"Idempotency-Key: key" + control + b"1\r\n", body
+    )
+
+    assert (status, answer["fields"]) == (422, [NOT_PRINTABLE])
     assert await stored(settings) == (0, 0, 0)
