@@ -10,9 +10,11 @@ Hand-off. A writer in a process with a relay enqueues with ``hand_off=True`` and
 once it has committed, gives the stored rows to that relay
 (:meth:`OutboxRelay.hand_off`). The relay publishes them and then deletes them by id:
 no claiming transaction is held open across the publishes, and nothing is read back.
-A crash between the confirms and the delete leaves the rows in the table, where a
-claim finds them, so a message may be published twice but is never lost. Such rows
-send no ``NOTIFY``: nobody else needs to hear of them.
+Confirmed rows are deleted together, once a batch's worth waits or the oldest has
+waited :data:`DELETE_DELAY_SECONDS`, so that a steady trickle of writes does not cost
+a statement each. A crash between the confirms and the delete leaves the rows in the
+table, where a claim finds them, so a message may be published twice but is never
+lost. Such rows send no ``NOTIFY``: nobody else needs to hear of them.
 
 Claims. Rows written by a process without a relay (an operator's command, say) are
 claimed: a trigger on the table sends ``NOTIFY notiflow_outbox`` at commit, every
@@ -22,6 +24,7 @@ are left to the relay they were handed to, so a busy writer's rows are not publi
 twice by the others. A sweep every ``outbox_sweep_seconds`` claims rows older than
 that period, which no relay holds any more: rows committed while no relay ran, rows
 of a relay that stopped or crashed, and anything a lost LISTEN connection missed.
+Sweeps keep their period however busy the relay is.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ from contracts.settings import Settings
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "notiflow_outbox"
+
+# How long confirmed hand-off rows may wait to be deleted with the ones after them.
+# Far below any claim's age, so no other relay takes them meanwhile.
+DELETE_DELAY_SECONDS = 0.05
 
 ROW_FIELDS = (
     "id, exchange, routing_key, message_id, headers, body, priority, created_at"
@@ -157,12 +164,17 @@ class OutboxRelay:
         # Rows handed over by writers in this process, oldest first.
         self._handed: list[Mapping[str, Any]] = []
         self._max_handed = 10 * self._batch
+        # Ids of handed-over rows RabbitMQ has confirmed, still to be deleted, and
+        # when they must be (monotonic clock).
+        self._confirmed: list[int] = []
+        self._delete_by: float | None = None
         # How old the rows must be that the next claim takes, once a sweep, a
         # NOTIFY or :meth:`wake` has asked for one; None while none is due.
         self._claim_age: float | None = None
         # A sweep looks for rows no relay publishes any more: a relay that stopped
         # or fell far behind. Rows a busy relay still holds are younger than this.
         self._orphan_age = max(self._notify_delay, self._sweep)
+        self._next_sweep = 0.0
         self._stopping = False
         self.published = 0
         self._measured_at = 0.0
@@ -183,6 +195,17 @@ class OutboxRelay:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            async with asyncio.timeout(2):
+                await self._delete_confirmed(now=True)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            # The rows stay, and another relay's sweep publishes them again.
+            logger.warning(
+                "could not delete %d published outbox rows: %r",
+                len(self._confirmed),
+                exc,
+                extra={"action": "outbox.delete_failed"},
+            )
         await self._close_listener()
         if self._owns_connection and self._connection:
             await self._connection.close()
@@ -253,15 +276,22 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         failures = 0
+        self._next_sweep = time.monotonic() + self._sweep
         while not self._stopping:
             await self._listen()
             # Not ``wait_for``: on Python 3.11 it returns the result, and drops the
             # cancellation, when :meth:`stop` cancels just as a wake-up arrives, and
             # the relay would then never stop.
+            wait = self._next_sweep - time.monotonic()
+            if self._delete_by is not None:
+                wait = min(wait, self._delete_by - time.monotonic())
             try:
-                async with asyncio.timeout(self._sweep):
+                async with asyncio.timeout(max(wait, 0.0)):
                     await self._wake.wait()
             except TimeoutError:
+                pass
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self._sweep
                 self._claim(self._orphan_age)
             try:
                 if time.monotonic() - self._measured_at >= self._sweep:
@@ -270,6 +300,8 @@ class OutboxRelay:
                     await self._measure_backlog()
                 self._wake.clear()
                 await self._publish_handed()
+                # Before a claim, which could otherwise take them once more.
+                await self._delete_confirmed(now=self._claim_age is not None)
                 if (age := self._claim_age) is not None:
                     self._claim_age = None
                     try:
@@ -307,8 +339,8 @@ class OutboxRelay:
                 return total
 
     async def _publish_handed(self) -> None:
-        """Publish what writers handed over, a batch at a time, deleting each batch
-        once RabbitMQ has confirmed all of it."""
+        """Publish what writers handed over, a batch at a time, and note each batch
+        for deletion once RabbitMQ has confirmed all of it."""
         while self._handed:
             rows = self._handed[: self._batch]
             del self._handed[: self._batch]
@@ -318,9 +350,26 @@ class OutboxRelay:
                 # Tried again, in order, after the failure's back-off.
                 self._handed[:0] = rows
                 raise
-            async with self._pool.acquire(timeout=5) as conn:
-                await conn.execute(DELETE_SQL, [row["id"] for row in rows])
+            self._confirmed.extend(row["id"] for row in rows)
+            if self._delete_by is None:
+                self._delete_by = time.monotonic() + DELETE_DELAY_SECONDS
             self._published(rows)
+            await self._delete_confirmed()
+
+    async def _delete_confirmed(self, *, now: bool = False) -> None:
+        """Delete the confirmed rows if a batch's worth waits, the oldest has
+        waited long enough, or ``now``."""
+        while self._confirmed and (
+            now
+            or len(self._confirmed) >= self._batch
+            or time.monotonic() >= (self._delete_by or 0.0)
+        ):
+            ids = self._confirmed[: self._batch]
+            async with self._pool.acquire(timeout=5) as conn:
+                await conn.execute(DELETE_SQL, ids)
+            del self._confirmed[: len(ids)]
+            if not self._confirmed:
+                self._delete_by = None
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         exchange = self._exchanges.get(name)

@@ -523,3 +523,96 @@ async def test_rows_handed_over_beyond_what_a_relay_holds_are_swept_later(
 
     assert held == 20
     assert sorted(got) == list(range(30)), "each published once"
+
+
+# Counts the statements that delete from the outbox, whoever runs them.
+COUNT_DELETES = """
+CREATE TABLE outbox_deletes (n int NOT NULL);
+INSERT INTO outbox_deletes VALUES (0);
+CREATE FUNCTION count_outbox_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE outbox_deletes SET n = n + 1;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER count_outbox_delete AFTER DELETE ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION count_outbox_delete();
+"""
+
+
+async def test_rows_handed_over_one_by_one_are_deleted_together(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    await pool.execute(COUNT_DELETES)
+    relay = OutboxRelay(pool, slow_sweep)
+    got: list[int] = []
+
+    async def all_five() -> bool:
+        got.extend(await received(settings))
+        return len(got) >= 5
+
+    try:
+        await relay.start()
+        for n in range(5):
+            relay.hand_off(await hand_over(pool, [event(n)]))
+            await asyncio.sleep(0.005)
+        await eventually(all_five, what="five messages")
+        await eventually(lambda: _empty(pool), what="the rows deleted", timeout=10)
+        deletes = await pool.fetchval("SELECT n FROM outbox_deletes")
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert sorted(got) == list(range(5))
+    assert 1 <= deletes < 5, f"{deletes} deletes for five hand-offs"
+
+
+async def test_a_stopping_relay_deletes_the_rows_it_has_published(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    try:
+        await relay.start()
+        relay.hand_off(await hand_over(pool, [event(1)]))
+        await eventually(lambda: _published(relay, 1), what="the publish")
+        await relay.stop()
+        left = await outbox_ids(pool)
+        got = await received(settings)
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert got == [1]
+    assert left == []
+
+
+async def test_a_relay_kept_busy_by_hand_offs_still_sweeps_on_time(
+    settings: Settings,
+) -> None:
+    quick = settings.model_copy(
+        update={"outbox_sweep_seconds": 0.5, "outbox_notify_delay_seconds": 0.2}
+    )
+    pool = await create_pool(quick)
+    relay = OutboxRelay(pool, quick)
+    got: list[int] = []
+    try:
+        await relay.start()
+        # Stored for a hand-off by a process that died before making it.
+        await hand_over(pool, [event(999)])
+        # A steady stream of hand-offs, each waking the relay well within a sweep
+        # period, for six periods.
+        for n in range(30):
+            relay.hand_off(await hand_over(pool, [event(n)]))
+            await asyncio.sleep(0.1)
+            got.extend(await received(settings))
+            if 999 in got:
+                break
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert 999 in got, "the orphaned row waited for the stream of hand-offs to end"
