@@ -152,12 +152,19 @@ async def test_the_page_gets_the_vapid_key_and_cors_headers(
             },
         )
         unauthorized = await client.get("/push/subscriptions")
+        too_large = await client.post(
+            "/push/subscriptions",
+            content=b"{" + b" " * settings.max_request_bytes + b"}",
+            headers={"Origin": "http://page:8081", "Content-Type": "application/json"},
+        )
 
     assert key.json() == {"public_key": vapid_pair.public}
     assert len(base64.urlsafe_b64decode(vapid_pair.public + "=")) == 65
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://page:8081"
     assert unauthorized.status_code == 401
+    assert too_large.status_code == 413
+    assert too_large.headers["access-control-allow-origin"] == "http://page:8081"
 
 
 # Validation runs before any query, so these need neither database nor broker.

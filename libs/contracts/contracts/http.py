@@ -7,6 +7,10 @@ answer). Request bodies above ``NOTIFLOW_MAX_REQUEST_BYTES`` are refused with 41
 before they are read in full, and a JSON body that gives one key twice is refused
 with 422 naming the key, before any route sees it. Ids in a path are taken only as
 written in canonical decimal (:data:`PathId`).
+
+Every answer, errors and the 500 of a crash included, passes through the CORS
+middleware a service adds, so that a page on an allowed origin can read why it
+was refused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
@@ -85,8 +90,20 @@ def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
 
 
 def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
-    """JSON answers for every error, the request body limit, unique JSON keys."""
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    """JSON answers for every error, the request body limit, unique JSON keys.
+
+    Starlette stacks ``app.user_middleware`` outermost first, and ``add_middleware``
+    puts the newest at the front. The two added here go at the back instead, so
+    that the CORS middleware a service adds, before this call or after it, wraps
+    their answers too. Inside them, FastAPI's exception handlers answer what a
+    route raises.
+    """
+    app.user_middleware.extend(
+        [
+            Middleware(ServerFailure),
+            Middleware(BodyLimit, max_bytes=max_request_bytes),
+        ]
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,12 +132,14 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
         # The last line of defence: validation should have named the field first.
         return error(422, "invalid_request", f"a value is out of range: {exc}")
 
+    # Starlette calls this from its outermost middleware, for every exception no
+    # other handler took: ServerFailure has usually answered by then, and this logs.
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:
         logger.error(
             "request failed", exc_info=exc, extra={"action": "request.crashed"}
         )
-        return error(500, "internal_error", "the server failed; it has been logged")
+        return _failed()
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
@@ -166,6 +185,45 @@ def _canonical(value: object) -> object:
 # The id of a row in a path: a bigint above zero, written in canonical decimal
 # (anything else is a 422 naming the parameter, not another name for the row).
 PathId = Annotated[int, BeforeValidator(_canonical), Path(ge=1, le=MAX_ID)]
+
+
+def _failed() -> JSONResponse:
+    return error(500, "internal_error", "the server failed; it has been logged")
+
+
+class ServerFailure:
+    """Answer an exception that no handler took with the JSON 500, then let it on.
+
+    Starlette answers such an exception in its ``ServerErrorMiddleware``, which sits
+    outside every middleware an app adds: that 500 would leave without the CORS
+    headers, and a browser would hide it from the page as a CORS failure. Sent from
+    here, inside CORS, it carries them. The exception still goes up, to the handler
+    there that logs it (seeing the answer started, it sends nothing more), to
+    telemetry and to the server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            # Once an answer has begun, its status is sent: nothing can replace it.
+            if not started:
+                await _failed()(scope, receive, send)
+            raise
 
 
 class BodyLimit:

@@ -1,5 +1,5 @@
-"""What the shared HTTP policy answers before a route runs: repeated JSON keys,
-loosely written path ids."""
+"""What the shared HTTP policy answers before a route runs (repeated JSON keys,
+loosely written path ids), and that its answers pass through CORS."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import Body, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
 from contracts.http import PathId, install_http_policy, repeated_keys
 
@@ -184,3 +185,75 @@ async def test_a_path_id_is_taken_only_in_canonical_decimal(written: str) -> Non
     ]
     assert exact.json() == {"id": 7}
     assert echo.calls == 1
+
+
+PAGE = "https://app.example"
+
+
+def _page_api(*, cors_first: bool) -> FastAPI:
+    """An app that allows ``PAGE``, its CORS added before or after the policy."""
+    app = FastAPI()
+
+    def allow_page() -> None:
+        app.add_middleware(CORSMiddleware, allow_origins=[PAGE], allow_methods=["*"])
+
+    if cors_first:
+        allow_page()
+    install_http_policy(app, max_request_bytes=1024)
+    if not cors_first:
+        allow_page()
+
+    @app.post("/items")
+    async def items(payload: Annotated[Any, Body()]) -> Any:
+        return payload
+
+    @app.get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    return app
+
+
+@pytest.mark.parametrize("cors_first", [True, False], ids=["cors-first", "cors-last"])
+async def test_every_answer_carries_the_cors_headers_whichever_came_first(
+    cors_first: bool,
+) -> None:
+    app = _page_api(cors_first=cors_first)
+    # The crash is answered, then raised on to the server; the answer is wanted.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    client = httpx.AsyncClient(
+        transport=transport, base_url="http://t", headers={"Origin": PAGE}
+    )
+
+    async with client:
+        answers = {
+            200: await client.post("/items", json={"a": 1}),
+            413: await client.post("/items", content=b"[" + b" " * 2000 + b"]"),
+            422: await client.post("/items", content=b'{"a": 1, "a": 2}', headers=JSON),
+            404: await client.get("/nowhere"),
+            500: await client.get("/crash"),
+        }
+
+    for status, answer in answers.items():
+        assert answer.status_code == status, answer.text
+        assert answer.headers["access-control-allow-origin"] == PAGE, status
+        assert answer.headers["content-type"] == "application/json", status
+    assert answers[500].json() == {
+        "error": "internal_error",
+        "detail": "the server failed; it has been logged",
+    }
+
+
+async def test_a_crash_is_logged_once_and_still_raised_to_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = httpx.ASGITransport(app=_page_api(cors_first=True))
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await client.get("/crash")
+
+    crashed = [
+        r for r in caplog.records if r.__dict__.get("action") == "request.crashed"
+    ]
+    assert len(crashed) == 1

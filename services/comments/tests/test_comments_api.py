@@ -486,3 +486,78 @@ async def test_a_post_id_not_written_in_canonical_decimal_is_refused_naming_it(
         assert resp.json()["error"] == "invalid_request"
         assert [f["field"] for f in resp.json()["fields"]] == ["post_id"], spelling
     assert canonical.status_code == 200
+
+
+PAGE = "https://app.example"
+
+
+@pytest.fixture
+async def browser(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A page on an allowed origin calling the API, as its fetch() would."""
+    app = create_app(settings.model_copy(update={"cors_origins": PAGE}))
+    async with app.router.lifespan_context(app):
+        # A crash is answered, and still raised to the server; the test wants the
+        # answer.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers={"Origin": PAGE}
+        ) as c:
+            yield c
+
+
+def cors(resp: httpx.Response) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in resp.headers.items()
+        if name.startswith("access-control-") or name == "vary"
+    }
+
+
+async def test_every_error_carries_the_cors_headers_of_a_normal_answer(
+    browser: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    headers = {**auth(settings, demo.bob, "bob"), "Content-Type": "application/json"}
+    big = b'{"post_id": 1, "body": "' + b"x" * (70 * 1024) + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    errors = {
+        "too large": await browser.post("/comments", content=big, headers=headers),
+        "too large, chunked": await browser.post(
+            "/comments", content=chunks(), headers=headers
+        ),
+        "repeated key": await browser.post(
+            "/comments", content=b'{"post_id": 1, "post_id": 2}', headers=headers
+        ),
+        "invalid": await browser.post("/comments", json={}, headers=headers),
+        "no token": await browser.post("/comments", json={"post_id": 1}),
+        "unknown post": await browser.get("/posts/999999"),
+        "loose id": await browser.get(f"/posts/0{demo.post}"),
+    }
+    normal = await browser.get(f"/posts/{demo.post}")
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("ALTER TABLE posts RENAME TO posts_elsewhere")
+    finally:
+        await conn.close()
+    errors["crash"] = await browser.get("/posts")
+
+    assert normal.status_code == 200
+    assert cors(normal)["access-control-allow-origin"] == PAGE
+    statuses = {name: resp.status_code for name, resp in errors.items()}
+    assert statuses == {
+        "too large": 413,
+        "too large, chunked": 413,
+        "repeated key": 422,
+        "invalid": 422,
+        "no token": 401,
+        "unknown post": 404,
+        "loose id": 422,
+        "crash": 500,
+    }
+    for name, resp in errors.items():
+        assert cors(resp) == cors(normal), name
+        assert resp.json()["error"], name
+    assert await counts(settings) == (0, 0)

@@ -160,3 +160,39 @@ async def test_a_notification_id_not_written_in_canonical_decimal_changes_nothin
     assert tuple(untouched) == (None, None)
     assert canonical.status_code == 200
     assert canonical.json()["unread"] == 0
+
+
+PAGE = "https://app.example"
+
+
+async def test_refusals_carry_the_cors_headers_of_a_normal_answer(
+    settings: Settings, demo: Demo
+) -> None:
+    app = create_app(GatewaySettings(**{**settings.model_dump(), "cors_origins": PAGE}))
+    token = issue_token(demo.bob, "bob", settings)
+    headers = {"Authorization": f"Bearer {token}", "Origin": PAGE}
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://t",
+            headers=headers,
+        ) as page:
+            normal = await page.get("/inbox/unread-count")
+            refused = [
+                await page.post(
+                    "/inbox/read-all",
+                    content=b"{}" + b" " * settings.max_request_bytes,
+                    headers=JSON,
+                ),
+                await page.post(
+                    "/inbox/read-all", content=b'{"a": 1, "a": 2}', headers=JSON
+                ),
+                await page.post("/inbox/+1/read"),
+                await page.post("/inbox/1/read", headers={"Authorization": ""}),
+            ]
+
+    assert normal.headers["access-control-allow-origin"] == PAGE
+    assert [r.status_code for r in refused] == [413, 422, 422, 401]
+    for answer in refused:
+        assert answer.headers["access-control-allow-origin"] == PAGE
+        assert answer.headers["vary"] == normal.headers["vary"]
