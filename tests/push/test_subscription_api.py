@@ -422,6 +422,48 @@ async def test_a_token_naming_a_user_id_beyond_bigint_is_unauthorized(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{{"endpoint": "{e}", "endpoint": "{e}", "keys": {k}}}', "endpoint"),
+        ('{{"endpoint": "{e}", "keys": {k}, "keys": {k}}}', "keys"),
+        (
+            '{{"endpoint": "{e}", "keys": {{"p256dh": "{p}", "auth": "{a}", '
+            '"auth": "{a}"}}}}',
+            "keys.auth",
+        ),
+    ],
+    ids=["endpoint", "keys", "keys.auth"],
+)
+async def test_a_subscription_that_repeats_a_key_is_refused_and_stores_nothing(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    body: str,
+    field: str,
+) -> None:
+    device = push_service.device().subscription()
+    keys = device["keys"]
+    content = body.format(
+        e=device["endpoint"], k=json.dumps(keys), p=keys["p256dh"], a=keys["auth"]
+    )
+
+    resp = await api.post(
+        "/push/subscriptions",
+        content=content,
+        headers={**auth(settings, demo.bob), "Content-Type": "application/json"},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["fields"] == [
+        {"field": field, "message": "key given more than once"}
+    ]
+    assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
+
+
+@pytest.mark.integration
 async def test_a_subscription_id_not_written_in_canonical_decimal_removes_nothing(
     settings: Settings,
     demo: Demo,
