@@ -1,0 +1,2 @@
+DROP INDEX CONCURRENTLY notifications_pending_idx;
+ALTER TABLE notifications DROP COLUMN republished_at;
