@@ -9,14 +9,23 @@ row can be left without a reminder:
   once the lease runs out nobody is left to try.
 * ``retrying`` whose ``next_attempt_at`` passed more than a lease ago: its message in
   a delay queue is gone (the retry queues are classic and not replicated).
+* ``pending`` for longer than ``NOTIFLOW_PENDING_REPUBLISH_SECONDS``: its message may
+  have been lost with a delivery queue (also classic: a node lost, a queue deleted
+  and declared again, a purge), or may still be waiting behind a long backlog. The
+  rows cannot tell which.
 
-:class:`LeaseSweeper` finds both with ``FOR UPDATE SKIP LOCKED``, moves a lost
-``sending`` row to ``retrying`` (the claim accepts that state, and it is the state the
-row would have reached had its worker lived to see the failure), and enqueues a fresh
-:class:`~contracts.messages.DeliveryRequested` through the outbox in the same
-transaction. A row that has used up its attempts this way is marked ``failed``
-instead, so a message that kills its worker every time stops after a few rounds.
-Several sweepers may run side by side; the row locks keep them apart.
+:class:`LeaseSweeper` finds them with ``FOR UPDATE SKIP LOCKED`` and enqueues a fresh
+:class:`~contracts.messages.DeliveryRequested` for each through the outbox in the same
+transaction. It moves a lost ``sending`` row to ``retrying`` (the claim accepts that
+state, and it is the state the row would have reached had its worker lived to see
+the failure); a row that has used up its attempts this way is marked ``failed``
+instead, so a message that kills its worker every time stops after a few rounds. A
+``pending`` row stays ``pending``, and its ``republished_at`` records the new
+message: the row is published again at most once per period, so a backlog that
+waits longer than that gains one duplicate message per row and period, not one per
+sweep. A duplicate costs a claim that finds nothing to do: ``pending → sending``
+lets one worker through, and the others ack their copy. Several sweepers may run
+side by side; the row locks keep them apart.
 
 :func:`requeue_failed` is the operator's way back from ``failed``.
 """
@@ -27,6 +36,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -35,6 +45,7 @@ from contracts import topology
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.messages import DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
+from contracts.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +78,27 @@ SET status = CASE WHEN n.attempts >= $3 THEN 'failed' ELSE 'retrying' END,
 FROM lost
 WHERE n.id = lost.id
 RETURNING {_COLUMNS}, n.status
+"""
+
+# How long a row has been pending counts from when it became pending (its insert,
+# or an operator's requeue, which both set updated_at) or from its last republish,
+# whichever is later; notifications_pending_idx (migration 0005) holds that time.
+REPUBLISH = f"""
+WITH waiting AS (
+    SELECT id FROM notifications
+    WHERE status = 'pending'
+      AND type = ANY($1::text[])
+      AND greatest(updated_at, republished_at) < now() - make_interval(secs => $2)
+    ORDER BY id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifications n
+SET republished_at = now()
+FROM waiting
+WHERE n.id = waiting.id
+RETURNING {_COLUMNS},
+    extract(epoch FROM now() - n.updated_at)::float8 AS pending_seconds
 """
 
 REQUEUE_FAILED = f"""
@@ -123,6 +155,25 @@ async def recover(
     return len(again), len(rows) - len(again)
 
 
+async def republish_pending(
+    conn: asyncpg.Connection,
+    types: Sequence[str],
+    *,
+    age_seconds: float,
+    limit: int = 500,
+) -> list[asyncpg.Record]:
+    """Enqueue a fresh delivery for each row of ``types`` pending too long.
+
+    "Too long" is ``age_seconds`` since the row became pending and since it was last
+    published again. Run it in a transaction: the rows' ``republished_at`` and their
+    messages commit together or not at all. Returns the rows, each with the seconds
+    it has been pending as ``pending_seconds``.
+    """
+    rows = await conn.fetch(REPUBLISH, list(types), age_seconds, limit)
+    await enqueue(conn, [delivery(row) for row in rows])
+    return rows
+
+
 async def requeue_failed(
     conn: asyncpg.Connection,
     *,
@@ -140,8 +191,23 @@ async def requeue_failed(
     return [row["id"] for row in rows]
 
 
+class Swept(NamedTuple):
+    """What one sweep did: rows re-enqueued after a lost worker or retry message,
+    rows failed for want of attempts, pending rows published again."""
+
+    recovered: int
+    failed: int
+    republished: int
+
+
 class LeaseSweeper:
-    """Runs :func:`recover` every ``interval`` seconds until stopped."""
+    """Runs :func:`recover` and :func:`republish_pending` every ``interval`` seconds
+    until stopped.
+
+    ``pending_age_seconds`` not given is read from the environment,
+    ``NOTIFLOW_PENDING_REPUBLISH_SECONDS`` (:func:`~contracts.settings.get_settings`),
+    so that every sender's sweeper honours the setting.
+    """
 
     def __init__(
         self,
@@ -151,14 +217,19 @@ class LeaseSweeper:
         interval: float,
         grace_seconds: float,
         max_attempts: int,
+        pending_age_seconds: float | None = None,
     ) -> None:
+        if pending_age_seconds is None:
+            pending_age_seconds = get_settings().pending_republish_seconds
         self._pool = pool
         self._types = tuple(types)
         self._interval = interval
         self._grace = grace_seconds
         self._max_attempts = max_attempts
+        self._pending_age = pending_age_seconds
         self._task: asyncio.Task[None] | None = None
         self.recovered = 0
+        self.republished = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lease-sweeper")
@@ -168,13 +239,16 @@ class LeaseSweeper:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def sweep(self) -> tuple[int, int]:
+    async def sweep(self) -> Swept:
         async with transaction(self._pool) as conn:
             again, failed = await recover(
                 conn,
                 self._types,
                 grace_seconds=self._grace,
                 max_attempts=self._max_attempts,
+            )
+            waiting = await republish_pending(
+                conn, self._types, age_seconds=self._pending_age
             )
         if again or failed:
             self.recovered += again
@@ -184,7 +258,20 @@ class LeaseSweeper:
                 failed,
                 extra={"action": "delivery.recovered"},
             )
-        return again, failed
+        self.republished += len(waiting)
+        for row in waiting:
+            logger.warning(
+                "notification %d pending for %.0fs; publishing its delivery again",
+                row["id"],
+                row["pending_seconds"],
+                extra={
+                    "action": "delivery.republished",
+                    "notification_id": row["id"],
+                    "event_id": str(row["event_id"]),
+                    "pending_seconds": round(row["pending_seconds"], 1),
+                },
+            )
+        return Swept(again, failed, len(waiting))
 
     async def _run(self) -> None:
         while True:
