@@ -111,6 +111,7 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
             interval=settings.email_sweep_seconds,
             grace_seconds=settings.email_lease_seconds,
             max_attempts=len(settings.retry_delay_levels) + 1,
+            pending_age_seconds=settings.pending_republish_seconds,
         )
         sweeper.start()
         app.state.sweeper = sweeper

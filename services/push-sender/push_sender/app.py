@@ -80,6 +80,7 @@ def create_app(
                 interval=settings.push_sweep_seconds,
                 grace_seconds=settings.push_lease_seconds,
                 max_attempts=len(settings.retry_delay_levels) + 1,
+                pending_age_seconds=settings.pending_republish_seconds,
             )
             sweeper.start()
             try:

@@ -1,4 +1,9 @@
-"""Wires the gateway: SSE delivery consumer, inbox listener, routes."""
+"""Wires the gateway: SSE delivery consumer, inbox listener, sweeper, routes.
+
+The sweeper publishes again the delivery of an SSE row left ``pending`` too long (its
+message lost with the classic delivery queue) through the outbox; the gateway has no
+relay of its own, so another service's relay hears the commit and publishes it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
+from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings, prefetch_holds_batch
 from sse_gateway import inbox, web
@@ -40,6 +46,8 @@ class GatewaySettings(Settings):
     sse_batch_size: int = Field(default=100, ge=1)
     # Streams one user may hold open on one replica; the next is answered 429.
     sse_max_streams_per_user: int = Field(default=20, ge=1)
+    # How often the sweeper looks for SSE rows whose message was lost.
+    sse_sweep_seconds: float = Field(default=15.0, gt=0)
     # False serves streams with sse-starlette's stock response (four tasks per
     # stream); kept to measure against, see bench/sse_fanout.py.
     sse_lean: bool = True
@@ -147,9 +155,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         listener = InboxListener(settings.database_url, runtime.db, hub)
         await listener.start()
         hub.start()
+        sweeper = LeaseSweeper(
+            runtime.db,
+            ["sse"],
+            interval=settings.sse_sweep_seconds,
+            # SSE rows hold no lease: they go from pending to sent in one statement.
+            grace_seconds=settings.sse_sweep_seconds,
+            max_attempts=len(settings.retry_delay_levels) + 1,
+            pending_age_seconds=settings.pending_republish_seconds,
+        )
+        sweeper.start()
+        app.state.sweeper = sweeper
         try:
             yield
         finally:
+            await sweeper.stop()
             await hub.stop()
             await listener.stop()
             await runtime.stop()
