@@ -112,11 +112,13 @@ async def test_a_pending_row_whose_message_was_purged_is_sent_by_the_email_sende
     # Pending for longer than the sender's own sweeper waits, whatever it is set to.
     await pending_for(db, note, settings.pending_republish_seconds + 60)
 
+    counted = _recovered("republished")
     with caplog.at_level(logging.WARNING, logger="contracts.recovery"):
         async with email_sender() as app:
             row = await eventually(lambda: _sent(db, note), what="sent")
             republished = app.state.sweeper.republished
 
+    assert _recovered("republished") - counted == 1
     assert row["attempts"] == 1
     assert row["republished_at"] is not None
     assert list(smtp.message_ids().values()) == [1]
@@ -175,6 +177,18 @@ async def test_a_republished_row_whose_first_message_survived_is_sent_once(
     assert len(smtp.received) == 1
     assert dead == []
     assert await outbox(db) == []
+
+
+def _recovered(how: str) -> float:
+    """Deliveries the sweepers of this process counted as put back, by ``how``."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "notiflow_deliveries_recovered"
+        for sample in metric.samples
+        if sample.name == "notiflow_deliveries_recovered_total"
+        and sample.labels.get("how") == how
+    )
 
 
 def _handled() -> float:

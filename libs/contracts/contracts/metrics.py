@@ -72,6 +72,13 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200),
 )
 
+RECOVERED = Counter(
+    "notiflow_deliveries_recovered",
+    "Deliveries a sweeper put back on the road: lease_expired (its worker was lost), "
+    "republished (pending too long, its message lost), failed (out of attempts).",
+    ["how"],
+)
+
 OUTBOX_PUBLISHED = Counter(
     "notiflow_outbox_published",
     "Outbox rows published to RabbitMQ and confirmed.",

@@ -41,7 +41,7 @@ from uuid import UUID
 
 import asyncpg
 
-from contracts import topology
+from contracts import metrics, topology
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.messages import DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
@@ -250,6 +250,9 @@ class LeaseSweeper:
             waiting = await republish_pending(
                 conn, self._types, age_seconds=self._pending_age
             )
+        metrics.RECOVERED.labels("lease_expired").inc(again)
+        metrics.RECOVERED.labels("failed").inc(failed)
+        metrics.RECOVERED.labels("republished").inc(len(waiting))
         if again or failed:
             self.recovered += again
             logger.warning(
