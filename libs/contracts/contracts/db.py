@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from contracts import logs
 from contracts.settings import Settings
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
@@ -56,8 +57,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+def application_name(role: str | None = None) -> dict[str, str]:
+    """Session settings that name this service (and ``role``) to PostgreSQL, so that
+    ``pg_stat_activity`` and the server's logs tell whose each connection is."""
+    name = logs.service() + (f" {role}" if role else "")
+    return {"application_name": name[:63]}
+
+
 async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
     options: dict[str, object] = {
+        "server_settings": application_name(),
         "min_size": settings.db_pool_min,
         "max_size": settings.db_pool_max,
         "command_timeout": settings.db_command_timeout,

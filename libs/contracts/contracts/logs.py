@@ -87,6 +87,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def service() -> str:
+    """The name this process logs under (``notiflow`` until :func:`configure`)."""
+    return _service
+
+
 def configure(service: str, level: str = "INFO") -> None:
     global _service
     _service = service

@@ -42,6 +42,7 @@ from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.trace import SpanKind
 
 from contracts import metrics, topology, tracing
+from contracts.db import application_name
 from contracts.messages import Message
 from contracts.settings import Settings
 
@@ -241,7 +242,9 @@ class OutboxRelay:
             return
         try:
             self._listener = await asyncpg.connect(
-                self._settings.database_url, timeout=5
+                self._settings.database_url,
+                timeout=5,
+                server_settings=application_name("outbox listener"),
             )
             await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:

@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from sse_starlette.sse import AppStatus
 
+from contracts.db import application_name
 from sse_gateway import events, inbox, metrics
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,11 @@ class InboxListener:
         first = True
         while True:
             try:
-                conn = await asyncpg.connect(self._url, timeout=5)
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=5,
+                    server_settings=application_name("inbox listener"),
+                )
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 logger.warning(
                     "cannot LISTEN for inbox events, retrying: %r",
