@@ -209,6 +209,9 @@ def build(
         "stages_ms": measured.get("stages_ms", {}),
         "cpu_ms_per_comment": (best or measured).get("cpu_ms_per_comment", {}),
         "cpu_measured_at_rate": (best or measured).get("rate"),
+        "postgres_cpu_ms_per_comment_by_client": (best or measured).get(
+            "postgres_cpu_ms_per_comment_by_client", {}
+        ),
         "baselines": dict(baselines),
         "ratios": ratios(best, deliveries, baselines),
         "targets": TARGETS,
@@ -318,6 +321,11 @@ def format_text(report: Mapping[str, Any]) -> str:
     lines.append(f"CPU ms per comment (step at {report['cpu_measured_at_rate']}/s):")
     for name, value in sorted(report["cpu_ms_per_comment"].items()):
         lines.append(f"  {name:<14} {_ms(value):>8}")
+    by_client = report.get("postgres_cpu_ms_per_comment_by_client") or {}
+    if by_client:
+        lines.append("  postgres, by the client its backends serve:")
+        for name, value in sorted(by_client.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {name:<30} {_ms(value):>6}")
     b = report["baselines"]
     r = report["ratios"]
     lines.append("")

@@ -28,6 +28,7 @@ from typing import Any  # noqa: E402
 
 from bench import (  # noqa: E402
     baselines,
+    batches,
     chart,
     http1,
     load,
@@ -278,7 +279,10 @@ class Bench:
         sse_mark = len(self.streams.arrivals)
         email_mark = len(self.sink.arrivals)
         groups = await self._process_groups()
+        batches_before = await batches.totals(self.platform.metrics_urls)
+        backends = await system.backends_by_client(self.watch.db)
         cpu_before = system.snapshot(groups)
+        backends_before = system.snapshot(backends)
         backlog: list[tuple[float, float]] = []
         queues: dict[str, list[tuple[float, float]]] = {}
         sent = load.Sent()
@@ -316,6 +320,10 @@ class Bench:
         await self._drain(offered, sse_mark, email_mark)
         drained = time.perf_counter() - max(drain_started, window_end)
         cpu = system.spent(cpu_before, system.snapshot(groups))
+        backend_cpu = system.spent(backends_before, system.snapshot(backends))
+        batch_means = batches.means(
+            batches_before, await batches.totals(self.platform.metrics_urls)
+        )
         await self._finish_profiles(recorders)
 
         streamed = self.streams.arrivals[sse_mark:]
@@ -352,6 +360,13 @@ class Bench:
             purpose=purpose,
         )
         summary = report.summarise(data, self.args.max_p99_ms)
+        if batch_means:
+            summary["batch_mean"] = batch_means
+        if offered.due:
+            summary["postgres_cpu_ms_per_comment_by_client"] = {
+                name: round(ms / len(offered.due), 3)
+                for name, ms in sorted(backend_cpu.items())
+            }
         if purpose == "half":
             rows = await stages.fetch_rows(self.watch.db, offered.due)
             summary["stages_ms"] = stages.breakdown(
@@ -428,6 +443,9 @@ class Bench:
             f" — {verdict}",
             flush=True,
         )
+        if s.get("batch_mean"):
+            mean = ", ".join(f"{q} {m:g}" for q, m in sorted(s["batch_mean"].items()))
+            print(f"    messages per consumer batch: {mean}", flush=True)
 
 
 if __name__ == "__main__":

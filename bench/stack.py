@@ -86,6 +86,11 @@ class Platform:
         }
         return platform
 
+    @property
+    def metrics_urls(self) -> list[str]:
+        """The ``/metrics`` addresses of the services this platform started."""
+        return [f"{s.url}/metrics" for s in self.services.values()]
+
     def logs(self) -> dict[str, str]:
         """The tail of each service's log, for a run that went wrong."""
         return {name: s.log() for name, s in self.services.items()}

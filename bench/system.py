@@ -47,6 +47,20 @@ async def backend_pids(conn: asyncpg.Connection) -> list[int]:
     return [r["pid"] for r in rows]
 
 
+async def backends_by_client(conn: asyncpg.Connection) -> dict[str, list[int]]:
+    """The backends of :func:`backend_pids`, grouped by the client's
+    ``application_name`` (each notiflow service names its connections)."""
+    rows = await conn.fetch(
+        "SELECT pid, coalesce(nullif(application_name, ''), '?') AS name "
+        "FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    groups: dict[str, list[int]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row["pid"])
+    return groups
+
+
 def snapshot(groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
     """CPU milliseconds of every process in every named group, now."""
     out: dict[str, dict[int, float]] = {}
