@@ -18,6 +18,12 @@ one message at a time and dropped after any error, so a failure never leaks into
 the next message. A kept connection may have been closed by the server meanwhile;
 a message whose reused connection turns out dead is sent again at once on a new
 one, since the server cannot have accepted it.
+
+A server that offers PIPELINING (RFC 2920; Postfix, Exim and most real servers do)
+gets MAIL, every RCPT and DATA in one write (see :mod:`email_sender.pipelining`),
+any other server one command at a time from aiosmtplib's ``sendmail``. Both take
+the same MAIL parameters, chosen by :func:`_mail_options`, and fail with the same
+exceptions, sorted below.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 import aiosmtplib
 
+from email_sender import pipelining
 from email_sender.mime import Mail
 
 
@@ -194,6 +201,7 @@ class SmtpPool:
         client = aiosmtplib.SMTP(**self._config.client_options())
         try:
             await client.connect()
+            await _greet(client)
         except BaseException:
             _discard(client)
             raise
@@ -209,10 +217,57 @@ class SmtpPool:
                 _discard(client)
 
 
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO if EHLO is refused, as ``sendmail`` would before its first mail.
+
+    Said once per connection, when it opens, so that the server's extensions are
+    known before a message chooses how to go. ``connect`` has already said it
+    unless TLS from the start or a refused STARTTLS made it unnecessary.
+    """
+    if not client.is_ehlo_or_helo_needed:
+        return
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
+
+
 async def _transmit(
     client: aiosmtplib.SMTP, mail: Mail
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-    return await client.sendmail(mail.sender, list(mail.recipients), mail.data)
+    options = _mail_options(client, mail)
+    if client.supports_extension("pipelining"):
+        return await pipelining.sendmail(
+            client, mail.sender, mail.recipients, mail.data, options
+        )
+    return await client.sendmail(
+        mail.sender, list(mail.recipients), mail.data, mail_options=options
+    )
+
+
+def _mail_options(client: aiosmtplib.SMTP, mail: Mail) -> list[str]:
+    """The MAIL parameters of ``mail``, by the rules of aiosmtplib's ``send_message``.
+
+    SMTPUTF8 when an envelope address is not ASCII, and a server without it cannot
+    take the message at all. BODY=8BITMIME when the content has 8-bit bytes and the
+    server knows the keyword; ``send_message`` declares it whenever the server does,
+    but its content may be 8-bit without saying so, while the bytes here are
+    checked. What :mod:`email_sender.mime` builds is ASCII throughout and takes no
+    parameter; a server without 8BITMIME is sent 8-bit bytes as they are, as
+    ``sendmail`` sends them.
+    """
+    options: list[str] = []
+    if not (mail.sender.isascii() and all(r.isascii() for r in mail.recipients)):
+        if not client.supports_extension("smtputf8"):
+            raise aiosmtplib.SMTPNotSupported(
+                "an envelope address is not ASCII, and the server lacks SMTPUTF8"
+            )
+        options.append("SMTPUTF8")
+    if not mail.data.isascii() and client.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options
 
 
 def _discard(client: aiosmtplib.SMTP) -> None:

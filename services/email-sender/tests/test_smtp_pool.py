@@ -1,17 +1,183 @@
-"""Kept SMTP connections, against a real SMTP server."""
+"""Kept SMTP connections, against a real SMTP server, pipelined or not.
+
+Each behaviour runs against a server that offers PIPELINING (RFC 2920) and one that
+does not, unless it is about one of the two. The server records every read it
+makes from a client, so a test can tell whether MAIL, RCPT and DATA came in one
+write and whether content came before DATA was answered.
+"""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import dataclasses
+import datetime
+import ipaddress
+import ssl
+import time
+from pathlib import Path
 
-from email_sender.mime import build
-from email_sender.smtp import SmtpConfig, SmtpPool, TransientSendError
-from tests.support.smtp import SmtpServer
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from email_sender.mime import Mail, build
+from email_sender.smtp import (
+    PermanentSendError,
+    SmtpConfig,
+    SmtpPool,
+    TransientSendError,
+)
+from tests.support.smtp import SmtpServer, _Protocol
 from tests.support.waiting import eventually
 
+MODES = ["pipelining", "one command at a time"]
 
-def message(n: int):
-    return build(
+
+class _RecordingProtocol(_Protocol):
+    event_handler: Server
+
+    def data_received(self, data: bytes) -> None:
+        self.event_handler.reads.append(data)
+        super().data_received(data)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        if await self._hung_up("RCPT"):
+            return
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        server = self.event_handler
+        if await self._hung_up("DATA"):
+            return
+        if server.data_reply is not None and self.envelope.rcpt_tos:
+            await self.push(server.data_reply)
+            return
+        if server.data_despite_refusals and not self.envelope.rcpt_tos:
+            # Breaks RFC 2920: 354 although no recipient was accepted. Whatever
+            # content comes is recorded as sent to nobody.
+            self.envelope.rcpt_tos.append("nobody@example.com")
+        await super().smtp_DATA(arg)
+
+    async def _hung_up(self, command: str) -> bool:
+        """Close without answering ``command``, or go silent, if scripted."""
+        server = self.event_handler
+        if server.silent_at == command:
+            while not server.stopping:
+                await asyncio.sleep(0.05)
+            return True
+        if command in server.hang_up_at:
+            server.hang_up_at.remove(command)
+            if self.transport is not None:
+                self.transport.close()
+            return True
+        return False
+
+
+class _RecordingController(Controller):
+    def factory(self) -> SMTP:
+        return _RecordingProtocol(self.handler, **self.SMTP_kwargs)
+
+
+class Server(SmtpServer):
+    """The tests' SMTP server, with PIPELINING offered or not, recording its reads.
+
+    On top of what :class:`SmtpServer` scripts:
+
+    * :attr:`replies`: an address in MAIL or RCPT answered with this reply;
+    * :attr:`data_reply`: DATA answered with this instead of 354;
+    * :attr:`data_despite_refusals`: DATA answered 354 with every recipient refused;
+    * :attr:`hang_up_at`: close the connection on this command, unanswered, once;
+    * :attr:`silent_at`: never answer this command.
+    """
+
+    def __init__(
+        self,
+        *,
+        pipelining: bool,
+        smtputf8: bool = True,
+        starttls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.pipelining = pipelining
+        self.reads: list[bytes] = []
+        self.mail_options: list[list[str]] = []
+        self.replies: dict[str, str] = {}
+        self.data_reply: str | None = None
+        self.data_despite_refusals = False
+        self.hang_up_at: list[str] = []
+        self.silent_at: str | None = None
+        # In place of the controller SmtpServer made, never started: this one's
+        # connections record their reads.
+        self._controller.loop.close()
+        self._controller = _RecordingController(
+            self,
+            hostname="127.0.0.1",
+            port=self.port,
+            ssl_context=tls,
+            enable_SMTPUTF8=smtputf8,
+            tls_context=starttls,
+        )
+
+    def __enter__(self) -> Server:
+        super().__enter__()
+        self.reads.clear()
+        return self
+
+    def commands(self) -> list[bytes]:
+        """Each read from clients, but for EHLO, STARTTLS and QUIT."""
+        skipped = (b"EHLO", b"STARTTLS", b"QUIT")
+        return [r for r in self.reads if not r.startswith(skipped)]
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if address in self.replies:
+            return self.replies[address]
+        self.mail_options.append(list(mail_options))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: _Protocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address in self.replies:
+            return self.replies[address]
+        return await super().handle_RCPT(
+            server, session, envelope, address, rcpt_options
+        )
+
+
+def message(n: int, *recipients: str) -> Mail:
+    mail = build(
         notification_id=n,
         to_address=f"user{n}@example.com",
         to_name="User",
@@ -22,33 +188,52 @@ def message(n: int):
         sender_name="notiflow",
         domain="example.com",
     )
+    if recipients:
+        mail = dataclasses.replace(mail, recipients=recipients)
+    return mail
 
 
-@pytest.fixture
-def server():
-    with SmtpServer() as smtp:
+def as_sent(data: bytes) -> bytes:
+    """``data`` as a server keeps it: SMTP content always ends with a line end."""
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+@pytest.fixture(params=MODES)
+def server(request: pytest.FixtureRequest):
+    with Server(pipelining=request.param == "pipelining") as smtp:
         yield smtp
 
 
-def pool(server: SmtpServer, size: int = 2) -> SmtpPool:
-    return SmtpPool(SmtpConfig("127.0.0.1", server.port, timeout=2), size=size)
+@pytest.fixture
+def pipelining_server():
+    with Server(pipelining=True) as smtp:
+        yield smtp
 
 
-async def test_messages_in_a_row_share_one_connection(server: SmtpServer) -> None:
-    transport = pool(server)
+def pool(server: SmtpServer, size: int = 2, timeout: float = 2) -> SmtpPool:
+    return SmtpPool(SmtpConfig("127.0.0.1", server.port, timeout=timeout), size=size)
+
+
+async def send_all(server: SmtpServer, *mails: Mail, size: int = 2) -> None:
+    transport = pool(server, size)
     try:
-        for n in range(5):
-            await transport.send(message(n))
+        for mail in mails:
+            await transport.send(mail)
     finally:
         await transport.close()
+
+
+# What the pool promised before pipelining, in both modes
+
+
+async def test_messages_in_a_row_share_one_connection(server: Server) -> None:
+    await send_all(server, *(message(n) for n in range(5)))
 
     assert len(server.received) == 5
     assert server.connections == 1
 
 
-async def test_a_connection_closed_by_the_server_is_replaced(
-    server: SmtpServer,
-) -> None:
+async def test_a_connection_closed_by_the_server_is_replaced(server: Server) -> None:
     transport = pool(server)
     try:
         await transport.send(message(1))
@@ -67,7 +252,7 @@ async def test_a_connection_closed_by_the_server_is_replaced(
 
 
 async def test_a_failed_message_does_not_leave_its_connection_behind(
-    server: SmtpServer,
+    server: Server,
 ) -> None:
     server.then("tempfail")
     transport = pool(server)
@@ -80,6 +265,335 @@ async def test_a_failed_message_does_not_leave_its_connection_behind(
 
     assert [r.message_id for r in server.received] == ["<notification-2@example.com>"]
     assert server.connections == 2
+
+
+# Delivery, byte for byte
+
+
+async def test_a_message_arrives_byte_for_byte(server: Server) -> None:
+    mail = message(1)
+    dotted = b"Subject: dots\r\n\r\n.starts with a dot\r\n..two\r\n.\r\nend\r\n"
+
+    await send_all(server, mail, dataclasses.replace(mail, data=dotted))
+
+    assert [r.data for r in server.received] == [as_sent(mail.data), dotted]
+    assert server.received[0].mail_from == "n@example.com"
+    assert server.received[0].rcpt_tos == ("user1@example.com",)
+
+
+async def test_non_ascii_addresses_and_content_go_with_smtputf8(
+    server: Server,
+) -> None:
+    data = "Subject: Grüße\r\nFrom: jörg@exämple.com\r\n\r\n.ä\r\nbody\r\n".encode()
+    mail = Mail("jörg@exämple.com", ("zoë@exämple.com",), data, "<n@example.com>")
+
+    await send_all(server, mail)
+
+    [received] = server.received
+    assert received.mail_from == "jörg@exämple.com"
+    assert received.rcpt_tos == ("zoë@exämple.com",)
+    assert received.data == data
+    assert set(server.mail_options[0]) >= {"SMTPUTF8", "BODY=8BITMIME"}
+
+
+async def test_a_non_ascii_address_is_refused_for_good_without_smtputf8() -> None:
+    mail = dataclasses.replace(message(1), recipients=("zoë@exämple.com",))
+    with Server(pipelining=True, smtputf8=False) as smtp:
+        with pytest.raises(PermanentSendError, match="SMTPUTF8"):
+            await send_all(smtp, mail)
+
+        assert smtp.received == []
+        assert smtp.commands() == []
+
+
+async def test_every_recipient_gets_one_copy(server: Server) -> None:
+    mail = message(1, "a@example.com", "b@example.com", "c@example.com")
+
+    await send_all(server, mail)
+
+    [received] = server.received
+    assert received.rcpt_tos == ("a@example.com", "b@example.com", "c@example.com")
+
+
+# Refusals, sorted as before, and the connection dropped
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ("450 4.2.1 mailbox busy", TransientSendError),
+        ("550 5.1.1 no such user", PermanentSendError),
+    ],
+)
+async def test_a_refused_recipient_among_several_fails_the_message(
+    server: Server, reply: str, error: type[Exception]
+) -> None:
+    server.replies["b@example.com"] = reply
+
+    with pytest.raises(error, match=reply[:3]):
+        await send_all(server, message(1, "a@example.com", "b@example.com"))
+    await send_all(server, message(2))
+
+    # As aiosmtplib's sendmail does, the others still get it.
+    assert [r.rcpt_tos for r in server.received] == [
+        ("a@example.com",),
+        ("user2@example.com",),
+    ]
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ("451 4.3.0 sender check failed", TransientSendError),
+        ("553 5.7.1 sender not allowed", PermanentSendError),
+    ],
+)
+async def test_a_refused_sender_fails_the_message(
+    server: Server, reply: str, error: type[Exception]
+) -> None:
+    server.replies["n@example.com"] = reply
+    transport = pool(server)
+    try:
+        with pytest.raises(error, match=reply[:3]):
+            await transport.send(message(1))
+        del server.replies["n@example.com"]
+        await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert [r.message_id for r in server.received] == ["<notification-2@example.com>"]
+    assert server.connections == 2
+
+
+async def test_every_recipient_refused_is_sorted_by_the_recipients_replies(
+    server: Server,
+) -> None:
+    server.replies["a@example.com"] = "450 4.2.1 mailbox busy"
+    server.replies["b@example.com"] = "550 5.1.1 no such user"
+    transport = pool(server)
+    try:
+        with pytest.raises(PermanentSendError, match="550"):
+            await transport.send(message(1, "a@example.com", "b@example.com"))
+        await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert [r.message_id for r in server.received] == ["<notification-2@example.com>"]
+    assert server.connections == 2
+
+
+async def test_no_content_follows_when_every_recipient_was_refused(
+    pipelining_server: Server,
+) -> None:
+    server = pipelining_server
+    server.replies["a@example.com"] = "550 5.1.1 no such user"
+    server.data_despite_refusals = True
+
+    with pytest.raises(PermanentSendError, match="550"):
+        await send_all(server, message(1, "a@example.com"))
+    await eventually(lambda: _closed(server), what="client closed the connection")
+
+    assert server.received == []
+    [envelope] = server.commands()
+    assert envelope.endswith(b"DATA\r\n")
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ("451 4.3.0 queue full", TransientSendError),
+        ("554 5.7.1 not from you", PermanentSendError),
+    ],
+)
+async def test_a_refused_data_command_fails_the_message(
+    server: Server, reply: str, error: type[Exception]
+) -> None:
+    server.data_reply = reply
+    transport = pool(server)
+    try:
+        with pytest.raises(error, match=reply[:3]):
+            await transport.send(message(1))
+        server.data_reply = None
+        await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert [r.message_id for r in server.received] == ["<notification-2@example.com>"]
+    assert server.connections == 2
+
+
+# A server that goes away or goes quiet
+
+
+@pytest.mark.parametrize("command", ["RCPT", "DATA"])
+async def test_a_new_connection_closed_mid_transaction_fails_for_now(
+    server: Server, command: str
+) -> None:
+    server.hang_up_at.append(command)
+
+    with pytest.raises(TransientSendError, match="connection failed"):
+        await send_all(server, message(1))
+    await send_all(server, message(2))
+
+    assert [r.message_id for r in server.received] == ["<notification-2@example.com>"]
+    assert server.connections == 2
+
+
+async def test_a_kept_connection_closed_mid_transaction_is_replaced(
+    server: Server,
+) -> None:
+    transport = pool(server)
+    try:
+        await transport.send(message(1))
+        server.hang_up_at.append("RCPT")
+        await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert [r.message_id for r in server.received] == [
+        "<notification-1@example.com>",
+        "<notification-2@example.com>",
+    ]
+    assert server.connections == 2
+
+
+async def test_a_server_that_stops_answering_is_given_up_on_in_time(
+    server: Server,
+) -> None:
+    server.silent_at = "RCPT"
+    transport = pool(server, timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransientSendError, match="SMTP timeout"):
+            await transport.send(message(1))
+    finally:
+        await transport.close()
+
+    assert time.monotonic() - started < SmtpConfig("", 0, 0.5).deadline + 1
+    assert server.received == []
+
+
+# How the commands travel
+
+
+async def test_mail_rcpt_and_data_arrive_in_one_write_when_offered(
+    pipelining_server: Server,
+) -> None:
+    server = pipelining_server
+    mail = message(1, "a@example.com", "b@example.com")
+
+    await send_all(server, mail)
+
+    envelope, content = server.commands()
+    assert envelope.startswith(b"MAIL FROM:<n@example.com>")
+    assert b"\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n" in envelope
+    # The content waits for the 354 to DATA.
+    assert envelope.endswith(b"\r\nDATA\r\n")
+    assert content == as_sent(mail.data) + b".\r\n"
+
+
+async def test_a_message_takes_two_round_trips_pipelined_and_four_otherwise() -> None:
+    mails = [message(n) for n in range(3)]
+    reads = {}
+    for pipelining in (True, False):
+        with Server(pipelining=pipelining) as smtp:
+            await send_all(smtp, *mails)
+            assert len(smtp.received) == 3
+            reads[pipelining] = len(smtp.commands())
+
+    assert reads == {True: 2 * 3, False: 4 * 3}
+
+
+async def test_replies_that_arrive_together_or_in_pieces_are_each_read() -> None:
+    # Postfix sends the replies to MAIL and RCPT as one unit, and a reply may
+    # be cut anywhere between two segments; aiosmtpd does neither.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        writer.write(b"220 ready\r\n")
+        await reader.readline()
+        writer.write(b"250-mx.example.com\r\n250-PIPELINING\r\n250 SIZE 100000\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 2.1.0 sender ok\r\n250-2.1.5 recipient\r\n250 2.1.5 ok\r\n")
+        writer.write(b"354 go ahead\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"25")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # so that the rest comes in a segment of its own
+        writer.write(b"0 2.0.0 queued as 4Fq\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    transport = SmtpPool(SmtpConfig("127.0.0.1", port, timeout=2), size=1)
+    try:
+        reply = await transport.send(message(1))
+    finally:
+        await transport.close()
+        listener.close()
+        await listener.wait_closed()
+
+    assert reply == "2.0.0 queued as 4Fq"
+
+
+@pytest.mark.parametrize("tls", ["STARTTLS", "TLS from the start"])
+async def test_pipelining_works_over_tls(
+    tls: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_context = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    implicit = tls == "TLS from the start"
+    options = {"tls": server_context} if implicit else {"starttls": server_context}
+    mails = [message(n) for n in range(3)]
+
+    with Server(pipelining=True, **options) as smtp:
+        config = SmtpConfig("127.0.0.1", smtp.port, timeout=2, use_tls=implicit)
+        transport = SmtpPool(config, size=1)
+        try:
+            for mail in mails:
+                await transport.send(mail)
+        finally:
+            await transport.close()
+
+        assert [r.data for r in smtp.received] == [as_sent(m.data) for m in mails]
+        assert smtp.connections == 1
+        assert len(smtp.commands()) == 2 * len(mails)
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    """A server context whose certificate, for 127.0.0.1, is in ``cert.pem``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
 
 
 async def _closed(server: SmtpServer) -> bool:

@@ -1,0 +1,265 @@
+"""One mail transaction in two round trips, for servers that offer PIPELINING.
+
+Without it a transaction is MAIL, wait, RCPT (once per recipient), wait, DATA, wait,
+content, wait. RFC 2920 lets the client send MAIL, every RCPT and DATA in one write
+and read their replies afterwards, in order; only the content must wait for the
+354 that DATA gets. Each round trip saved is a write and a wake-up on both ends.
+
+aiosmtplib sends every command on its own, and its reader cannot collect several
+replies: it parses one reply per arrival of data, leaves any further reply in its
+buffer until more bytes come, and drops data that arrives while a parsed reply
+waits to be picked up (its guard against unsolicited replies). A server that sends
+the replies to MAIL and RCPT in one segment, as Postfix does on purpose, would
+leave the second unread until the command timeout. So for the length of one
+transaction the connection's protocol is swapped, through asyncio's
+``transport.set_protocol``, for :class:`_Replies`, which queues every complete
+reply, and put back afterwards. aiosmtplib still connects, negotiates TLS, logs
+in, greets and quits; the command lines, the line ends and the dot-stuffing of the
+content are built with its own helpers.
+
+Replies are checked as ``SMTP.sendmail`` checks them and failures are raised as the
+same aiosmtplib exceptions, so the caller sorts both ways of sending in one place.
+A transaction that fails leaves replies in flight, or a server waiting for content,
+so the connection is closed with it; closing in the middle of DATA makes any
+server drop the transaction, which is what RFC 2920 asks of a client whose
+recipients were all refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import cast
+
+import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    MAX_LINE_LENGTH,
+    MAX_RESPONSE_LENGTH,
+    PERIOD_REGEX,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
+
+_ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)
+# Distinct addresses kept quoted; a miss costs what every command used to.
+_CACHED = 4096
+
+
+async def sendmail(
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    mail_options: Sequence[str] = (),
+) -> tuple[dict[str, SMTPResponse], str]:
+    """What ``client.sendmail`` does, pipelined; the client must have said EHLO.
+
+    Returns the refused recipients and the reply to the content, and raises what
+    ``sendmail`` raises: :class:`ValueError` for an address that cannot go on a
+    command line (before anything is sent), ``SMTPNotSupported``,
+    ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``, and
+    ``SMTPServerDisconnected`` or ``SMTPReadTimeoutError``.
+    """
+    options = list(mail_options)
+    utf8 = any(option.lower() == "smtputf8" for option in options)
+    if utf8 and not client.supports_extension("smtputf8"):
+        raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
+    content = normalize_message_line_endings(message)
+    if client.supports_extension("size"):
+        # RFC 1870: the octets as sent, CRLFs included, before dot-stuffing.
+        options.insert(0, f"size={len(content)}")
+
+    envelope = _envelope(sender, recipients, options, "utf-8" if utf8 else "ascii")
+    protocol = client.protocol
+    if protocol is None or not protocol.is_connected:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    transport = cast(asyncio.Transport, protocol.transport)
+
+    replies = _Replies(protocol)
+    transport.set_protocol(replies)
+    try:
+        return await _transaction(
+            transport, replies, sender, recipients, envelope, content, client.timeout
+        )
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        transport.set_protocol(protocol)
+
+
+async def _transaction(
+    transport: asyncio.Transport,
+    replies: _Replies,
+    sender: str,
+    recipients: Sequence[str],
+    envelope: bytes,
+    content: bytes,
+    timeout: float | None,
+) -> tuple[dict[str, SMTPResponse], str]:
+    transport.write(envelope)
+
+    mail = await replies.next(timeout)
+    if mail.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
+
+    refused: list[aiosmtplib.SMTPRecipientRefused] = []
+    for address in recipients:
+        reply = await replies.next(timeout)
+        if reply.code not in _ACCEPTED:
+            refused.append(
+                aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
+            )
+    if len(refused) == len(recipients):
+        # DATA's reply is still to come: a 5xx, or a 354 from a server that breaks
+        # RFC 2920's rule. Either way no content follows, and closing the
+        # connection (below) ends the transaction on the server.
+        raise aiosmtplib.SMTPRecipientsRefused(refused)
+
+    start = await replies.next(timeout)
+    if start.code != SMTPStatus.start_input:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    transport.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
+    done = await replies.next(timeout)
+    if done.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(done.code, done.message)
+
+    errors = {r.recipient: SMTPResponse(r.code, r.message) for r in refused}
+    return errors, done.message
+
+
+def _envelope(
+    sender: str, recipients: Sequence[str], options: list[str], encoding: str
+) -> bytes:
+    """MAIL, one RCPT per recipient and DATA, as the command lines aiosmtplib writes.
+
+    Every address is checked before anything is sent, as ``sendmail`` does, so a
+    bad recipient never leaves a half-written envelope on the server.
+    """
+    mail = [b"MAIL", b"FROM:" + _quoted(sender).encode(encoding)]
+    mail += [option.encode("ascii") for option in options]
+    lines = [mail]
+    lines += [[b"RCPT", b"TO:" + _quoted(r).encode(encoding)] for r in recipients]
+    for line in lines:
+        for arg in line:
+            if COMMAND_INJECTION_REGEX.search(arg):
+                raise ValueError("Command arg contains a prohibited control character")
+    return b"".join(b" ".join(line) + b"\r\n" for line in lines) + b"DATA\r\n"
+
+
+@lru_cache(maxsize=_CACHED)
+def _quoted(address: str) -> str:
+    """aiosmtplib's ``quote_address``, cached.
+
+    It parses the address with the standard library each time, which cost more
+    than the rest of building the commands; the sender is the same on every
+    message and recipients come back. A refused address raises every time.
+    """
+    return quote_address(address)
+
+
+class _Replies(asyncio.Protocol):
+    """The replies of one pipelined transaction, queued in the order they come.
+
+    It stands in for aiosmtplib's protocol on the transport and passes on what
+    that protocol must still learn: a lost connection (so the client knows it is
+    closed) and the transport's flow control.
+    """
+
+    def __init__(self, smtp: SMTPProtocol) -> None:
+        self._smtp = smtp
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._replies: deque[SMTPResponse] = deque()
+        self._failure: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def next(self, timeout: float | None) -> SMTPResponse:
+        """The next reply, or why none will come."""
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from exc
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._buffer += data
+        try:
+            self._parse()
+        except aiosmtplib.SMTPResponseException as exc:
+            self._failure = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes, and connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._smtp.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._smtp.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._smtp.resume_writing()
+
+    def _parse(self) -> None:
+        """Move every complete reply from the buffer to the queue."""
+        buffer = self._buffer
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            line = bytes(buffer[start : end + 1])
+            start = end + 1
+            if len(line) > MAX_LINE_LENGTH:
+                raise _invalid("Response too long")
+            try:
+                code = int(line[:3])
+            except ValueError:
+                text = line.decode("utf-8", errors="ignore")
+                raise _invalid(f"Malformed SMTP response line: {text}") from None
+            self._lines.append(line[4:].strip(b" \t\r\n"))
+            self._size += len(line)
+            if self._size > MAX_RESPONSE_LENGTH:
+                raise _invalid("Response too long")
+            if line[3:4] != b"-":
+                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                self._replies.append(SMTPResponse(code, text))
+                self._lines = []
+                self._size = 0
+        del buffer[:start]
+        if len(buffer) > MAX_LINE_LENGTH:
+            raise _invalid("Response too long")
+
+    def _fail(self, failure: Exception) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+def _invalid(reason: str) -> aiosmtplib.SMTPResponseException:
+    return aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response.value, reason)
