@@ -9,6 +9,8 @@ batches. Retry delays are 1 s and 2 s.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from aiosmtpd.smtp import Envelope, Session
 from prometheus_client import REGISTRY
 
 from contracts import topology
+from contracts.logs import JsonFormatter
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.settings import Settings
 from tests.integration import helpers
@@ -386,3 +389,67 @@ async def test_a_delivery_of_a_row_of_another_type_is_dead_lettered_with_why(
     assert helpers.reason(dead) == f"notification {live} is of type sse, not email"
     assert (await helpers.row(db, live))["status"] == "pending"
     assert smtp.received == []
+
+
+class _JsonLines(logging.Handler):
+    """Keeps every record as the JSON line the service would print, formatted when
+    logged, so that it carries the trace of the moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[dict[str, Any]] = []
+        self._format = JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entries.append(json.loads(self._format.format(record)))
+
+
+async def test_each_delivery_of_a_batch_mixing_events_keeps_its_own_events_trace(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: BusyMailboxes,
+    email_sender: EmailSenderFactory,
+) -> None:
+    notes = [
+        await helpers.email_row(db, demo.bob, f"reader{n}@example.com")
+        for n in range(3)
+    ]
+    traces = {note: f"{n + 1:032x}" for n, note in enumerate(notes)}
+    batch = DeliveryBatch(
+        deliveries=[
+            DeliveryRequested(
+                notification_id=note,
+                event_id=uuid.uuid4(),
+                user_id=demo.bob,
+                type="email",
+                channel="comment.reply",
+                priority=0,
+                event_occurred_at=datetime.now(UTC),
+                trace={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+            )
+            for note, trace in traces.items()
+        ]
+    )
+    # As the dispatcher sends a message of several events: no trace in its headers.
+    await helpers.publish(settings.amqp_url, [batch.to_bytes()])
+    lines = _JsonLines()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(lines)
+    root.setLevel(logging.INFO)
+    try:
+        async with email_sender():
+            await eventually(
+                lambda: _all_final(db, notes), timeout=30, what="every row final"
+            )
+    finally:
+        root.removeHandler(lines)
+        root.setLevel(level)
+
+    sent = {
+        int(entry["notification_id"]): entry.get("trace_id")
+        for entry in lines.entries
+        if entry.get("action") == "email.sent"
+    }
+    assert sent == traces

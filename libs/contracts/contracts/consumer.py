@@ -324,12 +324,13 @@ class Consumers:
 
         items = [part.message for part in parts if part.message is not None]
         if len(items) == 1:
-            with bind(**_ids(items[0])):
-                done = [await _outcome(run, items[0], raw)]
+            done = [await _bound_outcome(run, items[0], raw, queue)]
         else:
             # Each item in a task of its own, so that each binds its own ids.
             done = list(
-                await asyncio.gather(*(_bound_outcome(run, i, raw) for i in items))
+                await asyncio.gather(
+                    *(_bound_outcome(run, i, raw, queue) for i in items)
+                )
             )
         if any(isinstance(outcome, _ShuttingDown) for outcome in done):
             await message.nack(requeue=True)
@@ -586,10 +587,18 @@ async def _outcome(
 
 
 async def _bound_outcome(
-    run: Handler[M], payload: M, raw: AbstractIncomingMessage
+    run: Handler[M], payload: M, raw: AbstractIncomingMessage, queue: str
 ) -> Exception | None:
+    """``_outcome`` with ``payload``'s ids bound for the logs, and inside its own
+    trace when it carries one (a delivery travelling with other events')."""
     with bind(**_ids(payload)):
-        return await _outcome(run, payload, raw)
+        trace = getattr(payload, "trace", None)
+        if not trace:
+            return await _outcome(run, payload, raw)
+        with tracing.span(
+            f"consume {queue}", parent_headers=trace, kind=SpanKind.CONSUMER
+        ):
+            return await _outcome(run, payload, raw)
 
 
 def _part_id(raw: AbstractIncomingMessage, item: Message | None, index: int) -> str:

@@ -60,7 +60,13 @@ class DeliveryRequested(Message):
     """One notification row is ready for its channel type's sender.
 
     The row in PostgreSQL is the truth; the message only says which row to claim.
+
+    ``trace`` (since 1.1) is the W3C trace context of the row's event, for a
+    delivery that travels in a :class:`DeliveryBatch` with other events' deliveries:
+    the message's own headers can then carry no one event's trace.
     """
+
+    MINOR: ClassVar[int] = 1
 
     notification_id: RowId
     event_id: UUID
@@ -69,6 +75,7 @@ class DeliveryRequested(Message):
     channel: str
     priority: int = Field(ge=0, le=9)
     event_occurred_at: datetime
+    trace: dict[str, str] | None = None
 
 
 M = TypeVar("M", bound=Message)
@@ -91,8 +98,9 @@ class Envelope(Message, Generic[M]):
 class DeliveryBatch(Envelope[DeliveryRequested]):
     """Several rows of one channel type and priority, for that type's sender.
 
-    One message per (event, type, priority) instead of one per row: a comment that
-    reaches many people costs the broker a few messages, not one per recipient.
+    One message per type and priority for all the events a dispatcher handles
+    together, instead of one per row: a comment that reaches many people, or a burst
+    of comments, costs the broker a few messages, not one per recipient.
     """
 
     ITEMS: ClassVar[str] = "deliveries"

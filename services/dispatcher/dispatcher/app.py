@@ -38,7 +38,8 @@ class DispatcherSettings(Settings):
     # dies, a shutdown during a database outage) does, once per event held.
     dispatcher_prefetch: int = Field(default=150, ge=1)
     dispatcher_batch_size: int = Field(default=50, ge=1)
-    # Deliveries of one event, channel type and priority that travel in one message;
+    # Deliveries of one channel type and priority, of the events dispatched
+    # together, that travel in one message;
     # 1 sends a message per row, which senders older than DeliveryBatch need.
     dispatcher_deliveries_per_message: int = Field(
         default=100, ge=1, le=MAX_BATCH_DELIVERIES

@@ -97,13 +97,15 @@ QUEUED_FIELDS = (
 # for the same reason). ``ON CONFLICT`` is a second line of defence: a fresh event
 # has no rows yet.
 #
-# Messages: the pending rows of one event, channel type and priority travel
-# together, up to $19 in a DeliveryBatch; a row alone is a plain DeliveryRequested.
-# PostgreSQL writes the JSON, with $20 and $21 as the ``schema_version`` of a
-# DeliveryRequested and of a DeliveryBatch, and each event's
+# Messages: the pending rows of one channel type and priority travel together, the
+# batch's events mixed, up to $19 in a DeliveryBatch; a row alone is a plain
+# DeliveryRequested. PostgreSQL writes the JSON, with $20 and $21 as the
+# ``schema_version`` of a DeliveryRequested and of a DeliveryBatch, and each event's
 # ``occurred_at`` ($5) as the client wrote it, so that it equals what the models
-# would serialise. Each event's headers ($6) go on its messages, and a message of
-# one row also names the row. $22 is the exchange.
+# would serialise. A message of one event carries that event's trace context ($6)
+# and id in its headers, and a message of one row names the row too; in a message
+# of several events, each delivery carries its own event's trace context instead.
+# $22 is the exchange.
 #
 # $1 'on' marks the messages as handed to this process's relay: the outbox's trigger
 # then sends no NOTIFY.
@@ -113,7 +115,7 @@ WITH handed AS (
 ), batch AS (
     SELECT * FROM unnest($2::uuid[], $3::jsonb[], $4::timestamptz[], $5::text[],
                          $6::jsonb[])
-        AS e(id, payload, occurred_at, occurred_at_json, headers)
+        AS e(id, payload, occurred_at, occurred_at_json, trace)
 ), fresh AS (
     INSERT INTO events (id, type, payload, occurred_at)
     SELECT id, 'comment.created', payload, occurred_at FROM batch ORDER BY id
@@ -136,12 +138,18 @@ WITH handed AS (
     RETURNING id, event_id, user_id, type, channel, priority, status
 ), chunked AS (
     SELECT s.*, (row_number() OVER (
-               PARTITION BY s.event_id, s.type, s.priority ORDER BY s.id
+               PARTITION BY s.type, s.priority ORDER BY s.id
            ) - 1) / $19 AS chunk
     FROM stored s
     WHERE s.status = 'pending'
+), shapes AS (
+    SELECT type, priority, chunk, min(id) AS first, count(*) AS size,
+           (array_agg(event_id ORDER BY id))[1] AS event_id,
+           count(DISTINCT event_id) > 1 AS mixed
+    FROM chunked
+    GROUP BY type, priority, chunk
 ), messages AS (
-    SELECT c.event_id, c.type, c.priority, min(c.id) AS first, count(*) AS size,
+    SELECT m.type, m.priority, m.first, m.size, m.event_id, m.mixed,
            json_agg(json_build_object(
                'schema_version', $20::text,
                'notification_id', c.id,
@@ -150,19 +158,23 @@ WITH handed AS (
                'type', c.type,
                'channel', c.channel,
                'priority', c.priority,
-               'event_occurred_at', b.occurred_at_json
+               'event_occurred_at', b.occurred_at_json,
+               'trace', CASE WHEN m.mixed THEN b.trace END
            ) ORDER BY c.id) AS items
-    FROM chunked c
+    FROM shapes m
+    JOIN chunked c USING (type, priority, chunk)
     JOIN batch b ON b.id = c.event_id
-    GROUP BY c.event_id, c.type, c.priority, c.chunk
+    GROUP BY m.type, m.priority, m.chunk, m.first, m.size, m.event_id, m.mixed
 ), queued AS (
     INSERT INTO outbox (exchange, routing_key, message_id, headers, body, priority)
     SELECT $22::text, m.type,
            CASE WHEN m.size = 1 THEN 'notification-' || m.first
                 ELSE 'notifications-' || m.first || '+' || m.size END,
-           CASE WHEN m.size = 1
-                THEN b.headers || jsonb_build_object('notification_id', m.first)
-                ELSE b.headers END,
+           CASE WHEN m.mixed THEN '{}'::jsonb
+                WHEN m.size = 1
+                THEN b.trace || jsonb_build_object(
+                    'event_id', b.id::text, 'notification_id', m.first)
+                ELSE b.trace || jsonb_build_object('event_id', b.id::text) END,
            convert_to(CASE WHEN m.size = 1 THEN (m.items -> 0)::text
                            ELSE json_build_object(
                                'schema_version', $21::text, 'deliveries', m.items

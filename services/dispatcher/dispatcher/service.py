@@ -200,7 +200,7 @@ class Dispatcher:
             payloads,
             [events[i].occurred_at for i in ordered],
             [payload["occurred_at"] for payload in payloads],
-            [{**traces[i], "event_id": str(events[i].event_id)} for i in ordered],
+            [{k: str(v) for k, v in traces[i].items()} for i in ordered],
             *row_columns,
             self._per_message,
             _version(DeliveryRequested),
