@@ -113,11 +113,24 @@ def recipient(address: str | None, display_name: str) -> Address:
     if not address or not address.strip():
         raise InvalidAddress("the recipient has no email address")
     try:
-        return Address(display_name=display_name, addr_spec=address.strip())
+        return Address(display_name=display_name, addr_spec=_ascii_domain(address))
     except (MessageError, ValueError, IndexError) as exc:
         # The standard library reports a bad addr-spec as a header defect, a parse
         # error or, for some inputs, an IndexError; all mean the same here.
         raise InvalidAddress(f"invalid recipient address {address!r}: {exc}") from None
+
+
+def _ascii_domain(address: str) -> str:
+    """``address`` with an internationalised domain written in IDNA (punycode),
+    as every mail server takes it; a domain IDNA cannot write raises ValueError."""
+    local, at, domain = address.strip().rpartition("@")
+    if not at or domain.isascii():
+        return address.strip()
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"the domain cannot be written in IDNA: {exc}") from None
+    return f"{local}@{ascii_domain}"
 
 
 def message_id(notification_id: int, domain: str) -> str:

@@ -282,7 +282,10 @@ def test_a_name_compat32_would_break_is_written_as_before(
         assert _without_date(build(**options).data) == _without_date(old)
 
 
-@pytest.mark.parametrize("address", ["", "   ", None, "not an address", "a@@b.com"])
+@pytest.mark.parametrize(
+    "address",
+    ["", "   ", None, "not an address", "a@@b.com", "bøb@example.com", "a@b..ü.com"],
+)
 def test_a_bad_address_is_refused_every_time(address: str | None) -> None:
     for _ in range(2):
         with pytest.raises(InvalidAddress):
@@ -325,3 +328,22 @@ def test_each_display_name_of_an_address_gets_its_own_to_header() -> None:
 
 def _without_date(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\r\n") if not line.startswith(b"Date:")]
+
+
+def test_an_internationalised_domain_is_written_in_idna_in_header_and_envelope() -> (
+    None
+):
+    mail = build(
+        notification_id=1,
+        to_address="bob@bücher.example",
+        to_name="Bob",
+        subject="s",
+        text="t",
+        html=None,
+        sender="n@example.com",
+        sender_name="n",
+        domain="example.com",
+    )
+
+    assert mail.recipients == ("bob@xn--bcher-kva.example",)
+    assert b"To: Bob <bob@xn--bcher-kva.example>" in mail.data
