@@ -14,6 +14,8 @@ the script is used up, every connection gets the default behaviour:
 :attr:`SmtpServer.data_delay` makes every DATA slow, to hold messages in flight.
 Addresses in :attr:`SmtpServer.unknown` are refused with a 550 whatever the
 behaviour, as a real server refuses a mailbox that does not exist.
+
+It offers PIPELINING, as Postfix and Exim do, unless made with ``pipelining=False``.
 """
 
 from __future__ import annotations
@@ -83,8 +85,11 @@ class _Controller(Controller):
 class SmtpServer:
     """Start with ``with SmtpServer() as smtp:``; point NOTIFLOW_SMTP_PORT at it."""
 
-    def __init__(self, default: Behaviour = "accept") -> None:
+    def __init__(
+        self, default: Behaviour = "accept", *, pipelining: bool = True
+    ) -> None:
         self.default: Behaviour = default
+        self.pipelining = pipelining
         self.port = free_port()
         self.received: list[Received] = []
         self.dropped: list[Received] = []
@@ -112,6 +117,20 @@ class SmtpServer:
         while self.hanging and time.monotonic() < deadline:
             time.sleep(0.02)
         self._controller.stop()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd leaves the session's host name to a handler with this hook.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     def then(self, *behaviours: Behaviour) -> SmtpServer:
         """The next connections behave like this, in order."""
