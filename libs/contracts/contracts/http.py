@@ -186,6 +186,9 @@ def _canonical(value: object) -> object:
 # (anything else is a 422 naming the parameter, not another name for the row).
 PathId = Annotated[int, BeforeValidator(_canonical), Path(ge=1, le=MAX_ID)]
 
+# A whole number in a query string, held to the same spelling.
+Whole = BeforeValidator(_canonical)
+
 
 def _failed() -> JSONResponse:
     return error(500, "internal_error", "the server failed; it has been logged")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
-from contracts.http import NotFound, PathId
+from contracts.http import NotFound, PathId, Whole
 from sse_gateway import inbox
 from sse_gateway.access import require_user
 
@@ -62,8 +62,8 @@ NoBody = Annotated[NoOptions, Body(default_factory=NoOptions)]
 async def list_inbox(
     user: User,
     db: Pool,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[int | None, Query(ge=1, le=inbox.MAX_ID)] = None,
+    limit: Annotated[int, Whole, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[int | None, Whole, Query(ge=1, le=inbox.MAX_ID)] = None,
 ) -> dict[str, Any]:
     """The user's inbox, newest first; pass ``next_cursor`` back for the next page."""
     async with (

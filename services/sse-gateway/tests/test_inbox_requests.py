@@ -196,3 +196,19 @@ async def test_refusals_carry_the_cors_headers_of_a_normal_answer(
     for answer in refused:
         assert answer.headers["access-control-allow-origin"] == PAGE
         assert answer.headers["vary"] == normal.headers["vary"]
+
+
+@pytest.mark.parametrize("name", ["limit", "cursor"])
+async def test_a_page_number_is_taken_only_in_plain_decimal(
+    bob: httpx.AsyncClient, name: str
+) -> None:
+    answers = {
+        spelling: await bob.get(f"/inbox?{name}={spelling}")
+        for spelling in other_spellings(5)
+    }
+    plain = await bob.get(f"/inbox?{name}=5")
+
+    for spelling, answer in answers.items():
+        assert answer.status_code == 422, (spelling, answer.text)
+        assert [f["field"] for f in answer.json()["fields"]] == [name], spelling
+    assert plain.status_code == 200
