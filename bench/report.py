@@ -285,6 +285,11 @@ def format_text(report: Mapping[str, Any]) -> str:
         f"{machine.get('memory_gib')} GiB, PostgreSQL {machine.get('postgresql')}, "
         f"RabbitMQ {machine.get('rabbitmq')}, Python {machine.get('python')}"
     )
+    if machine.get("postgresql_autovacuum") == "off":
+        lines.append(
+            "PostgreSQL's autovacuum is off here: the bench vacuums the platform's "
+            "tables before each step"
+        )
     lines.append("")
     header = (
         f"{'step':>6} {'rate':>6} {'acc/s':>7} {'deliv/s':>8} "

@@ -94,6 +94,7 @@ async def describe(database_url: str, amqp_url: str) -> dict[str, object]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         pg_version = await conn.fetchval("SHOW server_version")
+        autovacuum = await conn.fetchval("SHOW autovacuum")
     finally:
         await conn.close()
     connection = await aio_pika.connect(amqp_url, timeout=10)
@@ -108,6 +109,7 @@ async def describe(database_url: str, amqp_url: str) -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "memory_gib": round(_mem_total_kib() / 1024 / 1024, 1),
         "postgresql": pg_version,
+        "postgresql_autovacuum": autovacuum,
         "rabbitmq": rabbit,
         "python": platform.python_version(),
         "kernel": platform.release(),
