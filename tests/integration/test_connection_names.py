@@ -14,17 +14,21 @@ from tests.support.processes import Service
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize(
+    ("service", "listener"),
+    [("dispatcher", "outbox listener"), ("sse-gateway", "inbox listener")],
+)
 async def test_a_services_database_connections_carry_its_name(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, service: str, listener: str
 ) -> None:
     env = {
         "NOTIFLOW_ENV": "test",
         "NOTIFLOW_DATABASE_URL": settings.database_url,
         "NOTIFLOW_AMQP_URL": settings.amqp_url,
     }
-    dispatcher = Service("dispatcher", env, tmp_path).start()
+    process = Service(service, env, tmp_path).start()
     try:
-        dispatcher.wait_ready()
+        process.wait_ready()
         conn = await asyncpg.connect(settings.database_url, timeout=10)
         try:
             names = {
@@ -37,6 +41,6 @@ async def test_a_services_database_connections_carry_its_name(
         finally:
             await conn.close()
     finally:
-        dispatcher.stop()
+        process.stop()
 
-    assert names == {"dispatcher", "dispatcher outbox listener"}, names
+    assert names == {service, f"{service} {listener}"}, names

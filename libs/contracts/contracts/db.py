@@ -65,8 +65,16 @@ def application_name(role: str | None = None) -> dict[str, str]:
 
 
 async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
+    """A pool for ``settings``; ``overrides`` are asyncpg's options, except that
+    ``server_settings`` are added to the application name rather than replacing it.
+    """
+    extra = overrides.pop("server_settings", None)
+    server_settings = {
+        **application_name(),
+        **(extra if isinstance(extra, dict) else {}),
+    }
     options: dict[str, object] = {
-        "server_settings": application_name(),
+        "server_settings": server_settings,
         "min_size": settings.db_pool_min,
         "max_size": settings.db_pool_max,
         "command_timeout": settings.db_command_timeout,

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from contracts import metrics, topology
 from contracts.consumer import DeadLetter, Item
-from contracts.db import application_name, connection
+from contracts.db import connection
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
@@ -132,7 +132,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     runtime = Runtime(
         settings,
         consumers=True,
-        pool_options={"server_settings": {**application_name(), **GENERIC_PLANS}},
+        pool_options={"server_settings": GENERIC_PLANS},
     )
     hub = Hub(settings.sse_heartbeat_seconds, settings.sse_send_timeout)
     listener: InboxListener | None = None
