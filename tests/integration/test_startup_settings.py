@@ -58,6 +58,35 @@ def test_the_email_sender_exits_2_on_a_prefetch_below_its_batch() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        (
+            {"NOTIFLOW_DB_POOL_MIN": "20", "NOTIFLOW_DB_POOL_MAX": "5"},
+            "NOTIFLOW_DB_POOL_MIN",
+        ),
+        ({"NOTIFLOW_LOG_LEVEL": "LOUD"}, "log_level"),
+        ({"NOTIFLOW_DB_COMMAND_TIMEOUT": "inf"}, "db_command_timeout"),
+        ({"NOTIFLOW_DRAIN_SECONDS": "nan"}, "drain_seconds"),
+    ],
+)
+def test_a_number_or_level_a_service_cannot_use_exits_2_naming_it(
+    env: dict[str, str], named: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatcher"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert named.lower() in done.stderr.lower(), done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
+
+
 @pytest.mark.parametrize("port", ["abc", "0", "70000"])
 def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
     done = subprocess.run(

@@ -29,13 +29,18 @@ DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 
 DATABASE_URL_EXAMPLE = "postgresql://user:password@host:5432/notiflow"
 AMQP_URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
     # Errors never repeat a value: it may be a secret, or a URL holding one, and
     # a tool that lets a ValidationError escape would print it.
+    # Durations and sizes are finite: "inf" or "nan" would turn a timeout off.
     model_config = SettingsConfigDict(
-        env_prefix="NOTIFLOW_", extra="ignore", hide_input_in_errors=True
+        env_prefix="NOTIFLOW_",
+        extra="ignore",
+        hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
     env: Literal["development", "production", "test"] = "development"
@@ -70,6 +75,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     service_name: str = "notiflow"
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("database_url")
     @classmethod
@@ -114,6 +127,11 @@ class Settings(BaseSettings):
             )
         if self.env == "production" and len(self.secret_key) < 32:
             raise ValueError("NOTIFLOW_SECRET_KEY must be at least 32 characters long")
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError(
+                f"NOTIFLOW_DB_POOL_MIN ({self.db_pool_min}) must not be above "
+                f"NOTIFLOW_DB_POOL_MAX ({self.db_pool_max})"
+            )
         return self
 
 
