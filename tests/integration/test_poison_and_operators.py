@@ -371,8 +371,36 @@ def test_admin_says_which_server_it_cannot_reach(settings: Settings) -> None:
     done = admin(settings.model_copy(update={"amqp_url": closed}), "dlq", "list")
 
     assert done.returncode == 1
-    assert "notiflow-admin: cannot reach amqp://guest:***@127.0.0.1:" in done.stderr
+    assert (
+        "notiflow-admin: cannot reach the broker at amqp://guest:***@127.0.0.1:"
+        in done.stderr
+    )
+    # Only the server that failed, once: no database, no library's own line.
+    assert "postgresql" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "secret" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "hint"),
+    [("wrong-password", "refused the login"), ("no-such-vhost", "virtual host")],
+)
+def test_admin_says_what_the_broker_refused(
+    settings: Settings, where: str, hint: str
+) -> None:
+    base = settings.amqp_url.rsplit("/", 1)[0]
+    if where == "wrong-password":
+        url = base.replace("guest:guest@", "guest:notit@") + "/"
+    else:
+        url = f"{base}/notiflow-no-such-vhost"
+
+    done = admin(settings.model_copy(update={"amqp_url": url}), "dlq", "list")
+
+    assert done.returncode == 1
+    assert hint in done.stderr, done.stderr
+    assert "NOTIFLOW_AMQP_URL" in done.stderr
+    assert "notit" not in done.stderr
     assert "Traceback" not in done.stderr
 
 

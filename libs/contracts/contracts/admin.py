@@ -34,6 +34,7 @@ import asyncio
 import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -440,28 +441,54 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     except UsageError as exc:
         parser().error(str(exc))
     settings = settings or load_or_exit(Settings)
+    # The broker clients log their own line about a failed connection; this tool
+    # says it once, naming the server.
+    for noisy in ("aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         code = asyncio.run(run(args, settings))
         _flush_stdout()
     except OutputClosed:
         _silence_stdout()
         return _EXIT_OUTPUT_CLOSED
+    # A ConnectionError too: answered before the other unreachable cases.
+    except aio_pika.exceptions.ProbableAuthenticationError as exc:
+        print(
+            f"notiflow-admin: the broker at {redact_url(settings.amqp_url)} refused "
+            f"the login: check the user, the password and the virtual host in "
+            f"NOTIFLOW_AMQP_URL ({exc})",
+            file=sys.stderr,
+        )
+        return 1
     except _UNREACHABLE as exc:
-        return _cannot_reach(settings, exc)
+        return _cannot_reach(args, settings, exc)
     except OSError as exc:
         if exc.errno not in _NO_ROUTE:
             raise
-        return _cannot_reach(settings, exc)
+        return _cannot_reach(args, settings, exc)
     except asyncpg.PostgresError as exc:
         print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
         return 1
     except aio_pika.exceptions.AMQPError as exc:
-        print(f"notiflow-admin: the broker refused: {exc!r}", file=sys.stderr)
+        # RabbitMQ closes the connection as it opens for a virtual host that does
+        # not exist or that the user may not use; aiormq reports an odd frame.
+        print(
+            f"notiflow-admin: the broker at {redact_url(settings.amqp_url)} refused: "
+            f"{exc!r}; check that the virtual host in NOTIFLOW_AMQP_URL exists and "
+            f"the user may use it",
+            file=sys.stderr,
+        )
         return 1
     return code
 
 
-def _cannot_reach(settings: Settings, exc: BaseException) -> int:
-    where = f"{redact_url(settings.amqp_url)} / {redact_url(settings.database_url)}"
+def _cannot_reach(
+    args: argparse.Namespace, settings: Settings, exc: BaseException
+) -> int:
+    # The dead-letter commands talk to the broker only, requeue to the database.
+    if args.command == "dlq":
+        where = f"the broker at {redact_url(settings.amqp_url)}"
+    else:
+        where = f"the database at {redact_url(settings.database_url)}"
     print(f"notiflow-admin: cannot reach {where}: {exc!r}", file=sys.stderr)
     return 1
