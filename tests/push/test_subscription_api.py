@@ -487,3 +487,51 @@ async def test_a_subscription_id_not_written_in_canonical_decimal_removes_nothin
         fields = [f["field"] for f in resp.json()["fields"]]
         assert fields == ["subscription_id"], spelling
     assert [s["id"] for s in kept.json()] == [mine]
+
+
+@pytest.mark.integration
+async def test_a_token_for_a_user_who_does_not_exist_is_401_and_changes_nothing(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    device = push_service.device().subscription()
+    bobs = await api.post(
+        "/push/subscriptions", json=device, headers=auth(settings, demo.bob)
+    )
+    ghost_id = demo.dave + 1000
+    ghost = auth(settings, ghost_id)
+
+    listed = await api.get("/push/subscriptions", headers=ghost)
+    # Bob's browser, which a subscription for another user would move.
+    taken = await api.post("/push/subscriptions", json=device, headers=ghost)
+    fresh = await api.post(
+        "/push/subscriptions", json=push_service.device().subscription(), headers=ghost
+    )
+    removed = await api.delete(
+        f"/push/subscriptions/{bobs.json()['id']}", headers=ghost
+    )
+    missing = await api.delete("/push/subscriptions/999999", headers=ghost)
+
+    answers = [listed, taken, fresh, removed, missing]
+    assert [r.status_code for r in answers] == [401] * 5
+    for resp in answers:
+        assert resp.headers["www-authenticate"] == "Bearer"
+        assert resp.json() == {
+            "error": "unauthorized",
+            "detail": f"the token names user {ghost_id}, who does not exist",
+        }
+    stored = await db.fetch("SELECT id, user_id FROM push_subscriptions")
+    assert [tuple(r) for r in stored] == [(bobs.json()["id"], demo.bob)]
+
+
+@pytest.mark.integration
+async def test_a_user_without_subscriptions_lists_none(
+    settings: Settings, demo: Demo, api: httpx.AsyncClient
+) -> None:
+    resp = await api.get("/push/subscriptions", headers=auth(settings, demo.carol))
+
+    assert resp.status_code == 200
+    assert resp.json() == []

@@ -115,7 +115,8 @@ async def test_a_last_event_id_that_names_no_notification_starts_the_stream_live
 async def test_a_signed_token_for_a_user_who_does_not_exist_gets_401(
     settings: Settings, gateway: Service, demo: Demo, method: str, path: str
 ) -> None:
-    ghost = issue_token(max(demo.alice, demo.bob, demo.carol) + 1000, "ghost", settings)
+    ghost_id = max(demo.alice, demo.bob, demo.carol) + 1000
+    ghost = issue_token(ghost_id, "ghost", settings)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
         header = await client.request(
             method, path, headers={"Authorization": f"Bearer {ghost}"}
@@ -126,7 +127,9 @@ async def test_a_signed_token_for_a_user_who_does_not_exist_gets_401(
     assert header.headers["www-authenticate"] == "Bearer"
     if method != "HEAD":
         found = assert_json_error(header, "unauthorized")
-        assert found["detail"] == "unknown user"
+        assert found["detail"] == (
+            f"the token names user {ghost_id}, who does not exist"
+        )
 
 
 @pytest.mark.parametrize(

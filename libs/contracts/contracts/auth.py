@@ -26,6 +26,19 @@ class InvalidToken(Exception):
     """The token is missing, malformed, forged or expired; answer 401."""
 
 
+class UnknownUser(InvalidToken):
+    """The token is genuine but names a user who is not stored; answer 401.
+
+    A signature proves only that the token was made with our secret: its user may
+    have been deleted since, or never existed. Every service refuses such a token
+    as it refuses a forged one, in these words, and stores nothing for it.
+    """
+
+    def __init__(self, user_id: int) -> None:
+        super().__init__(f"the token names user {user_id}, who does not exist")
+        self.user_id = user_id
+
+
 @dataclass(frozen=True)
 class Principal:
     user_id: int

@@ -24,7 +24,7 @@ from pydantic import (
 
 from comments import repository as sql
 from contracts import topology, tracing
-from contracts.auth import MAX_ID, Principal, bearer, verify_token
+from contracts.auth import MAX_ID, Principal, UnknownUser, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import Conflict, NotFound, PathId, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
@@ -95,10 +95,14 @@ async def list_users(
 ) -> list[dict[str, Any]]:
     # The demo page lists users to sign in as; elsewhere the directory is for
     # signed-in users only.
+    user = None
     if rt.settings.env != "development":
-        verify_token(bearer(authorization), rt.settings)
+        user = verify_token(bearer(authorization), rt.settings)
     async with transaction(rt.db, rt.settings.db_acquire_timeout) as conn:
         rows = await conn.fetch(sql.LIST_USERS)
+    # The directory names every user, so it also tells whether the token's exists.
+    if user is not None and not any(row["id"] == user.user_id for row in rows):
+        raise UnknownUser(user.user_id)
     return [dict(row) for row in rows]
 
 
@@ -150,20 +154,23 @@ async def create_comment(
 
     async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction():
-            row = await conn.fetchrow(
-                sql.CREATE_COMMENT,
-                new.post_id,
-                user.user_id,
-                new.body,
-                idempotency_key,
-                request_hash,
-            )
+            try:
+                row = await conn.fetchrow(
+                    sql.CREATE_COMMENT,
+                    new.post_id,
+                    user.user_id,
+                    new.body,
+                    idempotency_key,
+                    request_hash,
+                )
+            except asyncpg.ForeignKeyViolationError as exc:
+                # The key's claim names the token's user, whose row must exist.
+                if exc.constraint_name not in _USER_KEYS:
+                    raise
+                raise UnknownUser(user.user_id) from None
             if idempotency_key is not None and not row["claimed"]:
                 return await _replay(conn, user, idempotency_key, request_hash)
-            if not row["post_exists"]:
-                raise NotFound(f"post {new.post_id} does not exist")
-            if row["author_id"] is None:
-                raise NotFound(f"user {user.user_id} named by the token does not exist")
+            _require_author_and_post(row, new, user)
 
             event = CommentCreated(
                 event_id=uuid.uuid4(),
@@ -216,15 +223,31 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
             f"{CommentCreated.MAJOR}.{CommentCreated.MINOR}",
             datetime.now(UTC).isoformat(),
         )
-    if not row["post_exists"]:
-        raise NotFound(f"post {new.post_id} does not exist")
-    if row["author_id"] is None:
-        raise NotFound(f"user {user.user_id} named by the token does not exist")
+    _require_author_and_post(row, new, user)
     # Committed: this process's relay publishes the event now.
     if rt.relay is not None:
         rt.relay.hand_off([sql.outbox_row(row)])
     _log_stored(row["id"], new.post_id, event_id)
     return JSONResponse(_created(new, row, event_id), status_code=201)
+
+
+# Foreign keys to users that the comment statements can break: only when the
+# token's user is missing, or was deleted while the statement ran.
+_USER_KEYS = frozenset({"idempotency_keys_user_id_fkey", "comments_author_id_fkey"})
+
+
+def _require_author_and_post(
+    row: asyncpg.Record, new: NewComment, user: Principal
+) -> None:
+    """401 for a token whose user is not stored, then 404 for a missing post.
+
+    The statement that stored nothing says why. The token is judged first, as
+    the other services judge it before they look at anything the request names.
+    """
+    if row["author_id"] is None:
+        raise UnknownUser(user.user_id)
+    if not row["post_exists"]:
+        raise NotFound(f"post {new.post_id} does not exist")
 
 
 def _log_stored(comment_id: int, post_id: int, event_id: str) -> None:

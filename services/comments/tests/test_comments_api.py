@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -174,7 +175,7 @@ async def test_comment_of_only_invisible_characters_is_refused(
     for body, resp in zip(INVISIBLE_BODIES, answers, strict=True):
         assert resp.status_code == 422, ascii(body)
         assert resp.json()["fields"] == [
-            {"field": "body", "message": "Value error, must contain text"}
+            {"field": "body", "message": "must contain text"}
         ]
     assert await counts(settings) == (0, 0)
 
@@ -224,11 +225,14 @@ async def test_unknown_post_is_404_and_stores_nothing(
     assert await counts(settings) == (0, 0)
 
 
-async def test_a_token_for_a_user_not_in_the_database_is_404_and_stores_nothing(
-    client: httpx.AsyncClient, settings: Settings, demo: Demo
+@pytest.mark.parametrize("key", [None, "c1f0e9d8-7b6a-4c5d-8e9f-0a1b2c3d4e5f"])
+async def test_a_token_for_a_user_not_in_the_database_is_401_and_stores_nothing(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo, key: str | None
 ) -> None:
     missing_user = demo.dave + 1000
     headers = auth(settings, missing_user, "ghost")
+    if key is not None:
+        headers["Idempotency-Key"] = key
 
     on_a_post = await client.post(
         "/comments", json={"post_id": demo.post, "body": "hi"}, headers=headers
@@ -236,15 +240,21 @@ async def test_a_token_for_a_user_not_in_the_database_is_404_and_stores_nothing(
     on_no_post = await client.post(
         "/comments", json={"post_id": 999999, "body": "hi"}, headers=headers
     )
+    directory = await client.get("/users", headers=headers)
 
-    assert on_a_post.status_code == 404
-    assert on_a_post.json()["detail"] == (
-        f"user {missing_user} named by the token does not exist"
-    )
-    assert on_no_post.json()["detail"] == "post 999999 does not exist", (
-        "a missing post is reported before a missing author"
-    )
+    for resp in (on_a_post, on_no_post, directory):
+        assert resp.status_code == 401, resp.text
+        assert resp.headers["www-authenticate"] == "Bearer"
+        assert resp.json() == {
+            "error": "unauthorized",
+            "detail": f"the token names user {missing_user}, who does not exist",
+        }
     assert await counts(settings) == (0, 0)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+    finally:
+        await conn.close()
 
 
 async def test_a_refused_comment_leaves_its_idempotency_key_free(
@@ -561,3 +571,96 @@ async def test_every_error_carries_the_cors_headers_of_a_normal_answer(
         assert cors(resp) == cors(normal), name
         assert resp.json()["error"], name
     assert await counts(settings) == (0, 0)
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"post_id": 1, "body": "a\xff"}',
+            "is not valid UTF-8: byte 0xff at offset 25",
+        ),
+        (
+            b'{"post_id": 1,\n "body": "a",}',
+            "is not valid JSON: syntax error at line 2 column 14: "
+            "Expecting property name enclosed in double quotes",
+        ),
+        (b"null", "must be a JSON object, not null"),
+        (b"[]", "must be a JSON object, not an array"),
+        (b"", "must be a JSON object; the request has no body"),
+    ],
+    ids=["not-utf8", "not-json", "null", "array", "empty"],
+)
+async def test_a_comment_body_that_is_no_json_object_is_refused_saying_why(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
+    content: bytes,
+    message: str,
+) -> None:
+    resp = await client.post(
+        "/comments",
+        content=content,
+        headers={**JSON, **auth(settings, demo.bob, "bob")},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json() == {
+        "error": "invalid_request",
+        "detail": f"(request body): {message}",
+        "fields": [{"field": "(request body)", "message": message}],
+    }
+    assert await counts(settings) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        ("text/plain", "Content-Type 'text/plain'"),
+        ("application/x-www-form-urlencoded", "Content-Type 'application/x-www"),
+        (None, "no Content-Type"),
+    ],
+    ids=["text", "form", "none"],
+)
+async def test_a_comment_not_sent_as_json_is_415_naming_the_type_it_needs(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
+    content_type: str | None,
+    named: str,
+) -> None:
+    headers = auth(settings, demo.bob, "bob")
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    content = json.dumps({"post_id": demo.post, "body": "hi"}).encode()
+
+    resp = await client.post("/comments", content=content, headers=headers)
+
+    assert resp.status_code == 415, resp.text
+    assert resp.json()["error"] == "unsupported_media_type"
+    assert resp.json()["detail"].startswith(
+        "the body must be sent as application/json (or a +json type); "
+        f"the request gave {named}"
+    )
+    assert await counts(settings) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/vnd.api+json"]
+)
+async def test_a_comment_sent_as_any_json_type_is_stored(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo, content_type: str
+) -> None:
+    content = json.dumps({"post_id": demo.post, "body": "hi"}).encode()
+
+    resp = await client.post(
+        "/comments",
+        content=content,
+        headers={"Content-Type": content_type, **auth(settings, demo.bob, "bob")},
+    )
+
+    assert resp.status_code == 201, resp.text
+    assert await counts(settings) == (1, 1)

@@ -8,6 +8,7 @@ import asyncpg
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from contracts.auth import UnknownUser
 from contracts.db import transaction
 from contracts.http import NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
@@ -58,9 +59,9 @@ async def subscribe(
                 agent,
             )
     except asyncpg.ForeignKeyViolationError:
-        raise NotFound(
-            f"user {user.user_id} named by the token does not exist"
-        ) from None
+        # The row's one foreign key is its user's: the token names no stored user.
+        # The whole transaction rolls back, the release from others included.
+        raise UnknownUser(user.user_id) from None
     return dict(row)
 
 
@@ -68,7 +69,9 @@ async def subscribe(
 async def list_subscriptions(rt: RuntimeDep, user: UserDep) -> list[dict[str, Any]]:
     async with transaction(rt.db) as conn:
         rows = await conn.fetch(subs.LIST_OWN, user.user_id)
-    return [dict(row) for row in rows]
+    if not rows:
+        raise UnknownUser(user.user_id)
+    return [dict(row) for row in rows if row["id"] is not None]
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204)
@@ -76,8 +79,10 @@ async def unsubscribe(
     subscription_id: SubscriptionId, rt: RuntimeDep, user: UserDep
 ) -> Response:
     async with transaction(rt.db) as conn:
-        deleted = await conn.fetchval(subs.DELETE_OWN, subscription_id, user.user_id)
-    if deleted is None:
+        row = await conn.fetchrow(subs.DELETE_OWN, subscription_id, user.user_id)
+    if not row["user_exists"]:
+        raise UnknownUser(user.user_id)
+    if not row["deleted"]:
         # Someone else's subscription looks exactly like a missing one.
         raise NotFound(f"subscription {subscription_id} does not exist")
     return Response(status_code=204)

@@ -106,14 +106,22 @@ SET p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
 RETURNING id, endpoint, user_agent, created_at, last_success_at
 """
 
+# The statements of a user's requests also say whether the user exists, so that a
+# token for a missing user is refused without another round trip. LIST_OWN returns
+# no row for a missing user, and one row of NULLs for a user with no subscriptions.
 LIST_OWN = """
-SELECT id, endpoint, user_agent, created_at, last_success_at
-FROM push_subscriptions WHERE user_id = $1 ORDER BY id
+SELECT s.id, s.endpoint, s.user_agent, s.created_at, s.last_success_at
+FROM users u LEFT JOIN push_subscriptions s ON s.user_id = u.id
+WHERE u.id = $1 ORDER BY s.id
 """
 
-DELETE_OWN = (
-    "DELETE FROM push_subscriptions WHERE id = $1 AND user_id = $2 RETURNING id"
+DELETE_OWN = """
+WITH gone AS (
+    DELETE FROM push_subscriptions WHERE id = $1 AND user_id = $2 RETURNING id
 )
+SELECT EXISTS (SELECT FROM users WHERE id = $2) AS user_exists,
+       EXISTS (SELECT FROM gone) AS deleted
+"""
 
 FOR_USER = """
 SELECT id, endpoint, p256dh, auth FROM push_subscriptions

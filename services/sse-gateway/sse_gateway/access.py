@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncpg
 
-from contracts.auth import InvalidToken
+from contracts.auth import UnknownUser
 from sse_gateway.inbox import MAX_ID
 
 USER_EXISTS = "SELECT 1 FROM users WHERE id = $1"
 
 
 async def require_user(pg: asyncpg.Connection, user_id: int) -> None:
-    """Raise :class:`InvalidToken` (answer 401) unless the user is stored."""
+    """Raise :class:`UnknownUser` (answer 401) unless the user is stored."""
     # An id outside bigint cannot be stored, and asyncpg would refuse to send it.
     if not 1 <= user_id <= MAX_ID:
-        raise InvalidToken("unknown user")
+        raise UnknownUser(user_id)
     if await pg.fetchval(USER_EXISTS, user_id) is None:
-        raise InvalidToken("unknown user")
+        raise UnknownUser(user_id)
