@@ -119,7 +119,7 @@ async def test_a_non_ascii_idempotency_key_is_refused_and_nothing_is_stored(
     assert resp.json()["fields"] == [
         {
             "field": "idempotency-key",
-            "message": "Value error, must be printable ASCII, such as a UUID",
+            "message": "must be printable ASCII, such as a UUID",
         }
     ]
     assert await _counts(db) == before

@@ -8,6 +8,10 @@ before they are read in full, and a JSON body that gives one key twice is refuse
 with 422 naming the key, before any route sees it. Ids in a path are taken only as
 written in canonical decimal (:data:`PathId`).
 
+A route that takes a JSON body answers 415 to a body sent as another type, or with
+no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
+one that is not UTF-8, not JSON, or not a JSON object.
+
 Every answer, errors and the 500 of a crash included, passes through the CORS
 middleware a service adds, so that a page on an allowed origin can read why it
 was refused.
@@ -59,6 +63,11 @@ def error(status: int, code: str, detail: Any, **headers: str) -> JSONResponse:
     )
 
 
+JSON_TYPES = "application/json (or a +json type)"
+# What pydantic says of a body that is no object, when the route wants one.
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+
+
 def _field(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     if err["type"] == "json_invalid" or loc == ("body",):
@@ -67,6 +76,76 @@ def _field(err: dict[str, Any]) -> str:
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or parts
     return ".".join(parts)
+
+
+def _message(err: dict[str, Any], exc: RequestValidationError) -> str:
+    """What is wrong, in words that name the request's own mistake."""
+    if err["type"] == "json_invalid":
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            return (
+                f"is not valid JSON: syntax error at line {cause.lineno} "
+                f"column {cause.colno}: {cause.msg}"
+            )
+    if tuple(err["loc"]) == ("body",):
+        if err["type"] in _NOT_AN_OBJECT:
+            return f"must be a JSON object, not {_json_kind(err.get('input'))}"
+        if err["type"] == "missing":
+            return "must be a JSON object; the request has no body"
+    # pydantic puts "Value error, " before what a validator's ValueError says.
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+def _unparsed_body(errors: list[dict[str, Any]]) -> bool:
+    """Whether the route wanted JSON and got a body FastAPI left unparsed.
+
+    FastAPI parses a body as JSON only when its ``Content-Type`` says JSON; any
+    other body reaches validation as the raw bytes.
+    """
+    return any(
+        tuple(err["loc"]) == ("body",) and isinstance(err.get("input"), bytes)
+        for err in errors
+    )
+
+
+def _unsupported_media_type(request: Request) -> JSONResponse:
+    given = request.headers.get("content-type")
+    sent = f"Content-Type {given!r}" if given else "no Content-Type"
+    return error(
+        415,
+        "unsupported_media_type",
+        f"the body must be sent as {JSON_TYPES}; the request gave {sent}",
+    )
+
+
+def _unreadable_body(cause: BaseException | None) -> str | None:
+    """What made FastAPI give up reading a JSON body, when the sender caused it."""
+    if isinstance(cause, UnicodeDecodeError):
+        # JSON travels as UTF-8. The parser guesses UTF-16 or UTF-32 from a body's
+        # first bytes, but a body that fails that guess is reported as UTF-8.
+        body = bytes(cause.object)
+        try:
+            body.decode()
+        except UnicodeDecodeError as utf8:
+            cause = utf8
+        byte = body[cause.start : cause.start + 1].hex()
+        encoding = cause.encoding.upper()
+        return f"is not valid {encoding}: byte 0x{byte} at offset {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "nests arrays or objects too deeply"
+    return None
 
 
 def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
@@ -106,8 +185,11 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
     )
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid_request([(_field(err), err["msg"]) for err in exc.errors()])
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if _unparsed_body(errors):
+            return _unsupported_media_type(request)
+        return invalid_request([(_field(err), _message(err, exc)) for err in errors])
 
     @app.exception_handler(InvalidToken)
     async def unauthorized(_: Request, exc: InvalidToken) -> JSONResponse:
@@ -123,6 +205,10 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI answers 400 "There was an error parsing the body", and no more,
+        # to a JSON body it could not decode; the exception it chains says why.
+        if exc.status_code == 400 and (problem := _unreadable_body(exc.__cause__)):
+            return invalid_request([(WHOLE_BODY, problem)])
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         code = codes.get(exc.status_code, "http_error")
         return error(exc.status_code, code, exc.detail, **(exc.headers or {}))

@@ -40,16 +40,19 @@ async def bob(settings: Settings, demo: Demo) -> AsyncIterator[httpx.AsyncClient
             yield client
 
 
+# A body, how it is sent, and the answer: 422 naming the field, or 415 for a body
+# that is not sent as JSON.
 REFUSED = [
-    (b"{oops", JSON, "(request body)"),
-    (b"   ", JSON, "(request body)"),
-    (b"[]", JSON, "(request body)"),
-    (b"null", JSON, "(request body)"),
-    (b'"all"', JSON, "(request body)"),
-    (b'{"before": 5}', JSON, "before"),
-    (b'{"before": 5, "before": 6}', JSON, "before"),
-    (b"{}", {"Content-Type": "text/plain"}, "(request body)"),
-    (b"everything", {}, "(request body)"),
+    (b"{oops", JSON, 422, "(request body)"),
+    (b"   ", JSON, 422, "(request body)"),
+    (b"[]", JSON, 422, "(request body)"),
+    (b"null", JSON, 422, "(request body)"),
+    (b'"all"', JSON, 422, "(request body)"),
+    (b'{"before": 5}', JSON, 422, "before"),
+    (b'{"before": 5, "before": 6}', JSON, 422, "before"),
+    (b"{\xff}", JSON, 422, "(request body)"),
+    (b"{}", {"Content-Type": "text/plain"}, 415, None),
+    (b"everything", {}, 415, None),
 ]
 
 
@@ -62,13 +65,17 @@ async def test_read_all_with_any_other_body_is_refused_and_marks_nothing(
 
     answers = [
         await bob.post("/inbox/read-all", content=content, headers=headers)
-        for content, headers, _ in REFUSED
+        for content, headers, _, _ in REFUSED
     ]
 
-    for (content, _, field), answer in zip(REFUSED, answers, strict=True):
-        assert answer.status_code == 422, (content, answer.text)
-        assert answer.json()["error"] == "invalid_request"
-        assert answer.json()["fields"][0]["field"] == field, content
+    for (content, _, status, field), answer in zip(REFUSED, answers, strict=True):
+        assert answer.status_code == status, (content, answer.text)
+        if status == 415:
+            assert answer.json()["error"] == "unsupported_media_type"
+            assert "application/json" in answer.json()["detail"]
+        else:
+            assert answer.json()["error"] == "invalid_request"
+            assert answer.json()["fields"][0]["field"] == field, content
     assert (await bob.get("/inbox/unread-count")).json() == {"unread": 3}
 
 
@@ -98,12 +105,12 @@ async def test_changing_one_notification_with_a_body_is_refused_and_changes_noth
 
     answers = [
         await bob.post(f"/inbox/{mine}/{action}", content=content, headers=headers)
-        for content, headers, _ in REFUSED
+        for content, headers, _, _ in REFUSED
     ]
     bare = await bob.post(f"/inbox/{mine}/{action}")
 
-    for content, answer in zip(REFUSED, answers, strict=True):
-        assert answer.status_code == 422, (content, answer.text)
+    for (content, _, status, _), answer in zip(REFUSED, answers, strict=True):
+        assert answer.status_code == status, (content, answer.text)
     assert bare.status_code == 200
     assert bare.json()["unread"] == 0
 
