@@ -35,8 +35,8 @@ ORDER BY c.id
 # One round trip for what used to take three or four: claim the Idempotency-Key ($4,
 # when there is one), look up the post and the author, and insert the comment only
 # when the key was claimed and both exist. The row always comes back and says which
-# step stopped the insert, in the order the API reports them: a key already claimed
-# (replay), then a missing post, then a missing author.
+# step stopped the insert, in the order the API reports them: a missing author (the
+# token names no user), then a key already claimed (replay), then a missing post.
 #
 # The key row is inserted first: a concurrent request with the same key waits on the
 # primary key until the first commits, then finds the stored response. A data-modifying
