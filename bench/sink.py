@@ -19,11 +19,13 @@ import time
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.support.smtp import OffersPipelining
+
 # The email sender writes the notification id as a header and in the Message-ID.
 _ID = re.compile(rb"X-Notiflow-Notification-Id:\s*(\d+)|<notification-(\d+)@", re.I)
 
 
-class CountingSink:
+class CountingSink(OffersPipelining):
     """Start with ``with CountingSink(port) as sink:``; read :attr:`arrivals`."""
 
     def __init__(self, port: int, pipelining: bool = True) -> None:
@@ -43,20 +45,6 @@ class CountingSink:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        # aiosmtpd leaves the session's host name to a handler with this hook.
-        session.host_name = hostname
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
 
     async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope

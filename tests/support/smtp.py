@@ -82,7 +82,29 @@ class _Controller(Controller):
         return _Protocol(self.handler, **self.SMTP_kwargs)
 
 
-class SmtpServer:
+class OffersPipelining:
+    """An aiosmtpd handler that offers PIPELINING (RFC 2920) while
+    :attr:`pipelining` is true. aiosmtpd reads commands line by line, so it takes
+    pipelined ones as they come; it only never says so itself."""
+
+    pipelining = True
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd leaves the session's host name to a handler with this hook.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+
+class SmtpServer(OffersPipelining):
     """Start with ``with SmtpServer() as smtp:``; point NOTIFLOW_SMTP_PORT at it."""
 
     def __init__(
@@ -117,20 +139,6 @@ class SmtpServer:
         while self.hanging and time.monotonic() < deadline:
             time.sleep(0.02)
         self._controller.stop()
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        # aiosmtpd leaves the session's host name to a handler with this hook.
-        session.host_name = hostname
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
 
     def then(self, *behaviours: Behaviour) -> SmtpServer:
         """The next connections behave like this, in order."""

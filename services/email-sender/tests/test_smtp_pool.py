@@ -102,8 +102,7 @@ class Server(SmtpServer):
         starttls: ssl.SSLContext | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__()
-        self.pipelining = pipelining
+        super().__init__(pipelining=pipelining)
         self.reads: list[bytes] = []
         self.mail_options: list[list[str]] = []
         self.replies: dict[str, str] = {}
@@ -132,19 +131,6 @@ class Server(SmtpServer):
         """Each read from clients, but for EHLO, STARTTLS and QUIT."""
         skipped = (b"EHLO", b"STARTTLS", b"QUIT")
         return [r for r in self.reads if not r.startswith(skipped)]
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
 
     async def handle_MAIL(
         self,
