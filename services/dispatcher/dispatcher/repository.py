@@ -73,6 +73,8 @@ SELECT ARRAY(SELECT id FROM events WHERE id = ANY($1::uuid[])) AS stored,
 """
 
 NOTIFICATION_FIELDS = ("id", "event_id", "type", "channel", "status")
+# How many array parameters :data:`STORE` takes for the rows ($7–$18).
+ROW_PARAMETERS = 12
 QUEUED_FIELDS = (
     "id",
     "exchange",

@@ -187,7 +187,9 @@ class Dispatcher:
             )
         # (event, user, type): the unique key, in the same order in every dispatcher.
         rows.sort(key=lambda r: (r[0], r[2], r[6]))
-        row_columns = [list(column) for column in zip(*rows, strict=True)] or [[]] * 12
+        row_columns = [list(column) for column in zip(*rows, strict=True)] or [
+            [] for _ in range(sql.ROW_PARAMETERS)
+        ]
 
         if traces is None:
             traces = [tracing.inject()] * len(events)
