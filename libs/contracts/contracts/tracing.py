@@ -8,10 +8,12 @@ Spans are always made, so every log line can carry a ``trace_id``; they are reco
 and exported only when the standard OTLP variables say where to
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless
 ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``. A process that exports
-nothing makes its spans non-recording: they still carry and pass on the trace id, but
-keep no attributes or timings, which no one would read. Their trace context goes on
-marked "not sampled", so turn export on for every service or for none: a service
-that exports but continues a trace from one that does not leaves its spans out too.
+nothing records nothing: where a message or request brings a trace, :func:`span`
+makes no span of its own and carries the caller's context on as it came, so the
+trace id still reaches the logs and the next service; where none comes, it starts a
+non-recording one. That context goes on marked "not sampled", so turn export on for
+every service or for none: a service that exports but continues a trace from one
+that does not leaves its spans out too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from opentelemetry.trace import Span, SpanKind
 
 _tracer = trace.get_tracer("notiflow")
 _configured = False
+_exporting = False
 
 
 def exporting() -> bool:
@@ -44,9 +47,10 @@ def exporting() -> bool:
 
 def configure(service: str) -> None:
     """Install the tracer provider for this process; call once at the entrypoint."""
-    global _configured, _tracer
+    global _configured, _exporting, _tracer
     if _configured:
         return
+    _exporting = exporting()
     provider = TracerProvider(
         resource=Resource.create({"service.name": f"notiflow-{service}"}),
         sampler=None if exporting() else ALWAYS_OFF,
@@ -78,11 +82,23 @@ def span(
     kind: SpanKind = SpanKind.INTERNAL,
     attributes: Mapping[str, Any] | None = None,
 ) -> Iterator[Span]:
-    """A span, continuing the trace in ``parent_headers`` when they carry one."""
+    """A span, continuing the trace in ``parent_headers`` when they carry one.
+
+    In a process that exports nothing, a trace that came in is carried on as it is,
+    with no span of its own: making one would only cost the time to make it.
+    """
     token = None
     if parent_headers is not None:
         carrier = {k: str(v) for k, v in parent_headers.items()}
-        token = context.attach(propagate.extract(carrier))
+        parent = propagate.extract(carrier)
+        token = context.attach(parent)
+        caller = trace.get_current_span(parent)
+        if not _exporting and caller.get_span_context().is_valid:
+            try:
+                yield caller
+            finally:
+                context.detach(token)
+            return
     try:
         with _tracer.start_as_current_span(
             name, kind=kind, attributes=dict(attributes or {})
