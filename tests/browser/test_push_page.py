@@ -272,15 +272,22 @@ async def test_the_worker_shows_a_push_and_tags_it_by_thread(
     await state(page, "off")
     cdp = await context.new_cdp_session(page)
     registrations: list[dict[str, Any]] = []
+    versions: list[dict[str, Any]] = []
     cdp.on(
         "ServiceWorker.workerRegistrationUpdated",
         lambda event: registrations.extend(event["registrations"]),
     )
+    cdp.on(
+        "ServiceWorker.workerVersionUpdated",
+        lambda event: versions.extend(event["versions"]),
+    )
     await cdp.send("ServiceWorker.enable")
     await page.click("#push-toggle")
     await state(page, "on")
+    # A registration is seen before its worker is activated, and a push delivered
+    # to a registration with no activated worker is dropped.
     registration = await eventually(
-        lambda: _live(registrations), what="worker registration seen"
+        lambda: _activated(registrations, versions), what="worker activated"
     )
 
     payload = {
@@ -289,27 +296,33 @@ async def test_the_worker_shows_a_push_and_tags_it_by_thread(
         "url": f"{site.page_url}/?post=42#comment-7",
         "notification_id": 7,
     }
-    await cdp.send(
-        "ServiceWorker.deliverPushMessage",
-        {
-            "origin": site.page_url,
-            "registrationId": registration["registrationId"],
-            "data": json.dumps(payload),
-        },
-    )
-
-    shown = await page.evaluate(
-        """async () => {
-            const r = await navigator.serviceWorker.ready;
-            for (let i = 0; i < 100; i++) {
-                const found = await r.getNotifications();
-                if (found.length) return found.map(n => ({
-                    title: n.title, body: n.body, tag: n.tag, data: n.data }));
-                await new Promise(done => setTimeout(done, 50));
-            }
-            return [];
-        }"""
-    )
+    # Headless Chromium now and then drops a push that DevTools delivers to a
+    # worker it has only just activated; the harness then delivers it again (one
+    # thread's notifications share a tag, so a second copy replaces the first).
+    shown: list[dict[str, Any]] = []
+    for _ in range(3):
+        await cdp.send(
+            "ServiceWorker.deliverPushMessage",
+            {
+                "origin": site.page_url,
+                "registrationId": registration["registrationId"],
+                "data": json.dumps(payload),
+            },
+        )
+        shown = await page.evaluate(
+            """async () => {
+                const r = await navigator.serviceWorker.ready;
+                for (let i = 0; i < 60; i++) {
+                    const found = await r.getNotifications();
+                    if (found.length) return found.map(n => ({
+                        title: n.title, body: n.body, tag: n.tag, data: n.data }));
+                    await new Promise(done => setTimeout(done, 50));
+                }
+                return [];
+            }"""
+        )
+        if shown:
+            break
     assert shown == [
         {
             "title": "Carol mentioned you",
@@ -321,5 +334,17 @@ async def test_the_worker_shows_a_push_and_tags_it_by_thread(
     await context.close()
 
 
-async def _live(registrations: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in registrations if not r["isDeleted"]), None)
+async def _activated(
+    registrations: list[dict[str, Any]], versions: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The live registration whose latest worker version is activated, if any."""
+    latest = {r["registrationId"]: r for r in registrations}
+    status = {v["registrationId"]: v["status"] for v in versions}
+    return next(
+        (
+            r
+            for r in latest.values()
+            if not r["isDeleted"] and status.get(r["registrationId"]) == "activated"
+        ),
+        None,
+    )
