@@ -45,7 +45,6 @@ from contracts import metrics, topology
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.messages import DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
-from contracts.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +201,8 @@ class Swept(NamedTuple):
 
 class LeaseSweeper:
     """Runs :func:`recover` and :func:`republish_pending` every ``interval`` seconds
-    until stopped.
-
-    ``pending_age_seconds`` not given is read from the environment,
-    ``NOTIFLOW_PENDING_REPUBLISH_SECONDS`` (:func:`~contracts.settings.get_settings`),
-    so that every sender's sweeper honours the setting.
-    """
+    until stopped. ``pending_age_seconds`` is the service's
+    ``pending_republish_seconds`` setting."""
 
     def __init__(
         self,
@@ -217,10 +212,8 @@ class LeaseSweeper:
         interval: float,
         grace_seconds: float,
         max_attempts: int,
-        pending_age_seconds: float | None = None,
+        pending_age_seconds: float,
     ) -> None:
-        if pending_age_seconds is None:
-            pending_age_seconds = get_settings().pending_republish_seconds
         self._pool = pool
         self._types = tuple(types)
         self._interval = interval
