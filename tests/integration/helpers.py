@@ -9,6 +9,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+from prometheus_client import REGISTRY
 
 from contracts import topology
 from contracts.messages import DeliveryRequested
@@ -118,3 +119,16 @@ def reason(message: aio_pika.abc.AbstractMessage) -> str:
 
 def body(message: aio_pika.abc.AbstractMessage) -> Any:
     return json.loads(message.body)
+
+
+def counted(name: str, **labels: str) -> float:
+    """The counter ``name`` of this process so far, summed over the samples whose
+    labels include ``labels``."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == name
+        for sample in metric.samples
+        if sample.name == f"{name}_total"
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

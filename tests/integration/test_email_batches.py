@@ -36,6 +36,11 @@ pytestmark = pytest.mark.integration
 EMAIL_QUEUE = topology.delivery_queue("email")
 
 
+def _handled() -> float:
+    """Messages taken from the email queue so far, however they ended."""
+    return helpers.counted("notiflow_messages_handled", queue=EMAIL_QUEUE)
+
+
 class BusyMailboxes(SmtpServer):
     """Answers RCPT for the addresses in :attr:`busy` with a 451, once each, and
     takes :attr:`slow_seconds` over the DATA of a message to one in :attr:`slow`."""
@@ -204,18 +209,6 @@ async def test_a_redelivered_batch_sends_nothing_twice_and_settles_each_message(
     assert waiting["status"] == "retrying" and waiting["attempts"] == 1
     assert helpers.body(dead)["notification_id"] == gone
     assert helpers.reason(dead) == f"notification {gone} not found"
-
-
-def _handled() -> float:
-    """Messages taken from the email queue so far, however they ended."""
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "notiflow_messages_handled"
-        for sample in metric.samples
-        if sample.name == "notiflow_messages_handled_total"
-        and sample.labels.get("queue") == EMAIL_QUEUE
-    )
 
 
 async def test_a_transient_failure_in_a_batch_retries_only_that_email(

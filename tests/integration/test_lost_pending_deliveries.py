@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 import aio_pika
 import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 
 from contracts import topology
 from contracts.db import create_pool
@@ -40,6 +39,16 @@ from tests.support.waiting import eventually
 pytestmark = pytest.mark.integration
 
 EMAIL_QUEUE = topology.delivery_queue("email")
+
+
+def _handled() -> float:
+    """Messages taken from the email queue so far, however they ended."""
+    return helpers.counted("notiflow_messages_handled", queue=EMAIL_QUEUE)
+
+
+def _republished() -> float:
+    return helpers.counted("notiflow_deliveries_recovered", how="republished")
+
 
 # The age the sweepers of these tests wait for, in seconds.
 AGE = 60.0
@@ -112,13 +121,13 @@ async def test_a_pending_row_whose_message_was_purged_is_sent_by_the_email_sende
     # Pending for longer than the sender's own sweeper waits, whatever it is set to.
     await pending_for(db, note, settings.pending_republish_seconds + 60)
 
-    counted = _recovered("republished")
+    counted = _republished()
     with caplog.at_level(logging.WARNING, logger="contracts.recovery"):
         async with email_sender() as app:
             row = await eventually(lambda: _sent(db, note), what="sent")
             republished = app.state.sweeper.republished
 
-    assert _recovered("republished") - counted == 1
+    assert _republished() - counted == 1
     assert row["attempts"] == 1
     assert row["republished_at"] is not None
     assert list(smtp.message_ids().values()) == [1]
@@ -177,30 +186,6 @@ async def test_a_republished_row_whose_first_message_survived_is_sent_once(
     assert len(smtp.received) == 1
     assert dead == []
     assert await outbox(db) == []
-
-
-def _recovered(how: str) -> float:
-    """Deliveries the sweepers of this process counted as put back, by ``how``."""
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "notiflow_deliveries_recovered"
-        for sample in metric.samples
-        if sample.name == "notiflow_deliveries_recovered_total"
-        and sample.labels.get("how") == how
-    )
-
-
-def _handled() -> float:
-    """Messages taken from the email queue so far, however they ended."""
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "notiflow_messages_handled"
-        for sample in metric.samples
-        if sample.name == "notiflow_messages_handled_total"
-        and sample.labels.get("queue") == EMAIL_QUEUE
-    )
 
 
 async def test_two_claims_of_one_pending_row_let_only_one_worker_through(
