@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -80,15 +80,20 @@ class FakeDNS:
     """Answers look-ups from a table, so that no test asks a real resolver.
 
     A name missing from ``records`` does not exist; one in ``slow`` never answers.
+    ``during_lookup``, when set, runs inside each look-up, to change the world
+    while the server waits for an answer.
     """
 
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
         self.slow: set[str] = set()
         self.asked: list[str] = []
+        self.during_lookup: Callable[[], Awaitable[object]] | None = None
 
     async def __call__(self, host: str, port: int) -> list[str]:
         self.asked.append(host)
+        if self.during_lookup is not None:
+            await self.during_lookup()
         if host in self.slow:
             await asyncio.Event().wait()
         if host not in self.records:

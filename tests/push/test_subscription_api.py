@@ -325,19 +325,21 @@ async def test_without_an_allow_list_only_public_https_hosts_are_accepted(
         ({}, "does not resolve"),
     ],
 )
+@pytest.mark.integration
 async def test_a_name_that_resolves_to_a_non_public_address_is_refused(
-    open_api: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
     dns: FakeDNS,
+    dns_api: httpx.AsyncClient,
     records: dict[str, list[str]],
     says: str,
 ) -> None:
     dns.records.update(records)
-    token = issue_token(1, "bob", Settings())
 
-    resp = await open_api.post(
+    resp = await dns_api.post(
         "/push/subscriptions",
         json=_with(endpoint="https://push.example.net/x"),
-        headers={"Authorization": f"Bearer {token}"},
+        headers=auth(settings, demo.bob),
     )
 
     assert resp.status_code == 422, resp.text
@@ -525,6 +527,63 @@ async def test_a_token_for_a_user_who_does_not_exist_is_401_and_changes_nothing(
         }
     stored = await db.fetch("SELECT id, user_id FROM push_subscriptions")
     assert [tuple(r) for r in stored] == [(bobs.json()["id"], demo.bob)]
+
+
+@pytest.mark.integration
+async def test_a_token_for_a_user_who_does_not_exist_resolves_no_endpoint_host(
+    settings: Settings,
+    demo: Demo,
+    dns: FakeDNS,
+    dns_api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    dns.records["push.example.net"] = ["93.184.216.34"]
+    ghost_id = demo.dave + 1000
+
+    resp = await dns_api.post(
+        "/push/subscriptions",
+        json=_with(endpoint="https://push.example.net/x"),
+        headers=auth(settings, ghost_id),
+    )
+
+    assert resp.status_code == 401, resp.text
+    assert resp.headers["www-authenticate"] == "Bearer"
+    assert resp.json() == {
+        "error": "unauthorized",
+        "detail": f"the token names user {ghost_id}, who does not exist",
+    }
+    assert dns.asked == []
+    assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
+
+
+@pytest.mark.integration
+async def test_a_user_deleted_while_the_endpoint_resolves_is_401_and_stores_nothing(
+    settings: Settings,
+    demo: Demo,
+    dns: FakeDNS,
+    dns_api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    erin = await db.fetchval(
+        "INSERT INTO users (username, display_name) VALUES ('erin', 'Erin') "
+        "RETURNING id"
+    )
+    dns.records["push.example.net"] = ["93.184.216.34"]
+    dns.during_lookup = lambda: db.execute("DELETE FROM users WHERE id = $1", erin)
+
+    resp = await dns_api.post(
+        "/push/subscriptions",
+        json=_with(endpoint="https://push.example.net/x"),
+        headers=auth(settings, erin),
+    )
+
+    assert resp.status_code == 401, resp.text
+    assert resp.json() == {
+        "error": "unauthorized",
+        "detail": f"the token names user {erin}, who does not exist",
+    }
+    assert dns.asked == ["push.example.net"]
+    assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
 
 
 @pytest.mark.integration

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from contracts.auth import UnknownUser
-from contracts.db import transaction
+from contracts.db import connection, transaction
 from contracts.http import NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
 from push_sender.endpoints import EndpointPolicy
@@ -39,13 +39,22 @@ async def subscribe(
     user_agent: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     endpoints: EndpointPolicy = request.app.state.endpoints
-    problem = await endpoints.check(new.endpoint)
+    problem = endpoints.problem(new.endpoint)
     if problem:
         _refuse(("body", "endpoint"), problem)
     agent = (user_agent or "")[:MAX_USER_AGENT_CHARS] or None
     if agent and "\x00" in agent:
         # PostgreSQL text cannot hold a NUL.
         _refuse(("header", "user-agent"), "must not contain U+0000")
+    # Checking the endpoint's addresses makes the server resolve a name the
+    # caller chose: only for a user who exists, so that a token whose user was
+    # deleted (or never stored) cannot have it look names up.
+    async with connection(rt.db) as conn:
+        if not await conn.fetchval(subs.USER_EXISTS, user.user_id):
+            raise UnknownUser(user.user_id)
+    problem = await endpoints.check(new.endpoint)
+    if problem:
+        _refuse(("body", "endpoint"), problem)
     try:
         async with transaction(rt.db) as conn:
             await conn.execute(subs.LOCK_ENDPOINT, new.endpoint)
@@ -59,8 +68,9 @@ async def subscribe(
                 agent,
             )
     except asyncpg.ForeignKeyViolationError:
-        # The row's one foreign key is its user's: the token names no stored user.
-        # The whole transaction rolls back, the release from others included.
+        # The row's one foreign key is its user's: the user was deleted since the
+        # check above. The whole transaction rolls back, the release from others
+        # included.
         raise UnknownUser(user.user_id) from None
     return dict(row)
 

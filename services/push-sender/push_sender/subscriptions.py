@@ -106,6 +106,9 @@ SET p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
 RETURNING id, endpoint, user_agent, created_at, last_success_at
 """
 
+# Asked before an endpoint's host is resolved (see ``api.subscribe``).
+USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
+
 # The statements of a user's requests also say whether the user exists, so that a
 # token for a missing user is refused without another round trip. LIST_OWN returns
 # no row for a missing user, and one row of NULLs for a user with no subscriptions.
