@@ -157,7 +157,6 @@ class OutboxRelay:
         self._connection = connection
         self._owns_connection = connection is None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
         self._notify_delay = settings.outbox_notify_delay_seconds
@@ -374,15 +373,6 @@ class OutboxRelay:
             if not self._confirmed:
                 self._delete_by = None
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            if self._channel is None:
-                raise RuntimeError("relay is not started")
-            exchange = await self._channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
-
     async def _publish_batch(self, min_age: float = 0.0) -> int:
         async with self._pool.acquire(timeout=5) as conn, conn.transaction():
             rows = await conn.fetch(CLAIM_SQL, self._batch, min_age)
@@ -414,7 +404,16 @@ class OutboxRelay:
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
 
     async def _publish(self, row: Mapping[str, Any]) -> None:
-        exchange = await self._exchange(row["exchange"])
+        if self._channel is None:
+            raise RuntimeError("relay is not started")
+        # aiormq's channel, not aio-pika's exchange: ``wait=False`` queues the frame
+        # and returns to wait for the confirm, where aio-pika would first wait, under
+        # the channel's lock, for the frame to be written out. That wait made a
+        # batch's publishes go out one per turn of the event loop, each confirmed
+        # on its own; without it a batch reaches RabbitMQ together and is confirmed
+        # together, for about half the CPU per publish on both ends
+        # (bench/amqp_writes.py). The confirm is still what the row waits for.
+        channel = await self._channel.get_underlay_channel()
         with tracing.span(
             f"publish {row['routing_key']}",
             parent_headers=row["headers"],
@@ -429,7 +428,15 @@ class OutboxRelay:
                 headers=tracing.inject(row["headers"]),
                 timestamp=row["created_at"],
             )
-            await exchange.publish(message, routing_key=row["routing_key"], timeout=10)
+            await channel.basic_publish(
+                message.body,
+                exchange=row["exchange"],
+                routing_key=row["routing_key"],
+                properties=message.properties,
+                mandatory=True,
+                timeout=10,
+                wait=False,
+            )
 
     async def _measure_backlog(self) -> None:
         self._measured_at = time.monotonic()
