@@ -1,4 +1,4 @@
-"""Routes of the inbox API; every route checks the token.
+"""Routes of the inbox and preferences API; every route checks the token.
 
 The event stream itself is served by :class:`sse_gateway.stream.StreamEndpoint`.
 """
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from contracts.auth import Principal, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import NotFound, PathId, Whole
-from sse_gateway import inbox
+from sse_gateway import inbox, preferences
 from sse_gateway.access import require_user
 
 logger = logging.getLogger(__name__)
@@ -149,3 +149,19 @@ async def archive(
         own=notification_id,
     )
     return {"archived": ids, "unread": unread}
+
+
+@router.get("/preferences")
+async def get_preferences(user: User, db: Pool) -> dict[str, bool]:
+    """Every channel type, and whether the user wants it (true unless turned off)."""
+    async with connection(db) as pg:
+        return await preferences.read(pg, user.user_id)
+
+
+@router.patch("/preferences")
+async def change_preferences(
+    change: preferences.PreferenceChange, user: User, db: Pool
+) -> dict[str, bool]:
+    """Turn the channel types named in the body on or off; the others keep theirs."""
+    async with connection(db) as pg:
+        return await preferences.change(pg, user.user_id, change.given())

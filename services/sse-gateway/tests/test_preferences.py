@@ -1,0 +1,217 @@
+"""A user's channel preferences through the gateway, on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from contracts.auth import UnknownUser, issue_token
+from contracts.settings import Settings
+from sse_gateway import preferences
+from sse_gateway.app import GatewaySettings, create_app
+from tests.sse import helpers
+from tests.support.data import Demo, seed_demo
+
+pytestmark = pytest.mark.integration
+
+JSON = {"Content-Type": "application/json"}
+EVERYTHING = {"email": True, "sse": True, "push": True}
+STORED = (
+    "SELECT type, enabled FROM notification_preferences WHERE user_id = $1 "
+    "ORDER BY type"
+)
+
+Client = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def demo(database_url: str) -> Demo:
+    return await seed_demo(database_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Client:
+    """``async with client(user_id) as c`` calls a running gateway as that user."""
+
+    @asynccontextmanager
+    async def start(user_id: int, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(GatewaySettings(**{**settings.model_dump(), **options}))
+        token = issue_token(user_id, "someone", settings)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://t",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as c,
+        ):
+            yield c
+
+    return start
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    async with helpers.database(database_url) as conn:
+        yield conn
+
+
+async def stored(db: asyncpg.Connection, user_id: int) -> dict[str, bool]:
+    return {row["type"]: row["enabled"] for row in await db.fetch(STORED, user_id)}
+
+
+async def test_every_type_is_wanted_until_turned_off(
+    client: Client, demo: Demo
+) -> None:
+    async with client(demo.bob) as bob:
+        answer = await bob.get("/preferences")
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == EVERYTHING
+
+
+async def test_a_change_is_stored_and_read_back(
+    client: Client, demo: Demo, db: asyncpg.Connection
+) -> None:
+    async with client(demo.bob) as bob:
+        changed = await bob.patch("/preferences", json={"email": False})
+        read = await bob.get("/preferences")
+
+    expected = {"email": False, "sse": True, "push": True}
+    assert changed.status_code == 200, changed.text
+    assert changed.json() == expected
+    assert read.json() == expected
+    assert await stored(db, demo.bob) == {"email": False}
+
+
+async def test_a_partial_change_keeps_the_other_types(
+    client: Client, demo: Demo, db: asyncpg.Connection
+) -> None:
+    async with client(demo.bob) as bob:
+        await bob.patch("/preferences", json={"email": False, "sse": False})
+        second = await bob.patch("/preferences", json={"push": False})
+        third = await bob.patch("/preferences", json={"email": True})
+        read = await bob.get("/preferences")
+
+    assert second.json() == {"email": False, "sse": False, "push": False}
+    assert third.json() == {"email": True, "sse": False, "push": False}
+    assert read.json() == third.json()
+    assert await stored(db, demo.bob) == {"email": True, "push": False, "sse": False}
+
+
+# A body, how it is sent, and the answer: 422 naming the field and what is wrong
+# with it, or 415 for a body that is not sent as JSON.
+REFUSED: list[tuple[bytes, dict[str, str], int, str | None, str | None]] = [
+    (b'{"bogus": true}', JSON, 422, "bogus", "Extra inputs are not permitted"),
+    (b'{"email": false, "Sse": false}', JSON, 422, "Sse", "Extra inputs"),
+    (b'{"email": 0}', JSON, 422, "email", "must be true or false, not 0"),
+    (b'{"email": 1}', JSON, 422, "email", "must be true or false, not 1"),
+    (b'{"email": "false"}', JSON, 422, "email", 'must be true or false, not "false"'),
+    (b'{"email": null}', JSON, 422, "email", "must be true or false, not null"),
+    (b'{"email": [false]}', JSON, 422, "email", "must be true or false, not [false]"),
+    (b'{"email": false, "sse": "off"}', JSON, 422, "sse", "must be true or false"),
+    (b"{}", JSON, 422, "(request body)", "must name at least one of email, sse, push"),
+    (b"[]", JSON, 422, "(request body)", "must be a JSON object, not an array"),
+    (b"null", JSON, 422, "(request body)", "must be a JSON object, not null"),
+    (b"false", JSON, 422, "(request body)", "must be a JSON object, not a boolean"),
+    (b'"email"', JSON, 422, "(request body)", "must be a JSON object, not a string"),
+    (b"{oops", JSON, 422, "(request body)", "is not valid JSON"),
+    (b"", JSON, 422, "(request body)", "the request has no body"),
+    (b'{"email": false, "email": true}', JSON, 422, "email", "more than once"),
+    (b'{"email": false}', {"Content-Type": "text/plain"}, 415, None, None),
+    (b'{"email": false}', {}, 415, None, None),
+]
+
+
+async def test_a_refused_change_names_the_field_and_stores_nothing(
+    client: Client, demo: Demo, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO notification_preferences VALUES ($1, 'push', false)", demo.bob
+    )
+
+    async with client(demo.bob) as bob:
+        for content, headers, status, field, message in REFUSED:
+            answer = await bob.patch("/preferences", content=content, headers=headers)
+
+            assert answer.status_code == status, (content, answer.text)
+            assert await stored(db, demo.bob) == {"push": False}, content
+            body = answer.json()
+            if status == 415:
+                assert body["error"] == "unsupported_media_type"
+                continue
+            assert body["error"] == "invalid_request", content
+            assert [f["field"] for f in body["fields"]] == [field], content
+            assert message is not None, content
+            assert message in body["fields"][0]["message"], body
+        read = await bob.get("/preferences")
+
+    assert read.json() == {"email": True, "sse": True, "push": False}
+
+
+async def test_a_token_for_a_user_who_does_not_exist_gets_401_and_stores_nothing(
+    client: Client, demo: Demo, db: asyncpg.Connection
+) -> None:
+    ghost_id = max(demo.alice, demo.bob, demo.carol, demo.dave) + 1000
+    detail = f"the token names user {ghost_id}, who does not exist"
+
+    async with client(ghost_id) as ghost:
+        answers = [
+            await ghost.get("/preferences"),
+            await ghost.patch("/preferences", json={"email": False}),
+            # The token is judged before the body.
+            await ghost.patch("/preferences", json={"email": 0}),
+        ]
+
+    for answer in answers:
+        assert answer.status_code == 401, answer.text
+        assert answer.headers["www-authenticate"] == "Bearer"
+        assert answer.json() == {"error": "unauthorized", "detail": detail}
+    assert await db.fetchval("SELECT count(*) FROM notification_preferences") == 0
+
+
+async def test_a_change_for_a_user_deleted_since_the_token_check_is_unknown_user(
+    db: asyncpg.Connection, demo: Demo
+) -> None:
+    ghost_id = max(demo.alice, demo.bob, demo.carol, demo.dave) + 1000
+
+    with pytest.raises(UnknownUser) as refused:
+        await preferences.change(db, ghost_id, {"email": False, "push": True})
+
+    assert refused.value.user_id == ghost_id
+    assert await db.fetchval("SELECT count(*) FROM notification_preferences") == 0
+
+
+async def test_a_missing_token_gets_401(client: Client, demo: Demo) -> None:
+    async with client(demo.bob) as bob:
+        del bob.headers["Authorization"]
+        answers = [
+            await bob.get("/preferences"),
+            await bob.patch("/preferences", json={"email": False}),
+        ]
+
+    assert [a.status_code for a in answers] == [401, 401]
+    assert all(a.json()["error"] == "unauthorized" for a in answers)
+
+
+async def test_a_change_leaves_other_users_preferences_alone(
+    client: Client, demo: Demo, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO notification_preferences VALUES ($1, 'email', true), "
+        "($1, 'sse', false)",
+        demo.alice,
+    )
+
+    async with client(demo.bob) as bob:
+        before = await bob.get("/preferences")
+        await bob.patch("/preferences", json={"email": False, "sse": True})
+
+    assert before.json() == EVERYTHING
+    assert await stored(db, demo.alice) == {"email": True, "sse": False}
+    assert await stored(db, demo.bob) == {"email": False, "sse": True}
