@@ -207,7 +207,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PATCH"],
             allow_headers=["Authorization", "Last-Event-ID", "Content-Type"],
         )
     install_http_policy(app, settings.max_request_bytes)

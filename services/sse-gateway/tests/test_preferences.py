@@ -215,3 +215,27 @@ async def test_a_change_leaves_other_users_preferences_alone(
     assert before.json() == EVERYTHING
     assert await stored(db, demo.alice) == {"email": True, "sse": False}
     assert await stored(db, demo.bob) == {"email": False, "sse": True}
+
+
+async def test_a_page_on_an_allowed_origin_may_change_preferences(
+    client: Client, demo: Demo
+) -> None:
+    page = "https://app.example"
+
+    async with client(demo.bob, cors_origins=page) as bob:
+        preflight = await bob.options(
+            "/preferences",
+            headers={
+                "Origin": page,
+                "Access-Control-Request-Method": "PATCH",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        changed = await bob.patch(
+            "/preferences", json={"push": False}, headers={"Origin": page}
+        )
+
+    assert preflight.status_code == 200, preflight.text
+    assert "PATCH" in preflight.headers["access-control-allow-methods"]
+    assert changed.status_code == 200
+    assert changed.headers["access-control-allow-origin"] == page
