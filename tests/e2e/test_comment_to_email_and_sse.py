@@ -166,6 +166,51 @@ async def test_mention_reaches_inboxes_and_the_live_stream(
     assert carol_rows == 0
 
 
+async def test_a_user_who_turned_email_off_gets_the_live_event_and_no_email(
+    settings: Settings, platform: dict[str, Service], maildir: tuple[Path, int]
+) -> None:
+    demo: Demo = await seed_demo(settings.database_url)
+    bob = issue_token(demo.bob, "bob", settings)
+    carol = issue_token(demo.carol, "carol", settings)
+    gateway = platform["sse-gateway"].url
+
+    async with httpx.AsyncClient() as client:
+        turned_off = await client.patch(
+            f"{gateway}/preferences",
+            json={"email": False},
+            headers={"Authorization": f"Bearer {bob}"},
+        )
+        assert turned_off.json() == {"email": False, "sse": True, "push": True}
+        async with SSEClient(f"{gateway}/sse?token={bob}") as stream:
+            resp = await client.post(
+                f"{platform['comments'].url}/comments",
+                json={"post_id": demo.post, "body": "Over to you, @bob"},
+                headers={"Authorization": f"Bearer {carol}"},
+            )
+            assert resp.status_code == 201, resp.text
+            [live] = await stream.wait_for("notification")
+
+    assert live.json()["channel"] == "comment.mention"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await eventually(
+            lambda: _settled(conn), what="every notification row settled"
+        )
+    finally:
+        await conn.close()
+    assert {(r["user_id"], r["type"]): r["status"] for r in rows} == {
+        (demo.alice, "email"): "sent",
+        (demo.alice, "sse"): "sent",
+        (demo.bob, "email"): "skipped",
+        (demo.bob, "sse"): "sent",
+    }
+    [bob_email] = [r for r in rows if r["user_id"] == demo.bob and r["type"] == "email"]
+    assert bob_email["last_error"] == "email disabled by preference"
+    # alice's email row is sent, so the sink holds every email there will be.
+    mails = messages(maildir[0])
+    assert [m["To"].addresses[0].addr_spec for m in mails] == ["alice@example.com"]
+
+
 async def _two(path: Path) -> list[email.message.EmailMessage] | None:
     found = messages(path)
     return found if len(found) >= 2 else None
@@ -178,6 +223,17 @@ async def _all_sent(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
         "WHERE type <> 'push'"
     )
     if rows and all(r["status"] == "sent" for r in rows) and len(rows) == 4:
+        return rows
+    return None
+
+
+async def _settled(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
+    rows = await conn.fetch(
+        "SELECT user_id, type, status, last_error FROM notifications "
+        "WHERE type <> 'push'"
+    )
+    final = ("sent", "skipped", "failed")
+    if len(rows) == 4 and all(r["status"] in final for r in rows):
         return rows
     return None
 
