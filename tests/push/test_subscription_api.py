@@ -266,6 +266,35 @@ async def test_a_bad_subscription_is_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
+    "content",
+    [b'{"endpoint": "https://push.example.net/x",', b'{"endpoint": "\xff"}'],
+    ids=["not-json", "not-utf8"],
+)
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [(None, "missing bearer token"), ("Bearer forged", "token is invalid")],
+    ids=["none", "forged"],
+)
+async def test_a_bad_token_is_401_before_an_unparsable_subscription_is_judged(
+    strict_api: httpx.AsyncClient,
+    content: bytes,
+    authorization: str | None,
+    detail: str,
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+
+    resp = await strict_api.post(
+        "/push/subscriptions", content=content, headers=headers
+    )
+
+    assert resp.status_code == 401, resp.text
+    assert resp.headers["www-authenticate"] == "Bearer"
+    assert resp.json() == {"error": "unauthorized", "detail": detail}
+
+
+@pytest.mark.parametrize(
     ("endpoint", "says"),
     [
         ("http://127.0.0.1:9/push", "https"),

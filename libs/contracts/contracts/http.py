@@ -12,6 +12,13 @@ A route that takes a JSON body answers 415 to a body sent as another type, or wi
 no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
 one that is not UTF-8, not JSON, or not a JSON object.
 
+A route that takes a token (one that depends on :func:`current_user`) judges it
+before the body: a missing or bad token is a 401 even when the body could not be
+parsed either. Two answers come before the token all the same: the 413, which is
+given before a body too large is read, and the 422 for a repeated key, which is
+given before the request is routed, so before anyone knows whether it needed a
+token (what it tells a caller without one is only that its JSON repeats a key).
+
 Every answer, errors and the 500 of a crash included, passes through the CORS
 middleware a service adds, so that a page on an allowed origin can read why it
 was refused.
@@ -26,8 +33,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import asyncpg
 from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -189,11 +198,15 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
         errors = list(exc.errors())
         if _unparsed_body(errors):
             return _unsupported_media_type(request)
+        if any(err["type"] == "json_invalid" for err in errors) and (
+            refused := await _token_refused(request)
+        ):
+            return refused
         return invalid_request([(_field(err), _message(err, exc)) for err in errors])
 
     @app.exception_handler(InvalidToken)
     async def unauthorized(_: Request, exc: InvalidToken) -> JSONResponse:
-        return error(401, "unauthorized", str(exc), **{"WWW-Authenticate": "Bearer"})
+        return _unauthorized(exc)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -204,11 +217,13 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
         return error(409, "conflict", exc.detail)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # FastAPI answers 400 "There was an error parsing the body", and no more,
         # to a JSON body it could not decode; the exception it chains says why.
         if exc.status_code == 400 and (problem := _unreadable_body(exc.__cause__)):
-            return invalid_request([(WHOLE_BODY, problem)])
+            return await _token_refused(request) or invalid_request(
+                [(WHOLE_BODY, problem)]
+            )
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         code = codes.get(exc.status_code, "http_error")
         return error(exc.status_code, code, exc.detail, **(exc.headers or {}))
@@ -252,6 +267,35 @@ async def current_user(
 
 RuntimeDep = Annotated["Runtime", Depends(current_runtime)]
 UserDep = Annotated[Principal, Depends(current_user)]
+
+
+def _unauthorized(exc: InvalidToken) -> JSONResponse:
+    return error(401, "unauthorized", str(exc), **{"WWW-Authenticate": "Bearer"})
+
+
+async def _token_refused(request: Request) -> JSONResponse | None:
+    """The 401 for a body that could not be parsed, when the route takes a token
+    and the request's is missing or bad; None otherwise.
+
+    FastAPI parses a JSON body before it resolves a route's dependencies, so such
+    a body is refused before :func:`current_user` has looked at the token: a
+    caller with no valid token would be told about its body instead.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not _takes_token(route.dependant):
+        return None
+    try:
+        await current_user(request, request.headers.get("authorization"))
+    except InvalidToken as exc:
+        return _unauthorized(exc)
+    return None
+
+
+def _takes_token(dependant: Dependant) -> bool:
+    return any(
+        sub.call is current_user or _takes_token(sub) for sub in dependant.dependencies
+    )
+
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterable
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import httpx
@@ -12,7 +13,9 @@ import pytest
 from fastapi import Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from contracts.http import PathId, install_http_policy, repeated_keys
+from contracts.auth import issue_token
+from contracts.http import PathId, UserDep, install_http_policy, repeated_keys
+from contracts.settings import Settings
 
 
 class Echo:
@@ -193,6 +196,61 @@ async def test_a_path_id_is_taken_only_in_canonical_decimal(written: str) -> Non
     ]
     assert exact.json() == {"id": 7}
     assert echo.calls == 1
+
+
+class Guarded:
+    """An app with a route that takes a token and a body, and one that takes a body
+    alone."""
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.calls = 0
+        self.app = FastAPI()
+        self.app.state.runtime = SimpleNamespace(settings=self.settings)
+        install_http_policy(self.app, max_request_bytes=1024 * 1024)
+
+        @self.app.post("/private")
+        async def private(payload: Annotated[Any, Body()], user: UserDep) -> Any:
+            self.calls += 1
+            return payload
+
+        @self.app.post("/public")
+        async def public(payload: Annotated[Any, Body()]) -> Any:
+            self.calls += 1
+            return payload
+
+    def client(self) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{oops", b"\xff\xfe{", b"[" * 50_000],
+    ids=["not-json", "not-utf8", "too-deep"],
+)
+async def test_a_route_that_takes_a_token_judges_it_before_an_unparsable_body(
+    body: bytes,
+) -> None:
+    guarded = Guarded()
+    token = issue_token(7, "bob", guarded.settings)
+    good = {**JSON, "Authorization": f"Bearer {token}"}
+    forged = {**JSON, "Authorization": "Bearer forged"}
+
+    async with guarded.client() as client:
+        missing = await client.post("/private", content=body, headers=JSON)
+        bad = await client.post("/private", content=body, headers=forged)
+        signed_in = await client.post("/private", content=body, headers=good)
+        public = await client.post("/public", content=body, headers=forged)
+
+    assert [missing.status_code, bad.status_code] == [401, 401]
+    assert missing.json() == {"error": "unauthorized", "detail": "missing bearer token"}
+    assert bad.json() == {"error": "unauthorized", "detail": "token is invalid"}
+    assert bad.headers["www-authenticate"] == "Bearer"
+    for resp in (signed_in, public):
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["fields"][0]["field"] == "(request body)"
+    assert guarded.calls == 0
 
 
 PAGE = "https://app.example"

@@ -425,11 +425,15 @@ async def test_a_request_with_thousands_of_mistakes_gets_a_short_answer(
     assert resp.json()["fields"][-1]["message"] == "and 2980 more problems"
 
 
-async def test_every_error_is_json(client: httpx.AsyncClient) -> None:
+async def test_every_error_is_json(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
     missing = await client.get("/no/such/route")
     wrong_method = await client.delete("/posts")
     not_json = await client.post(
-        "/comments", content=b"{oops", headers={"Content-Type": "application/json"}
+        "/comments",
+        content=b"{oops",
+        headers={**auth(settings, demo.bob, "bob"), "Content-Type": "application/json"},
     )
 
     assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
@@ -664,3 +668,75 @@ async def test_a_comment_sent_as_any_json_type_is_stored(
 
     assert resp.status_code == 201, resp.text
     assert await counts(settings) == (1, 1)
+
+
+# Bodies FastAPI cannot parse: it reads them before it looks at the token.
+UNPARSABLE = [
+    b'{"post_id": 1, "body": "a\xff"}',
+    b'{"post_id": 1,\n "body": "a",}',
+    b"[" * 50_000,
+]
+UNPARSABLE_IDS = ["not-utf8", "not-json", "too-deep"]
+
+
+@pytest.mark.parametrize("content", UNPARSABLE, ids=UNPARSABLE_IDS)
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (None, "missing bearer token"),
+        ("Bearer not-a-token", "token is invalid"),
+        ("Basic Ym9iOmJvYg==", "missing bearer token"),
+    ],
+    ids=["none", "forged", "basic"],
+)
+async def test_a_bad_token_is_401_before_an_unparsable_body_is_judged(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
+    content: bytes,
+    authorization: str | None,
+    detail: str,
+) -> None:
+    headers = dict(JSON)
+    if authorization is not None:
+        headers["Authorization"] = authorization
+
+    resp = await client.post("/comments", content=content, headers=headers)
+
+    assert resp.status_code == 401, resp.text
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert resp.json() == {"error": "unauthorized", "detail": detail}
+    assert await counts(settings) == (0, 0)
+
+
+async def test_an_expired_token_is_401_before_an_unparsable_body_is_judged(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    token = issue_token(demo.bob, "bob", settings, ttl_seconds=-1)
+
+    resp = await client.post(
+        "/comments",
+        content=b"{oops",
+        headers={**JSON, "Authorization": f"Bearer {token}"},
+    )
+
+    assert resp.status_code == 401, resp.text
+    assert resp.json()["detail"] == "token has expired"
+
+
+@pytest.mark.parametrize("content", UNPARSABLE, ids=UNPARSABLE_IDS)
+async def test_a_route_that_takes_no_token_still_refuses_an_unparsable_body(
+    settings: Settings, demo: Demo, content: bytes
+) -> None:
+    # The token route exists only in development.
+    app = create_app(settings.model_copy(update={"env": "development"}))
+    transport = httpx.ASGITransport(app=app)
+
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        resp = await client.post("/dev/token", content=content, headers=JSON)
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["fields"][0]["field"] == "(request body)"

@@ -9,12 +9,12 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from contracts.auth import Principal, bearer, verify_token
+from contracts.auth import Principal
 from contracts.db import connection, transaction
-from contracts.http import NotFound, PathId, Whole
+from contracts.http import NotFound, PathId, UserDep, Whole
 from sse_gateway import inbox, preferences
 from sse_gateway.access import require_user
 
@@ -23,13 +23,11 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-async def principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
-    # A ``?token=`` from an EventSource arrives here as this header (app.GatewayApp).
-    runtime = request.app.state.runtime
-    user = verify_token(bearer(authorization), runtime.settings)
-    async with connection(runtime.db) as pg:
+async def principal(request: Request, user: UserDep) -> Principal:
+    # ``UserDep`` reads the token (a ``?token=`` arrives as its header, see
+    # app.GatewayApp); the HTTP policy knows that dependency, and refuses a bad
+    # token with it before a body it could not parse.
+    async with connection(request.app.state.runtime.db) as pg:
         await require_user(pg, user.user_id)
     return user
 

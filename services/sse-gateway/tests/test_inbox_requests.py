@@ -79,6 +79,52 @@ async def test_read_all_with_any_other_body_is_refused_and_marks_nothing(
     assert (await bob.get("/inbox/unread-count")).json() == {"unread": 3}
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"{oops", b"   ", b"{\xff}", b"[" * 50_000],
+    ids=["not-json", "blank", "not-utf8", "too-deep"],
+)
+@pytest.mark.parametrize(
+    ("query", "authorization", "detail"),
+    [
+        ("", None, "missing bearer token"),
+        ("", "Bearer forged", "token is invalid"),
+        ("?token=forged", None, "token is invalid"),
+    ],
+    ids=["none", "forged", "forged-in-query"],
+)
+async def test_a_bad_token_is_401_before_an_unparsable_body_is_judged(
+    settings: Settings,
+    demo: Demo,
+    content: bytes,
+    query: str,
+    authorization: str | None,
+    detail: str,
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        await helpers.add_and_deliver(pg, demo.bob, "unread")
+    app = create_app(GatewaySettings(**settings.model_dump()))
+    headers = dict(JSON)
+    if authorization is not None:
+        headers["Authorization"] = authorization
+
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client,
+    ):
+        answer = await client.post(
+            f"/inbox/read-all{query}", content=content, headers=headers
+        )
+
+    assert answer.status_code == 401, answer.text
+    assert answer.headers["www-authenticate"] == "Bearer"
+    assert answer.json() == {"error": "unauthorized", "detail": detail}
+    async with helpers.database(settings.database_url) as pg:
+        assert await pg.fetchval(inbox.UNREAD, demo.bob) == 1
+
+
 async def test_read_all_takes_no_body_or_an_empty_json_object(
     bob: httpx.AsyncClient, settings: Settings, demo: Demo
 ) -> None:
