@@ -187,15 +187,19 @@ async def test_a_change_for_a_user_deleted_since_the_token_check_is_unknown_user
     assert await db.fetchval("SELECT count(*) FROM notification_preferences") == 0
 
 
-async def test_a_missing_token_gets_401(client: Client, demo: Demo) -> None:
+async def test_a_missing_token_gets_401_whatever_the_body(
+    client: Client, demo: Demo
+) -> None:
     async with client(demo.bob) as bob:
         del bob.headers["Authorization"]
         answers = [
             await bob.get("/preferences"),
             await bob.patch("/preferences", json={"email": False}),
+            await bob.patch("/preferences", json={"email": 0}),
+            await bob.patch("/preferences", content=b"{oops", headers=JSON),
         ]
 
-    assert [a.status_code for a in answers] == [401, 401]
+    assert [a.status_code for a in answers] == [401, 401, 401, 401]
     assert all(a.json()["error"] == "unauthorized" for a in answers)
 
 
