@@ -23,6 +23,9 @@
     changes: 0,
     post: null,
     retryTimer: null,
+    prefs: null,
+    prefsUser: null,
+    prefsBusy: new Set(),
   };
   window.notiflow = window.notiflow || {};
 
@@ -70,6 +73,7 @@
 
   async function signIn(username) {
     disconnect();
+    if (username !== state.username) forgetPreferences();
     state.items.clear();
     state.cursor = null;
     setUnread(0);
@@ -86,6 +90,7 @@
     localStorage.setItem("notiflow.token", state.token);
     window.notiflow.token = state.token;
     window.notiflow.username = state.username;
+    if (!state.prefs) loadPreferences().catch(showError);
     connect();
   }
 
@@ -239,6 +244,73 @@
     $("mark-all").disabled = state.unread === 0;
   }
 
+  // ---- how the user wants to be notified -------------------------------------
+
+  // The boxes show what GET /preferences stored, read once per signed-in user (a
+  // reconnect of the stream keeps them). Each change is sent alone, with only its
+  // key, and only that key is taken from the answer: the whole map it carries can
+  // be older than the answer to a change of another box that arrived first. A box
+  // is disabled while its change is in flight, and all are until the map is known.
+  // Answers meant for a user who is no longer signed in are dropped.
+
+  function preferenceBoxes() {
+    return [...$("prefs").querySelectorAll("input[type=checkbox]")];
+  }
+
+  function renderPreferences() {
+    for (const box of preferenceBoxes()) {
+      if (state.prefsBusy.has(box.name)) continue;
+      box.disabled = !state.prefs;
+      box.checked = Boolean(state.prefs && state.prefs[box.name]);
+    }
+  }
+
+  function forgetPreferences() {
+    state.prefs = null;
+    state.prefsUser = null;
+    $("prefs-error").textContent = "";
+    renderPreferences();
+  }
+
+  async function loadPreferences() {
+    const user = (state.prefsUser = state.username);
+    try {
+      const stored = await authed("/preferences");
+      if (user !== state.prefsUser) return;
+      state.prefs = stored;
+      $("prefs-error").textContent = "";
+      renderPreferences();
+    } catch (err) {
+      if (user !== state.prefsUser) return;
+      $("prefs-error").textContent = `Could not load your settings: ${err.message}`;
+    }
+  }
+
+  async function changePreference(box) {
+    const key = box.name;
+    const user = state.prefsUser;
+    const name = box.closest("label").textContent.trim();
+    state.prefsBusy.add(key);
+    box.disabled = true;
+    $("prefs-error").textContent = "";
+    try {
+      const stored = await authed("/preferences", {
+        method: "PATCH",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ [key]: box.checked }),
+      });
+      if (user === state.prefsUser && state.prefs) state.prefs[key] = stored[key];
+    } catch (err) {
+      // The box goes back to what is stored (renderPreferences, below).
+      if (user === state.prefsUser) {
+        $("prefs-error").textContent = `Could not save “${name}”: ${err.message}`;
+      }
+    } finally {
+      state.prefsBusy.delete(key);
+      renderPreferences();
+    }
+  }
+
   // ---- the post and its comments ---------------------------------------------
 
   async function loadPost(highlight) {
@@ -325,6 +397,8 @@
     $("mark-all").addEventListener("click", () => markAllRead().catch(showError));
     $("more").addEventListener("click", () => loadInbox(state.cursor).catch(showError));
     $("comment-form").addEventListener("submit", submitComment);
+    $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
+    $("prefs").addEventListener("submit", (e) => e.preventDefault());
     await Promise.all([signIn(select.value), loadPost()]);
   }
 
