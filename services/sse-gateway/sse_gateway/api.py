@@ -32,7 +32,8 @@ async def principal(request: Request, user: UserDep) -> Principal:
     return user
 
 
-def pool(request: Request) -> asyncpg.Pool:
+async def pool(request: Request) -> asyncpg.Pool:
+    # A coroutine: FastAPI would run a plain function in its thread pool.
     return request.app.state.runtime.db
 
 
@@ -161,5 +162,12 @@ async def change_preferences(
     change: preferences.PreferenceChange, user: User, db: Pool
 ) -> dict[str, bool]:
     """Turn the channel types named in the body on or off; the others keep theirs."""
+    given = change.given()
     async with connection(db) as pg:
-        return await preferences.change(pg, user.user_id, change.given())
+        now = await preferences.change(pg, user.user_id, given)
+    logger.info(
+        "preferences changed: %s",
+        ", ".join(f"{name} {'on' if on else 'off'}" for name, on in given.items()),
+        extra={"action": "preferences.changed", "user_id": user.user_id},
+    )
+    return now

@@ -89,6 +89,22 @@ async def test_a_change_is_stored_and_read_back(
     assert await stored(db, demo.bob) == {"email": False}
 
 
+async def test_a_change_is_logged_for_operators_with_the_user_and_what_changed(
+    client: Client, demo: Demo, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="sse_gateway.api"):
+        async with client(demo.bob) as bob:
+            await bob.patch("/preferences", json={"push": False, "email": True})
+            await bob.patch("/preferences", json={"sse": "no"})
+
+    changed = [
+        r for r in caplog.records if getattr(r, "action", None) == "preferences.changed"
+    ]
+    assert len(changed) == 1, "a refused change is not logged as one"
+    assert changed[0].user_id == demo.bob
+    assert changed[0].getMessage() == "preferences changed: email on, push off"
+
+
 async def test_a_partial_change_keeps_the_other_types(
     client: Client, demo: Demo, db: asyncpg.Connection
 ) -> None:
