@@ -52,3 +52,58 @@ def test_a_process_that_exports_records_a_child_of_the_incoming_trace(
     assert passed_on["traceparent"] == (
         f"00-{TRACE}-{format(span.context.span_id, '016x')}-01"
     )
+
+
+async def _traced(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """What a request with ``headers`` sees inside :class:`tracing.TraceContext`."""
+    seen: dict[str, str] = {}
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        seen.update(tracing.inject())
+        seen["trace_id"] = tracing.current_trace_id() or ""
+
+    scope = {"type": "http", "headers": headers}
+    await tracing.TraceContext(app)(scope, None, None)  # type: ignore[arg-type]
+    return seen
+
+
+async def test_a_request_runs_in_the_trace_it_came_with_and_passes_it_on() -> None:
+    seen = await _traced([(b"traceparent", INCOMING["traceparent"].encode())])
+
+    assert seen["trace_id"] == TRACE
+    assert seen["traceparent"] == INCOMING["traceparent"]
+    assert tracing.current_trace_id() is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[], [(b"traceparent", b"00-not-a-trace-01")], [(b"tracestate", b"k=v")]],
+    ids=["none", "malformed", "state without parent"],
+)
+async def test_a_request_without_a_usable_trace_starts_one_not_sampled(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    first = await _traced(headers)
+    second = await _traced(headers)
+
+    version, trace_id, span_id, flags = first["traceparent"].split("-")
+    assert (version, flags) == ("00", "00")
+    assert trace_id == first["trace_id"] and int(trace_id, 16) != 0
+    assert int(span_id, 16) != 0
+    assert second["trace_id"] != first["trace_id"]
+
+
+def test_fastapi_telemetry_is_off_unless_traces_are_exported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert tracing.fastapi_telemetry() == {
+        "tracing": False,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+    }
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert tracing.fastapi_telemetry() == {}

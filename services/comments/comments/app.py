@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from comments import dev
 from comments.api import router
+from contracts import tracing
 from contracts.http import install_http_policy
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
@@ -27,7 +28,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="notiflow comments", lifespan=lifespan)
+    app = FastAPI(
+        title="notiflow comments",
+        lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
+    )
     app.state.runtime = runtime
     origins = settings.allowed_origins
     if origins:

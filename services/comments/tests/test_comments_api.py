@@ -109,6 +109,40 @@ async def test_a_comment_is_published_as_comment_created_with_or_without_a_key(
     await eventually(deleted, what="the relay deleting what it published")
 
 
+@pytest.mark.parametrize("incoming", [True, False], ids=["traced", "untraced"])
+async def test_comment_created_carries_the_request_trace_on(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo, incoming: bool
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    headers = auth(settings, demo.bob, "bob")
+    if incoming:
+        headers["traceparent"] = traceparent
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DISPATCHER_QUEUE, passive=True)
+
+        resp = await client.post(
+            "/comments", json={"post_id": demo.post, "body": "hi"}, headers=headers
+        )
+        assert resp.status_code == 201
+        message = await eventually(
+            lambda: queue.get(fail=False), what="CommentCreated on the queue"
+        )
+        await message.ack()
+
+    carried = str((message.headers or {})["traceparent"])
+    if incoming:
+        # The caller's trace goes on as it came, to the dispatcher and beyond.
+        assert carried == traceparent
+    else:
+        # A trace of its own, not sampled, so that every service logs its id.
+        version, started, span_id, flags = carried.split("-")
+        assert (version, flags) == ("00", "00")
+        assert int(started, 16) != 0 and int(span_id, 16) != 0
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [

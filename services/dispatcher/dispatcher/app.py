@@ -108,7 +108,11 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="notiflow dispatcher", lifespan=lifespan)
+    app = FastAPI(
+        title="notiflow dispatcher",
+        lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
+    )
     app.state.runtime = runtime
     app.include_router(health_router(runtime))
     return app

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from contracts import topology
+from contracts import topology, tracing
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
@@ -122,7 +122,11 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
             await runtime.stop()
             await transport.close()
 
-    app = FastAPI(title="notiflow email sender", lifespan=lifespan)
+    app = FastAPI(
+        title="notiflow email sender",
+        lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
+    )
     app.state.runtime = runtime
     app.include_router(health_router(runtime))
     return app

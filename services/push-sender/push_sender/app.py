@@ -9,7 +9,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from contracts import topology
+from contracts import topology, tracing
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
@@ -91,7 +91,11 @@ def create_app(
         finally:
             await client.aclose()
 
-    app = FastAPI(title="notiflow push sender", lifespan=lifespan)
+    app = FastAPI(
+        title="notiflow push sender",
+        lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
+    )
     app.state.runtime = runtime
     app.state.vapid = keys
     app.state.endpoints = policy

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from starlette.types import Receive, Scope, Send
 
-from contracts import metrics, topology
+from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
 from contracts.http import install_http_policy
@@ -74,9 +74,9 @@ class GatewayApp(FastAPI):
 
     Streams go straight to :class:`StreamEndpoint`, which holds far less per idle
     connection than a FastAPI route. On every other route a ``?token=`` is moved
-    into the Authorization header first: FastAPI's own telemetry records the query
-    of each request on its server span before any middleware runs, and redacts only
-    a fixed list of names.
+    into the Authorization header first: FastAPI's own telemetry (on when traces are
+    exported) records the query of each request on its server span before any
+    middleware runs, and redacts only a fixed list of names.
     """
 
     sse: StreamEndpoint | None = None
@@ -185,7 +185,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await listener.stop()
             await runtime.stop()
 
-    app = GatewayApp(title="notiflow sse gateway", lifespan=lifespan)
+    app = GatewayApp(
+        title="notiflow sse gateway",
+        lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
+    )
     app.state.runtime = runtime
     app.state.hub = hub
     origins = settings.allowed_origins
