@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from contracts import auth
 from contracts.auth import InvalidToken, issue_token, verify_token
 from contracts.settings import DEV_SECRET, Settings
 
@@ -67,3 +68,43 @@ def test_a_token_for_an_impossible_user_id_is_refused() -> None:
 
     with pytest.raises(InvalidToken, match="invalid"):
         verify_token(issue_token(10**23, "ghost", settings), settings)
+
+
+def test_a_remembered_token_is_refused_once_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings()
+    token = issue_token(7, "bob", settings, ttl_seconds=60)
+    assert verify_token(token, settings).user_id == 7
+    expires = auth._verified(token, settings.secret_key)[1]
+
+    monkeypatch.setattr(auth, "_now", lambda: expires)
+
+    with pytest.raises(InvalidToken, match="expired"):
+        verify_token(token, settings)
+
+
+def test_a_token_that_passed_under_one_secret_is_refused_under_another() -> None:
+    old = Settings(secret_key="the-old-secret-" + "x" * 30)
+    new = Settings(secret_key="the-new-secret-" + "y" * 30)
+    token = issue_token(7, "bob", old)
+    assert verify_token(token, old).user_id == 7
+
+    with pytest.raises(InvalidToken, match="invalid"):
+        verify_token(token, new)
+
+
+def test_a_forged_copy_of_a_remembered_token_is_refused() -> None:
+    settings = Settings()
+    token = issue_token(7, "bob", settings)
+    assert verify_token(token, settings).user_id == 7
+    header, claims, signature = token.split(".")
+    # The same claims with a signature that is not ours, and the claims of
+    # another user under the genuine signature.
+    forged = f"{header}.{claims}.{signature[::-1]}"
+    other = issue_token(8, "carol", settings).split(".")[1]
+    swapped = f"{header}.{other}.{signature}"
+
+    for bad in (forged, swapped):
+        with pytest.raises(InvalidToken, match="invalid"):
+            verify_token(bad, settings)
