@@ -10,7 +10,9 @@ written in canonical decimal (:data:`PathId`).
 
 A route that takes a JSON body answers 415 to a body sent as another type, or with
 no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
-one that is not UTF-8, not JSON, or not a JSON object.
+one that is not UTF-8, not JSON, or not a JSON object. The parser also takes JSON in
+UTF-16 or UTF-32, which it tells from the first bytes, and ignores a ``charset``
+parameter: text is text whichever of those it arrived in.
 
 A route that takes a token (one that depends on :func:`current_user`) judges it
 before the body: a missing or bad token is a 401 even when the body could not be
