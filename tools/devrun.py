@@ -278,6 +278,18 @@ def preflight() -> None:
         raise Failed("\n".join(found), EXIT_PREFLIGHT)
 
 
+def check_smtp_port(value: str) -> None:
+    """Refuse a ``NOTIFLOW_SMTP_PORT`` that no sink could listen on, naming it."""
+    # isdigit alone takes characters such as "²" that int() refuses.
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
+        return
+    raise Failed(
+        f"invalid setting NOTIFLOW_SMTP_PORT: must be a TCP port from 1 to 65535, "
+        f"got {value!r}",
+        EXIT_PREFLIGHT,
+    )
+
+
 def run_once(console: Console, label: str, script: Path, stop: StopRequest) -> None:
     """Run a one-shot command to the end, showing its output behind its name."""
     result = subprocess.run(
@@ -365,11 +377,8 @@ class DevRun:
                 self.say(f"killed, as they had not stopped: {', '.join(killed)}")
 
     def _run(self) -> int:
+        check_smtp_port(self.smtp_port)
         preflight()
-        if not self.smtp_port.isdigit():
-            raise Failed(
-                f"NOTIFLOW_SMTP_PORT must be a port number, not {self.smtp_port!r}"
-            )
         services = self.services()
         steps = [
             ("migrate", self.script("notiflow-migrate")),

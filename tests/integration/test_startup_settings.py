@@ -1,13 +1,14 @@
 """Settings a service refuses at start-up, naming them: a prefetch that cannot hold
-one batch, a PORT that is no TCP port, a database or broker URL that cannot be used,
-a broker URL option the clients do not take; and what no message at start-up shows:
-a password."""
+one batch, a PORT or SMTP port that is no TCP port, a database or broker URL that
+cannot be used, a broker URL option the clients do not take; and what no message at
+start-up shows: a password."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.support.processes import BIN
 
 PY = sys.executable
 ADMIN = str(BIN / "notiflow-admin")
+DEVRUN = Path(__file__).parents[2] / "tools" / "devrun.py"
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,45 @@ def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
         in (done.stderr)
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "-25"])
+def test_an_smtp_port_that_is_no_tcp_port_stops_the_email_sender_naming_it(
+    port: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "email_sender"],
+        env={"PATH": "/usr/bin:/bin", "NOTIFLOW_SMTP_PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "notiflow: invalid setting NOTIFLOW_SMTP_PORT: must be a TCP port from 1 "
+        f"to 65535, got {port}"
+    ]
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "abc", "\u00b2"])
+def test_make_run_refuses_an_smtp_port_no_sink_could_listen_on(
+    port: str, tmp_path: Path
+) -> None:
+    # An empty --scripts makes a run that got past the check stop at once.
+    done = subprocess.run(
+        [sys.executable, str(DEVRUN), "--scripts", str(tmp_path)],
+        env={"PATH": "/usr/bin:/bin", "NOTIFLOW_SMTP_PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "devrun: invalid setting NOTIFLOW_SMTP_PORT: must be a TCP port from 1 "
+        f"to 65535, got {port!r}"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,16 @@ import sys
 from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S")
@@ -30,6 +36,17 @@ DEV_SECRET = "dev-only-secret-change-me-0123456789abcdef"
 DATABASE_URL_EXAMPLE = "postgresql://user:password@host:5432/notiflow"
 AMQP_URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _tcp_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a TCP port from 1 to 65535, got {value}")
+    return value
+
+
+# A port setting. Any int would do for pydantic, and a port of 0 or 99999 would
+# fail only when a connection is tried, long after the service said it was ready.
+TcpPort = Annotated[int, AfterValidator(_tcp_port)]
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,7 @@ from contracts import topology, tracing
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, prefetch_holds_batch
+from contracts.settings import Settings, TcpPort, prefetch_holds_batch
 from email_sender import smtp
 from email_sender.worker import EmailWorker
 
@@ -32,7 +32,7 @@ class EmailSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
 
     smtp_host: str = "127.0.0.1"
-    smtp_port: int = 1025
+    smtp_port: TcpPort = 1025
     smtp_username: str | None = None
     smtp_password: str | None = None
     smtp_use_tls: bool = False
