@@ -89,7 +89,7 @@ def test_a_number_or_level_a_service_cannot_use_exits_2_naming_it(
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
 
 
-@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "\u00b2"])
 def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "comments"],

@@ -244,7 +244,8 @@ def _port(value: str | None, default: int) -> int:
     """``PORT`` as a TCP port, or exit 2 saying what is wrong with it."""
     if value is None or value == "":
         return default
-    if value.isdigit() and 1 <= int(value) <= 65535:
+    # isdigit alone takes characters such as "²" that int() refuses.
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
         return int(value)
     print(
         f"invalid setting PORT: must be a TCP port from 1 to 65535, got {value!r}",
