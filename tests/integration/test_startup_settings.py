@@ -1,7 +1,7 @@
 """Settings a service refuses at start-up, naming them: a prefetch that cannot hold
-one batch, a PORT or SMTP port that is no TCP port, a database or broker URL that
-cannot be used, a broker URL option the clients do not take; and what no message at
-start-up shows: a password."""
+one batch, a PORT or SMTP port that is no TCP port, a CORS origin no browser sends,
+a database or broker URL that cannot be used, a broker URL option the clients do
+not take; and what no message at start-up shows: a password."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def test_the_email_sender_exits_2_on_a_prefetch_below_its_batch() -> None:
         ({"NOTIFLOW_LOG_LEVEL": "LOUD"}, "log_level"),
         ({"NOTIFLOW_DB_COMMAND_TIMEOUT": "inf"}, "db_command_timeout"),
         ({"NOTIFLOW_DRAIN_SECONDS": "nan"}, "drain_seconds"),
+        (
+            {"NOTIFLOW_CORS_ORIGINS": "https://app.example/app"},
+            "NOTIFLOW_CORS_ORIGINS: 'https://app.example/app' has a path",
+        ),
     ],
 )
 def test_a_number_or_level_a_service_cannot_use_exits_2_naming_it(

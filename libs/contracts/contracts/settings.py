@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         url = check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE, need_host=True)
         return check_amqp_options(url)
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: str) -> str:
+        # Origins are public, so a complaint names the entry it is about.
+        entries = (entry.strip() for entry in value.split(","))
+        return ",".join(browser_origin(entry) for entry in entries if entry)
+
     @property
     def allowed_origins(self) -> list[str]:
         """CORS origins; in development, by default, the demo page's own."""
@@ -150,6 +157,62 @@ class Settings(BaseSettings):
                 f"NOTIFLOW_DB_POOL_MAX ({self.db_pool_max})"
             )
         return self
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN = "an origin is scheme://host[:port], as in https://app.example:8443"
+
+
+def browser_origin(entry: str) -> str:
+    """``entry`` written as a browser writes an ``Origin`` header, which CORS compares
+    character for character: scheme and host in lower case, no default port, no
+    trailing ``/``.
+
+    ValueError naming the entry if it cannot be an origin: a path, a query, no
+    scheme or no host would never match what a browser sends, and ``*`` is not
+    taken (the gateway's streams answer listed origins only).
+    """
+    shown = repr(entry if len(entry) <= 60 else f"{entry[:60]}...")
+    if entry == "*":
+        raise ValueError(f"'*' is not taken: list each origin; {_ORIGIN}")
+    scheme, separator, _ = entry.partition("://")
+    if not separator or not _SCHEME.fullmatch(scheme.lower()):
+        raise ValueError(f"{shown} has no scheme; {_ORIGIN}")
+    if problem := _origin_problem(entry):
+        raise ValueError(f"{shown} {problem}; {_ORIGIN}")
+    try:
+        parts = urlsplit(entry)
+    except ValueError:
+        raise ValueError(f"{shown} cannot be read as a URL; {_ORIGIN}") from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"{shown} has a port that is no TCP port; {_ORIGIN}")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"{shown} has a path; {_ORIGIN}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{shown} names no host; {_ORIGIN}")
+    scheme = scheme.lower()
+    where = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        where = f"{where}:{port}"
+    return f"{scheme}://{where}"
+
+
+def _origin_problem(entry: str) -> str | None:
+    if not entry.isascii():
+        return "is not ASCII (write a host in its xn-- form)"
+    if "?" in entry or "#" in entry:
+        return "has a query or fragment"
+    if "@" in entry:
+        return "has a user name"
+    if "\\" in entry or any(c.isspace() for c in entry):
+        return "has a space or backslash in it"
+    return None
 
 
 def prefetch_holds_batch(service: str, prefetch: int, batch_size: int) -> None:

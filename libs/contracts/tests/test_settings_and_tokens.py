@@ -108,3 +108,50 @@ def test_a_forged_copy_of_a_remembered_token_is_refused() -> None:
     for bad in (forged, swapped):
         with pytest.raises(InvalidToken, match="invalid"):
             verify_token(bad, settings)
+
+
+def test_cors_origins_are_written_as_a_browser_sends_its_origin() -> None:
+    settings = Settings(
+        env="test",
+        cors_origins="http://app.example/, HTTPS://App.Example:443,"
+        "http://[::1]:8081/, https://app.example:8443",
+    )
+
+    assert settings.allowed_origins == [
+        "http://app.example",
+        "https://app.example",
+        "http://[::1]:8081",
+        "https://app.example:8443",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ("app.example", "has no scheme"),
+        ("//app.example", "has no scheme"),
+        ("https://app.example/app", "has a path"),
+        ("https://app.example//", "has a path"),
+        ("https://app.example/?x=1", "has a query or fragment"),
+        ("https://app.example#top", "has a query or fragment"),
+        ("https://me@app.example", "has a user name"),
+        ("https://app.example:0", "has a port that is no TCP port"),
+        ("https://app.example:99999", "has a port that is no TCP port"),
+        ("https://", "names no host"),
+        ("https://b\u00fccher.example", "is not ASCII (write a host in its xn-- form)"),
+        ("*", "is not taken: list each origin"),
+    ],
+)
+def test_a_cors_origin_no_browser_could_send_is_refused_naming_it(
+    entry: str, complaint: str
+) -> None:
+    from contracts.settings import describe
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(env="test", cors_origins=f"https://ok.example, {entry}")
+
+    [line] = describe(refused.value).splitlines()
+    assert line == (
+        f"NOTIFLOW_CORS_ORIGINS: {entry!r} {complaint}; an origin is "
+        "scheme://host[:port], as in https://app.example:8443"
+    )

@@ -611,6 +611,26 @@ async def test_every_error_carries_the_cors_headers_of_a_normal_answer(
     assert await counts(settings) == (0, 0)
 
 
+async def test_a_page_is_let_in_though_its_origin_was_configured_unlike_a_browser() -> (
+    None
+):
+    # Browsers send the origin in lower case, without a trailing slash.
+    app = create_app(Settings(env="test", cors_origins="HTTPS://App.Example/"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        preflight = await c.options(
+            "/comments",
+            headers={
+                "Origin": PAGE,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == PAGE
+
+
 JSON = {"Content-Type": "application/json"}
 
 
