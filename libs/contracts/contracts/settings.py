@@ -49,6 +49,37 @@ def _tcp_port(value: int) -> int:
 TcpPort = Annotated[int, AfterValidator(_tcp_port)]
 
 
+def _web_url(value: str) -> str:
+    wanted = "must be an absolute http:// or https:// URL, as in https://app.example"
+    scheme, separator, _ = value.partition("://")
+    if not separator or scheme.lower() not in ("http", "https"):
+        raise ValueError(wanted)
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{wanted}, with no spaces")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(f"{wanted}; it cannot be read as one") from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"{wanted}; its port must be a number from 1 to 65535")
+    if not parts.hostname:
+        raise ValueError(f"{wanted}; it names no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{wanted}, with no user name or password in it")
+    if "?" in value or "#" in value:
+        raise ValueError(f"{wanted}, with no query or fragment")
+    return value
+
+
+# A URL people's browsers are sent to, such as the base of the links in
+# notifications: a relative or malformed one would make every link a dead one.
+WebUrl = Annotated[str, AfterValidator(_web_url)]
+
+
 class Settings(BaseSettings):
     # Errors never repeat a value: it may be a secret, or a URL holding one, and
     # a tool that lets a ValidationError escape would print it.

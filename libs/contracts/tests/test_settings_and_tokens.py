@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from contracts import auth
 from contracts.auth import InvalidToken, issue_token, verify_token
-from contracts.settings import DEV_SECRET, Settings
+from contracts.settings import DEV_SECRET, Settings, WebUrl
 
 
 def test_production_refuses_the_development_secret() -> None:
@@ -155,3 +155,38 @@ def test_a_cors_origin_no_browser_could_send_is_refused_naming_it(
         f"NOTIFLOW_CORS_ORIGINS: {entry!r} {complaint}; an origin is "
         "scheme://host[:port], as in https://app.example:8443"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["https://notiflow.example.com", "http://127.0.0.1:8081/notiflow/"]
+)
+def test_an_absolute_web_url_is_taken_as_it_is(url: str) -> None:
+    assert TypeAdapter(WebUrl).validate_python(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("not a url", ""),
+        ("notiflow.example.com", ""),
+        ("/notiflow", ""),
+        ("ftp://notiflow.example.com", ""),
+        ("https://", "; it names no host"),
+        ("https://notiflow.example.com:99999", "; its port must be a number from"),
+        ("https://[::1", "; it cannot be read as one"),
+        ("https://me:pw@notiflow.example.com", ", with no user name or password"),
+        ("https://notiflow.example.com/?x=1", ", with no query or fragment"),
+        ("https://notiflow example.com", ", with no spaces"),
+    ],
+)
+def test_a_web_url_that_is_not_absolute_http_is_refused(
+    url: str, complaint: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        TypeAdapter(WebUrl).validate_python(url)
+
+    message = refused.value.errors()[0]["msg"].removeprefix("Value error, ")
+    assert message.startswith(
+        "must be an absolute http:// or https:// URL, as in https://app.example"
+        + complaint
+    ), message
