@@ -128,10 +128,26 @@ async def _lookup(settings: Settings, username: str) -> int | None:
         await conn.close()
 
 
+def _lifetime(value: str) -> int:
+    """A ``--ttl``: a token of 0 seconds or fewer has expired when it is printed."""
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be whole seconds, got {value!r}"
+        ) from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 second or more, got {seconds}: such a token would have "
+            "expired when it is printed"
+        )
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print a bearer token for a user.")
     parser.add_argument("username")
-    parser.add_argument("--ttl", type=int, help="lifetime in seconds")
+    parser.add_argument("--ttl", type=_lifetime, help="lifetime in seconds")
     args = parser.parse_args(argv)
 
     from contracts.preflight import require_services

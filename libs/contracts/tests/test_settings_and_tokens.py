@@ -190,3 +190,19 @@ def test_a_web_url_that_is_not_absolute_http_is_refused(
         "must be an absolute http:// or https:// URL, as in https://app.example"
         + complaint
     ), message
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5"])
+def test_the_token_command_refuses_a_lifetime_below_one_second(
+    ttl: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        auth.main(["bob", "--ttl", ttl])
+
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2
+    assert out == ""
+    assert (
+        f"argument --ttl: must be 1 second or more, got {int(ttl)}: such a token "
+        "would have expired when it is printed" in err
+    )
