@@ -163,7 +163,10 @@ async def _depth(settings: Settings, queue: str, wanted: int) -> bool:
 
 
 async def _dead_letter(
-    settings: Settings, body: bytes, headers: dict[str, object]
+    settings: Settings,
+    body: bytes,
+    headers: dict[str, object],
+    message_id: str | None = None,
 ) -> None:
     """Put a message straight into the dead-letter queue, as a consumer would."""
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
@@ -179,6 +182,7 @@ async def _dead_letter(
                     topology.ORIGIN_QUEUE_HEADER: EMAIL_QUEUE,
                     **headers,
                 },
+                message_id=message_id,
             ),
             routing_key=EMAIL_QUEUE,
             timeout=10,
@@ -222,9 +226,11 @@ async def test_dlq_list_into_a_closed_pipe_stops_quietly(settings: Settings) -> 
     assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
 
 
-async def _dead_lettered_by_rabbitmq(settings: Settings, message_id: str) -> bytes:
+async def _dead_lettered_by_rabbitmq(
+    settings: Settings, message_id: str, queue: str = topology.DISPATCHER_QUEUE
+) -> bytes:
     """Put a CommentCreated event into the dead-letter queue carrying only the
-    headers RabbitMQ writes when the dispatcher queue's delivery limit is reached."""
+    headers RabbitMQ writes when a quorum queue's delivery limit is reached."""
     body = json.dumps({"event_id": "3f2c8d9e-0000-4000-8000-000000000001"}).encode()
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     async with connection:
@@ -239,13 +245,13 @@ async def _dead_lettered_by_rabbitmq(settings: Settings, message_id: str) -> byt
                         {
                             "count": 1,
                             "reason": "delivery_limit",
-                            "queue": topology.DISPATCHER_QUEUE,
+                            "queue": queue,
                             "time": datetime.now(UTC).replace(microsecond=0),
                             "exchange": topology.EVENTS_EXCHANGE,
                             "routing-keys": [topology.COMMENT_CREATED],
                         }
                     ],
-                    "x-first-death-queue": topology.DISPATCHER_QUEUE,
+                    "x-first-death-queue": queue,
                     "x-first-death-reason": "delivery_limit",
                     "x-delivery-count": topology.DELIVERY_LIMIT + 1,
                     "traceparent": "00-0af7651916cd43dd8448eb211c80319c-01",
@@ -362,6 +368,84 @@ async def test_a_dead_letter_without_an_origin_is_listed_but_not_replayed(
 
     assert "nowhere-1  age=" in listed.stdout and "queue=-" in listed.stdout
     assert replayed.returncode == 0 and "0 replayed" in replayed.stdout
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+
+
+RENAMED_QUEUE = "notiflow.queue-that-was-renamed"
+
+
+async def test_a_dead_letter_whose_queue_is_gone_stays_while_the_others_are_replayed(
+    settings: Settings,
+) -> None:
+    kept_headers = {
+        topology.REASON_HEADER: "set aside before an upgrade",
+        topology.ORIGIN_QUEUE_HEADER: RENAMED_QUEUE,
+        "notification_id": 903,
+    }
+    await _dead_letter(settings, b'{"kept": true}', kept_headers, message_id="t1")
+    await _dead_letter(settings, b'{"sent": true}', {}, message_id="t2")
+
+    replayed = admin(settings, "dlq", "replay", "t1", "t2")
+
+    assert replayed.returncode == 1
+    assert "replayed t2" in replayed.stdout
+    assert "replayed t1" not in replayed.stdout
+    assert "1 replayed, 1 left in notiflow.dead-letters" in replayed.stdout
+    assert replayed.stderr.splitlines() == [
+        f"not replayed: t1: there is no queue {RENAMED_QUEUE}; "
+        f"it stays in {topology.DEAD_LETTER_QUEUE}"
+    ]
+    sent = await _take(settings, EMAIL_QUEUE)
+    assert sent is not None and sent.message_id == "t2"
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b'{"kept": true}', "t1")
+    headers = dict(kept.headers or {})
+    headers.pop("x-delivery-count", None)  # the quorum queue counts the return
+    assert headers == kept_headers
+
+
+async def test_replay_all_keeps_what_rabbitmq_dead_lettered_from_a_queue_now_gone(
+    settings: Settings,
+) -> None:
+    gone = await _dead_lettered_by_rabbitmq(settings, "comment-created-10", "old.q")
+    await _dead_lettered_by_rabbitmq(settings, "comment-created-11")
+    await _dead_letter(settings, b"{}", {}, message_id="t3")
+
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert replayed.returncode == 1
+    assert "2 replayed, 1 left in notiflow.dead-letters" in replayed.stdout
+    assert "replayed comment-created-11" in replayed.stdout
+    assert "replayed t3" in replayed.stdout
+    assert "not replayed: comment-created-10: there is no queue old.q" in (
+        replayed.stderr
+    )
+    assert await _depth(settings, EMAIL_QUEUE, 1)
+    assert await _depth(settings, topology.DISPATCHER_QUEUE, 1)
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (gone, "comment-created-10")
+    assert (kept.headers or {})["x-death"][0]["queue"] == "old.q"
+
+
+async def test_a_dead_letter_its_queue_refuses_stays_in_the_dead_letter_queue(
+    settings: Settings,
+) -> None:
+    full = "notiflow.full"
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+    await _dead_letter(
+        settings, b"{}", {topology.ORIGIN_QUEUE_HEADER: full}, message_id="t4"
+    )
+
+    replayed = admin(settings, "dlq", "replay", "t4")
+
+    assert replayed.returncode == 1
+    assert "0 replayed, 1 left in notiflow.dead-letters" in replayed.stdout
+    assert f"not replayed: t4: the queue {full} refused it" in replayed.stderr
     assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
 
 

@@ -11,7 +11,11 @@ A dead letter is named by its AMQP ``message_id``; a message published without o
 twelve hex digits of its body's hash. Replaying publishes the message to the queue
 it was taken from, through the default exchange, waits for RabbitMQ's confirm, and
 only then removes it from the dead-letter queue: a crash in between leaves a
-duplicate, which every consumer absorbs, never a loss.
+duplicate, which every consumer absorbs, never a loss. The copy is published
+mandatory, because RabbitMQ confirms a message it could not route as readily as one
+it queued: when the queue is gone (removed, or renamed by an upgrade) RabbitMQ
+returns the copy, and the dead letter stays where it was, named on standard error
+with that queue, while the others are replayed. So does one the queue refuses.
 
 A consumer that sets a message aside names its queue and the reason in notiflow's
 own headers. RabbitMQ dead-letters on its own too (the dispatcher queue's delivery
@@ -23,8 +27,9 @@ reset, and enqueues a delivery for each through the outbox in the same transacti
 the next outbox relay to wake up publishes them. Times without a zone are UTC.
 
 Exit status: 0 done, 1 a server refused or could not be reached (or a message to
-replay was not found), 2 a bad command line, 141 standard output was closed before
-everything was written (``notiflow-admin dlq list | head``).
+replay was not found, or stayed in the dead-letter queue), 2 a bad command line,
+141 standard output was closed before everything was written
+(``notiflow-admin dlq list | head``).
 """
 
 from __future__ import annotations
@@ -242,32 +247,78 @@ async def dlq_list(settings: Settings) -> list[DeadLetter]:
     return found
 
 
-async def dlq_replay(
-    settings: Settings, ids: list[str] | None
-) -> tuple[list[str], list[str]]:
-    """Replay the named dead letters (all when ``ids`` is None).
+@dataclass(frozen=True)
+class Kept:
+    """A dead letter its queue did not take; it stays in the dead-letter queue."""
 
-    Returns the ids replayed and the ids asked for but not found.
-    """
+    id: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    replayed: list[str]
+    kept: list[Kept]
+    # Asked for by id but not in the dead-letter queue.
+    missing: list[str]
+
+
+async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
+    """Replay the named dead letters (all when ``ids`` is None)."""
     wanted = set(ids) if ids is not None else None
     replayed: list[str] = []
+    kept: list[Kept] = []
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     async with connection:
         reading = await connection.channel()
-        publishing = await connection.channel(publisher_confirms=True)
+        publishing = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         for message in await _taken(reading):
             name = message_name(message)
             queue = origin(message).queue
             if (wanted is not None and name not in wanted) or not queue:
                 await message.nack(requeue=True)
                 continue
-            await publishing.default_exchange.publish(
-                _without_set_aside_headers(message), routing_key=queue, timeout=10
-            )
+            why = await _send_back(publishing, message, queue)
+            if why is not None:
+                await message.nack(requeue=True)
+                kept.append(Kept(id=name, why=why))
+                continue
             await message.ack()
             replayed.append(name)
-    missing = sorted(wanted - set(replayed)) if wanted is not None else []
-    return replayed, missing
+    found = {*replayed, *(item.id for item in kept)}
+    missing = sorted(wanted - found) if wanted is not None else []
+    return Replay(replayed=replayed, kept=kept, missing=missing)
+
+
+async def _send_back(
+    channel: aio_pika.abc.AbstractChannel,
+    message: AbstractIncomingMessage,
+    queue: str,
+) -> str | None:
+    """Publish a copy to ``queue``; None once a queue holds it, else why not.
+
+    ``channel`` must be opened with ``on_return_raises``. RabbitMQ sends a
+    mandatory message it cannot route back (basic.return) and then confirms it all
+    the same; without that option the publish completes as if a queue took it.
+    """
+    try:
+        await channel.default_exchange.publish(
+            _without_set_aside_headers(message),
+            routing_key=queue,
+            mandatory=True,
+            timeout=10,
+        )
+    except aio_pika.exceptions.PublishError:
+        # The default exchange routes to every queue by its name: nothing took
+        # the copy, so there is no such queue.
+        return f"there is no queue {queue}"
+    except aio_pika.exceptions.DeliveryError:
+        # A nack: RabbitMQ did not take the copy on, as a queue at its length
+        # limit with reject-publish answers.
+        return f"the queue {queue} refused it"
+    return None
 
 
 def _without_set_aside_headers(message: AbstractIncomingMessage) -> aio_pika.Message:
@@ -400,13 +451,22 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         return 0
     if args.command == "dlq":
-        replayed, missing = await dlq_replay(settings, None if args.all else args.ids)
-        for name in replayed:
+        done = await dlq_replay(settings, None if args.all else args.ids)
+        for name in done.replayed:
             _say(f"replayed {name}")
-        for name in missing:
+        for item in done.kept:
+            print(
+                f"not replayed: {item.id}: {item.why}; "
+                f"it stays in {topology.DEAD_LETTER_QUEUE}",
+                file=sys.stderr,
+            )
+        for name in done.missing:
             print(f"not in the dead-letter queue: {name}", file=sys.stderr)
-        _say(f"{len(replayed)} replayed")
-        return 1 if missing else 0
+        summary = f"{len(done.replayed)} replayed"
+        if done.kept:
+            summary += f", {len(done.kept)} left in {topology.DEAD_LETTER_QUEUE}"
+        _say(summary)
+        return 1 if done.kept or done.missing else 0
     ids = await requeue(
         settings, event_id=args.event, since=args.since, until=args.until
     )
