@@ -77,6 +77,17 @@ def delete_vhost(name: str) -> None:
     _rabbitmqctl("delete_vhost", name)
 
 
+def create_user(password: str) -> str:
+    """A RabbitMQ user of the test's own, allowed into no virtual host."""
+    name = unique("notiflow_u")
+    _rabbitmqctl("add_user", name, password)
+    return name
+
+
+def delete_user(name: str) -> None:
+    _rabbitmqctl("delete_user", name)
+
+
 def amqp_url(vhost: str) -> str:
     return f"amqp://{AMQP_HOST}/{vhost}"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import aio_pika
 import aiormq
 import asyncpg
 
-from contracts.settings import Settings, redact_url
+from contracts.settings import Settings, amqp_options, redact_url
 
 PG_HINT = (
     "start it with: pg_ctlcluster --skip-systemctl-redirect "
@@ -159,6 +160,15 @@ async def _postgres(url: str, migrated: bool) -> str | None:
     return schema_problem(where, bool(has_tables), set(applied))
 
 
+def _amqp_user(url: str) -> str | None:
+    """The user ``url`` logs in as (the clients take guest when it names none), or
+    None with ``auth=external``, where the client certificate names the user."""
+    if amqp_options(url).get("auth", "").lower() == "external":
+        return None
+    username = urlsplit(url).username
+    return unquote(username) if username else "guest"
+
+
 async def _rabbitmq(url: str) -> str | None:
     """Log in, to tell wrong credentials or a missing vhost from a running broker."""
     where = redact_url(url)
@@ -171,11 +181,14 @@ async def _rabbitmq(url: str) -> str | None:
         )
     except Exception as exc:
         vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"
+        user = _amqp_user(url)
+        who = repr(user) if user else "the user your client certificate names"
         return (
             f"RabbitMQ at {where} refused the connection ({type(exc).__name__}); "
-            f"check that the virtual host {vhost!r} exists and that the user may "
-            f"use it: rabbitmqctl add_vhost {vhost} && rabbitmqctl "
-            f'set_permissions -p {vhost} USER ".*" ".*" ".*"'
+            f"check that the virtual host {vhost!r} exists and that {who} may "
+            f"use it: rabbitmqctl add_vhost {shlex.quote(vhost)} && rabbitmqctl "
+            f"set_permissions -p {shlex.quote(vhost)} "
+            f'{shlex.quote(user) if user else "USER"} ".*" ".*" ".*"'
         )
     await connection.close()
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -43,6 +44,28 @@ def test_a_missing_vhost_and_wrong_password_are_told_apart(amqp_url: str) -> Non
     assert "virtual host" in no_vhost and "rabbitmqctl add_vhost" in no_vhost
     assert "refused the user name or password" in refused
     assert problems(Settings(amqp_url=amqp_url), database=False) == []
+
+
+@pytest.fixture
+def stranger() -> Iterator[str]:
+    """A user RabbitMQ knows, with the password "pw", that may use no vhost."""
+    name = infra.create_user("pw")
+    try:
+        yield name
+    finally:
+        infra.delete_user(name)
+
+
+def test_a_refused_vhost_is_told_with_the_command_for_the_urls_own_user(
+    amqp_url: str, stranger: str
+) -> None:
+    vhost = urlsplit(amqp_url).path.lstrip("/")
+    url = amqp_url.replace("guest:guest@", f"{stranger}:pw@")
+
+    [refused] = problems(Settings(amqp_url=url), database=False)
+
+    assert f"that {stranger!r} may use it" in refused
+    assert f'set_permissions -p {vhost} {stranger} ".*" ".*" ".*"' in refused
 
 
 def test_a_service_needs_a_migrated_database() -> None:
