@@ -265,3 +265,23 @@ async def test_a_page_number_is_taken_only_in_plain_decimal(
         assert answer.status_code == 422, (spelling, answer.text)
         assert [f["field"] for f in answer.json()["fields"]] == [name], spelling
     assert plain.status_code == 200
+
+
+async def test_every_route_takes_the_token_from_the_query_as_eventsource_sends_it(
+    settings: Settings, demo: Demo
+) -> None:
+    app = create_app(GatewaySettings(**settings.model_dump()))
+    token = issue_token(demo.bob, "bob", settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            unread = await client.get("/inbox/unread-count", params={"token": token})
+            page = await client.get("/inbox", params={"token": token, "limit": 5})
+            preferences = await client.get("/preferences", params={"token": token})
+            anonymous = await client.get("/inbox/unread-count")
+
+    assert unread.status_code == 200 and unread.json() == {"unread": 0}
+    assert page.status_code == 200, page.text
+    assert preferences.status_code == 200, preferences.text
+    assert anonymous.status_code == 401
