@@ -1,14 +1,20 @@
-"""Every connection a service opens to PostgreSQL names the service, so that an
-operator reading ``pg_stat_activity`` (or the server's log) knows whose it is."""
+"""Every connection a service opens to PostgreSQL or RabbitMQ names the service, so
+that an operator reading ``pg_stat_activity`` (or the server's log), RabbitMQ's web
+UI or ``rabbitmqctl list_connections client_properties`` knows whose it is."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import pytest
 
+from contracts import logs
+from contracts.db import create_pool
+from contracts.outbox import OutboxRelay
 from contracts.settings import Settings
+from tests.support import infra
 from tests.support.processes import Service
 
 pytestmark = pytest.mark.integration
@@ -44,3 +50,66 @@ async def test_a_services_database_connections_carry_its_name(
         process.stop()
 
     assert names == {service, f"{service} {listener}"}, names
+
+
+def vhost(amqp_url: str) -> str:
+    return unquote(urlsplit(amqp_url).path.lstrip("/"))
+
+
+@pytest.mark.parametrize(
+    ("service", "names"),
+    [
+        ("comments", ["comments"]),
+        ("dispatcher", ["dispatcher", "dispatcher consumers"]),
+        ("sse-gateway", ["sse-gateway", "sse-gateway consumers"]),
+    ],
+)
+def test_a_services_broker_connections_carry_its_name(
+    settings: Settings, tmp_path: Path, service: str, names: list[str]
+) -> None:
+    env = {
+        "NOTIFLOW_ENV": "test",
+        "NOTIFLOW_DATABASE_URL": settings.database_url,
+        "NOTIFLOW_AMQP_URL": settings.amqp_url,
+    }
+    process = Service(service, env, tmp_path).start()
+    try:
+        process.wait_ready()
+        found = infra.connection_names(vhost(settings.amqp_url))
+    finally:
+        process.stop()
+
+    assert found == names
+
+
+def test_a_name_the_broker_url_gives_wins_over_the_services(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = {
+        "NOTIFLOW_ENV": "test",
+        "NOTIFLOW_DATABASE_URL": settings.database_url,
+        "NOTIFLOW_AMQP_URL": f"{settings.amqp_url}?name=billing%20box",
+    }
+    process = Service("dispatcher", env, tmp_path).start()
+    try:
+        process.wait_ready()
+        found = infra.connection_names(vhost(settings.amqp_url))
+    finally:
+        process.stop()
+
+    assert found == ["billing box", "billing box"]
+
+
+async def test_an_outbox_relay_names_the_connection_it_opens_itself(
+    settings: Settings,
+) -> None:
+    pool = await create_pool(settings)
+    relay = OutboxRelay(pool, settings)
+    try:
+        await relay.start()
+        found = infra.connection_names(vhost(settings.amqp_url))
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert found == [f"{logs.service()} outbox relay"]

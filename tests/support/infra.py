@@ -9,6 +9,7 @@ end of the test, whatever its outcome.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,6 +76,25 @@ def create_vhost() -> str:
 
 def delete_vhost(name: str) -> None:
     _rabbitmqctl("delete_vhost", name)
+
+
+def connection_names(vhost: str) -> list[str]:
+    """The ``connection_name`` client property of each connection open to ``vhost``
+    (empty for one that gives none), sorted."""
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    listing = ["list_connections", "-p", vhost, "client_properties"]
+    done = subprocess.run(
+        [ctl, "-q", *listing, "--formatter", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    names = []
+    for connection in json.loads(done.stdout or "[]"):
+        properties = {key: value for key, _, value in connection["client_properties"]}
+        names.append(properties.get("connection_name", ""))
+    return sorted(names)
 
 
 def create_user(password: str) -> str:

@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanKind
 from contracts import metrics, topology, tracing
 from contracts.db import application_name
 from contracts.messages import Message
-from contracts.settings import Settings
+from contracts.settings import Settings, amqp_connection_name
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,13 @@ class OutboxRelay:
 
     async def start(self) -> None:
         if self._connection is None:
+            url = self._settings.amqp_url
             self._connection = await aio_pika.connect_robust(
-                self._settings.amqp_url, timeout=10
+                url,
+                timeout=10,
+                client_properties={
+                    "connection_name": amqp_connection_name(url, "outbox relay")
+                },
             )
         self._channel = await self._connection.channel(publisher_confirms=True)
         await topology.declare(self._channel, self._settings.retry_delay_levels)

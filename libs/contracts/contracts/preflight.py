@@ -18,7 +18,12 @@ import aio_pika
 import aiormq
 import asyncpg
 
-from contracts.settings import Settings, amqp_options, redact_url
+from contracts.settings import (
+    Settings,
+    amqp_connection_name,
+    amqp_options,
+    redact_url,
+)
 
 PG_HINT = (
     "start it with: pg_ctlcluster --skip-systemctl-redirect "
@@ -173,7 +178,13 @@ async def _rabbitmq(url: str) -> str | None:
     """Log in, to tell wrong credentials or a missing vhost from a running broker."""
     where = redact_url(url)
     try:
-        connection = await aio_pika.connect(url, timeout=5)
+        connection = await aio_pika.connect(
+            url,
+            timeout=5,
+            client_properties={
+                "connection_name": amqp_connection_name(url, "start-up check")
+            },
+        )
     except aiormq.exceptions.ProbableAuthenticationError:
         return (
             f"RabbitMQ at {where} refused the user name or password "

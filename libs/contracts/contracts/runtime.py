@@ -29,7 +29,13 @@ from contracts.db import create_pool
 from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
-from contracts.settings import Settings, amqp_options, get_settings, load_or_exit
+from contracts.settings import (
+    Settings,
+    amqp_connection_name,
+    amqp_options,
+    get_settings,
+    load_or_exit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +68,16 @@ class Runtime:
             # FastStream hands aio-pika a reconnect interval and a fail_fast of
             # its own, which win over the URL's, so it gets the URL's interval;
             # the settings refuse a fail_fast, and any option that would reach
-            # aio-pika twice, in the URL.
+            # aio-pika twice, in the URL. Its client_properties become options
+            # of the URL it rebuilds, so the connection's name goes as the
+            # option aiormq reads it from, name.
             interval = amqp_options(settings.amqp_url).get("reconnect_interval")
+            name = amqp_connection_name(settings.amqp_url, "consumers")
             self.broker = RabbitBroker(
                 settings.amqp_url,
                 timeout=CONNECT_TIMEOUT,
                 reconnect_interval=float(interval or RECONNECT_INTERVAL),
+                client_properties={"name": name},
                 logger=None,
                 graceful_timeout=settings.drain_seconds,
                 apply_types=False,
@@ -131,7 +141,11 @@ class Runtime:
     async def start(self) -> None:
         self.pool = await create_pool(self.settings, **self._pool_options)
         self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, timeout=CONNECT_TIMEOUT
+            self.settings.amqp_url,
+            timeout=CONNECT_TIMEOUT,
+            client_properties={
+                "connection_name": amqp_connection_name(self.settings.amqp_url)
+            },
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
         await topology.declare(self._channel, self.settings.retry_delay_levels)
@@ -215,9 +229,10 @@ def health_router(runtime: Runtime) -> APIRouter:
 def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
     settings = load_or_exit(get_settings)
+    # Before the app is built: the broker connections it sets up carry the name.
+    logs.configure(service, settings.log_level)
     app = load_or_exit(make_app)
     port = _port(os.environ.get("PORT"), default_port)
-    logs.configure(service, settings.log_level)
     tracing.configure(service)
     require_services(settings, migrated=True)
     host = os.environ.get("HOST", "127.0.0.1")

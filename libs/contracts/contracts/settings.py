@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts import logs
+
 S = TypeVar("S")
 
 # Where the SSE gateway serves the demo web page during development.
@@ -403,6 +405,19 @@ def amqp_options(url: str) -> dict[str, str]:
     for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         options.setdefault(name, value)
     return options
+
+
+def amqp_connection_name(url: str, role: str | None = None) -> str:
+    """What this process calls its connection to the broker at ``url``: the URL's
+    own ``name=`` if it gives one, else the service's name (and ``role``).
+
+    RabbitMQ shows it as the ``connection_name`` client property, in its web UI
+    and in ``rabbitmqctl list_connections client_properties``, as PostgreSQL
+    shows a connection's ``application_name``.
+    """
+    return amqp_options(url).get("name") or logs.service() + (
+        f" {role}" if role else ""
+    )
 
 
 def check_amqp_options(url: str) -> str:
