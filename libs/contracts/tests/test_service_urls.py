@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 from yarl import URL
 
+from contracts import logs
 from contracts.runtime import Runtime
 from contracts.settings import Settings, describe, redact_url
 
@@ -217,5 +218,7 @@ def test_the_consumers_broker_takes_every_accepted_option_once(
         # What FastStream will hand to aio-pika's connect_robust.
         assert broker is not None
         given = broker._connection_kwargs
-        assert URL(given["url"]).query == URL(url).query
+        # The connection's name too, which only a URL without one lacks.
+        expected = {"name": f"{logs.service()} consumers", **URL(url).query}
+        assert dict(URL(given["url"]).query) == expected
         assert given["reconnect_interval"] == interval
