@@ -8,7 +8,8 @@ or raises one of the exceptions below, which say what must happen next::
     │                    TTL dead-letters it back to its queue, then ack
     ├── DeadLetter       permanent failure: copy the message to the dead-letter queue
     │                    with the reason in its headers, then ack
-    └── contracts.db.DatabaseUnavailable (and connection errors)
+    └── contracts.db.DatabaseUnavailable (and asyncpg's connection errors and
+                         timeouts: :func:`contracts.db.is_unavailable`)
                          the database is away: keep the message (unacked, so
                          RabbitMQ still owns it) and call the handler again after a
                          growing pause; on shutdown, nack it with requeue
@@ -59,7 +60,7 @@ from faststream.rabbit.annotations import RabbitMessage
 from opentelemetry.trace import SpanKind
 
 from contracts import metrics, topology, tracing
-from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable
+from contracts.db import is_unavailable
 from contracts.logs import bind
 from contracts.messages import BadMessage, Envelope, Message, decode_items
 
@@ -403,7 +404,9 @@ class Consumers:
         while True:
             try:
                 return await attempt()
-            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
                 if self.stopping:
                     raise _ShuttingDown from exc
                 delay = backoff.next()

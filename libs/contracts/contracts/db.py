@@ -6,13 +6,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import TracebackType
 
 import asyncpg
 
 from contracts import logs
 from contracts.settings import Settings
 
-# Errors that mean "the database is not there right now", as opposed to a bug.
+# Errors that mean "the database is not there right now", as opposed to a bug, when
+# asyncpg raised them (see :func:`is_unavailable` for errors of unknown origin).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -35,8 +37,54 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Raised only by asyncpg: whoever raises them, the database is away.
+_ASYNCPG_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
 class DatabaseUnavailable(Exception):
     """No connection could be had in time; HTTP answers 503, consumers back off."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is away, rather than that the code is wrong.
+
+    :class:`DatabaseUnavailable` and asyncpg's connection errors say so by their
+    type. An ``OSError`` or a timeout (a refused connection, an unreachable host, a
+    statement past its command timeout) says so only when asyncpg raised it: the
+    same types from other code (a missing file, Jinja2's ``TemplateNotFound``) are
+    bugs, and waiting for the database would not mend them.
+    """
+    if isinstance(exc, (DatabaseUnavailable, *_ASYNCPG_UNAVAILABLE)):
+        return True
+    return isinstance(exc, UNAVAILABLE_ERRORS) and _raised_in_asyncpg(exc)
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _through_asyncpg(current.__traceback__):
+            return True
+        # A timeout around a statement (``asyncio.timeout``, ``wait_for``) ends it
+        # by cancelling it; the cancellation's traceback shows what it cut short.
+        following = current.__cause__ or current.__context__
+        current = following if isinstance(following, asyncio.CancelledError) else None
+    return False
+
+
+def _through_asyncpg(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module == "asyncpg" or module.startswith("asyncpg."):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
