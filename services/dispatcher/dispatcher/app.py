@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import metrics, topology, tracing
@@ -30,8 +30,9 @@ BATCH_WORKERS = 2
 class DispatcherSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
 
-    channel_config: Path = channels.DEFAULT_PATH
-    templates_dir: Path = templates.DEFAULT_DIR
+    # Before the channel configuration, which is checked against it.
+    templates_dir: Path = Field(default=templates.DEFAULT_DIR, validate_default=True)
+    channel_config: Path = Field(default=channels.DEFAULT_PATH, validate_default=True)
     public_url: str = "http://127.0.0.1:8081"
     # Room for two running batches and one gathering. Events held unacked do not
     # count against the queue's delivery limit; only a return (a dispatcher that
@@ -45,6 +46,26 @@ class DispatcherSettings(Settings):
         default=100, ge=1, le=MAX_BATCH_DELIVERIES
     )
 
+    @field_validator("templates_dir")
+    @classmethod
+    def _templates_dir_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
+
+    @field_validator("channel_config")
+    @classmethod
+    def _channel_config_usable(cls, value: Path, info: ValidationInfo) -> Path:
+        """Refuse to start on a configuration a reload would refuse."""
+        directory = info.data.get("templates_dir")
+        # Without a templates directory (refused above), check the file alone.
+        check = templates.Renderer(directory).problem if directory else _no_check
+        try:
+            channels.read(value, check)
+        except channels.ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> DispatcherSettings:
         prefetch_holds_batch(
@@ -56,9 +77,10 @@ class DispatcherSettings(Settings):
 def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     settings = settings or DispatcherSettings()
     runtime = Runtime(settings, relay=True, consumers=True)
+    renderer = templates.Renderer(settings.templates_dir)
     dispatcher = Dispatcher(
-        channels.ChannelConfigs(settings.channel_config),
-        templates.Renderer(settings.templates_dir),
+        channels.ChannelConfigs(settings.channel_config, renderer.problem),
+        renderer,
         settings.public_url,
         per_message=settings.dispatcher_deliveries_per_message,
     )
@@ -116,6 +138,10 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(health_router(runtime))
     return app
+
+
+def _no_check(template: str) -> None:
+    return None
 
 
 def _log(event: CommentCreated, outcome: Outcome) -> None:

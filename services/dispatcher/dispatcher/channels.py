@@ -8,14 +8,17 @@ renders it and its priority::
                                       "priority": 8, "enabled": true}}}
 
 Operators edit the file while the dispatcher runs; the next event uses the new
-configuration. A file that does not parse or validate is refused with a logged error
+configuration. A file that cannot be read, does not parse or validate, or names a
+template set the templates directory does not hold is refused with a logged error
 and the last good configuration stays in force, so a typo never stops deliveries.
+At start there is no last good configuration: the same faults stop the dispatcher.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -45,38 +48,65 @@ class ConfigError(Exception):
     """The channel configuration file cannot be used."""
 
 
-def parse(text: str, source: str = "channel configuration") -> ChannelFile:
+# Why a template set cannot be used, or None if it can:
+# :meth:`dispatcher.templates.Renderer.problem`.
+TemplateCheck = Callable[[str], str | None]
+
+
+def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFile:
     try:
         return ChannelFile.model_validate_json(text)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors()
+            ": ".join(
+                part
+                for part in (".".join(str(p) for p in err["loc"]), err["msg"])
+                if part
+            )
+            for err in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigError(f"{source} is invalid: {problems}") from None
 
 
-class ChannelConfigs:
-    """The configuration in force; :meth:`current` re-reads the file if it changed."""
+def read(path: Path, templates: TemplateCheck) -> ChannelFile:
+    """The configuration in ``path``, or :class:`ConfigError` saying what is wrong."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    config = parse(text, str(path))
+    for name, channel in config.channels.items():
+        problem = templates(channel.template)
+        if problem is not None:
+            raise ConfigError(
+                f"{path}: channel {name!r} names template "
+                f"{channel.template!r}, which is unusable: {problem}"
+            )
+    return config
 
-    def __init__(self, path: Path) -> None:
+
+class ChannelConfigs:
+    """The configuration in force; :meth:`current` re-reads the file if it changed.
+
+    Raises :class:`ConfigError` if the file cannot be used at the start.
+    """
+
+    def __init__(self, path: Path, templates: TemplateCheck) -> None:
         self._path = path
-        self._stamp: tuple[int, int] | None = None
-        self._config = self._load()
+        self._templates = templates
+        try:
+            self._stamp = self._stat()
+        except OSError as exc:
+            raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        self._config = read(path, templates)
 
     def _stat(self) -> tuple[int, int]:
         st = os.stat(self._path)
         return (st.st_mtime_ns, st.st_size)
 
-    def _load(self) -> ChannelFile:
-        stamp = self._stat()
-        config = parse(self._path.read_text(encoding="utf-8"), str(self._path))
-        self._stamp = stamp
-        return config
-
     def current(self) -> ChannelFile:
         try:
-            changed = self._stat() != self._stamp
+            stamp = self._stat()
         except OSError as exc:
             logger.error(
                 "cannot read %s, keeping the last configuration: %s",
@@ -85,19 +115,23 @@ class ChannelConfigs:
                 extra={"action": "channels.reload_failed"},
             )
             return self._config
-        if changed:
-            try:
-                self._config = self._load()
-                logger.info(
-                    "channel configuration reloaded from %s",
-                    self._path,
-                    extra={"action": "channels.reloaded"},
-                )
-            except (OSError, ConfigError) as exc:
-                self._stamp = self._stat()
-                logger.error(
-                    "%s; keeping the last configuration",
-                    exc,
-                    extra={"action": "channels.reload_failed"},
-                )
+        if stamp == self._stamp:
+            return self._config
+        # Taken before reading: an edit refused is complained of once, and a
+        # write that lands while this one is read is read again next time.
+        self._stamp = stamp
+        try:
+            self._config = read(self._path, self._templates)
+        except ConfigError as exc:
+            logger.error(
+                "%s; keeping the last configuration",
+                exc,
+                extra={"action": "channels.reload_failed"},
+            )
+            return self._config
+        logger.info(
+            "channel configuration reloaded from %s",
+            self._path,
+            extra={"action": "channels.reloaded"},
+        )
         return self._config

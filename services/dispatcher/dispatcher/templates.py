@@ -5,6 +5,10 @@ A template set is a folder named after the channel's ``template``, holding
 escaped; the HTML template is. Undefined variables are errors, so a template that
 names something the dispatcher does not provide fails loudly in tests, not silently
 in someone's inbox.
+
+Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
+is an ``OSError``, the shape of a lost database connection; raised as it is, it
+would hold the event as if the database were away, retried for ever.
 """
 
 from __future__ import annotations
@@ -13,10 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    select_autoescape,
+)
 
 DEFAULT_DIR = Path(__file__).with_name("templates")
+FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
 MAX_TITLE_CHARS = 200
+
+
+class RenderError(Exception):
+    """A template set could not render a notification: a bug to fix, not an outage."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,7 @@ class Rendered:
 
 class Renderer:
     def __init__(self, directory: Path = DEFAULT_DIR) -> None:
+        self._directory = directory
         self._env = Environment(
             loader=FileSystemLoader(str(directory)),
             undefined=StrictUndefined,
@@ -36,11 +53,40 @@ class Renderer:
             auto_reload=True,
         )
 
+    def problem(self, template: str) -> str | None:
+        """Why the template set ``template`` cannot be used, or None if it can."""
+        if not (self._directory / template).is_dir():
+            return f"not found in {self._directory}"
+        for name in FILES:
+            try:
+                self._env.get_template(f"{template}/{name}")
+            except TemplateNotFound:
+                return f"{name} is missing from {self._directory / template}"
+            except TemplateSyntaxError as exc:
+                return f"{name}, line {exc.lineno}: {exc.message}"
+            except OSError as exc:
+                return f"{name} cannot be read: {exc.strerror or exc}"
+        return None
+
     def render(self, template: str, context: dict[str, Any]) -> Rendered:
-        title = self._env.get_template(f"{template}/title.txt.j2").render(context)
-        message = self._env.get_template(f"{template}/message.txt.j2").render(context)
-        html = self._env.get_template(f"{template}/email.html.j2").render(context)
+        """The notification ``template`` makes of ``context``; :class:`RenderError`
+        if it cannot."""
+        title = self._render(template, "title.txt.j2", context)
+        message = self._render(template, "message.txt.j2", context)
+        html = self._render(template, "email.html.j2", context)
         title = " ".join(title.split())
         if len(title) > MAX_TITLE_CHARS:
             title = title[: MAX_TITLE_CHARS - 1] + "…"
         return Rendered(title=title, message=message.strip(), html=html.strip())
+
+    def _render(self, template: str, name: str, context: dict[str, Any]) -> str:
+        path = f"{template}/{name}"
+        try:
+            return self._env.get_template(path).render(context)
+        except TemplateNotFound as exc:
+            raise RenderError(
+                f"template {path} not found in {self._directory}"
+            ) from exc
+        except Exception as exc:
+            # A filter or expression of the template raised: the template's bug.
+            raise RenderError(f"template {path} failed: {exc!r}") from exc

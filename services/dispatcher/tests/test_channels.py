@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from dispatcher.channels import DEFAULT_PATH, ChannelConfigs, ConfigError, parse
+from dispatcher.templates import DEFAULT_DIR, Renderer
+
+# Every template set the shipped directory holds can be named.
+SHIPPED = Renderer().problem
 
 
 def write(path: Path, data: object, bump: int) -> None:
@@ -16,12 +22,14 @@ def write(path: Path, data: object, bump: int) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump * 1_000_000_000))
 
 
-def config(types: list[str], priority: int = 5) -> dict[str, object]:
+def config(
+    types: list[str], priority: int = 5, template: str = "comment_reply"
+) -> dict[str, object]:
     return {
         "channels": {
             "comment.reply": {
                 "types": types,
-                "template": "comment_reply",
+                "template": template,
                 "priority": priority,
             }
         }
@@ -29,7 +37,7 @@ def config(types: list[str], priority: int = 5) -> dict[str, object]:
 
 
 def test_shipped_configuration_is_valid() -> None:
-    shipped = parse(DEFAULT_PATH.read_text())
+    shipped = ChannelConfigs(DEFAULT_PATH, SHIPPED).current()
 
     assert {"comment.reply", "comment.mention"} <= set(shipped.channels)
 
@@ -37,7 +45,7 @@ def test_shipped_configuration_is_valid() -> None:
 def test_changes_to_the_file_apply_without_restart(tmp_path: Path) -> None:
     path = tmp_path / "channels.json"
     write(path, config(["email"]), bump=0)
-    configs = ChannelConfigs(path)
+    configs = ChannelConfigs(path, SHIPPED)
     assert configs.current().channels["comment.reply"].types == ("email",)
 
     write(path, config(["email", "sse"], priority=9), bump=1)
@@ -50,7 +58,7 @@ def test_changes_to_the_file_apply_without_restart(tmp_path: Path) -> None:
 def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path: Path) -> None:
     path = tmp_path / "channels.json"
     write(path, config(["sse"]), bump=0)
-    configs = ChannelConfigs(path)
+    configs = ChannelConfigs(path, SHIPPED)
 
     write(path, config(["carrier-pigeon"]), bump=1)
 
@@ -80,3 +88,76 @@ def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path: Path) -> None
 def test_invalid_configuration_names_the_field(data: object, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         parse(json.dumps(data))
+
+
+def test_an_edit_naming_a_missing_template_keeps_the_last_good_configuration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+
+    write(path, config(["email", "sse"], template="comment_replyy"), bump=1)
+    with caplog.at_level(logging.WARNING, logger="dispatcher.channels"):
+        kept = configs.current().channels["comment.reply"]
+        again = configs.current().channels["comment.reply"]
+
+    assert kept.template == again.template == "comment_reply"
+    assert kept.types == ("email",)
+    [refused] = caplog.records
+    assert refused.levelno == logging.ERROR
+    assert refused.action == "channels.reload_failed"  # type: ignore[attr-defined]
+    assert "channel 'comment.reply'" in refused.getMessage()
+    assert "template 'comment_replyy'" in refused.getMessage()
+    assert "keeping the last configuration" in refused.getMessage()
+
+
+def test_an_edit_naming_a_template_set_missing_a_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(DEFAULT_DIR, templates)
+    (templates / "comment_mention" / "email.html.j2").unlink()
+    path = tmp_path / "channels.json"
+    write(path, config(["sse"]), bump=0)
+    configs = ChannelConfigs(path, Renderer(templates).problem)
+
+    write(path, config(["email"], template="comment_mention"), bump=1)
+
+    assert configs.current().channels["comment.reply"].template == "comment_reply"
+
+
+def test_a_template_with_a_syntax_error_is_refused_naming_file_and_line(
+    tmp_path: Path,
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(DEFAULT_DIR, templates)
+    (templates / "comment_reply" / "message.txt.j2").write_text("ok\n{{ oops }")
+    path = tmp_path / "channels.json"
+    write(path, config(["sse"]), bump=0)
+
+    with pytest.raises(ConfigError) as refused:
+        ChannelConfigs(path, Renderer(templates).problem)
+
+    assert "message.txt.j2, line 2" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        (None, "cannot be read: No such file or directory"),
+        ('{"channels": ', "is invalid: Invalid JSON"),
+        (json.dumps(config(["sse"], template="nothing_here")), "'nothing_here'"),
+    ],
+)
+def test_a_configuration_that_cannot_be_used_at_start_is_refused(
+    tmp_path: Path, text: str | None, complaint: str
+) -> None:
+    path = tmp_path / "channels.json"
+    if text is not None:
+        path.write_text(text)
+
+    with pytest.raises(ConfigError, match=complaint) as refused:
+        ChannelConfigs(path, SHIPPED)
+
+    assert str(path) in str(refused.value)

@@ -32,7 +32,7 @@ STARTED = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
 @pytest.fixture
 def dispatcher() -> Dispatcher:
     return Dispatcher(
-        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
     )
@@ -474,7 +474,7 @@ async def test_deliveries_of_one_type_and_priority_share_messages_up_to_the_limi
 ) -> None:
     demo = await seed_demo(db.url)
     dispatcher = Dispatcher(
-        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
         per_message=per_message,
@@ -521,7 +521,9 @@ async def test_deliveries_of_one_type_and_priority_share_messages_up_to_the_limi
 def test_deliveries_per_message_must_fit_a_batch() -> None:
     with pytest.raises(ValueError, match="deliveries per message"):
         Dispatcher(
-            channels.ChannelConfigs(channels.DEFAULT_PATH),
+            channels.ChannelConfigs(
+                channels.DEFAULT_PATH, templates.Renderer().problem
+            ),
             templates.Renderer(templates.DEFAULT_DIR),
             "http://127.0.0.1:8081",
             per_message=0,
@@ -552,7 +554,7 @@ async def test_delivery_messages_written_by_postgres_equal_the_models_serialised
 ) -> None:
     demo = await seed_demo(db.url)
     dispatcher = Dispatcher(
-        channels.ChannelConfigs(channels.DEFAULT_PATH),
+        channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
         per_message=per_message,

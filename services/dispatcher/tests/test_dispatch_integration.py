@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -15,6 +18,7 @@ import pytest
 from contracts import topology
 from contracts.messages import CommentCreated
 from contracts.settings import Settings
+from dispatcher import templates
 from dispatcher.app import DispatcherSettings, create_app
 from tests.support.data import Demo, seed_demo
 from tests.support.deliveries import deliveries_in
@@ -286,3 +290,84 @@ async def test_a_batch_sets_aside_only_its_event_about_a_missing_comment(
 async def _event_ids(db: asyncpg.Connection, count: int) -> set | None:
     found = {r["id"] for r in await db.fetch("SELECT id FROM events")}
     return found if len(found) >= count else None
+
+
+def misspell_mention_template(path: Path) -> None:
+    path.write_text(path.read_text().replace('"comment_mention"', '"comment_mentionn"'))
+    # Make the change visible even on filesystems with coarse timestamps.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+async def test_an_edit_naming_a_missing_template_leaves_deliveries_running(
+    settings: Settings,
+    demo: Demo,
+    dispatcher: None,
+    channel_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    misspell_mention_template(channel_file)
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        body = "over to you, @bob"
+        comment = await add_comment(db, demo, demo.carol, body)
+
+        with caplog.at_level(logging.INFO):
+            await publish(settings, created(demo, comment, demo.carol, body))
+            rows = await eventually(
+                lambda: db.fetch(
+                    "SELECT type, title FROM notifications WHERE user_id = $1",
+                    demo.bob,
+                ),
+                what="bob's notifications",
+            )
+    finally:
+        await db.close()
+
+    # The last good configuration, and its template, still in force.
+    assert {r["type"] for r in rows} == {"email", "sse", "push"}
+    assert all("mentioned you" in r["title"] for r in rows)
+    refused = [r for r in caplog.records if r.name == "dispatcher.channels"]
+    assert refused and refused[0].levelno == logging.ERROR
+    assert "channel 'comment.mention'" in refused[0].getMessage()
+    assert "template 'comment_mentionn'" in refused[0].getMessage()
+    assert "database unavailable" not in caplog.text
+
+
+async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
+    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    shutil.copytree(templates.DEFAULT_DIR, folder)
+    app = create_app(
+        DispatcherSettings(
+            **settings.model_dump(), channel_config=channel_file, templates_dir=folder
+        )
+    )
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        async with app.router.lifespan_context(app):
+            # Checked at start, deleted since: only rendering finds out.
+            os.remove(folder / "comment_mention" / "title.txt.j2")
+            mention = await add_comment(db, demo, demo.carol, "@bob look")
+            reply = await add_comment(db, demo, demo.bob, "no names here")
+            events = [
+                created(demo, mention, demo.carol, "@bob look"),
+                created(demo, reply, demo.bob, "no names here"),
+            ]
+
+            await publish(settings, *events)
+
+            reasons = await eventually(
+                lambda: _dead_letter_reasons(settings, 1), what="a dead letter"
+            )
+            stored = await eventually(
+                lambda: _event_ids(db, 1), what="the reply's event stored"
+            )
+    finally:
+        await db.close()
+
+    assert len(reasons) == 1, reasons
+    assert "RenderError" in reasons[0]
+    assert "comment_mention/title.txt.j2 not found" in reasons[0]
+    assert stored == {events[1].event_id}

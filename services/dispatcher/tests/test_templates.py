@@ -3,9 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from jinja2 import UndefinedError
 
-from dispatcher.templates import Renderer
+from dispatcher.templates import Renderer, RenderError
 
 
 def context(**overrides: object) -> dict[str, object]:
@@ -41,15 +40,48 @@ def test_reply_wording_depends_on_the_reason() -> None:
     assert "a post you follow" in other.message
 
 
-def test_a_template_naming_an_unknown_variable_fails(tmp_path: Path) -> None:
-    folder = tmp_path / "broken"
+def template_set(directory: Path, title: str = "x") -> Path:
+    folder = directory / "broken"
     folder.mkdir()
-    (folder / "title.txt.j2").write_text("{{ nobody.name }}")
+    (folder / "title.txt.j2").write_text(title)
     (folder / "message.txt.j2").write_text("x")
     (folder / "email.html.j2").write_text("x")
+    return folder
 
-    with pytest.raises(UndefinedError):
+
+def test_a_template_naming_an_unknown_variable_fails(tmp_path: Path) -> None:
+    template_set(tmp_path, title="{{ nobody.name }}")
+
+    with pytest.raises(RenderError, match=r"broken/title.txt.j2 .*'nobody'"):
         Renderer(tmp_path).render("broken", context())
+
+
+def test_a_template_that_raises_fails_naming_the_file(tmp_path: Path) -> None:
+    template_set(tmp_path, title="{{ 1 // 0 }}")
+
+    with pytest.raises(RenderError, match=r"broken/title.txt.j2 .*ZeroDivisionError"):
+        Renderer(tmp_path).render("broken", context())
+
+
+def test_a_template_file_gone_since_the_check_is_no_os_error(tmp_path: Path) -> None:
+    # An OSError reaching the consumer would hold the event as if the database
+    # were away; a missing template is a bug to fix, not an outage to wait out.
+    folder = template_set(tmp_path)
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+    (folder / "message.txt.j2").unlink()
+
+    with pytest.raises(RenderError) as failed:
+        renderer.render("broken", context())
+
+    assert "broken/message.txt.j2 not found" in str(failed.value)
+    assert not isinstance(failed.value, OSError)
+    assert "message.txt.j2 is missing" in (renderer.problem("broken") or "")
+
+
+def test_a_template_set_that_is_not_there_is_a_problem(tmp_path: Path) -> None:
+    assert Renderer(tmp_path).problem("comment_mentionn") == f"not found in {tmp_path}"
+    assert Renderer().problem("comment_mention") is None
 
 
 def test_long_titles_are_shortened() -> None:

@@ -1,0 +1,89 @@
+"""What the dispatcher refuses to start on: a channel configuration or a templates
+directory it could not use, each named in one line, with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dispatcher import channels
+from dispatcher.app import DispatcherSettings
+
+
+def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def misspelt(tmp_path: Path) -> Path:
+    path = tmp_path / "channels.json"
+    text = channels.DEFAULT_PATH.read_text()
+    path.write_text(text.replace('"comment_mention"', '"comment_mentionn"'))
+    return path
+
+
+def test_a_channel_naming_a_missing_template_is_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    path = misspelt(tmp_path)
+
+    with pytest.raises(ValidationError) as refused:
+        DispatcherSettings(channel_config=path)
+
+    message = str(refused.value)
+    assert "channel 'comment.mention' names template 'comment_mentionn'" in message
+    assert str(path) in message
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "complaint"),
+    [
+        (
+            "NOTIFLOW_CHANNEL_CONFIG",
+            "misspelt",
+            "channel 'comment.mention' names template 'comment_mentionn', "
+            "which is unusable: not found in",
+        ),
+        (
+            "NOTIFLOW_CHANNEL_CONFIG",
+            "/nonexistent.json",
+            "/nonexistent.json cannot be read: No such file or directory",
+        ),
+        (
+            "NOTIFLOW_CHANNEL_CONFIG",
+            "truncated",
+            "is invalid: Invalid JSON: EOF while parsing",
+        ),
+        (
+            "NOTIFLOW_TEMPLATES_DIR",
+            "/nonexistent",
+            "/nonexistent is not a directory",
+        ),
+    ],
+)
+def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
+    tmp_path: Path, setting: str, value: str, complaint: str
+) -> None:
+    if value == "misspelt":
+        value = str(misspelt(tmp_path))
+    elif value == "truncated":
+        truncated = tmp_path / "channels.json"
+        truncated.write_text('{"channels": ')
+        value = str(truncated)
+
+    done = start({setting: value})
+
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"notiflow: invalid setting {setting}: "), line
+    assert complaint in line
