@@ -86,7 +86,7 @@ def verify_token(token: str | None, settings: Settings) -> Principal:
 
 
 @lru_cache(maxsize=REMEMBERED_TOKENS)
-def _verified(token: str, secret: str) -> tuple[Principal, float]:
+def _verified(token: str, secret: str) -> tuple[Principal, int]:
     """The token's principal and expiry, if its signature and claims hold now.
 
     Raises PyJWT's errors or ValueError, which are never cached: a token that fails
@@ -103,7 +103,9 @@ def _verified(token: str, secret: str) -> tuple[Principal, float]:
     if not 0 < user_id <= MAX_ID:
         raise ValueError("sub is not a user id")
     principal = Principal(user_id=user_id, username=str(claims.get("name")))
-    return principal, float(claims["exp"])
+    # PyJWT takes only a whole number, of any size: kept an int, for no float
+    # can hold every one.
+    return principal, int(claims["exp"])
 
 
 def _now() -> float:
