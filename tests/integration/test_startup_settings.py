@@ -74,6 +74,10 @@ def test_the_email_sender_exits_2_on_a_prefetch_below_its_batch() -> None:
             {"NOTIFLOW_CORS_ORIGINS": "https://app.example/app"},
             "NOTIFLOW_CORS_ORIGINS: 'https://app.example/app' has a path",
         ),
+        (
+            {"NOTIFLOW_PUBLIC_URL": "not a url"},
+            "NOTIFLOW_PUBLIC_URL: must be an absolute http:// or https:// URL",
+        ),
     ],
 )
 def test_a_number_or_level_a_service_cannot_use_exits_2_naming_it(

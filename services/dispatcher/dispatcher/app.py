@@ -17,7 +17,7 @@ from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, prefetch_holds_batch
+from contracts.settings import Settings, WebUrl, prefetch_holds_batch
 from dispatcher import channels, templates
 from dispatcher.service import Dispatcher, Outcome
 
@@ -33,7 +33,7 @@ class DispatcherSettings(Settings):
     # Before the channel configuration, which is checked against it.
     templates_dir: Path = Field(default=templates.DEFAULT_DIR, validate_default=True)
     channel_config: Path = Field(default=channels.DEFAULT_PATH, validate_default=True)
-    public_url: str = "http://127.0.0.1:8081"
+    public_url: WebUrl = "http://127.0.0.1:8081"
     # Room for two running batches and one gathering. Events held unacked do not
     # count against the queue's delivery limit; only a return (a dispatcher that
     # dies, a shutdown during a database outage) does, once per event held.
