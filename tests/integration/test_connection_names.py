@@ -113,3 +113,26 @@ async def test_an_outbox_relay_names_the_connection_it_opens_itself(
         await pool.close()
 
     assert found == [f"{logs.service()} outbox relay"]
+
+
+async def test_notiflow_admin_names_its_broker_connection(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aio_pika
+
+    from contracts import admin, topology
+
+    async with await aio_pika.connect(settings.amqp_url, timeout=10) as setup:
+        await topology.declare(await setup.channel(), settings.retry_delay_levels)
+    seen: list[list[str]] = []
+    connect = admin.aio_pika.connect
+
+    async def watched(*args: object, **kwargs: object) -> object:
+        connection = await connect(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(infra.connection_names(vhost(settings.amqp_url)))
+        return connection
+
+    monkeypatch.setattr(admin.aio_pika, "connect", watched)
+    await admin.dlq_list(settings)
+
+    assert seen == [[f"{logs.service()} admin"]]

@@ -55,7 +55,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts import topology
 from contracts.consumer import DEAD_LETTERED_AT_HEADER
 from contracts.recovery import requeue_failed
-from contracts.settings import Settings, load_or_exit, redact_url
+from contracts.settings import (
+    Settings,
+    amqp_connection_name,
+    load_or_exit,
+    redact_url,
+)
 
 # Headers a replayed message should not carry back to its consumer. Without
 # RabbitMQ's death and delivery counts it starts afresh, as a first publish does: a
@@ -236,7 +241,13 @@ async def _taken(
 
 
 async def dlq_list(settings: Settings) -> list[DeadLetter]:
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    connection = await aio_pika.connect(
+        settings.amqp_url,
+        timeout=10,
+        client_properties={
+            "connection_name": amqp_connection_name(settings.amqp_url, "admin")
+        },
+    )
     async with connection:
         channel = await connection.channel()
         taken = await _taken(channel)
@@ -268,7 +279,13 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
     wanted = set(ids) if ids is not None else None
     replayed: list[str] = []
     kept: list[Kept] = []
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    connection = await aio_pika.connect(
+        settings.amqp_url,
+        timeout=10,
+        client_properties={
+            "connection_name": amqp_connection_name(settings.amqp_url, "admin")
+        },
+    )
     async with connection:
         reading = await connection.channel()
         publishing = await connection.channel(
