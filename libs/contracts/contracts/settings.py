@@ -15,7 +15,7 @@ from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -51,6 +51,19 @@ def _tcp_port(value: int) -> int:
 TcpPort = Annotated[int, AfterValidator(_tcp_port)]
 
 
+def _split_url(value: str) -> tuple[SplitResult, int | None] | None:
+    """``value`` split as a URL, with its port (0 for one that is no TCP port, None
+    for none given); None when it cannot be read as a URL at all."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    try:
+        return parts, parts.port
+    except ValueError:
+        return parts, 0
+
+
 def _web_url(value: str) -> str:
     wanted = "must be an absolute http:// or https:// URL, as in https://app.example"
     scheme, separator, _ = value.partition("://")
@@ -58,14 +71,10 @@ def _web_url(value: str) -> str:
         raise ValueError(wanted)
     if any(c.isspace() for c in value):
         raise ValueError(f"{wanted}, with no spaces")
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        raise ValueError(f"{wanted}; it cannot be read as one") from None
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
+    split = _split_url(value)
+    if split is None:
+        raise ValueError(f"{wanted}; it cannot be read as one")
+    parts, port = split
     if port == 0:
         raise ValueError(f"{wanted}; its port must be a number from 1 to 65535")
     if not parts.hostname:
@@ -214,14 +223,10 @@ def browser_origin(entry: str) -> str:
         raise ValueError(f"{shown} has no scheme; {_ORIGIN}")
     if problem := _origin_problem(entry):
         raise ValueError(f"{shown} {problem}; {_ORIGIN}")
-    try:
-        parts = urlsplit(entry)
-    except ValueError:
-        raise ValueError(f"{shown} cannot be read as a URL; {_ORIGIN}") from None
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
+    split = _split_url(entry)
+    if split is None:
+        raise ValueError(f"{shown} cannot be read as a URL; {_ORIGIN}")
+    parts, port = split
     if port == 0:
         raise ValueError(f"{shown} has a port that is no TCP port; {_ORIGIN}")
     if parts.path not in ("", "/"):
