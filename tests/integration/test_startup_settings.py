@@ -207,6 +207,27 @@ def test_a_malformed_service_url_exits_2_naming_the_setting_not_the_password(
     assert "ter22" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("name", ["NOTIFLOW_API_BASE_URL", "NOTIFLOW_PUSH_BASE_URL"])
+@pytest.mark.parametrize("value", ["not a url", "/api", "ftp://api.example"])
+def test_a_web_page_url_that_is_no_absolute_http_url_stops_the_gateway_naming_it(
+    name: str, value: str
+) -> None:
+    # The page would call a relative or malformed base and fail in every browser.
+    done = subprocess.run(
+        [PY, "-m", "sse_gateway"],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"notiflow: invalid setting {name}: must be an absolute http:// or "
+        "https:// URL, as in https://app.example"
+    ]
+
+
 @pytest.mark.parametrize(
     ("command", "query", "complaint"),
     [

@@ -25,7 +25,7 @@ from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, prefetch_holds_batch
+from contracts.settings import Settings, WebUrl, prefetch_holds_batch
 from sse_gateway import inbox, web
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
@@ -59,9 +59,9 @@ class GatewaySettings(Settings):
     # stream); kept to measure against, see bench/sse_fanout.py.
     sse_lean: bool = True
     # Where the web page finds the comments API.
-    api_base_url: str = "http://127.0.0.1:8080"
+    api_base_url: WebUrl = "http://127.0.0.1:8080"
     # Where the page's Web Push controls find the push sender.
-    push_base_url: str = "http://127.0.0.1:8084"
+    push_base_url: WebUrl = "http://127.0.0.1:8084"
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> GatewaySettings:
