@@ -1,4 +1,5 @@
-"""Bearer tokens: HMAC-signed JWTs naming a user, with an expiry.
+"""Bearer tokens: HMAC-signed JWTs naming a user, with an expiry; and the tokens
+of unsubscribe links, which are no bearer tokens (see below).
 
 ``notiflow-token USERNAME`` prints a token for a user stored in the database.
 
@@ -14,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
+import hmac
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -160,3 +165,83 @@ def main(argv: list[str] | None = None) -> None:
     if user_id is None:
         sys.exit(f"no user named {args.username!r}; seeded users: alice bob carol dave")
     print(issue_token(user_id, args.username, settings, args.ttl))
+
+
+# Unsubscribe links
+#
+# An email carries a link that turns its channel type off for its recipient without
+# signing in (RFC 2369 List-Unsubscribe, RFC 8058 one-click). Its token is
+# ``<user id>.<channel type>.<signature>``, the signature an HMAC-SHA256 of the
+# purpose, the user id and the type under the secret key, in unpadded base64url: one
+# token per user and type, so the dispatcher's link in the body and the email
+# sender's in the headers are the same URL.
+#
+# The signed text starts with a purpose and holds NUL bytes, which the signing input
+# of a bearer token (base64url and dots) never does: neither kind of token passes as
+# the other, whatever its parts say.
+#
+# Such a token never expires, for a link in an email read years later must still
+# work; all it can do is turn notification emails off. Rotating NOTIFLOW_SECRET_KEY
+# invalidates every link sent before, as it does every bearer token.
+
+UNSUBSCRIBE_PURPOSE = b"notiflow unsubscribe link v1"
+# The channel types a link may turn off; emails are the only ones that carry one.
+UNSUBSCRIBE_TYPES = ("email",)
+_LINK_TOKEN = re.compile(r"([1-9][0-9]{0,18})\.([a-z]{1,16})\.([A-Za-z0-9_-]{43})")
+
+
+class InvalidLinkToken(Exception):
+    """An unsubscribe link's token is missing, malformed or forged; answer 4xx."""
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """What a genuine unsubscribe token asks for."""
+
+    user_id: int
+    channel_type: str
+
+
+def unsubscribe_token(
+    user_id: int, secret_key: str, channel_type: str = "email"
+) -> str:
+    """The token of the link that turns ``channel_type`` off for ``user_id``."""
+    if not 0 < user_id <= MAX_ID:
+        raise ValueError(f"user id must be 1 to {MAX_ID}, not {user_id}")
+    if channel_type not in UNSUBSCRIBE_TYPES:
+        raise ValueError(
+            f"channel type must be one of {', '.join(UNSUBSCRIBE_TYPES)}, "
+            f"not {channel_type!r}"
+        )
+    signature = _link_signature(user_id, channel_type, secret_key)
+    return f"{user_id}.{channel_type}.{signature}"
+
+
+def unsubscribe_url(public_url: str, user_id: int, secret_key: str) -> str:
+    """The link, under ``public_url``, that turns notification emails off."""
+    token = unsubscribe_token(user_id, secret_key)
+    return f"{public_url.rstrip('/')}/unsubscribe?token={token}"
+
+
+def verify_unsubscribe_token(token: str | None, secret_key: str) -> Unsubscribe:
+    """What ``token`` asks for, or :class:`InvalidLinkToken` saying what is wrong."""
+    if not token:
+        raise InvalidLinkToken("the token is missing")
+    parts = _LINK_TOKEN.fullmatch(token)
+    if parts is None:
+        raise InvalidLinkToken("the token is not an unsubscribe link's token")
+    user_id, channel_type, signature = int(parts[1]), parts[2], parts[3]
+    if user_id > MAX_ID or channel_type not in UNSUBSCRIBE_TYPES:
+        raise InvalidLinkToken("the token is not an unsubscribe link's token")
+    expected = _link_signature(user_id, channel_type, secret_key)
+    if not hmac.compare_digest(signature.encode("ascii"), expected.encode("ascii")):
+        raise InvalidLinkToken("the token is invalid: its signature does not match")
+    return Unsubscribe(user_id=user_id, channel_type=channel_type)
+
+
+def _link_signature(user_id: int, channel_type: str, secret_key: str) -> str:
+    signed = b"\0".join(
+        [UNSUBSCRIBE_PURPOSE, str(user_id).encode(), channel_type.encode()]
+    )
+    digest = hmac.digest(secret_key.encode(), signed, hashlib.sha256)
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
