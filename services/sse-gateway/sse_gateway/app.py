@@ -26,7 +26,7 @@ from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings, WebUrl, prefetch_holds_batch
-from sse_gateway import inbox, web
+from sse_gateway import inbox, unsubscribe, web
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
 from sse_gateway.stream import StreamEndpoint
@@ -76,7 +76,9 @@ class GatewayApp(FastAPI):
     connection than a FastAPI route. On every other route a ``?token=`` is moved
     into the Authorization header first: FastAPI's own telemetry (on when traces are
     exported) records the query of each request on its server span before any
-    middleware runs, and redacts only a fixed list of names.
+    middleware runs, and redacts only a fixed list of names. The token of an
+    unsubscribe link, which is no bearer token, goes into the scope instead (see
+    :mod:`sse_gateway.unsubscribe`).
     """
 
     sse: StreamEndpoint | None = None
@@ -87,22 +89,34 @@ class GatewayApp(FastAPI):
                 await self.sse(scope, receive, send)
                 return
             if b"token=" in scope.get("query_string", b""):
-                scope = _token_to_header(scope)
+                if scope["path"] == unsubscribe.PATH:
+                    scope = _link_token_to_scope(scope)
+                else:
+                    scope = _token_to_header(scope)
         await super().__call__(scope, receive, send)
 
 
 def _token_to_header(scope: Scope) -> Scope:
+    token, rest = _query_token(scope)
+    headers = list(scope["headers"])
+    if token is not None and not any(name == b"authorization" for name, _ in headers):
+        headers.append((b"authorization", f"Bearer {token}".encode("latin-1")))
+    return {**scope, "headers": headers, "query_string": rest}
+
+
+def _link_token_to_scope(scope: Scope) -> Scope:
+    """The scope with an unsubscribe link's token moved from the query to its own
+    key: it is no bearer token, and must not be taken for one."""
+    token, rest = _query_token(scope)
+    return {**scope, unsubscribe.LINK_TOKEN: token, "query_string": rest}
+
+
+def _query_token(scope: Scope) -> tuple[str | None, bytes]:
+    """The query's first ``token``, and the query without any."""
     pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     tokens = [value for key, value in pairs if key == "token"]
     rest = [(key, value) for key, value in pairs if key != "token"]
-    headers = list(scope["headers"])
-    if tokens and not any(name == b"authorization" for name, _ in headers):
-        headers.append((b"authorization", f"Bearer {tokens[0]}".encode("latin-1")))
-    return {
-        **scope,
-        "headers": headers,
-        "query_string": urlencode(rest).encode("latin-1"),
-    }
+    return (tokens[0] if tokens else None), urlencode(rest).encode("latin-1")
 
 
 def _settled(
@@ -217,5 +231,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)
+    app.include_router(unsubscribe.router)
     web.mount(app)
     return app
