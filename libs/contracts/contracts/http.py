@@ -6,7 +6,10 @@ read; validation errors list each offending field by its dotted path (at most
 answer). Request bodies above ``NOTIFLOW_MAX_REQUEST_BYTES`` are refused with 413
 before they are read in full, and a JSON body that gives one key twice is refused
 with 422 naming the key, before any route sees it. Ids in a path are taken only as
-written in canonical decimal (:data:`PathId`).
+written in canonical decimal (:data:`PathId`). A query parameter that a route takes
+one value of, given twice (``?limit=5&limit=500``), is refused with 422 naming it:
+the parsers keep one of the values without a word, and which one the sender meant
+cannot be known.
 
 A route that takes a JSON body answers 415 to a body sent as another type, or with
 no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
@@ -16,10 +19,12 @@ parameter: text is text whichever of those it arrived in.
 
 A route that takes a token (one that depends on :func:`current_user`) judges it
 before the body: a missing or bad token is a 401 even when the body could not be
-parsed either. Two answers come before the token all the same: the 413, which is
-given before a body too large is read, and the 422 for a repeated key, which is
+parsed either. Three answers come before the token all the same: the 413, which
+is given before a body too large is read; the 422 for a repeated key, which is
 given before the request is routed, so before anyone knows whether it needed a
-token (what it tells a caller without one is only that its JSON repeats a key).
+token (what it tells a caller without one is only that its JSON repeats a key);
+and the 422 for a repeated query parameter, which comes from the first dependency
+of every route (it tells no more than that).
 
 Every answer, errors and the 500 of a crash included, passes through the CORS
 middleware a service adds, so that a page on an allowed origin can read why it
@@ -31,7 +36,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Annotated, Any
+from collections import Counter
+from collections.abc import Sequence, Set
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 import asyncpg
 from fastapi import Depends, FastAPI, Header, Path, Request
@@ -181,7 +189,8 @@ def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
 
 
 def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
-    """JSON answers for every error, the request body limit, unique JSON keys.
+    """JSON answers for every error, the request body limit, unique JSON keys and
+    query parameters.
 
     Starlette stacks ``app.user_middleware`` outermost first, and ``add_middleware``
     puts the newest at the front. The two added here go at the back instead, so
@@ -197,6 +206,10 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
             Middleware(BodyLimit, max_bytes=max_request_bytes),
         ]
     )
+    # Every route included or added after this call gets it, as the services'
+    # routes are; it has to be a dependency, since only the route knows which
+    # names it takes one value of.
+    app.router.dependencies.append(Depends(one_value_per_query_name))
     if not tracing.exporting():
         # Outermost, so that everything the request runs sees its trace.
         app.user_middleware.insert(0, Middleware(tracing.TraceContext))
@@ -326,6 +339,69 @@ PathId = Annotated[int, BeforeValidator(_canonical), Path(ge=1, le=MAX_ID)]
 
 # A whole number in a query string, held to the same spelling.
 Whole = BeforeValidator(_canonical)
+
+
+async def one_value_per_query_name(request: Request) -> None:
+    """422 naming each query parameter of the route that the request repeats.
+
+    FastAPI reads the last of a repeated parameter and a proxy or client library
+    may keep the first, so ``?limit=5&limit=500`` is taken as one or the other
+    without a word. A parameter declared as a list takes them all; a name the
+    route does not take is ignored however often it comes, as it is once.
+    """
+    if b"&" not in request.scope.get("query_string", b""):
+        return
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = [name for name, count in given.items() if count > 1]
+    if not repeated:
+        return
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    single = _single_valued_query(route.dependant)
+    errors = [
+        {
+            "loc": ("query", name),
+            "msg": "given more than once; send one value",
+            "type": "value_error",
+        }
+        for name in repeated
+        if name in single
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _single_valued_query(dependant: Dependant) -> set[str]:
+    """The query parameters of ``dependant`` and its dependencies that take one
+    value each."""
+    names: set[str] = set()
+    stack = [dependant]
+    while stack:
+        current = stack.pop()
+        names.update(
+            field.alias
+            for field in current.query_params
+            if not _many_values(field.field_info.annotation)
+        )
+        stack.extend(current.dependencies)
+    return names
+
+
+def _many_values(annotation: Any) -> bool:
+    """Whether a parameter of this type takes every value given (``list[int]``,
+    ``set[str] | None``)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _many_values(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return any(_many_values(arg) for arg in get_args(annotation))
+    kind = origin or annotation
+    return (
+        isinstance(kind, type)
+        and issubclass(kind, (Sequence, Set))
+        and not issubclass(kind, (str, bytes))
+    )
 
 
 def _failed() -> JSONResponse:

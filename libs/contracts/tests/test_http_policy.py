@@ -1,5 +1,6 @@
 """What the shared HTTP policy answers before a route runs (repeated JSON keys,
-loosely written path ids), and that its answers pass through CORS."""
+loosely written path ids, repeated query parameters), and that its answers pass
+through CORS."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from contracts.auth import issue_token
 from contracts.http import PathId, UserDep, install_http_policy, repeated_keys
 from contracts.settings import Settings
+
+
+async def sorting(order: str = "new") -> str:
+    """A dependency that takes a query parameter of its own."""
+    return order
 
 
 class Echo:
@@ -40,6 +46,15 @@ class Echo:
         async def item(item_id: PathId) -> dict[str, int]:
             self.calls += 1
             return {"id": item_id}
+
+        @self.app.get("/page")
+        async def page(
+            order: Annotated[str, Depends(sorting)],
+            limit: int = 20,
+            tags: Annotated[list[str] | None, Query()] = None,
+        ) -> dict[str, Any]:
+            self.calls += 1
+            return {"limit": limit, "order": order, "tags": tags}
 
     def client(self) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
@@ -196,6 +211,38 @@ async def test_a_path_id_is_taken_only_in_canonical_decimal(written: str) -> Non
     ]
     assert exact.json() == {"id": 7}
     assert echo.calls == 1
+
+
+async def test_a_query_parameter_given_twice_is_refused_naming_it() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        limits = await client.get("/page?limit=5&limit=500")
+        same = await client.get("/page?limit=5&order=old&limit=5")
+        both = await client.get("/page?order=old&limit=1&order=new&limit=2")
+
+    assert limits.status_code == 422
+    assert limits.json() == {
+        "error": "invalid_request",
+        "detail": "limit: given more than once; send one value",
+        "fields": [
+            {"field": "limit", "message": "given more than once; send one value"}
+        ],
+    }
+    assert same.status_code == 422
+    assert [f["field"] for f in both.json()["fields"]] == ["order", "limit"]
+    assert echo.calls == 0
+
+
+async def test_a_list_parameter_or_a_name_no_route_takes_may_repeat() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        tags = await client.get("/page?tags=a&limit=3&tags=b")
+        unknown = await client.get("/page?limit=3&_=1&_=2")
+
+    assert tags.json() == {"limit": 3, "order": "new", "tags": ["a", "b"]}
+    assert unknown.json() == {"limit": 3, "order": "new", "tags": None}
 
 
 class Guarded:

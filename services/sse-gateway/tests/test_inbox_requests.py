@@ -285,3 +285,32 @@ async def test_every_route_takes_the_token_from_the_query_as_eventsource_sends_i
     assert page.status_code == 200, page.text
     assert preferences.status_code == 200, preferences.text
     assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("limit=5&limit=500", ["limit"]),
+        ("limit=500&limit=5", ["limit"]),
+        ("cursor=9&limit=2&cursor=3", ["cursor"]),
+    ],
+)
+async def test_an_inbox_page_with_a_parameter_given_twice_is_refused_naming_it(
+    bob: httpx.AsyncClient,
+    settings: Settings,
+    demo: Demo,
+    query: str,
+    named: list[str],
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        await helpers.add_and_deliver(pg, demo.bob, "one")
+
+    answer = await bob.get(f"/inbox?{query}")
+    once = await bob.get("/inbox?limit=5")
+
+    assert answer.status_code == 422, answer.text
+    assert [f["field"] for f in answer.json()["fields"]] == named
+    assert answer.json()["fields"][0]["message"] == (
+        "given more than once; send one value"
+    )
+    assert len(once.json()["items"]) == 1
