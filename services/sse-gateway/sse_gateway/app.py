@@ -105,18 +105,24 @@ def _token_to_header(scope: Scope) -> Scope:
 
 
 def _link_token_to_scope(scope: Scope) -> Scope:
-    """The scope with an unsubscribe link's token moved from the query to its own
-    key: it is no bearer token, and must not be taken for one."""
-    token, rest = _query_token(scope)
-    return {**scope, unsubscribe.LINK_TOKEN: token, "query_string": rest}
+    """The scope with an unsubscribe link's tokens moved from the query to their
+    own key: such a token is no bearer token, and must not be taken for one."""
+    tokens, rest = _query_tokens(scope)
+    return {**scope, unsubscribe.LINK_TOKEN: tokens, "query_string": rest}
 
 
 def _query_token(scope: Scope) -> tuple[str | None, bytes]:
     """The query's first ``token``, and the query without any."""
+    tokens, rest = _query_tokens(scope)
+    return (tokens[0] if tokens else None), rest
+
+
+def _query_tokens(scope: Scope) -> tuple[list[str], bytes]:
+    """Every ``token`` of the query, and the query without them."""
     pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     tokens = [value for key, value in pairs if key == "token"]
     rest = [(key, value) for key, value in pairs if key != "token"]
-    return (tokens[0] if tokens else None), urlencode(rest).encode("latin-1")
+    return tokens, urlencode(rest).encode("latin-1")
 
 
 def _settled(

@@ -28,7 +28,8 @@ which is how people follow the link.
 The token comes in the query, as the email wrote it. :class:`sse_gateway.app.
 GatewayApp` takes it out of the query before anything records the request, and
 leaves it in the scope under :data:`LINK_TOKEN`, not in ``Authorization``: it is no
-bearer token, and this route must not read one as it.
+bearer token, and this route must not read one as it. A query that gives the token
+twice is refused, since which one the sender meant cannot be known.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ from sse_gateway import preferences
 logger = logging.getLogger(__name__)
 
 PATH = "/unsubscribe"
-# The scope key under which GatewayApp leaves the query's token for these routes.
-LINK_TOKEN = "notiflow.link_token"
+# The scope key under which GatewayApp leaves the query's tokens for these routes.
+LINK_TOKEN = "notiflow.link_tokens"
 
 USER = "SELECT display_name, email FROM users WHERE id = $1"
 
@@ -103,7 +104,7 @@ async def confirm_page(request: Request, db: Pool) -> Response:
         return _refusal(request, refused)
 
     what = _NAMES[link.channel_type]
-    token = escape(request.scope[LINK_TOKEN])
+    token = escape(request.scope[LINK_TOKEN][0])
     return _page(
         "Turn off notification emails?",
         f"<p>This turns off {what} for <strong>{_whom(user)}</strong>. "
@@ -149,11 +150,12 @@ async def unsubscribe(request: Request, db: Pool) -> Response:
 
 
 def _link(request: Request) -> Unsubscribe:
+    tokens = request.scope.get(LINK_TOKEN) or [None]
+    if len(tokens) > 1:
+        raise _Refused(422, "the token is given more than once")
     settings = request.app.state.runtime.settings
     try:
-        return verify_unsubscribe_token(
-            request.scope.get(LINK_TOKEN), settings.secret_key
-        )
+        return verify_unsubscribe_token(tokens[0], settings.secret_key)
     except InvalidLinkToken as exc:
         raise _Refused(422, str(exc)) from None
 

@@ -139,6 +139,7 @@ def _refused_tokens(settings: Settings, bob: int) -> list[tuple[str, str]]:
         (f"?token={other_secret}", "signature does not match"),
         (f"?token={bearer}", "not an unsubscribe link's token"),
         (f"?token={tampered}", "signature does not match"),
+        (f"?token={genuine}&token={genuine}", "the token is given more than once"),
     ]
 
 
