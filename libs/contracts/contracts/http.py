@@ -11,6 +11,10 @@ one value of, given twice (``?limit=5&limit=500``), is refused with 422 naming i
 the parsers keep one of the values without a word, and which one the sender meant
 cannot be known.
 
+A ``HEAD`` request is answered as the ``GET`` of the same URL would be, status and
+headers alike, without the body (:class:`HeadAsGet`): FastAPI's routes answer only
+the methods they list, and ``HEAD`` would otherwise be a 405 wherever ``GET`` works.
+
 A route that takes a JSON body answers 415 to a body sent as another type, or with
 no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
 one that is not UTF-8, not JSON, or not a JSON object. The parser also takes JSON in
@@ -190,7 +194,7 @@ def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
 
 def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
     """JSON answers for every error, the request body limit, unique JSON keys and
-    query parameters.
+    query parameters, ``HEAD`` wherever ``GET`` is answered.
 
     Starlette stacks ``app.user_middleware`` outermost first, and ``add_middleware``
     puts the newest at the front. The two added here go at the back instead, so
@@ -204,6 +208,7 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
         [
             Middleware(ServerFailure),
             Middleware(BodyLimit, max_bytes=max_request_bytes),
+            Middleware(HeadAsGet),
         ]
     )
     # Every route included or added after this call gets it, as the services'
@@ -441,6 +446,38 @@ class ServerFailure:
             if not started:
                 await _failed()(scope, receive, send)
             raise
+
+
+class HeadAsGet:
+    """Answer ``HEAD`` by running the ``GET`` of the same URL and sending its status
+    and headers without its body.
+
+    ``Content-Length`` stays that of the ``GET``'s body, which is what it means on
+    an answer to ``HEAD``. The ``GET`` runs in full, queries and all, so a route
+    whose ``GET`` never ends (an event stream) must answer ``HEAD`` itself before
+    this runs, as the gateway's ``/sse`` does.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif not ended and not message.get("more_body", False):
+                # The last part of the body, or a file handed to the server
+                # whole: either way the answer ends here, empty.
+                ended = True
+                await send({"type": "http.response.body", "body": b""})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class BodyLimit:

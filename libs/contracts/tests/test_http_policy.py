@@ -245,6 +245,27 @@ async def test_a_list_parameter_or_a_name_no_route_takes_may_repeat() -> None:
     assert unknown.json() == {"limit": 3, "order": "new", "tags": None}
 
 
+async def test_head_answers_as_get_would_without_the_body() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        pairs = [
+            (await client.get(url), await client.head(url))
+            for url in ("/page?limit=3", "/page?limit=x", "/items/7", "/nowhere")
+        ]
+        only_post = await client.head("/json")
+
+    assert [get.status_code for get, _ in pairs] == [200, 422, 200, 404]
+    for get, head in pairs:
+        assert head.status_code == get.status_code
+        assert head.headers == get.headers
+        assert get.content and head.content == b""
+    assert echo.calls == 4, "each HEAD runs the route as its GET does"
+    assert only_post.status_code == 405
+    assert only_post.headers["allow"] == "POST"
+    assert only_post.content == b""
+
+
 class Guarded:
     """An app with a route that takes a token and a body, and one that takes a body
     alone."""

@@ -219,6 +219,24 @@ async def test_a_missing_token_gets_401_whatever_the_body(
     assert all(a.json()["error"] == "unauthorized" for a in answers)
 
 
+@pytest.mark.parametrize("path", ["/preferences", "/inbox", "/inbox/unread-count"])
+async def test_head_answers_a_read_route_as_get_does_without_a_body(
+    client: Client, demo: Demo, path: str
+) -> None:
+    async with client(demo.bob) as bob:
+        get = await bob.get(path)
+        head = await bob.head(path)
+        del bob.headers["Authorization"]
+        anonymous = await bob.head(path)
+
+    assert (get.status_code, head.status_code) == (200, 200), head.text
+    assert head.headers == get.headers
+    assert head.content == b"" and get.content
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    assert anonymous.content == b""
+
+
 async def test_a_change_leaves_other_users_preferences_alone(
     client: Client, demo: Demo, db: asyncpg.Connection
 ) -> None:
