@@ -82,6 +82,7 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         channels.ChannelConfigs(settings.channel_config, renderer.problem),
         renderer,
         settings.public_url,
+        secret_key=settings.secret_key,
         per_message=settings.dispatcher_deliveries_per_message,
     )
 

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 
 from contracts import topology, tracing
+from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter
 from contracts.messages import (
     MAX_BATCH_DELIVERIES,
@@ -63,9 +64,11 @@ class Dispatcher:
         renderer: Renderer,
         public_url: str,
         *,
+        secret_key: str,
         per_message: int = MAX_BATCH_DELIVERIES,
     ) -> None:
-        """``per_message``: deliveries one message may carry; 1 sends each alone."""
+        """``secret_key`` signs the unsubscribe links of emails; ``per_message``:
+        deliveries one message may carry, 1 sends each alone."""
         if not 1 <= per_message <= MAX_BATCH_DELIVERIES:
             raise ValueError(
                 f"deliveries per message must be 1 to {MAX_BATCH_DELIVERIES}"
@@ -73,6 +76,7 @@ class Dispatcher:
         self._channels = channels
         self._renderer = renderer
         self._public_url = public_url.rstrip("/")
+        self._secret_key = secret_key
         self._per_message = per_message
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
@@ -270,6 +274,9 @@ class Dispatcher:
                 },
                 "reasons": recipient.reasons,
                 "url": url,
+                "unsubscribe_url": unsubscribe_url(
+                    self._public_url, user["id"], self._secret_key
+                ),
             }
             rendered = self._renderer.render(channel.template, context)
             metadata = {
@@ -285,13 +292,15 @@ class Dispatcher:
                     status, error = "skipped", f"{channel_type} disabled by preference"
                 elif channel_type == "email" and not user["email"]:
                     status, error = "skipped", "user has no email address"
-                extra = {"html": rendered.html} if channel_type == "email" else {}
+                message, extra = rendered.message, {}
+                if channel_type == "email":
+                    message, extra = rendered.email_text, {"html": rendered.html}
                 rows.append(
                     (
                         user["id"],
                         user["email"],
                         rendered.title,
-                        rendered.message,
+                        message,
                         channel_type,
                         name,
                         channel.priority,

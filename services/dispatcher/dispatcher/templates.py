@@ -1,10 +1,17 @@
 """Rendering a notification's title, text and HTML with Jinja2.
 
 A template set is a folder named after the channel's ``template``, holding
-``title.txt.j2``, ``message.txt.j2`` and ``email.html.j2``. Text templates are not
-escaped; the HTML template is. Undefined variables are errors, so a template that
-names something the dispatcher does not provide fails loudly in tests, not silently
-in someone's inbox.
+``title.txt.j2``, ``message.txt.j2`` and ``email.html.j2``, and optionally
+``email.txt.j2``. The message is the text of every channel type; an email's text
+part is ``email.txt.j2``, which gets the rendered message as ``message``, or, in a
+set without one, the message itself. So what belongs to emails alone, such as the
+link that turns them off (``unsubscribe_url``), stays out of the in-app inbox and
+push. A set that names no ``unsubscribe_url`` still renders, and its emails still
+carry the link in their ``List-Unsubscribe`` header.
+
+Text templates are not escaped; the HTML template is. Undefined variables are
+errors, so a template that names something the dispatcher does not provide fails
+loudly in tests, not silently in someone's inbox.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -28,6 +35,7 @@ from jinja2 import (
 
 DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
+EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
 
 
@@ -40,6 +48,8 @@ class Rendered:
     title: str
     message: str
     html: str
+    # The text part of an email: the message, and what only emails carry.
+    email_text: str
 
 
 class Renderer:
@@ -57,10 +67,12 @@ class Renderer:
         """Why the template set ``template`` cannot be used, or None if it can."""
         if not (self._directory / template).is_dir():
             return f"not found in {self._directory}"
-        for name in FILES:
+        for name in (*FILES, EMAIL_TEXT):
             try:
                 self._env.get_template(f"{template}/{name}")
             except TemplateNotFound:
+                if name == EMAIL_TEXT:
+                    continue
                 return f"{name} is missing from {self._directory / template}"
             except TemplateSyntaxError as exc:
                 return f"{name}, line {exc.lineno}: {exc.message}"
@@ -72,12 +84,19 @@ class Renderer:
         """The notification ``template`` makes of ``context``; :class:`RenderError`
         if it cannot."""
         title = self._render(template, "title.txt.j2", context)
-        message = self._render(template, "message.txt.j2", context)
+        message = self._render(template, "message.txt.j2", context).strip()
         html = self._render(template, "email.html.j2", context)
+        email_text = message
+        if (self._directory / template / EMAIL_TEXT).is_file():
+            email_text = self._render(
+                template, EMAIL_TEXT, {**context, "message": message}
+            ).strip()
         title = " ".join(title.split())
         if len(title) > MAX_TITLE_CHARS:
             title = title[: MAX_TITLE_CHARS - 1] + "…"
-        return Rendered(title=title, message=message.strip(), html=html.strip())
+        return Rendered(
+            title=title, message=message, html=html.strip(), email_text=email_text
+        )
 
     def _render(self, template: str, name: str, context: dict[str, Any]) -> str:
         path = f"{template}/{name}"

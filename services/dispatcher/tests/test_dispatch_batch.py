@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter
 from contracts.db import create_pool, transaction
 from contracts.messages import CommentCreated, DeliveryBatch, DeliveryRequested
@@ -27,6 +28,7 @@ from tests.support.deliveries import deliveries_in
 pytestmark = pytest.mark.integration
 
 STARTED = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+SECRET = "dispatch-tests-" + "s" * 32
 
 
 @pytest.fixture
@@ -35,6 +37,7 @@ def dispatcher() -> Dispatcher:
         channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
+        secret_key=SECRET,
     )
 
 
@@ -477,6 +480,7 @@ async def test_deliveries_of_one_type_and_priority_share_messages_up_to_the_limi
         channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
+        secret_key=SECRET,
         per_message=per_message,
     )
     # Four people earlier in the thread; the fifth comment replies to all of them.
@@ -526,6 +530,7 @@ def test_deliveries_per_message_must_fit_a_batch() -> None:
             ),
             templates.Renderer(templates.DEFAULT_DIR),
             "http://127.0.0.1:8081",
+            secret_key=SECRET,
             per_message=0,
         )
 
@@ -546,6 +551,31 @@ async def test_an_event_whose_body_is_not_the_stored_comments_is_set_aside(
     assert await db.pool.fetchval("SELECT count(*) FROM events") == 0
 
 
+async def test_only_the_email_row_carries_the_recipients_unsubscribe_link(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    comment = await _comment(db.pool, demo, demo.carol, "Have a look, @bob")
+
+    async with transaction(db.pool) as conn:
+        await dispatcher.handle_many(
+            conn, [_event(demo, comment, demo.carol, "Have a look, @bob")]
+        )
+
+    rows = await db.pool.fetch(
+        "SELECT type, message, metadata FROM notifications WHERE user_id = $1",
+        demo.bob,
+    )
+    by_type = {row["type"]: row for row in rows}
+    link = unsubscribe_url("http://127.0.0.1:8081", demo.bob, SECRET)
+    email = by_type["email"]
+    assert email["message"].endswith(f"Turn off these emails: {link}")
+    assert f'href="{link}"' in email["metadata"]["html"]
+    for other in ("sse", "push"):
+        assert "unsubscribe" not in by_type[other]["message"], other
+        assert "unsubscribe" not in json.dumps(by_type[other]["metadata"]), other
+
+
 @pytest.mark.parametrize(
     ("events", "per_message"), [(1, 100), (1, 2), (3, 100), (3, 4)]
 )
@@ -557,6 +587,7 @@ async def test_delivery_messages_written_by_postgres_equal_the_models_serialised
         channels.ChannelConfigs(channels.DEFAULT_PATH, templates.Renderer().problem),
         templates.Renderer(templates.DEFAULT_DIR),
         "http://127.0.0.1:8081",
+        secret_key=SECRET,
         per_message=per_message,
     )
     body = "for @bob, @dave and @alice"

@@ -6,6 +6,8 @@ import pytest
 
 from dispatcher.templates import Renderer, RenderError
 
+UNSUBSCRIBE = "http://example.test/unsubscribe?token=2.email.abc"
+
 
 def context(**overrides: object) -> dict[str, object]:
     base: dict[str, object] = {
@@ -15,6 +17,7 @@ def context(**overrides: object) -> dict[str, object]:
         "comment": {"id": 9, "body": "<b>hi</b> @bob", "excerpt": "<b>hi</b> @bob"},
         "reasons": ["mentioned"],
         "url": "http://example.test/?post=1#comment-9",
+        "unsubscribe_url": UNSUBSCRIBE,
     }
     base.update(overrides)
     return base
@@ -91,3 +94,43 @@ def test_long_titles_are_shortened() -> None:
 
     assert len(rendered.title) == 200
     assert rendered.title.endswith("…")
+
+
+@pytest.mark.parametrize("template", ["comment_mention", "comment_reply"])
+def test_an_email_ends_with_the_link_that_turns_emails_off(template: str) -> None:
+    rendered = Renderer().render(template, context())
+
+    assert rendered.email_text.startswith(rendered.message)
+    last_line = rendered.email_text.splitlines()[-1]
+    assert last_line == f"Turn off these emails: {UNSUBSCRIBE}"
+    assert rendered.html.endswith(
+        f'<a href="{UNSUBSCRIBE}">Turn off these emails</a></p>'
+    )
+
+
+@pytest.mark.parametrize("template", ["comment_mention", "comment_reply"])
+def test_the_in_app_message_has_no_email_link(template: str) -> None:
+    rendered = Renderer().render(template, context())
+
+    assert UNSUBSCRIBE not in rendered.message
+    assert "Turn off" not in rendered.message
+
+
+def test_a_set_that_does_not_use_the_link_still_renders(tmp_path: Path) -> None:
+    folder = template_set(tmp_path)
+    (folder / "message.txt.j2").write_text("Hi {{ recipient.display_name }}")
+    renderer = Renderer(tmp_path)
+
+    rendered = renderer.render("broken", context())
+
+    assert renderer.problem("broken") is None
+    assert rendered.message == rendered.email_text == "Hi Bob"
+
+
+def test_a_broken_email_text_template_is_a_problem(tmp_path: Path) -> None:
+    folder = template_set(tmp_path)
+    (folder / "email.txt.j2").write_text("{{ message ")
+
+    problem = Renderer(tmp_path).problem("broken")
+
+    assert problem is not None and problem.startswith("email.txt.j2, line 1:")
