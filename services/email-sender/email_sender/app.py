@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import FastAPI
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import topology, tracing
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, TcpPort, prefetch_holds_batch
+from contracts.settings import Settings, TcpPort, WebUrl, prefetch_holds_batch
 from email_sender import smtp
 from email_sender.worker import EmailWorker
 
@@ -26,6 +27,15 @@ from email_sender.worker import EmailWorker
 # of its own, and deliveries wait and gather into larger batches only once every
 # worker is busy, which is when saving statements matters.
 BATCH_WORKERS = 8
+
+
+def _ascii_url(value: str) -> str:
+    if not value.isascii():
+        raise ValueError(
+            "must be written in ASCII, an internationalised host in IDNA (xn--…) "
+            "and other characters %-encoded"
+        )
+    return value
 
 
 class EmailSettings(Settings):
@@ -41,6 +51,9 @@ class EmailSettings(Settings):
     mail_from: str = "notifications@notiflow.localhost"
     mail_from_name: str = "notiflow"
     mail_domain: str = "notiflow.localhost"
+    # The base of each email's unsubscribe link, as the dispatcher's links: ASCII,
+    # for it is written as it is into the List-Unsubscribe header.
+    public_url: Annotated[WebUrl, AfterValidator(_ascii_url)] = "http://127.0.0.1:8081"
     # Also bounds the SMTP connections: at most BATCH_WORKERS times this many.
     email_batch_size: int = Field(default=25, ge=1)
     # Room for a full batch in every worker; a batch is never larger than what the
@@ -88,6 +101,8 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         sender=settings.mail_from,
         sender_name=settings.mail_from_name,
         domain=settings.mail_domain,
+        public_url=settings.public_url,
+        secret_key=settings.secret_key,
         retry_delays=settings.retry_delay_levels,
         lease_seconds=settings.email_lease_seconds,
     )

@@ -86,6 +86,10 @@ _HTML_HEADERS = _part_headers("html")
 _MIME_VERSION = _header_block(("MIME-Version", "1.0"))
 # Tells mail servers and vacation responders that no human sent this.
 _AUTO_SUBMITTED = _header_block(("Auto-Submitted", "auto-generated"))
+# RFC 8058: one POST to the List-Unsubscribe URL unsubscribes, with no page between.
+_ONE_CLICK = _header_block(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+# RFC 5322's limit for a line, line end excluded.
+_MAX_LINE = 998
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,23 @@ def _ascii_domain(address: str) -> str:
     return f"{local}@{ascii_domain}"
 
 
+@lru_cache(maxsize=_CACHED)
+def _unsubscribe_headers(url: str) -> bytes:
+    """``List-Unsubscribe`` (RFC 2369) naming ``url``, and ``List-Unsubscribe-Post``.
+
+    The URL is written on one line as it is, not folded: folding would put
+    whitespace inside the angle brackets, which RFC 2369 asks readers to ignore but
+    not every one does. Each recipient's URL is their own, and cached as they are.
+    """
+    line = f"List-Unsubscribe: <{url}>"
+    if not line.isascii() or len(line) > _MAX_LINE or any(c in url for c in "\r\n<>"):
+        raise ValueError(
+            "an unsubscribe URL must be ASCII, with no line ends or angle brackets, "
+            f"and fit on a line of {_MAX_LINE} characters"
+        )
+    return line.encode("ascii") + _CRLF + _ONE_CLICK
+
+
 def message_id(notification_id: int, domain: str) -> str:
     return f"<notification-{notification_id}@{domain}>"
 
@@ -178,8 +199,10 @@ def build(
     sender: str,
     sender_name: str,
     domain: str,
+    unsubscribe_url: str | None = None,
     extra_headers: dict[str, Any] | None = None,
 ) -> Mail:
+    """The message; with ``unsubscribe_url``, its one-click unsubscribe headers."""
     to = recipient(to_address, to_name)
     plain = _quoted_printable(text)
     page = None
@@ -196,6 +219,8 @@ def build(
         _AUTO_SUBMITTED,
         _WIRE.fold_binary("X-Notiflow-Notification-Id", str(notification_id)),
     ]
+    if unsubscribe_url is not None:
+        headers.append(_unsubscribe_headers(unsubscribe_url))
     headers.extend(
         _encoded_header(name, str(value))
         for name, value in (extra_headers or {}).items()

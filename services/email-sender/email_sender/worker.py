@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from contracts import metrics, transitions
+from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter, Item, RetryLater
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, connection
 from contracts.messages import DeliveryRequested
@@ -126,15 +127,21 @@ class EmailWorker:
         sender: str,
         sender_name: str,
         domain: str,
+        public_url: str,
+        secret_key: str,
         retry_delays: tuple[int, ...],
         lease_seconds: float,
     ) -> None:
+        """``public_url`` and ``secret_key`` make each recipient's unsubscribe
+        link, the same the dispatcher puts at the end of the email."""
         self._pool = pool
         self._smtp = transport
         self._sent = SentRecorder(pool)
         self._sender = sender
         self._sender_name = sender_name
         self._domain = domain
+        self._public_url = public_url
+        self._secret_key = secret_key
         self._delays = retry_delays
         self._lease = lease_seconds
 
@@ -229,6 +236,9 @@ class EmailWorker:
             sender=self._sender,
             sender_name=self._sender_name,
             domain=self._domain,
+            unsubscribe_url=unsubscribe_url(
+                self._public_url, row["user_id"], self._secret_key
+            ),
         )
         await self._smtp.send(message)
         await self._sent.record(row["id"])

@@ -347,3 +347,59 @@ def test_an_internationalised_domain_is_written_in_idna_in_header_and_envelope()
 
     assert mail.recipients == ("bob@xn--bcher-kva.example",)
     assert b"To: Bob <bob@xn--bcher-kva.example>" in mail.data
+
+
+UNSUBSCRIBE = (
+    "https://notify.example.com/unsubscribe?token=7.email." + "Ab-_" * 10 + "xyz"
+)
+
+
+def _with_unsubscribe(url: str | None, html: str | None = "<p>hi</p>") -> bytes:
+    return build(
+        notification_id=7,
+        to_address="bob@example.com",
+        to_name="Bob",
+        subject="s",
+        text="t",
+        html=html,
+        sender="n@example.com",
+        sender_name="n",
+        domain="example.com",
+        unsubscribe_url=url,
+    ).data
+
+
+@pytest.mark.parametrize("html", ["<p>hi</p>", None])
+def test_an_email_with_an_unsubscribe_url_offers_one_click_unsubscribe(
+    html: str | None,
+) -> None:
+    raw = _with_unsubscribe(UNSUBSCRIBE, html)
+
+    back = parse(raw)
+    assert back["List-Unsubscribe"] == f"<{UNSUBSCRIBE}>"
+    assert back["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # On one line as it is: no encoded word, no folding inside the brackets.
+    assert f"\r\nList-Unsubscribe: <{UNSUBSCRIBE}>\r\n".encode() in raw
+
+
+def test_an_email_without_an_unsubscribe_url_has_no_such_headers() -> None:
+    back = parse(_with_unsubscribe(None))
+
+    assert "List-Unsubscribe" not in back
+    assert "List-Unsubscribe-Post" not in back
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://notify.example.com/unsubscribe?token=a\r\nBcc: x@example.com",
+        "https://notify.example.com/unsubscribe?token=a>",
+        "https://bücher.example/unsubscribe?token=a",
+        "https://notify.example.com/" + "x" * 1000,
+    ],
+)
+def test_an_unsubscribe_url_that_cannot_be_written_as_it_is_is_refused(
+    url: str,
+) -> None:
+    with pytest.raises(ValueError, match="an unsubscribe URL must be ASCII"):
+        _with_unsubscribe(url)
