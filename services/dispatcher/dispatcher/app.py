@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import metrics, topology, tracing
@@ -53,18 +53,10 @@ class DispatcherSettings(Settings):
             raise ValueError(f"{value} is not a directory")
         return value
 
-    @field_validator("channel_config")
-    @classmethod
-    def _channel_config_usable(cls, value: Path, info: ValidationInfo) -> Path:
-        """Refuse to start on a configuration a reload would refuse."""
-        directory = info.data.get("templates_dir")
-        # Without a templates directory (refused above), check the file alone.
-        check = templates.Renderer(directory).problem if directory else _no_check
-        try:
-            channels.read(value, check)
-        except channels.ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    # The channel configuration as the check below read it. The dispatcher starts
+    # with it rather than reading the file a second time, which might by then
+    # hold an edit no check has seen.
+    _channels: channels.Loaded | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> DispatcherSettings:
@@ -73,13 +65,31 @@ class DispatcherSettings(Settings):
         )
         return self
 
+    @model_validator(mode="after")
+    def _channel_config_usable(self) -> DispatcherSettings:
+        """Refuse to start on a configuration a reload would refuse."""
+        check = templates.Renderer(self.templates_dir).problem
+        try:
+            self._channels = channels.load(self.channel_config, check)
+        except channels.ConfigError as exc:
+            # A model's own error names no field; the line must name the setting.
+            raise ValueError(f"NOTIFLOW_CHANNEL_CONFIG: {exc}") from None
+        return self
+
+    @property
+    def channels_at_start(self) -> channels.Loaded | None:
+        """The channel configuration read when these settings were checked."""
+        return self._channels
+
 
 def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     settings = settings or DispatcherSettings()
     runtime = Runtime(settings, relay=True, consumers=True)
     renderer = templates.Renderer(settings.templates_dir)
     dispatcher = Dispatcher(
-        channels.ChannelConfigs(settings.channel_config, renderer.problem),
+        channels.ChannelConfigs(
+            settings.channel_config, renderer.problem, settings.channels_at_start
+        ),
         renderer,
         settings.public_url,
         secret_key=settings.secret_key,
@@ -139,10 +149,6 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(health_router(runtime))
     return app
-
-
-def _no_check(template: str) -> None:
-    return None
 
 
 def _log(event: CommentCreated, outcome: Outcome) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -85,28 +86,55 @@ def read(path: Path, templates: TemplateCheck) -> ChannelFile:
     return config
 
 
+# What tells one version of the file from another: its modification time and size.
+Stamp = tuple[int, int]
+
+
+def _stamp(path: Path) -> Stamp:
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A usable configuration, and the stamp its file had just before it was read."""
+
+    config: ChannelFile
+    stamp: Stamp
+
+
+def load(path: Path, templates: TemplateCheck) -> Loaded:
+    """The configuration in ``path`` with its stamp, or :class:`ConfigError`.
+
+    The stamp is taken first: a write that lands while the file is read leaves a
+    newer stamp, and the next :meth:`ChannelConfigs.current` reads it.
+    """
+    try:
+        stamp = _stamp(path)
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    return Loaded(read(path, templates), stamp)
+
+
 class ChannelConfigs:
     """The configuration in force; :meth:`current` re-reads the file if it changed.
 
-    Raises :class:`ConfigError` if the file cannot be used at the start.
+    It starts from ``start``, a configuration already loaded from ``path``, or
+    else loads it, raising :class:`ConfigError` if the file cannot be used.
     """
 
-    def __init__(self, path: Path, templates: TemplateCheck) -> None:
+    def __init__(
+        self, path: Path, templates: TemplateCheck, start: Loaded | None = None
+    ) -> None:
         self._path = path
         self._templates = templates
-        try:
-            self._stamp = self._stat()
-        except OSError as exc:
-            raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
-        self._config = read(path, templates)
-
-    def _stat(self) -> tuple[int, int]:
-        st = os.stat(self._path)
-        return (st.st_mtime_ns, st.st_size)
+        start = start or load(path, templates)
+        self._config = start.config
+        self._stamp = start.stamp
 
     def current(self) -> ChannelFile:
         try:
-            stamp = self._stat()
+            stamp = _stamp(self._path)
         except OSError as exc:
             logger.error(
                 "cannot read %s, keeping the last configuration: %s",

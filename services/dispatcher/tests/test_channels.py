@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.channels import DEFAULT_PATH, ChannelConfigs, ConfigError, parse
+from dispatcher.channels import (
+    DEFAULT_PATH,
+    ChannelConfigs,
+    ConfigError,
+    load,
+    parse,
+)
 from dispatcher.templates import DEFAULT_DIR, Renderer
 
 # Every template set the shipped directory holds can be named.
@@ -53,6 +59,22 @@ def test_changes_to_the_file_apply_without_restart(tmp_path: Path) -> None:
     reloaded = configs.current().channels["comment.reply"]
     assert reloaded.types == ("email", "sse")
     assert reloaded.priority == 9
+
+
+def test_an_edit_after_a_configuration_was_loaded_is_judged_as_a_reload(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["sse"]), bump=0)
+    loaded = load(path, SHIPPED)
+    write(path, config(["carrier-pigeon"]), bump=1)
+
+    configs = ChannelConfigs(path, SHIPPED, loaded)
+    kept = configs.current().channels["comment.reply"].types
+    write(path, config(["email"]), bump=2)
+    fixed = configs.current().channels["comment.reply"].types
+
+    assert (kept, fixed) == (("sse",), ("email",))
 
 
 def test_a_broken_edit_keeps_the_last_good_configuration(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from dispatcher import channels
-from dispatcher.app import DispatcherSettings
+from dispatcher.app import DispatcherSettings, create_app
 
 
 def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -87,3 +87,26 @@ def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"notiflow: invalid setting {setting}: "), line
     assert complaint in line
+
+
+def test_the_dispatcher_starts_from_the_configuration_its_check_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text(channels.DEFAULT_PATH.read_text())
+    reads: list[Path] = []
+    read = channels.read
+
+    def counted(where: Path, check: channels.TemplateCheck) -> channels.ChannelFile:
+        reads.append(where)
+        return read(where, check)
+
+    monkeypatch.setattr(channels, "read", counted)
+    settings = DispatcherSettings(channel_config=path)
+    # An edit that lands between the check and the start is a reload's to judge:
+    # a broken one is refused then, keeping what was checked, and stops nothing.
+    path.write_text('{"channels": ')
+
+    create_app(settings)
+
+    assert reads == [path]
