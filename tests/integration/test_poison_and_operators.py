@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,10 +15,11 @@ import asyncpg
 import httpx
 import pytest
 
-from contracts import topology
+from contracts import migrate, topology
 from contracts.settings import Settings
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
+from tests.support import infra
 from tests.support.data import Demo
 from tests.support.processes import free_port
 from tests.support.smtp import SmtpServer
@@ -524,6 +526,40 @@ async def test_requeue_failed_sends_failed_rows_again(
 
     assert row["attempts"] == 1
     assert len(smtp.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "complaint"),
+    [
+        ("empty", "has no notiflow tables; apply the migrations with `make migrate`"),
+        ("older", "lacks migration(s) 0004_inbox_unread_count, "),
+        ("absent", "does not exist; create and migrate it with `make migrate`"),
+    ],
+)
+def test_requeue_failed_on_a_database_not_migrated_says_to_migrate(
+    settings: Settings, state: str, complaint: str
+) -> None:
+    name = infra.unique("notiflow_unmigrated")
+    url = infra.database_url(name)
+    try:
+        if state == "empty":
+            migrate.ensure_database(url)
+        elif state == "older":
+            infra.migrate_before(url, "0004")
+
+        done = admin(
+            settings.model_copy(update={"database_url": url}),
+            "requeue-failed",
+            "--since",
+            "2024-05-01",
+        )
+    finally:
+        asyncio.run(infra.drop_database(name))
+
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"notiflow-admin: the database at {url} {complaint}")
+    assert line.endswith("(notiflow-migrate)")
 
 
 @pytest.mark.parametrize(

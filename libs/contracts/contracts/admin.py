@@ -24,10 +24,13 @@ writes only ``x-death``; its latest entry names the queue and the reason instead
 
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
-the next outbox relay to wake up publishes them. Times without a zone are UTC.
+the next outbox relay to wake up publishes them. Times without a zone are UTC. It
+first checks, as the services do at start, that the database exists and has every
+migration this release ships, and otherwise says to run ``make migrate``.
 
-Exit status: 0 done, 1 a server refused or could not be reached (or a message to
-replay was not found, or stayed in the dead-letter queue), 2 a bad command line,
+Exit status: 0 done, 1 a server refused or could not be reached, or the database
+is not migrated (or a message to replay was not found, or stayed in the
+dead-letter queue), 2 a bad command line,
 141 standard output was closed before everything was written
 (``notiflow-admin dlq list | head``).
 """
@@ -52,7 +55,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from contracts import topology
+from contracts import preflight, topology
 from contracts.consumer import DEAD_LETTERED_AT_HEADER
 from contracts.recovery import requeue_failed
 from contracts.settings import (
@@ -85,6 +88,10 @@ _SET_ASIDE_HEADERS = {
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done."""
+
+
+class NotMigrated(Exception):
+    """The database does not exist, or lacks a migration this release ships."""
 
 
 class OutputClosed(Exception):
@@ -362,8 +369,17 @@ async def requeue(
     since: datetime | None,
     until: datetime | None,
 ) -> list[int]:
-    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    where = redact_url(settings.database_url)
     try:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        raise NotMigrated(
+            f"the database at {where} does not exist; create and migrate it with "
+            "`make migrate` (notiflow-migrate)"
+        ) from None
+    try:
+        if problem := await preflight.missing_schema(conn, where):
+            raise NotMigrated(problem)
         # The outbox stores headers as jsonb, encoded the way the services' pools do.
         await conn.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
@@ -528,6 +544,9 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     except OutputClosed:
         _silence_stdout()
         return _EXIT_OUTPUT_CLOSED
+    except NotMigrated as exc:
+        print(f"notiflow-admin: {exc}", file=sys.stderr)
+        return 1
     # A ConnectionError too: answered before the other unreachable cases.
     except aio_pika.exceptions.ProbableAuthenticationError as exc:
         print(

@@ -150,18 +150,21 @@ async def _postgres(url: str, migrated: bool) -> str | None:
             f"PostgreSQL at {where} did not accept a connection: "
             f"{_scrubbed(repr(exc), url)}"
         )
-    if not migrated:
-        await conn.close()
-        return None
     try:
-        try:
-            has_tables, applied = await conn.fetchrow(APPLIED_SQL)
-        except asyncpg.UndefinedTableError:
-            # yoyo never ran here: whatever tables exist, no migration is recorded.
-            has_tables = await conn.fetchval("SELECT to_regclass('notifications')")
-            applied = []
+        return await missing_schema(conn, where) if migrated else None
     finally:
         await conn.close()
+
+
+async def missing_schema(conn: asyncpg.Connection, where: str) -> str | None:
+    """Why the database ``conn`` is connected to (shown as ``where``) lacks the
+    schema this code needs, or None if it has it."""
+    try:
+        has_tables, applied = await conn.fetchrow(APPLIED_SQL)
+    except asyncpg.UndefinedTableError:
+        # yoyo never ran here: whatever tables exist, no migration is recorded.
+        has_tables = await conn.fetchval("SELECT to_regclass('notifications')")
+        applied = []
     return schema_problem(where, bool(has_tables), set(applied))
 
 
