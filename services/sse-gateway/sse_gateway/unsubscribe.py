@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import logging
 from html import escape
-from typing import Annotated
 
 import asyncpg
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from contracts.auth import (
@@ -51,6 +50,7 @@ from contracts.auth import (
 from contracts.db import connection
 from contracts.http import error, invalid_request
 from sse_gateway import preferences
+from sse_gateway.api import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ _PAGE_HEADERS = {
 }
 
 router = APIRouter(include_in_schema=False)
-
-
-async def pool(request: Request) -> asyncpg.Pool:
-    # A coroutine: FastAPI would run a plain function in its thread pool.
-    return request.app.state.runtime.db
-
-
-Pool = Annotated[asyncpg.Pool, Depends(pool)]
 
 
 class _Refused(Exception):
