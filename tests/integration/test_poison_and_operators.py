@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -310,6 +313,58 @@ async def test_a_message_rabbitmq_dead_lettered_is_replayed_to_its_queue(
     headers = dict(back.headers or {})
     assert headers.pop("x-delivery-count", 0) == 0
     assert headers == {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-01"}
+
+
+# What RabbitMQ 4.0 and later give every quorum queue unless told otherwise.
+RABBITMQ_4_DELIVERY_LIMIT = 20
+
+
+def _rabbitmqctl(settings: Settings, *args: str) -> str:
+    """``rabbitmqctl`` run on the test's own virtual host."""
+    vhost = urlsplit(settings.amqp_url).path.lstrip("/")
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    return subprocess.run(
+        [ctl, "-q", *args, "-p", vhost],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+
+
+async def _limit_dead_letter_deliveries(settings: Settings, limit: int) -> None:
+    """Give the dead-letter queue a delivery limit, as RabbitMQ 4 does by default
+    (a 3.x broker sets none), and wait until it applies."""
+    pattern = "^" + re.escape(topology.DEAD_LETTER_QUEUE) + "$"
+    definition = json.dumps({"delivery-limit": limit})
+    _rabbitmqctl(settings, "set_policy", "dlq-limit", pattern, definition)
+
+    async def applied() -> bool:
+        listing = _rabbitmqctl(settings, "list_queues", "name", "policy")
+        return f"{topology.DEAD_LETTER_QUEUE}\tdlq-limit" in listing
+
+    await eventually(applied, what="the delivery limit applied")
+
+
+async def test_a_dead_letter_listed_past_the_delivery_limit_stays_listed(
+    settings: Settings,
+) -> None:
+    await _dead_lettered_by_rabbitmq(settings, "comment-created-11")
+    await _limit_dead_letter_deliveries(settings, RABBITMQ_4_DELIVERY_LIMIT)
+
+    # Each run of either command leaves the dead letter where it was.
+    for _ in range(RABBITMQ_4_DELIVERY_LIMIT // 2 + 3):
+        assert admin(settings, "dlq", "list").returncode == 0
+        other = admin(settings, "dlq", "replay", "comment-created-0")
+        assert "not in the dead-letter queue: comment-created-0" in other.stderr
+    listed = admin(settings, "dlq", "list")
+
+    assert "1 dead letters" in listed.stdout, listed.stdout
+    entry = next(
+        line for line in listed.stdout.splitlines() if "comment-created-11" in line
+    )
+    assert f"queue={topology.DISPATCHER_QUEUE}" in entry
+    assert "RabbitMQ dead-lettered it: delivery_limit" in listed.stdout
 
 
 async def test_replay_all_sends_back_what_the_delivery_limit_dead_lettered(

@@ -17,6 +17,17 @@ it queued: when the queue is gone (removed, or renamed by an upgrade) RabbitMQ
 returns the copy, and the dead letter stays where it was, named on standard error
 with that queue, while the others are replayed. So does one the queue refuses.
 
+Both commands leave a dead letter they do not replay where it was by publishing a
+copy of it to the dead-letter queue, waiting for RabbitMQ's confirm, and only then
+acknowledging the original. Handing it back unacknowledged (``basic.nack`` with
+requeue) would count as a failed delivery, and RabbitMQ 4.0 gives every quorum
+queue, this one included, a delivery limit of 20 by default: a dead letter listed
+twenty-one times would be dropped, the dead-letter queue having no dead-letter queue
+of its own. The copy starts afresh, with the original's headers (``x-death``
+included) and properties. A tool killed between the two leaves both, a duplicate;
+one killed while it holds dead letters hands them back through RabbitMQ, which
+counts that once against the limit.
+
 A consumer that sets a message aside names its queue and the reason in notiflow's
 own headers. RabbitMQ dead-letters on its own too (the dispatcher queue's delivery
 limit after a consumer crashed over and over, a rejection, an expiry) and then
@@ -256,12 +267,15 @@ async def dlq_list(settings: Settings) -> list[DeadLetter]:
         },
     )
     async with connection:
-        channel = await connection.channel()
-        taken = await _taken(channel)
+        reading = await connection.channel()
+        publishing = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        taken = await _taken(reading)
         now = datetime.now(UTC)
         found = [describe(message, now) for message in taken]
         for message in taken:
-            await message.nack(requeue=True)
+            await _put_back(publishing, message)
     return found
 
 
@@ -302,11 +316,11 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
             name = message_name(message)
             queue = origin(message).queue
             if (wanted is not None and name not in wanted) or not queue:
-                await message.nack(requeue=True)
+                await _put_back(publishing, message)
                 continue
             why = await _send_back(publishing, message, queue)
             if why is not None:
-                await message.nack(requeue=True)
+                await _put_back(publishing, message)
                 kept.append(Kept(id=name, why=why))
                 continue
             await message.ack()
@@ -343,6 +357,54 @@ async def _send_back(
         # limit with reject-publish answers.
         return f"the queue {queue} refused it"
     return None
+
+
+async def _put_back(
+    channel: aio_pika.abc.AbstractChannel, message: AbstractIncomingMessage
+) -> None:
+    """Leave ``message`` in the dead-letter queue as a copy that RabbitMQ has not
+    counted a delivery of; see the module's docstring.
+
+    ``channel`` must be opened with publisher confirms and ``on_return_raises``.
+    Should the copy not be confirmed, the original is handed back as before:
+    counted, but never lost.
+    """
+    try:
+        await channel.default_exchange.publish(
+            _fresh_copy(message),
+            routing_key=topology.DEAD_LETTER_QUEUE,
+            mandatory=True,
+            timeout=10,
+        )
+    except (aio_pika.exceptions.DeliveryError, TimeoutError):
+        # Returned or refused (a return is a kind of DeliveryError), or no
+        # confirm in time: the copy may be missing, so the original stays.
+        await message.nack(requeue=True)
+        return
+    await message.ack()
+
+
+def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """``message`` as it was published, but for the count RabbitMQ keeps of its
+    deliveries. Its ``user_id`` is left out: RabbitMQ refuses a publish that names
+    a user other than the connection's."""
+    headers = dict(message.headers or {})
+    headers.pop("x-delivery-count", None)
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        expiration=message.expiration,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
 
 
 def _without_set_aside_headers(message: AbstractIncomingMessage) -> aio_pika.Message:

@@ -5,7 +5,13 @@ Queue types, chosen for what each queue holds:
 * ``notiflow.dispatcher.comment-created`` and ``notiflow.dead-letters`` are quorum
   queues: they hold work nobody else can recreate, so they are replicated on a
   cluster, and quorum's ``x-delivery-limit`` stops a message that crashes its
-  consumer over and over.
+  consumer over and over. The dead-letter queue declares no limit, but RabbitMQ
+  4.0 and later give it one of 20 all the same, and drop a message returned more
+  often than that; ``notiflow-admin`` therefore never returns a dead letter it
+  leaves in place, it publishes a copy (see :mod:`contracts.admin`). Its arguments
+  cannot change now: RabbitMQ refuses to redeclare a queue with other arguments,
+  and RabbitMQ 3.x reads an ``x-delivery-limit`` of -1 as dropping a message the
+  first time it is returned.
 * The delivery queues are classic queues with ``x-max-priority``: RabbitMQ 3.10
   and 3.11 ignore priorities on quorum queues, and overtaking a backlog of low
   priority notifications with an urgent one is the point of these queues. Losing one
