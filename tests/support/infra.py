@@ -82,7 +82,9 @@ def connection_names(vhost: str) -> list[str]:
     """The ``connection_name`` client property of each connection open to ``vhost``
     (empty for one that gives none), sorted."""
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    listing = ["list_connections", "-p", vhost, "client_properties"]
+    # ``list_connections`` takes no ``-p``: it lists the whole broker's, so the
+    # virtual host is one of the items asked for and filtered on here.
+    listing = ["list_connections", "vhost", "client_properties"]
     done = subprocess.run(
         [ctl, "-q", *listing, "--formatter", "json"],
         check=True,
@@ -92,6 +94,8 @@ def connection_names(vhost: str) -> list[str]:
     )
     names = []
     for connection in json.loads(done.stdout or "[]"):
+        if connection["vhost"] != vhost:
+            continue
         properties = {key: value for key, _, value in connection["client_properties"]}
         names.append(properties.get("connection_name", ""))
     return sorted(names)
