@@ -10,23 +10,23 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import parse_qsl, urlencode
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
-from contracts.http import install_http_policy
+from contracts.http import HeadAsGet, install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings, WebUrl, prefetch_holds_batch
-from sse_gateway import inbox, unsubscribe, web
+from sse_gateway import credentials, inbox, unsubscribe, web
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
 from sse_gateway.stream import StreamEndpoint
@@ -76,53 +76,64 @@ class GatewayApp(FastAPI):
     connection than a FastAPI route. On every other route a ``?token=`` is moved
     into the Authorization header first: FastAPI's own telemetry (on when traces are
     exported) records the query of each request on its server span before any
-    middleware runs, and redacts only a fixed list of names. The token of an
-    unsubscribe link, which is no bearer token, goes into the scope instead (see
-    :mod:`sse_gateway.unsubscribe`).
+    middleware runs, and redacts only a fixed list of names. A request that gives
+    more than one token is answered 422 here, before anything else judges it (see
+    :mod:`sse_gateway.credentials`), with the CORS headers of any other answer.
+    The token of an unsubscribe link, which is no bearer token, goes into the scope
+    instead (see :mod:`sse_gateway.unsubscribe`).
     """
 
     sse: StreamEndpoint | None = None
+    # The options of the app's CORS middleware, when it has one.
+    cors: dict[str, Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] == "/sse" and self.sse is not None:
                 await self.sse(scope, receive, send)
                 return
-            if b"token=" in scope.get("query_string", b""):
-                if scope["path"] == unsubscribe.PATH:
-                    scope = _link_token_to_scope(scope)
-                else:
-                    scope = _token_to_header(scope)
+            if scope["path"] == unsubscribe.PATH:
+                scope = _link_token_to_scope(scope)
+            else:
+                try:
+                    scope = _token_to_header(scope, credentials.given(scope))
+                except credentials.AmbiguousToken as problem:
+                    await self._refuse(problem, scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
 
+    async def _refuse(
+        self,
+        problem: credentials.AmbiguousToken,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        # Outside the app's middleware, so its CORS middleware is put around the
+        # answer here; a browser's preflight is answered by it as usual.
+        answer: ASGIApp = HeadAsGet(problem.response())
+        if self.cors is not None:
+            answer = CORSMiddleware(answer, **self.cors)
+        await answer(scope, receive, send)
 
-def _token_to_header(scope: Scope) -> Scope:
-    token, rest = _query_token(scope)
+
+def _token_to_header(scope: Scope, given: credentials.Given) -> Scope:
+    """The scope with a query's token in Authorization alone."""
+    if not given.in_query:
+        return scope
     headers = list(scope["headers"])
-    if token is not None and not any(name == b"authorization" for name, _ in headers):
-        headers.append((b"authorization", f"Bearer {token}".encode("latin-1")))
-    return {**scope, "headers": headers, "query_string": rest}
+    if given.token is not None and not any(n == b"authorization" for n, _ in headers):
+        # UTF-8, since a query may hold what latin-1 cannot: read back as latin-1,
+        # such a token is no token, and is refused as invalid.
+        headers.append((b"authorization", f"Bearer {given.token}".encode()))
+    return {**scope, "headers": headers, "query_string": given.query_string}
 
 
 def _link_token_to_scope(scope: Scope) -> Scope:
     """The scope with an unsubscribe link's tokens moved from the query to their
     own key: such a token is no bearer token, and must not be taken for one."""
-    tokens, rest = _query_tokens(scope)
+    tokens, rest = credentials.query_tokens(scope["query_string"])
     return {**scope, unsubscribe.LINK_TOKEN: tokens, "query_string": rest}
-
-
-def _query_token(scope: Scope) -> tuple[str | None, bytes]:
-    """The query's first ``token``, and the query without any."""
-    tokens, rest = _query_tokens(scope)
-    return (tokens[0] if tokens else None), rest
-
-
-def _query_tokens(scope: Scope) -> tuple[list[str], bytes]:
-    """Every ``token`` of the query, and the query without them."""
-    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-    tokens = [value for key, value in pairs if key == "token"]
-    rest = [(key, value) for key, value in pairs if key != "token"]
-    return tokens, urlencode(rest).encode("latin-1")
 
 
 def _settled(
@@ -228,12 +239,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # /sse before routing, so this route is not on the path of a request.
     app.router.add_route("/sse", app.sse, methods=["GET"], include_in_schema=False)
     if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "PATCH"],
-            allow_headers=["Authorization", "Last-Event-ID", "Content-Type"],
-        )
+        app.cors = {
+            "allow_origins": origins,
+            "allow_methods": ["GET", "POST", "PATCH"],
+            "allow_headers": ["Authorization", "Last-Event-ID", "Content-Type"],
+        }
+        app.add_middleware(CORSMiddleware, **app.cors)
     install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)

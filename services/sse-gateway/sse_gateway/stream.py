@@ -20,17 +20,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import parse_qsl
 
 import asyncpg
 import jwt
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from contracts.auth import InvalidToken, bearer, verify_token
+from contracts.auth import InvalidToken, verify_token
 from contracts.db import DatabaseUnavailable, connection
+from contracts.http import HeadAsGet
 from contracts.settings import Settings
-from sse_gateway import events, inbox, metrics
+from sse_gateway import credentials, events, inbox, metrics
 from sse_gateway.access import require_user
 from sse_gateway.hub import Connection, Hub
 
@@ -119,8 +119,10 @@ class StreamEndpoint:
     """``GET /sse``: verify the token and the user, join the hub, find the start.
 
     The token comes from ``Authorization: Bearer`` or, for EventSource, which
-    cannot set headers, from ``?token=``. Refusals are the JSON errors every other
-    route answers with. A user may hold ``max_streams`` streams on each replica;
+    cannot set headers, from ``?token=``, read as every other route reads it
+    (:mod:`sse_gateway.credentials`): a request that gives more than one is a 422
+    before anything else is judged. Refusals are the JSON errors every other route
+    answers with. A user may hold ``max_streams`` streams on each replica;
     the limit is per process because the hub is.
     """
 
@@ -152,11 +154,16 @@ class StreamEndpoint:
             k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
         }
         extra = self._cors(headers.get("origin"))
+        try:
+            token = credentials.given(scope).token
+        except credentials.AmbiguousToken as problem:
+            refusal = problem.response()
+            refusal.headers.update(extra)
+            await HeadAsGet(refusal)(scope, receive, send)
+            return
         if scope["method"] not in ("GET", "HEAD"):
             await _json(send, 405, "method_not_allowed", "use GET", extra, Allow="GET")
             return
-        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
-        token = bearer(headers.get("authorization")) or query.get("token")
         db = self._pool()
         try:
             user = verify_token(token, self._settings)
