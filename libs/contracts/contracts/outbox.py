@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,11 @@ NOTIFY_CHANNEL = "notiflow_outbox"
 # How long confirmed hand-off rows may wait to be deleted with the ones after them.
 # Far below any claim's age, so no other relay takes them meanwhile.
 DELETE_DELAY_SECONDS = 0.05
+
+# Batches of handed-over rows published and waiting for their confirms at once.
+# Rows handed over while earlier ones wait go out at once instead of queueing
+# behind those confirms, which under load take a few milliseconds each.
+MAX_BATCHES_IN_FLIGHT = 4
 
 ROW_FIELDS = (
     "id, exchange, routing_key, message_id, headers, body, priority, created_at"
@@ -107,6 +113,14 @@ class Outgoing:
     message: Message
     priority: int = 0
     headers: Mapping[str, Any] | None = None
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch of handed-over rows, published, and the task awaiting its confirms."""
+
+    rows: list[Mapping[str, Any]]
+    confirms: asyncio.Future[None]
 
 
 async def enqueue(
@@ -164,6 +178,8 @@ class OutboxRelay:
         # Rows handed over by writers in this process, oldest first.
         self._handed: list[Mapping[str, Any]] = []
         self._max_handed = 10 * self._batch
+        # Published batches of them whose confirms are awaited, oldest first.
+        self._in_flight: deque[_InFlight] = deque()
         # Ids of handed-over rows RabbitMQ has confirmed, still to be deleted, and
         # when they must be (monotonic clock).
         self._confirmed: list[int] = []
@@ -202,6 +218,8 @@ class OutboxRelay:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             async with asyncio.timeout(2):
+                # Rows whose confirms never come stay in the table for a sweep.
+                await self._settle_in_flight(wait=True, raise_failure=False)
                 await self._delete_confirmed(now=True)
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             # The rows stay, and another relay's sweep publishes them again.
@@ -211,6 +229,11 @@ class OutboxRelay:
                 exc,
                 extra={"action": "outbox.delete_failed"},
             )
+        finally:
+            unconfirmed = [batch.confirms for batch in self._in_flight]
+            for confirms in unconfirmed:
+                confirms.cancel()
+            await asyncio.gather(*unconfirmed, return_exceptions=True)
         await self._close_listener()
         if self._owns_connection and self._connection:
             await self._connection.close()
@@ -306,9 +329,10 @@ class OutboxRelay:
                     # works, so that an outage shows as a growing backlog.
                     await self._measure_backlog()
                 self._wake.clear()
-                await self._publish_handed()
+                claiming = self._claim_age is not None
+                await self._publish_handed(wait=claiming)
                 # Before a claim, which could otherwise take them once more.
-                await self._delete_confirmed(now=self._claim_age is not None)
+                await self._delete_confirmed(now=claiming)
                 if (age := self._claim_age) is not None:
                     self._claim_age = None
                     try:
@@ -345,23 +369,56 @@ class OutboxRelay:
             if count < self._batch:
                 return total
 
-    async def _publish_handed(self) -> None:
-        """Publish what writers handed over, a batch at a time, and note each batch
-        for deletion once RabbitMQ has confirmed all of it."""
-        while self._handed:
+    async def _publish_handed(self, *, wait: bool = False) -> None:
+        """Publish what writers handed over, a batch at a time, without waiting
+        for earlier batches' confirms; note each confirmed batch for deletion.
+
+        With ``wait``, return only once every batch in flight is confirmed. Up to
+        :data:`MAX_BATCHES_IN_FLIGHT` batches wait for confirms at once; a batch
+        that fails goes back to the front of the handed-over rows and its error
+        is raised, so the relay backs off and publishes it again.
+        """
+        await self._settle_in_flight()
+        while self._handed and len(self._in_flight) < MAX_BATCHES_IN_FLIGHT:
             rows = self._handed[: self._batch]
             del self._handed[: self._batch]
-            try:
-                await self._publish_all(rows)
-            except BaseException:
-                # Tried again, in order, after the failure's back-off.
-                self._handed[:0] = rows
-                raise
-            self._confirmed.extend(row["id"] for row in rows)
-            if self._delete_by is None:
-                self._delete_by = time.monotonic() + DELETE_DELAY_SECONDS
-            self._published(rows)
-            await self._delete_confirmed()
+            # A task per batch, started now: its publishes are written in this
+            # turn of the loop, in the order the rows were handed over.
+            confirms = asyncio.ensure_future(self._publish_all(rows))
+            confirms.add_done_callback(lambda _: self._wake.set())
+            self._in_flight.append(_InFlight(rows, confirms))
+        await self._settle_in_flight(wait=wait)
+        await self._delete_confirmed()
+
+    async def _settle_in_flight(
+        self, *, wait: bool = False, raise_failure: bool = True
+    ) -> None:
+        """Take the batches in flight whose confirms have come (all, with
+        ``wait``): confirmed rows await deletion, failed ones are handed back."""
+        if wait and self._in_flight:
+            await asyncio.wait([batch.confirms for batch in self._in_flight])
+        failure: BaseException | None = None
+        waiting: deque[_InFlight] = deque()
+        failed: list[Mapping[str, Any]] = []
+        for batch in self._in_flight:
+            if not batch.confirms.done():
+                waiting.append(batch)
+            elif batch.confirms.cancelled() or batch.confirms.exception() is not None:
+                failed.extend(batch.rows)
+                if failure is None and not batch.confirms.cancelled():
+                    failure = batch.confirms.exception()
+            else:
+                self._confirmed.extend(row["id"] for row in batch.rows)
+                if self._delete_by is None:
+                    self._delete_by = time.monotonic() + DELETE_DELAY_SECONDS
+                self._published(batch.rows)
+        self._in_flight = waiting
+        if failed:
+            # Tried again, in the order they were handed over, after the back-off.
+            failed.sort(key=lambda row: row["id"])
+            self._handed[:0] = failed
+            if raise_failure:
+                raise failure or RuntimeError("publishing handed-over rows stopped")
 
     async def _delete_confirmed(self, *, now: bool = False) -> None:
         """Delete the confirmed rows if a batch's worth waits, the oldest has

@@ -495,6 +495,107 @@ async def test_a_hand_off_that_fails_to_publish_is_published_by_a_claim(
     assert got == [7]
 
 
+def hold_first_batch(relay: OutboxRelay) -> tuple[asyncio.Event, asyncio.Event]:
+    """Keep the first batch ``relay`` publishes from going out, and so from being
+    confirmed, until the second event returned is set; the first is set once that
+    batch is held."""
+    publish_all = relay._publish_all
+    holding, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def held(rows: list[asyncpg.Record]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            holding.set()
+            await release.wait()
+        await publish_all(rows)
+
+    relay._publish_all = held  # type: ignore[method-assign]
+    return holding, release
+
+
+async def test_rows_handed_over_go_out_while_earlier_ones_await_their_confirms(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    holding, release = hold_first_batch(relay)
+    got: list[int] = []
+
+    async def arrived(count: int) -> bool:
+        got.extend(await received(settings))
+        return len(got) >= count
+
+    try:
+        await relay.start()
+        first = await hand_over(pool, [event(1)])
+        relay.hand_off(first)
+        await asyncio.wait_for(holding.wait(), 10)
+        relay.hand_off(await hand_over(pool, [event(2)]))
+
+        await eventually(lambda: arrived(1), what="the second hand-off published")
+        unconfirmed = await outbox_ids(pool)
+
+        release.set()
+        await eventually(lambda: arrived(2), what="the first hand-off published")
+        await eventually(lambda: _empty(pool), what="both rows deleted", timeout=10)
+    finally:
+        release.set()
+        await relay.stop()
+        await pool.close()
+
+    assert got == [2, 1]
+    # The first row, not yet confirmed, stayed while the second went out.
+    assert first[0]["id"] in unconfirmed
+
+
+async def test_a_failed_hand_off_is_published_again_while_later_ones_went_out(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    holding, release = hold_first_batch(relay)
+    publish = relay._publish
+    failed = 0
+
+    async def broken_once(row: asyncpg.Record) -> None:
+        nonlocal failed
+        if row["message_id"] == first_id and not failed:
+            failed += 1
+            raise aio_pika.exceptions.AMQPConnectionError("broker went away")
+        await publish(row)
+
+    relay._publish = broken_once  # type: ignore[method-assign]
+    got: list[int] = []
+
+    async def arrived(count: int) -> bool:
+        got.extend(await received(settings))
+        return len(got) >= count
+
+    try:
+        await relay.start()
+        first = await hand_over(pool, [event(1)])
+        first_id = first[0]["message_id"]
+        relay.hand_off(first)
+        await asyncio.wait_for(holding.wait(), 10)
+        relay.hand_off(await hand_over(pool, [event(2)]))
+        await eventually(lambda: arrived(1), what="the second hand-off published")
+
+        release.set()
+        await eventually(lambda: arrived(2), what="the first one, again", timeout=15)
+        await eventually(lambda: _empty(pool), what="both rows deleted", timeout=10)
+    finally:
+        release.set()
+        await relay.stop()
+        await pool.close()
+
+    assert failed == 1
+    assert got == [2, 1]
+
+
 async def test_rows_handed_over_beyond_what_a_relay_holds_are_swept_later(
     settings: Settings,
 ) -> None:
