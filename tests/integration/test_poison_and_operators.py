@@ -622,6 +622,7 @@ def test_requeue_failed_on_a_database_not_migrated_says_to_migrate(
     [
         (["dlq", "replay"], "name the messages to replay, or pass --all"),
         (["dlq", "replay", "--all", "x"], "either --all or message ids"),
+        (["dlq", "list", "x"], "unrecognized arguments: x"),
         (["requeue-failed"], "--event EVENT_ID or --since ISO"),
         (["requeue-failed", "--event", "nope"], "'nope' is not an event id"),
         (["requeue-failed", "--since", "yesterday"], "not an ISO 8601 time"),
@@ -631,10 +632,19 @@ def test_requeue_failed_on_a_database_not_migrated_says_to_migrate(
         ),
     ],
 )
-def test_admin_refuses_bad_arguments_clearly(argv: list[str], complaint: str) -> None:
+def test_admin_refuses_bad_arguments_with_the_usage_of_the_command_given(
+    argv: list[str], complaint: str
+) -> None:
+    command = " ".join(["notiflow-admin", *argv[: 2 if argv[0] == "dlq" else 1]])
+
     done = subprocess.run([ADMIN, *argv], capture_output=True, text=True, timeout=30)
+
     assert done.returncode == 2
-    assert complaint in done.stderr
+    usage, error = done.stderr.splitlines()[0], done.stderr.splitlines()[-1]
+    assert usage.startswith(f"usage: {command} "), done.stderr
+    assert error.startswith(f"{command}: error: "), done.stderr
+    assert complaint in error
+    assert done.stdout == ""
 
 
 async def test_a_row_left_sending_by_a_dead_worker_is_sent_by_the_sweeper(

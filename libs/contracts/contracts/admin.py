@@ -474,6 +474,8 @@ def _uuid(text: str) -> UUID:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line. Each command's parser is its namespace's ``command_parser``,
+    so that a mistake found after parsing is shown with that command's usage."""
     top = argparse.ArgumentParser(
         prog="notiflow-admin",
         description="Inspect and replay dead letters; send failed notifications again.",
@@ -482,19 +484,35 @@ def parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="the dead-letter queue")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_commands.add_parser("list", help="show every dead letter and why")
+    listing = dlq_commands.add_parser("list", help="show every dead letter and why")
+    listing.set_defaults(command_parser=listing)
     replay = dlq_commands.add_parser(
-        "replay", help="send dead letters back to the queue they came from"
+        "replay",
+        help="send dead letters back to the queue they came from",
+        usage="%(prog)s (--all | MESSAGE_ID [MESSAGE_ID ...])",
     )
     replay.add_argument("ids", nargs="*", metavar="MESSAGE_ID")
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    replay.set_defaults(command_parser=replay)
 
     again = commands.add_parser(
-        "requeue-failed", help="set failed notifications back to pending and send"
+        "requeue-failed",
+        help="set failed notifications back to pending and send",
+        usage="%(prog)s (--event EVENT_ID | --since ISO [--until ISO])",
     )
-    again.add_argument("--event", type=_uuid, metavar="EVENT_ID")
-    again.add_argument("--since", type=_timestamp, metavar="ISO")
-    again.add_argument("--until", type=_timestamp, metavar="ISO")
+    again.add_argument(
+        "--event", type=_uuid, metavar="EVENT_ID", help="the failed rows of one event"
+    )
+    again.add_argument(
+        "--since",
+        type=_timestamp,
+        metavar="ISO",
+        help="rows that failed at or after this time (UTC unless it names a zone)",
+    )
+    again.add_argument(
+        "--until", type=_timestamp, metavar="ISO", help="and before this time"
+    )
+    again.set_defaults(command_parser=again)
     return top
 
 
@@ -590,11 +608,15 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, extra = parser().parse_known_args(argv)
+    # argparse reports arguments a command does not take from the top level, with
+    # the top-level usage; they belong to the command given.
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         _check(args)
     except UsageError as exc:
-        parser().error(str(exc))
+        args.command_parser.error(str(exc))
     settings = settings or load_or_exit(Settings)
     # The broker clients log their own line about a failed connection; this tool
     # says it once, naming the server.
