@@ -15,6 +15,7 @@ from pydantic_settings import SettingsConfigDict
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
+from contracts.http import install_http_policy
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings, WebUrl, prefetch_holds_batch
@@ -147,6 +148,7 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
         telemetry=tracing.fastapi_telemetry(),
     )
     app.state.runtime = runtime
+    install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     return app
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import topology, tracing
+from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
@@ -143,5 +144,6 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         telemetry=tracing.fastapi_telemetry(),
     )
     app.state.runtime = runtime
+    install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     return app
