@@ -518,6 +518,17 @@ def describe(exc: ValidationError, prefix: str = "NOTIFLOW_") -> str:
     return "\n".join(lines)
 
 
+class InvalidSetting(ValueError):
+    """A setting that reads well but cannot be used, found while a service is
+    built: a key file that cannot be read, say. ``problem`` must not repeat the
+    value, which may be a secret."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
 def load_or_exit(make: Callable[[], S]) -> S:
     """``make()``, or a readable complaint and exit status 2 if the settings are bad."""
     try:
@@ -525,4 +536,7 @@ def load_or_exit(make: Callable[[], S]) -> S:
     except ValidationError as exc:
         for line in describe(exc).splitlines():
             print(f"notiflow: invalid setting {line}", file=sys.stderr)
+        sys.exit(2)
+    except InvalidSetting as exc:
+        print(f"notiflow: invalid setting {exc}", file=sys.stderr)
         sys.exit(2)

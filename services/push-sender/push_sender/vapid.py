@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02
 
+from contracts.settings import InvalidSetting
 from push_sender.settings import PushSettings
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,13 @@ PUBLIC_FILE = "public_key.txt"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-class VapidKeyError(Exception):
-    """The configured VAPID key cannot be used; the service refuses to start."""
+PRIVATE_SETTING = "NOTIFLOW_VAPID_PRIVATE_KEY"
+VAR_DIR_SETTING = "NOTIFLOW_VAR_DIR"
+
+
+class VapidKeyError(InvalidSetting):
+    """The configured VAPID key cannot be used; the service refuses to start,
+    exiting with status 2 and one line naming the setting."""
 
 
 def b64url(data: bytes) -> str:
@@ -99,43 +105,71 @@ def load(settings: PushSettings) -> VapidKeys:
     expected = settings.vapid_public_key
     if expected and expected.strip() != keys.application_server_key:
         raise VapidKeyError(
-            "NOTIFLOW_VAPID_PUBLIC_KEY does not match NOTIFLOW_VAPID_PRIVATE_KEY; "
-            f"the private key's public half is {keys.application_server_key}"
+            "NOTIFLOW_VAPID_PUBLIC_KEY",
+            f"does not match {PRIVATE_SETTING}; the private key's public half "
+            f"is {keys.application_server_key}",
         )
     return keys
 
 
 def _parse_private(value: str) -> ec.EllipticCurvePrivateKey:
+    """The key ``value`` holds as PEM text, or names as the path of a PEM file.
+
+    A complaint never repeats ``value``: what is not PEM text may be a key
+    pasted in another form (a bare base64url key, as some tools print one).
+    """
     text = value.strip()
     if not text.startswith("-----BEGIN"):
-        path = Path(text).expanduser()
         try:
-            text = path.read_text()
-        except OSError as exc:
+            text = Path(text).expanduser().read_text()
+        except (OSError, ValueError) as exc:
             raise VapidKeyError(
-                f"NOTIFLOW_VAPID_PRIVATE_KEY is neither PEM text nor a readable "
-                f"file: {path}: {exc.strerror or exc}"
+                PRIVATE_SETTING,
+                "is neither PEM text (-----BEGIN PRIVATE KEY-----...) nor the "
+                f"path of a readable PEM file ({_why(exc)})",
             ) from None
+    return _pem_key(text, PRIVATE_SETTING, "")
+
+
+def _pem_key(text: str, setting: str, where: str) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(text.encode(), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError):
         raise VapidKeyError(
-            f"NOTIFLOW_VAPID_PRIVATE_KEY is not a PEM key: {exc}"
+            setting,
+            f"{where}is not an unencrypted PEM private key",
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
         key.curve, ec.SECP256R1
     ):
-        raise VapidKeyError("NOTIFLOW_VAPID_PRIVATE_KEY must be an EC P-256 key")
+        raise VapidKeyError(setting, f"{where}is not an EC P-256 key")
     return key
+
+
+def _stored(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The development key kept at ``path``."""
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise VapidKeyError(
+            VAR_DIR_SETTING,
+            f"holds a VAPID key that cannot be read: {path}: {_why(exc)}",
+        ) from None
+    return _pem_key(text, VAR_DIR_SETTING, f"holds a VAPID key at {path} that ")
+
+
+def _why(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "not a text file"
 
 
 def _generated(var_dir: Path) -> ec.EllipticCurvePrivateKey:
     folder = var_dir / "vapid"
     path = folder / PRIVATE_FILE
     if path.exists():
-        return _parse_private(str(path))
+        return _stored(path)
 
-    folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -145,12 +179,23 @@ def _generated(var_dir: Path) -> ec.EllipticCurvePrivateKey:
     # Written aside and linked into place: two processes starting together agree
     # on whichever pair landed first.
     staging = folder / f".{PRIVATE_FILE}.{os.getpid()}"
-    staging.write_bytes(pem)
-    staging.chmod(0o600)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VapidKeyError(
+            VAR_DIR_SETTING, f"cannot hold a generated VAPID key: {_why(exc)}"
+        ) from None
+    try:
+        staging.write_bytes(pem)
+        staging.chmod(0o600)
         os.link(staging, path)
     except FileExistsError:
-        return _parse_private(str(path))
+        return _stored(path)
+    except OSError as exc:
+        raise VapidKeyError(
+            VAR_DIR_SETTING,
+            f"cannot hold a generated VAPID key at {path}: {_why(exc)}",
+        ) from None
     finally:
         staging.unlink(missing_ok=True)
 

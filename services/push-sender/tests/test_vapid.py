@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from pathlib import Path
 
 import jwt
@@ -58,8 +60,62 @@ def test_a_public_key_that_does_not_match_refuses_to_start() -> None:
 
 
 def test_a_missing_key_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(vapid.VapidKeyError, match="readable file"):
+    with pytest.raises(vapid.VapidKeyError, match="readable PEM file"):
         vapid.load(PushSettings(vapid_private_key=str(tmp_path / "nope.pem")))
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        (
+            "hunter22-not-a-key",
+            "is neither PEM text (-----BEGIN PRIVATE KEY-----...) nor the path of "
+            "a readable PEM file (No such file or directory)",
+        ),
+        (
+            "-----BEGIN PRIVATE KEY-----\nhunter22\n-----END PRIVATE KEY-----\n",
+            "is not an unencrypted PEM private key",
+        ),
+    ],
+)
+def test_an_unusable_private_key_is_refused_naming_the_setting_not_the_value(
+    value: str, complaint: str
+) -> None:
+    with pytest.raises(vapid.VapidKeyError) as refused:
+        vapid.load(PushSettings(vapid_private_key=value))
+
+    assert str(refused.value) == f"NOTIFLOW_VAPID_PRIVATE_KEY: {complaint}"
+    assert "hunter22" not in str(refused.value)
+
+
+def test_a_key_on_another_curve_is_refused() -> None:
+    other = ec.generate_private_key(ec.SECP384R1())
+
+    with pytest.raises(vapid.VapidKeyError) as refused:
+        vapid.load(PushSettings(vapid_private_key=pem(other)))
+
+    assert str(refused.value) == ("NOTIFLOW_VAPID_PRIVATE_KEY: is not an EC P-256 key")
+
+
+def test_an_unusable_private_key_stops_the_service_with_one_line_and_status_2() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "push_sender"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PORT": "19502",
+            "NOTIFLOW_VAPID_PRIVATE_KEY": "hunter22",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "notiflow: invalid setting NOTIFLOW_VAPID_PRIVATE_KEY: is neither PEM text "
+        "(-----BEGIN PRIVATE KEY-----...) nor the path of a readable PEM file "
+        "(No such file or directory)"
+    ]
 
 
 def test_production_never_generates_a_key() -> None:
