@@ -583,6 +583,41 @@ async def test_requeue_failed_sends_failed_rows_again(
     assert len(smtp.received) == 1
 
 
+async def test_requeue_failed_prints_each_row_on_a_line_of_its_own_and_the_count(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    event_id = await db.fetchval(
+        "INSERT INTO events (id, type, payload, occurred_at) "
+        "VALUES (gen_random_uuid(), 'test', '{}', now()) RETURNING id"
+    )
+    users = (demo.alice, demo.bob, demo.carol)
+    notes = [
+        await helpers.email_row(db, user, "x@example.com", event_id=event_id)
+        for user in users
+    ]
+    other = await helpers.email_row(db, demo.dave, "dave@example.com")
+    await db.execute(
+        "UPDATE notifications SET status = 'failed' WHERE id = ANY($1::bigint[])",
+        [*notes, other],
+    )
+
+    done = admin(settings, "requeue-failed", "--event", str(event_id))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        *(f"requeued {note}" for note in sorted(notes)),
+        "3 failed notifications set back to pending and enqueued",
+    ]
+    statuses = await db.fetch(
+        "SELECT id, status FROM notifications WHERE id = ANY($1::bigint[])",
+        [*notes, other],
+    )
+    assert {row["id"]: row["status"] for row in statuses} == {
+        **dict.fromkeys(notes, "pending"),
+        other: "failed",
+    }
+
+
 @pytest.mark.parametrize(
     ("state", "complaint"),
     [

@@ -36,7 +36,8 @@ writes only ``x-death``; its latest entry names the queue and the reason instead
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
 the next outbox relay to wake up publishes them. Times without a zone are UTC. It
-first checks, as the services do at start, that the database exists and has every
+prints ``requeued ID`` for each row, in id order, then how many there were. It first
+checks, as the services do at start, that the database exists and has every
 migration this release ships, and otherwise says to run ``make migrate``.
 
 Exit status: 0 done, 1 a server refused or could not be reached, or the database
@@ -583,9 +584,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     ids = await requeue(
         settings, event_id=args.event, since=args.since, until=args.until
     )
+    # One line per row, as replay prints one per message, and the count last,
+    # where a long run's output ends on a terminal.
+    for notification_id in sorted(ids):
+        _say(f"requeued {notification_id}")
     _say(f"{len(ids)} failed notifications set back to pending and enqueued")
-    if ids:
-        _say("ids: " + ", ".join(str(i) for i in ids))
     return 0
 
 
