@@ -461,6 +461,41 @@ async def test_a_dead_letter_whose_queue_is_gone_stays_while_the_others_are_repl
     assert headers == kept_headers
 
 
+async def test_replaying_an_id_replays_every_dead_letter_that_carries_it(
+    settings: Settings,
+) -> None:
+    # Two copies of one delivery, set aside once each, and another message.
+    await _dead_letter(settings, b'{"copy": 1}', {}, message_id="notification-77")
+    await _dead_letter(settings, b'{"copy": 2}', {}, message_id="notification-77")
+    await _dead_letter(settings, b'{"other": true}', {}, message_id="notification-78")
+
+    replayed = admin(settings, "dlq", "replay", "notification-77")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.splitlines() == [
+        "replayed notification-77",
+        "replayed notification-77",
+        "2 replayed",
+    ]
+    sent = [await _take(settings, EMAIL_QUEUE) for _ in range(2)]
+    assert sorted(m.body for m in sent if m is not None) == [
+        b'{"copy": 1}',
+        b'{"copy": 2}',
+    ]
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert kept.message_id == "notification-78"
+
+
+def test_replay_help_says_an_id_replays_every_dead_letter_that_carries_it() -> None:
+    done = subprocess.run(
+        [ADMIN, "dlq", "replay", "--help"], capture_output=True, text=True, timeout=30
+    )
+
+    unwrapped = " ".join(done.stdout.split())
+    assert done.returncode == 0
+    assert "every dead letter with that id is replayed" in unwrapped
+
+
 async def test_replay_all_keeps_what_rabbitmq_dead_lettered_from_a_queue_now_gone(
     settings: Settings,
 ) -> None:

@@ -8,14 +8,20 @@
 
 A dead letter is named by its AMQP ``message_id``; a message published without one
 (a poison message from a foreign producer) is named ``sha256:`` and the first
-twelve hex digits of its body's hash. Replaying publishes the message to the queue
-it was taken from, through the default exchange, waits for RabbitMQ's confirm, and
-only then removes it from the dead-letter queue: a crash in between leaves a
-duplicate, which every consumer absorbs, never a loss. The copy is published
-mandatory, because RabbitMQ confirms a message it could not route as readily as one
-it queued: when the queue is gone (removed, or renamed by an upgrade) RabbitMQ
-returns the copy, and the dead letter stays where it was, named on standard error
-with that queue, while the others are replayed. So does one the queue refuses.
+twelve hex digits of its body's hash. A name picks every dead letter that has it.
+The ids notiflow gives (``notification-ID``, an event's id) name a delivery or an
+event, not one copy of it: copies of one (published again by a sweep or a requeue
+and set aside again, or left twice by a tool killed midway) share the id, and the
+consumers, which act once per notification row, take them as one.
+
+Replaying publishes the message to the queue it was taken from, through the default
+exchange, waits for RabbitMQ's confirm, and only then removes it from the
+dead-letter queue: a crash in between leaves a duplicate, which every consumer
+absorbs, never a loss. The copy is published mandatory, because RabbitMQ confirms a
+message it could not route as readily as one it queued: when the queue is gone
+(removed, or renamed by an upgrade) RabbitMQ returns the copy, and the dead letter
+stays where it was, named on standard error with that queue, while the others are
+replayed. So does one the queue refuses.
 
 Both commands leave a dead letter they do not replay where it was by publishing a
 copy of it to the dead-letter queue, waiting for RabbitMQ's confirm, and only then
@@ -492,7 +498,13 @@ def parser() -> argparse.ArgumentParser:
         help="send dead letters back to the queue they came from",
         usage="%(prog)s (--all | MESSAGE_ID [MESSAGE_ID ...])",
     )
-    replay.add_argument("ids", nargs="*", metavar="MESSAGE_ID")
+    replay.add_argument(
+        "ids",
+        nargs="*",
+        metavar="MESSAGE_ID",
+        help="a dead letter's id as `dlq list` shows it; every dead letter with "
+        "that id is replayed, as copies of one message share it",
+    )
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     replay.set_defaults(command_parser=replay)
 
