@@ -8,8 +8,10 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,7 @@ from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
 from contracts.settings import (
+    InvalidSetting,
     Settings,
     amqp_connection_name,
     amqp_options,
@@ -229,17 +232,19 @@ def health_router(runtime: Runtime) -> APIRouter:
 def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
     settings = load_or_exit(get_settings)
+    # Uvicorn binds only once the app has started (database, broker, consumers):
+    # an address it cannot use must stop the service before any of that.
+    host = load_or_exit(lambda: listen_host(os.environ.get("HOST")))
+    port = load_or_exit(lambda: listen_port(os.environ.get("PORT"), default_port))
     # Before the app is built: the broker connections it sets up carry the name.
     logs.configure(service, settings.log_level)
     app = load_or_exit(make_app)
-    port = _port(os.environ.get("PORT"), default_port)
     tracing.configure(service)
     require_services(settings, migrated=True)
-    host = os.environ.get("HOST", "127.0.0.1")
     logger.info(
         "%s listening on http://%s:%d",
         service,
-        host,
+        f"[{host}]" if ":" in host else host,
         port,
         extra={"action": "service.started"},
     )
@@ -255,15 +260,54 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     sys.exit(0)
 
 
-def _port(value: str | None, default: int) -> int:
-    """``PORT`` as a TCP port, or exit 2 saying what is wrong with it."""
-    if value is None or value == "":
+DEFAULT_HOST = "127.0.0.1"
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_HOST = "an IP address or a host name (letters, digits, hyphens and dots)"
+
+
+def listen_host(value: str | None) -> str:
+    """``HOST``, the address a service listens on: an IP address or a host name,
+    read by its syntax alone (the name is resolved when uvicorn binds).
+
+    InvalidSetting naming ``HOST`` if it can be neither.
+    """
+    if value is None:
+        return DEFAULT_HOST
+    shown = repr(value if len(value) <= 60 else f"{value[:60]}...")
+    if value == "":
+        raise InvalidSetting(
+            "HOST", f"is empty; give {_HOST}, or unset it for {DEFAULT_HOST}"
+        )
+    if value.startswith("[") and value.endswith("]"):
+        raise InvalidSetting(
+            "HOST", f"must be {_HOST}; write an IPv6 address without [ ], got {shown}"
+        )
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    labels = value.removesuffix(".").split(".")
+    # A last label of digits makes a resolver read the name as an IPv4 address
+    # (127.1), or as no address at all (999.0.0.1).
+    if (
+        len(value) > 253
+        or not all(_HOST_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise InvalidSetting("HOST", f"must be {_HOST}, got {shown}")
+    return value
+
+
+def listen_port(value: str | None, default: int) -> int:
+    """``PORT`` as a TCP port, ``default`` when unset; else InvalidSetting."""
+    wanted = "must be a TCP port from 1 to 65535"
+    if value is None:
         return default
+    if value == "":
+        raise InvalidSetting("PORT", f"is empty; {wanted}, or unset for {default}")
     # isdigit alone takes characters such as "²" that int() refuses.
     if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
         return int(value)
-    print(
-        f"invalid setting PORT: must be a TCP port from 1 to 65535, got {value!r}",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    raise InvalidSetting("PORT", f"{wanted}, got {value!r}")
