@@ -8,10 +8,8 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +35,7 @@ from contracts.settings import (
     amqp_connection_name,
     amqp_options,
     get_settings,
+    is_host,
     load_or_exit,
 )
 
@@ -261,7 +260,6 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
 
 
 DEFAULT_HOST = "127.0.0.1"
-_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _HOST = "an IP address or a host name (letters, digits, hyphens and dots)"
 
 
@@ -282,32 +280,21 @@ def listen_host(value: str | None) -> str:
         raise InvalidSetting(
             "HOST", f"must be {_HOST}; write an IPv6 address without [ ], got {shown}"
         )
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        pass
-    else:
-        return value
-    labels = value.removesuffix(".").split(".")
-    # A last label of digits makes a resolver read the name as an IPv4 address
-    # (127.1), or as no address at all (999.0.0.1).
-    if (
-        len(value) > 253
-        or not all(_HOST_LABEL.fullmatch(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
+    if not is_host(value):
         raise InvalidSetting("HOST", f"must be {_HOST}, got {shown}")
     return value
 
 
 def listen_port(value: str | None, default: int) -> int:
     """``PORT`` as a TCP port, ``default`` when unset; else InvalidSetting."""
-    wanted = "must be a TCP port from 1 to 65535"
     if value is None:
         return default
     if value == "":
-        raise InvalidSetting("PORT", f"is empty; {wanted}, or unset for {default}")
+        raise InvalidSetting(
+            "PORT",
+            f"is empty; give a TCP port from 1 to 65535, or unset it for {default}",
+        )
     # isdigit alone takes characters such as "²" that int() refuses.
     if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
         return int(value)
-    raise InvalidSetting("PORT", f"{wanted}, got {value!r}")
+    raise InvalidSetting("PORT", f"must be a TCP port from 1 to 65535, got {value!r}")

@@ -8,6 +8,7 @@ production (the token signing secret) refuses to start outside development mode.
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import os
 import re
 import sys
@@ -251,6 +252,28 @@ def _origin_problem(entry: str) -> str | None:
     if "\\" in entry or any(c.isspace() for c in entry):
         return "has a space or backslash in it"
     return None
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def is_host(value: str) -> bool:
+    """Whether ``value`` is an IP address, or a host name by its syntax alone:
+    labels of ASCII letters, digits and hyphens between dots, the last not all
+    digits (a resolver would read ``127.1`` as an IPv4 address). Nothing is
+    looked up."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = value.split(".")
+    return (
+        len(value) <= 253
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def prefetch_holds_batch(service: str, prefetch: int, batch_size: int) -> None:

@@ -36,7 +36,6 @@ UNREACHABLE = {
         "::1",
         "fe80::1%eth0",
         "localhost",
-        "localhost.",
         "api-1.internal.example",
         "xn--bcher-kva.example",
     ],
@@ -62,6 +61,7 @@ def test_an_unset_host_listens_on_loopback() -> None:
         ("api.example:8080", "must be an IP address or a host name"),
         ("999.0.0.1", "must be an IP address or a host name"),
         ("127.1", "must be an IP address or a host name"),
+        ("localhost.", "must be an IP address or a host name"),
         ("a" * 64 + ".example", "must be an IP address or a host name"),
         ("bücher.example", "must be an IP address or a host name"),
         ("[::1]", "write an IPv6 address without [ ]"),
@@ -93,7 +93,7 @@ def test_a_port_that_is_empty_or_no_tcp_port_is_refused_naming_port(
         listen_port(port, 18080)
 
     assert refused.value.name == "PORT"
-    assert "must be a TCP port from 1 to 65535" in refused.value.problem
+    assert "a TCP port from 1 to 65535" in refused.value.problem
 
 
 @pytest.mark.parametrize(
@@ -106,8 +106,8 @@ def test_a_port_that_is_empty_or_no_tcp_port_is_refused_naming_port(
         ),
         (
             {"PORT": ""},
-            "notiflow: invalid setting PORT: is empty; must be a TCP port from 1 to "
-            "65535, or unset for 18080",
+            "notiflow: invalid setting PORT: is empty; give a TCP port from 1 to "
+            "65535, or unset it for 18080",
         ),
         (
             {"PORT": "99999"},
