@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from contracts.settings import Settings
+from contracts.settings import Settings, is_host
+
+_SUBJECT = "must be a mailto: or https: URL (RFC 8292), as in mailto:ops@example.com"
+# An address as a push service can read it: no spaces, one @, something on
+# either side; RFC 6068 headers after a ? are left alone.
+_MAILBOX = re.compile(r"[^@\s?]+@[^@\s?]+")
+
+
+def subject_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a VAPID ``sub`` claim, or None.
+
+    Push services refuse a token whose subject is neither, Apple's with a 403
+    for every push, so a typo here would fail every delivery to its devices.
+    """
+    if any(c.isspace() for c in value) or not value.isascii():
+        return f"{_SUBJECT}, with no spaces and in ASCII"
+    if value.startswith("mailto:"):
+        if _MAILBOX.fullmatch(value.removeprefix("mailto:").partition("?")[0]):
+            return None
+        return f"{_SUBJECT}; its address must be user@domain"
+    if value.startswith("https://"):
+        try:
+            parts = urlsplit(value)
+            unreadable = parts.port == 0  # and raises on one that is no number
+        except ValueError:
+            unreadable = True
+        if unreadable:
+            return f"{_SUBJECT}; it cannot be read as a URL"
+        if not parts.hostname or not is_host(parts.hostname):
+            return f"{_SUBJECT}; it names no host"
+        if parts.username is not None or parts.password is not None:
+            return f"{_SUBJECT}, with no user name or password"
+        return None
+    return _SUBJECT
+
+
+def allowed_host_problem(entry: str) -> str | None:
+    """Why ``entry`` of the push allow-list is no host name, or None."""
+    shown = repr(entry if len(entry) <= 60 else f"{entry[:60]}...")
+    wanted = (
+        "list push services by host name or IP address alone, as in "
+        "fcm.googleapis.com,updates.push.services.mozilla.com"
+    )
+    if entry == "*" or entry.startswith("*."):
+        return f"{shown} is not taken: no wildcards; {wanted}"
+    if not entry.isascii():
+        return f"{shown} is not ASCII (write a host in its xn-- form); {wanted}"
+    if entry.startswith("[") and entry.endswith("]"):
+        return f"{shown}: write an IPv6 address without [ ]; {wanted}"
+    if not is_host(entry):
+        return f"{shown} is not a host name (no scheme, port or path); {wanted}"
+    return None
 
 
 class PushSettings(Settings):
@@ -36,6 +89,23 @@ class PushSettings(Settings):
     push_prefetch: int = Field(default=20, ge=1)
     push_lease_seconds: float = Field(default=120.0, gt=0)
     push_sweep_seconds: float = Field(default=15.0, gt=0)
+
+    @field_validator("vapid_subject")
+    @classmethod
+    def _vapid_subject(cls, value: str) -> str:
+        if problem := subject_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("push_allowed_hosts")
+    @classmethod
+    def _push_allowed_hosts(cls, value: str) -> str:
+        # A host no endpoint can have would block every push service unnoticed,
+        # since a non-empty list lets only its own hosts through.
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and (problem := allowed_host_problem(entry)):
+                raise ValueError(problem)
+        return value
 
     @property
     def allowed_hosts(self) -> frozenset[str]:
