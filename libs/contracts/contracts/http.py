@@ -32,7 +32,9 @@ of every route (it tells no more than that).
 
 Every answer, errors and the 500 of a crash included, passes through the CORS
 middleware a service adds, so that a page on an allowed origin can read why it
-was refused.
+was refused. A CORS preflight that middleware refuses (an origin, a method or a
+header it does not allow) is a 400 in the same JSON, naming what it refused
+(:class:`Cors`); one it allows is answered as Starlette answers it.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BeforeValidator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import tracing
@@ -174,6 +179,12 @@ def _unreadable_body(cause: BaseException | None) -> str | None:
 
 def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
     """422 listing each ``(field, message)``, the first :data:`MAX_REPORTED_FIELDS`."""
+    return _problems(422, "invalid_request", problems)
+
+
+def _problems(status: int, code: str, problems: list[tuple[str, str]]) -> JSONResponse:
+    """``status`` with ``code``, listing each ``(field, message)``, the first
+    :data:`MAX_REPORTED_FIELDS`."""
     fields = [
         {"field": field, "message": message}
         for field, message in problems[:MAX_REPORTED_FIELDS]
@@ -187,8 +198,7 @@ def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
         )
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     return JSONResponse(
-        {"error": "invalid_request", "detail": summary, "fields": fields},
-        status_code=422,
+        {"error": code, "detail": summary, "fields": fields}, status_code=status
     )
 
 
@@ -203,7 +213,17 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
     route raises. In a process that exports no traces, :class:`tracing.TraceContext`
     goes in front of everything, in place of FastAPI's telemetry (which the app
     should be created without: ``FastAPI(telemetry=tracing.fastapi_telemetry())``).
+
+    A Starlette ``CORSMiddleware`` added before this call becomes a :class:`Cors`
+    with the same options, which refuses a preflight in JSON; one added after it
+    should be a :class:`Cors` itself.
     """
+    app.user_middleware[:] = [
+        Middleware(Cors, *added.args, **added.kwargs)
+        if added.cls is CORSMiddleware
+        else added
+        for added in app.user_middleware
+    ]
     app.user_middleware.extend(
         [
             Middleware(ServerFailure),
@@ -478,6 +498,85 @@ class HeadAsGet:
                 await send({"type": "http.response.body", "body": b""})
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, refusing a preflight with the JSON error every
+    other refusal has rather than a plain-text "Disallowed CORS origin".
+
+    The checks are Starlette's, and so are the answer's status (400) and headers:
+    only the body differs, and it names each request header whose value was
+    refused. A preflight that passes is answered as Starlette answers it. A browser
+    shows a page neither answer (neither allows its origin, or what it asked for);
+    the JSON is for the person who asks why a page cannot call the service.
+    """
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        problems = self._refused(request_headers) or [
+            # A check Starlette made that this list does not know of.
+            (PREFLIGHT, answer.body.decode("latin-1"))
+        ]
+        refusal = _problems(answer.status_code, "cors_refused", problems)
+        for name, value in answer.headers.items():
+            if name not in ("content-length", "content-type"):
+                refusal.headers[name] = value
+        return refusal
+
+    def _refused(self, request_headers: Headers) -> list[tuple[str, str]]:
+        """Each request header of a preflight whose value is refused, and why;
+        the same checks, in the same order, as Starlette's."""
+        problems: list[tuple[str, str]] = []
+        origin = request_headers["origin"]
+        if not self.is_allowed_origin(origin=origin):
+            problems.append(
+                ("origin", f"{_shown(origin)} is not allowed to call this service")
+            )
+        method = request_headers["access-control-request-method"]
+        if method not in self.allow_methods:
+            allowed = ", ".join(self.allow_methods)
+            problems.append(
+                (
+                    "access-control-request-method",
+                    f"{_shown(method)} is not allowed; allowed: {allowed}",
+                )
+            )
+        asked = request_headers.get("access-control-request-headers")
+        if asked is not None and not self.allow_all_headers:
+            refused = [
+                name.strip()
+                for name in asked.lower().split(",")
+                if name.strip() not in self.allow_headers
+            ]
+            if refused:
+                names = ", ".join(_shown(name) for name in refused)
+                verb = "is" if len(refused) == 1 else "are"
+                allowed = ", ".join(self.allow_headers)
+                problems.append(
+                    (
+                        "access-control-request-headers",
+                        f"{names} {verb} not allowed; allowed: {allowed}",
+                    )
+                )
+        private = request_headers.get("access-control-request-private-network")
+        if private is not None and not self.allow_private_network:
+            problems.append(
+                (
+                    "access-control-request-private-network",
+                    "access from a private network is not allowed",
+                )
+            )
+        return problems
+
+
+PREFLIGHT = "(preflight)"
+
+
+def _shown(value: str, limit: int = 100) -> str:
+    """``value`` quoted for an error message, cut short if long."""
+    return repr(value if len(value) <= limit else f"{value[:limit]}...")
 
 
 class BodyLimit:

@@ -15,7 +15,7 @@ from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from contracts.auth import issue_token
-from contracts.http import PathId, UserDep, install_http_policy, repeated_keys
+from contracts.http import Cors, PathId, UserDep, install_http_policy, repeated_keys
 from contracts.settings import Settings
 
 
@@ -391,3 +391,114 @@ async def test_a_crash_is_logged_once_and_still_raised_to_the_server(
         r for r in caplog.records if r.__dict__.get("action") == "request.crashed"
     ]
     assert len(crashed) == 1
+
+
+def _preflight(origin: str, method: str = "POST", **more: str) -> dict[str, str]:
+    return {"Origin": origin, "Access-Control-Request-Method": method, **more}
+
+
+def _guarded_api(cors: type[CORSMiddleware], *, cors_first: bool) -> FastAPI:
+    """An app that lets ``PAGE`` send GET and POST with a token, no more."""
+    app = FastAPI()
+
+    def allow_page() -> None:
+        app.add_middleware(
+            cors,
+            allow_origins=[PAGE],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization"],
+        )
+
+    if cors_first:
+        allow_page()
+    install_http_policy(app, max_request_bytes=1024)
+    if not cors_first:
+        allow_page()
+
+    @app.post("/items")
+    async def items(payload: Annotated[Any, Body()]) -> Any:
+        return payload
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("cors", "cors_first"),
+    [(CORSMiddleware, True), (Cors, False)],
+    ids=["starlette-cors-first", "cors-last"],
+)
+async def test_a_preflight_from_an_origin_not_allowed_is_refused_in_json_naming_it(
+    cors: type[CORSMiddleware], cors_first: bool
+) -> None:
+    transport = httpx.ASGITransport(app=_guarded_api(cors, cors_first=cors_first))
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        refused = await client.options(
+            "/items", headers=_preflight("https://elsewhere.example")
+        )
+
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json"
+    assert "access-control-allow-origin" not in refused.headers
+    assert refused.json() == {
+        "error": "cors_refused",
+        "detail": "origin: 'https://elsewhere.example' is not allowed to call "
+        "this service",
+        "fields": [
+            {
+                "field": "origin",
+                "message": "'https://elsewhere.example' is not allowed to call "
+                "this service",
+            }
+        ],
+    }
+
+
+async def test_a_preflight_asking_for_a_method_or_header_not_allowed_names_each() -> (
+    None
+):
+    transport = httpx.ASGITransport(app=_guarded_api(CORSMiddleware, cors_first=True))
+    asked = _preflight(
+        PAGE, "DELETE", **{"Access-Control-Request-Headers": "authorization, X-Debug"}
+    )
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        refused = await client.options("/items", headers=asked)
+
+    assert refused.status_code == 400
+    # The origin is allowed, so the page may read why the rest was refused.
+    assert refused.headers["access-control-allow-origin"] == PAGE
+    assert refused.json()["fields"] == [
+        {
+            "field": "access-control-request-method",
+            "message": "'DELETE' is not allowed; allowed: GET, POST",
+        },
+        {
+            "field": "access-control-request-headers",
+            "message": "'x-debug' is not allowed; allowed: accept, accept-language, "
+            "authorization, content-language, content-type",
+        },
+    ]
+
+
+async def test_an_allowed_preflight_is_answered_as_starlette_answers_it() -> None:
+    plain = FastAPI()
+    plain.add_middleware(
+        CORSMiddleware,
+        allow_origins=[PAGE],
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization"],
+    )
+    asked = _preflight(PAGE, **{"Access-Control-Request-Headers": "Authorization"})
+
+    answers = []
+    for app in (plain, _guarded_api(CORSMiddleware, cors_first=True)):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            answers.append(await c.options("/items", headers=asked))
+    starlette, ours = answers
+
+    assert ours.status_code == starlette.status_code == 200
+    assert ours.headers == starlette.headers
+    assert ours.content == starlette.content
+    assert ours.headers["access-control-allow-origin"] == PAGE
