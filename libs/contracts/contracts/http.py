@@ -507,8 +507,8 @@ class Cors(CORSMiddleware):
     The checks are Starlette's, and so are the answer's status (400) and headers:
     only the body differs, and it names each request header whose value was
     refused. A preflight that passes is answered as Starlette answers it. A browser
-    shows a page neither answer (neither allows its origin, or what it asked for);
-    the JSON is for the person who asks why a page cannot call the service.
+    never shows a page the answer to its preflight, whichever it is; the JSON is
+    for the person who asks by hand why a page cannot call the service.
     """
 
     def preflight_response(self, request_headers: Headers) -> Response:

@@ -466,7 +466,7 @@ async def test_a_preflight_asking_for_a_method_or_header_not_allowed_names_each(
         refused = await client.options("/items", headers=asked)
 
     assert refused.status_code == 400
-    # The origin is allowed, so the page may read why the rest was refused.
+    # The origin is allowed; Starlette says so on the refusal, and so it stays.
     assert refused.headers["access-control-allow-origin"] == PAGE
     assert refused.json()["fields"] == [
         {
