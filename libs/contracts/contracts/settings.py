@@ -147,7 +147,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        return check_url(value, ("postgresql", "postgres"), DATABASE_URL_EXAMPLE)
+        url = check_url(value, ("postgresql", "postgres"), DATABASE_URL_EXAMPLE)
+        return check_percent_escapes(url)
 
     @field_validator("amqp_url")
     @classmethod
@@ -325,6 +326,30 @@ def check_url(
     if need_host and not parts.hostname:
         raise ValueError(f"must name a host, as in {example}")
     return url
+
+
+# A % that does not start a %XX escape, and %00, which would decode to a NUL.
+_BROKEN_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
+
+
+def check_percent_escapes(url: str) -> str:
+    """``url``, if each % in it starts an escape libpq can decode.
+
+    asyncpg reads a broken escape (``se%ZZcret``) as the characters written and
+    libpq, under psycopg and ``notiflow-migrate``, refuses the whole URL, so
+    the services and the migrations would disagree on the password, or one of
+    them would fail. Else ValueError, repeating no part of the URL.
+    """
+    found = _BROKEN_ESCAPE.search(url)
+    if found is None:
+        return url
+    if found.group() == "%00":
+        problem = "has %00, a NUL character, which PostgreSQL clients refuse"
+    else:
+        problem = "has a % that starts no %XX escape (two hexadecimal digits)"
+    raise ValueError(
+        f"{problem}; write a % in the user name, password or database name as %25"
+    )
 
 
 # The options an AMQP URL's query may carry: those aiormq (heartbeat, name, auth

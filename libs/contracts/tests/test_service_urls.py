@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import ValidationError
 from yarl import URL
 
@@ -99,9 +101,64 @@ def test_a_malformed_url_is_refused_by_setting_name_without_its_password(
 
 
 @pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:se%ZZhunter22@h/db", "has a % that starts no %XX escape"),
+        ("postgresql://u:hunter22%@h/db", "has a % that starts no %XX escape"),
+        ("postgresql://u:hunter22%2@h/db", "has a % that starts no %XX escape"),
+        ("postgresql://u%G1:hunter22@h/db", "has a % that starts no %XX escape"),
+        ("postgresql://u:hunter22@h/notiflow%", "has a % that starts no %XX escape"),
+        ("postgresql://u:hun%00ter22@h/db", "has %00, a NUL character"),
+    ],
+)
+def test_a_database_url_with_a_broken_percent_escape_is_refused_without_its_password(
+    url: str, message: str
+) -> None:
+    text = complaint(database_url=url)
+
+    assert text.startswith(f"NOTIFLOW_DATABASE_URL: {message}")
+    assert text.endswith(
+        "; write a % in the user name, password or database name as %25"
+    )
+    assert "hunter22" not in text and "ter22" not in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:se%ZZcret@h/db",
+        "postgresql://u:se%00cret@h/db",
+        "postgresql://u:50%25off@h/db",
+        "postgresql://u:p%2Fq%3f@h/n%C3%B6tiflow",
+    ],
+)
+def test_a_database_url_is_taken_only_if_the_migration_tool_can_read_it(
+    url: str,
+) -> None:
+    # notiflow-migrate hands the URL to libpq (through psycopg), the services
+    # to asyncpg, which reads a broken escape as the characters written.
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        libpq_reads_it = False
+    else:
+        libpq_reads_it = True
+
+    try:
+        Settings(database_url=url)
+    except ValidationError:
+        taken = False
+    else:
+        taken = True
+
+    assert taken == libpq_reads_it
+
+
+@pytest.mark.parametrize(
     "setting",
     [
         {"database_url": "postgresql://postgres@127.0.0.1:5432/notiflow"},
+        {"database_url": "postgresql://u:50%25off@db.example/notiflow"},
         {"database_url": "postgres://u:p%2Fq@db.example/notiflow?sslmode=require"},
         {"database_url": "postgresql:///notiflow?host=/var/run/postgresql"},
         {"database_url": "POSTGRESQL://u@h/db"},
