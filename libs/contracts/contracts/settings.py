@@ -344,7 +344,7 @@ def check_percent_escapes(url: str) -> str:
     if found is None:
         return url
     if found.group() == "%00":
-        problem = "has %00, a NUL character, which PostgreSQL clients refuse"
+        problem = "has %00, a NUL character, which libpq refuses"
     else:
         problem = "has a % that starts no %XX escape (two hexadecimal digits)"
     raise ValueError(
