@@ -6,6 +6,8 @@ service also runs an outbox relay.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -19,7 +21,13 @@ from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, TcpPort, WebUrl, prefetch_holds_batch
+from contracts.settings import (
+    Settings,
+    TcpPort,
+    WebUrl,
+    is_host,
+    prefetch_holds_batch,
+)
 from email_sender import smtp
 from email_sender.worker import EmailWorker
 
@@ -39,6 +47,76 @@ def _ascii_url(value: str) -> str:
     return value
 
 
+# RFC 5322's atext, of which an unquoted local part is made, between single dots.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_PART = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_ADDRESS = "a bare address such as notifications@example.com"
+_DOMAIN = (
+    "a domain name: labels of letters, digits and hyphens between dots (in any "
+    "script), the last not all digits"
+)
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 80 else f"{value[:80]}...")
+
+
+def _ascii_domain(domain: str) -> str | None:
+    """``domain`` in ASCII, an internationalised one in IDNA (``xn--…``); None if
+    it is no domain name.
+
+    An IP address is none: a ``Message-ID`` wants a name, and an address after
+    a sender's @ is written as a literal (``[192.0.2.1]``), not taken here.
+    """
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    try:
+        ipaddress.ip_address(ascii_domain)
+    except ValueError:
+        return ascii_domain if is_host(ascii_domain) else None
+    return None
+
+
+def _mail_from(value: str) -> str:
+    """The sender's address as SMTP and the ``From`` header take it: a dot-atom
+    local part and a domain name, in IDNA if internationalised.
+
+    The part before the @ is held to ASCII: the ``From`` header cannot be written
+    with anything else, so every email would fail to build.
+    """
+    shown = _shown(value)
+    if "<" in value or any(c.isspace() for c in value):
+        raise ValueError(
+            f"must be {_ADDRESS}, with no display name or spaces (the name goes "
+            f"in NOTIFLOW_MAIL_FROM_NAME), got {shown}"
+        )
+    local, at, domain = value.rpartition("@")
+    if not at:
+        raise ValueError(f"must be {_ADDRESS}, got {shown}")
+    if len(local) > 64 or not _LOCAL_PART.fullmatch(local):
+        raise ValueError(
+            f"must be {_ADDRESS}: before the @, at most 64 ASCII letters, digits "
+            f"and !#$%&'*+/=?^_`{{|}}~- with single dots between them, got {shown}"
+        )
+    ascii_domain = _ascii_domain(domain)
+    if ascii_domain is None:
+        raise ValueError(f"must be {_ADDRESS}: after the @, {_DOMAIN}; got {shown}")
+    address = f"{local}@{ascii_domain}"
+    if len(address) > 254:
+        raise ValueError(f"must be at most 254 characters long, got {shown}")
+    return address
+
+
+def _mail_domain(value: str) -> str:
+    """The right-hand side of ``Message-ID``s, which are written as they are."""
+    ascii_domain = _ascii_domain(value)
+    if ascii_domain is None:
+        raise ValueError(f"must be {_DOMAIN}, such as example.com; got {_shown(value)}")
+    return ascii_domain
+
+
 class EmailSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
 
@@ -49,9 +127,13 @@ class EmailSettings(Settings):
     smtp_use_tls: bool = False
     smtp_starttls: bool | None = None
     smtp_timeout: float = Field(default=10.0, gt=0)
-    mail_from: str = "notifications@notiflow.localhost"
+    # The envelope sender and the From address, kept with its domain in IDNA.
+    mail_from: Annotated[str, AfterValidator(_mail_from)] = (
+        "notifications@notiflow.localhost"
+    )
     mail_from_name: str = "notiflow"
-    mail_domain: str = "notiflow.localhost"
+    # The right-hand side of every Message-ID, kept in IDNA.
+    mail_domain: Annotated[str, AfterValidator(_mail_domain)] = "notiflow.localhost"
     # The base of each email's unsubscribe link, as the dispatcher's links: ASCII,
     # for it is written as it is into the List-Unsubscribe header.
     public_url: Annotated[WebUrl, AfterValidator(_ascii_url)] = "http://127.0.0.1:8081"

@@ -1,0 +1,118 @@
+"""The sender address and Message-ID domain the email sender refuses at start, each
+named in one line with exit status 2, and the ones deployments use, which it takes
+(an internationalised domain written in IDNA, as every header must be ASCII)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from contracts.settings import describe
+from email_sender import mime
+from email_sender.app import EmailSettings
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "complaint"),
+    [
+        ("mail_from", "not-an-address", "must be a bare address"),
+        ("mail_from", "", "must be a bare address"),
+        ("mail_from", "notiflow <n@example.com>", "goes in NOTIFLOW_MAIL_FROM_NAME"),
+        ("mail_from", "n @example.com", "with no display name or spaces"),
+        ("mail_from", "a..b@example.com", "before the @"),
+        ("mail_from", "jörg@example.com", "before the @"),
+        ("mail_from", f"{'n' * 65}@example.com", "at most 64"),
+        ("mail_from", "n@bad>domain", "after the @, a domain name"),
+        ("mail_from", "n@", "after the @, a domain name"),
+        ("mail_from", "n@192.0.2.1", "after the @, a domain name"),
+        ("mail_from", "n@example.com.", "after the @, a domain name"),
+        ("mail_domain", "bad>domain", "must be a domain name"),
+        ("mail_domain", "", "must be a domain name"),
+        ("mail_domain", "a b.example", "must be a domain name"),
+        ("mail_domain", "-mail.example", "must be a domain name"),
+        ("mail_domain", "mail..example", "must be a domain name"),
+        ("mail_domain", "192.0.2.1", "must be a domain name"),
+        ("mail_domain", f"{'a' * 64}.example", "must be a domain name"),
+    ],
+)
+def test_a_sender_or_message_id_domain_no_mail_could_carry_is_refused_naming_it(
+    setting: str, value: str, complaint: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        EmailSettings(**{setting: value})
+
+    [line] = describe(refused.value).splitlines()
+    assert line.startswith(f"NOTIFLOW_{setting.upper()}: "), line
+    assert complaint in line
+    assert repr(value) in line
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "mail_domain", "sent_from", "message_domain"),
+    [
+        (
+            "notifications@example.com",
+            "example.com",
+            "notifications@example.com",
+            "example.com",
+        ),
+        (
+            "no-reply+notify@mail.example.co.uk",
+            "notify-1.mail.example.co.uk",
+            "no-reply+notify@mail.example.co.uk",
+            "notify-1.mail.example.co.uk",
+        ),
+        (
+            "o'brien.ops@bücher.example",
+            "Bücher.example",
+            "o'brien.ops@xn--bcher-kva.example",
+            "xn--bcher-kva.example",
+        ),
+        ("ops@localhost", "localhost", "ops@localhost", "localhost"),
+    ],
+)
+def test_the_addresses_deployments_use_are_taken_and_written_in_ascii(
+    mail_from: str, mail_domain: str, sent_from: str, message_domain: str
+) -> None:
+    settings = EmailSettings(mail_from=mail_from, mail_domain=mail_domain)
+
+    mail = mime.build(
+        notification_id=7,
+        to_address="bob@example.com",
+        to_name="Bob",
+        subject="hello",
+        text="hi",
+        html=None,
+        sender=settings.mail_from,
+        sender_name=settings.mail_from_name,
+        domain=settings.mail_domain,
+    )
+
+    assert mail.sender == sent_from
+    assert mail.message_id == f"<notification-7@{message_domain}>"
+    assert f"From: notiflow <{sent_from}>\r\n".encode() in mail.data
+    assert mail.data.isascii()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("NOTIFLOW_MAIL_FROM", "not-an-address"), ("NOTIFLOW_MAIL_DOMAIN", "bad>domain")],
+)
+def test_the_email_sender_exits_2_in_one_line_on_an_unusable_mail_setting(
+    name: str, value: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "email_sender"],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"notiflow: invalid setting {name}: must be "), line
+    assert repr(value) in line
