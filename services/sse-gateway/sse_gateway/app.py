@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
 from contracts.db import connection
-from contracts.http import HeadAsGet, install_http_policy
+from contracts.http import Cors, HeadAsGet, install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
@@ -113,7 +112,7 @@ class GatewayApp(FastAPI):
         # answer here; a browser's preflight is answered by it as usual.
         answer: ASGIApp = HeadAsGet(problem.response())
         if self.cors is not None:
-            answer = CORSMiddleware(answer, **self.cors)
+            answer = Cors(answer, **self.cors)
         await answer(scope, receive, send)
 
 
@@ -244,7 +243,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             "allow_methods": ["GET", "POST", "PATCH"],
             "allow_headers": ["Authorization", "Last-Event-ID", "Content-Type"],
         }
-        app.add_middleware(CORSMiddleware, **app.cors)
+        app.add_middleware(Cors, **app.cors)
     install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     app.include_router(router)

@@ -337,6 +337,24 @@ async def test_a_token_refusal_carries_the_cors_headers_of_a_normal_answer(
     assert refused.headers["vary"] == normal.headers["vary"]
 
 
+async def test_a_refused_preflight_with_two_tokens_is_answered_in_json(
+    gateway: Gateway,
+) -> None:
+    bob, alice = gateway.bob, gateway.alice
+
+    preflight = await gateway.client.options(
+        f"/inbox/unread-count?token={bob}&token={alice}",
+        headers=[
+            ("Origin", "https://elsewhere.example"),
+            ("Access-Control-Request-Method", "GET"),
+        ],
+    )
+
+    assert preflight.status_code == 400
+    assert preflight.json()["error"] == "cors_refused"
+    assert "origin" in preflight.json()["fields"][0]["field"]
+
+
 async def test_a_query_token_that_no_header_can_carry_is_refused_as_invalid(
     gateway: Gateway,
 ) -> None:
