@@ -1,23 +1,35 @@
-"""What the email sender's operations routes answer over HTTP: HEAD wherever GET
-is answered, and the project's JSON errors."""
+"""What the operations routes of the services without a public API answer over
+HTTP: HEAD wherever GET is answered, and the project's JSON errors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
+import pytest
+from fastapi import FastAPI
 
-from email_sender.app import EmailSettings, create_app
+from dispatcher.app import DispatcherSettings
+from dispatcher.app import create_app as dispatcher_app
+from email_sender.app import EmailSettings
+from email_sender.app import create_app as email_sender_app
+
+APPS: dict[str, Callable[[], FastAPI]] = {
+    "dispatcher": lambda: dispatcher_app(DispatcherSettings(env="test")),
+    "email-sender": lambda: email_sender_app(EmailSettings(env="test")),
+}
 
 
-def client() -> httpx.AsyncClient:
+def client(service: str) -> httpx.AsyncClient:
     # Unstarted: the routes answer without the database and broker (/readyz
     # says they are missing), which is all these tests look at.
-    app = create_app(EmailSettings(env="test"))
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=APPS[service]())
     return httpx.AsyncClient(transport=transport, base_url="http://t")
 
 
-async def test_every_operations_route_answers_head_as_its_get() -> None:
-    async with client() as http:
+@pytest.mark.parametrize("service", APPS)
+async def test_every_operations_route_answers_head_as_its_get(service: str) -> None:
+    async with client(service) as http:
         pairs = [
             (await http.get(path), await http.head(path))
             for path in ("/healthz", "/readyz", "/metrics")
@@ -32,8 +44,11 @@ async def test_every_operations_route_answers_head_as_its_get() -> None:
     assert healthz_head.headers == healthz_get.headers
 
 
-async def test_an_unknown_path_or_method_gets_the_json_error_shape() -> None:
-    async with client() as http:
+@pytest.mark.parametrize("service", APPS)
+async def test_an_unknown_path_or_method_gets_the_json_error_shape(
+    service: str,
+) -> None:
+    async with client(service) as http:
         missing = await http.get("/nope")
         posted = await http.post("/healthz")
 
