@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -109,6 +110,22 @@ def _mail_from(value: str) -> str:
     return address
 
 
+def _mail_from_name(value: str) -> str:
+    """The display name of the ``From`` header, free of control characters.
+
+    A line end would start a header of its own (or fail every email as the header
+    is built), and other controls would be written into it as they are. The one
+    line end a YAML block scalar leaves at the end is taken off.
+    """
+    name = value.removesuffix("\n")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ValueError(
+            "must be one line of text, with no line ends, NUL or other control "
+            f"characters, got {_shown(value)}"
+        )
+    return name
+
+
 def _mail_domain(value: str) -> str:
     """The right-hand side of ``Message-ID``s, which are written as they are."""
     ascii_domain = _ascii_domain(value)
@@ -131,7 +148,7 @@ class EmailSettings(Settings):
     mail_from: Annotated[str, AfterValidator(_mail_from)] = (
         "notifications@notiflow.localhost"
     )
-    mail_from_name: str = "notiflow"
+    mail_from_name: Annotated[str, AfterValidator(_mail_from_name)] = "notiflow"
     # The right-hand side of every Message-ID, kept in IDNA.
     mail_domain: Annotated[str, AfterValidator(_mail_domain)] = "notiflow.localhost"
     # The base of each email's unsubscribe link, as the dispatcher's links: ASCII,

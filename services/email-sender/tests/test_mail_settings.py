@@ -1,11 +1,14 @@
-"""The sender address and Message-ID domain the email sender refuses at start, each
-named in one line with exit status 2, and the ones deployments use, which it takes
-(an internationalised domain written in IDNA, as every header must be ASCII)."""
+"""The sender address, sender name and Message-ID domain the email sender refuses at
+start, each named in one line with exit status 2, and the ones deployments use, which
+it takes (an internationalised domain written in IDNA, as every header must be
+ASCII)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from email import message_from_bytes
+from email.policy import default
 
 import pytest
 from pydantic import ValidationError
@@ -29,6 +32,18 @@ from email_sender.app import EmailSettings
         ("mail_from", "n@", "after the @, a domain name"),
         ("mail_from", "n@192.0.2.1", "after the @, a domain name"),
         ("mail_from", "n@example.com.", "after the @, a domain name"),
+        ("mail_from", "n\x00@example.com", "before the @"),
+        ("mail_from", "n@exa\x00mple.com", "after the @, a domain name"),
+        ("mail_from_name", "Ops\r\nBcc: x@example.com", "no line ends"),
+        ("mail_from_name", "Ops\nBcc: x@example.com", "no line ends"),
+        ("mail_from_name", "Ops\rteam", "no line ends"),
+        ("mail_from_name", "Ops\r\n", "no line ends"),
+        ("mail_from_name", "Ops\n\n", "no line ends"),
+        ("mail_from_name", "Ops\x00", "NUL or other control characters"),
+        ("mail_from_name", "Ops\tteam", "NUL or other control characters"),
+        ("mail_from_name", "Ops\x1bteam", "NUL or other control characters"),
+        ("mail_from_name", "Ops\x7fteam", "NUL or other control characters"),
+        ("mail_from_name", "Ops\x85team", "NUL or other control characters"),
         ("mail_domain", "bad>domain", "must be a domain name"),
         ("mail_domain", "", "must be a domain name"),
         ("mail_domain", "a b.example", "must be a domain name"),
@@ -98,8 +113,46 @@ def test_the_addresses_deployments_use_are_taken_and_written_in_ascii(
 
 
 @pytest.mark.parametrize(
+    ("written", "name"),
+    [
+        ("Ops team", "Ops team"),
+        # As a YAML block scalar (`|`) gives it, with one line end after it.
+        ("Ops team\n", "Ops team"),
+        ("Équipe Ops", "Équipe Ops"),
+    ],
+)
+def test_a_sender_name_is_written_into_from_as_one_header(
+    written: str, name: str
+) -> None:
+    settings = EmailSettings(mail_from_name=written)
+
+    mail = mime.build(
+        notification_id=7,
+        to_address="bob@example.com",
+        to_name="Bob",
+        subject="hello",
+        text="hi",
+        html=None,
+        sender=settings.mail_from,
+        sender_name=settings.mail_from_name,
+        domain=settings.mail_domain,
+    )
+
+    assert settings.mail_from_name == name
+    head = message_from_bytes(mail.data, policy=default)
+    assert str(head["From"]) == f"{name} <notifications@notiflow.localhost>"
+    assert head["Bcc"] is None
+    assert mail.data.isascii()
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
-    [("NOTIFLOW_MAIL_FROM", "not-an-address"), ("NOTIFLOW_MAIL_DOMAIN", "bad>domain")],
+    [
+        ("NOTIFLOW_MAIL_FROM", "not-an-address"),
+        ("NOTIFLOW_MAIL_DOMAIN", "bad>domain"),
+        ("NOTIFLOW_MAIL_FROM_NAME", "Ops\r\nBcc: x@example.com"),
+        ("NOTIFLOW_MAIL_FROM_NAME", "Ops\x01"),
+    ],
 )
 def test_the_email_sender_exits_2_in_one_line_on_an_unusable_mail_setting(
     name: str, value: str
