@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import aio_pika
 import asyncpg
@@ -496,6 +497,39 @@ def test_replay_help_says_an_id_replays_every_dead_letter_that_carries_it() -> N
     assert "every dead letter with that id is replayed" in unwrapped
 
 
+def test_replay_help_says_a_permanent_failure_is_sent_again_by_requeue_failed() -> None:
+    done = subprocess.run(
+        [ADMIN, "dlq", "replay", "--help"], capture_output=True, text=True, timeout=30
+    )
+
+    unwrapped = " ".join(done.stdout.split())
+    assert done.returncode == 0
+    assert "after a permanent failure sends nothing" in unwrapped
+    assert "another round with `notiflow-admin requeue-failed`" in unwrapped
+
+
+async def test_replaying_a_permanent_failure_warns_that_nothing_will_be_sent(
+    settings: Settings,
+) -> None:
+    event_id = "8d7f5b52-3c1e-4a4f-9a35-0c6d2f1b9e10"
+    refused = {
+        topology.REASON_HEADER: "permanent failure: 550 mailbox unavailable",
+        "event_id": event_id,
+    }
+    await _dead_letter(settings, b"{}", refused, message_id="notification-13")
+    await _dead_letter(settings, b"{}", {}, message_id="notification-14")
+
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert "2 replayed" in replayed.stdout
+    assert replayed.stderr.splitlines() == [
+        "warning: notification-13 was set aside after a permanent failure: its "
+        "notification stays failed and replaying it sends nothing; send it again "
+        f"with `notiflow-admin requeue-failed --event {event_id}`"
+    ]
+
+
 async def test_replay_all_keeps_what_rabbitmq_dead_lettered_from_a_queue_now_gone(
     settings: Settings,
 ) -> None:
@@ -696,6 +730,18 @@ def test_requeue_failed_on_a_database_not_migrated_says_to_migrate(
         (["requeue-failed"], "--event EVENT_ID or --since ISO"),
         (["requeue-failed", "--event", "nope"], "'nope' is not an event id"),
         (["requeue-failed", "--since", "yesterday"], "not an ISO 8601 time"),
+        (
+            ["requeue-failed", "--event", str(uuid4()), "--event", str(uuid4())],
+            "argument --event: given more than once",
+        ),
+        (
+            ["requeue-failed", "--since", "2024-05-01", "--since=2024-05-02"],
+            "argument --since: given more than once",
+        ),
+        (
+            ["requeue-failed", "--until", "2024-05-03", "--until", "2024-05-02"],
+            "argument --until: given more than once",
+        ),
         (
             ["requeue-failed", "--since", "2024-05-02", "--until", "2024-05-01"],
             "is not before",

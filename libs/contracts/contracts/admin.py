@@ -23,6 +23,13 @@ message it could not route as readily as one it queued: when the queue is gone
 stays where it was, named on standard error with that queue, while the others are
 replayed. So does one the queue refuses.
 
+Replaying does not undo a notification's failure. A consumer that gives up on a
+notification for good marks its row ``failed`` and sets its message aside with a
+reason starting "permanent failure"; replayed, that message reaches a consumer that
+finds the row failed, sends nothing and acknowledges it, and the dead letter is
+gone. ``requeue-failed`` is what gives a failed notification another round; replay
+names on standard error each such dead letter it replayed.
+
 Both commands leave a dead letter they do not replay where it was by publishing a
 copy of it to the dead-letter queue, waiting for RabbitMQ's confirm, and only then
 acknowledging the original. Handing it back unacknowledged (``basic.nack`` with
@@ -294,12 +301,27 @@ class Kept:
     why: str
 
 
+# How the reason a consumer gives when a notification failed for good begins; its
+# row is then ``failed``, and replaying the message sends nothing.
+_PERMANENT_FAILURE = "permanent failure"
+
+
+@dataclass(frozen=True)
+class FailedForGood:
+    """A replayed dead letter whose notification failed for good."""
+
+    id: str
+    event_id: str
+
+
 @dataclass(frozen=True)
 class Replay:
     replayed: list[str]
     kept: list[Kept]
     # Asked for by id but not in the dead-letter queue.
     missing: list[str]
+    # Replayed, but their notifications stay failed: nothing will be sent.
+    failed_for_good: list[FailedForGood]
 
 
 async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
@@ -307,6 +329,7 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
     wanted = set(ids) if ids is not None else None
     replayed: list[str] = []
     kept: list[Kept] = []
+    failed_for_good: list[FailedForGood] = []
     connection = await aio_pika.connect(
         settings.amqp_url,
         timeout=10,
@@ -321,7 +344,8 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
         )
         for message in await _taken(reading):
             name = message_name(message)
-            queue = origin(message).queue
+            came_from = origin(message)
+            queue = came_from.queue
             if (wanted is not None and name not in wanted) or not queue:
                 await _put_back(publishing, message)
                 continue
@@ -332,9 +356,18 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
                 continue
             await message.ack()
             replayed.append(name)
+            if came_from.reason.startswith(_PERMANENT_FAILURE):
+                sources = (message.headers or {}, _json_object(message.body))
+                event_id = _first_id(sources, "event_id")
+                failed_for_good.append(FailedForGood(id=name, event_id=event_id))
     found = {*replayed, *(item.id for item in kept)}
     missing = sorted(wanted - found) if wanted is not None else []
-    return Replay(replayed=replayed, kept=kept, missing=missing)
+    return Replay(
+        replayed=replayed,
+        kept=kept,
+        missing=missing,
+        failed_for_good=failed_for_good,
+    )
 
 
 async def _send_back(
@@ -480,6 +513,32 @@ def _uuid(text: str) -> UUID:
         ) from None
 
 
+# Where _Once notes the options it has stored.
+_GIVEN = "_options_given"
+
+
+class _Once(argparse.Action):
+    """Stores an option's value, and refuses the option given a second time:
+    argparse would keep the last one and act on it alone, silently."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, _GIVEN, set())
+        if self.dest in given:
+            raise argparse.ArgumentError(
+                self,
+                "given more than once, but it takes one value: run the command once "
+                "for each",
+            )
+        setattr(namespace, _GIVEN, given | {self.dest})
+        setattr(namespace, self.dest, values)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line. Each command's parser is its namespace's ``command_parser``,
     so that a mistake found after parsing is shown with that command's usage."""
@@ -497,6 +556,12 @@ def parser() -> argparse.ArgumentParser:
         "replay",
         help="send dead letters back to the queue they came from",
         usage="%(prog)s (--all | MESSAGE_ID [MESSAGE_ID ...])",
+        description="Send dead letters back to the queue they came from, and remove "
+        "them from the dead-letter queue. Replaying a dead letter set aside after a "
+        "permanent failure sends nothing: its notification is failed, and the "
+        "consumer drops the copy. Give such a notification another round with "
+        "`notiflow-admin requeue-failed`; replay warns on standard error of each "
+        "one it replayed.",
     )
     replay.add_argument(
         "ids",
@@ -514,16 +579,25 @@ def parser() -> argparse.ArgumentParser:
         usage="%(prog)s (--event EVENT_ID | --since ISO [--until ISO])",
     )
     again.add_argument(
-        "--event", type=_uuid, metavar="EVENT_ID", help="the failed rows of one event"
+        "--event",
+        action=_Once,
+        type=_uuid,
+        metavar="EVENT_ID",
+        help="the failed rows of one event",
     )
     again.add_argument(
         "--since",
+        action=_Once,
         type=_timestamp,
         metavar="ISO",
         help="rows that failed at or after this time (UTC unless it names a zone)",
     )
     again.add_argument(
-        "--until", type=_timestamp, metavar="ISO", help="and before this time"
+        "--until",
+        action=_Once,
+        type=_timestamp,
+        metavar="ISO",
+        help="and before this time",
     )
     again.set_defaults(command_parser=again)
     return top
@@ -588,6 +662,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         for name in done.missing:
             print(f"not in the dead-letter queue: {name}", file=sys.stderr)
+        for item in done.failed_for_good:
+            again = f"--event {item.event_id}" if item.event_id else "--event EVENT_ID"
+            print(
+                f"warning: {item.id} was set aside after a permanent failure: its "
+                f"notification stays failed and replaying it sends nothing; send it "
+                f"again with `notiflow-admin requeue-failed {again}`",
+                file=sys.stderr,
+            )
         summary = f"{len(done.replayed)} replayed"
         if done.kept:
             summary += f", {len(done.kept)} left in {topology.DEAD_LETTER_QUEUE}"
