@@ -623,3 +623,27 @@ async def test_a_user_without_subscriptions_lists_none(
 
     assert resp.status_code == 200
     assert resp.json() == []
+
+
+@pytest.mark.integration
+async def test_a_subscription_sent_with_two_authorization_headers_stores_nothing(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    bob = auth(settings, demo.bob)["Authorization"]
+    carol = auth(settings, demo.carol)["Authorization"]
+    twice = [("Authorization", bob), ("Authorization", carol)]
+
+    created = await api.post(
+        "/push/subscriptions", json=push_service.device().subscription(), headers=twice
+    )
+    listed = await api.get("/push/subscriptions", headers=twice)
+    removed = await api.delete("/push/subscriptions/1", headers=twice)
+
+    for resp in (created, listed, removed):
+        assert resp.status_code == 422, resp.text
+        assert [f["field"] for f in resp.json()["fields"]] == ["authorization"]
+    assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0

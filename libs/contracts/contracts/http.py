@@ -30,6 +30,12 @@ token (what it tells a caller without one is only that its JSON repeats a key);
 and the 422 for a repeated query parameter, which comes from the first dependency
 of every route (it tells no more than that).
 
+A request that gives ``Authorization`` more than once is refused with 422 naming
+it before anything else about it is judged, its tokens and its body included
+(:class:`OneAuthorization`): the first header is what FastAPI's ``Header()`` and
+Starlette's ``Headers.get`` read, a proxy may keep the last, and a request must
+not be checked as one user and served as another.
+
 Every answer, errors and the 500 of a crash included, passes through the CORS
 middleware a service adds, so that a page on an allowed origin can read why it
 was refused. A CORS preflight that middleware refuses (an origin, a method or a
@@ -202,9 +208,16 @@ def _problems(status: int, code: str, problems: list[tuple[str, str]]) -> JSONRe
     )
 
 
-def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> None:
+def install_http_policy(
+    app: FastAPI,
+    max_request_bytes: int = 64 * 1024,
+    *,
+    one_authorization: bool = True,
+) -> None:
     """JSON answers for every error, the request body limit, unique JSON keys and
-    query parameters, ``HEAD`` wherever ``GET`` is answered.
+    query parameters, one ``Authorization`` header at most (unless
+    ``one_authorization`` is false, for an app that checks it itself), ``HEAD``
+    wherever ``GET`` is answered.
 
     Starlette stacks ``app.user_middleware`` outermost first, and ``add_middleware``
     puts the newest at the front. The two added here go at the back instead, so
@@ -224,6 +237,8 @@ def install_http_policy(app: FastAPI, max_request_bytes: int = 64 * 1024) -> Non
         else added
         for added in app.user_middleware
     ]
+    if one_authorization:
+        app.user_middleware.append(Middleware(OneAuthorization))
     app.user_middleware.extend(
         [
             Middleware(ServerFailure),
@@ -466,6 +481,37 @@ class ServerFailure:
             if not started:
                 await _failed()(scope, receive, send)
             raise
+
+
+class OneAuthorization:
+    """Refuse a request that gives ``Authorization`` more than once with 422 naming
+    it, before anything else about the request is judged.
+
+    Which of two tokens the sender meant cannot be known, so neither is checked
+    and the answer repeats neither. A ``HEAD`` gets the 422's status and headers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _given_twice(scope, b"authorization"):
+            refusal = invalid_request(
+                [("authorization", "given more than once; send one")]
+            )
+            await HeadAsGet(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _given_twice(scope: Scope, name: bytes) -> bool:
+    found = False
+    for given, _ in scope["headers"]:
+        if given == name:
+            if found:
+                return True
+            found = True
+    return False
 
 
 class HeadAsGet:

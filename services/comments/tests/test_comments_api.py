@@ -794,3 +794,36 @@ async def test_a_route_that_takes_no_token_still_refuses_an_unparsable_body(
 
     assert resp.status_code == 422, resp.text
     assert resp.json()["fields"][0]["field"] == "(request body)"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{{"post_id": {post}, "body": "who wrote this?"}}',
+        '{{"post_id": {post}, "body": "not closed"',
+        '{{"post_id": {post}, "post_id": {post}, "body": "twice"}}',
+    ],
+    ids=["good body", "unparsable body", "body repeating a key"],
+)
+async def test_a_comment_sent_with_two_authorization_headers_is_refused_naming_it(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo, content: str
+) -> None:
+    bob = auth(settings, demo.bob, "bob")["Authorization"]
+    alice = auth(settings, demo.alice, "alice")["Authorization"]
+
+    resp = await client.post(
+        "/comments",
+        content=content.format(post=demo.post),
+        headers=[
+            ("Authorization", bob),
+            ("Authorization", alice),
+            ("Content-Type", "application/json"),
+        ],
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["fields"] == [
+        {"field": "authorization", "message": "given more than once; send one"}
+    ]
+    assert bob.removeprefix("Bearer ") not in resp.text
+    assert await counts(settings) == (0, 0)
