@@ -72,14 +72,16 @@ class GatewayApp(FastAPI):
     """FastAPI, with ``/sse`` answered ahead of it and query tokens kept out of URLs.
 
     Streams go straight to :class:`StreamEndpoint`, which holds far less per idle
-    connection than a FastAPI route. On every other route a ``?token=`` is moved
-    into the Authorization header first: FastAPI's own telemetry (on when traces are
-    exported) records the query of each request on its server span before any
-    middleware runs, and redacts only a fixed list of names. A request that gives
-    more than one token is answered 422 here, before anything else judges it (see
-    :mod:`sse_gateway.credentials`), with the CORS headers of any other answer.
-    The token of an unsubscribe link, which is no bearer token, goes into the scope
-    instead (see :mod:`sse_gateway.unsubscribe`).
+    connection than a FastAPI route; only an ``OPTIONS`` to ``/sse`` (a browser's
+    CORS preflight) takes the usual way, through the app's CORS middleware. On
+    every other route a ``?token=`` is moved into the Authorization header first:
+    FastAPI's own telemetry (on when traces are exported) records the query of
+    each request on its server span before any middleware runs, and redacts only
+    a fixed list of names. A request that gives more than one token is answered
+    422 here, before anything else judges it (see :mod:`sse_gateway.credentials`),
+    with the CORS headers of any other answer. The token of an unsubscribe link,
+    which is no bearer token, goes into the scope instead, and its Authorization
+    headers are not read (see :mod:`sse_gateway.unsubscribe`).
     """
 
     sse: StreamEndpoint | None = None
@@ -89,8 +91,12 @@ class GatewayApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] == "/sse" and self.sse is not None:
-                await self.sse(scope, receive, send)
-                return
+                if scope["method"] != "OPTIONS":
+                    await self.sse(scope, receive, send)
+                    return
+                # A preflight holds no stream open: it goes through the CORS
+                # middleware as on any other route, and any other OPTIONS on to
+                # the listed route, which refuses it with 405.
             if scope["path"] == unsubscribe.PATH:
                 scope = _link_token_to_scope(scope)
             else:
@@ -219,6 +225,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="notiflow sse gateway",
         lifespan=lifespan,
         telemetry=tracing.fastapi_telemetry(),
+        # No redirect from "/inbox/" to "/inbox": the router would build it from
+        # the scope GatewayApp changed, whose query no longer holds the token, and
+        # a redirect that kept it would write the token into one more URL. Such a
+        # path is a 404, as any other path no route takes.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.state.hub = hub
