@@ -85,6 +85,7 @@ async def test_exhausted_attempts_end_failed_and_in_the_dead_letter_queue(
     assert row["last_error"].startswith("gave up after 3 attempts: SMTP 451")
     assert smtp.connections == 3 and smtp.received == []
     assert helpers.reason(dead).startswith("gave up after 3 attempts")
+    assert dead.headers[topology.ROW_FAILED_HEADER] is True
     assert dead.headers[topology.ORIGIN_QUEUE_HEADER] == EMAIL_QUEUE
     assert dead.headers[topology.ATTEMPT_HEADER] == 2
     # It went round both delay queues before giving up.
@@ -116,6 +117,7 @@ async def test_a_refused_mailbox_fails_at_once(
     assert row["last_error"].startswith("SMTP 550")
     assert smtp.connections == 1 and smtp.received == []
     assert helpers.reason(dead).startswith("permanent failure: SMTP 550")
+    assert dead.headers[topology.ROW_FAILED_HEADER] is True
     assert dead.headers[topology.ORIGIN_QUEUE_HEADER] == EMAIL_QUEUE
     assert "x-death" not in dead.headers
 

@@ -84,11 +84,17 @@ class RetryLater(Exception):
 
 
 class DeadLetter(Exception):
-    """Give up on this message; an operator may replay it from the dead-letter queue."""
+    """Give up on this message; an operator may replay it from the dead-letter queue.
 
-    def __init__(self, reason: str) -> None:
+    ``row_failed`` says the handler has marked the message's notification row
+    ``failed``: the dead letter then carries :data:`topology.ROW_FAILED_HEADER`, so
+    that the operator's tools can say that replaying it sends nothing.
+    """
+
+    def __init__(self, reason: str, *, row_failed: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.row_failed = row_failed
 
 
 Handler = Callable[[M, AbstractIncomingMessage], Awaitable[None]]
@@ -128,9 +134,12 @@ class Publisher:
         reason: str,
         *,
         part: tuple[bytes, str] | None = None,
+        row_failed: bool = False,
     ) -> None:
         """Set ``raw`` aside, or only ``part`` of it: (body, message id)."""
         headers = dict(raw.headers or {})
+        if row_failed:
+            headers[topology.ROW_FAILED_HEADER] = True
         headers.update(
             {
                 topology.REASON_HEADER: reason[:1000],
@@ -385,8 +394,9 @@ class Consumers:
                 extra={"action": f"{action}.retry", "queue": queue},
             )
             return
+        row_failed = False
         if isinstance(outcome, DeadLetter):
-            reason = outcome.reason
+            reason, row_failed = outcome.reason, outcome.row_failed
         else:
             logger.error(
                 "handler failed; dead-lettering the message",
@@ -394,7 +404,7 @@ class Consumers:
                 extra={"action": f"{action}.crashed", "queue": queue},
             )
             reason = f"handler error: {outcome!r}"
-        await self._dead_letter(raw, queue, reason, part)
+        await self._dead_letter(raw, queue, reason, part, row_failed=row_failed)
 
     async def while_database_away(
         self, attempt: Callable[[], Awaitable[T]], *, queue: str, action: str
@@ -430,8 +440,12 @@ class Consumers:
         queue: str,
         reason: str,
         part: tuple[bytes, str] | None,
+        *,
+        row_failed: bool = False,
     ) -> None:
-        await self._publisher().dead_letter(raw, queue, reason, part=part)
+        await self._publisher().dead_letter(
+            raw, queue, reason, part=part, row_failed=row_failed
+        )
         metrics.DEAD_LETTERS.labels(queue).inc()
         logger.warning(
             "dead-lettered a message from %s: %s",

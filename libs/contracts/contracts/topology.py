@@ -48,6 +48,9 @@ ORIGIN_QUEUE_HEADER = "x-notiflow-queue"
 ORIGIN_EXCHANGE_HEADER = "x-notiflow-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-notiflow-routing-key"
 ATTEMPT_HEADER = "x-notiflow-attempt"
+# On a dead letter whose notification row its consumer marked ``failed``: replaying
+# it sends nothing, and ``notiflow-admin requeue-failed`` is what sends it again.
+ROW_FAILED_HEADER = "x-notiflow-row-failed"
 
 
 def delivery_queue(channel_type: str) -> str:

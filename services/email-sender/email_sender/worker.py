@@ -258,12 +258,16 @@ class EmailWorker:
         """What a failed email means: its message's outcome, its row's transition."""
         if not isinstance(exc, smtp.TransientSendError):
             reason = str(exc)
-            failed = DeadLetter(f"permanent failure: {reason}")
+            failed = DeadLetter(f"permanent failure: {reason}", row_failed=True)
             return failed, transitions.FAILED, (reason,)
         attempt = row["attempts"]
         if attempt > len(self._delays):
             reason = f"gave up after {attempt} attempts: {exc.reason}"
-            return DeadLetter(reason), transitions.FAILED, (reason,)
+            return (
+                DeadLetter(reason, row_failed=True),
+                transitions.FAILED,
+                (reason,),
+            )
         delay = self._delays[attempt - 1]
         retry = RetryLater(exc.reason, delay)
         return retry, transitions.RETRYING, (exc.reason, float(delay))

@@ -194,7 +194,7 @@ class PushWorker:
                 reason = f"gave up after {attempt} attempts: {reason}"
                 await self._mark(transitions.FAILED, row, outcomes, reason)
                 metrics.settled("push", delivery.channel, "failed")
-                raise DeadLetter(reason)
+                raise DeadLetter(reason, row_failed=True)
             wait = max(
                 float(self._delays[attempt - 1]),
                 *(r.retry_after or 0.0 for r in later),
@@ -212,7 +212,7 @@ class PushWorker:
         reason = "; ".join(sorted({r.detail for r in results if r.outcome != "gone"}))
         await self._mark(transitions.FAILED, row, outcomes, f"rejected: {reason}")
         metrics.settled("push", delivery.channel, "failed")
-        raise DeadLetter(f"every device refused the push: {reason}")
+        raise DeadLetter(f"every device refused the push: {reason}", row_failed=True)
 
     async def _mark(
         self,
