@@ -504,7 +504,8 @@ def test_replay_help_says_a_permanent_failure_is_sent_again_by_requeue_failed() 
 
     unwrapped = " ".join(done.stdout.split())
     assert done.returncode == 0
-    assert "after a permanent failure sends nothing" in unwrapped
+    expected = "after a permanent failure, or after its attempts ran out, sends nothing"
+    assert expected in unwrapped
     assert "another round with `notiflow-admin requeue-failed`" in unwrapped
 
 
@@ -524,9 +525,31 @@ async def test_replaying_a_permanent_failure_warns_that_nothing_will_be_sent(
     assert replayed.returncode == 0, replayed.stderr
     assert "2 replayed" in replayed.stdout
     assert replayed.stderr.splitlines() == [
-        "warning: notification-13 was set aside after a permanent failure: its "
-        "notification stays failed and replaying it sends nothing; send it again "
+        "warning: notification-13 was set aside when its notification failed for "
+        "good: it stays failed and replaying it sends nothing; send it again "
         f"with `notiflow-admin requeue-failed --event {event_id}`"
+    ]
+
+
+async def test_replaying_a_dead_letter_marked_row_failed_warns_whatever_its_reason(
+    settings: Settings,
+) -> None:
+    exhausted = {
+        topology.REASON_HEADER: "gave up after 6 attempts: SMTP 451 try later",
+        topology.ROW_FAILED_HEADER: True,
+    }
+    await _dead_letter(settings, b"{}", exhausted, message_id="notification-21")
+    retried = {topology.REASON_HEADER: "handler error: RuntimeError('boom')"}
+    await _dead_letter(settings, b"{}", retried, message_id="notification-22")
+
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert "2 replayed" in replayed.stdout
+    assert replayed.stderr.splitlines() == [
+        "warning: notification-21 was set aside when its notification failed for "
+        "good: it stays failed and replaying it sends nothing; send it again "
+        "with `notiflow-admin requeue-failed --event EVENT_ID`"
     ]
 
 

@@ -24,9 +24,11 @@ stays where it was, named on standard error with that queue, while the others ar
 replayed. So does one the queue refuses.
 
 Replaying does not undo a notification's failure. A consumer that gives up on a
-notification for good marks its row ``failed`` and sets its message aside with a
-reason starting "permanent failure"; replayed, that message reaches a consumer that
-finds the row failed, sends nothing and acknowledges it, and the dead letter is
+notification for good (a permanent refusal, its attempts used up, every device
+refusing a push) marks its row ``failed`` and sets its message aside with the header
+``topology.ROW_FAILED_HEADER``; dead letters older than that header are known by a
+reason starting "permanent failure". Replayed, such a message reaches a consumer
+that finds the row failed, sends nothing and acknowledges it, and the dead letter is
 gone. ``requeue-failed`` is what gives a failed notification another round; replay
 names on standard error each such dead letter it replayed.
 
@@ -301,8 +303,8 @@ class Kept:
     why: str
 
 
-# How the reason a consumer gives when a notification failed for good begins; its
-# row is then ``failed``, and replaying the message sends nothing.
+# How the reason began on dead letters of notifications that failed for good,
+# before consumers marked them with ``topology.ROW_FAILED_HEADER``.
 _PERMANENT_FAILURE = "permanent failure"
 
 
@@ -356,7 +358,7 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
                 continue
             await message.ack()
             replayed.append(name)
-            if came_from.reason.startswith(_PERMANENT_FAILURE):
+            if _row_failed(message, came_from):
                 sources = (message.headers or {}, _json_object(message.body))
                 event_id = _first_id(sources, "event_id")
                 failed_for_good.append(FailedForGood(id=name, event_id=event_id))
@@ -368,6 +370,12 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
         missing=missing,
         failed_for_good=failed_for_good,
     )
+
+
+def _row_failed(message: AbstractIncomingMessage, came_from: Origin) -> bool:
+    """Whether the consumer marked the dead letter's notification ``failed``."""
+    marked = (message.headers or {}).get(topology.ROW_FAILED_HEADER)
+    return marked is True or came_from.reason.startswith(_PERMANENT_FAILURE)
 
 
 async def _send_back(
@@ -558,8 +566,9 @@ def parser() -> argparse.ArgumentParser:
         usage="%(prog)s (--all | MESSAGE_ID [MESSAGE_ID ...])",
         description="Send dead letters back to the queue they came from, and remove "
         "them from the dead-letter queue. Replaying a dead letter set aside after a "
-        "permanent failure sends nothing: its notification is failed, and the "
-        "consumer drops the copy. Give such a notification another round with "
+        "permanent failure, or after its attempts ran out, sends nothing: its "
+        "notification is failed, and the consumer drops the copy. Give such a "
+        "notification another round with "
         "`notiflow-admin requeue-failed`; replay warns on standard error of each "
         "one it replayed.",
     )
@@ -665,8 +674,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         for item in done.failed_for_good:
             again = f"--event {item.event_id}" if item.event_id else "--event EVENT_ID"
             print(
-                f"warning: {item.id} was set aside after a permanent failure: its "
-                f"notification stays failed and replaying it sends nothing; send it "
+                f"warning: {item.id} was set aside when its notification failed for "
+                f"good: it stays failed and replaying it sends nothing; send it "
                 f"again with `notiflow-admin requeue-failed {again}`",
                 file=sys.stderr,
             )
