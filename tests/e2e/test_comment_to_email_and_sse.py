@@ -9,10 +9,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import mailbox
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,67 +18,12 @@ import pytest
 from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.support.data import Demo, seed_demo
-from tests.support.processes import Service, free_port
+from tests.support.maildir import messages
+from tests.support.processes import Service
 from tests.support.sse import SSEClient
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
-
-SERVICES = ("comments", "dispatcher", "email-sender", "sse-gateway")
-
-
-@pytest.fixture
-def maildir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    path = tmp_path / "mail"
-    mailbox.Maildir(path, create=True)
-    port = free_port()
-    sink = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aiosmtpd",
-            "-n",
-            "-l",
-            f"127.0.0.1:{port}",
-            "-c",
-            "aiosmtpd.handlers.Mailbox",
-            str(path),
-        ],
-    )
-    try:
-        yield path, port
-    finally:
-        sink.terminate()
-        sink.wait(timeout=10)
-
-
-@pytest.fixture
-async def platform(
-    settings: Settings, maildir: tuple[Path, int], tmp_path: Path
-) -> AsyncIterator[dict[str, Service]]:
-    env = {
-        "NOTIFLOW_ENV": "test",
-        "NOTIFLOW_DATABASE_URL": settings.database_url,
-        "NOTIFLOW_AMQP_URL": settings.amqp_url,
-        "NOTIFLOW_SMTP_PORT": str(maildir[1]),
-        "NOTIFLOW_OUTBOX_SWEEP_SECONDS": "0.5",
-    }
-    services = {name: Service(name, env, tmp_path).start() for name in SERVICES}
-    try:
-        for service in services.values():
-            service.wait_ready()
-        yield services
-    finally:
-        for service in services.values():
-            service.stop()
-
-
-def messages(path: Path) -> list[email.message.EmailMessage]:
-    box = mailbox.Maildir(path, create=False)
-    return [
-        email.message_from_bytes(box.get_bytes(key), policy=email.policy.default)
-        for key in box.keys()
-    ]
 
 
 async def test_mention_reaches_inboxes_and_the_live_stream(

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import mailbox
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -21,13 +17,13 @@ import pytest
 from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.support.data import Demo, seed_demo
-from tests.support.processes import Service, free_port
+from tests.support.maildir import messages
+from tests.support.processes import Service
 from tests.support.sse import SSEClient
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-SERVICES = ("comments", "dispatcher", "email-sender", "sse-gateway")
 ROWS = """
 SELECT n.user_id, n.type, n.status, n.last_error
 FROM notifications n JOIN comments c ON c.id = (n.metadata->>'comment_id')::bigint
@@ -35,54 +31,8 @@ WHERE c.id = $1 AND n.type <> 'push'
 """
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """An SMTP server keeping what it takes in a Maildir; its path and port."""
-    path = tmp_path / "mail"
-    mailbox.Maildir(path, create=True)
-    port = free_port()
-    listen = ["-n", "-l", f"127.0.0.1:{port}"]
-    handler = ["-c", "aiosmtpd.handlers.Mailbox", str(path)]
-    server = subprocess.Popen([sys.executable, "-m", "aiosmtpd", *listen, *handler])
-    try:
-        yield path, port
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@pytest.fixture
-async def platform(
-    settings: Settings, sink: tuple[Path, int], tmp_path: Path
-) -> AsyncIterator[dict[str, Service]]:
-    env = {
-        "NOTIFLOW_ENV": "test",
-        "NOTIFLOW_DATABASE_URL": settings.database_url,
-        "NOTIFLOW_AMQP_URL": settings.amqp_url,
-        "NOTIFLOW_SMTP_PORT": str(sink[1]),
-        "NOTIFLOW_OUTBOX_SWEEP_SECONDS": "0.5",
-    }
-    services = {name: Service(name, env, tmp_path) for name in SERVICES}
-    # The links in emails lead to the gateway, whose port is known only now.
-    for service in services.values():
-        service._env["NOTIFLOW_PUBLIC_URL"] = services["sse-gateway"].url
-    try:
-        for service in services.values():
-            service.start()
-        for service in services.values():
-            service.wait_ready()
-        yield services
-    finally:
-        for service in services.values():
-            service.stop()
-
-
 def mail_to(path: Path, address: str) -> list[email.message.EmailMessage]:
-    box = mailbox.Maildir(path, create=False)
-    found = [
-        email.message_from_bytes(box.get_bytes(key), policy=email.policy.default)
-        for key in box.keys()
-    ]
+    found = messages(path)
     return [m for m in found if m["To"].addresses[0].addr_spec == address]
 
 
@@ -98,13 +48,13 @@ async def comment(api: str, token: str, post: int, body: str) -> int:
 
 
 async def test_posting_an_emails_unsubscribe_link_stops_the_next_email_only(
-    settings: Settings, platform: dict[str, Service], sink: tuple[Path, int]
+    settings: Settings, platform: dict[str, Service], maildir: tuple[Path, int]
 ) -> None:
     demo: Demo = await seed_demo(settings.database_url)
     bob = issue_token(demo.bob, "bob", settings)
     carol = issue_token(demo.carol, "carol", settings)
     api, gateway = platform["comments"].url, platform["sse-gateway"].url
-    mail = sink[0]
+    mail = maildir[0]
 
     await comment(api, carol, demo.post, "First thoughts, @bob?")
     [first] = await eventually(
