@@ -227,16 +227,9 @@ def install_http_policy(
     goes in front of everything, in place of FastAPI's telemetry (which the app
     should be created without: ``FastAPI(telemetry=tracing.fastapi_telemetry())``).
 
-    A Starlette ``CORSMiddleware`` added before this call becomes a :class:`Cors`
-    with the same options, which refuses a preflight in JSON; one added after it
-    should be a :class:`Cors` itself.
+    A service's CORS middleware is a :class:`Cors`, which refuses a preflight in
+    JSON like every other refusal, rather than Starlette's ``CORSMiddleware``.
     """
-    app.user_middleware[:] = [
-        Middleware(Cors, *added.args, **added.kwargs)
-        if added.cls is CORSMiddleware
-        else added
-        for added in app.user_middleware
-    ]
     if one_authorization:
         app.user_middleware.append(Middleware(OneAuthorization))
     app.user_middleware.extend(

@@ -6,12 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from comments import dev
 from comments.api import router
 from contracts import tracing
-from contracts.http import install_http_policy
+from contracts.http import Cors, install_http_policy
 from contracts.runtime import Runtime, health_router
 from contracts.settings import Settings
 
@@ -37,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     origins = settings.allowed_origins
     if origins:
         app.add_middleware(
-            CORSMiddleware,
+            Cors,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
