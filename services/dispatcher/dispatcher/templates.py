@@ -87,7 +87,12 @@ class Renderer:
         message = self._render(template, "message.txt.j2", context).strip()
         html = self._render(template, "email.html.j2", context)
         email_text = message
-        if (self._directory / template / EMAIL_TEXT).is_file():
+        try:
+            # Looked up as the other templates are, through the loader's cache.
+            self._env.get_template(f"{template}/{EMAIL_TEXT}")
+        except TemplateNotFound:
+            pass
+        else:
             email_text = self._render(
                 template, EMAIL_TEXT, {**context, "message": message}
             ).strip()
