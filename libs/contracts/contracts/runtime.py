@@ -8,8 +8,10 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.config import STARTUP_FAILURE
 
 from contracts import logs, topology, tracing
 from contracts.consumer import BatchHandler, Consumers, Handler, M, Publisher
@@ -231,10 +234,13 @@ def health_router(runtime: Runtime) -> APIRouter:
 def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     """A service's entrypoint: start-up checks, JSON logs, then uvicorn."""
     settings = load_or_exit(get_settings)
-    # Uvicorn binds only once the app has started (database, broker, consumers):
-    # an address it cannot use must stop the service before any of that.
     host = load_or_exit(lambda: listen_host(os.environ.get("HOST")))
     port = load_or_exit(lambda: listen_port(os.environ.get("PORT"), default_port))
+    # Uvicorn would bind only once the app has started (database, broker,
+    # consumers): the address is taken here, before any of that, so that one
+    # the service cannot use stops it first. Until uvicorn serves, a client's
+    # connection waits in the backlog instead of being refused.
+    sockets = load_or_exit(lambda: listen(host, port))
     # Before the app is built: the broker connections it sets up carry the name.
     logs.configure(service, settings.log_level)
     app = load_or_exit(make_app)
@@ -244,19 +250,103 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
         "%s listening on http://%s:%d",
         service,
         f"[{host}]" if ":" in host else host,
-        port,
+        sockets[0].getsockname()[1],
         extra={"action": "service.started"},
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
-        lifespan="on",
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            backlog=BACKLOG,
+            timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+            lifespan="on",
+        )
     )
-    sys.exit(0)
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        # Once drained, uvicorn raises again the SIGINT it caught, which Python
+        # turns into this; the service has stopped as asked.
+        pass
+    sys.exit(0 if server.started else STARTUP_FAILURE)
+
+
+# Connections the kernel holds for the service before it accepts them, as
+# many as uvicorn would ask for.
+BACKLOG = 2048
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening at ``port`` on every address ``host`` stands for, as
+    uvicorn would open them (IPv6 ones for IPv6 only).
+
+    InvalidSetting naming ``HOST`` or ``PORT`` if the address cannot be used: a
+    name that does not resolve, an address this machine does not have, a port
+    in use.
+    """
+    try:
+        found = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        # Only a scoped IPv6 address, of all that listen_host takes, has a %.
+        zone = host.partition("%")[2]
+        if zone:
+            problem = f"{host} names {zone}, no network interface of this machine"
+        else:
+            problem = f"{host} does not resolve to an address: {exc.strerror}"
+        raise InvalidSetting("HOST", problem) from None
+    sockets: list[socket.socket] = []
+    refused: OSError | None = None
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            where = host if address[0] == host else f"{host} ({address[0]})"
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                # An address family this machine lacks (IPv6 turned off): a
+                # name may still stand for addresses of the other.
+                refused = refused or exc
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+                sock.listen(BACKLOG)
+            except OSError as exc:
+                raise _unusable(where, port, exc) from None
+        if not sockets:
+            raise InvalidSetting(
+                "HOST", f"{host} cannot be listened on: {_reason(refused)}"
+            )
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _unusable(where: str, port: int, exc: OSError) -> InvalidSetting:
+    if exc.errno == errno.EADDRINUSE:
+        return InvalidSetting("PORT", f"{port} on {where} is already in use")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return InvalidSetting("HOST", f"{where} is not an address of this machine")
+    if exc.errno == errno.EACCES:
+        return InvalidSetting(
+            "PORT", f"{port} on {where} is a port this process may not listen on"
+        )
+    return InvalidSetting(
+        "HOST", f"cannot listen on {where} port {port}: {_reason(exc)}"
+    )
+
+
+def _reason(exc: OSError | None) -> str:
+    if exc is None:
+        return "it stands for no address"
+    return exc.strerror or str(exc)
 
 
 DEFAULT_HOST = "127.0.0.1"
@@ -265,7 +355,7 @@ _HOST = "an IP address or a host name (letters, digits, hyphens and dots)"
 
 def listen_host(value: str | None) -> str:
     """``HOST``, the address a service listens on: an IP address or a host name,
-    read by its syntax alone (the name is resolved when uvicorn binds).
+    read by its syntax alone (:func:`listen` resolves the name).
 
     InvalidSetting naming ``HOST`` if it can be neither.
     """
