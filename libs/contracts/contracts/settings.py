@@ -16,7 +16,7 @@ from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote_to_bytes, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     @classmethod
     def _amqp_url(cls, value: str) -> str:
         url = check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE, need_host=True)
-        return check_amqp_options(url)
+        return check_amqp_options(check_amqp_escapes(url))
 
     @field_validator("cors_origins")
     @classmethod
@@ -350,6 +350,43 @@ def check_percent_escapes(url: str) -> str:
     raise ValueError(
         f"{problem}; write a % in the user name, password or database name as %25"
     )
+
+
+def check_amqp_escapes(url: str) -> str:
+    """``url``, if each % in its user name, password and vhost starts an escape
+    of UTF-8 text, none of them a NUL.
+
+    aio-pika reads the URL with yarl, which takes an escape it cannot decode
+    (``gu%ZZest``, ``%FF``, a ``%`` at the end) as the characters written: the
+    broker would be sent another password or vhost than the one meant, and the
+    service would report a failed login. A NUL is what separates the user name
+    from the password in the login the clients send. Else ValueError naming the
+    part, repeating none of the URL.
+    """
+    parts = urlsplit(url)
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    named = (("user name", user), ("password", password), ("vhost", parts.path))
+    for name, text in named:
+        if problem := _escape_problem(text):
+            raise ValueError(
+                f"{problem} in the {name}; write a % in the user name, password "
+                "or vhost as %25"
+            )
+    return url
+
+
+def _escape_problem(text: str) -> str | None:
+    found = _BROKEN_ESCAPE.search(text)
+    if found is not None and found.group() == "%00":
+        return "has %00, a NUL character,"
+    if found is not None:
+        return "has a % that starts no %XX escape (two hexadecimal digits)"
+    try:
+        unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        return "has %XX escapes that spell no UTF-8 text"
+    return None
 
 
 # The options an AMQP URL's query may carry: those aiormq (heartbeat, name, auth

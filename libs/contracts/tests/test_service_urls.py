@@ -13,7 +13,7 @@ from yarl import URL
 
 from contracts import logs
 from contracts.runtime import Runtime
-from contracts.settings import Settings, describe, redact_url
+from contracts.settings import Settings, describe, load_or_exit, redact_url
 
 UNREADABLE = "(a URL that cannot be read)"
 
@@ -123,6 +123,53 @@ def test_a_database_url_with_a_broken_percent_escape_is_refused_without_its_pass
     assert "hunter22" not in text and "ter22" not in text
 
 
+BROKEN = "has a % that starts no %XX escape (two hexadecimal digits)"
+NUL = "has %00, a NUL character,"
+NOT_UTF8 = "has %XX escapes that spell no UTF-8 text"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem", "part"),
+    [
+        ("amqp://guest:gu%ZZhunter22@127.0.0.1:5672/", BROKEN, "password"),
+        ("amqp://guest:hunter22%@h/", BROKEN, "password"),
+        ("amqp://guest:hunter22%2@h/v", BROKEN, "password"),
+        ("amqp://guest:hun%00ter22@h/", NUL, "password"),
+        ("amqp://guest:hun%FFter22@h/", NOT_UTF8, "password"),
+        ("amqp://gu%G1est:hunter22@h/", BROKEN, "user name"),
+        ("amqps://guest:hunter22@h/notiflow%", BROKEN, "vhost"),
+        ("amqp://guest:hunter22@h/v%00", NUL, "vhost"),
+        ("amqp://guest:hunter22@h/caf%C3", NOT_UTF8, "vhost"),
+    ],
+)
+def test_a_broker_url_with_a_broken_percent_escape_is_refused_without_its_password(
+    url: str, problem: str, part: str
+) -> None:
+    # aio-pika's URL parser, yarl, reads such an escape as the characters written,
+    # and the broker would then refuse a password nobody meant.
+    text = complaint(amqp_url=url)
+
+    assert text == (
+        f"NOTIFLOW_AMQP_URL: {problem} in the {part}; write a % in the user name, "
+        "password or vhost as %25"
+    )
+    assert "hunter22" not in text and "ter22" not in text
+
+
+def test_a_broken_escape_in_the_broker_url_stops_a_service_at_start_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFLOW_AMQP_URL", "amqp://guest:gu%ZZhunter22@h:5672/")
+
+    with pytest.raises(SystemExit) as stopped:
+        load_or_exit(Settings)
+
+    assert stopped.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("notiflow: invalid setting NOTIFLOW_AMQP_URL: has a % ")
+    assert "hunter22" not in line
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -164,6 +211,8 @@ def test_a_database_url_is_taken_only_if_the_migration_tool_can_read_it(
         {"database_url": "POSTGRESQL://u@h/db"},
         {"amqp_url": "amqp://guest:guest@127.0.0.1:5672/"},
         {"amqp_url": "amqps://u:p%23q@[::1]:5671/%2F?heartbeat=30"},
+        {"amqp_url": "amqp://u:p%40ss%2Fw%25rd%20%C3%BC@mq.example/caf%C3%A9"},
+        {"amqp_url": "amqp://u:p@mq.example/v?name=50%25%20off"},
     ],
 )
 def test_the_urls_a_deployment_uses_are_accepted(setting: dict[str, str]) -> None:
