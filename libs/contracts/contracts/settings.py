@@ -12,12 +12,14 @@ import ipaddress
 import os
 import re
 import sys
+import unicodedata
 from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import SplitResult, parse_qsl, unquote_to_bytes, urlsplit
 
+import idna
 from pydantic import (
     AfterValidator,
     Field,
@@ -275,6 +277,30 @@ def is_host(value: str) -> bool:
         and all(_HOST_LABEL.fullmatch(label) for label in labels)
         and not labels[-1].isdigit()
     )
+
+
+def ascii_domain(domain: str) -> str:
+    """``domain`` as DNS and mail servers take it: as written if it is ASCII, else
+    by IDNA 2008 with the UTS #46 mapping, so that ``Straße.example`` becomes
+    ``xn--strae-oqa.example`` (Python's own ``idna`` codec, IDNA 2003, would
+    make it ``strasse.example``, another domain).
+
+    ValueError saying why it cannot be written so: a code point IDNA 2008
+    disallows, or one UTS #46 would drop without a trace (a zero-width space,
+    a soft hyphen), which would make it a domain other than the one written.
+    """
+    if domain.isascii():
+        return domain
+    try:
+        for char in domain:
+            if not idna.uts46_remap(char, std3_rules=False):
+                named = f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
+                raise ValueError(
+                    f"has {named}, which is invisible, and IDNA would drop it"
+                )
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise ValueError(f"cannot be written in IDNA 2008: {exc}") from None
 
 
 def prefetch_holds_batch(service: str, prefetch: int, batch_size: int) -> None:

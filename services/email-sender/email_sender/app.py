@@ -26,6 +26,7 @@ from contracts.settings import (
     Settings,
     TcpPort,
     WebUrl,
+    ascii_domain,
     is_host,
     prefetch_holds_batch,
 )
@@ -62,22 +63,24 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 80 else f"{value[:80]}...")
 
 
-def _ascii_domain(domain: str) -> str | None:
-    """``domain`` in ASCII, an internationalised one in IDNA (``xn--…``); None if
-    it is no domain name.
+def _ascii_domain(domain: str, complaint: str) -> str:
+    """``domain`` in ASCII, an internationalised one in IDNA 2008 (``xn--…``).
 
-    An IP address is none: a ``Message-ID`` wants a name, and an address after
-    a sender's @ is written as a literal (``[192.0.2.1]``), not taken here.
+    If it is no domain name, ValueError with ``complaint``, and why IDNA cannot
+    write it if that is the reason. An IP address is none: a ``Message-ID`` wants
+    a name, and an address after a sender's @ is written as a literal
+    (``[192.0.2.1]``), not taken here.
     """
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
+        written = ascii_domain(domain)
+    except ValueError as exc:
+        raise ValueError(f"{complaint}; it {exc}") from None
     try:
-        ipaddress.ip_address(ascii_domain)
+        ipaddress.ip_address(written)
     except ValueError:
-        return ascii_domain if is_host(ascii_domain) else None
-    return None
+        if is_host(written):
+            return written
+    raise ValueError(complaint)
 
 
 def _mail_from(value: str) -> str:
@@ -101,10 +104,10 @@ def _mail_from(value: str) -> str:
             f"must be {_ADDRESS}: before the @, at most 64 ASCII letters, digits "
             f"and !#$%&'*+/=?^_`{{|}}~- with single dots between them, got {shown}"
         )
-    ascii_domain = _ascii_domain(domain)
-    if ascii_domain is None:
-        raise ValueError(f"must be {_ADDRESS}: after the @, {_DOMAIN}; got {shown}")
-    address = f"{local}@{ascii_domain}"
+    domain = _ascii_domain(
+        domain, f"must be {_ADDRESS}: after the @, {_DOMAIN}; got {shown}"
+    )
+    address = f"{local}@{domain}"
     if len(address) > 254:
         raise ValueError(f"must be at most 254 characters long, got {shown}")
     return address
@@ -128,10 +131,9 @@ def _mail_from_name(value: str) -> str:
 
 def _mail_domain(value: str) -> str:
     """The right-hand side of ``Message-ID``s, which are written as they are."""
-    ascii_domain = _ascii_domain(value)
-    if ascii_domain is None:
-        raise ValueError(f"must be {_DOMAIN}, such as example.com; got {_shown(value)}")
-    return ascii_domain
+    return _ascii_domain(
+        value, f"must be {_DOMAIN}, such as example.com; got {_shown(value)}"
+    )
 
 
 class EmailSettings(Settings):

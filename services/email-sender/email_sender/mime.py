@@ -35,6 +35,8 @@ from email.utils import format_datetime, formataddr
 from functools import lru_cache
 from typing import Any
 
+from contracts.settings import ascii_domain
+
 _UTF8 = charsets.Charset("utf-8")
 _UTF8.header_encoding = charsets.SHORTEST
 _UTF8.body_encoding = charsets.QP
@@ -125,16 +127,16 @@ def recipient(address: str | None, display_name: str) -> Address:
 
 
 def _ascii_domain(address: str) -> str:
-    """``address`` with an internationalised domain written in IDNA (punycode),
-    as every mail server takes it; a domain IDNA cannot write raises ValueError."""
+    """``address`` with an internationalised domain written in IDNA 2008
+    (punycode), as every mail server takes it; a domain IDNA cannot write raises
+    ValueError."""
     local, at, domain = address.strip().rpartition("@")
-    if not at or domain.isascii():
+    if not at:
         return address.strip()
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise ValueError(f"the domain cannot be written in IDNA: {exc}") from None
-    return f"{local}@{ascii_domain}"
+        return f"{local}@{ascii_domain(domain)}"
+    except ValueError as exc:
+        raise ValueError(f"the domain {exc}") from None
 
 
 @lru_cache(maxsize=_CACHED)

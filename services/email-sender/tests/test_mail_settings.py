@@ -66,6 +66,36 @@ def test_a_sender_or_message_id_domain_no_mail_could_carry_is_refused_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("setting", "value", "why"),
+    [
+        ("mail_domain", "stra\u200bsse.example", "U+200B ZERO WIDTH SPACE"),
+        ("mail_from", "n@stra\u200bsse.example", "U+200B ZERO WIDTH SPACE"),
+        ("mail_domain", "bu\u00adcher.example", "U+00AD SOFT HYPHEN"),
+        ("mail_domain", "\u2603.example", "cannot be written in IDNA 2008"),
+        ("mail_from", "n@\u2603.example", "cannot be written in IDNA 2008"),
+    ],
+)
+def test_a_mail_domain_idna_would_alter_or_not_take_is_refused_saying_why(
+    setting: str, value: str, why: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        EmailSettings(**{setting: value})
+
+    [line] = describe(refused.value).splitlines()
+    assert line.startswith(f"NOTIFLOW_{setting.upper()}: must be "), line
+    assert f"{value!r}; it " in line
+    assert why in line
+
+
+def test_a_mail_domain_idna_2003_would_rewrite_is_kept_as_written() -> None:
+    # IDNA 2003 made Straße.example strasse.example, someone else's domain.
+    settings = EmailSettings(mail_from="n@Straße.example", mail_domain="Straße.example")
+
+    assert settings.mail_from == "n@xn--strae-oqa.example"
+    assert settings.mail_domain == "xn--strae-oqa.example"
+
+
+@pytest.mark.parametrize(
     ("mail_from", "mail_domain", "sent_from", "message_domain"),
     [
         (

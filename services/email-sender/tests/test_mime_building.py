@@ -349,6 +349,47 @@ def test_an_internationalised_domain_is_written_in_idna_in_header_and_envelope()
     assert b"To: Bob <bob@xn--bcher-kva.example>" in mail.data
 
 
+def _sent_to(address: str) -> tuple[str, ...]:
+    return build(
+        notification_id=1,
+        to_address=address,
+        to_name="Bob",
+        subject="s",
+        text="t",
+        html=None,
+        sender="n@example.com",
+        sender_name="n",
+        domain="example.com",
+    ).recipients
+
+
+def test_a_recipient_domain_is_written_by_idna_2008_and_not_turned_into_another() -> (
+    None
+):
+    # IDNA 2003 wrote Straße.example as strasse.example and the final sigma of
+    # βόλος as a σ: someone else's domains.
+    assert _sent_to("bob@Straße.example") == ("bob@xn--strae-oqa.example",)
+    assert _sent_to("bob@βόλος.example") == ("bob@xn--nxasmm1c.example",)
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("bob@stra\u200bsse.example", "U+200B ZERO WIDTH SPACE, which is invisible"),
+        ("bob@bu\u00adcher.example", "U+00AD SOFT HYPHEN, which is invisible"),
+        ("bob@\u2603.example", "cannot be written in IDNA 2008"),
+    ],
+)
+def test_a_recipient_domain_idna_would_alter_or_not_take_is_refused(
+    address: str, why: str
+) -> None:
+    with pytest.raises(InvalidAddress) as refused:
+        _sent_to(address)
+
+    assert f"invalid recipient address {address!r}: the domain " in str(refused.value)
+    assert why in str(refused.value)
+
+
 UNSUBSCRIBE = (
     "https://notify.example.com/unsubscribe?token=7.email." + "Ab-_" * 10 + "xyz"
 )
