@@ -132,7 +132,7 @@ async def test_a_dead_letter_is_listed_and_replayed_to_its_queue(
 
         listed = admin(settings, "dlq", "list")
         assert listed.returncode == 0, listed.stderr
-        assert "1 dead letters" in listed.stdout
+        assert "1 dead letter in" in listed.stdout
         assert f"notification-{next_id}" in listed.stdout
         assert f"queue={EMAIL_QUEUE}" in listed.stdout
         assert f"notification {next_id} not found" in listed.stdout
@@ -285,7 +285,7 @@ async def test_a_message_rabbitmq_dead_lettered_is_listed_with_its_queue_and_rea
     listed = admin(settings, "dlq", "list")
 
     assert listed.returncode == 0, listed.stderr
-    assert "1 dead letters" in listed.stdout
+    assert "1 dead letter in" in listed.stdout
     entry = next(
         line for line in listed.stdout.splitlines() if "comment-created-7" in line
     )
@@ -360,7 +360,7 @@ async def test_a_dead_letter_listed_past_the_delivery_limit_stays_listed(
         assert "not in the dead-letter queue: comment-created-0" in other.stderr
     listed = admin(settings, "dlq", "list")
 
-    assert "1 dead letters" in listed.stdout, listed.stdout
+    assert "1 dead letter in" in listed.stdout, listed.stdout
     entry = next(
         line for line in listed.stdout.splitlines() if "comment-created-11" in line
     )
@@ -408,25 +408,112 @@ async def test_replay_all_sends_back_what_the_delivery_limit_dead_lettered(
     assert "x-death" not in (back.headers or {})
 
 
-async def test_a_dead_letter_without_an_origin_is_listed_but_not_replayed(
-    settings: Settings,
+async def _declare_topology(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        await topology.declare(await connection.channel(), (1, 2))
+
+
+async def _published_to_the_dead_letter_queue(
+    settings: Settings, body: bytes, message_id: str
 ) -> None:
+    """Put a message into the dead-letter queue as one published there by hand:
+    nothing in it names the queue it came from."""
+    await _declare_topology(settings)
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await topology.declare(channel, (1, 2))
         await channel.default_exchange.publish(
-            aio_pika.Message(b"{}", message_id="nowhere-1"),
+            aio_pika.Message(body, message_id=message_id),
             routing_key=topology.DEAD_LETTER_QUEUE,
             timeout=10,
         )
 
+
+NO_ORIGIN = (
+    f"neither an x-death entry nor an {topology.ORIGIN_QUEUE_HEADER} header names "
+    "the queue it came from"
+)
+
+
+async def test_a_dead_letter_of_unknown_origin_is_listed_as_such(
+    settings: Settings,
+) -> None:
+    await _published_to_the_dead_letter_queue(settings, b"{}", "nowhere-1")
+
     listed = admin(settings, "dlq", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        f"1 dead letter in {topology.DEAD_LETTER_QUEUE}",
+        "nowhere-1  age=-  origin unknown  event=-  notification=-",
+        f"    cannot be replayed: {NO_ORIGIN}",
+    ]
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b"{}", "nowhere-1")
+
+
+async def test_replay_all_keeps_a_dead_letter_of_unknown_origin_and_counts_it(
+    settings: Settings,
+) -> None:
+    await _published_to_the_dead_letter_queue(settings, b'{"by": "hand"}', "nowhere-2")
+    await _dead_letter(settings, b"{}", {}, message_id="t6")
+
     replayed = admin(settings, "dlq", "replay", "--all")
 
-    assert "nowhere-1  age=" in listed.stdout and "queue=-" in listed.stdout
-    assert replayed.returncode == 0 and "0 replayed" in replayed.stdout
-    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+    assert replayed.returncode == 1
+    assert replayed.stdout.splitlines() == [
+        "replayed t6",
+        f"1 replayed, 1 left in {topology.DEAD_LETTER_QUEUE} (1 of unknown origin)",
+    ]
+    assert replayed.stderr.splitlines() == [
+        f"not replayed: nowhere-2: origin unknown: {NO_ORIGIN}; "
+        f"it stays in {topology.DEAD_LETTER_QUEUE}"
+    ]
+    sent = await _take(settings, EMAIL_QUEUE)
+    assert sent is not None and sent.message_id == "t6"
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b'{"by": "hand"}', "nowhere-2")
+    # Left as a confirmed copy, not handed back: no delivery counted against it.
+    assert (kept.headers or {}).get("x-delivery-count", 0) == 0
+
+
+async def test_replaying_a_dead_letter_of_unknown_origin_by_id_says_why_it_stays(
+    settings: Settings,
+) -> None:
+    await _published_to_the_dead_letter_queue(settings, b"{}", "nowhere-3")
+
+    replayed = admin(settings, "dlq", "replay", "nowhere-3")
+
+    assert replayed.returncode == 1
+    assert replayed.stdout.splitlines() == [
+        f"0 replayed, 1 left in {topology.DEAD_LETTER_QUEUE} (1 of unknown origin)"
+    ]
+    assert replayed.stderr.splitlines() == [
+        f"not replayed: nowhere-3: origin unknown: {NO_ORIGIN}; "
+        f"it stays in {topology.DEAD_LETTER_QUEUE}"
+    ]
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b"{}", "nowhere-3")
+
+
+async def test_dlq_list_counts_dead_letters_in_the_singular_only_for_one(
+    settings: Settings,
+) -> None:
+    await _declare_topology(settings)
+    counts = []
+    for message_id in ("n1", "n2", None):
+        listed = admin(settings, "dlq", "list")
+        assert listed.returncode == 0, listed.stderr
+        counts.append(listed.stdout.splitlines()[0])
+        if message_id is not None:
+            await _dead_letter(settings, b"{}", {}, message_id=message_id)
+
+    assert counts == [
+        f"0 dead letters in {topology.DEAD_LETTER_QUEUE}",
+        f"1 dead letter in {topology.DEAD_LETTER_QUEUE}",
+        f"2 dead letters in {topology.DEAD_LETTER_QUEUE}",
+    ]
 
 
 RENAMED_QUEUE = "notiflow.queue-that-was-renamed"
@@ -668,7 +755,7 @@ async def test_requeue_failed_sends_failed_rows_again(
         smtp.unknown.clear()
         done = admin(settings, "requeue-failed", "--event", str(event_id))
         assert done.returncode == 0, done.stderr
-        assert "1 failed notifications set back to pending" in done.stdout
+        assert "1 failed notification set back to pending" in done.stdout
         row = await eventually(lambda: _status(db, note, "sent"), what="sent again")
 
     assert row["attempts"] == 1
@@ -708,6 +795,27 @@ async def test_requeue_failed_prints_each_row_on_a_line_of_its_own_and_the_count
         **dict.fromkeys(notes, "pending"),
         other: "failed",
     }
+
+
+async def test_requeue_failed_counts_one_row_in_the_singular(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    event_id = await db.fetchval("SELECT event_id FROM notifications WHERE id=$1", note)
+    await db.execute("UPDATE notifications SET status = 'failed' WHERE id = $1", note)
+
+    once = admin(settings, "requeue-failed", "--event", str(event_id))
+    again = admin(settings, "requeue-failed", "--event", str(event_id))
+
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.splitlines() == [
+        f"requeued {note}",
+        "1 failed notification set back to pending and enqueued",
+    ]
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "0 failed notifications set back to pending and enqueued"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,11 @@ A consumer that sets a message aside names its queue and the reason in notiflow'
 own headers. RabbitMQ dead-letters on its own too (the dispatcher queue's delivery
 limit after a consumer crashed over and over, a rejection, an expiry) and then
 writes only ``x-death``; its latest entry names the queue and the reason instead.
+A dead letter with neither (published to the dead-letter queue by hand, or by
+another tool) has no queue to go back to: ``dlq list`` shows its origin as unknown,
+and replay, asked for it by id or with ``--all``, leaves it in the dead-letter queue
+as it leaves one whose queue is gone, names it on standard error and counts it
+among those left.
 
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
@@ -297,10 +302,19 @@ async def dlq_list(settings: Settings) -> list[DeadLetter]:
 
 @dataclass(frozen=True)
 class Kept:
-    """A dead letter its queue did not take; it stays in the dead-letter queue."""
+    """A dead letter not replayed; it stays in the dead-letter queue."""
 
     id: str
     why: str
+    # The queue it came from; empty when nothing names one.
+    queue: str
+
+
+# Why a dead letter that names no queue it came from stays where it is.
+_NO_ORIGIN = (
+    f"neither an x-death entry nor an {topology.ORIGIN_QUEUE_HEADER} header names "
+    "the queue it came from"
+)
 
 
 # How the reason began on dead letters of notifications that failed for good,
@@ -348,13 +362,16 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
             name = message_name(message)
             came_from = origin(message)
             queue = came_from.queue
-            if (wanted is not None and name not in wanted) or not queue:
+            if wanted is not None and name not in wanted:
                 await _put_back(publishing, message)
                 continue
-            why = await _send_back(publishing, message, queue)
+            if queue:
+                why = await _send_back(publishing, message, queue)
+            else:
+                why = f"origin unknown: {_NO_ORIGIN}"
             if why is not None:
                 await _put_back(publishing, message)
-                kept.append(Kept(id=name, why=why))
+                kept.append(Kept(id=name, why=why, queue=queue))
                 continue
             await message.ack()
             replayed.append(name)
@@ -640,6 +657,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _count(number: int, one: str, many: str) -> str:
+    """``number`` and what it counts, in the singular only for exactly one."""
+    return f"{number} {one if number == 1 else many}"
+
+
 def _say(text: str) -> None:
     """Print to standard output; a reader that went away raises OutputClosed."""
     try:
@@ -651,13 +673,19 @@ def _say(text: str) -> None:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dlq" and args.dlq_command == "list":
         found = await dlq_list(settings)
-        _say(f"{len(found)} dead letters in {topology.DEAD_LETTER_QUEUE}")
+        counted = _count(len(found), "dead letter", "dead letters")
+        _say(f"{counted} in {topology.DEAD_LETTER_QUEUE}")
         for item in found:
+            came_from = f"queue={item.queue}" if item.queue else "origin unknown"
             _say(
-                f"{item.id}  age={_age(item.age_seconds)}  queue={item.queue or '-'}  "
+                f"{item.id}  age={_age(item.age_seconds)}  {came_from}  "
                 f"event={item.event_id or '-'}  "
-                f"notification={item.notification_id or '-'}\n    {item.reason}"
+                f"notification={item.notification_id or '-'}"
             )
+            if item.queue or item.reason:
+                _say(f"    {item.reason}")
+            if not item.queue:
+                _say(f"    cannot be replayed: {_NO_ORIGIN}")
         return 0
     if args.command == "dlq":
         done = await dlq_replay(settings, None if args.all else args.ids)
@@ -682,6 +710,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         summary = f"{len(done.replayed)} replayed"
         if done.kept:
             summary += f", {len(done.kept)} left in {topology.DEAD_LETTER_QUEUE}"
+            if unknown := sum(1 for item in done.kept if not item.queue):
+                summary += f" ({unknown} of unknown origin)"
         _say(summary)
         return 1 if done.kept or done.missing else 0
     ids = await requeue(
@@ -691,7 +721,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     # where a long run's output ends on a terminal.
     for notification_id in sorted(ids):
         _say(f"requeued {notification_id}")
-    _say(f"{len(ids)} failed notifications set back to pending and enqueued")
+    counted = _count(len(ids), "failed notification", "failed notifications")
+    _say(f"{counted} set back to pending and enqueued")
     return 0
 
 
