@@ -497,6 +497,26 @@ async def test_replaying_a_dead_letter_of_unknown_origin_by_id_says_why_it_stays
     assert (kept.body, kept.message_id) == (b"{}", "nowhere-3")
 
 
+async def test_a_dead_letter_naming_the_dead_letter_queue_is_not_counted_replayed(
+    settings: Settings,
+) -> None:
+    headers = {topology.ORIGIN_QUEUE_HEADER: topology.DEAD_LETTER_QUEUE}
+    await _dead_letter(settings, b"{}", headers, message_id="self-1")
+
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert replayed.returncode == 1
+    assert replayed.stdout.splitlines()[-1] == (
+        f"0 replayed, 1 left in {topology.DEAD_LETTER_QUEUE}"
+    )
+    assert replayed.stderr.splitlines() == [
+        "not replayed: self-1: it names the dead-letter queue itself as the queue "
+        f"it came from; it stays in {topology.DEAD_LETTER_QUEUE}"
+    ]
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b"{}", "self-1")
+
+
 async def test_dlq_list_counts_dead_letters_in_the_singular_only_for_one(
     settings: Settings,
 ) -> None:

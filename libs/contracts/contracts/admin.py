@@ -365,7 +365,11 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
             if wanted is not None and name not in wanted:
                 await _put_back(publishing, message)
                 continue
-            if queue:
+            if queue == topology.DEAD_LETTER_QUEUE:
+                # Only a hand-set header says so: sent "back" there, it would be
+                # counted as replayed while it stays where it is.
+                why = "it names the dead-letter queue itself as the queue it came from"
+            elif queue:
                 why = await _send_back(publishing, message, queue)
             else:
                 why = f"origin unknown: {_NO_ORIGIN}"
