@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -11,17 +12,37 @@ PARTICIPANT = "participant"
 MENTIONED = "mentioned"
 
 # An @ that starts a word: not inside an email address (carol@example.com) and not
-# doubled (@@bob). The name ends where username characters end, so "@bob," and
-# "@bob." mention bob; a name longer than a username can be mentions nobody.
-_MENTION = re.compile(r"(?<![\w@.+-])@([A-Za-z0-9_]{1,32})(?![A-Za-z0-9_])")
+# doubled (@@bob). The name must end where the word ends: "@bob," "@bob." and
+# "@bob's" mention bob, but "@bobé", "@bób" and a name longer than a username can
+# be mention nobody. Usernames are ASCII, the words around them are not: a letter,
+# digit or underscore of any script, or a combining mark (category M, which \w
+# leaves out), continues the word, so "joe" followed by U+0301 (a decomposed
+# "joé") is not "@joe" either. The regular expression finds the candidates;
+# :func:`_in_word` judges the characters on either side.
+_MENTION = re.compile(r"(?<![@.+-])@([A-Za-z0-9_]{1,32})")
+_WORD_CHARACTER = re.compile(r"\w")
 
 
 def mentioned_usernames(body: str) -> list[str]:
     """Usernames mentioned in ``body``, lower-cased, each once, in order."""
     seen: dict[str, None] = {}
     for match in _MENTION.finditer(body):
+        start, end = match.span()
+        if _in_word(body, start - 1) or _in_word(body, end):
+            continue
         seen.setdefault(match.group(1).lower(), None)
     return list(seen)
+
+
+def _in_word(text: str, index: int) -> bool:
+    """Whether the character at ``index`` of ``text`` (if any) belongs to a word."""
+    if not 0 <= index < len(text):
+        return False
+    character = text[index]
+    return bool(
+        _WORD_CHARACTER.match(character)
+        or unicodedata.category(character).startswith("M")
+    )
 
 
 @dataclass

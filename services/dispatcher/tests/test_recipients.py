@@ -23,10 +23,25 @@ from dispatcher.recipients import (
         ("@" + "x" * 33 + " is too long for a username", []),
         ("no mentions at all", []),
         ("line one\n@carol on line two", ["carol"]),
+        ("@bob's turn, then é@carol", ["bob"]),
     ],
 )
 def test_mentions_are_words_starting_with_at(body: str, expected: list[str]) -> None:
     assert mentioned_usernames(body) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("hi @bób", id="a letter of another script inside the name"),
+        pytest.param("hi @bobé", id="a letter of another script after the name"),
+        pytest.param("hi @bob\u0663", id="a digit of another script"),
+        pytest.param("hi @joe\u0301", id="a combining mark: a decomposed joé"),
+        pytest.param("joe\u0301@bob", id="a combining mark before the @"),
+    ],
+)
+def test_a_mention_ends_only_where_the_word_ends_in_any_script(body: str) -> None:
+    assert mentioned_usernames(body) == []
 
 
 def test_author_participants_and_mentions_are_each_notified_once() -> None:
