@@ -7,11 +7,16 @@ renders it and its priority::
                                       "template": "comment_mention",
                                       "priority": 8, "enabled": true}}}
 
+The channels are those the dispatcher knows, :data:`KNOWN`; one the file leaves
+out is off, as if disabled.
+
 Operators edit the file while the dispatcher runs; the next event uses the new
-configuration. A file that cannot be read, does not parse or validate, or names a
-template set the templates directory does not hold is refused with a logged error
-and the last good configuration stays in force, so a typo never stops deliveries.
-At start there is no last good configuration: the same faults stop the dispatcher.
+configuration. A file that cannot be read, does not parse or validate, names a
+channel the dispatcher does not know or a template set the templates directory does
+not hold is refused with a logged error and the last good configuration stays in
+force, so a typo never stops deliveries. Each refusal is logged once: again only
+when the file changes, or goes missing, or comes back. At start there is no last
+good configuration: the same faults stop the dispatcher.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path(__file__).with_name("channel_configs.json")
+
+# Notifies the post's author and the thread's participants.
+REPLY = "comment.reply"
+# Notifies the people @mentioned; where it and the reply channel both apply to a
+# recipient, it wins for the types it delivers.
+MENTION = "comment.mention"
+KNOWN = (MENTION, REPLY)
 
 
 class ChannelConfig(BaseModel):
@@ -56,7 +68,7 @@ TemplateCheck = Callable[[str], str | None]
 
 def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFile:
     try:
-        return ChannelFile.model_validate_json(text)
+        config = ChannelFile.model_validate_json(text)
     except ValidationError as exc:
         problems = "; ".join(
             ": ".join(
@@ -67,6 +79,14 @@ def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFi
             for err in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigError(f"{source} is invalid: {problems}") from None
+    # A misspelt name would otherwise switch its channel off without a word.
+    unknown = [name for name in config.channels if name not in KNOWN]
+    if unknown:
+        raise ConfigError(
+            f"{source} is invalid: unknown channel {', '.join(map(repr, unknown))}"
+            f"; the known channels are {', '.join(map(repr, KNOWN))}"
+        )
+    return config
 
 
 def read(path: Path, templates: TemplateCheck) -> ChannelFile:
@@ -130,18 +150,22 @@ class ChannelConfigs:
         self._templates = templates
         start = start or load(path, templates)
         self._config = start.config
-        self._stamp = start.stamp
+        # None while the file cannot be found: reported once, and read again
+        # whatever stamp it has when it comes back.
+        self._stamp: Stamp | None = start.stamp
 
     def current(self) -> ChannelFile:
         try:
             stamp = _stamp(self._path)
         except OSError as exc:
-            logger.error(
-                "cannot read %s, keeping the last configuration: %s",
-                self._path,
-                exc,
-                extra={"action": "channels.reload_failed"},
-            )
+            if self._stamp is not None:
+                self._stamp = None
+                logger.error(
+                    "cannot read %s, keeping the last configuration: %s",
+                    self._path,
+                    exc,
+                    extra={"action": "channels.reload_failed"},
+                )
             return self._config
         if stamp == self._stamp:
             return self._config

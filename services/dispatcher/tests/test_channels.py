@@ -183,3 +183,69 @@ def test_a_configuration_that_cannot_be_used_at_start_is_refused(
         ChannelConfigs(path, SHIPPED)
 
     assert str(path) in str(refused.value)
+
+
+def test_an_edit_naming_an_unknown_channel_keeps_the_last_good_configuration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+    misspelt = config(["email", "sse"])
+    channel = {"types": ["sse"], "template": "comment_mention", "priority": 8}
+    misspelt["channels"]["comment.mentions"] = channel  # type: ignore[index]
+
+    write(path, misspelt, bump=1)
+    with caplog.at_level(logging.INFO, logger="dispatcher.channels"):
+        kept = configs.current()
+        again = configs.current()
+
+    assert kept == again
+    assert set(kept.channels) == {"comment.reply"}
+    assert kept.channels["comment.reply"].types == ("email",)
+    [refused] = caplog.records
+    assert refused.levelno == logging.ERROR
+    assert refused.action == "channels.reload_failed"  # type: ignore[attr-defined]
+    assert "unknown channel 'comment.mentions'" in refused.getMessage()
+    assert "'comment.mention', 'comment.reply'" in refused.getMessage()
+
+
+def test_a_configuration_naming_an_unknown_channel_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    data = json.loads(DEFAULT_PATH.read_text())
+    data["channels"]["comment.mentions"] = data["channels"].pop("comment.mention")
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(ConfigError) as refused:
+        ChannelConfigs(path, SHIPPED)
+
+    assert "unknown channel 'comment.mentions'" in str(refused.value)
+    assert str(path) in str(refused.value)
+
+
+def test_a_file_gone_at_runtime_is_reported_once_and_again_when_it_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+
+    path.unlink()
+    with caplog.at_level(logging.INFO, logger="dispatcher.channels"):
+        kept = [configs.current() for _ in range(10)]
+        gone = list(caplog.records)
+        caplog.clear()
+        write(path, config(["sse"]), bump=2)
+        back = [configs.current() for _ in range(3)]
+        returned = list(caplog.records)
+
+    assert {c.channels["comment.reply"].types for c in kept} == {("email",)}
+    [missing] = gone
+    assert missing.levelno == logging.ERROR
+    assert missing.action == "channels.reload_failed"  # type: ignore[attr-defined]
+    assert "No such file or directory" in missing.getMessage()
+    assert {c.channels["comment.reply"].types for c in back} == {("sse",)}
+    [reloaded] = returned
+    assert reloaded.action == "channels.reloaded"  # type: ignore[attr-defined]

@@ -55,6 +55,12 @@ def test_a_channel_naming_a_missing_template_is_refused_naming_both(
         ),
         (
             "NOTIFLOW_CHANNEL_CONFIG",
+            "misnamed",
+            "is invalid: unknown channel 'comment.mentions'; "
+            "the known channels are 'comment.mention', 'comment.reply'",
+        ),
+        (
+            "NOTIFLOW_CHANNEL_CONFIG",
             "/nonexistent.json",
             "/nonexistent.json cannot be read: No such file or directory",
         ),
@@ -75,6 +81,11 @@ def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
 ) -> None:
     if value == "misspelt":
         value = str(misspelt(tmp_path))
+    elif value == "misnamed":
+        misnamed = tmp_path / "channels.json"
+        text = channels.DEFAULT_PATH.read_text()
+        misnamed.write_text(text.replace('"comment.mention"', '"comment.mentions"'))
+        value = str(misnamed)
     elif value == "truncated":
         truncated = tmp_path / "channels.json"
         truncated.write_text('{"channels": ')
