@@ -50,10 +50,6 @@ class Recipient:
     user_id: int
     reasons: list[str] = field(default_factory=list)
 
-    @property
-    def mentioned(self) -> bool:
-        return MENTIONED in self.reasons
-
 
 def resolve(
     *,

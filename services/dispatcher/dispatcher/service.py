@@ -2,10 +2,11 @@
 
 A batch of events takes two statements whatever its size: one reads what the batch
 needs (the comments, their threads, the people), one stores the event rows, one
-notification row per (event, recipient, channel type) and the delivery messages
-of the rows that have something to deliver, all committed together. The event row
-doubles as the idempotency marker: if it already exists, a previous delivery of
-that event committed all of the above, and there is nothing to do.
+notification row per (event, recipient, channel type), from the channel
+:func:`channel_per_type` chooses, and the delivery messages of the rows that have
+something to deliver, all committed together. The event row doubles as the
+idempotency marker: if it already exists, a previous delivery of that event
+committed all of the above, and there is nothing to do.
 
 An event that names a comment, post or commenter that does not exist is answered
 with a :class:`DeadLetter` and leaves nothing stored, not even its event row, while
@@ -37,13 +38,11 @@ from contracts.messages import (
 )
 from dispatcher import recipients as who
 from dispatcher import repository as sql
-from dispatcher.channels import ChannelConfigs, ChannelFile
+from dispatcher.channels import MENTION, REPLY, ChannelConfigs, ChannelFile
 from dispatcher.templates import Renderer
 
 logger = logging.getLogger(__name__)
 
-REPLY_CHANNEL = "comment.reply"
-MENTION_CHANNEL = "comment.mention"
 EXCERPT_CHARS = 280
 
 
@@ -259,10 +258,7 @@ class Dispatcher:
             user = users.get(recipient.user_id)
             if user is None:
                 continue
-            name = MENTION_CHANNEL if recipient.mentioned else REPLY_CHANNEL
-            channel = config.channels.get(name)
-            if channel is None or not channel.enabled:
-                continue
+            chosen = channel_per_type(recipient.reasons, config)
             context = {
                 "recipient": _person(user),
                 "commenter": _person(commenter),
@@ -278,7 +274,10 @@ class Dispatcher:
                     self._public_url, user["id"], self._secret_key
                 ),
             }
-            rendered = self._renderer.render(channel.template, context)
+            rendered = {
+                name: self._renderer.render(config.channels[name].template, context)
+                for name in dict.fromkeys(chosen.values())
+            }
             metadata = {
                 "reasons": recipient.reasons,
                 "post_id": event.post_id,
@@ -286,30 +285,54 @@ class Dispatcher:
                 "commenter": _person(commenter),
                 "url": url,
             }
-            for channel_type in channel.types:
+            for channel_type, name in chosen.items():
                 status, error = "pending", None
                 if (user["id"], channel_type) in disabled:
                     status, error = "skipped", f"{channel_type} disabled by preference"
                 elif channel_type == "email" and not user["email"]:
                     status, error = "skipped", "user has no email address"
-                message, extra = rendered.message, {}
+                text = rendered[name]
+                message, extra = text.message, {}
                 if channel_type == "email":
-                    message, extra = rendered.email_text, {"html": rendered.html}
+                    message, extra = text.email_text, {"html": text.html}
                 rows.append(
                     (
                         user["id"],
                         user["email"],
-                        rendered.title,
+                        text.title,
                         message,
                         channel_type,
                         name,
-                        channel.priority,
+                        config.channels[name].priority,
                         {**metadata, **extra},
                         status,
                         error,
                     )
                 )
         return rows
+
+
+# Who each channel is for, the most specific first: on a channel type both deliver,
+# a recipient both apply to hears from the first, and from the second on the
+# types only it delivers, so switching one channel off or narrowing its types
+# never takes away what the other owes.
+AUDIENCES: tuple[tuple[str, frozenset[str]], ...] = (
+    (MENTION, frozenset({who.MENTIONED})),
+    (REPLY, frozenset({who.AUTHOR, who.PARTICIPANT})),
+)
+
+
+def channel_per_type(reasons: Sequence[str], config: ChannelFile) -> dict[str, str]:
+    """The channel that notifies someone with these ``reasons`` on each channel
+    type, by type; a type no enabled channel for them delivers is left out."""
+    chosen: dict[str, str] = {}
+    for name, audience in AUDIENCES:
+        channel = config.channels.get(name)
+        if channel is None or not channel.enabled or audience.isdisjoint(reasons):
+            continue
+        for channel_type in channel.types:
+            chosen.setdefault(channel_type, name)
+    return chosen
 
 
 def _check(

@@ -371,3 +371,67 @@ async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
     assert "RenderError" in reasons[0]
     assert "comment_mention/title.txt.j2 not found" in reasons[0]
     assert stored == {events[1].event_id}
+
+
+def edit_mention_channel(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data["channels"]["comment.mention"].update(changes)
+    path.write_text(json.dumps(data))
+    # Make the change visible even on filesystems with coarse timestamps.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            {"enabled": False},
+            {
+                ("alice", "email"): ("comment.reply", 2),
+                ("alice", "sse"): ("comment.reply", 2),
+            },
+            id="mention disabled",
+        ),
+        pytest.param(
+            {"types": ["sse"]},
+            {
+                ("alice", "email"): ("comment.reply", 2),
+                ("alice", "sse"): ("comment.mention", 8),
+                ("bob", "sse"): ("comment.mention", 8),
+            },
+            id="mention by sse only",
+        ),
+    ],
+)
+async def test_a_mentioned_post_author_still_gets_what_the_reply_channel_owes(
+    settings: Settings,
+    demo: Demo,
+    dispatcher: None,
+    channel_file: Path,
+    changes: dict[str, object],
+    expected: dict[tuple[str, str], tuple[str, int]],
+) -> None:
+    edit_mention_channel(channel_file, **changes)
+    names = {demo.alice: "alice", demo.bob: "bob"}
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        body = "@bob @alice hi"
+        comment = await add_comment(db, demo, demo.carol, body)
+
+        await publish(settings, created(demo, comment, demo.carol, body))
+
+        await eventually(lambda: _event_ids(db, 1), what="the event stored")
+        rows = await db.fetch(
+            "SELECT user_id, type, channel, priority, status FROM notifications"
+        )
+        await eventually(lambda: _empty(db), what="outbox drained")
+    finally:
+        await db.close()
+
+    assert {
+        (names[r["user_id"]], r["type"]): (r["channel"], r["priority"]) for r in rows
+    } == expected
+    assert {r["status"] for r in rows} == {"pending"}
+    emails = [d for m in await drain(settings, "email") for d in deliveries_in(m.body)]
+    assert [(d.user_id, d.channel) for d in emails] == [(demo.alice, "comment.reply")]
