@@ -1,15 +1,15 @@
 """Where the sender may POST: the endpoint policy, by URL and by resolved address.
 
 An endpoint is a server-side request target chosen by a user, so it is checked
-twice. By its text, when a browser subscribes and again before every push: https,
-no credentials, on the allow-list when there is one. Without an allow-list the host
-must also be a dotted DNS name (or a canonical global IP address) on port 443: a
-trailing dot, a single label, ``localhost`` and the numeric shorthands resolvers
-accept (``127.1``, ``2130706433``, ``0x7f000001``) are refused, because each is a
-way to name an internal address that a look at the text would miss. By its
+twice. By its text, when a browser subscribes and again before every push: https, no
+credentials, no fragment, on the allow-list when there is one. Without an allow-list
+the host must also be a dotted DNS name (or a canonical global IP address) on port
+443: a trailing dot, a single label, ``localhost`` and the numeric shorthands
+resolvers accept (``127.1``, ``2130706433``, ``0x7f000001``) are refused, because
+each is a way to name an internal address that a look at the text would miss. By its
 addresses, when a browser subscribes (a name that does not resolve, or resolves to
-anything but global addresses, is refused) and on every connection, since the
-name's records may change in between (see ``transport``).
+anything but global addresses, is refused) and on every connection, since the name's
+records may change in between (see ``transport``).
 
 Allow-listed hosts are the operator's choice: any port, and no address check, which
 is how the tests reach their stand-in push service on 127.0.0.1.
@@ -99,6 +99,10 @@ class EndpointPolicy:
             return "must be an https URL"
         if parts.username is not None or parts.password is not None:
             return "must not carry credentials"
+        if "#" in url:
+            # A fragment is never sent in a request: the push would go to
+            # another URL than the one stored.
+            return "must not have a fragment (#...); push service URLs have none"
         if self.allowed_hosts and host not in self.allowed_hosts:
             return f"host {host!r} is not an allowed push service"
         if parts.scheme == "http" and not (

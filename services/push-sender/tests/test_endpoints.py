@@ -1,10 +1,11 @@
-"""Which resolved addresses count as public, whatever form they come in."""
+"""Which endpoints the policy refuses by their text, and which resolved addresses
+count as public, whatever form they come in."""
 
 from __future__ import annotations
 
 import pytest
 
-from push_sender.endpoints import is_global
+from push_sender.endpoints import EndpointPolicy, is_global
 
 
 @pytest.mark.parametrize(
@@ -44,3 +45,20 @@ def test_a_public_address_is_global(address: str) -> None:
 )
 def test_an_inside_or_special_address_is_not_global(address: str) -> None:
     assert not is_global(address)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://push.example.net/x#y",
+        "https://push.example.net/x#",
+        "https://push.example.net#y",
+    ],
+)
+@pytest.mark.parametrize("allowed", [frozenset(), frozenset({"push.example.net"})])
+def test_an_endpoint_with_a_fragment_is_refused(
+    url: str, allowed: frozenset[str]
+) -> None:
+    problem = EndpointPolicy(allowed, allow_plain_http=False).problem(url)
+
+    assert problem is not None and "fragment" in problem
