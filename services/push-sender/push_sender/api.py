@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import asyncpg
@@ -14,6 +15,8 @@ from contracts.http import NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
 from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
+
+logger = logging.getLogger(__name__)
 
 MAX_USER_AGENT_CHARS = 500
 
@@ -55,10 +58,17 @@ async def subscribe(
     problem = await endpoints.check(new.endpoint)
     if problem:
         _refuse(("body", "endpoint"), problem)
+    limit: int = request.app.state.max_subscriptions
     try:
         async with transaction(rt.db) as conn:
             await conn.execute(subs.LOCK_ENDPOINT, new.endpoint)
+            owner = await conn.fetchval(subs.OWNER, new.endpoint)
+            for user_id in sorted({user.user_id, owner or user.user_id}):
+                await conn.execute(subs.LOCK_USER, user_id)
             await conn.execute(subs.RELEASE_FROM_OTHERS, new.endpoint, user.user_id)
+            replaced = await conn.fetch(
+                subs.MAKE_ROOM, user.user_id, new.endpoint, limit - 1
+            )
             row = await conn.fetchrow(
                 subs.UPSERT,
                 user.user_id,
@@ -66,12 +76,23 @@ async def subscribe(
                 new.keys.p256dh,
                 new.keys.auth,
                 agent,
+                new.expires_at,
             )
     except asyncpg.ForeignKeyViolationError:
         # The row's one foreign key is its user's: the user was deleted since the
         # check above. The whole transaction rolls back, the release from others
-        # included.
+        # and the replaced subscriptions included.
         raise UnknownUser(user.user_id) from None
+    if replaced:
+        logger.info(
+            "user %d reached the limit of %d push subscriptions: "
+            "subscription %d replaces %s",
+            user.user_id,
+            limit,
+            row["id"],
+            ", ".join(str(r["id"]) for r in replaced),
+            extra={"action": "push.subscription_replaced"},
+        )
     return dict(row)
 
 

@@ -51,6 +51,7 @@ def create_app(
         retry_delays=settings.retry_delay_levels,
         lease_seconds=settings.push_lease_seconds,
         endpoints=policy,
+        max_subscriptions=settings.push_max_subscriptions_per_user,
     )
     runtime.subscribe(
         topology.delivery_queue("push"),
@@ -98,6 +99,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.vapid = keys
     app.state.endpoints = policy
+    app.state.max_subscriptions = settings.push_max_subscriptions_per_user
     origins = settings.allowed_origins
     if origins:
         app.add_middleware(

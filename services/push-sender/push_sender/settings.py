@@ -81,6 +81,11 @@ class PushSettings(Settings):
     # Origins of the page that calls the subscription API; None means the
     # development default in development and nothing elsewhere.
 
+    # Subscriptions one user may have: each is a URL the server POSTs to for every
+    # push notification of theirs. A new browser past it replaces their least
+    # recently subscribed one.
+    push_max_subscriptions_per_user: int = Field(default=10, ge=1)
+
     push_ttl_seconds: int = Field(default=24 * 3600, ge=0, le=28 * 24 * 3600)
     push_timeout: float = Field(default=10.0, gt=0)
     # How long an endpoint's host may take to resolve, when a browser subscribes

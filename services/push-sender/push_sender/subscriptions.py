@@ -9,7 +9,10 @@ can set one (``user_id``) learns that it cannot. Where the endpoint may point is
 
 from __future__ import annotations
 
+import math
 import re
+import time
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from push_sender.vapid import b64url_decode
 
 MAX_ENDPOINT_CHARS = 2048
+# The last millisecond a Python datetime can hold (9999-12-31T23:59:59.999Z).
+_LAST_MS = 253_402_300_799_999
 
 
 # A serialized URL is printable ASCII; anything else (a NUL, a space, a lone
@@ -60,7 +65,8 @@ class NewSubscription(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoint: str = Field(min_length=1, max_length=MAX_ENDPOINT_CHARS)
-    # Stored nowhere: push services answer 404/410 once it has passed.
+    # Milliseconds since the epoch (an EpochTimeStamp), or null for none. One that
+    # has passed is refused: its push service would answer every push 404/410.
     expiration_time: float | None = Field(default=None, alias="expirationTime")
     keys: Keys
 
@@ -75,6 +81,30 @@ class NewSubscription(BaseModel):
             )
         return value
 
+    @field_validator("expiration_time")
+    @classmethod
+    def _future(cls, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not (math.isfinite(value) and 0 <= value <= _LAST_MS):
+            raise ValueError("must be a time in milliseconds since 1970, or null")
+        if value <= time.time() * 1000:
+            raise ValueError(
+                f"has passed ({_from_ms(value).isoformat()}); an expired "
+                "subscription can receive nothing, subscribe the browser again"
+            )
+        return value
+
+    @property
+    def expires_at(self) -> datetime | None:
+        if self.expiration_time is None:
+            return None
+        return _from_ms(self.expiration_time)
+
+
+def _from_ms(value: float) -> datetime:
+    return datetime.fromtimestamp(value / 1000, UTC)
+
 
 def _decode(value: str) -> bytes:
     try:
@@ -83,26 +113,58 @@ def _decode(value: str) -> bytes:
         raise ValueError("must be unpadded base64url") from None
 
 
-# Subscribing runs these three in one transaction. An endpoint is one browser's;
-# when someone else signs in on that browser and subscribes, the endpoint moves to
-# them as a new row (new id, created_at now, no last success), so nothing of the
-# previous owner's registration reaches the new one. The lock makes two people
-# subscribing the same endpoint at once take turns; without it the loser's
-# upsert could update a row the winner's delete never saw.
+# Subscribing runs the statements from here to UPSERT in one transaction. An
+# endpoint is one browser's; when someone else signs in on that browser and
+# subscribes, the endpoint moves to them as a new row (new id, created_at now, no
+# last success), so nothing of the previous owner's registration reaches the new
+# one. The lock makes two people subscribing the same endpoint at once take turns;
+# without it the loser's upsert could update a row the winner's delete never saw.
 LOCK_ENDPOINT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+
+# Who has the endpoint now; with its lock held, no one else can change that.
+OWNER = "SELECT user_id FROM push_subscriptions WHERE endpoint = $1"
+
+# A user has at most a configured number of subscriptions, since each is a URL
+# the server POSTs to for every notification. A new browser past that number
+# replaces the user's least recently subscribed one (created, or posted again by
+# its browser), so that signing in somewhere new always works. Subscribing takes
+# the lock of every user whose rows it changes, the caller and the endpoint's
+# owner, in the order of their ids and before changing any row, so that two
+# subscriptions of one user take turns (both could otherwise see room for one
+# more) and two that change the same users never wait for each other in a
+# circle. The key is the user's id hashed into the endpoints' key space; a
+# collision only makes two subscribers take turns.
+LOCK_USER = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('push user ' || $1::bigint, 0))"
+)
 
 RELEASE_FROM_OTHERS = (
     "DELETE FROM push_subscriptions WHERE endpoint = $1 AND user_id <> $2"
 )
 
+# The order in which a user's subscriptions were last (re)subscribed, newest first.
+NEWEST_FIRST = "ORDER BY greatest(created_at, refreshed_at) DESC, id DESC"
+
+# Keeps the newest $3 of the user's other subscriptions, leaving room for the one
+# being posted: none is removed when it is the user's already (a refresh), nor
+# when the user is below the limit.
+MAKE_ROOM = f"""
+DELETE FROM push_subscriptions WHERE id IN (
+    SELECT id FROM push_subscriptions WHERE user_id = $1 AND endpoint <> $2
+    {NEWEST_FIRST} OFFSET $3
+)
+RETURNING id
+"""
+
 # Only the owner's own row is left to conflict with: the same browser subscribing
-# again, whose keys may have changed.
+# again, whose keys and expiry may have changed.
 UPSERT = """
-INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth, user_agent)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth, user_agent, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (endpoint) DO UPDATE
 SET p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
-    user_agent = EXCLUDED.user_agent
+    user_agent = EXCLUDED.user_agent, expires_at = EXCLUDED.expires_at,
+    refreshed_at = now()
 RETURNING id, endpoint, user_agent, created_at, last_success_at
 """
 
@@ -126,13 +188,19 @@ SELECT EXISTS (SELECT FROM users WHERE id = $2) AS user_exists,
        EXISTS (SELECT FROM gone) AS deleted
 """
 
-FOR_USER = """
-SELECT id, endpoint, p256dh, auth FROM push_subscriptions
-WHERE user_id = $1 ORDER BY id
+# The newest $2 only: a user above the limit (subscribed before there was one, or
+# before it was lowered) gets no more pushes sent than the limit allows, until the
+# next subscription trims the rest.
+FOR_USER = f"""
+SELECT id, endpoint, p256dh, auth, expires_at FROM push_subscriptions
+WHERE user_id = $1 {NEWEST_FIRST} LIMIT $2
 """
 
 # The endpoint is matched too: a browser that subscribed again meanwhile keeps
 # its new row.
 DELETE_GONE = "DELETE FROM push_subscriptions WHERE id = $1 AND endpoint = $2"
+
+# Likewise, a browser that subscribed again meanwhile has a new expiry.
+DELETE_EXPIRED = "DELETE FROM push_subscriptions WHERE id = $1 AND expires_at <= now()"
 
 TOUCH = "UPDATE push_subscriptions SET last_success_at = now() WHERE id = ANY($1)"

@@ -3,7 +3,8 @@
 Outcomes, after RFC 8030 and what the big push services answer::
 
     sent        2xx: the push service holds the message for the device
-    gone        404, 410: the subscription is dead; delete it, never retry
+    gone        404, 410: the subscription is dead; delete it, never retry (also a
+                subscription past its expirationTime, which is not pushed to)
     too_large   413: the caller shortens the payload and sends once more
     retry       429, 5xx, timeouts, refused or dropped connections: try later,
                 no sooner than the service's Retry-After
@@ -47,6 +48,8 @@ class Subscription:
     endpoint: str
     p256dh: str
     auth: str
+    # When the browser said it expires; None when it did not say.
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ CLAIM = transitions.claim_sql(
 )
 
 NO_SUBSCRIPTION = "user has no push subscription"
-ALL_GONE = "every push subscription of the user is gone (404/410)"
+ALL_GONE = "every push subscription of the user is gone (404/410 or expired)"
 
 
 class PushWorker:
@@ -65,6 +65,7 @@ class PushWorker:
         retry_delays: tuple[int, ...],
         lease_seconds: float,
         endpoints: EndpointPolicy,
+        max_subscriptions: int,
     ) -> None:
         self._pool = pool
         self._client = client
@@ -74,6 +75,7 @@ class PushWorker:
         self._delays = retry_delays
         self._lease = lease_seconds
         self._endpoints = endpoints
+        self._max_subscriptions = max_subscriptions
 
     async def __call__(
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
@@ -91,7 +93,9 @@ class PushWorker:
             )
             if row is None:
                 return
-            devices = await conn.fetch(subs.FOR_USER, row["user_id"])
+            devices = await conn.fetch(
+                subs.FOR_USER, row["user_id"], self._max_subscriptions
+            )
 
         started = time.perf_counter()
         if not devices:
@@ -124,6 +128,13 @@ class PushWorker:
     async def _deliver(
         self, device: Subscription, row: asyncpg.Record, push: Push
     ) -> tuple[Subscription, Result]:
+        if device.expires_at is not None and device.expires_at <= datetime.now(UTC):
+            # Its push service would answer 404/410: the same end, without asking.
+            async with transaction(self._pool()) as conn:
+                await conn.execute(subs.DELETE_EXPIRED, device.id)
+            DEVICE_OUTCOMES.labels("gone").inc()
+            expired = f"expired at {device.expires_at.isoformat()}"
+            return device, Result("gone", None, expired)
         # The text is checked here (the allow-list may have changed since the
         # browser subscribed); the addresses are checked by the client's transport
         # on connecting.

@@ -108,6 +108,12 @@ def test_an_allowed_push_host_that_is_no_host_name_is_refused_naming_it(
             "notiflow: invalid setting NOTIFLOW_VAPID_SUBJECT: must be a mailto: or "
             "https: URL (RFC 8292), as in mailto:ops@example.com",
         ),
+        (
+            "NOTIFLOW_PUSH_MAX_SUBSCRIPTIONS_PER_USER",
+            "0",
+            "notiflow: invalid setting NOTIFLOW_PUSH_MAX_SUBSCRIPTIONS_PER_USER: "
+            "Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_a_push_setting_no_push_service_could_use_stops_the_service(
@@ -123,3 +129,26 @@ def test_a_push_setting_no_push_service_could_use_stops_the_service(
 
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [line]
+
+
+def test_a_user_may_have_ten_push_subscriptions_unless_configured() -> None:
+    assert PushSettings().push_max_subscriptions_per_user == 10
+    three = PushSettings(push_max_subscriptions_per_user="3")
+    assert three.push_max_subscriptions_per_user == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0", "greater than or equal to 1"),
+        ("-1", "greater than or equal to 1"),
+        ("ten", "valid integer"),
+    ],
+)
+def test_a_subscription_limit_that_is_no_positive_number_is_refused_naming_it(
+    value: str, says: str
+) -> None:
+    said = complaint(push_max_subscriptions_per_user=value)
+
+    assert said.startswith("NOTIFLOW_PUSH_MAX_SUBSCRIPTIONS_PER_USER: ")
+    assert says in said
