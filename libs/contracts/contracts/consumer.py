@@ -35,6 +35,17 @@ arrive faster than they are handled. The handler answers each message separately
 (done, :class:`RetryLater`, :class:`DeadLetter`), and each message is acked,
 parked or set aside on its own, exactly as a single handler's would be.
 
+Stopping (:meth:`Consumers.stop`). The consumers first cancel their subscriptions,
+so that the broker delivers nothing more, then hand every message they hold but have
+not started back to the broker (nack with requeue): a message waiting in a batcher
+for a worker, or one that arrived while the subscription was being cancelled. Its
+handler never runs, so nothing it would claim is touched. What has started is let
+finish for up to the drain time. A message still being handled then is cancelled and
+given back too, and a warning says how many there were: whatever its handler had
+claimed (a row ``sending``) stays claimed until its lease runs out, and the lease
+sweeper hands it out again; a send cut short may have reached its server, so that
+delivery can go out twice.
+
 :meth:`Consumers.missing` says which queues have no live consumer in this process
 (a channel that is still reconnecting, or a consumer the broker cancelled because
 its queue was deleted); readiness reports them.
@@ -43,11 +54,12 @@ its queue was deleted); readiness reports them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -72,6 +84,11 @@ T = TypeVar("T")
 
 # When the message was set aside, for ``notiflow-admin dlq list``.
 DEAD_LETTERED_AT_HEADER = "x-notiflow-dead-lettered-at"
+
+# Seconds a stopping consumer waits for the broker to confirm a cancelled
+# subscription, and for cancelled handlers to give their messages back.
+UNSUBSCRIBE_SECONDS = 5
+ABANDON_SECONDS = 5
 
 
 class RetryLater(Exception):
@@ -200,6 +217,10 @@ class Consumers:
         self.queues: list[str] = []
         self.stopping = False
         self._subscribers: dict[str, Any] = {}
+        self._batchers: list[_Batcher[Any]] = []
+        # Each message being handled, and its queue.
+        self._handling: dict[asyncio.Task[str], str] = {}
+        self._unsubscribed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -217,6 +238,55 @@ class Consumers:
             return True
         except TimeoutError:
             return False
+
+    async def stop(self, drain_seconds: float) -> None:
+        """Take nothing more, give back what has not started, let the rest finish.
+
+        Returns once no message is in hand: after at most ``drain_seconds``, and
+        the moment it takes to give back what is still being handled then.
+        """
+        self.stopping = True
+        try:
+            for queue, subscriber in self._subscribers.items():
+                await _unsubscribe(subscriber, queue)
+        finally:
+            # Deliveries that came while the subscriptions were being cancelled
+            # wait for this: given back before, they could come straight back.
+            self._unsubscribed.set()
+        for batcher in self._batchers:
+            batcher.give_back()
+        if await self.wait_idle(drain_seconds):
+            return
+        self._abandon(drain_seconds)
+        if not await self.wait_idle(ABANDON_SECONDS):
+            logger.error(
+                "%s still in hand after being cancelled",
+                _count(self.in_flight, "message", "messages"),
+                extra={"action": "consumer.stuck"},
+            )
+
+    def _abandon(self, drain_seconds: float) -> None:
+        """Cancel what is still being handled; each message goes back to its queue."""
+        counts: dict[str, int] = {}
+        for queue in self._handling.values():
+            counts[queue] = counts.get(queue, 0) + 1
+        batched = {batcher.queue: batcher.running_items for batcher in self._batchers}
+        for queue, count in counts.items():
+            items = batched.get(queue)
+            logger.warning(
+                "the drain time of %gs ran out: giving back %s from %s still being "
+                "handled (%s); what they had claimed stays claimed until its lease "
+                "runs out",
+                drain_seconds,
+                _count(count, "message", "messages"),
+                queue,
+                "each alone" if items is None else _count(items, "item", "items"),
+                extra={"action": "consumer.abandoned", "queue": queue},
+            )
+        for batcher in self._batchers:
+            batcher.cancel()
+        for task in self._handling:
+            task.cancel()
 
     def subscribe(
         self,
@@ -261,6 +331,7 @@ class Consumers:
         batcher: _Batcher[M] = _Batcher(
             self, handler, queue, action, max_batch=max_batch, workers=workers
         )
+        self._batchers.append(batcher)
         self._consume(
             queue, model, envelope, batcher.submit, prefetch=prefetch, action=action
         )
@@ -299,20 +370,48 @@ class Consumers:
             gauge = metrics.CONSUMER_IN_FLIGHT.labels(queue)
             gauge.inc()
             try:
-                with tracing.span(
-                    f"consume {queue}",
-                    parent_headers=raw.headers or {},
-                    kind=SpanKind.CONSUMER,
-                ):
-                    outcome = await self._handle(
-                        queue, model, envelope, run, message, raw, action
-                    )
+                if self.stopping:
+                    # Delivered while the subscription was being cancelled.
+                    await self._unsubscribed.wait()
+                    await message.nack(requeue=True)
+                    outcome = "returned"
+                else:
+                    with tracing.span(
+                        f"consume {queue}",
+                        parent_headers=raw.headers or {},
+                        kind=SpanKind.CONSUMER,
+                    ):
+                        outcome = await self._handled(
+                            queue,
+                            message,
+                            self._handle(
+                                queue, model, envelope, run, message, raw, action
+                            ),
+                        )
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
                 gauge.dec()
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self._idle.set()
+
+    async def _handled(
+        self, queue: str, message: Any, handling: Coroutine[Any, Any, str]
+    ) -> str:
+        """Run ``handling`` in a task :meth:`stop` may cancel; how it ended."""
+        task = asyncio.create_task(handling, name=f"consume {queue}")
+        self._handling[task] = queue
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this consumer itself is cancelled, not only its work
+            # The drain time ran out before the message was handled.
+            await message.nack(requeue=True)
+            return "abandoned"
+        finally:
+            del self._handling[task]
 
     async def _handle(
         self,
@@ -472,17 +571,21 @@ class _Batcher(Generic[M]):
             raise ValueError("max_batch and workers must be at least 1")
         self._consumers = consumers
         self._handler = handler
-        self._queue = queue
+        self.queue = queue
         self._action = action
         self._max_batch = max_batch
         self._workers = workers
         self._waiting: deque[tuple[Item[M], asyncio.Future[None]]] = deque()
-        self._running: set[asyncio.Task[None]] = set()
+        # Each running batch, and how many items it has.
+        self._running: dict[asyncio.Task[None], int] = {}
         self._scheduled = False
+        self._given_back = False
         self._sizes = metrics.BATCH_SIZE.labels(queue)
 
     async def submit(self, payload: M, raw: AbstractIncomingMessage) -> None:
         """Queue one message; return when its batch is done, or raise its outcome."""
+        if self._given_back:
+            raise _ShuttingDown
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((Item(payload, raw, contextvars.copy_context()), done))
         if not self._scheduled:
@@ -492,17 +595,37 @@ class _Batcher(Generic[M]):
             asyncio.get_running_loop().call_soon(self._start)
         await done
 
+    def give_back(self) -> None:
+        """Start no more batches; every waiting message goes back to the broker."""
+        self._given_back = True
+        while self._waiting:
+            _, done = self._waiting.popleft()
+            if not done.done():
+                done.set_exception(_ShuttingDown())
+
+    @property
+    def running_items(self) -> int:
+        return sum(self._running.values())
+
+    def cancel(self) -> None:
+        """Cancel the running batches; their messages go back to the broker."""
+        for task in self._running:
+            task.cancel()
+
     def _start(self) -> None:
         self._scheduled = False
+        if self._consumers.stopping:
+            # Held for :meth:`give_back`, once no more deliveries can come.
+            return
         while self._waiting and len(self._running) < self._workers:
             count = min(self._max_batch, len(self._waiting))
             batch = [self._waiting.popleft() for _ in range(count)]
-            task = asyncio.create_task(self._run(batch), name=f"batch {self._queue}")
-            self._running.add(task)
+            task = asyncio.create_task(self._run(batch), name=f"batch {self.queue}")
+            self._running[task] = count
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._start()
 
     async def _run(self, batch: list[tuple[Item[M], asyncio.Future[None]]]) -> None:
@@ -512,6 +635,10 @@ class _Batcher(Generic[M]):
             outcomes = await self._outcomes(items)
         except _ShuttingDown:
             outcomes = [_ShuttingDown() for _ in items]
+        except asyncio.CancelledError:
+            for _, done in batch:
+                done.cancel()
+            raise
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             if done.done():
                 continue
@@ -534,7 +661,7 @@ class _Batcher(Generic[M]):
                 "batch of %d failed (%r); handling its messages one by one",
                 len(items),
                 exc,
-                extra={"action": f"{self._action}.batch_failed", "queue": self._queue},
+                extra={"action": f"{self._action}.batch_failed", "queue": self.queue},
             )
             results: list[Exception | None] = []
             for item in items:
@@ -549,7 +676,7 @@ class _Batcher(Generic[M]):
     async def _attempt(self, items: list[Item[M]]) -> list[Exception | None]:
         outcomes = list(
             await self._consumers.while_database_away(
-                lambda: self._handler(items), queue=self._queue, action=self._action
+                lambda: self._handler(items), queue=self.queue, action=self._action
             )
         )
         if len(outcomes) != len(items):
@@ -580,7 +707,40 @@ async def _undecoded(message: Any) -> Any:
 
 
 class _ShuttingDown(Exception):
-    """The database is still away and the service is stopping: give it back."""
+    """The service is stopping and the message was not handled: give it back.
+
+    Either it had not started, or the database is still away.
+    """
+
+
+async def _unsubscribe(subscriber: Any, queue: str) -> None:
+    """Cancel ``subscriber``'s consumer, so that the broker delivers no more.
+
+    The messages it delivered stay unacked, in this process's hands. FastStream
+    would cancel the consumer only once its handlers are done (see
+    :func:`_consuming` for the attributes it keeps them in); with the tag cleared
+    it skips that.
+    """
+    queue_obj = getattr(subscriber, "_queue_obj", None)
+    tag = getattr(subscriber, "_consumer_tag", None)
+    if queue_obj is None or tag is None or queue_obj.channel.is_closed:
+        return
+    try:
+        await queue_obj.cancel(tag, timeout=UNSUBSCRIBE_SECONDS)
+    except Exception as exc:
+        logger.warning(
+            "could not cancel the consumer of %s: %r",
+            queue,
+            exc,
+            extra={"action": "consumer.unsubscribe_failed", "queue": queue},
+        )
+        # Deliveries for the tag are then dropped as they arrive, rather than
+        # given back to come straight back; they stay unacked, and the broker
+        # takes them back when the channel closes.
+        with contextlib.suppress(Exception):
+            channel = await queue_obj.channel.get_underlay_channel()
+            channel.consumers.pop(tag, None)
+    subscriber._consumer_tag = None
 
 
 async def _consuming(subscriber: Any) -> bool:
@@ -597,6 +757,10 @@ async def _consuming(subscriber: Any) -> bool:
     except Exception:
         return False
     return not channel.is_closed and tag in channel.consumers
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def _ids(payload: Message) -> dict[str, str]:

@@ -163,10 +163,15 @@ class Runtime:
             await self.broker.start()
 
     async def stop(self) -> None:
-        """Stop taking messages, let in-flight ones finish, then close everything."""
+        """Stop taking messages, let in-flight ones finish, then close everything.
+
+        See :meth:`contracts.consumer.Consumers.stop` for what becomes of the
+        messages this process holds.
+        """
         if self.consumers is not None:
-            self.consumers.stopping = True
+            await self.consumers.stop(self.settings.drain_seconds)
         if self.broker is not None:
+            # Nothing left in hand: this only closes the consumers' connection.
             await self.broker.stop()
         if self.relay is not None:
             await self.relay.stop()

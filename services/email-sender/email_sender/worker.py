@@ -23,6 +23,11 @@ If the database goes away between sending and recording, the consumer runs the
 batch again once it is back; its rows are found ``sending`` under a live lease and
 their messages acked, and the sweeper hands them out again once the lease has run
 out.
+
+A stopping sender claims nothing more: the deliveries it holds that no batch has
+taken go back to the queue with their rows ``pending`` (see
+:mod:`contracts.consumer`). A batch still sending when the drain time runs out is
+cancelled; its rows stay ``sending`` until the lease runs out, like a dead worker's.
 """
 
 from __future__ import annotations
