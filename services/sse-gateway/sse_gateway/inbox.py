@@ -156,8 +156,11 @@ CURRENT_SEQ = "SELECT last_seq FROM inbox_sequences WHERE user_id = $1"
 
 SEQ_OF = "SELECT inbox_seq FROM notifications WHERE id = $1 AND user_id = $2"
 
+# Archived rows come back too, flagged, and are passed over by the stream rather
+# than left out here: the stream's place then moves past them, and a live copy of
+# one, announced before it was archived, is dropped like any row already replayed.
 REPLAY = f"""
-SELECT {EVENT_FIELDS} FROM notifications
+SELECT {EVENT_FIELDS}, archived_at IS NOT NULL AS archived FROM notifications
 WHERE user_id = $1 AND inbox_seq > $2
 ORDER BY inbox_seq
 LIMIT $3

@@ -406,10 +406,13 @@ async def _replay(conn: Connection, db: asyncpg.Pool) -> AsyncIterator[bytes]:
             return
         chunk = []
         for row in rows:
-            chunk.append(events.notification(inbox.event(row)).body)
             conn.last_seq = row["inbox_seq"]
-        metrics.EVENTS_WRITTEN.inc(len(rows))
-        yield b"".join(chunk)
+            # The user put it away: showing it again would bring it back.
+            if not row["archived"]:
+                chunk.append(events.notification(inbox.event(row)).body)
+        if chunk:
+            metrics.EVENTS_WRITTEN.inc(len(chunk))
+            yield b"".join(chunk)
         if len(rows) < REPLAY_PAGE:
             return
 
