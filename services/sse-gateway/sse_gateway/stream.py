@@ -16,7 +16,6 @@ can hold. Two choices keep that small (``ARCHITECTURE.md`` has the figures):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,11 +23,12 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import jwt
 from sse_starlette import EventSourceResponse
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from contracts.auth import InvalidToken, verify_token
 from contracts.db import DatabaseUnavailable, connection
-from contracts.http import HeadAsGet
+from contracts.http import HeadAsGet, error
 from contracts.settings import Settings
 from sse_gateway import credentials, events, inbox, metrics
 from sse_gateway.access import require_user
@@ -157,12 +157,11 @@ class StreamEndpoint:
         try:
             token = credentials.given(scope).token
         except credentials.AmbiguousToken as problem:
-            refusal = problem.response()
-            refusal.headers.update(extra)
-            await HeadAsGet(refusal)(scope, receive, send)
+            await _refuse(scope, receive, send, problem.response(), extra)
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await _json(send, 405, "method_not_allowed", "use GET", extra, Allow="GET")
+            refusal = error(405, "method_not_allowed", "use GET", Allow="GET")
+            await _refuse(scope, receive, send, refusal, extra)
             return
         db = self._pool()
         try:
@@ -173,10 +172,12 @@ class StreamEndpoint:
             else:
                 replay = await self._join(db, conn, headers.get("last-event-id"))
         except InvalidToken as exc:
-            await _json(send, 401, "unauthorized", str(exc), extra, **_BEARER)
+            refusal = error(401, "unauthorized", str(exc), **_BEARER)
+            await _refuse(scope, receive, send, refusal, extra)
             return
         except Refused as no:
-            await _json(send, no.status, no.code, no.detail, extra, **no.headers)
+            refusal = error(no.status, no.code, no.detail, **no.headers)
+            await _refuse(scope, receive, send, refusal, extra)
             return
         except Exception:
             # Nothing is sent yet, so the browser can still get the JSON shape
@@ -184,7 +185,8 @@ class StreamEndpoint:
             logger.exception(
                 "could not open a stream", extra={"action": "sse.open_failed"}
             )
-            await _json(send, 500, "internal", "the stream could not be opened", extra)
+            refusal = error(500, "internal", "the stream could not be opened")
+            await _refuse(scope, receive, send, refusal, extra)
             return
 
         if scope["method"] == "HEAD":
@@ -278,22 +280,17 @@ def _unavailable() -> Refused:
     )
 
 
-async def _json(
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
     send: Send,
-    status: int,
-    code: str,
-    detail: str,
+    refusal: Response,
     extra: dict[str, str],
-    **headers: str,
 ) -> None:
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    raw = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in {**extra, **headers}.items()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    """Answer ``refusal``, an error as every route writes it, with ``extra`` headers;
+    to a HEAD, without its body."""
+    refusal.headers.update(extra)
+    await HeadAsGet(refusal)(scope, receive, send)
 
 
 async def _head(send: Send, headers: dict[str, str]) -> None:
