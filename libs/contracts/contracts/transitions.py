@@ -8,10 +8,17 @@ row::
     sending ─(lease       │    ──▶ failed     (permanent, or attempts used up)
       expired)─▶          └──▶ skipped    (nothing to deliver to)
 
+    pending, retrying ──preference off──▶ skipped
+
 A claim takes a ``pending`` row, a ``retrying`` row whose time has come, or a
 ``sending`` row whose lease ran out (its worker died). Every later transition
 applies only to a row still ``sending``, and may merge a patch into the row's
 metadata (top-level keys replace those already there).
+
+A user who turns a channel type off has their rows of it that wait for a claim
+(``pending`` or ``retrying``) made ``skipped`` by the gateway
+(``sse_gateway.preferences``); the sender then finds the row unclaimable and
+acks its message (:func:`unclaimed`). A row already ``sending`` is not stopped.
 
 A sender that handles messages in batches claims all of a batch's rows with one
 statement (:func:`claim_many_sql`), asks why the rest were not claimed with one

@@ -161,13 +161,22 @@ async def get_preferences(user: User, db: Pool) -> dict[str, bool]:
 async def change_preferences(
     change: preferences.PreferenceChange, user: User, db: Pool
 ) -> dict[str, bool]:
-    """Turn the channel types named in the body on or off; the others keep theirs."""
+    """Turn the channel types named in the body on or off; the others keep theirs.
+
+    Turning one off also skips the user's notifications of it not yet sent; see
+    :mod:`sse_gateway.preferences`.
+    """
     given = change.given()
     async with connection(db) as pg:
-        now = await preferences.change(pg, user.user_id, given)
+        changed = await preferences.change(pg, user.user_id, given)
     logger.info(
-        "preferences changed: %s",
+        "preferences changed: %s; %d waiting notifications skipped",
         ", ".join(f"{name} {'on' if on else 'off'}" for name, on in given.items()),
-        extra={"action": "preferences.changed", "user_id": user.user_id},
+        changed.skipped,
+        extra={
+            "action": "preferences.changed",
+            "user_id": user.user_id,
+            "skipped": changed.skipped,
+        },
     )
-    return now
+    return changed.wanted

@@ -10,7 +10,9 @@ channel type, and stands in for signing in.
   posts to the same URL. It changes nothing: mail scanners and link previews fetch
   every link in a message, and a fetch must not unsubscribe anyone.
 * ``POST`` turns the type off in ``notification_preferences``, through the same
-  statement as ``PATCH /preferences``, and answers a confirmation page. Posting
+  code as ``PATCH /preferences``, and answers a confirmation page. That also
+  skips the user's emails still waiting to be sent (queued, or between retries);
+  one a sender is already handing to the mail server still arrives. Posting
   again stores the same and answers the same.
 
 A POST's body is not read. A mail client's one-click POST sends the form
@@ -117,7 +119,9 @@ async def unsubscribe(request: Request, db: Pool) -> Response:
         async with connection(db) as pg:
             user = await _user(pg, link)
             try:
-                await preferences.change(pg, link.user_id, {link.channel_type: False})
+                changed = await preferences.change(
+                    pg, link.user_id, {link.channel_type: False}
+                )
             except UnknownUser as exc:
                 # Deleted since it was looked up; nothing was stored.
                 raise _Refused(404, str(exc)) from None
@@ -125,12 +129,15 @@ async def unsubscribe(request: Request, db: Pool) -> Response:
         return _refusal(request, refused)
 
     logger.info(
-        "preferences changed: %s off, by the unsubscribe link",
+        "preferences changed: %s off, by the unsubscribe link; "
+        "%d waiting notifications skipped",
         link.channel_type,
+        changed.skipped,
         extra={
             "action": "preferences.changed",
             "user_id": link.user_id,
             "via": "unsubscribe_link",
+            "skipped": changed.skipped,
         },
     )
     what = _NAMES[link.channel_type]

@@ -102,7 +102,9 @@ async def test_a_change_is_logged_for_operators_with_the_user_and_what_changed(
     ]
     assert len(changed) == 1, "a refused change is not logged as one"
     assert changed[0].user_id == demo.bob
-    assert changed[0].getMessage() == "preferences changed: email on, push off"
+    assert changed[0].getMessage() == (
+        "preferences changed: email on, push off; 0 waiting notifications skipped"
+    )
 
 
 async def test_a_partial_change_keeps_the_other_types(
