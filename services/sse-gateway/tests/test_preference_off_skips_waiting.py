@@ -21,8 +21,7 @@ from contracts.auth import issue_token, unsubscribe_token
 from contracts.settings import Settings
 from sse_gateway import preferences
 from sse_gateway.app import GatewaySettings, create_app
-from tests.sse import helpers
-from tests.support.data import Demo, seed_demo
+from tests.support.data import Demo
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +46,6 @@ RETURNING id
 """
 
 STATE = "SELECT status, last_error, next_attempt_at FROM notifications WHERE id = $1"
-
-
-@pytest.fixture
-async def demo(database_url: str) -> Demo:
-    return await seed_demo(database_url)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    async with helpers.database(database_url) as conn:
-        yield conn
 
 
 @asynccontextmanager

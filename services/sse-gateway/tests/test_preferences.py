@@ -14,8 +14,7 @@ from contracts.auth import UnknownUser, issue_token
 from contracts.settings import Settings
 from sse_gateway import preferences
 from sse_gateway.app import GatewaySettings, create_app
-from tests.sse import helpers
-from tests.support.data import Demo, seed_demo
+from tests.support.data import Demo
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +26,6 @@ STORED = (
 )
 
 Client = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
-
-
-@pytest.fixture
-async def demo(database_url: str) -> Demo:
-    return await seed_demo(database_url)
 
 
 @pytest.fixture
@@ -53,12 +47,6 @@ def client(settings: Settings) -> Client:
             yield c
 
     return start
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    async with helpers.database(database_url) as conn:
-        yield conn
 
 
 async def stored(db: asyncpg.Connection, user_id: int) -> dict[str, bool]:

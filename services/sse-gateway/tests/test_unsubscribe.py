@@ -12,8 +12,7 @@ import pytest
 from contracts.auth import issue_token, unsubscribe_token
 from contracts.settings import Settings
 from sse_gateway.app import GatewaySettings, create_app
-from tests.sse import helpers
-from tests.support.data import Demo, seed_demo
+from tests.support.data import Demo
 
 pytestmark = pytest.mark.integration
 
@@ -23,17 +22,6 @@ ONE_CLICK = {"content": b"List-Unsubscribe=One-Click", "headers": FORM}
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 STORED = "SELECT type, enabled FROM notification_preferences WHERE user_id = $1"
 EVERY_ROW = "SELECT user_id, type, enabled FROM notification_preferences ORDER BY 1, 2"
-
-
-@pytest.fixture
-async def demo(database_url: str) -> Demo:
-    return await seed_demo(database_url)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    async with helpers.database(database_url) as conn:
-        yield conn
 
 
 @pytest.fixture
