@@ -10,10 +10,12 @@ renders it and its priority::
 The channels are those the dispatcher knows, :data:`KNOWN`; one the file leaves
 out is off, as if disabled.
 
-Operators edit the file while the dispatcher runs; the next event uses the new
-configuration. A file that cannot be read, does not parse or validate, names a
-channel the dispatcher does not know or a template set the templates directory does
-not hold is refused with a logged error and the last good configuration stays in
+The file is UTF-8, with or without the byte order mark some editors write first.
+Operators edit it while the dispatcher runs; the next event uses the new
+configuration. A file that cannot be read, is not UTF-8, does not parse or
+validate, gives a key twice in one object, names a channel the dispatcher does not
+know or a template set the templates directory does not hold is refused with a
+logged error naming the channel and field, and the last good configuration stays in
 force, so a typo never stops deliveries. Each refusal is logged once: again only
 when the file changes, or goes missing, or comes back. At start there is no last
 good configuration: the same faults stop the dispatcher.
@@ -21,14 +23,18 @@ good configuration: the same faults stop the dispatcher.
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +48,13 @@ MENTION = "comment.mention"
 KNOWN = (MENTION, REPLY)
 
 
+ChannelType = Literal["email", "sse", "push"]
+
+
 class ChannelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    types: tuple[Literal["email", "sse", "push"], ...] = Field(min_length=1)
+    types: tuple[ChannelType, ...] = Field(min_length=1)
     template: str = Field(pattern=r"^[a-z0-9_]+$")
     priority: int = Field(ge=0, le=9)
     enabled: bool = True
@@ -67,17 +76,18 @@ TemplateCheck = Callable[[str], str | None]
 
 
 def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFile:
+    if isinstance(text, bytes):
+        text = _decode(text, source)
+    if not text.strip():
+        raise ConfigError(f"{source} is empty; it must hold {_SHAPE}")
+    # Read into a dict, a key given twice would keep one copy without a word.
+    repeated = _repeated_keys(text)
+    if repeated:
+        raise ConfigError(f"{source} is invalid: {'; '.join(map(_repeated, repeated))}")
     try:
         config = ChannelFile.model_validate_json(text)
     except ValidationError as exc:
-        problems = "; ".join(
-            ": ".join(
-                part
-                for part in (".".join(str(p) for p in err["loc"]), err["msg"])
-                if part
-            )
-            for err in exc.errors(include_input=False, include_url=False)
-        )
+        problems = "; ".join(_problems(exc.errors(include_url=False)))
         raise ConfigError(f"{source} is invalid: {problems}") from None
     # A misspelt name would otherwise switch its channel off without a word.
     unknown = [name for name in config.channels if name not in KNOWN]
@@ -87,6 +97,148 @@ def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFi
             f"; the known channels are {', '.join(map(repr, KNOWN))}"
         )
     return config
+
+
+_SHAPE = '{"channels": {<channel name>: {"types": [...], ...}}}'
+_TYPES = get_args(ChannelType)
+_FIELDS = tuple(ChannelConfig.model_fields)
+# What each field of a channel takes, for the errors that name the field.
+_ALLOWED = {
+    "types": f"a list of one or more of {', '.join(map(repr, _TYPES))}",
+    "template": "the name of a template set, in lower-case letters, digits and _",
+    "priority": "a whole number from 0 to 9",
+    "enabled": "true or false",
+}
+
+
+def _decode(data: bytes, source: str) -> str:
+    """The text of the file: UTF-8, after the byte order mark some editors
+    write first."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError(
+            f"{source} is not UTF-8 text: it starts with a UTF-16 byte order "
+            "mark; save it as UTF-8"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{source} is not UTF-8 text: line {line} holds the byte "
+            f"0x{exc.object[exc.start]:02x}, which UTF-8 does not allow there; "
+            "save it as UTF-8"
+        ) from None
+
+
+class _Repeating(dict[str, Any]):
+    """An object of the file that gives some of its keys more than once."""
+
+    repeated: list[str]
+
+
+def _repeated_keys(text: str) -> list[tuple[tuple[str, ...], str]]:
+    """Each key the file gives twice in one object, with where that object is;
+    empty too when the text is not JSON, which validation reports."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        marked = _Repeating(obj)
+        counts = Counter(key for key, _ in pairs)
+        marked.repeated = [key for key in obj if counts[key] > 1]
+        return marked
+
+    try:
+        document = json.loads(text, object_pairs_hook=unique)
+    except (ValueError, RecursionError):
+        return []
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, _Repeating):
+            found.extend((at, key) for key in value.repeated)
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = [(str(index), item) for index, item in enumerate(value)]
+        else:
+            continue
+        stack.extend(((*at, key), item) for key, item in reversed(items))
+    return found
+
+
+def _repeated(found: tuple[tuple[str, ...], str]) -> str:
+    at, key = found
+    match at:
+        case ():
+            return f"{key!r} is given more than once"
+        case ("channels",):
+            return f"channel {key!r} is given more than once"
+        case ("channels", name):
+            return f"channel {name!r} gives {key!r} more than once"
+    return f"{key!r} is given more than once in {'.'.join(at)}"
+
+
+def _problems(errors: list[ErrorDetails]) -> list[str]:
+    """One phrase per error, naming the channel and field and what they take."""
+    # A list of one unknown type fails twice, the type and the list then empty;
+    # only the first says what is wrong.
+    return [
+        _problem(err)
+        for err in errors
+        if not any(
+            other["loc"][: len(err["loc"])] == err["loc"]
+            and len(other["loc"]) > len(err["loc"])
+            for other in errors
+        )
+    ]
+
+
+def _problem(err: ErrorDetails) -> str:
+    kind, given = err["type"], _shown(err.get("input"))
+    match err["loc"]:
+        case () if kind == "json_invalid":
+            return err["msg"]
+        case ():
+            return f"the file must hold {_SHAPE}, not {given}"
+        case ("channels",) if kind == "missing":
+            return f"'channels' is missing; the file must hold {_SHAPE}"
+        case ("channels",):
+            return f"'channels' must be an object of channel names, not {given}"
+        case (str(key),) if kind == "extra_forbidden":
+            return f"unknown key {key!r} at the top level, which holds only 'channels'"
+        case ("channels", str(name)):
+            return (
+                f"channel {name!r} must be an object of "
+                f"{', '.join(map(repr, _FIELDS))}, not {given}"
+            )
+        case ("channels", str(name), str(field)) if kind == "extra_forbidden":
+            return (
+                f"channel {name!r} has unknown field {field!r}; the fields are "
+                f"{', '.join(map(repr, _FIELDS))}"
+            )
+        case ("channels", str(name), str(field)) if (
+            kind == "missing" and field in _ALLOWED
+        ):
+            return f"channel {name!r} lacks {field!r}, {_ALLOWED[field]}"
+        case ("channels", str(name), "types", int()):
+            return (
+                f"channel {name!r} names unknown type {given} in 'types'; "
+                f"the types are {', '.join(map(repr, _TYPES))}"
+            )
+        case ("channels", str(name), str(field)) if field in _ALLOWED:
+            return (
+                f"channel {name!r} has {field!r} {given}; it must be {_ALLOWED[field]}"
+            )
+    return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+
+
+def _shown(value: Any) -> str:
+    """``value`` as the file gives it, cut short."""
+    shown = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return shown if len(shown) <= 40 else f"{shown[:37]}..."
 
 
 def read(path: Path, templates: TemplateCheck) -> ChannelFile:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -22,7 +23,11 @@ SHIPPED = Renderer().problem
 
 
 def write(path: Path, data: object, bump: int) -> None:
-    path.write_text(json.dumps(data))
+    write_bytes(path, json.dumps(data).encode(), bump)
+
+
+def write_bytes(path: Path, data: bytes, bump: int) -> None:
+    path.write_bytes(data)
     # Make the change visible even on filesystems with coarse timestamps.
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump * 1_000_000_000))
@@ -249,3 +254,172 @@ def test_a_file_gone_at_runtime_is_reported_once_and_again_when_it_returns(
     assert {c.channels["comment.reply"].types for c in back} == {("sse",)}
     [reloaded] = returned
     assert reloaded.action == "channels.reloaded"  # type: ignore[attr-defined]
+
+
+# A good file as a Windows editor saves it: UTF-8 after a byte order mark.
+BOM = codecs.BOM_UTF8 + json.dumps(config(["sse"])).encode()
+
+
+def test_a_file_starting_with_a_utf8_byte_order_mark_is_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    path.write_bytes(BOM)
+
+    started = ChannelConfigs(path, SHIPPED).current()
+
+    assert started.channels["comment.reply"].types == ("sse",)
+
+
+def test_an_edit_saved_with_a_utf8_byte_order_mark_applies(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+
+    write_bytes(path, BOM, bump=1)
+
+    assert configs.current().channels["comment.reply"].types == ("sse",)
+
+
+def reply(**fields: object) -> str:
+    """A file whose reply channel has these fields, the others left valid."""
+    channel = {"types": ["email"], "template": "comment_reply", "priority": 5}
+    return json.dumps({"channels": {"comment.reply": {**channel, **fields}}})
+
+
+CHANNEL = '{"types": ["sse"], "template": "comment_reply", "priority": 5}'
+
+# A plausible mistake in the file, and all that the refusal says of it.
+MISTAKES = [
+    (
+        codecs.BOM_UTF16_LE + reply().encode("utf-16-le"),
+        "is not UTF-8 text: it starts with a UTF-16 byte order mark; save it as UTF-8",
+    ),
+    (
+        reply().replace("comment_reply", "café").encode("latin-1"),
+        "is not UTF-8 text: line 1 holds the byte 0xe9, which UTF-8 does not "
+        "allow there; save it as UTF-8",
+    ),
+    (
+        reply(types=["fax"]),
+        "is invalid: channel 'comment.reply' names unknown type 'fax' in "
+        "'types'; the types are 'email', 'sse', 'push'",
+    ),
+    (
+        reply(types=[]),
+        "is invalid: channel 'comment.reply' has 'types' []; it must be a list "
+        "of one or more of 'email', 'sse', 'push'",
+    ),
+    (
+        reply(types="email"),
+        "is invalid: channel 'comment.reply' has 'types' 'email'; it must be a "
+        "list of one or more of 'email', 'sse', 'push'",
+    ),
+    (
+        reply(priority=12),
+        "is invalid: channel 'comment.reply' has 'priority' 12; it must be a "
+        "whole number from 0 to 9",
+    ),
+    (
+        reply(priority=None),
+        "is invalid: channel 'comment.reply' has 'priority' null; it must be a "
+        "whole number from 0 to 9",
+    ),
+    (
+        reply(template=5),
+        "is invalid: channel 'comment.reply' has 'template' 5; it must be the "
+        "name of a template set, in lower-case letters, digits and _",
+    ),
+    (
+        reply(enabled="maybe"),
+        "is invalid: channel 'comment.reply' has 'enabled' 'maybe'; it must be "
+        "true or false",
+    ),
+    (
+        json.dumps({"channels": {"comment.reply": {"types": ["sse"]}}}),
+        "is invalid: channel 'comment.reply' lacks 'template', the name of a "
+        "template set, in lower-case letters, digits and _; channel "
+        "'comment.reply' lacks 'priority', a whole number from 0 to 9",
+    ),
+    (
+        reply(colour="red"),
+        "is invalid: channel 'comment.reply' has unknown field 'colour'; "
+        "the fields are 'types', 'template', 'priority', 'enabled'",
+    ),
+    (
+        json.dumps({"channels": {"comment.reply": ["email"]}}),
+        "is invalid: channel 'comment.reply' must be an object of 'types', "
+        "'template', 'priority', 'enabled', not [\"email\"]",
+    ),
+    (
+        json.dumps({"channels": []}),
+        "is invalid: 'channels' must be an object of channel names, not []",
+    ),
+    (
+        json.dumps({"comment.reply": json.loads(CHANNEL)}),
+        "is invalid: 'channels' is missing; the file must hold "
+        '{"channels": {<channel name>: {"types": [...], ...}}}; unknown key '
+        "'comment.reply' at the top level, which holds only 'channels'",
+    ),
+    (
+        "[]",
+        'is invalid: the file must hold {"channels": {<channel name>: '
+        '{"types": [...], ...}}}, not []',
+    ),
+    (
+        "",
+        'is empty; it must hold {"channels": {<channel name>: {"types": [...], ...}}}',
+    ),
+    (
+        f'{{"channels": {{"comment.reply": {CHANNEL}, "comment.reply": {CHANNEL}}}}}',
+        "is invalid: channel 'comment.reply' is given more than once",
+    ),
+    (
+        '{"channels": {"comment.reply": {"types": ["sse"], "priority": 5, '
+        '"template": "comment_reply", "priority": 9}}}',
+        "is invalid: channel 'comment.reply' gives 'priority' more than once",
+    ),
+    (
+        f'{{"channels": {{}}, "channels": {{"comment.reply": {CHANNEL}}}}}',
+        "is invalid: 'channels' is given more than once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "complaint"), MISTAKES)
+def test_a_mistake_at_start_is_refused_in_one_line_saying_what_is_allowed(
+    tmp_path: Path, text: str | bytes, complaint: str
+) -> None:
+    path = tmp_path / "channels.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    with pytest.raises(ConfigError) as refused:
+        ChannelConfigs(path, SHIPPED)
+
+    assert str(refused.value) == f"{path} {complaint}"
+
+
+@pytest.mark.parametrize(("text", "complaint"), MISTAKES)
+def test_a_mistaken_edit_keeps_the_last_configuration_saying_what_is_allowed(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    text: str | bytes,
+    complaint: str,
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+
+    write_bytes(path, text if isinstance(text, bytes) else text.encode(), bump=1)
+    with caplog.at_level(logging.INFO, logger="dispatcher.channels"):
+        kept = configs.current()
+        again = configs.current()
+
+    assert kept == again
+    assert kept.channels["comment.reply"].types == ("email",)
+    [refused] = caplog.records
+    assert refused.levelno == logging.ERROR
+    assert refused.action == "channels.reload_failed"  # type: ignore[attr-defined]
+    assert refused.getMessage() == (
+        f"{path} {complaint}; keeping the last configuration"
+    )

@@ -3,6 +3,7 @@ directory it could not use, each named in one line, with exit status 2."""
 
 from __future__ import annotations
 
+import codecs
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,63 @@ def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"notiflow: invalid setting {setting}: "), line
     assert complaint in line
+
+
+def shipped_with(old: str, new: str, encoding: str = "utf-8") -> bytes:
+    """The shipped configuration with one change made to its text."""
+    text = channels.DEFAULT_PATH.read_text()
+    assert old in text
+    return text.replace(old, new, 1).encode(encoding)
+
+
+@pytest.mark.parametrize(
+    ("data", "complaint"),
+    [
+        (
+            shipped_with('["email", "sse"]', '["fax"]'),
+            "is invalid: channel 'comment.reply' names unknown type 'fax' in "
+            "'types'; the types are 'email', 'sse', 'push'",
+        ),
+        (
+            shipped_with('"priority": 3,', '"priority": 3, "priority": 4,'),
+            "is invalid: channel 'comment.reply' gives 'priority' more than once",
+        ),
+        (
+            shipped_with('"comment.mention"', '"comment.reply"'),
+            "is invalid: channel 'comment.reply' is given more than once",
+        ),
+        (
+            shipped_with('"comment_reply"', '"comment_r\u00e9ply"', "latin-1"),
+            "is not UTF-8 text: line 5 holds the byte 0xe9, which UTF-8 does not "
+            "allow there; save it as UTF-8",
+        ),
+    ],
+)
+def test_a_mistake_in_the_channel_configuration_exits_2_saying_what_is_allowed(
+    tmp_path: Path, data: bytes, complaint: str
+) -> None:
+    path = tmp_path / "channels.json"
+    path.write_bytes(data)
+
+    done = start({"NOTIFLOW_CHANNEL_CONFIG": str(path)})
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"notiflow: invalid setting NOTIFLOW_CHANNEL_CONFIG: {path} {complaint}"
+    )
+
+
+def test_a_channel_configuration_saved_with_a_utf8_byte_order_mark_is_accepted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    path.write_bytes(codecs.BOM_UTF8 + channels.DEFAULT_PATH.read_bytes())
+
+    settings = DispatcherSettings(channel_config=path)
+
+    loaded = settings.channels_at_start
+    assert loaded is not None
+    assert set(loaded.config.channels) == set(channels.KNOWN)
 
 
 def test_the_dispatcher_starts_from_the_configuration_its_check_read(
