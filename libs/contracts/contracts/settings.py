@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     @classmethod
     def _database_url(cls, value: str) -> str:
         url = check_url(value, ("postgresql", "postgres"), DATABASE_URL_EXAMPLE)
-        return check_percent_escapes(url)
+        return check_database_name(check_percent_escapes(url))
 
     @field_validator("amqp_url")
     @classmethod
@@ -376,6 +376,31 @@ def check_percent_escapes(url: str) -> str:
     raise ValueError(
         f"{problem}; write a % in the user name, password or database name as %25"
     )
+
+
+def check_database_name(url: str) -> str:
+    """``url``, if its path names the database, in UTF-8.
+
+    With no name, asyncpg and libpq both connect to the database named after the
+    user, which notiflow-migrate would neither create nor migrate. asyncpg reads
+    a ``dbname`` or ``database`` in the query only when the URL has no path at
+    all, and libpq takes ``dbname`` over the path and refuses ``database``: the
+    services and the migrations would use two databases. Else ValueError,
+    repeating no part of the URL.
+    """
+    parts = urlsplit(url)
+    named = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if named & {"dbname", "database"}:
+        raise ValueError(
+            "names the database in its query; name it in the path instead, as in "
+            f"{DATABASE_URL_EXAMPLE}"
+        )
+    name = parts.path.removeprefix("/")
+    if not name:
+        raise ValueError(f"names no database; add one, as in {DATABASE_URL_EXAMPLE}")
+    if problem := _escape_problem(name):
+        raise ValueError(f"{problem} in the database name; write a % in it as %25")
+    return url
 
 
 def check_amqp_escapes(url: str) -> str:
