@@ -65,10 +65,18 @@ def applied_once(url: str) -> dict[str, int]:
     return asyncio.run(counts())
 
 
+WAITING_TO_CREATE = """
+SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)
+WHERE relation = 'pg_database'::regclass AND NOT granted AND application_name = %s
+"""
+
+
 def test_runs_started_together_on_a_missing_database_all_create_and_migrate_it(
     fresh_name: str,
 ) -> None:
-    url = infra.database_url(fresh_name)
+    # The runs' connections carry the database's name, to tell their waits
+    # from those of other tests creating databases meanwhile.
+    url = f"{infra.database_url(fresh_name)}?application_name={fresh_name}"
     # Holding pg_database lets each run find the database missing, then stops
     # every CREATE DATABASE until all three are there: the race replicas'
     # init containers run into when they start together.
@@ -85,11 +93,8 @@ def test_runs_started_together_on_a_missing_database_all_create_and_migrate_it(
             for _ in range(3)
         ]
         with psycopg.connect(infra.database_url("postgres"), autocommit=True) as watch:
-            for _ in range(1200):
-                (waiting,) = watch.execute(
-                    "SELECT count(*) FROM pg_locks "
-                    "WHERE relation = 'pg_database'::regclass AND NOT granted"
-                ).fetchone()
+            for _ in range(600):
+                (waiting,) = watch.execute(WAITING_TO_CREATE, (fresh_name,)).fetchone()
                 if waiting == 3 or any(r.poll() is not None for r in runs):
                     break
                 time.sleep(0.1)
