@@ -86,6 +86,7 @@ async def platform(
         "NOTIFLOW_AMQP_URL": settings.amqp_url,
         "NOTIFLOW_SMTP_PORT": str(smtp.port),
         "NOTIFLOW_SMTP_TIMEOUT": "1",
+        "NOTIFLOW_SMTP_DATA_TIMEOUT": "0.9",
         "NOTIFLOW_RETRY_DELAYS": "1,2",
         "NOTIFLOW_EMAIL_LEASE_SECONDS": "5",
         "NOTIFLOW_EMAIL_SWEEP_SECONDS": "1",

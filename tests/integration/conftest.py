@@ -60,6 +60,9 @@ def email_sender(settings: Settings, smtp: SmtpServer) -> EmailSenderFactory:
             "email_sweep_seconds": 0.3,
             **overrides,
         }
+        # The reply to an email's content is waited for as long as any other,
+        # unless a test says otherwise.
+        options.setdefault("smtp_data_timeout", options["smtp_timeout"])
         return running(create_app(EmailSettings(**options)))
 
     return start

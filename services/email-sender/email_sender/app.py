@@ -7,6 +7,7 @@ service also runs an outbox relay.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import unicodedata
 from collections.abc import AsyncIterator
@@ -32,6 +33,8 @@ from contracts.settings import (
 )
 from email_sender import smtp
 from email_sender.worker import EmailWorker
+
+logger = logging.getLogger(__name__)
 
 # Batches handled at once. A batch lasts as long as its slowest SMTP conversation;
 # with several running, a delivery that arrives meanwhile starts at once in a batch
@@ -146,6 +149,10 @@ class EmailSettings(Settings):
     smtp_use_tls: bool = False
     smtp_starttls: bool | None = None
     smtp_timeout: float = Field(default=10.0, gt=0)
+    # The wait for the reply to the end of an email's content, which a server may
+    # send only once it has stored or scanned the email: a timeout then cannot
+    # tell whether it was taken, and the retry may deliver it twice.
+    smtp_data_timeout: float = Field(default=60.0, gt=0)
     # The envelope sender and the From address, kept with its domain in IDNA.
     mail_from: Annotated[str, AfterValidator(_mail_from)] = (
         "notifications@notiflow.localhost"
@@ -168,23 +175,51 @@ class EmailSettings(Settings):
     def _lease_outlives_a_delivery(self) -> EmailSettings:
         # A lease shorter than the longest SMTP conversation would let the sweeper
         # hand a row to a second worker while the first is still sending it.
-        longest = self.smtp_timeout * smtp.DEADLINE_FACTOR
+        longest = self.smtp_conversation_seconds
         if self.email_lease_seconds <= longest:
             raise ValueError(
                 f"NOTIFLOW_EMAIL_LEASE_SECONDS ({self.email_lease_seconds:g}) must be "
-                f"longer than one whole SMTP conversation may take ({longest:g}s)"
+                f"longer than one whole SMTP conversation may take ({longest:g}s: "
+                f"{smtp.DEADLINE_FACTOR} x NOTIFLOW_SMTP_TIMEOUT + "
+                "NOTIFLOW_SMTP_DATA_TIMEOUT)"
             )
         prefetch_holds_batch("email", self.email_prefetch, self.email_batch_size)
         return self
 
+    @property
+    def smtp_conversation_seconds(self) -> float:
+        """The longest one whole SMTP conversation may take."""
+        return smtp.deadline(self.smtp_timeout, self.smtp_data_timeout)
+
+
+def _warn_of_a_short_drain(settings: EmailSettings) -> None:
+    """Say at start if a stop may cut an email short, which may send it twice.
+
+    Not refused: a short drain is a choice (a development machine, a platform
+    that allows no longer), and the lease still sends such an email again.
+    """
+    longest = settings.smtp_conversation_seconds
+    if settings.drain_seconds < longest:
+        logger.warning(
+            "NOTIFLOW_DRAIN_SECONDS (%g) is shorter than one whole SMTP "
+            "conversation may take (%gs): an email still being sent when a stop's "
+            "drain runs out is sent again once its lease has run out, and its "
+            "recipient may get two copies",
+            settings.drain_seconds,
+            longest,
+            extra={"action": "email.short_drain"},
+        )
+
 
 def create_app(settings: EmailSettings | None = None) -> FastAPI:
     settings = settings or EmailSettings()
+    _warn_of_a_short_drain(settings)
     runtime = Runtime(settings, relay=True, consumers=True)
     config = smtp.SmtpConfig(
         host=settings.smtp_host,
         port=settings.smtp_port,
         timeout=settings.smtp_timeout,
+        data_timeout=settings.smtp_data_timeout,
         username=settings.smtp_username,
         password=settings.smtp_password,
         use_tls=settings.smtp_use_tls,

@@ -1,9 +1,18 @@
-"""One mail transaction in two round trips, for servers that offer PIPELINING.
+"""One mail transaction in two round trips for servers that offer PIPELINING, and
+one command at a time for the others, with its own wait for the content's reply.
 
-Without it a transaction is MAIL, wait, RCPT (once per recipient), wait, DATA, wait,
-content, wait. RFC 2920 lets the client send MAIL, every RCPT and DATA in one write
-and read their replies afterwards, in order; only the content must wait for the
-354 that DATA gets. Each round trip saved is a write and a wake-up on both ends.
+Without PIPELINING a transaction is MAIL, wait, RCPT (once per recipient), wait,
+DATA, wait, content, wait. RFC 2920 lets the client send MAIL, every RCPT and DATA
+in one write and read their replies afterwards, in order; only the content must
+wait for the 354 that DATA gets. Each round trip saved is a write and a wake-up on
+both ends.
+
+The reply to the end of the content is waited for longer than the others
+(``data_timeout``): RFC 5321 (section 4.5.3.2) gives it ten minutes, for a server
+may scan or store the message before it answers, and a client that stops waiting
+then cannot know whether the message was taken; sending it again may deliver it
+twice. aiosmtplib's ``sendmail`` waits as long for every reply, so both ways of
+sending go through :func:`sendmail` here.
 
 aiosmtplib sends every command on its own, and its reader cannot collect several
 replies: it parses one reply per arrival of data, leaves any further reply in its
@@ -18,11 +27,11 @@ in, greets and quits; the command lines, the line ends and the dot-stuffing of t
 content are built with its own helpers.
 
 Replies are checked as ``SMTP.sendmail`` checks them and failures are raised as the
-same aiosmtplib exceptions, so the caller sorts both ways of sending in one place.
-A transaction that fails leaves replies in flight, or a server waiting for content,
-so the connection is closed with it; closing in the middle of DATA makes any
-server drop the transaction, which is what RFC 2920 asks of a client whose
-recipients were all refused.
+same aiosmtplib exceptions, so the caller sorts them in one place. A transaction
+that fails leaves replies in flight, or a server waiting for content, so the
+connection is closed with it; closing in the middle of DATA makes any server drop
+the transaction, which is what RFC 2920 asks of a client whose recipients were all
+refused.
 """
 
 from __future__ import annotations
@@ -57,8 +66,15 @@ async def sendmail(
     recipients: Sequence[str],
     message: bytes,
     mail_options: Sequence[str] = (),
+    *,
+    data_timeout: float | None,
+    pipelined: bool = True,
 ) -> tuple[dict[str, SMTPResponse], str]:
-    """What ``client.sendmail`` does, pipelined; the client must have said EHLO.
+    """What ``client.sendmail`` does; the client must have said EHLO or HELO.
+
+    MAIL, every RCPT and DATA go in one write if ``pipelined``, each after the
+    previous reply otherwise. Every reply is waited for ``client.timeout`` seconds
+    but the one to the end of the content, ``data_timeout``.
 
     Returns the refused recipients and the reply to the content, and raises what
     ``sendmail`` raises: :class:`ValueError` for an address that cannot go on a
@@ -75,7 +91,7 @@ async def sendmail(
         # RFC 1870: the octets as sent, CRLFs included, before dot-stuffing.
         options.insert(0, f"size={len(content)}")
 
-    envelope = _envelope(sender, recipients, options, "utf-8" if utf8 else "ascii")
+    commands = _envelope(sender, recipients, options, "utf-8" if utf8 else "ascii")
     protocol = client.protocol
     if protocol is None or not protocol.is_connected:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -85,7 +101,12 @@ async def sendmail(
     transport.set_protocol(replies)
     try:
         return await _transaction(
-            transport, replies, sender, recipients, envelope, content, client.timeout
+            transport,
+            _Exchange(transport, replies, commands, client.timeout, pipelined),
+            sender,
+            recipients,
+            content,
+            data_timeout,
         )
     except BaseException:
         client.close()
@@ -96,37 +117,35 @@ async def sendmail(
 
 async def _transaction(
     transport: asyncio.Transport,
-    replies: _Replies,
+    exchange: _Exchange,
     sender: str,
     recipients: Sequence[str],
-    envelope: bytes,
     content: bytes,
-    timeout: float | None,
+    data_timeout: float | None,
 ) -> tuple[dict[str, SMTPResponse], str]:
-    transport.write(envelope)
-
-    mail = await replies.next(timeout)
+    mail = await exchange.reply()
     if mail.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
 
     refused: list[aiosmtplib.SMTPRecipientRefused] = []
     for address in recipients:
-        reply = await replies.next(timeout)
+        reply = await exchange.reply()
         if reply.code not in _ACCEPTED:
             refused.append(
                 aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
             )
     if len(refused) == len(recipients):
-        # DATA's reply is still to come: a 5xx, or a 354 from a server that breaks
-        # RFC 2920's rule. Either way no content follows, and closing the
-        # connection (below) ends the transaction on the server.
+        # Pipelined, DATA's reply is still to come: a 5xx, or a 354 from a server
+        # that breaks RFC 2920's rule. Either way no content follows, and closing
+        # the connection (below) ends the transaction on the server.
         raise aiosmtplib.SMTPRecipientsRefused(refused)
 
-    start = await replies.next(timeout)
+    start = await exchange.reply()
     if start.code != SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     transport.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
-    done = await replies.next(timeout)
+    # The server may have taken the message before this reply comes.
+    done = await exchange.replies.next(data_timeout)
     if done.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(done.code, done.message)
 
@@ -134,9 +153,36 @@ async def _transaction(
     return errors, done.message
 
 
+class _Exchange:
+    """The envelope's commands and their replies, sent all at once or in turn."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        replies: _Replies,
+        commands: list[bytes],
+        timeout: float | None,
+        pipelined: bool,
+    ) -> None:
+        self.replies = replies
+        self._transport = transport
+        self._commands = deque(commands)
+        self._timeout = timeout
+        self._pipelined = pipelined
+
+    async def reply(self) -> SMTPResponse:
+        """The reply to the next command, sent first unless it has already gone."""
+        if not self._pipelined:
+            self._transport.write(self._commands.popleft())
+        elif self._commands:
+            self._transport.write(b"".join(self._commands))
+            self._commands.clear()
+        return await self.replies.next(self._timeout)
+
+
 def _envelope(
     sender: str, recipients: Sequence[str], options: list[str], encoding: str
-) -> bytes:
+) -> list[bytes]:
     """MAIL, one RCPT per recipient and DATA, as the command lines aiosmtplib writes.
 
     Every address is checked before anything is sent, as ``sendmail`` does, so a
@@ -150,7 +196,7 @@ def _envelope(
         for arg in line:
             if COMMAND_INJECTION_REGEX.search(arg):
                 raise ValueError("Command arg contains a prohibited control character")
-    return b"".join(b" ".join(line) + b"\r\n" for line in lines) + b"DATA\r\n"
+    return [b" ".join(line) + b"\r\n" for line in lines] + [b"DATA\r\n"]
 
 
 @lru_cache(maxsize=_CACHED)

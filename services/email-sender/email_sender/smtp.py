@@ -8,9 +8,10 @@ Exceptions::
     └── PermanentSendError   5xx replies, an address the server will never accept,
                              a message the server cannot take (no SMTPUTF8)
 
-Every operation of aiosmtplib has its own timeout; :func:`send` also bounds the whole
-conversation, so a server that answers each command slowly cannot hold a worker (and
-its row's lease) for ever.
+Every operation has its own timeout, and the reply to the end of the content a
+longer one of its own (see :mod:`email_sender.pipelining`); :class:`SmtpPool` also
+bounds the whole conversation, so a server that answers each command slowly cannot
+hold a worker (and its row's lease) for ever.
 
 :class:`SmtpPool` keeps connections open between messages: connecting, greeting and
 negotiating TLS cost more than sending a short notification. A connection is used by
@@ -21,9 +22,8 @@ one, since the server cannot have accepted it.
 
 A server that offers PIPELINING (RFC 2920; Postfix, Exim and most real servers do)
 gets MAIL, every RCPT and DATA in one write (see :mod:`email_sender.pipelining`),
-any other server one command at a time from aiosmtplib's ``sendmail``. Both take
-the same MAIL parameters, chosen by :func:`_mail_options`, and fail with the same
-exceptions, sorted below.
+any other server one command at a time. Both take the same MAIL parameters, chosen
+by :func:`_mail_options`, and fail with the same exceptions, sorted below.
 """
 
 from __future__ import annotations
@@ -54,8 +54,14 @@ class PermanentSendError(SendFailed):
     pass
 
 
-# How many single-command timeouts one whole conversation may take.
+# How many single-command timeouts one whole conversation may take, on top of
+# the wait for the reply to the end of the content.
 DEADLINE_FACTOR = 4
+
+
+def deadline(timeout: float, data_timeout: float) -> float:
+    """The longest one whole delivery may take: connect, greet, send, quit."""
+    return timeout * DEADLINE_FACTOR + data_timeout
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,9 @@ class SmtpConfig:
     password: str | None = None
     use_tls: bool = False
     start_tls: bool | None = None
+    # The wait for the reply to the end of the content, which may come after the
+    # server has taken the message; None: ``timeout``.
+    data_timeout: float | None = None
 
     def client_options(self) -> dict[str, Any]:
         """The connection options of aiosmtplib's ``SMTP`` and ``send``."""
@@ -81,9 +90,13 @@ class SmtpConfig:
         }
 
     @property
+    def content_timeout(self) -> float:
+        return self.timeout if self.data_timeout is None else self.data_timeout
+
+    @property
     def deadline(self) -> float:
         """The longest one whole delivery may take: connect, greet, send, quit."""
-        return self.timeout * DEADLINE_FACTOR
+        return deadline(self.timeout, self.content_timeout)
 
 
 def _classify(code: int, text: str) -> SendFailed:
@@ -91,11 +104,6 @@ def _classify(code: int, text: str) -> SendFailed:
     if 500 <= code < 600:
         return PermanentSendError(reason)
     return TransientSendError(reason)
-
-
-async def send(mail: Mail, config: SmtpConfig) -> str:
-    """Send ``mail`` on a connection of its own; raise :class:`SendFailed`."""
-    return await _bounded(_send_once(mail, config), config.deadline)
 
 
 async def _bounded(call: Awaitable[str], deadline: float) -> str:
@@ -107,17 +115,6 @@ async def _bounded(call: Awaitable[str], deadline: float) -> str:
         raise TransientSendError(
             f"SMTP conversation took longer than {deadline:g}s"
         ) from exc
-
-
-async def _send_once(mail: Mail, config: SmtpConfig) -> str:
-    errors, reply = await aiosmtplib.send(
-        mail.data,
-        sender=mail.sender,
-        recipients=list(mail.recipients),
-        **config.client_options(),
-    )
-    _raise_for(errors)
-    return reply
 
 
 def _raise_for(errors: dict[str, aiosmtplib.SMTPResponse]) -> None:
@@ -159,14 +156,14 @@ class SmtpPool:
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
     async def send(self, mail: Mail) -> str:
-        """Send ``mail``; raise :class:`SendFailed` sorted as :func:`send` does."""
+        """Send ``mail``; raise :class:`SendFailed`."""
         async with self._slots:
             return await _bounded(self._send(mail), self._config.deadline)
 
     async def _send(self, mail: Mail) -> str:
         client, reused = await self._checkout()
         try:
-            errors, reply = await _transmit(client, mail)
+            errors, reply = await _transmit(client, mail, self._config)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
             _discard(client)
             if not reused:
@@ -175,7 +172,7 @@ class SmtpPool:
             # have taken this message, so a fresh connection sends it now.
             client = await self._connect()
             try:
-                errors, reply = await _transmit(client, mail)
+                errors, reply = await _transmit(client, mail, self._config)
             except BaseException:
                 _discard(client)
                 raise
@@ -235,15 +232,16 @@ async def _greet(client: aiosmtplib.SMTP) -> None:
 
 
 async def _transmit(
-    client: aiosmtplib.SMTP, mail: Mail
+    client: aiosmtplib.SMTP, mail: Mail, config: SmtpConfig
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-    options = _mail_options(client, mail)
-    if client.supports_extension("pipelining"):
-        return await pipelining.sendmail(
-            client, mail.sender, mail.recipients, mail.data, options
-        )
-    return await client.sendmail(
-        mail.sender, list(mail.recipients), mail.data, mail_options=options
+    return await pipelining.sendmail(
+        client,
+        mail.sender,
+        mail.recipients,
+        mail.data,
+        _mail_options(client, mail),
+        data_timeout=config.content_timeout,
+        pipelined=client.supports_extension("pipelining"),
     )
 
 

@@ -460,6 +460,37 @@ async def test_a_server_that_stops_answering_is_given_up_on_in_time(
     assert server.received == []
 
 
+async def test_a_slow_reply_to_the_content_is_waited_for_and_the_email_sent_once(
+    server: Server,
+) -> None:
+    # The server stores the email, then answers later than any other command may.
+    server.data_delay = 1.0
+    config = SmtpConfig("127.0.0.1", server.port, timeout=0.3, data_timeout=10)
+    transport = SmtpPool(config, size=1)
+    try:
+        await transport.send(message(1))
+        await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert list(server.message_ids().values()) == [1, 1]
+    assert server.connections == 1
+
+
+async def test_a_reply_to_the_content_later_than_its_own_timeout_is_tried_again(
+    server: Server,
+) -> None:
+    # The server may have stored the email: a retry may send it twice.
+    server.data_delay = 1.5
+    config = SmtpConfig("127.0.0.1", server.port, timeout=0.2, data_timeout=0.5)
+    transport = SmtpPool(config, size=1)
+    try:
+        with pytest.raises(TransientSendError, match="SMTP timeout"):
+            await transport.send(message(1))
+    finally:
+        await transport.close()
+
+
 # How the commands travel
 
 
