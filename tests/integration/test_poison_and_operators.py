@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from contracts import migrate, topology
-from contracts.settings import Settings
+from contracts.settings import Settings, redact_url
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
 from tests.support import infra
@@ -447,6 +447,7 @@ async def test_a_dead_letter_of_unknown_origin_is_listed_as_such(
     assert listed.stdout.splitlines() == [
         f"1 dead letter in {topology.DEAD_LETTER_QUEUE}",
         "nowhere-1  age=-  origin unknown  event=-  notification=-",
+        "    no reason given",
         f"    cannot be replayed: {NO_ORIGIN}",
     ]
     [kept] = await helpers.take_dead_letters(settings.amqp_url)
@@ -515,6 +516,40 @@ async def test_a_dead_letter_naming_the_dead_letter_queue_is_not_counted_replaye
     ]
     [kept] = await helpers.take_dead_letters(settings.amqp_url)
     assert (kept.body, kept.message_id) == (b"{}", "self-1")
+
+
+async def test_a_dead_letter_naming_a_retry_queue_stays_and_says_so(
+    settings: Settings,
+) -> None:
+    retry_queue = topology.retry_levels((1, 2))[0].queue
+    headers = {topology.ORIGIN_QUEUE_HEADER: retry_queue}
+    await _dead_letter(settings, b"{}", headers, message_id="retry-1")
+    why = f"it names {retry_queue}, a retry queue no consumer reads, as the queue "
+    why += "it came from"
+
+    listed = admin(settings, "dlq", "list")
+    replayed = admin(settings, "dlq", "replay", "retry-1")
+
+    assert listed.stdout.splitlines()[2:] == [
+        "    set aside by the test",
+        f"    cannot be replayed: {why}",
+    ]
+    assert replayed.returncode == 1
+    assert replayed.stderr.splitlines() == [
+        f"not replayed: retry-1: {why}; it stays in {topology.DEAD_LETTER_QUEUE}"
+    ]
+    [kept] = await helpers.take_dead_letters(settings.amqp_url)
+    assert (kept.body, kept.message_id) == (b"{}", "retry-1")
+
+
+async def test_a_dead_letter_without_a_reason_is_listed_as_giving_none(
+    settings: Settings,
+) -> None:
+    await _dead_letter(settings, b"{}", {topology.REASON_HEADER: ""}, "quiet-1")
+
+    listed = admin(settings, "dlq", "list")
+
+    assert listed.stdout.splitlines()[2:] == ["    no reason given"]
 
 
 async def test_dlq_list_counts_dead_letters_in_the_singular_only_for_one(
@@ -742,6 +777,39 @@ def test_admin_says_what_the_broker_refused(
     assert "NOTIFLOW_AMQP_URL" in done.stderr
     assert "notit" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_admin_on_a_virtual_host_that_does_not_exist_says_so_in_plain_words(
+    settings: Settings,
+) -> None:
+    base = settings.amqp_url.rsplit("/", 1)[0]
+    url = f"{base}/notiflow-no-such-vhost"
+
+    done = admin(settings.model_copy(update={"amqp_url": url}), "dlq", "list")
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"notiflow-admin: the broker at {redact_url(url)} closed the connection as "
+        "it opened the virtual host 'notiflow-no-such-vhost': it does not exist, "
+        "or the user in NOTIFLOW_AMQP_URL may not use it"
+    ]
+
+
+@pytest.mark.parametrize("command", [("list",), ("replay", "--all")])
+def test_admin_on_a_virtual_host_no_service_has_started_on_says_so(
+    settings: Settings, command: tuple[str, ...]
+) -> None:
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+
+    done = admin(settings, "dlq", *command)
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"notiflow-admin: the virtual host {vhost!r} at "
+        f"{redact_url(settings.amqp_url)} has no queue {topology.DEAD_LETTER_QUEUE}: "
+        "no notiflow service has started there, so nothing was dead-lettered; "
+        "check that NOTIFLOW_AMQP_URL names the virtual host the services use"
+    ]
 
 
 def test_admin_given_a_malformed_url_exits_2_naming_the_setting(

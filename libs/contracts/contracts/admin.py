@@ -51,7 +51,8 @@ A dead letter with neither (published to the dead-letter queue by hand, or by
 another tool) has no queue to go back to: ``dlq list`` shows its origin as unknown,
 and replay, asked for it by id or with ``--all``, leaves it in the dead-letter queue
 as it leaves one whose queue is gone, names it on standard error and counts it
-among those left.
+among those left. So does it with one whose header names the dead-letter queue
+itself or a retry queue, where no consumer would ever read it.
 
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
 reset, and enqueues a delivery for each through the outbox in the same transaction;
@@ -81,6 +82,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import aio_pika
@@ -191,7 +193,7 @@ def origin(message: AbstractIncomingMessage) -> Origin:
     if isinstance(latest, dict) and (queue := _text(latest.get("queue"))):
         return Origin(
             queue=queue,
-            reason=f"RabbitMQ dead-lettered it: {_text(latest.get('reason')) or '?'}",
+            reason=_by_rabbitmq(_text(latest.get("reason"))),
             when=_when(latest.get("time")),
         )
     return Origin(
@@ -199,6 +201,12 @@ def origin(message: AbstractIncomingMessage) -> Origin:
         reason=_text(headers.get(topology.REASON_HEADER)),
         when=_when(headers.get(DEAD_LETTERED_AT_HEADER)),
     )
+
+
+def _by_rabbitmq(reason: str) -> str:
+    if reason:
+        return f"RabbitMQ dead-lettered it: {reason}"
+    return "RabbitMQ dead-lettered it, recording no reason"
 
 
 def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
@@ -262,11 +270,18 @@ def _when(value: Any) -> datetime | None:
     return None
 
 
+class NoDeadLetterQueue(Exception):
+    """The virtual host has no dead-letter queue: no service has started there."""
+
+
 async def _taken(
     channel: aio_pika.abc.AbstractChannel,
 ) -> list[AbstractIncomingMessage]:
     """Every message now in the dead-letter queue, held unacked on ``channel``."""
-    queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+    try:
+        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        raise NoDeadLetterQueue from None
     count = queue.declaration_result.message_count or 0
     taken: list[AbstractIncomingMessage] = []
     # Bounded by the count seen at the start: messages dead-lettered meanwhile wait
@@ -317,6 +332,27 @@ _NO_ORIGIN = (
 )
 
 
+# Where the retry queues' names start: queues a message waits in, read by no one.
+RETRY_QUEUE_PREFIX = topology.RetryLevel(0).queue.removesuffix("0s")
+
+
+def _not_replayable(queue: str) -> str | None:
+    """Why a dead letter that names ``queue`` as its origin cannot go back there.
+
+    Only a hand-set header names one of these. Sent to the dead-letter queue itself,
+    it would be counted replayed while it stays; sent to a retry queue, which no
+    consumer reads, it would expire into an exchange that routes it nowhere, lost.
+    """
+    if queue == topology.DEAD_LETTER_QUEUE:
+        return "it names the dead-letter queue itself as the queue it came from"
+    if queue.startswith(RETRY_QUEUE_PREFIX):
+        return (
+            f"it names {queue}, a retry queue no consumer reads, as the queue it "
+            "came from"
+        )
+    return None
+
+
 # How the reason began on dead letters of notifications that failed for good,
 # before consumers marked them with ``topology.ROW_FAILED_HEADER``.
 _PERMANENT_FAILURE = "permanent failure"
@@ -365,14 +401,12 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
             if wanted is not None and name not in wanted:
                 await _put_back(publishing, message)
                 continue
-            if queue == topology.DEAD_LETTER_QUEUE:
-                # Only a hand-set header says so: sent "back" there, it would be
-                # counted as replayed while it stays where it is.
-                why = "it names the dead-letter queue itself as the queue it came from"
-            elif queue:
-                why = await _send_back(publishing, message, queue)
-            else:
+            if not queue:
                 why = f"origin unknown: {_NO_ORIGIN}"
+            elif (problem := _not_replayable(queue)) is not None:
+                why = problem
+            else:
+                why = await _send_back(publishing, message, queue)
             if why is not None:
                 await _put_back(publishing, message)
                 kept.append(Kept(id=name, why=why, queue=queue))
@@ -686,10 +720,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 f"event={item.event_id or '-'}  "
                 f"notification={item.notification_id or '-'}"
             )
-            if item.queue or item.reason:
-                _say(f"    {item.reason}")
+            _say(f"    {item.reason or 'no reason given'}")
             if not item.queue:
                 _say(f"    cannot be replayed: {_NO_ORIGIN}")
+            elif (problem := _not_replayable(item.queue)) is not None:
+                _say(f"    cannot be replayed: {problem}")
         return 0
     if args.command == "dlq":
         done = await dlq_replay(settings, None if args.all else args.ids)
@@ -790,17 +825,38 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     except asyncpg.PostgresError as exc:
         print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
         return 1
-    except aio_pika.exceptions.AMQPError as exc:
-        # RabbitMQ closes the connection as it opens for a virtual host that does
-        # not exist or that the user may not use; aiormq reports an odd frame.
+    except NoDeadLetterQueue:
         print(
-            f"notiflow-admin: the broker at {redact_url(settings.amqp_url)} refused: "
-            f"{exc!r}; check that the virtual host in NOTIFLOW_AMQP_URL exists and "
-            f"the user may use it",
+            f"notiflow-admin: the virtual host {_vhost(settings.amqp_url)!r} at "
+            f"{redact_url(settings.amqp_url)} has no queue "
+            f"{topology.DEAD_LETTER_QUEUE}: no notiflow service has started there, "
+            "so nothing was dead-lettered; check that NOTIFLOW_AMQP_URL names the "
+            "virtual host the services use",
             file=sys.stderr,
         )
         return 1
+    except aio_pika.exceptions.AMQPError as exc:
+        where = f"the broker at {redact_url(settings.amqp_url)}"
+        if "Connection.OpenOk" in str(exc):
+            # RabbitMQ closes the connection as it opens for a virtual host that
+            # does not exist or that the user may not use; aiormq reports that
+            # as an unexpected frame, keeping none of RabbitMQ's words.
+            print(
+                f"notiflow-admin: {where} closed the connection as it opened the "
+                f"virtual host {_vhost(settings.amqp_url)!r}: it does not exist, or "
+                "the user in NOTIFLOW_AMQP_URL may not use it",
+                file=sys.stderr,
+            )
+        else:
+            print(f"notiflow-admin: {where} refused: {exc}", file=sys.stderr)
+        return 1
     return code
+
+
+def _vhost(url: str) -> str:
+    """The virtual host an AMQP URL names, as the clients read it."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _cannot_reach(
