@@ -27,7 +27,9 @@ out.
 A stopping sender claims nothing more: the deliveries it holds that no batch has
 taken go back to the queue with their rows ``pending`` (see
 :mod:`contracts.consumer`). A batch still sending when the drain time runs out is
-cancelled; its rows stay ``sending`` until the lease runs out, like a dead worker's.
+cancelled; its rows stay ``sending`` until the lease runs out, like a dead worker's,
+and an email the server had taken is sent twice. So the deployments give the email
+sender a drain as long as one whole SMTP conversation.
 """
 
 from __future__ import annotations
