@@ -241,14 +241,16 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
     settings = load_or_exit(get_settings)
     host = load_or_exit(lambda: listen_host(os.environ.get("HOST")))
     port = load_or_exit(lambda: listen_port(os.environ.get("PORT"), default_port))
+    # Before the app is built: the broker connections it sets up carry the name.
+    logs.configure(service, settings.log_level)
+    # Building the app checks the service's own settings and files; it connects
+    # to nothing, so a mistake in them is reported whatever the address.
+    app = load_or_exit(make_app)
     # Uvicorn would bind only once the app has started (database, broker,
     # consumers): the address is taken here, before any of that, so that one
     # the service cannot use stops it first. Until uvicorn serves, a client's
     # connection waits in the backlog instead of being refused.
     sockets = load_or_exit(lambda: listen(host, port))
-    # Before the app is built: the broker connections it sets up carry the name.
-    logs.configure(service, settings.log_level)
-    app = load_or_exit(make_app)
     tracing.configure(service)
     require_services(settings, migrated=True)
     logger.info(

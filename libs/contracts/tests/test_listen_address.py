@@ -283,6 +283,30 @@ def test_an_address_a_service_cannot_listen_on_stops_it_before_it_connects(
 
 
 @pytest.mark.integration
+def test_a_mistake_in_a_service_setting_is_reported_even_when_its_port_is_taken(
+    settings: Settings, taken_port: int
+) -> None:
+    # The service's own settings say what is wrong whatever the machine's state:
+    # an operator fixing the file should not first be sent after the port.
+    done = subprocess.run(
+        [str(BIN / "notiflow-dispatcher")],
+        env=dispatcher_env(
+            settings,
+            PORT=str(taken_port),
+            NOTIFLOW_CHANNEL_CONFIG="/nonexistent/channels.json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("notiflow: invalid setting NOTIFLOW_CHANNEL_CONFIG:"), line
+    assert queues(settings.amqp_url) == []
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("host", ["::1", "localhost"])
 def test_a_service_on_an_ipv6_address_or_a_host_name_answers_and_stops_on_sigterm(
     settings: Settings, tmp_path: Path, host: str
