@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, expect
 
+from contracts.settings import Settings
 from tests.support.data import Demo
 from tests.support.processes import Service
 
@@ -104,3 +106,28 @@ async def test_reloading_loses_nothing(browser: Browser, site: Site) -> None:
     await expect(page.locator("#status")).to_have_text("live")
     await expect(notes).to_have_count(2)
     await expect(page.locator("#unread-count")).to_have_text("2")
+
+
+async def test_a_notification_link_opens_its_post_among_more_than_the_list_holds(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    # The posts list holds the newest hundred: the linked post is not in it.
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO posts (author_id, title, body) "
+            "SELECT $1, 'Newer post ' || n, 'x' FROM generate_series(1, 120) n",
+            demo.bob,
+        )
+    finally:
+        await conn.close()
+    context = await browser.new_context()
+    page = await context.new_page()
+
+    await page.goto(f"{gateway.url}/?user=bob&post={demo.post}#comment-1")
+
+    await expect(page.locator("#post-title")).to_have_text("Welcome to notiflow")
+    await page.fill("#comment-body", "Replying where the link pointed")
+    await page.click("#comment-submit")
+    await expect(page.locator("#comments")).to_contain_text("where the link pointed")

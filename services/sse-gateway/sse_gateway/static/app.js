@@ -314,12 +314,7 @@
   // ---- the post and its comments ---------------------------------------------
 
   async function loadPost(highlight) {
-    if (!state.post) {
-      const wanted = Number(new URLSearchParams(location.search).get("post"));
-      const posts = await request(`${state.api}/posts`);
-      state.post = posts.find((p) => p.id === wanted)
-        || posts.find((p) => p.author.username === "alice") || posts[0];
-    }
+    if (!state.post) state.post = await choosePost();
     if (!state.post) return;
     const post = await request(`${state.api}/posts/${state.post.id}`);
     $("post-title").textContent = post.title;
@@ -328,6 +323,22 @@
     $("post").setAttribute("aria-busy", "false");
     $("comments-heading").textContent = `Comments (${post.comments.length})`;
     $("comments").replaceChildren(...post.comments.map((c) => commentItem(c, c.id === highlight)));
+  }
+
+  // The post a link names (?post=N, as every notification's link does), asked for
+  // by its id: the list holds only the newest posts. Without one, or if it is
+  // gone, the demo's welcome post or the newest.
+  async function choosePost() {
+    const wanted = Number(new URLSearchParams(location.search).get("post"));
+    if (Number.isSafeInteger(wanted) && wanted > 0) {
+      try {
+        return await request(`${state.api}/posts/${wanted}`);
+      } catch (err) {
+        if (!(err instanceof HttpError && err.status === 404)) throw err;
+      }
+    }
+    const posts = await request(`${state.api}/posts`);
+    return posts.find((p) => p.author.username === "alice") || posts[0];
   }
 
   function commentItem(comment, fresh) {
