@@ -153,6 +153,13 @@ def test_database_and_broker_credentials_match_their_servers(
     ) == env["NOTIFLOW_AMQP_URL"]
 
 
+def test_the_page_calls_every_api_through_the_proxy(compose: dict[str, Any]) -> None:
+    env = environment(compose["services"]["sse-gateway"])
+
+    assert env["NOTIFLOW_API_BASE_URL"] == env["NOTIFLOW_PUBLIC_URL"]
+    assert env["NOTIFLOW_PUSH_BASE_URL"] == env["NOTIFLOW_PUBLIC_URL"]
+
+
 def test_email_goes_to_the_sink(compose: dict[str, Any]) -> None:
     env = environment(compose["services"]["email-sender"])
 

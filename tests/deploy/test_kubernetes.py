@@ -457,6 +457,21 @@ def test_mode_is_set_per_environment(rendered: Rendered, overlay: str) -> None:
     assert config_value(docs, found, "NOTIFLOW_ENV") == MODES[overlay]
 
 
+@pytest.mark.parametrize("overlay", NAMESPACES)
+def test_the_page_calls_every_api_at_the_public_address(
+    rendered: Rendered, overlay: str
+) -> None:
+    # The Ingress routes the APIs on the public host; an address left at its
+    # development default would send browsers to a port they cannot reach.
+    docs = rendered(overlay)
+    found = container(named(docs, "Deployment", "sse-gateway"), "sse-gateway")
+    public = config_value(docs, found, "NOTIFLOW_PUBLIC_URL")
+
+    assert public
+    assert config_value(docs, found, "NOTIFLOW_API_BASE_URL") == public
+    assert config_value(docs, found, "NOTIFLOW_PUSH_BASE_URL") == public
+
+
 @pytest.mark.parametrize("overlay", WITH_KEDA)
 def test_email_sender_is_told_where_smtp_is(rendered: Rendered, overlay: str) -> None:
     docs = rendered(overlay)
