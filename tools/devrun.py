@@ -9,6 +9,7 @@ The steps, in order:
    every service. Each child leads a process group of its own, so Ctrl-C in the
    terminal reaches this script and not them; it stops them in order (SIGTERM, then
    SIGKILL for any still there after 15 s) instead of letting them die mid-request.
+   Closing the terminal (SIGHUP) and SIGTERM stop them the same way.
 4. Wait until each service answers ``GET /readyz`` with 200, then say where it listens.
 
 Every line a child prints is shown behind its name. When one child exits on its own the
@@ -115,6 +116,9 @@ class Console:
     """Writes whole lines to stdout, each behind a fixed-width name.
 
     The names are coloured only on a terminal, and never when ``NO_COLOR`` is set.
+    Once stdout is gone (the ``tee`` it was piped into stopped with the same Ctrl-C,
+    or the terminal closed), lines are dropped: the children still have to be stopped,
+    and their output still read so that none blocks on a full pipe.
     """
 
     def __init__(self, stream: IO[str]) -> None:
@@ -122,6 +126,7 @@ class Console:
         self._lock = threading.Lock()
         self._colour = stream.isatty() and not os.environ.get("NO_COLOR")
         self._tags: dict[str, str] = {}
+        self._gone = False
 
     def _tag(self, name: str) -> str:
         tag = self._tags.get(name)
@@ -133,18 +138,44 @@ class Console:
         return tag
 
     def say(self, name: str, text: str) -> None:
-        with self._lock:
-            self._stream.write(f"{self._tag(name)} {text}\n")
-            self._stream.flush()
+        self._write(f"{self._tag(name)} {text}\n")
 
     def plain(self, text: str) -> None:
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
         with self._lock:
-            self._stream.write(text + "\n")
-            self._stream.flush()
+            if self._gone:
+                return
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except OSError:
+                self._gone = True
+                _silence(self._stream)
+
+
+def _silence(stream: IO[str]) -> None:
+    """Point a dead stream's descriptor at /dev/null.
+
+    What is left in its buffer then goes nowhere, instead of failing again when the
+    interpreter flushes it at exit.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 class StopRequest:
-    """Handles SIGINT and SIGTERM: the first asks for a stop, a later one for haste.
+    """Handles SIGINT, SIGTERM and SIGHUP: the first asks for a stop, a later one for
+    haste. SIGHUP is the terminal closing; the children, in groups of their own, would
+    not hear of it and be left running.
 
     One Ctrl-C can arrive twice, from the terminal and again from a wrapper such as
     ``uv run`` that forwards it, so signals within a second of the first count as
@@ -163,8 +194,8 @@ class StopRequest:
             self.hurry = True
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self)
 
     @property
     def requested(self) -> bool:
@@ -366,8 +397,11 @@ class DevRun:
         try:
             return self._run()
         except Failed as exc:
-            for line in str(exc).splitlines():
-                print(f"{SELF}: {line}", file=sys.stderr, flush=True)
+            try:
+                for line in str(exc).splitlines():
+                    print(f"{SELF}: {line}", file=sys.stderr, flush=True)
+            except OSError:
+                _silence(sys.stderr)
             return exc.status
         finally:
             if self.stop.requested and self.children.running():

@@ -1,0 +1,133 @@
+"""``make run`` leaves no service behind when it is told to stop, even when the
+output it writes can no longer go anywhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import infra
+
+pytestmark = pytest.mark.integration
+
+DEVRUN = Path(__file__).parents[2] / "tools" / "devrun.py"
+SERVICES = (
+    "notiflow-comments",
+    "notiflow-sse-gateway",
+    "notiflow-dispatcher",
+    "notiflow-email-sender",
+)
+SERVICE_PORTS = (8080, 8081, 8082, 8083, 8084)
+
+# Stands in for a service: notes its pid, then waits to be stopped. It never answers
+# /readyz, so the run stays in its wait for readiness until the signal comes.
+STAND_IN = textwrap.dedent(
+    """\
+    #!{python}
+    import os, sys, time
+    from pathlib import Path
+    Path(sys.argv[0] + ".pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    """
+)
+
+
+def _taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Path:
+    taken = [port for port in SERVICE_PORTS if _taken(port)]
+    if taken:
+        pytest.skip(f"a running `make run` holds port(s) {taken} on this machine")
+    for name in ("notiflow-migrate", "notiflow-seed"):
+        (tmp_path / name).write_text("#!/bin/sh\nexit 0\n")
+    for name in SERVICES:
+        (tmp_path / name).write_text(STAND_IN.format(python=sys.executable))
+    for path in tmp_path.iterdir():
+        path.chmod(0o755)
+    return tmp_path
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    name = infra.create_vhost()
+    yield name
+    infra.delete_vhost(name)
+
+
+def _wait_for_pids(scripts: Path) -> list[int]:
+    files = [scripts / f"{name}.pid" for name in SERVICES]
+    deadline = time.monotonic() + 30
+    while not all(f.exists() and f.read_text() for f in files):
+        assert time.monotonic() < deadline, "the services were never started"
+        time.sleep(0.1)
+    return [int(f.read_text()) for f in files]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["INT", "HUP"])
+def test_stopping_make_run_stops_every_service_when_its_output_is_gone(
+    scripts: Path, vhost: str, signum: signal.Signals
+) -> None:
+    # As with `make run | tee run.log`: the same Ctrl-C ends the tee, and closing
+    # the terminal ends both, so devrun's "stopping" line meets a broken pipe.
+    run = subprocess.Popen(
+        [sys.executable, str(DEVRUN), "--scripts", str(scripts)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "NOTIFLOW_DATABASE_URL": infra.database_url(infra.unique("notiflow_run")),
+            "NOTIFLOW_AMQP_URL": infra.amqp_url(vhost),
+            # Elsewhere than this machine: no SMTP sink is started.
+            "NOTIFLOW_SMTP_HOST": "smtp.invalid",
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    pids: list[int] = []
+    try:
+        pids = _wait_for_pids(scripts)
+        assert run.poll() is None
+        assert run.stdout is not None
+        run.stdout.close()
+
+        run.send_signal(signum)
+        status = run.wait(timeout=30)
+        leftover = [pid for pid in pids if _alive(pid)]
+        assert run.stderr is not None
+        errors = run.stderr.read().decode()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for stream in (run.stdout, run.stderr):
+            if stream is not None:
+                stream.close()
+
+    assert leftover == []
+    assert status == 0, errors
+    assert "Traceback" not in errors
+    assert "BrokenPipeError" not in errors
