@@ -136,7 +136,6 @@ class Settings(BaseSettings):
     cors_origins: str = ""
 
     log_level: str = "INFO"
-    service_name: str = "notiflow"
 
     @field_validator("log_level")
     @classmethod
