@@ -131,3 +131,30 @@ async def test_a_notification_link_opens_its_post_among_more_than_the_list_holds
     await page.fill("#comment-body", "Replying where the link pointed")
     await page.click("#comment-submit")
     await expect(page.locator("#comments")).to_contain_text("where the link pointed")
+
+
+async def test_the_page_and_its_icon_load_without_an_error(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    page = await (await browser.new_context()).new_page()
+    errors: list[str] = []
+    page.on(
+        "response",
+        lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+    )
+
+    await page.goto(f"{gateway.url}/?user=bob")
+    await expect(page.locator("#status")).to_have_text("live")
+    icons = await page.evaluate(
+        """() => Promise.all(
+            [document.querySelector("link[rel=icon]").href, "/favicon.ico"].map(
+                (url) => fetch(url).then(
+                    (r) => `${r.status} ${r.headers.get("content-type")}`
+                )
+            )
+        )"""
+    )
+
+    assert icons == ["200 image/svg+xml", "200 image/svg+xml"]
+    assert errors == []

@@ -199,6 +199,7 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} · notiflow</title>"
+        '<link rel="icon" href="/static/icon.svg" type="image/svg+xml">'
         "<style>body{font-family:system-ui,sans-serif;max-width:34rem;"
         "margin:3rem auto;padding:0 1rem;line-height:1.5}"
         "button{font:inherit;padding:.5rem 1rem}</style></head>"

@@ -21,6 +21,17 @@ async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/favicon.ico")
+async def favicon() -> FileResponse:
+    # Asked for by browsers on any page of this origin that names no icon, such as
+    # a stream or a JSON answer opened directly.
+    return FileResponse(
+        STATIC / "icon.svg",
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "max-age=86400"},
+    )
+
+
 @router.get("/config.json")
 async def config(request: Request) -> dict[str, Any]:
     settings = request.app.state.runtime.settings
