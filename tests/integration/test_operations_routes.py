@@ -56,4 +56,4 @@ async def test_an_unknown_path_or_method_gets_the_json_error_shape(
     assert missing.json() == {"error": "not_found", "detail": "Not Found"}
     assert posted.status_code == 405
     assert posted.json()["error"] == "method_not_allowed"
-    assert posted.headers["allow"] == "GET"
+    assert posted.headers["allow"] == "GET, HEAD"

@@ -280,7 +280,10 @@ def install_http_policy(
             )
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         code = codes.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, exc.detail, **(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers = _allow_head(headers)
+        return error(exc.status_code, code, exc.detail, **headers)
 
     @app.exception_handler(asyncpg.DataError)
     async def bad_value(_: Request, exc: asyncpg.DataError) -> JSONResponse:
@@ -505,6 +508,16 @@ def _given_twice(scope: Scope, name: bytes) -> bool:
                 return True
             found = True
     return False
+
+
+def _allow_head(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` of a 405 with ``HEAD`` in ``Allow`` wherever ``GET`` is:
+    :class:`HeadAsGet` answers it there."""
+    allowed = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.insert(allowed.index("GET") + 1, "HEAD")
+        headers["Allow"] = ", ".join(allowed)
+    return headers
 
 
 class HeadAsGet:

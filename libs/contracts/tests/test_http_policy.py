@@ -498,3 +498,16 @@ async def test_an_allowed_preflight_is_answered_as_starlette_answers_it() -> Non
     assert ours.headers == starlette.headers
     assert ours.content == starlette.content
     assert ours.headers["access-control-allow-origin"] == PAGE
+
+
+async def test_a_method_not_allowed_lists_head_wherever_get_is_allowed() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        on_a_get_route = await client.post("/page", json={})
+        on_a_post_route = await client.put("/json", json={})
+
+    assert on_a_get_route.status_code == 405
+    assert on_a_get_route.json()["error"] == "method_not_allowed"
+    assert on_a_get_route.headers["allow"] == "GET, HEAD"
+    assert on_a_post_route.headers["allow"] == "POST"
