@@ -6,6 +6,7 @@ import hashlib
 import logging
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -259,6 +260,17 @@ def _log_stored(comment_id: int, post_id: int, event_id: str) -> None:
     )
 
 
+# The keys of a 201 body, and of its author, in the order they are sent: a replay
+# answers in it too, since the stored copy (jsonb) keeps keys in an order of its own.
+CREATED_KEYS = ("id", "post_id", "body", "author", "created_at", "event_id")
+PERSON_KEYS = ("id", "username", "display_name")
+
+
+def _in_order(body: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    first = {key: body[key] for key in keys if key in body}
+    return first | {key: value for key, value in body.items() if key not in first}
+
+
 def _created(new: NewComment, row: asyncpg.Record, event_id: str) -> dict[str, Any]:
     """The ``201`` body for a stored comment."""
     return {
@@ -279,8 +291,11 @@ async def _replay(
         raise Conflict(
             f"Idempotency-Key {key!r} was already used with a different request body"
         )
+    body = _in_order(stored["response"], CREATED_KEYS)
+    if isinstance(body.get("author"), dict):
+        body["author"] = _in_order(body["author"], PERSON_KEYS)
     return JSONResponse(
-        stored["response"],
+        body,
         status_code=stored["status_code"],
         headers={"Idempotent-Replayed": "true"},
     )

@@ -523,6 +523,20 @@ async def test_concurrent_requests_with_one_idempotency_key_store_one_comment(
     assert (await counts(settings))[0] == 1
 
 
+async def test_a_replayed_comment_answers_byte_for_byte_as_the_first_did(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    headers = {**auth(settings, demo.bob, "bob"), "Idempotency-Key": "k-same"}
+    payload = {"post_id": demo.post, "body": "said once"}
+
+    first = await client.post("/comments", json=payload, headers=headers)
+    again = await client.post("/comments", json=payload, headers=headers)
+
+    assert first.status_code == again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+
+
 async def test_a_post_id_not_written_in_canonical_decimal_is_refused_naming_it(
     client: httpx.AsyncClient, demo: Demo
 ) -> None:
