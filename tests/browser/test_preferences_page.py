@@ -11,9 +11,11 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, Route, expect
 
+from contracts.auth import unsubscribe_url
 from contracts.settings import Settings
 from tests.support.data import Demo
 from tests.support.processes import Service
@@ -108,6 +110,29 @@ async def test_unchecking_email_is_stored_and_survives_a_reload(
     await expect(page.locator("#status")).to_have_text("live")
     await expect_boxes(page, email=False, live=True, push=True)
     assert await stored(settings, demo.bob) == {"email": False}
+
+
+async def test_the_boxes_follow_a_change_made_in_another_tab_or_by_an_email_link(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    first = await open_as(browser, gateway, "bob")
+    second = await first.context.new_page()
+    await second.goto(f"{gateway.url}/?user=bob")
+    await expect(second.locator("#status")).to_have_text("live")
+    await expect_boxes(second, email=True, live=True, push=True)
+
+    await box(first, "Browser push").uncheck()
+    await expect_boxes(second, email=True, live=True, push=False)
+
+    # The unsubscribe link in an email, followed in a mail program.
+    link = unsubscribe_url(gateway.url, demo.bob, settings.secret_key)
+    async with httpx.AsyncClient() as client:
+        turned_off = await client.post(link)
+    assert turned_off.status_code == 200
+    for page in (first, second):
+        await expect_boxes(page, email=False, live=True, push=False)
+    assert await stored(settings, demo.bob) == {"push": False, "email": False}
 
 
 async def test_a_refused_change_puts_the_box_back_and_says_why(

@@ -13,6 +13,9 @@ row already ``sending`` (a worker holds it, and may be talking to the mail serve
 already), and a row of an event the dispatcher was storing while the change
 committed (it read the preference just before). Turning the type back on revives
 none of the skipped rows.
+
+A change is announced to the user's open streams as a ``preferences`` event (no
+data: a page reads ``GET /preferences`` again), sent by the transaction that made it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from contracts.auth import UnknownUser
 from contracts.topology import CHANNEL_TYPES
+from sse_gateway import inbox
 
 READ = "SELECT type, enabled FROM notification_preferences WHERE user_id = $1"
 
@@ -129,6 +133,9 @@ async def change(
         async with pg.transaction():
             rows = await pg.fetch(CHANGE, user_id, list(given), list(given.values()))
             skipped = await pg.fetchval(SKIP_WAITING, user_id, off) if off else 0
+            # Delivered at commit to every replica, which tells the user's pages
+            # to read their preferences again.
+            await inbox.announce(pg, {"kind": "preferences", "u": user_id})
     except asyncpg.ForeignKeyViolationError:
         # The table's one foreign key is its user's: the user was deleted after
         # the request's token was checked. Nothing was stored.

@@ -26,6 +26,11 @@
     prefs: null,
     prefsUser: null,
     prefsBusy: new Set(),
+    // Orders what this page learns of the preferences: each saved change takes a
+    // tick, and each read of the whole map a number of its own.
+    prefsClock: 0,
+    prefsSetAt: {},
+    prefsRead: 0,
   };
   window.notiflow = window.notiflow || {};
 
@@ -157,7 +162,10 @@
     source.addEventListener("sync", (e) => {
       setUnread(JSON.parse(e.data).unread);
       loadInbox().catch(showError);
+      if (state.prefs) loadPreferences().catch(showError);
     });
+    // Another tab, or an email's unsubscribe link, changed the preferences.
+    source.addEventListener("preferences", () => loadPreferences().catch(showError));
   }
 
   // ---- the inbox -------------------------------------------------------------
@@ -246,12 +254,16 @@
 
   // ---- how the user wants to be notified -------------------------------------
 
-  // The boxes show what GET /preferences stored, read once per signed-in user (a
-  // reconnect of the stream keeps them). Each change is sent alone, with only its
-  // key, and only that key is taken from the answer: the whole map it carries can
-  // be older than the answer to a change of another box that arrived first. A box
-  // is disabled while its change is in flight, and all are until the map is known.
-  // Answers meant for a user who is no longer signed in are dropped.
+  // The boxes show what GET /preferences stored, read once per signed-in user and
+  // again whenever the stream says they changed elsewhere (another tab, an email's
+  // unsubscribe link) or may have (a "sync" after the gateway lost its feed). Each
+  // change is sent alone, with only its key, and only that key is taken from the
+  // answer: the whole map it carries can be older than the answer to a change of
+  // another box that arrived first. For the same reason a read of the whole map
+  // keeps what this page saved while the read was in flight, and only the latest
+  // read counts. A box is disabled while its change is in flight, and all are until
+  // the map is known. Answers meant for a user who is no longer signed in are
+  // dropped.
 
   function preferenceBoxes() {
     return [...$("prefs").querySelectorAll("input[type=checkbox]")];
@@ -268,15 +280,21 @@
   function forgetPreferences() {
     state.prefs = null;
     state.prefsUser = null;
+    state.prefsSetAt = {};
     $("prefs-error").textContent = "";
     renderPreferences();
   }
 
   async function loadPreferences() {
     const user = (state.prefsUser = state.username);
+    const read = ++state.prefsRead;
+    const since = state.prefsClock;
     try {
       const stored = await authed("/preferences");
-      if (user !== state.prefsUser) return;
+      if (user !== state.prefsUser || read !== state.prefsRead) return;
+      for (const [key, at] of Object.entries(state.prefsSetAt)) {
+        if (at > since && state.prefs) stored[key] = state.prefs[key];
+      }
       state.prefs = stored;
       $("prefs-error").textContent = "";
       renderPreferences();
@@ -299,7 +317,10 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ [key]: box.checked }),
       });
-      if (user === state.prefsUser && state.prefs) state.prefs[key] = stored[key];
+      if (user === state.prefsUser && state.prefs) {
+        state.prefs[key] = stored[key];
+        state.prefsSetAt[key] = ++state.prefsClock;
+      }
     } catch (err) {
       // The box goes back to what is stored (renderPreferences, below).
       if (user === state.prefsUser) {
