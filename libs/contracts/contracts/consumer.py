@@ -48,7 +48,9 @@ delivery can go out twice.
 
 :meth:`Consumers.missing` says which queues have no live consumer in this process
 (a channel that is still reconnecting, or a consumer the broker cancelled because
-its queue was deleted); readiness reports them.
+its queue was deleted); readiness reports them. A reconnecting channel consumes again
+by itself once it is back; a cancelled consumer does not, so :meth:`Consumers.resume`
+subscribes it again once its queue has been declared again.
 """
 
 from __future__ import annotations
@@ -231,6 +233,34 @@ class Consumers:
             for queue, subscriber in self._subscribers.items()
             if not await _consuming(subscriber)
         ]
+
+    async def cancelled(self) -> list[str]:
+        """The queues whose consumer the broker cancelled on a channel still open."""
+        return [
+            queue
+            for queue, subscriber in self._subscribers.items()
+            if await _cancelled(subscriber)
+        ]
+
+    async def resume(self, queues: Sequence[str]) -> None:
+        """Consume again from ``queues``, which must exist again by now.
+
+        The consumer comes back on its own channel under its own tag: prefetch,
+        batching and stopping work as before.
+        """
+        for queue in queues:
+            if self.stopping:
+                return
+            subscriber = self._subscribers[queue]
+            if await _cancelled(subscriber):
+                # aio-pika's queue keeps each consumer it started, to start them
+                # again after a reconnect; this is that step, without the reconnect.
+                await subscriber._queue_obj.restore()
+                logger.warning(
+                    "consuming %s again: the broker had cancelled its consumer",
+                    queue,
+                    extra={"action": "consumer.resumed", "queue": queue},
+                )
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -757,6 +787,20 @@ async def _consuming(subscriber: Any) -> bool:
     except Exception:
         return False
     return not channel.is_closed and tag in channel.consumers
+
+
+async def _cancelled(subscriber: Any) -> bool:
+    # The channel is open and the tag is still the subscriber's, yet the channel no
+    # longer delivers to it: the broker cancelled it (its queue was deleted).
+    queue = getattr(subscriber, "_queue_obj", None)
+    tag = getattr(subscriber, "_consumer_tag", None)
+    if queue is None or tag is None or queue.channel.is_closed:
+        return False
+    try:
+        channel = await queue.channel.get_underlay_channel()
+    except Exception:
+        return False
+    return not channel.is_closed and tag not in channel.consumers
 
 
 def _count(number: int, one: str, many: str) -> str:

@@ -8,6 +8,7 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 # pause aio-pika takes too).
 CONNECT_TIMEOUT = 10
 RECONNECT_INTERVAL = 5.0
+# How often a consumer the broker cancelled (its queue was deleted) is looked for,
+# to declare the topology again and consume once more.
+RESUME_SECONDS = 2.0
 
 
 class Runtime:
@@ -69,6 +73,7 @@ class Runtime:
         self.consumers: Consumers | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._keeper: asyncio.Task[None] | None = None
         if consumers:
             # FastStream hands aio-pika a reconnect interval and a fail_fast of
             # its own, which win over the URL's, so it gets the URL's interval;
@@ -161,6 +166,35 @@ class Runtime:
             await self.relay.start()
         if self.broker is not None:
             await self.broker.start()
+        if self.consumers is not None:
+            self._keeper = asyncio.create_task(
+                self._keep_consuming(self.consumers), name="keep-consuming"
+            )
+
+    async def _keep_consuming(self, consumers: Consumers) -> None:
+        """Declare a deleted queue again and consume from it once more.
+
+        Every service declares the whole topology at start; a queue deleted while it
+        runs (by hand, or lost with a broker node) would otherwise stay gone, its
+        deliveries dropped as unroutable, until some service restarts.
+        """
+        while True:
+            await asyncio.sleep(RESUME_SECONDS)
+            try:
+                cancelled = await consumers.cancelled()
+                if cancelled and self._channel is not None:
+                    await topology.declare(
+                        self._channel, self.settings.retry_delay_levels
+                    )
+                    await consumers.resume(cancelled)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning(
+                    "could not consume again from a deleted queue: %r",
+                    exc,
+                    extra={"action": "consumer.resume_failed"},
+                )
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, then close everything.
@@ -168,6 +202,10 @@ class Runtime:
         See :meth:`contracts.consumer.Consumers.stop` for what becomes of the
         messages this process holds.
         """
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         if self.consumers is not None:
             await self.consumers.stop(self.settings.drain_seconds)
         if self.broker is not None:
