@@ -773,7 +773,9 @@ async def _unsubscribe(subscriber: Any, queue: str) -> None:
     subscriber._consumer_tag = None
 
 
-async def _consuming(subscriber: Any) -> bool:
+async def _subscribed(subscriber: Any) -> bool | None:
+    """Whether the broker delivers to ``subscriber``'s consumer on its open channel;
+    None while there is no open channel, or no consumer started."""
     # FastStream 0.7 keeps the aio-pika queue and the consumer tag on the subscriber
     # (``_queue_obj``, ``_consumer_tag``); aio-pika's robust queue re-consumes with the
     # same tag after a reconnect, and aiormq drops a tag from ``consumers`` when the
@@ -781,26 +783,22 @@ async def _consuming(subscriber: Any) -> bool:
     queue = getattr(subscriber, "_queue_obj", None)
     tag = getattr(subscriber, "_consumer_tag", None)
     if queue is None or tag is None or queue.channel.is_closed:
-        return False
+        return None
     try:
         channel = await queue.channel.get_underlay_channel()
     except Exception:
-        return False
-    return not channel.is_closed and tag in channel.consumers
+        return None
+    return None if channel.is_closed else tag in channel.consumers
+
+
+async def _consuming(subscriber: Any) -> bool:
+    return await _subscribed(subscriber) is True
 
 
 async def _cancelled(subscriber: Any) -> bool:
     # The channel is open and the tag is still the subscriber's, yet the channel no
     # longer delivers to it: the broker cancelled it (its queue was deleted).
-    queue = getattr(subscriber, "_queue_obj", None)
-    tag = getattr(subscriber, "_consumer_tag", None)
-    if queue is None or tag is None or queue.channel.is_closed:
-        return False
-    try:
-        channel = await queue.channel.get_underlay_channel()
-    except Exception:
-        return False
-    return not channel.is_closed and tag not in channel.consumers
+    return await _subscribed(subscriber) is False
 
 
 def _count(number: int, one: str, many: str) -> str:
