@@ -67,7 +67,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contracts import tracing
+from contracts import jsonkeys, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import DatabaseUnavailable
 
@@ -713,55 +713,11 @@ def _is_json(content_type: bytes | None) -> bool:
     )
 
 
-class _Repeating(dict[str, Any]):
-    """A JSON object in which ``repeated`` keys were given more than once."""
-
-    repeated: list[str]
-
-
 def repeated_keys(body: bytes) -> list[str]:
     """Where a JSON body gives a key twice, as dotted paths (``keys.auth``,
     ``items.0.id``); empty when no key is repeated, or when the body is not JSON,
     which the route's own parsing reports."""
-    found = False
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal found
-        obj = dict(pairs)
-        if len(obj) == len(pairs):
-            return obj
-        found = True
-        marked = _Repeating(obj)
-        seen: set[str] = set()
-        marked.repeated = []
-        for key, _ in pairs:
-            if key in seen and key not in marked.repeated:
-                marked.repeated.append(key)
-            seen.add(key)
-        return marked
-
-    try:
-        document = json.loads(body, object_pairs_hook=unique)
-    except (ValueError, RecursionError):
-        return []
-    if not found:
-        return []
-    paths: list[str] = []
-    # Objects nest inside lists, so walk both; iteratively, since a body may nest
-    # as deep as the parser allows.
-    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
-    while stack:
-        at, value = stack.pop()
-        if isinstance(value, _Repeating):
-            paths.extend(".".join((*at, key)) for key in value.repeated)
-        if isinstance(value, dict):
-            items = list(value.items())
-        elif isinstance(value, list):
-            items = [(str(index), item) for index, item in enumerate(value)]
-        else:
-            continue
-        stack.extend(((*at, key), item) for key, item in reversed(items))
-    return paths
+    return [".".join((*at, key)) for at, key in jsonkeys.repeated_keys(body)]
 
 
 async def _too_large(limit: int, scope: Scope, receive: Receive, send: Send) -> None:

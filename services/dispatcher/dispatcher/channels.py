@@ -27,7 +27,6 @@ import codecs
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
+
+from contracts import jsonkeys
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFi
     if not text.strip():
         raise ConfigError(f"{source} is empty; it must hold {_SHAPE}")
     # Read into a dict, a key given twice would keep one copy without a word.
-    repeated = _repeated_keys(text)
+    repeated = jsonkeys.repeated_keys(text)
     if repeated:
         raise ConfigError(f"{source} is invalid: {'; '.join(map(_repeated, repeated))}")
     try:
@@ -128,45 +129,6 @@ def _decode(data: bytes, source: str) -> str:
             f"0x{exc.object[exc.start]:02x}, which UTF-8 does not allow there; "
             "save it as UTF-8"
         ) from None
-
-
-class _Repeating(dict[str, Any]):
-    """An object of the file that gives some of its keys more than once."""
-
-    repeated: list[str]
-
-
-def _repeated_keys(text: str) -> list[tuple[tuple[str, ...], str]]:
-    """Each key the file gives twice in one object, with where that object is;
-    empty too when the text is not JSON, which validation reports."""
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj = dict(pairs)
-        if len(obj) == len(pairs):
-            return obj
-        marked = _Repeating(obj)
-        counts = Counter(key for key, _ in pairs)
-        marked.repeated = [key for key in obj if counts[key] > 1]
-        return marked
-
-    try:
-        document = json.loads(text, object_pairs_hook=unique)
-    except (ValueError, RecursionError):
-        return []
-    found: list[tuple[tuple[str, ...], str]] = []
-    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
-    while stack:
-        at, value = stack.pop()
-        if isinstance(value, _Repeating):
-            found.extend((at, key) for key in value.repeated)
-        if isinstance(value, dict):
-            items = list(value.items())
-        elif isinstance(value, list):
-            items = [(str(index), item) for index, item in enumerate(value)]
-        else:
-            continue
-        stack.extend(((*at, key), item) for key, item in reversed(items))
-    return found
 
 
 def _repeated(found: tuple[tuple[str, ...], str]) -> str:
