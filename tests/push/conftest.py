@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
 from contracts import topology
+from contracts.auth import issue_token
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.settings import Settings
 from push_sender.app import create_app
@@ -143,6 +144,20 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+def auth(settings: Settings, user_id: int) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(user_id, 'x', settings)}"}
+
+
+async def settled(db: asyncpg.Connection, row_id: int) -> asyncpg.Record | None:
+    """The notification row once it has an outcome, else None."""
+    row = await db.fetchrow(
+        "SELECT status, attempts, last_error, metadata, next_attempt_at "
+        "FROM notifications WHERE id = $1",
+        row_id,
+    )
+    return row if row["status"] in ("sent", "skipped", "failed") else None
 
 
 async def notify(

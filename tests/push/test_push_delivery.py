@@ -15,7 +15,13 @@ from contracts.settings import Settings
 from push_sender import payload
 from push_sender.vapid import b64url, public_point
 from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
-from tests.push.conftest import FakeDNS, deliver_together, notify, redeliver
+from tests.push.conftest import (
+    FakeDNS,
+    deliver_together,
+    notify,
+    redeliver,
+    settled,
+)
 from tests.support.data import Demo
 from tests.support.push_service import Answer, Device, PushService
 from tests.support.waiting import eventually
@@ -38,15 +44,6 @@ async def subscribe(
     )
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
-
-
-async def settled(db: asyncpg.Connection, row_id: int) -> asyncpg.Record | None:
-    row = await db.fetchrow(
-        "SELECT status, attempts, last_error, metadata, next_attempt_at "
-        "FROM notifications WHERE id = $1",
-        row_id,
-    )
-    return row if row["status"] in ("sent", "skipped", "failed") else None
 
 
 async def test_every_device_gets_the_decrypted_payload_and_the_headers(

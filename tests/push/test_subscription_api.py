@@ -19,7 +19,7 @@ from contracts.settings import Settings
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
 from push_sender.vapid import public_point
-from tests.push.conftest import FakeDNS, VapidPair
+from tests.push.conftest import FakeDNS, VapidPair, auth
 from tests.support.data import Demo
 from tests.support.ids import other_spellings
 from tests.support.push_service import PushService
@@ -27,10 +27,6 @@ from tests.support.push_service import PushService
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def auth(settings: Settings, user_id: int) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user_id, 'x', settings)}"}
 
 
 @pytest.mark.integration

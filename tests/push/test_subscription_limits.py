@@ -14,12 +14,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from contracts.auth import issue_token
 from contracts.settings import Settings
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
 from push_sender.worker import ALL_GONE
-from tests.push.conftest import notify
+from tests.push.conftest import auth, notify, settled
 from tests.support.data import Demo
 from tests.support.push_service import Device, PushService
 from tests.support.waiting import eventually
@@ -46,10 +45,6 @@ async def limited(limited_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def auth(settings: Settings, user_id: int) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user_id, 'x', settings)}"}
-
-
 async def subscribe(
     api: httpx.AsyncClient,
     settings: Settings,
@@ -69,14 +64,6 @@ async def endpoints_of(
     listed = await api.get("/push/subscriptions", headers=auth(settings, user_id))
     assert listed.status_code == 200, listed.text
     return {s["endpoint"] for s in listed.json()}
-
-
-async def settled(db: asyncpg.Connection, row_id: int) -> asyncpg.Record | None:
-    row = await db.fetchrow(
-        "SELECT status, last_error, metadata FROM notifications WHERE id = $1",
-        row_id,
-    )
-    return row if row["status"] in ("sent", "skipped", "failed") else None
 
 
 async def test_a_new_browser_past_the_limit_replaces_the_least_recently_subscribed(
