@@ -69,12 +69,15 @@ async def publish(
     routing_key: str = "email",
     exchange: str = topology.DELIVERIES_EXCHANGE,
     priorities: list[int] | None = None,
+    declare: bool = True,
 ) -> None:
-    """Publish raw bodies with confirms, the way the outbox relay does."""
+    """Publish raw bodies with confirms, the way the outbox relay does; first
+    declaring the topology, as every service does at start, unless told not to."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await topology.declare(channel, (1, 2))
+        if declare:
+            await topology.declare(channel, (1, 2))
         target = await channel.get_exchange(exchange, ensure=False)
         for index, body in enumerate(bodies):
             await target.publish(

@@ -1,8 +1,11 @@
-"""A queue deleted while its service runs comes back, and the service consumes it.
+"""A queue deleted while the services run comes back, and nothing meant for it is
+lost.
 
 Deleting a queue, by hand or with a lost broker node, makes the broker cancel its
-consumers and drop what is routed to it meanwhile. The service declares the queue
-again, subscribes once more and is ready; what is published from then on arrives.
+consumers, and a message routed to no queue is handed back to its publisher. A
+consuming service declares the queue again, subscribes once more and is ready; a
+publisher whose message came back declares the topology again and publishes once
+more: a comment's event, a dead letter and a retry all reach their queue.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import logging
 
 import aio_pika
 import asyncpg
+import httpx
 import pytest
 
+from comments.app import create_app
 from contracts import topology
+from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.integration import helpers
-from tests.integration.conftest import EmailSenderFactory
+from tests.integration.conftest import EmailSenderFactory, running
 from tests.support.data import Demo
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import eventually
@@ -86,3 +92,107 @@ async def _ready_again(amqp_url: str) -> bool:
 
 async def _status_is(db: asyncpg.Connection, notification: int, status: str) -> bool:
     return (await helpers.row(db, notification))["status"] == status
+
+
+async def test_a_comment_posted_while_the_dispatcher_queue_is_gone_keeps_its_event(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    app = create_app(settings)
+    token = issue_token(demo.carol, "carol", settings)
+
+    async with (
+        running(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://comments",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as api,
+    ):
+        # No dispatcher runs: only the comments service's own relay can bring
+        # the queue back.
+        await _delete(settings.amqp_url, topology.DISPATCHER_QUEUE)
+        posted = await api.post(
+            "/comments", json={"post_id": demo.post, "body": "still heard"}
+        )
+        assert posted.status_code == 201, posted.text
+        await eventually(
+            lambda: _waiting(settings.amqp_url, topology.DISPATCHER_QUEUE, 1),
+            what="the event in the dispatcher's queue, declared again",
+        )
+        await eventually(
+            lambda: _outbox_empty(db), what="the outbox row deleted once confirmed"
+        )
+
+    [event] = await _take(settings.amqp_url, topology.DISPATCHER_QUEUE)
+    assert event.message_id == posted.json()["event_id"]
+
+
+async def test_a_dead_letter_set_aside_after_its_queue_was_deleted_is_kept(
+    settings: Settings, email_sender: EmailSenderFactory
+) -> None:
+    async with email_sender():
+        await _delete(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+        await helpers.publish(settings.amqp_url, [b"{not json"], declare=False)
+
+        await eventually(
+            lambda: _waiting(settings.amqp_url, topology.DEAD_LETTER_QUEUE, 1),
+            what="the dead letter in the dead-letter queue, declared again",
+        )
+
+    [letter] = await helpers.take_dead_letters(settings.amqp_url)
+    assert letter.body == b"{not json"
+    assert helpers.reason(letter)
+
+
+async def test_a_retry_parked_after_its_delay_queue_was_deleted_comes_back(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    smtp.then("tempfail")
+    notification = await helpers.email_row(db, demo.bob, "bob@example.com")
+    # Sweeps far apart: only the parked message itself can bring the email back.
+    async with email_sender(email_sweep_seconds=600, email_lease_seconds=600):
+        await _delete(settings.amqp_url, topology.RetryLevel(1).queue)
+        await helpers.publish(
+            settings.amqp_url,
+            [helpers.delivery(notification, demo.bob)],
+            declare=False,
+        )
+        await eventually(
+            lambda: _status_is(db, notification, "sent"),
+            what="the email sent on its second attempt",
+        )
+
+    row = await helpers.row(db, notification)
+    assert row["attempts"] == 2
+    assert [m.rcpt_tos for m in smtp.received] == [("bob@example.com",)]
+
+
+async def _waiting(amqp_url: str, queue: str, count: int) -> bool:
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return declared.declaration_result.message_count == count
+
+
+async def _take(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractMessage]:
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.declare_queue(queue, passive=True)
+        taken = []
+        while (message := await source.get(fail=False)) is not None:
+            await message.ack()
+            taken.append(message)
+        return taken
+
+
+async def _outbox_empty(db: asyncpg.Connection) -> bool:
+    return await db.fetchval("SELECT count(*) FROM outbox") == 0

@@ -807,8 +807,10 @@ def test_admin_on_a_virtual_host_no_service_has_started_on_says_so(
     assert done.stderr.splitlines() == [
         f"notiflow-admin: the virtual host {vhost!r} at "
         f"{redact_url(settings.amqp_url)} has no queue {topology.DEAD_LETTER_QUEUE}: "
-        "no notiflow service has started there, so nothing was dead-lettered; "
-        "check that NOTIFLOW_AMQP_URL names the virtual host the services use"
+        "no notiflow service has started there, or the queue was deleted since "
+        "(a service declares it again before it sets a message aside), so nothing "
+        "is waiting in it; check that NOTIFLOW_AMQP_URL names the virtual host the "
+        "services use"
     ]
 
 

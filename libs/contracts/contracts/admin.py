@@ -830,8 +830,9 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
             f"notiflow-admin: the virtual host {_vhost(settings.amqp_url)!r} at "
             f"{redact_url(settings.amqp_url)} has no queue "
             f"{topology.DEAD_LETTER_QUEUE}: no notiflow service has started there, "
-            "so nothing was dead-lettered; check that NOTIFLOW_AMQP_URL names the "
-            "virtual host the services use",
+            "or the queue was deleted since (a service declares it again before it "
+            "sets a message aside), so nothing is waiting in it; check that "
+            "NOTIFLOW_AMQP_URL names the virtual host the services use",
             file=sys.stderr,
         )
         return 1

@@ -60,6 +60,7 @@ import contextlib
 import contextvars
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -138,13 +139,40 @@ BatchHandler = Callable[[Sequence[Item[M]]], Awaitable[Sequence[Exception | None
 
 
 class Publisher:
-    """A confirming channel for dead letters and retries."""
+    """A confirming channel for dead letters and retries.
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    The channel must be opened with ``on_return_raises``: a message no queue takes
+    (its queue was deleted while the service ran) is then refused rather than
+    confirmed and dropped. The publisher declares the topology again (``restore``)
+    and publishes once more, so the dead letter or retry is kept.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        restore: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._channel = channel
+        self._restore = restore
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        return await self._channel.get_exchange(name, ensure=False)
+    async def _publish(
+        self, exchange_name: str, message: aio_pika.Message, queue: str
+    ) -> None:
+        exchange = await self._channel.get_exchange(exchange_name, ensure=False)
+        try:
+            await exchange.publish(message, routing_key=queue, timeout=10)
+        except aio_pika.exceptions.PublishError:
+            if self._restore is None:
+                raise
+            logger.warning(
+                "no queue took a message for %s through %s; declaring the "
+                "topology again",
+                queue,
+                exchange_name,
+                extra={"action": "topology.restored", "queue": queue},
+            )
+            await self._restore()
+            await exchange.publish(message, routing_key=queue, timeout=10)
 
     async def dead_letter(
         self,
@@ -168,8 +196,9 @@ class Publisher:
                 DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
             }
         )
-        exchange = await self._exchange(topology.DEAD_LETTER_EXCHANGE)
-        await exchange.publish(_copy(raw, headers, part), routing_key=queue, timeout=10)
+        await self._publish(
+            topology.DEAD_LETTER_EXCHANGE, _copy(raw, headers, part), queue
+        )
 
     async def retry(
         self,
@@ -184,10 +213,13 @@ class Publisher:
         headers[topology.ATTEMPT_HEADER] = (
             int(headers.get(topology.ATTEMPT_HEADER, 0)) + 1
         )
-        exchange = await self._exchange(topology.RetryLevel(delay_seconds).exchange)
         # The retry queue dead-letters through the default exchange, which routes by
         # queue name: the routing key is the queue the message returns to.
-        await exchange.publish(_copy(raw, headers, part), routing_key=queue, timeout=10)
+        await self._publish(
+            topology.RetryLevel(delay_seconds).exchange,
+            _copy(raw, headers, part),
+            queue,
+        )
 
 
 def _copy(
@@ -202,7 +234,9 @@ def _copy(
         content_type=raw.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         priority=raw.priority,
-        message_id=message_id,
+        # The client matches a message the broker hands back (no queue took it)
+        # to its publish by this id; without one, it would count as confirmed.
+        message_id=message_id or uuid.uuid4().hex,
         timestamp=raw.timestamp,
     )
 

@@ -205,7 +205,12 @@ class OutboxRelay:
                     "connection_name": amqp_connection_name(url, "outbox relay")
                 },
             )
-        self._channel = await self._connection.channel(publisher_confirms=True)
+        # A message no queue takes (its queue was deleted while this ran) is
+        # refused rather than confirmed, so its row stays to be published again,
+        # once the topology is declared anew.
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         await topology.declare(self._channel, self._settings.retry_delay_levels)
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
@@ -357,7 +362,21 @@ class OutboxRelay:
                     extra={"action": "outbox.publish_failed"},
                 )
                 await asyncio.sleep(delay)
+                if isinstance(exc, aio_pika.exceptions.PublishError):
+                    await self._restore_topology()
                 self._wake.set()
+
+    async def _restore_topology(self) -> None:
+        """Declare again the queue no message could reach, and the rest."""
+        try:
+            if self._channel is not None:
+                await topology.declare(self._channel, self._settings.retry_delay_levels)
+        except Exception as exc:
+            logger.warning(
+                "could not declare the topology again: %r",
+                exc,
+                extra={"action": "outbox.declare_failed"},
+            )
 
     async def drain(self, min_age: float = 0.0) -> int:
         """Claim and publish the rows at least ``min_age`` seconds old until none

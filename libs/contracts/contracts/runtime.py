@@ -97,7 +97,12 @@ class Runtime:
     def publisher(self) -> Publisher:
         if self._channel is None:
             raise RuntimeError("runtime is not started")
-        return Publisher(self._channel)
+        return Publisher(self._channel, self._declare)
+
+    async def _declare(self) -> None:
+        if self._channel is None:
+            raise RuntimeError("runtime is not started")
+        await topology.declare(self._channel, self.settings.retry_delay_levels)
 
     def subscribe(
         self,
@@ -157,8 +162,11 @@ class Runtime:
                 "connection_name": amqp_connection_name(self.settings.amqp_url)
             },
         )
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        await topology.declare(self._channel, self.settings.retry_delay_levels)
+        # A message no queue takes is refused, not confirmed: see Publisher.
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await self._declare()
         if self._want_relay:
             self.relay = OutboxRelay(
                 self.pool, self.settings, connection=self._connection
@@ -182,10 +190,8 @@ class Runtime:
             await asyncio.sleep(RESUME_SECONDS)
             try:
                 cancelled = await consumers.cancelled()
-                if cancelled and self._channel is not None:
-                    await topology.declare(
-                        self._channel, self.settings.retry_delay_levels
-                    )
+                if cancelled:
+                    await self._declare()
                     await consumers.resume(cancelled)
             except asyncio.CancelledError:
                 raise
