@@ -76,6 +76,32 @@
     return issued.token;
   }
 
+  // The user a link asks for (?user=NAME) when there is one by that name, else
+  // the one signed in last time if still listed, else bob, else the first listed.
+  // A name missing from the list would leave the select empty, and the page would
+  // ask for a token for nobody; a link's name that is missing is said so.
+  function chooseUser(users) {
+    const names = users.map((u) => u.username);
+    const known = (name) => names.includes(name);
+    const fallback = [localStorage.getItem("notiflow.user"), "bob"].find(known) || names[0];
+    const asked = new URLSearchParams(location.search).get("user");
+    if (!asked || known(asked)) return asked || fallback;
+    showNotice(`There is no user “${asked}”; showing ${fallback}.`);
+    return fallback;
+  }
+
+  // A database migrated but never seeded: nobody to sign in as, so no token to ask
+  // for, and nothing to comment on.
+  function sayThereAreNoUsers() {
+    showNotice(
+      "There are no users yet. Add the demo ones with ", code("make seed"),
+      " (or ", code("uv run notiflow-seed"), "), then reload this page.",
+    );
+    setStatus("offline", "no users");
+    $("user-select").disabled = true;
+    $("comment-submit").disabled = true;
+  }
+
   async function signIn(username) {
     disconnect();
     if (username !== state.username) forgetPreferences();
@@ -97,6 +123,20 @@
     window.notiflow.username = state.username;
     if (!state.prefs) loadPreferences().catch(showError);
     connect();
+  }
+
+  // ---- notices ---------------------------------------------------------------
+
+  // Parts are strings or elements; strings go in as text, never as HTML.
+  function showNotice(...parts) {
+    $("notice").replaceChildren(...parts);
+    $("notice").hidden = parts.length === 0;
+  }
+
+  function code(text) {
+    const el = document.createElement("code");
+    el.textContent = text;
+    return el;
   }
 
   // ---- the live stream -------------------------------------------------------
@@ -336,7 +376,11 @@
 
   async function loadPost(highlight) {
     if (!state.post) state.post = await choosePost();
-    if (!state.post) return;
+    if (!state.post) {
+      $("post-title").textContent = "No posts yet";
+      $("post").setAttribute("aria-busy", "false");
+      return;
+    }
     const post = await request(`${state.api}/posts/${state.post.id}`);
     $("post-title").textContent = post.title;
     $("post-meta").textContent = `${post.author.display_name} · ${time(post.created_at)}`;
@@ -412,12 +456,17 @@
     state.api = config.api_base_url;
     state.devTokens = config.dev_tokens;
     const select = $("user-select");
+    let hasUsers = true;
     if (state.devTokens) {
       const users = await request(`${state.api}/users`);
+      hasUsers = users.length > 0;
+      if (!hasUsers) sayThereAreNoUsers();
       select.replaceChildren(...users.map((u) => new Option(u.display_name, u.username)));
-      const asked = new URLSearchParams(location.search).get("user");
-      select.value = asked || localStorage.getItem("notiflow.user") || "bob";
-      select.addEventListener("change", () => signIn(select.value).catch(showError));
+      if (hasUsers) select.value = chooseUser(users);
+      select.addEventListener("change", () => {
+        showNotice();
+        signIn(select.value).catch(showError);
+      });
     } else {
       select.closest(".who").hidden = true;
     }
@@ -431,7 +480,7 @@
     $("comment-form").addEventListener("submit", submitComment);
     $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
     $("prefs").addEventListener("submit", (e) => e.preventDefault());
-    await Promise.all([signIn(select.value), loadPost()]);
+    await Promise.all([hasUsers && signIn(select.value), loadPost()]);
   }
 
   start().catch(showError);
