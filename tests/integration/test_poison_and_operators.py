@@ -887,6 +887,40 @@ async def test_requeue_failed_prints_each_row_on_a_line_of_its_own_and_the_count
     }
 
 
+async def test_a_failed_email_requeued_after_its_address_was_corrected_goes_there(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    # Failed for good on the address the user had when it was dispatched.
+    note = await helpers.email_row(db, demo.bob, "bob@exa mple..com")
+    event_id = await db.fetchval("SELECT event_id FROM notifications WHERE id=$1", note)
+    await db.execute(
+        "UPDATE notifications SET status = 'failed', attempts = 1, "
+        "last_error = 'invalid recipient address' WHERE id = $1",
+        note,
+    )
+    await db.execute(
+        "UPDATE users SET email = 'bob.fixed@example.com' WHERE id = $1", demo.bob
+    )
+
+    done = admin(settings, "requeue-failed", "--event", str(event_id))
+    async with email_sender():
+        await eventually(
+            lambda: _status_of(db, note, "sent"), what="the requeued email sent"
+        )
+
+    assert done.returncode == 0, done.stderr
+    assert [m.rcpt_tos for m in smtp.received] == [("bob.fixed@example.com",)]
+    assert (await helpers.row(db, note))["email"] == "bob.fixed@example.com"
+
+
+async def _status_of(db: asyncpg.Connection, note: int, status: str) -> bool:
+    return (await helpers.row(db, note))["status"] == status
+
+
 async def test_requeue_failed_counts_one_row_in_the_singular(
     settings: Settings, demo: Demo, db: asyncpg.Connection
 ) -> None:

@@ -55,7 +55,9 @@ among those left. So does it with one whose header names the dead-letter queue
 itself or a retry queue, where no consumer would ever read it.
 
 ``requeue-failed`` sets ``failed`` rows back to ``pending`` with their attempts
-reset, and enqueues a delivery for each through the outbox in the same transaction;
+reset (an email row with the user's address as it is now, so that one corrected
+since is used), and enqueues a delivery for each through the outbox in the same
+transaction;
 the next outbox relay to wake up publishes them. Times without a zone are UTC. It
 prints ``requeued ID`` for each row, in id order, then how many there were. It first
 checks, as the services do at start, that the database exists and has every

@@ -112,9 +112,12 @@ WITH chosen AS (
 )
 UPDATE notifications n
 SET status = 'pending', attempts = 0, next_attempt_at = NULL,
-    lease_expires_at = NULL, updated_at = now()
-FROM chosen
-WHERE n.id = chosen.id
+    lease_expires_at = NULL, updated_at = now(),
+    -- The address the user has now: a failure is often an address since
+    -- corrected, and the copy taken at dispatch would fail again.
+    email = CASE WHEN n.type = 'email' THEN u.email ELSE n.email END
+FROM chosen, users u
+WHERE n.id = chosen.id AND u.id = n.user_id
 RETURNING {_COLUMNS}
 """
 
@@ -182,8 +185,9 @@ async def requeue_failed(
 ) -> list[int]:
     """Set the chosen ``failed`` rows back to ``pending`` and enqueue each again.
 
-    Rows are chosen by event, or by when they failed (``updated_at``). Run it in a
-    transaction: the rows and their messages commit together or not at all.
+    Rows are chosen by event, or by when they failed (``updated_at``). An email row
+    takes the user's address as it is now. Run it in a transaction: the rows and
+    their messages commit together or not at all.
     """
     rows = await conn.fetch(REQUEUE_FAILED, event_id, since, until)
     await enqueue(conn, [delivery(row) for row in rows])
