@@ -643,3 +643,16 @@ async def test_a_subscription_sent_with_two_authorization_headers_stores_nothing
         assert resp.status_code == 422, resp.text
         assert [f["field"] for f in resp.json()["fields"]] == ["authorization"]
     assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
+
+
+@pytest.mark.integration
+async def test_a_method_the_subscriptions_do_not_take_is_405_listing_those_they_do(
+    settings: Settings, demo: Demo, api: httpx.AsyncClient
+) -> None:
+    answer = await api.put(
+        "/push/subscriptions", json={}, headers=auth(settings, demo.bob)
+    )
+
+    assert answer.status_code == 405, answer.text
+    assert answer.json()["error"] == "method_not_allowed"
+    assert answer.headers["allow"] == "GET, HEAD, POST"

@@ -14,6 +14,8 @@ cannot be known.
 A ``HEAD`` request is answered as the ``GET`` of the same URL would be, status and
 headers alike, without the body (:class:`HeadAsGet`): FastAPI's routes answer only
 the methods they list, and ``HEAD`` would otherwise be a 405 wherever ``GET`` works.
+A 405's ``Allow`` lists every method answered at the path, whichever of its routes
+answers it, ``HEAD`` included wherever ``GET`` is.
 
 A route that takes a JSON body answers 415 to a body sent as another type, or with
 no ``Content-Type`` (FastAPI then does not parse it), and 422 naming the body to
@@ -58,13 +60,14 @@ from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BeforeValidator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import jsonkeys, tracing
@@ -282,7 +285,7 @@ def install_http_policy(
         code = codes.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            headers = _allow_head(headers)
+            headers["Allow"] = _allowed(request, headers.get("Allow"))
         return error(exc.status_code, code, exc.detail, **headers)
 
     @app.exception_handler(asyncpg.DataError)
@@ -510,14 +513,35 @@ def _given_twice(scope: Scope, name: bytes) -> bool:
     return False
 
 
-def _allow_head(headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` of a 405 with ``HEAD`` in ``Allow`` wherever ``GET`` is:
-    :class:`HeadAsGet` answers it there."""
-    allowed = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
-    if "GET" in allowed and "HEAD" not in allowed:
-        allowed.insert(allowed.index("GET") + 1, "HEAD")
-        headers["Allow"] = ", ".join(allowed)
-    return headers
+def _allowed(request: Request, given: str | None) -> str:
+    """The ``Allow`` of a 405: every method some route of the app answers at the
+    request's path, ``HEAD`` wherever ``GET`` is (:class:`HeadAsGet` answers it),
+    in alphabetical order.
+
+    Starlette's router gives the methods of the first route whose path matched
+    alone, so a path with ``GET`` on one route and ``PATCH`` on another would be
+    said to take ``GET`` only. ``given``, what the refusal itself listed, is kept:
+    a mounted app's 405 (static files) names methods no route of this app lists.
+    """
+    methods = {m.strip() for m in (given or "").split(",") if m.strip()}
+    scope = request.scope
+    # Matched as the app's router saw the request, before any mount it went
+    # through moved the path's start into ``root_path``.
+    at_app = {
+        "type": "http",
+        "method": scope["method"],
+        "path": scope["path"],
+        "root_path": scope.get("app_root_path", scope.get("root_path", "")),
+    }
+    # Each route as the router matches it, those of an included router too (which
+    # the app's own list holds as one entry for the whole router).
+    for route in iter_route_contexts(request.app.routes):
+        listed = route.methods
+        if listed and route.matches(at_app)[0] is not Match.NONE:
+            methods.update(listed)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 class HeadAsGet:

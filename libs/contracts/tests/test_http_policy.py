@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from contracts.auth import issue_token
@@ -511,3 +511,43 @@ async def test_a_method_not_allowed_lists_head_wherever_get_is_allowed() -> None
     assert on_a_get_route.json()["error"] == "method_not_allowed"
     assert on_a_get_route.headers["allow"] == "GET, HEAD"
     assert on_a_post_route.headers["allow"] == "POST"
+
+
+async def test_a_method_not_allowed_lists_the_methods_of_every_route_on_the_path() -> (
+    None
+):
+    app = FastAPI()
+    install_http_policy(app)
+
+    @app.get("/settings")
+    async def read_settings() -> dict[str, str]:
+        return {}
+
+    @app.patch("/settings")
+    async def change_settings() -> dict[str, str]:
+        return {}
+
+    # As a service's routes are: on a router, included under a prefix.
+    items = APIRouter(prefix="/items")
+
+    @items.delete("/{item_id}")
+    async def remove(item_id: PathId) -> None:
+        return None
+
+    @items.get("/{item_id}")
+    async def item(item_id: PathId) -> dict[str, int]:
+        return {"id": item_id}
+
+    app.include_router(items, prefix="/api")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        settings = await client.put("/settings", json={})
+        posted = await client.post("/settings", json={})
+        an_item = await client.put("/api/items/7", json={})
+
+    assert settings.status_code == 405
+    assert settings.json()["error"] == "method_not_allowed"
+    assert settings.headers["allow"] == "GET, HEAD, PATCH"
+    assert posted.headers["allow"] == "GET, HEAD, PATCH"
+    assert an_item.status_code == 405
+    assert an_item.headers["allow"] == "DELETE, GET, HEAD"

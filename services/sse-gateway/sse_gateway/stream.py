@@ -160,7 +160,9 @@ class StreamEndpoint:
             await _refuse(scope, receive, send, problem.response(), extra)
             return
         if scope["method"] not in ("GET", "HEAD"):
-            refusal = error(405, "method_not_allowed", "use GET", Allow="GET")
+            refusal = error(
+                405, "method_not_allowed", "use GET or HEAD", Allow="GET, HEAD"
+            )
             await _refuse(scope, receive, send, refusal, extra)
             return
         db = self._pool()

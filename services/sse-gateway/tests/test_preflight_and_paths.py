@@ -1,8 +1,9 @@
-"""How the gateway answers a browser's preflight to ``/sse`` and a path that ends
-in a slash, on the real PostgreSQL.
+"""How the gateway answers a browser's preflight to ``/sse``, a path that ends in a
+slash and a method a path does not take, on the real PostgreSQL.
 
 ``/sse`` is served ahead of FastAPI, but its preflight goes through the same CORS
-handling as any other route's. A path no route takes is a JSON 404, also when it
+handling as any other route's. A 405 lists every method its path takes, also where
+several routes share the path. A path no route takes is a JSON 404, also when it
 differs from a route's by a trailing slash: a redirect built after the query's
 token was taken out of it would lead a browser on without its token.
 """
@@ -92,6 +93,25 @@ async def test_an_options_request_to_the_stream_that_is_no_preflight_is_405(
     assert answer.status_code == 405
     assert answer.json()["error"] == "method_not_allowed"
     assert "GET" in answer.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/preferences?token={t}", "GET, HEAD, PATCH"),
+        ("/unsubscribe?token={t}", "GET, HEAD, POST"),
+        ("/sse?token={t}", "GET, HEAD"),
+    ],
+)
+async def test_a_method_a_path_does_not_take_is_405_listing_every_one_it_does(
+    gateway: Gateway, path: str, allowed: str
+) -> None:
+    answer = await gateway.client.put(path.format(t=gateway.token), json={})
+
+    assert answer.status_code == 405, answer.text
+    assert answer.json()["error"] == "method_not_allowed"
+    assert answer.headers["allow"] == allowed
+    assert gateway.app.state.hub.connections == 0
 
 
 @pytest.mark.parametrize(
