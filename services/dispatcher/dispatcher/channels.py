@@ -16,9 +16,14 @@ configuration. A file that cannot be read, is not UTF-8, does not parse or
 validate, gives a key twice in one object, names a channel the dispatcher does not
 know or a template set the templates directory does not hold is refused with a
 logged error naming the channel and field, and the last good configuration stays in
-force, so a typo never stops deliveries. Each refusal is logged once: again only
-when the file changes, or goes missing, or comes back. At start there is no last
-good configuration: the same faults stop the dispatcher.
+force, so a typo never stops deliveries. A value must have the JSON type its field
+takes: ``"enabled": "false"`` or ``"priority": true`` is refused, not read as some
+other value. Each refusal is logged once: again only when the file changes, or
+goes missing, or comes back. At start there is no last good configuration: the
+same faults stop the dispatcher.
+
+``{"channels": {}}`` is used, as an operator may mean it, with a warning at each
+load that no event notifies anyone.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ ChannelType = Literal["email", "sse", "push"]
 
 
 class ChannelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: lax validation would read "false" as false and true as priority 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     types: tuple[ChannelType, ...] = Field(min_length=1)
     template: str = Field(pattern=r"^[a-z0-9_]+$")
@@ -247,7 +253,20 @@ def load(path: Path, templates: TemplateCheck) -> Loaded:
         stamp = _stamp(path)
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    return Loaded(read(path, templates), stamp)
+    loaded = Loaded(read(path, templates), stamp)
+    _warn_if_empty(path, loaded.config)
+    return loaded
+
+
+def _warn_if_empty(path: Path, config: ChannelFile) -> None:
+    """Say that a file naming no channel consumes every event and notifies nobody;
+    it is used all the same, as an operator may mean it."""
+    if not config.channels:
+        logger.warning(
+            "%s configures no channel, so no event notifies anyone",
+            path,
+            extra={"action": "channels.none"},
+        )
 
 
 class ChannelConfigs:
@@ -300,4 +319,5 @@ class ChannelConfigs:
             self._path,
             extra={"action": "channels.reloaded"},
         )
+        _warn_if_empty(self._path, self._config)
         return self._config

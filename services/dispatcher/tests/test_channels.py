@@ -326,6 +326,16 @@ MISTAKES = [
         "whole number from 0 to 9",
     ),
     (
+        reply(priority=True),
+        "is invalid: channel 'comment.reply' has 'priority' true; it must be a "
+        "whole number from 0 to 9",
+    ),
+    (
+        reply(priority="3"),
+        "is invalid: channel 'comment.reply' has 'priority' '3'; it must be a "
+        "whole number from 0 to 9",
+    ),
+    (
         reply(template=5),
         "is invalid: channel 'comment.reply' has 'template' 5; it must be the "
         "name of a template set, in lower-case letters, digits and _",
@@ -334,6 +344,15 @@ MISTAKES = [
         reply(enabled="maybe"),
         "is invalid: channel 'comment.reply' has 'enabled' 'maybe'; it must be "
         "true or false",
+    ),
+    (
+        reply(enabled="false"),
+        "is invalid: channel 'comment.reply' has 'enabled' 'false'; it must be "
+        "true or false",
+    ),
+    (
+        reply(enabled=1),
+        "is invalid: channel 'comment.reply' has 'enabled' 1; it must be true or false",
     ),
     (
         json.dumps({"channels": {"comment.reply": {"types": ["sse"]}}}),
@@ -423,3 +442,29 @@ def test_a_mistaken_edit_keeps_the_last_configuration_saying_what_is_allowed(
     assert refused.getMessage() == (
         f"{path} {complaint}; keeping the last configuration"
     )
+
+
+def test_a_file_configuring_no_channel_is_used_with_one_warning_per_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, {"channels": {}}, bump=0)
+    with caplog.at_level(logging.INFO, logger="dispatcher.channels"):
+        configs = ChannelConfigs(path, SHIPPED)
+        started = [configs.current() for _ in range(3)]
+        at_start = list(caplog.records)
+        caplog.clear()
+        write(path, config(["email"]), bump=1)
+        configs.current()
+        write(path, {"channels": {}}, bump=2)
+        reloaded = [configs.current() for _ in range(3)]
+        on_reload = [r for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert {len(c.channels) for c in started + reloaded} == {0}
+    for records in (at_start, on_reload):
+        [warned] = records
+        assert warned.levelno == logging.WARNING
+        assert warned.action == "channels.none"  # type: ignore[attr-defined]
+        assert warned.getMessage() == (
+            f"{path} configures no channel, so no event notifies anyone"
+        )
