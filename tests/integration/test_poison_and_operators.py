@@ -668,7 +668,8 @@ async def test_replaying_a_permanent_failure_warns_that_nothing_will_be_sent(
     assert "2 replayed" in replayed.stdout
     assert replayed.stderr.splitlines() == [
         "warning: notification-13 was set aside when its notification failed for "
-        "good: it stays failed and replaying it sends nothing; send it again "
+        "good: replaying it sends nothing while that notification is failed; if it "
+        "still is, send it again "
         f"with `notiflow-admin requeue-failed --event {event_id}`"
     ]
 
@@ -690,7 +691,8 @@ async def test_replaying_a_dead_letter_marked_row_failed_warns_whatever_its_reas
     assert "2 replayed" in replayed.stdout
     assert replayed.stderr.splitlines() == [
         "warning: notification-21 was set aside when its notification failed for "
-        "good: it stays failed and replaying it sends nothing; send it again "
+        "good: replaying it sends nothing while that notification is failed; if it "
+        "still is, send it again "
         "with `notiflow-admin requeue-failed --event EVENT_ID`"
     ]
 

@@ -742,10 +742,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"not in the dead-letter queue: {name}", file=sys.stderr)
         for item in done.failed_for_good:
             again = f"--event {item.event_id}" if item.event_id else "--event EVENT_ID"
+            # Only the broker is asked: requeue-failed may have sent the row since.
             print(
                 f"warning: {item.id} was set aside when its notification failed for "
-                f"good: it stays failed and replaying it sends nothing; send it "
-                f"again with `notiflow-admin requeue-failed {again}`",
+                f"good: replaying it sends nothing while that notification is "
+                f"failed; if it still is, send it again with "
+                f"`notiflow-admin requeue-failed {again}`",
                 file=sys.stderr,
             )
         summary = f"{len(done.replayed)} replayed"
