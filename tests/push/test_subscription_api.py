@@ -301,6 +301,13 @@ async def test_a_bad_token_is_401_before_an_unparsable_subscription_is_judged(
         ("https://[64:ff9b::a00:1]/push", "not a public address"),
         ("https://10.1.2.3/push", "not a public address"),
         ("https://169.254.169.254/push", "not a public address"),
+        # Blocks the IANA special-purpose registries call not globally reachable
+        # that Python 3.11's ipaddress takes for global.
+        ("https://192.0.0.8/push", "not a public address"),
+        ("https://192.0.0.100/push", "not a public address"),
+        ("https://192.88.99.1/push", "not a public address"),
+        ("https://[::ffff:192.0.0.8]/push", "not a public address"),
+        ("https://[3fff::1]/push", "not a public address"),
         ("https://localhost.:9443/x", "port 9443"),
         ("https://localhost./x", "must not end with a dot"),
         ("https://push.example.net./x", "must not end with a dot"),
@@ -347,6 +354,10 @@ async def test_without_an_allow_list_only_public_https_hosts_are_accepted(
         ({"push.example.net": ["::ffff:192.168.0.1"]}, "resolves to ::ffff:"),
         ({"push.example.net": ["0.0.0.0"]}, "resolves to 0.0.0.0"),
         ({"push.example.net": ["224.0.0.1"]}, "resolves to 224.0.0.1"),
+        ({"push.example.net": ["192.0.0.8"]}, "resolves to 192.0.0.8"),
+        ({"push.example.net": ["192.88.99.1"]}, "resolves to 192.88.99.1"),
+        ({"push.example.net": ["3fff::1"]}, "resolves to 3fff::1"),
+        ({"push.example.net": ["2001:2::1"]}, "resolves to 2001:2::1"),
         ({}, "does not resolve"),
     ],
 )
@@ -390,11 +401,27 @@ async def test_a_name_that_never_resolves_is_refused_in_time(
     assert "did not resolve within 0.5s" in resp.json()["fields"][0]["message"]
 
 
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["93.184.216.34", "2606:2800:220:1::1"],
+        # The globally reachable exceptions inside the IETF protocol assignment
+        # blocks (192.0.0.0/24, 2001::/23) of the IANA special-purpose registries.
+        ["192.0.0.9"],
+        ["192.0.0.10"],
+        ["2001:1::1", "2001:1::2"],
+        ["2001:3::1", "2001:4:112::1", "2001:20::1", "2001:30::1"],
+    ],
+)
 @pytest.mark.integration
 async def test_a_name_with_only_public_addresses_is_accepted(
-    settings: Settings, demo: Demo, dns: FakeDNS, dns_api: httpx.AsyncClient
+    settings: Settings,
+    demo: Demo,
+    dns: FakeDNS,
+    dns_api: httpx.AsyncClient,
+    addresses: list[str],
 ) -> None:
-    dns.records["push.example.net"] = ["93.184.216.34", "2606:2800:220:1::1"]
+    dns.records["push.example.net"] = addresses
 
     resp = await dns_api.post(
         "/push/subscriptions",

@@ -36,6 +36,33 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
+# Where the IANA special-purpose address registries' "Globally Reachable" column and
+# Python 3.11's ipaddress disagree, the registries' answer; the most specific block
+# holding an address decides, and an address in none is left to ipaddress.
+#   https://www.iana.org/assignments/iana-ipv4-special-registry/
+#   https://www.iana.org/assignments/iana-ipv6-special-registry/
+# Python 3.11 before 3.11.10 calls most of 192.0.0.0/24 (192.0.0.8 too) global and
+# none of 2001::/23, exceptions included; 3.11.7 also calls the deprecated 6to4
+# relays (192.88.99.0/24) and the newer documentation block (3fff::/20) global.
+# Pinned here, the answer does not change with the Python an image ships.
+_REGISTRY: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, bool] = {
+    ipaddress.ip_network(block): reachable
+    for block, reachable in (
+        ("192.0.0.0/24", False),  # IETF protocol assignments
+        ("192.0.0.9/32", True),  # Port Control Protocol anycast
+        ("192.0.0.10/32", True),  # TURN anycast
+        ("192.88.99.0/24", False),  # 6to4 relay anycast, deprecated (RFC 7526)
+        ("2001::/23", False),  # IETF protocol assignments
+        ("2001:1::1/128", True),  # Port Control Protocol anycast
+        ("2001:1::2/128", True),  # TURN anycast
+        ("2001:3::/32", True),  # AMT
+        ("2001:4:112::/48", True),  # AS112-v6
+        ("2001:20::/28", True),  # ORCHIDv2
+        ("2001:30::/28", True),  # drone remote ID entity tags
+        ("3fff::/20", False),  # documentation (RFC 9637)
+    )
+}
+
 
 class UnsafeAddress(Exception):
     """The endpoint's host resolves to an address the sender must not reach.
@@ -70,6 +97,9 @@ def is_global(address: str) -> bool:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and not is_global(str(embedded)):
             return False
+    registry = _registry_says(ip)
+    if registry is not None:
+        return registry
     return ip.is_global and not (
         ip.is_loopback
         or ip.is_private
@@ -78,6 +108,15 @@ def is_global(address: str) -> bool:
         or ip.is_reserved
         or ip.is_unspecified
     )
+
+
+def _registry_says(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool | None:
+    """Whether the most specific block of ``_REGISTRY`` holding ``ip`` is globally
+    reachable; None when no block there holds it."""
+    holding = [block for block in _REGISTRY if ip in block]
+    if not holding:
+        return None
+    return _REGISTRY[max(holding, key=lambda block: block.prefixlen)]
 
 
 @dataclass(frozen=True)
