@@ -31,6 +31,9 @@
     prefsClock: 0,
     prefsSetAt: {},
     prefsRead: 0,
+    // The notice says the comments API could not be reached; its next answer
+    // takes the notice down.
+    apiUnreachable: false,
   };
   window.notiflow = window.notiflow || {};
 
@@ -42,8 +45,27 @@
     }
   }
 
+  // fetch() rejects, with a TypeError, only when no answer could be read: the
+  // server is down or unreachable, or its answer lacks the CORS headers that would
+  // let this page's origin read it.
+  class UnreachableError extends Error {
+    constructor(url, cause) {
+      super(`Could not reach ${url} (${cause.message})`);
+      this.url = url;
+    }
+  }
+
   async function request(url, options = {}) {
-    const resp = await fetch(url, options);
+    let resp;
+    try {
+      resp = await fetch(url, options);
+    } catch (err) {
+      throw err instanceof TypeError ? new UnreachableError(url, err) : err;
+    }
+    if (state.apiUnreachable && url.startsWith(state.api)) {
+      state.apiUnreachable = false;
+      showNotice();
+    }
     const body = await resp.json().catch(() => null);
     if (!resp.ok) throw new HttpError(resp.status, body);
     return body;
@@ -137,6 +159,24 @@
     const el = document.createElement("code");
     el.textContent = text;
     return el;
+  }
+
+  // The comments API is another origin: a page opened at an address it does not
+  // list in NOTIFLOW_CORS_ORIGINS (localhost for 127.0.0.1, say) can read none of
+  // its answers, which looks the same to the page as the service being down.
+  function sayApiIsUnreachable() {
+    state.apiUnreachable = true;
+    showNotice(
+      "Could not reach the comments API at ", code(state.api),
+      ". Either it is not running, or it does not accept this page's address, ",
+      code(location.origin), ": the page has to be opened at an address listed in ",
+      code("NOTIFLOW_CORS_ORIGINS"), ", and finds the API at ",
+      code("NOTIFLOW_API_BASE_URL"), ".",
+    );
+    if ($("post").getAttribute("aria-busy") === "true") {
+      $("post-title").textContent = "The post could not be loaded";
+      $("post").setAttribute("aria-busy", "false");
+    }
   }
 
   // ---- the live stream -------------------------------------------------------
@@ -446,6 +486,9 @@
 
   function showError(err) {
     console.error(err);
+    if (err instanceof UnreachableError && state.api && err.url.startsWith(state.api)) {
+      return sayApiIsUnreachable();
+    }
     $("form-error").textContent = err.message || String(err);
   }
 

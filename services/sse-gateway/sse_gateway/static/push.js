@@ -7,10 +7,15 @@
 //
 // States, shown on the controls as data-state: "off", "on", "busy",
 // "unsupported" (no service worker or Push API), "denied" (blocked in the browser).
+//
+// Subscribing asks the browser's vendor push service, and when the browser cannot
+// reach it, pushManager.subscribe() may never settle. The page waits
+// window.notiflow.pushSubscribeTimeoutMs when set, else 20 s, then gives up.
 (() => {
   "use strict";
 
   const DEFAULT_PUSH_URL = "http://127.0.0.1:8084";
+  const SUBSCRIBE_TIMEOUT_MS = 20_000;
   const root = document.getElementById("push-controls");
   if (!root) return;
 
@@ -25,6 +30,8 @@
 
   let pushUrl = null;
   let state = "busy";
+  // Counts the attempts to subscribe, so that a late answer knows if it is the last.
+  let attempts = 0;
 
   function token() {
     if (window.notiflow && window.notiflow.token) return window.notiflow.token;
@@ -85,6 +92,46 @@
     return Uint8Array.from(raw, (c) => c.charCodeAt(0));
   }
 
+  function subscribeTimeoutMs() {
+    const set = window.notiflow && Number(window.notiflow.pushSubscribeTimeoutMs);
+    return set > 0 ? set : SUBSCRIBE_TIMEOUT_MS;
+  }
+
+  // pushManager.subscribe(), given up on after a bounded wait. A subscription that
+  // arrives after that is undone, unless a newer attempt is under way (the browser
+  // hands that one the same subscription): the page already said it is off.
+  async function subscribe(registration, options) {
+    const attempt = ++attempts;
+    const waitMs = subscribeTimeoutMs();
+    let late = false;
+    let timer;
+    const subscribing = registration.pushManager.subscribe(options).catch((error) => {
+      throw new Error(`the browser could not subscribe to push (${error.message})`);
+    });
+    subscribing.then(
+      (subscription) => {
+        if (late && attempt === attempts) subscription.unsubscribe().catch(() => {});
+      },
+      () => {},
+    );
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        late = true;
+        reject(
+          new Error(
+            `the browser's push service did not answer in ${waitMs / 1000} s; ` +
+              "check the connection and try again.",
+          ),
+        );
+      }, waitMs);
+    });
+    try {
+      return await Promise.race([subscribing, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async function currentSubscription() {
     const registration = await navigator.serviceWorker.getRegistration("/");
     return registration ? registration.pushManager.getSubscription() : null;
@@ -120,7 +167,7 @@
     await navigator.serviceWorker.register("/sw.js", { scope: "/" });
     const registration = await navigator.serviceWorker.ready;
     const { public_key: key } = await api("/push/vapid-public-key");
-    const subscription = await registration.pushManager.subscribe({
+    const subscription = await subscribe(registration, {
       userVisibleOnly: true,
       applicationServerKey: keyBytes(key),
     });
@@ -159,7 +206,11 @@
     try {
       await (wasOn ? disable() : enable());
     } catch (error) {
-      render(wasOn ? "on" : "off", `Could not change notifications: ${error.message}`);
+      const doing = wasOn ? "disable" : "enable";
+      render(
+        wasOn ? "on" : "off",
+        `Could not ${doing} notifications: ${error.message}`,
+      );
     }
   });
 
