@@ -1,14 +1,27 @@
 """The compose stack's nginx: a valid configuration that sends every public route to
-the service that serves it, streams SSE unbuffered, and hides the operations routes.
+the service that serves it, streams SSE unbuffered, hides the operations routes, and
+answers its own errors as the services do.
+
+The last is checked on the real nginx, run on 127.0.0.1 with stand-ins in place of
+the services.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from .composefile import mounts
@@ -18,6 +31,8 @@ from .routes import OPERATIONS_PATHS, PUBLIC_SERVICES, public_paths, sample
 
 NGINX_CONF = DEPLOY / "nginx" / "notiflow.conf"
 STREAM_TIMEOUT_SECONDS = 3600
+# client_max_body_size, and the services' NOTIFLOW_MAX_REQUEST_BYTES default.
+MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -106,25 +121,33 @@ def conf() -> str:
     return re.sub(r"^\s*#.*$", "", NGINX_CONF.read_text(), flags=re.MULTILINE)
 
 
-def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
-    nginx = require("nginx")
-    # The image's nginx.conf includes conf.d/*.conf inside `http { }`; this does
-    # the same, with every path nginx writes under tmp_path.
+def main_config(tmp_path: Path, server: Path) -> Path:
+    """An nginx.conf that includes ``server`` inside `http { }`, as the image's
+    includes conf.d/*.conf, with every path nginx writes under tmp_path."""
     main = tmp_path / "nginx.conf"
     temp_paths = "\n".join(
         f"    {kind}_temp_path {tmp_path / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    # As root, nginx would hand its workers to `nobody`, who cannot write there.
+    user = "user root;\n" if os.geteuid() == 0 else ""
     main.write_text(
+        f"{user}"
         f"pid {tmp_path / 'nginx.pid'};\n"
         "error_log stderr;\n"
         "events {}\n"
         "http {\n"
         "    access_log off;\n"
         f"{temp_paths}\n"
-        f"    include {NGINX_CONF};\n"
+        f"    include {server};\n"
         "}\n"
     )
+    return main
+
+
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    nginx = require("nginx")
+    main = main_config(tmp_path, NGINX_CONF)
 
     result = run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(main)])
 
@@ -189,3 +212,237 @@ def test_compose_mounts_this_file_and_names_real_services(
     for target in variables(conf).values():
         host = target.removeprefix("http://").split(":")[0]
         assert host in compose["services"], target
+
+
+# The proxy, running: its own answers, and the services' passing through.
+
+ONE_SECOND_READS = "proxy_read_timeout 1s;"
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """A service behind the proxy: 200 and the path it was asked for, or, for a
+    path ending in an error status (``/posts/503``), that status with a JSON error
+    of its own, as a service would answer it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        last = self.path.rstrip("/").rsplit("/", 1)[-1]
+        if last.isdigit() and 400 <= int(last) < 600:
+            status = int(last)
+            body: dict[str, Any] = {"error": "from_service", "detail": self.path}
+        else:
+            status, body = 200, {"path": self.path}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: a connection there is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def served_locally(text: str, port: int, services: dict[str, int]) -> str:
+    """The configuration listening on 127.0.0.1:``port``, each service name it
+    proxies to replaced by 127.0.0.1 and the port ``services`` gives it, and upstream
+    reads cut to a second, so that a silent service times out within a test."""
+    text, listens = re.subn(
+        r"^(\s*)listen\s+80;", rf"\1listen 127.0.0.1:{port};", text, flags=re.M
+    )
+    assert listens == 1, "expected one `listen 80;`"
+    # Every address below is a literal one: nothing is left to resolve.
+    text = re.sub(r"^\s*resolver(_timeout)?\s[^;]*;", "", text, flags=re.M)
+
+    def local(found: re.Match[str]) -> str:
+        return f"http://127.0.0.1:{services[found.group(1)]};"
+
+    text = re.sub(r"http://([\w-]+):\d+;", local, text)
+    text, timeouts = re.subn(
+        r"^(\s*)(proxy_connect_timeout[^;]*;)",
+        rf"\1\2\n\1{ONE_SECOND_READS}",
+        text,
+        flags=re.M,
+    )
+    assert timeouts == 1, "expected one server-level proxy_connect_timeout"
+    return text
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"nginx stopped: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/proxy-health", trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    pytest.fail(f"nginx did not answer within 10 s: {log.read_text()}")
+
+
+StartProxy = Callable[[dict[str, int]], httpx.Client]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
+    """Runs nginx with this configuration in front of the given service ports."""
+    nginx = require("nginx")
+    running: list[tuple[subprocess.Popen[bytes], httpx.Client]] = []
+
+    def start(services: dict[str, int]) -> httpx.Client:
+        port = free_port()
+        server = tmp_path / "notiflow.conf"
+        server.write_text(served_locally(NGINX_CONF.read_text(), port, services))
+        log = tmp_path / "nginx.log"
+        main = main_config(tmp_path, server)
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [nginx, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off;"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        client = httpx.Client(base_url=url, trust_env=False, timeout=10)
+        running.append((process, client))
+        wait_until_up(url, process, log)
+        return client
+
+    yield start
+    for process, client in running:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def standin() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent() -> Iterator[int]:
+    """A port that takes connections and never answers on them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def proxy(start_proxy: StartProxy, standin: int) -> httpx.Client:
+    """The proxy with the comments API and the gateway up, the push sender down."""
+    return start_proxy(
+        {"comments": standin, "sse-gateway": standin, "push-sender": free_port()}
+    )
+
+
+def assert_json_error(resp: httpx.Response, status: int, error: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.json()["error"] == error, resp.text
+    assert resp.json()["detail"]
+
+
+@pytest.mark.parametrize("path", sorted(OPERATIONS_PATHS))
+def test_a_hidden_operations_route_is_a_json_not_found(
+    proxy: httpx.Client, path: str
+) -> None:
+    resp = proxy.get(path)
+
+    assert_json_error(resp, 404, "not_found")
+    assert resp.json() == {"error": "not_found", "detail": "Not Found"}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_a_body_over_the_limit_is_a_json_too_large(
+    proxy: httpx.Client, chunked: bool
+) -> None:
+    body = b"x" * (MAX_BODY_BYTES + 1)
+
+    resp = proxy.post(
+        "/comments",
+        content=iter([body[:4096], body[4096:]]) if chunked else body,
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert_json_error(resp, 413, "too_large")
+    assert resp.json()["detail"] == (
+        f"the request body is larger than {MAX_BODY_BYTES} bytes"
+    )
+
+
+def test_the_proxy_allows_no_other_origin_to_read_its_own_refusal(
+    proxy: httpx.Client,
+) -> None:
+    # The page is served by the proxy's own origin, which needs no CORS header; the
+    # origins the services allow besides are not the proxy's to know.
+    resp = proxy.post(
+        "/comments",
+        content=b"x" * (MAX_BODY_BYTES + 1),
+        headers={
+            "Content-Type": "application/json",
+            "Origin": "https://elsewhere.example",
+        },
+    )
+
+    assert resp.status_code == 413
+    assert "access-control-allow-origin" not in resp.headers
+    assert "access-control-allow-credentials" not in resp.headers
+
+
+def test_a_body_at_the_limit_reaches_the_service(proxy: httpx.Client) -> None:
+    resp = proxy.post(
+        "/comments",
+        content=b"x" * MAX_BODY_BYTES,
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"path": "/comments"}
+
+
+def test_a_service_that_is_down_is_a_json_bad_gateway(proxy: httpx.Client) -> None:
+    resp = proxy.get("/push/vapid-public-key")
+
+    assert_json_error(resp, 502, "unavailable")
+
+
+def test_a_service_that_does_not_answer_is_a_json_gateway_timeout(
+    start_proxy: StartProxy, standin: int, silent: int
+) -> None:
+    proxy = start_proxy(
+        {"comments": silent, "sse-gateway": standin, "push-sender": standin}
+    )
+
+    resp = proxy.get("/posts")
+
+    assert_json_error(resp, 504, "unavailable")
+
+
+@pytest.mark.parametrize(
+    "path", ["/posts/404", "/inbox/404", "/posts/413", "/posts/502", "/posts/503"]
+)
+def test_errors_a_service_answers_pass_through_untouched(
+    proxy: httpx.Client, path: str
+) -> None:
+    resp = proxy.get(path)
+
+    assert resp.status_code == int(path.rsplit("/", 1)[-1])
+    assert resp.json() == {"error": "from_service", "detail": path}
