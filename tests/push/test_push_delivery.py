@@ -80,6 +80,31 @@ async def test_every_device_gets_the_decrypted_payload_and_the_headers(
     assert touched == 2
 
 
+async def test_a_push_stored_after_push_was_turned_off_is_skipped_unsent(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    # The dispatcher read the preference just before the user turned push off,
+    # so the row was stored all the same; the sender looks again when it takes it.
+    phone = push_service.device()
+    await subscribe(api, settings, demo.bob, phone)
+    await db.execute(
+        "INSERT INTO notification_preferences (user_id, type, enabled) "
+        "VALUES ($1, 'push', false)",
+        demo.bob,
+    )
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert (row["status"], row["attempts"]) == ("skipped", 0)
+    assert row["last_error"] == "push disabled by preference"
+    assert phone.received == []
+
+
 async def test_urgency_follows_the_channel_priority(
     settings: Settings,
     demo: Demo,

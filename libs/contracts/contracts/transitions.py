@@ -18,7 +18,11 @@ metadata (top-level keys replace those already there).
 A user who turns a channel type off has their rows of it that wait for a claim
 (``pending`` or ``retrying``) made ``skipped`` by the gateway
 (``sse_gateway.preferences``); the sender then finds the row unclaimable and
-acks its message (:func:`unclaimed`). A row already ``sending`` is not stopped.
+acks its message (:func:`unclaimed`). That update cannot see a row the
+dispatcher was storing while the change committed, nor one an operator sets back
+to ``pending`` later (``requeue-failed``), so the claim looks at the preference
+too: a row whose user has its type off is made ``skipped`` instead of claimed.
+Only a row already ``sending`` when the change commits still goes out.
 
 A sender that handles messages in batches claims all of a batch's rows with one
 statement (:func:`claim_many_sql`), asks why the rest were not claimed with one
@@ -37,15 +41,28 @@ import asyncpg
 
 from contracts.consumer import DeadLetter, RetryLater
 
-_CLAIM = """
+# The user has turned the row's channel type off (one primary-key lookup).
+_TURNED_OFF = """EXISTS (
+    SELECT FROM notification_preferences p
+    WHERE p.user_id = notifications.user_id AND p.type = notifications.type
+      AND NOT p.enabled)"""
+
+# Returns the rows it claimed and those it skipped, with ``status`` saying which.
+_CLAIM = f"""
 UPDATE notifications
-SET status = 'sending', attempts = attempts + 1, updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => $2)
-WHERE {target} AND type = '{channel_type}'
+SET status = CASE WHEN {_TURNED_OFF} THEN 'skipped' ELSE 'sending' END,
+    attempts = attempts + CASE WHEN {_TURNED_OFF} THEN 0 ELSE 1 END,
+    last_error = CASE WHEN {_TURNED_OFF} THEN type || ' disabled by preference'
+                      ELSE last_error END,
+    next_attempt_at = CASE WHEN {_TURNED_OFF} THEN NULL ELSE next_attempt_at END,
+    lease_expires_at = CASE WHEN {_TURNED_OFF} THEN NULL
+                            ELSE now() + make_interval(secs => $2) END,
+    updated_at = now()
+WHERE {{target}} AND type = '{{channel_type}}'
   AND (status = 'pending'
        OR (status = 'retrying' AND coalesce(next_attempt_at <= now(), true))
        OR (status = 'sending' AND lease_expires_at < now()))
-RETURNING {returning}
+RETURNING {{returning}}, status
 """
 
 
@@ -56,7 +73,12 @@ def _claim_sql(channel_type: str, returning: str, target: str) -> str:
 
 
 def claim_sql(channel_type: str, returning: str) -> str:
-    """The UPDATE that claims one row of ``channel_type`` ($1 id, $2 lease seconds)."""
+    """The UPDATE that claims one row of ``channel_type`` ($1 id, $2 lease seconds).
+
+    It returns ``returning`` and ``status``: ``sending`` for a row claimed,
+    ``skipped`` for one whose user has turned its type off (see the module's
+    docstring); :func:`claim` tells them apart.
+    """
     return _claim_sql(channel_type, returning, "id = $1")
 
 
@@ -64,7 +86,9 @@ def claim_many_sql(channel_type: str, returning: str) -> str:
     """The UPDATE that claims every claimable row of ``channel_type`` among $1 (ids).
 
     $2 is the lease in seconds. Rows that cannot be claimed are left out of the
-    result; :func:`statuses` and :func:`unclaimed` say why. Two batches share rows
+    result; :func:`statuses` and :func:`unclaimed` say why. Rows skipped because
+    their user turned the type off come back with ``status`` ``skipped``, the
+    claimed ones with ``sending``: use only the latter. Two batches share rows
     only when a message was delivered twice; should their claims ever deadlock,
     PostgreSQL cancels one, and its consumer handles those messages one by one.
     """
@@ -149,8 +173,15 @@ async def claim(
     done, logged on the caller's ``log`` with ``action``.
     """
     row = await conn.fetchrow(statement, notification_id, lease_seconds)
-    if row is not None:
+    if row is not None and row["status"] == "sending":
         return row
+    if row is not None:
+        log.info(
+            "notification skipped: its user turned %s off",
+            channel_type or "this type",
+            extra={"action": action},
+        )
+        return None
     current = await conn.fetchrow(STATUS, notification_id)
     outcome = unclaimed(
         notification_id,

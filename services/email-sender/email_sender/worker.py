@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 _CLAIM_ROWS = transitions.claim_many_sql(
     "email", "id, user_id, email, title, message, metadata, attempts"
 )
-# The recipients' display names come with the claim, for the To header.
+# The recipients' display names come with the claim, for the To header. Rows the
+# claim skipped (their user turned email off) come back too, to be told apart.
 CLAIM = f"""
 WITH claimed AS ({_CLAIM_ROWS})
 SELECT c.*, u.display_name FROM claimed c JOIN users u ON u.id = c.user_id
@@ -206,7 +207,8 @@ class EmailWorker:
                 # pop: a message delivered twice in one batch claims its row once;
                 # the second copy finds it ``sending`` and is done.
                 row = rows.pop(ids[index], None)
-                if row is None:
+                # A row the claim skipped (email turned off) is told so below.
+                if row is None or row["status"] != "sending":
                     unclaimed.append(index)
                 else:
                     claimed.append(_Claimed(index, item, row))

@@ -78,12 +78,28 @@ def _iso(column: str) -> str:
 #   the count; one bigger than $3 bytes (PostgreSQL refuses 8000) is sent as a
 #   reference instead, for each replica to read back.
 #
-# Rows not returned were not waiting, or are not SSE rows.
+# - ``turned_off``: rows of a user who has turned live notifications off since
+#   they were stored (the change could not see a row the dispatcher was still
+#   storing) become ``skipped``; ``locked`` leaves them out.
+#
+# Rows not returned were not waiting, are not SSE rows, or were skipped.
+_TURNED_OFF = """EXISTS (
+    SELECT FROM notification_preferences p
+    WHERE p.user_id = notifications.user_id AND p.type = 'sse' AND NOT p.enabled)"""
+
 DELIVER = f"""
-WITH locked AS (
+WITH turned_off AS (
+    UPDATE notifications
+    SET status = 'skipped', last_error = 'sse disabled by preference',
+        next_attempt_at = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND type = 'sse'
+      AND status NOT IN ('sent', 'failed', 'skipped')
+      AND {_TURNED_OFF}
+), locked AS (
     SELECT id, user_id FROM notifications
     WHERE id = ANY($1::bigint[]) AND type = 'sse'
       AND status NOT IN ('sent', 'failed', 'skipped')
+      AND NOT {_TURNED_OFF}
     ORDER BY id
     FOR UPDATE
 ), taken AS (

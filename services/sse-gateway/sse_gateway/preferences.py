@@ -8,11 +8,12 @@ to the events it dispatches after the change commits.
 Turning a type off also stops what of it is already on its way to the user, in the
 same transaction as the change: their rows of the type still ``pending`` or
 ``retrying`` become ``skipped``, and a sender that later receives such a row's
-message, or its retry, finds it so and sends nothing. Two things still go out: a
-row already ``sending`` (a worker holds it, and may be talking to the mail server
-already), and a row of an event the dispatcher was storing while the change
-committed (it read the preference just before). Turning the type back on revives
-none of the skipped rows.
+message, or its retry, finds it so and sends nothing. A row of an event the
+dispatcher was storing while the change committed (it read the preference just
+before) is skipped by its sender instead, which looks at the preference when it
+takes a row (``contracts.transitions``). Only a row already ``sending`` still goes
+out: a worker holds it, and may be talking to the mail server already. Turning the
+type back on revives none of the skipped rows.
 
 A change is announced to the user's open streams as a ``preferences`` event (no
 data: a page reads ``GET /preferences`` again), sent by the transaction that made it.
