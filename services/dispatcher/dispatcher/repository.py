@@ -32,9 +32,11 @@ USER_FIELDS = ("id", "username", "email", "display_name", "disabled_types")
 # * ``comments``: each comment with its post and whether its author exists, so that
 #   an event naming a missing comment, post or commenter is found before anything
 #   is written for it;
-# * ``earlier``: per comment, everyone who commented on its post before it (comment
-#   ids come from one identity sequence, so "before" is "smaller id" even when
-#   commits interleave);
+# * ``earlier``: per comment, everyone who commented on its post before it: a
+#   smaller comment id (one identity sequence), among the comments committed when
+#   the event is dispatched. Two first comments on a thread whose commits cross
+#   (the one with the smaller id commits second) see neither the other: its
+#   author is left out of the other's participants;
 # * ``users``: everyone named by id (commenters, post authors, earlier commenters)
 #   or mentioned by username, with the channel types each has turned off.
 LOOKUP = """
