@@ -11,6 +11,7 @@ more: a comment's event, a dead letter and a retry all reach their queue.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.integration
 QUEUE = topology.delivery_queue("email")
 
 
-async def _consumers(amqp_url: str, queue: str) -> int | None:
-    """How many consumers ``queue`` has; None while it does not exist."""
+async def _declared(amqp_url: str, queue: str) -> Any | None:
+    """``queue``'s passive declare (its counts); None while it does not exist."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     async with connection:
         channel = await connection.channel()
@@ -41,7 +42,7 @@ async def _consumers(amqp_url: str, queue: str) -> int | None:
             declared = await channel.declare_queue(queue, passive=True)
         except aio_pika.exceptions.ChannelClosed:
             return None
-        return declared.declaration_result.consumer_count
+        return declared.declaration_result
 
 
 async def _delete(amqp_url: str, queue: str) -> None:
@@ -87,7 +88,8 @@ async def test_an_email_sender_consumes_again_from_its_queue_after_it_was_delete
 
 
 async def _ready_again(amqp_url: str) -> bool:
-    return await _consumers(amqp_url, QUEUE) == 1
+    declared = await _declared(amqp_url, QUEUE)
+    return declared is not None and declared.consumer_count == 1
 
 
 async def _status_is(db: asyncpg.Connection, notification: int, status: str) -> bool:
@@ -172,14 +174,8 @@ async def test_a_retry_parked_after_its_delay_queue_was_deleted_comes_back(
 
 
 async def _waiting(amqp_url: str, queue: str, count: int) -> bool:
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            return False
-        return declared.declaration_result.message_count == count
+    declared = await _declared(amqp_url, queue)
+    return declared is not None and declared.message_count == count
 
 
 async def _take(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractMessage]:
