@@ -155,3 +155,9 @@ async def test_a_page_the_comments_api_refuses_says_where_it_looked(
     await expect(page.locator("#post-title")).not_to_have_text("Loading…")
     assert refused, "the comments API was never asked"
     await page.screenshot(path=str(tmp_path / "api-refused.png"))
+
+    # The form is the page's, not the browser's: submitting stays on the page.
+    await page.fill("#comment-body", "anyone there?")
+    await page.click("#comment-submit")
+    await expect(page.locator("#form-error")).not_to_be_empty()
+    assert page.url == f"{opened_at}/"

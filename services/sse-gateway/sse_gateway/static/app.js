@@ -494,7 +494,23 @@
 
   // ---- wiring ----------------------------------------------------------------
 
+  // The controls get their handlers before anything is fetched: a page that could
+  // not reach an API must not fall back on the browser's own form submission.
+  function wireControls() {
+    $("bell").addEventListener("click", () => {
+      const panel = $("panel");
+      panel.hidden = !panel.hidden;
+      $("bell").setAttribute("aria-expanded", String(!panel.hidden));
+    });
+    $("mark-all").addEventListener("click", () => markAllRead().catch(showError));
+    $("more").addEventListener("click", () => loadInbox(state.cursor).catch(showError));
+    $("comment-form").addEventListener("submit", submitComment);
+    $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
+    $("prefs").addEventListener("submit", (e) => e.preventDefault());
+  }
+
   async function start() {
+    wireControls();
     const config = await request("/config.json");
     state.api = config.api_base_url;
     state.devTokens = config.dev_tokens;
@@ -513,16 +529,6 @@
     } else {
       select.closest(".who").hidden = true;
     }
-    $("bell").addEventListener("click", () => {
-      const panel = $("panel");
-      panel.hidden = !panel.hidden;
-      $("bell").setAttribute("aria-expanded", String(!panel.hidden));
-    });
-    $("mark-all").addEventListener("click", () => markAllRead().catch(showError));
-    $("more").addEventListener("click", () => loadInbox(state.cursor).catch(showError));
-    $("comment-form").addEventListener("submit", submitComment);
-    $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
-    $("prefs").addEventListener("submit", (e) => e.preventDefault());
     await Promise.all([hasUsers && signIn(select.value), loadPost()]);
   }
 
