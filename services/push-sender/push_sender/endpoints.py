@@ -100,6 +100,11 @@ def is_global(address: str) -> bool:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and not is_global(str(embedded)):
             return False
+        if ip in _NAT64:
+            # What an IPv6-only host's DNS64 answers for a public IPv4 address: as
+            # public as that address (the registry calls the block reachable;
+            # ipaddress calls it reserved).
+            return True
     registry = _registry_says(ip)
     if registry is not None:
         return registry

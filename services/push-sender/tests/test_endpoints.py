@@ -10,7 +10,8 @@ from push_sender.endpoints import EndpointPolicy, is_global
 
 @pytest.mark.parametrize(
     "address",
-    ["93.184.216.34", "2606:2800:220:1::1"],
+    # The last: a public IPv4 address as an IPv6-only host's DNS64 gives it.
+    ["93.184.216.34", "2606:2800:220:1::1", "64:ff9b::5db8:d822"],
 )
 def test_a_public_address_is_global(address: str) -> None:
     assert is_global(address)
