@@ -8,7 +8,6 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -183,8 +182,9 @@ class Runtime:
         """Declare a deleted queue again and consume from it once more.
 
         Every service declares the whole topology at start; a queue deleted while it
-        runs (by hand, or lost with a broker node) would otherwise stay gone, its
-        deliveries dropped as unroutable, until some service restarts.
+        runs (by hand, or lost with a broker node) would otherwise stay gone, and
+        unconsumed, until some service restarts or publishes to it (a message no
+        queue takes is refused, and its publisher declares the topology again).
         """
         while True:
             await asyncio.sleep(RESUME_SECONDS)
@@ -210,8 +210,7 @@ class Runtime:
         """
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self.consumers is not None:
             await self.consumers.stop(self.settings.drain_seconds)
         if self.broker is not None:
