@@ -44,6 +44,11 @@ class Proxy:
         except OSError:
             writer.transport.abort()
             return
+        if self._server is None:
+            # Cut while this connection was being opened: it must not outlive the cut.
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers |= {writer, up_writer}
         pipes = [
             asyncio.create_task(self._pipe(reader, up_writer)),
