@@ -189,7 +189,10 @@ async def test_a_consumer_keeps_its_message_while_the_database_is_away(
     note = await helpers.email_row(db, demo.bob, "bob@example.com")
     queue = topology.delivery_queue("email")
 
-    async with email_sender(database_url=_through(settings, proxy)):
+    # A step that hangs fails here, its traceback naming the await it hung on,
+    # well before the suite's own timeout.
+    through = _through(settings, proxy)
+    async with asyncio.timeout(90), email_sender(database_url=through):
         await proxy.cut()
         await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
         await asyncio.sleep(2)  # several backoff rounds while the database is away

@@ -52,6 +52,8 @@ RECONNECT_INTERVAL = 5.0
 # How often a consumer the broker cancelled (its queue was deleted) is looked for,
 # to declare the topology again and consume once more.
 RESUME_SECONDS = 2.0
+# How long a stopping runtime waits for that loop to end once cancelled.
+KEEPER_STOP_SECONDS = 3.0
 
 
 class Runtime:
@@ -210,7 +212,10 @@ class Runtime:
         """
         if self._keeper is not None:
             self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+            # Never held up by a library that swallows the cancellation.
+            await asyncio.wait(
+                [self._keeper], timeout=RESUME_SECONDS + KEEPER_STOP_SECONDS
+            )
         if self.consumers is not None:
             await self.consumers.stop(self.settings.drain_seconds)
         if self.broker is not None:
