@@ -8,12 +8,13 @@ Nothing here connects at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -155,6 +156,18 @@ class Runtime:
         return self.pool
 
     async def start(self) -> None:
+        """Connect, declare the topology, start the relay and the consumers.
+
+        A start that fails part way closes what it had opened: a broker connection
+        left behind would go on trying to reconnect for as long as the process lives.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await stop_in_order(self._close_links)
+            raise
+
+    async def _start(self) -> None:
         self.pool = await create_pool(self.settings, **self._pool_options)
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
@@ -208,8 +221,12 @@ class Runtime:
         """Stop taking messages, let in-flight ones finish, then close everything.
 
         See :meth:`contracts.consumer.Consumers.stop` for what becomes of the
-        messages this process holds.
+        messages this process holds. The connections and the pool are closed even
+        when the steps before fail or the stop is cancelled.
         """
+        await stop_in_order(self._stop_consuming, self._close_links)
+
+    async def _stop_consuming(self) -> None:
         if self._keeper is not None:
             self._keeper.cancel()
             # Never held up by a library that swallows the cancellation.
@@ -218,18 +235,22 @@ class Runtime:
             )
         if self.consumers is not None:
             await self.consumers.stop(self.settings.drain_seconds)
-        if self.broker is not None:
-            # Nothing left in hand: this only closes the consumers' connection.
-            await self.broker.stop()
-        if self.relay is not None:
-            await self.relay.stop()
-        if self._connection is not None:
-            await self._connection.close()
-        if self.pool is not None:
-            try:
-                await asyncio.wait_for(self.pool.close(), timeout=5)
-            except TimeoutError:
-                self.pool.terminate()
+
+    async def _close_links(self) -> None:
+        """Close the broker connections and the pool, each whatever the others do."""
+        broker, relay, connection, pool = (
+            self.broker,
+            self.relay,
+            self._connection,
+            self.pool,
+        )
+        await stop_in_order(
+            # Nothing left in hand by now: this only closes the consumers' connection.
+            *([broker.stop] if broker is not None else []),
+            *([relay.stop] if relay is not None else []),
+            *([connection.close] if connection is not None else []),
+            *([lambda: _close_pool(pool)] if pool is not None else []),
+        )
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency and whether it answers; empty values mean all is well."""
@@ -261,6 +282,26 @@ class Runtime:
             if missing:
                 problems["consumers"] = f"not consuming {', '.join(missing)}"
         return problems
+
+
+async def stop_in_order(*steps: Callable[[], Awaitable[object]]) -> None:
+    """Await each step in turn, every one of them even when a step before it
+    raised or was cancelled; then raise what went wrong, if anything did.
+
+    A service's stop is such a list: sweepers, consumers, broker connections, the
+    pool. One that fails must not leave the others open, least of all a broker
+    connection, which would go on reconnecting for as long as the process lives.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        for step in reversed(steps):
+            stack.push_async_callback(step)
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except TimeoutError:
+        pool.terminate()
 
 
 def health_router(runtime: Runtime) -> APIRouter:

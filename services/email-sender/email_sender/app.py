@@ -6,6 +6,7 @@ service also runs an outbox relay.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -256,23 +257,23 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        sweeper = LeaseSweeper(
-            runtime.db,
-            ["email"],
-            interval=settings.email_sweep_seconds,
-            grace_seconds=settings.email_lease_seconds,
-            max_attempts=len(settings.retry_delay_levels) + 1,
-            pending_age_seconds=settings.pending_republish_seconds,
-        )
-        sweeper.start()
-        app.state.sweeper = sweeper
-        try:
+        # Each part is stopped, last started first, whatever the others do.
+        async with contextlib.AsyncExitStack() as parts:
+            parts.push_async_callback(transport.close)
+            await runtime.start()
+            parts.push_async_callback(runtime.stop)
+            sweeper = LeaseSweeper(
+                runtime.db,
+                ["email"],
+                interval=settings.email_sweep_seconds,
+                grace_seconds=settings.email_lease_seconds,
+                max_attempts=len(settings.retry_delay_levels) + 1,
+                pending_age_seconds=settings.pending_republish_seconds,
+            )
+            sweeper.start()
+            parts.push_async_callback(sweeper.stop)
+            app.state.sweeper = sweeper
             yield
-        finally:
-            await sweeper.stop()
-            await runtime.stop()
-            await transport.close()
 
     app = FastAPI(
         title="notiflow email sender",

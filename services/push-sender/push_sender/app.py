@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -72,8 +73,11 @@ def create_app(
             timeout=httpx.Timeout(settings.push_timeout),
             follow_redirects=False,
         )
-        try:
+        # Each part is stopped, last started first, whatever the others do.
+        async with contextlib.AsyncExitStack() as parts:
+            parts.push_async_callback(client.aclose)
             await runtime.start()
+            parts.push_async_callback(runtime.stop)
             sweeper = LeaseSweeper(
                 runtime.db,
                 ["push"],
@@ -83,13 +87,8 @@ def create_app(
                 pending_age_seconds=settings.pending_republish_seconds,
             )
             sweeper.start()
-            try:
-                yield
-            finally:
-                await sweeper.stop()
-                await runtime.stop()
-        finally:
-            await client.aclose()
+            parts.push_async_callback(sweeper.stop)
+            yield
 
     app = FastAPI(
         title="notiflow push sender",

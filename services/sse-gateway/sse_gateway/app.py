@@ -7,6 +7,7 @@ relay of its own, so another service's relay hears the commit and publishes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -198,28 +199,29 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal listener
-        await runtime.start()
-        listener = InboxListener(settings.database_url, runtime.db, hub)
-        await listener.start()
-        hub.start()
-        sweeper = LeaseSweeper(
-            runtime.db,
-            ["sse"],
-            interval=settings.sse_sweep_seconds,
-            # SSE rows hold no lease: they go from pending to sent in one statement.
-            grace_seconds=settings.sse_sweep_seconds,
-            max_attempts=len(settings.retry_delay_levels) + 1,
-            pending_age_seconds=settings.pending_republish_seconds,
-        )
-        sweeper.start()
-        app.state.sweeper = sweeper
-        try:
+        # Each part is stopped, last started first, whatever the others do.
+        async with contextlib.AsyncExitStack() as parts:
+            await runtime.start()
+            parts.push_async_callback(runtime.stop)
+            listener = InboxListener(settings.database_url, runtime.db, hub)
+            parts.push_async_callback(listener.stop)
+            await listener.start()
+            hub.start()
+            parts.push_async_callback(hub.stop)
+            sweeper = LeaseSweeper(
+                runtime.db,
+                ["sse"],
+                interval=settings.sse_sweep_seconds,
+                # SSE rows hold no lease: they go from pending to sent in one
+                # statement.
+                grace_seconds=settings.sse_sweep_seconds,
+                max_attempts=len(settings.retry_delay_levels) + 1,
+                pending_age_seconds=settings.pending_republish_seconds,
+            )
+            sweeper.start()
+            parts.push_async_callback(sweeper.stop)
+            app.state.sweeper = sweeper
             yield
-        finally:
-            await sweeper.stop()
-            await hub.stop()
-            await listener.stop()
-            await runtime.stop()
 
     app = GatewayApp(
         title="notiflow sse gateway",
