@@ -15,13 +15,26 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        # Cleared while new connections are held (see stall).
+        self._passing = asyncio.Event()
+        self._passing.set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._passing.set()
+        if self._server is None:
+            self._server = await asyncio.start_server(
+                self._accept, "127.0.0.1", self.port
+            )
+
+    def stall(self) -> None:
+        """Keep the open connections, but hold new ones: accepted, never passed on."""
+        self._passing.clear()
 
     async def cut(self) -> None:
         """Refuse new connections and break the open ones."""
         server, self._server = self._server, None
+        # Held connections go on to find the proxy cut.
+        self._passing.set()
         if server is not None:
             server.close()
         for writer in list(self._writers):
@@ -39,6 +52,15 @@ class Proxy:
     async def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if not self._passing.is_set():
+            self._writers.add(writer)
+            try:
+                await self._passing.wait()
+            finally:
+                self._writers.discard(writer)
+        if self._server is None:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -12,6 +13,8 @@ import asyncpg
 
 from contracts import logs
 from contracts.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # Errors that mean "the database is not there right now", as opposed to a bug, when
 # asyncpg raised them (see :func:`is_unavailable` for errors of unknown origin).
@@ -146,6 +149,13 @@ async def connection(
     A connection lost while the block uses it is reported as
     :class:`DatabaseUnavailable` too, so callers answer 503 or back off rather
     than treat it as a bug.
+
+    Whatever ended the block is what the caller learns, a cancellation above all:
+    giving back a connection whose statement was cut short waits (up to
+    ``timeout``) for the server to confirm the cancellation, and a release that
+    fails then must not take the place of the ``CancelledError``; a task that
+    catches the database's errors would otherwise never learn it was cancelled,
+    and run on. Such a connection is closed by the pool instead.
     """
     try:
         conn = await pool.acquire(timeout=timeout)
@@ -153,17 +163,35 @@ async def connection(
         raise DatabaseUnavailable(f"no database connection: {exc!r}") from exc
     try:
         yield conn
-    except LOST_ERRORS as exc:
-        raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
-    except Exception as exc:
-        # Whatever a connection that is closed now raised (asyncpg can report a
-        # session the server ended as an internal protocol error), the cause is
-        # the lost connection, not the statement.
-        if _closed(conn):
+    except BaseException as exc:
+        lost = isinstance(exc, LOST_ERRORS) or (
+            # Whatever a connection that is closed now raised (asyncpg can report
+            # a session the server ended as an internal protocol error), the
+            # cause is the lost connection, not the statement.
+            isinstance(exc, Exception) and _closed(conn)
+        )
+        await _release_after(exc, pool, conn)
+        if lost:
             raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
         raise
-    finally:
+    await pool.release(conn)
+
+
+async def _release_after(
+    error: BaseException, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Give ``conn`` back after the block raised ``error``, which stands."""
+    try:
         await pool.release(conn)
+    except Exception as failed:
+        # asyncpg has terminated the connection; its place in the pool is free.
+        # (A cancellation of the release itself goes on up, as a cancellation.)
+        logger.debug(
+            "a connection could not be given back after %r: %r",
+            error,
+            failed,
+            extra={"action": "db.release_failed"},
+        )
 
 
 def _closed(conn: asyncpg.Connection) -> bool:
@@ -178,5 +206,27 @@ def _closed(conn: asyncpg.Connection) -> bool:
 async def transaction(
     pool: asyncpg.Pool, timeout: float = 2.0
 ) -> AsyncIterator[asyncpg.Connection]:
-    async with connection(pool, timeout) as conn, conn.transaction():
-        yield conn
+    """:func:`connection` in a transaction, committed when the block ends well.
+
+    As there, what ended the block is what the caller learns: a rollback that
+    fails after a cancellation (the statement being cancelled has the connection
+    still) does not take its place.
+    """
+    async with connection(pool, timeout) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            yield conn
+        except BaseException as exc:
+            try:
+                await tx.rollback()
+            except Exception as failed:
+                # Giving the connection back rolls it back, or closes it.
+                logger.debug(
+                    "could not roll back after %r: %r",
+                    exc,
+                    failed,
+                    extra={"action": "db.rollback_failed"},
+                )
+            raise
+        await tx.commit()

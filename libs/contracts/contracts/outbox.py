@@ -46,6 +46,7 @@ from contracts import metrics, topology, tracing
 from contracts.db import application_name
 from contracts.messages import Message
 from contracts.settings import Settings, amqp_connection_name
+from contracts.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,7 @@ class OutboxRelay:
         if self._notified is not None:
             self._notified.cancel()
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task, "the outbox relay")
         try:
             async with asyncio.timeout(2):
                 # Rows whose confirms never come stay in the table for a sweep.

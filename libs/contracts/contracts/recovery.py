@@ -45,6 +45,7 @@ from contracts import metrics, topology
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.messages import DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
+from contracts.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class LeaseSweeper:
         self._max_attempts = max_attempts
         self._pending_age = pending_age_seconds
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.recovered = 0
         self.republished = 0
 
@@ -232,9 +234,9 @@ class LeaseSweeper:
         self._task = asyncio.create_task(self._run(), name="lease-sweeper")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task, "the lease sweeper")
 
     async def sweep(self) -> Swept:
         async with transaction(self._pool) as conn:
@@ -274,11 +276,14 @@ class LeaseSweeper:
         return Swept(again, failed, len(waiting))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval)
             try:
                 await self.sweep()
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+                if self._stopping:
+                    # The stop's cancellation, turned into an error on its way.
+                    return
                 logger.warning(
                     "lease sweep skipped, database unavailable: %r",
                     exc,

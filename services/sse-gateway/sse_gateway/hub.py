@@ -30,6 +30,7 @@ import asyncpg
 from sse_starlette.sse import AppStatus
 
 from contracts.db import application_name
+from contracts.tasks import stop_task
 from sse_gateway import events, inbox, metrics
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class InboxListener:
         self._hub = hub
         self._inbox: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self.listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -218,16 +220,16 @@ class InboxListener:
         ]
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_task(task, f"the inbox listener's {task.get_name()}")
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._inbox.put_nowait(payload)
 
     async def _listen(self) -> None:
         first = True
-        while True:
+        while not self._stopping:
             try:
                 conn = await asyncpg.connect(
                     self._url,
@@ -262,6 +264,9 @@ class InboxListener:
                 asyncpg.PostgresError,
                 asyncpg.InterfaceError,
             ) as exc:
+                if self._stopping:
+                    # The stop's cancellation, turned into an error on its way.
+                    return
                 logger.warning(
                     "inbox LISTEN connection lost: %r",
                     exc,
@@ -272,13 +277,15 @@ class InboxListener:
                 conn.terminate()
 
     async def _process(self) -> None:
-        while True:
+        while not self._stopping:
             payload = await self._inbox.get()
             try:
                 await self._dispatch(json.loads(payload))
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 logger.exception(
                     "could not hand an inbox event to its connections",
                     extra={"action": "inbox.dispatch_failed"},
