@@ -124,9 +124,46 @@ async def test_a_peer_that_stops_reading_is_dropped(
         await eventually(
             lambda: _streams(gateway, 0), what="the stalled stream dropped"
         )
+        # Dropped for good: the gateway holds no socket for it, though the peer
+        # still keeps its end open.
+        client_port = sock.getsockname()[1]
+        await eventually(
+            lambda: _no_server_socket(gateway.port, client_port),
+            what="the gateway's socket for the stalled stream closed",
+        )
     finally:
         sock.close()
     assert "sse.stalled" in gateway.log()
+    assert "without completing response" not in gateway.log()
+
+
+# /proc/net/tcp states a connection no longer holds its socket in (TIME_WAIT,
+# CLOSE), in the kernel's hexadecimal.
+_GONE = {"06", "07"}
+
+
+async def _no_server_socket(server_port: int, client_port: int) -> bool:
+    return await asyncio.to_thread(_no_socket, server_port, client_port)
+
+
+def _no_socket(server_port: int, client_port: int) -> bool:
+    """Whether no socket from ``server_port`` to ``client_port`` is still open."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines)
+                for line in lines:
+                    fields = line.split()
+                    local, remote, state = fields[1], fields[2], fields[3]
+                    if (
+                        int(local.rsplit(":", 1)[1], 16) == server_port
+                        and int(remote.rsplit(":", 1)[1], 16) == client_port
+                        and state not in _GONE
+                    ):
+                        return False
+        except FileNotFoundError:
+            continue
+    return True
 
 
 async def _streams(gateway: Service, count: int) -> bool:

@@ -16,7 +16,10 @@ can hold. Two choices keep that small (``ARCHITECTURE.md`` has the figures):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -82,13 +85,13 @@ class StreamResponse(EventSourceResponse):
         except asyncio.CancelledError:
             if not self._conn.stalled:
                 raise
-            # Cancelled by the hub's clock: the peer stopped reading. Returning
-            # with the response unfinished makes the server drop the connection.
+            # Cancelled by the hub's clock: the peer stopped reading.
             self._conn.task.uncancel()
             logger.warning(
                 "a stream stopped draining; dropping it",
                 extra={"action": "sse.stalled"},
             )
+            await _drop(send)
         finally:
             self._conn.close()
             watcher.cancel()
@@ -102,6 +105,36 @@ class StreamResponse(EventSourceResponse):
                 self._client_disconnected = True
                 self._conn.close()
                 return
+
+
+async def _drop(send: Send) -> None:
+    """Reset the connection ``send`` writes to, with whatever it still holds.
+
+    A connection closed the usual way first sends what is buffered, which a peer
+    that stopped reading never takes: the server's socket and its megabytes of
+    send buffer would stay for as long as the peer keeps its end open (in the
+    process until the buffer drains, then in the kernel). A reset drops them at
+    once. Uvicorn's ``send`` is a method of the request's cycle, which holds the
+    connection's transport; under another server the response is left
+    unfinished, for that server to close.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    # asyncio's or uvloop's: the two share no base class.
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return
+    sock = transport.get_extra_info("socket")  # type: ignore[union-attr]
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # Closing with a zero linger time resets the connection.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    abort()
+    # The server learns of the lost connection before this stream returns, and
+    # so does not report a response left unfinished.
+    await asyncio.sleep(0)
+
+
+_RESET = struct.pack("ii", 1, 0)
 
 
 class Refused(Exception):
