@@ -214,3 +214,33 @@ async def test_a_consumer_keeps_its_message_while_the_database_is_away(
 async def _sent(db: asyncpg.Connection, note: int) -> dict | None:
     row = await helpers.row(db, note)
     return row if row["status"] == "sent" else None
+
+
+async def test_a_statement_past_its_command_timeout_answers_503(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    # A database that is there but does not answer in time (a lock held, a server
+    # overwhelmed) is as away as one that refuses: the client may try again.
+    app = create_app(settings.model_copy(update={"db_command_timeout": 1.0}))
+    before = await db.fetchval("SELECT count(*) FROM comments")
+    token = issue_token(demo.carol, "carol", settings)
+    async with (
+        running(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://comments",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client,
+    ):
+        async with db.transaction():
+            await db.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
+            read = await client.get("/posts")
+            write = await client.post(
+                "/comments", json={"post_id": demo.post, "body": "hi"}
+            )
+
+    for resp in (read, write):
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"] == "unavailable"
+        assert resp.headers["Retry-After"] == "2"
+    assert await db.fetchval("SELECT count(*) FROM comments") == before

@@ -72,7 +72,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import jsonkeys, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
-from contracts.db import DatabaseUnavailable
+from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, is_unavailable
 
 if TYPE_CHECKING:
     from contracts.runtime import Runtime
@@ -304,12 +304,32 @@ def install_http_policy(
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        return error(
-            503,
-            "unavailable",
-            "the database is unavailable; try again",
-            **{"Retry-After": "2"},
+        return _unavailable()
+
+    async def perhaps_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # A statement past its command timeout, a connection refused or lost: the
+        # database is away, and the request may be tried again. The same types
+        # raised by other code are failures like any other.
+        if not is_unavailable(exc):
+            return await crashed(request, exc)
+        logger.warning(
+            "database unavailable: %r",
+            exc,
+            extra={"action": "request.database_unavailable"},
         )
+        return _unavailable()
+
+    for kind in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(kind, perhaps_unavailable)
+
+
+def _unavailable() -> JSONResponse:
+    return error(
+        503,
+        "unavailable",
+        "the database is unavailable; try again",
+        **{"Retry-After": "2"},
+    )
 
 
 # Request dependencies are coroutines on purpose: FastAPI runs plain functions in a
