@@ -816,6 +816,56 @@ def test_admin_on_a_virtual_host_no_service_has_started_on_says_so(
     ]
 
 
+@pytest.mark.parametrize("command", [("list",), ("replay", "--all")])
+async def test_a_dlq_command_while_another_holds_the_dead_letters_says_so(
+    settings: Settings, command: tuple[str, ...]
+) -> None:
+    for index in range(3):
+        await _published_to_the_dead_letter_queue(settings, b"{}", f"held-{index}")
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+    other = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with other:
+        # As a dlq command does, before it takes the dead letters.
+        channel = await other.channel()
+        await channel.declare_queue(
+            "notiflow.admin.dlq-lock", exclusive=True, auto_delete=True
+        )
+
+        done = await asyncio.to_thread(admin, settings, "dlq", *command)
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"notiflow-admin: another notiflow-admin dlq command is holding the dead "
+        f"letters of the virtual host {vhost!r} at {redact_url(settings.amqp_url)}; "
+        "nothing was done: run this one once that one has finished"
+    ]
+    kept = await helpers.take_dead_letters(settings.amqp_url)
+    assert sorted(m.message_id for m in kept) == ["held-0", "held-1", "held-2"]
+
+
+async def test_dlq_lists_run_together_each_see_every_dead_letter_or_wait_their_turn(
+    settings: Settings,
+) -> None:
+    for index in range(30):
+        await _published_to_the_dead_letter_queue(settings, b"{}", f"many-{index}")
+
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(admin, settings, "dlq", "list") for _ in range(4))
+    )
+
+    for run in runs:
+        if run.returncode == 0:
+            assert run.stdout.splitlines()[0] == (
+                f"30 dead letters in {topology.DEAD_LETTER_QUEUE}"
+            )
+        else:
+            assert run.returncode == 1
+            assert "another notiflow-admin dlq command" in run.stderr
+    assert any(run.returncode == 0 for run in runs)
+    assert len(await helpers.take_dead_letters(settings.amqp_url)) == 30
+
+
 def test_admin_given_a_malformed_url_exits_2_naming_the_setting(
     settings: Settings,
 ) -> None:

@@ -90,6 +90,7 @@ from uuid import UUID
 import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelLockedResource
 
 from contracts import preflight, topology
 from contracts.consumer import DEAD_LETTERED_AT_HEADER
@@ -276,6 +277,25 @@ class NoDeadLetterQueue(Exception):
     """The virtual host has no dead-letter queue: no service has started there."""
 
 
+class DeadLettersBusy(Exception):
+    """Another ``dlq`` command is holding the dead letters of the virtual host."""
+
+
+# A queue only one connection at a time may have: each ``dlq`` command declares it
+# before taking the dead letters, and it goes with the command's connection. Two
+# commands at once would each see only the dead letters the other is not holding,
+# and a replay of them all would leave the rest.
+DLQ_LOCK_QUEUE = "notiflow.admin.dlq-lock"
+
+
+async def _hold_dead_letters(connection: aio_pika.abc.AbstractConnection) -> None:
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(DLQ_LOCK_QUEUE, exclusive=True, auto_delete=True)
+    except ChannelLockedResource:
+        raise DeadLettersBusy from None
+
+
 async def _taken(
     channel: aio_pika.abc.AbstractChannel,
 ) -> list[AbstractIncomingMessage]:
@@ -305,6 +325,7 @@ async def dlq_list(settings: Settings) -> list[DeadLetter]:
         },
     )
     async with connection:
+        await _hold_dead_letters(connection)
         reading = await connection.channel()
         publishing = await connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -392,6 +413,7 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
         },
     )
     async with connection:
+        await _hold_dead_letters(connection)
         reading = await connection.channel()
         publishing = await connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -828,6 +850,15 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         return _cannot_reach(args, settings, exc)
     except asyncpg.PostgresError as exc:
         print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
+        return 1
+    except DeadLettersBusy:
+        print(
+            "notiflow-admin: another notiflow-admin dlq command is holding the dead "
+            f"letters of the virtual host {_vhost(settings.amqp_url)!r} at "
+            f"{redact_url(settings.amqp_url)}; nothing was done: run this one once "
+            "that one has finished",
+            file=sys.stderr,
+        )
         return 1
     except NoDeadLetterQueue:
         print(
