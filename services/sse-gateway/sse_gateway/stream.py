@@ -31,7 +31,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from contracts.auth import InvalidToken, verify_token
 from contracts.db import DatabaseUnavailable, connection
-from contracts.http import HeadAsGet, error
+from contracts.http import HeadAsGet, error, invalid_request
 from contracts.settings import Settings
 from sse_gateway import credentials, events, inbox, metrics
 from sse_gateway.access import require_user
@@ -40,6 +40,7 @@ from sse_gateway.hub import Connection, Hub
 logger = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+LAST_EVENT_ID = b"last-event-id"
 # A refused stream may try again once one of the user's streams has ended, which
 # nobody can predict; this keeps a client that honours Retry-After from spinning.
 FULL_RETRY_AFTER = 10
@@ -195,6 +196,14 @@ class StreamEndpoint:
         if scope["method"] not in ("GET", "HEAD"):
             refusal = error(
                 405, "method_not_allowed", "use GET or HEAD", Allow="GET, HEAD"
+            )
+            await _refuse(scope, receive, send, refusal, extra)
+            return
+        resumes = [value for name, value in scope["headers"] if name == LAST_EVENT_ID]
+        if len(resumes) > 1:
+            # Where the stream should resume cannot be known; a browser sends one.
+            refusal = invalid_request(
+                [("last-event-id", "given more than once; send the last id received")]
             )
             await _refuse(scope, receive, send, refusal, extra)
             return

@@ -366,3 +366,21 @@ async def test_a_query_token_that_no_header_can_carry_is_refused_as_invalid(
     assert answer.json() == {"error": "unauthorized", "detail": "token is invalid"}
     assert opened.status == 401
     assert json.loads(opened.body)["detail"] == "token is invalid"
+
+
+async def test_a_last_event_id_given_twice_is_refused_and_opens_no_stream(
+    gateway: Gateway,
+) -> None:
+    answer = await stream(
+        gateway.app,
+        headers=[
+            ("Authorization", f"Bearer {gateway.bob}"),
+            ("Last-Event-ID", "930"),
+            ("Last-Event-ID", "5"),
+        ],
+    )
+
+    assert refused_naming(answer.status, answer.body, "last-event-id"), answer
+    assert json.loads(answer.body)["fields"][0]["message"] == (
+        "given more than once; send the last id received"
+    )
