@@ -6,14 +6,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import pytest
 from fastapi import FastAPI
 
+from contracts.auth import issue_token
 from contracts.settings import Settings
 from email_sender.app import EmailSettings, create_app
+from tests.integration.proxy import Proxy
 from tests.support.data import Demo, seed_demo
+from tests.support.infra import with_database
 from tests.support.smtp import SmtpServer
 
 
@@ -42,6 +47,43 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
     """The app with its lifespan entered: consumers and relays are running."""
     async with app.router.lifespan_context(app):
         yield app
+
+
+@asynccontextmanager
+async def calling(
+    app: FastAPI, settings: Settings, user_id: int, name: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` running, and a client that calls it as user ``user_id``."""
+    token = issue_token(user_id, name, settings)
+    async with (
+        running(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://app",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def proxy(settings: Settings) -> AsyncIterator[Proxy]:
+    """A proxy to the test's PostgreSQL, which the test may cut; see :func:`through`."""
+    target = urlsplit(settings.database_url)
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def through(settings: Settings, proxy: Proxy) -> str:
+    """The test's database URL, by way of ``proxy``."""
+    url = urlsplit(settings.database_url)
+    return with_database(
+        f"postgresql://{url.username}@127.0.0.1:{proxy.port}", url.path.lstrip("/")
+    )
 
 
 EmailSenderFactory = Callable[..., AbstractAsyncContextManager[FastAPI]]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -19,32 +18,17 @@ import pytest
 from contracts.db import connection, create_pool
 from contracts.recovery import LeaseSweeper
 from contracts.settings import Settings
+from tests.integration.conftest import through
 from tests.integration.proxy import Proxy
-from tests.support.infra import with_database
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def proxy(settings: Settings) -> AsyncIterator[Proxy]:
-    target = urlsplit(settings.database_url)
-    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-@pytest.fixture
 async def pool(settings: Settings, proxy: Proxy) -> AsyncIterator[asyncpg.Pool]:
-    url = urlsplit(settings.database_url)
-    through = with_database(
-        f"postgresql://{url.username}@127.0.0.1:{proxy.port}", url.path.lstrip("/")
-    )
     pool = await create_pool(
-        settings.model_copy(update={"database_url": through}),
+        settings.model_copy(update={"database_url": through(settings, proxy)}),
         min_size=1,
         max_size=2,
     )
@@ -52,15 +36,6 @@ async def pool(settings: Settings, proxy: Proxy) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         pool.terminate()
-
-
-@pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(settings.database_url, timeout=10)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def _running(db: asyncpg.Connection, query: str) -> bool:

@@ -6,7 +6,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -14,35 +13,15 @@ import pytest
 
 from comments.app import create_app
 from contracts import topology
-from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.integration import helpers
-from tests.integration.conftest import EmailSenderFactory, running
+from tests.integration.conftest import EmailSenderFactory, calling, through
 from tests.integration.proxy import Proxy
 from tests.support.data import Demo
-from tests.support.infra import with_database
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def proxy(settings: Settings) -> AsyncIterator[Proxy]:
-    target = urlsplit(settings.database_url)
-    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-def _through(settings: Settings, proxy: Proxy) -> str:
-    url = urlsplit(settings.database_url)
-    return with_database(
-        f"postgresql://{url.username}@127.0.0.1:{proxy.port}", url.path.lstrip("/")
-    )
 
 
 @pytest.fixture
@@ -51,20 +30,14 @@ async def api(
 ) -> AsyncIterator[httpx.AsyncClient]:
     options = {
         **settings.model_dump(),
-        "database_url": _through(settings, proxy),
+        "database_url": through(settings, proxy),
         "db_acquire_timeout": 0.5,
         "db_pool_min": 1,
         "db_pool_max": 5,
     }
     app = create_app(Settings(**options))
-    async with running(app):
-        token = issue_token(demo.carol, "carol", settings)
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://comments",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as client:
-            yield client
+    async with calling(app, settings, demo.carol, "carol") as client:
+        yield client
 
 
 async def _counts(db: asyncpg.Connection) -> tuple[int, int]:
@@ -191,8 +164,7 @@ async def test_a_consumer_keeps_its_message_while_the_database_is_away(
 
     # A step that hangs fails here, its traceback naming the await it hung on,
     # well before the suite's own timeout.
-    through = _through(settings, proxy)
-    async with asyncio.timeout(90), email_sender(database_url=through):
+    async with asyncio.timeout(90), email_sender(database_url=through(settings, proxy)):
         await proxy.cut()
         await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
         await asyncio.sleep(2)  # several backoff rounds while the database is away
@@ -223,15 +195,7 @@ async def test_a_statement_past_its_command_timeout_answers_503(
     # overwhelmed) is as away as one that refuses: the client may try again.
     app = create_app(settings.model_copy(update={"db_command_timeout": 1.0}))
     before = await db.fetchval("SELECT count(*) FROM comments")
-    token = issue_token(demo.carol, "carol", settings)
-    async with (
-        running(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://comments",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as client,
-    ):
+    async with calling(app, settings, demo.carol, "carol") as client:
         async with db.transaction():
             await db.execute("LOCK TABLE posts IN ACCESS EXCLUSIVE MODE")
             read = await client.get("/posts")

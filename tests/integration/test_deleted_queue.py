@@ -15,15 +15,13 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import httpx
 import pytest
 
 from comments.app import create_app
 from contracts import topology
-from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.integration import helpers
-from tests.integration.conftest import EmailSenderFactory, running
+from tests.integration.conftest import EmailSenderFactory, calling
 from tests.support.data import Demo
 from tests.support.smtp import SmtpServer
 from tests.support.waiting import eventually
@@ -99,17 +97,7 @@ async def _status_is(db: asyncpg.Connection, notification: int, status: str) -> 
 async def test_a_comment_posted_while_the_dispatcher_queue_is_gone_keeps_its_event(
     settings: Settings, demo: Demo, db: asyncpg.Connection
 ) -> None:
-    app = create_app(settings)
-    token = issue_token(demo.carol, "carol", settings)
-
-    async with (
-        running(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://comments",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as api,
-    ):
+    async with calling(create_app(settings), settings, demo.carol, "carol") as api:
         # No dispatcher runs: only the comments service's own relay can bring
         # the queue back.
         await _delete(settings.amqp_url, topology.DISPATCHER_QUEUE)

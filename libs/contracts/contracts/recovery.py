@@ -33,6 +33,7 @@ side by side; the row locks keep them apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -45,6 +46,7 @@ from contracts import metrics, topology
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, transaction
 from contracts.messages import DeliveryRequested
 from contracts.outbox import Outgoing, enqueue
+from contracts.settings import Settings
 from contracts.tasks import stop_task
 
 logger = logging.getLogger(__name__)
@@ -230,8 +232,36 @@ class LeaseSweeper:
         self.recovered = 0
         self.republished = 0
 
+    @classmethod
+    def of_sender(
+        cls,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        channel_type: str,
+        *,
+        interval: float,
+        grace_seconds: float,
+    ) -> LeaseSweeper:
+        """The sweeper of the sender of ``channel_type``: a row gets one attempt
+        more than there are retry delays, and a row left ``pending`` is published
+        again after ``settings.pending_republish_seconds``."""
+        return cls(
+            pool,
+            [channel_type],
+            interval=interval,
+            grace_seconds=grace_seconds,
+            max_attempts=len(settings.retry_delay_levels) + 1,
+            pending_age_seconds=settings.pending_republish_seconds,
+        )
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lease-sweeper")
+
+    def started_in(self, parts: contextlib.AsyncExitStack) -> LeaseSweeper:
+        """Start sweeping, to be stopped when ``parts`` closes."""
+        self.start()
+        parts.push_async_callback(self.stop)
+        return self
 
     async def stop(self) -> None:
         self._stopping = True

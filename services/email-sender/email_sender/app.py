@@ -262,17 +262,13 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
             parts.push_async_callback(transport.close)
             await runtime.start()
             parts.push_async_callback(runtime.stop)
-            sweeper = LeaseSweeper(
+            app.state.sweeper = LeaseSweeper.of_sender(
                 runtime.db,
-                ["email"],
+                settings,
+                "email",
                 interval=settings.email_sweep_seconds,
                 grace_seconds=settings.email_lease_seconds,
-                max_attempts=len(settings.retry_delay_levels) + 1,
-                pending_age_seconds=settings.pending_republish_seconds,
-            )
-            sweeper.start()
-            parts.push_async_callback(sweeper.stop)
-            app.state.sweeper = sweeper
+            ).started_in(parts)
             yield
 
     app = FastAPI(

@@ -78,16 +78,13 @@ def create_app(
             parts.push_async_callback(client.aclose)
             await runtime.start()
             parts.push_async_callback(runtime.stop)
-            sweeper = LeaseSweeper(
+            LeaseSweeper.of_sender(
                 runtime.db,
-                ["push"],
+                settings,
+                "push",
                 interval=settings.push_sweep_seconds,
                 grace_seconds=settings.push_lease_seconds,
-                max_attempts=len(settings.retry_delay_levels) + 1,
-                pending_age_seconds=settings.pending_republish_seconds,
-            )
-            sweeper.start()
-            parts.push_async_callback(sweeper.stop)
+            ).started_in(parts)
             yield
 
     app = FastAPI(

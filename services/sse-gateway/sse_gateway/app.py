@@ -208,19 +208,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await listener.start()
             hub.start()
             parts.push_async_callback(hub.stop)
-            sweeper = LeaseSweeper(
+            app.state.sweeper = LeaseSweeper.of_sender(
                 runtime.db,
-                ["sse"],
+                settings,
+                "sse",
                 interval=settings.sse_sweep_seconds,
                 # SSE rows hold no lease: they go from pending to sent in one
                 # statement.
                 grace_seconds=settings.sse_sweep_seconds,
-                max_attempts=len(settings.retry_delay_levels) + 1,
-                pending_age_seconds=settings.pending_republish_seconds,
-            )
-            sweeper.start()
-            parts.push_async_callback(sweeper.stop)
-            app.state.sweeper = sweeper
+            ).started_in(parts)
             yield
 
     app = GatewayApp(
