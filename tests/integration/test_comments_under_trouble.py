@@ -183,6 +183,55 @@ async def test_a_consumer_keeps_its_message_while_the_database_is_away(
     assert await helpers.take_dead_letters(settings.amqp_url) == []
 
 
+async def test_an_email_taken_while_the_database_is_away_is_recorded_once_it_is_back(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    proxy: Proxy,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+    # Slow to answer the email's content: the database goes while it is in flight.
+    smtp.data_delay = 1.5
+
+    async with (
+        asyncio.timeout(90),
+        email_sender(
+            database_url=through(settings, proxy),
+            smtp_data_timeout=5,
+            email_lease_seconds=15,
+        ),
+    ):
+        await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
+        await eventually(
+            lambda: _status_is(db, note, "sending"), what="the email being sent"
+        )
+        await proxy.cut()
+        await eventually(lambda: _received(smtp, 1), what="the email taken")
+        await asyncio.sleep(2)  # the sender tries to record it while away
+        row_while_away = await helpers.row(db, note)
+
+        await proxy.start()
+        row = await eventually(
+            lambda: _sent(db, note), what="sent after the database came back"
+        )
+
+    assert row_while_away["status"] == "sending"
+    # Recorded within its lease: not handed out and sent a second time.
+    assert row["attempts"] == 1
+    assert len(smtp.received) == 1
+    assert await helpers.take_dead_letters(settings.amqp_url) == []
+
+
+async def _status_is(db: asyncpg.Connection, note: int, status: str) -> bool:
+    return (await helpers.row(db, note))["status"] == status
+
+
+async def _received(smtp: SmtpServer, count: int) -> bool:
+    return len(smtp.received) >= count
+
+
 async def _sent(db: asyncpg.Connection, note: int) -> dict | None:
     row = await helpers.row(db, note)
     return row if row["status"] == "sent" else None

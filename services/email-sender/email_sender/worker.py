@@ -19,10 +19,12 @@ hands the row out again. So a row is not kept waiting for the slowest email of i
 batch: :class:`SentRecorder` marks it ``sent`` as soon as its email is taken, in one
 statement with every other row whose email was taken meanwhile, by any batch.
 
-If the database goes away between sending and recording, the consumer runs the
-batch again once it is back; its rows are found ``sending`` under a live lease and
-their messages acked, and the sweeper hands them out again once the lease has run
-out.
+If the database goes away between sending and recording, the row is recorded once
+it is back, tried again and again for as long as the row's lease lasts: the email
+has gone, and a row left ``sending`` past its lease is handed out again by the
+sweeper and its email sent a second time. Only an outage longer than the lease
+(``NOTIFLOW_EMAIL_LEASE_SECONDS``) sends it twice; the batch then runs again once
+the database is back, finds its rows ``sending`` under their lease, and acks.
 
 A stopping sender claims nothing more: the deliveries it holds that no batch has
 taken go back to the queue with their rows ``pending`` (see
@@ -62,6 +64,10 @@ SELECT c.*, u.display_name FROM claimed c JOIN users u ON u.id = c.user_id
 """
 
 SKIPPED_ACTION = "email.skipped_duplicate"
+
+# The pauses between attempts to record a sent email while the database is away.
+RECORD_FIRST_DELAY = 0.25
+RECORD_MAX_DELAY = 2.0
 
 Outcome = Exception | None
 
@@ -155,13 +161,15 @@ class EmailWorker:
 
     async def __call__(self, items: Sequence[Item[DeliveryRequested]]) -> list[Outcome]:
         outcomes: list[Outcome] = [None] * len(items)
+        # Before the claim: the leases it takes end no sooner than this.
+        lease_ends = time.monotonic() + self._lease
         claimed = await self._claim(items, outcomes)
         if not claimed:
             return outcomes
 
         # Each task starts from a copy of its own message's context.
         tasks = [
-            c.item.within(asyncio.create_task, self._deliver(c, len(items)))
+            c.item.within(asyncio.create_task, self._deliver(c, len(items), lease_ends))
             for c in claimed
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -228,7 +236,7 @@ class EmailWorker:
             )
         return claimed
 
-    async def _deliver(self, claimed: _Claimed, batch: int) -> None:
+    async def _deliver(self, claimed: _Claimed, batch: int, lease_ends: float) -> None:
         """Build and send the email of a claimed row, and record it ``sent``.
 
         Runs in the context of the row's message: its log line carries its ids.
@@ -250,7 +258,7 @@ class EmailWorker:
             ),
         )
         await self._smtp.send(message)
-        await self._sent.record(row["id"])
+        await self._record_sent(row["id"], lease_ends)
 
         delivery = claimed.item.message
         metrics.delivered("email", delivery.channel, delivery.event_occurred_at)
@@ -260,6 +268,27 @@ class EmailWorker:
             row["attempts"],
             extra={"action": "email.sent", "batch": batch},
         )
+
+    async def _record_sent(self, notification_id: int, lease_ends: float) -> None:
+        """Record a row whose email has gone ``sent``, waiting for the database
+        while it is away, until the row's lease is about to run out."""
+        delay = RECORD_FIRST_DELAY
+        while True:
+            try:
+                await self._sent.record(notification_id)
+                return
+            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
+                if time.monotonic() + delay >= lease_ends:
+                    raise
+                logger.warning(
+                    "could not record a sent email, the database is unavailable; "
+                    "trying again in %.1fs, within the row's lease: %r",
+                    delay,
+                    exc,
+                    extra={"action": "email.record_retry"},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_MAX_DELAY)
 
     def _failure(
         self, row: asyncpg.Record, exc: mime.InvalidAddress | smtp.SendFailed
