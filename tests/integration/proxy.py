@@ -18,13 +18,22 @@ class Proxy:
         # Cleared while new connections are held (see stall).
         self._passing = asyncio.Event()
         self._passing.set()
+        # Cleared while nothing goes through (see hang).
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._passing.set()
+        self._flowing.set()
         if self._server is None:
             self._server = await asyncio.start_server(
                 self._accept, "127.0.0.1", self.port
             )
+
+    def hang(self) -> None:
+        """Keep every connection open, and pass nothing more either way: a server
+        that stopped answering, or a network that lost its packets."""
+        self._flowing.clear()
 
     def stall(self) -> None:
         """Keep the open connections, but hold new ones: accepted, never passed on."""
@@ -90,5 +99,6 @@ class Proxy:
     ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()

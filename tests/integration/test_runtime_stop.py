@@ -7,13 +7,16 @@ for as long as the process lives, and swallows the cancellation meant to end it.
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from contracts import topology
+from contracts.messages import DeliveryRequested
 from contracts.runtime import Runtime
 from contracts.settings import Settings
+from tests.integration.proxy import Proxy
 from tests.support import infra
 from tests.support.waiting import eventually
 
@@ -103,3 +106,36 @@ async def test_a_start_that_fails_part_way_leaves_nothing_open(
         await runtime.start()
 
     await _nothing_left_open(settings)
+
+
+async def test_a_stop_while_the_broker_does_not_answer_still_ends(
+    settings: Settings,
+) -> None:
+    url = urlsplit(settings.amqp_url)
+    proxy = Proxy(url.hostname or "127.0.0.1", url.port or 5672)
+    await proxy.start()
+    netloc = url.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+    through = urlunsplit(url._replace(netloc=netloc))
+    runtime = Runtime(
+        settings.model_copy(update={"amqp_url": through}), relay=True, consumers=True
+    )
+
+    async def handler(message: DeliveryRequested, raw: object) -> None:
+        pass
+
+    runtime.subscribe(
+        topology.delivery_queue("email"),
+        DeliveryRequested,
+        handler,
+        prefetch=1,
+        action="test",
+    )
+    await runtime.start()
+    try:
+        # Connections open, nothing answered: every close waits for a reply that
+        # never comes, for as long as the stop lets it.
+        proxy.hang()
+        async with asyncio.timeout(45):
+            await runtime.stop()
+    finally:
+        await proxy.close()

@@ -46,7 +46,7 @@ from contracts import metrics, topology, tracing
 from contracts.db import application_name
 from contracts.messages import Message
 from contracts.settings import Settings, amqp_connection_name
-from contracts.tasks import stop_task
+from contracts.tasks import bounded, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +241,9 @@ class OutboxRelay:
             await asyncio.gather(*unconfirmed, return_exceptions=True)
         await self._close_listener()
         if self._owns_connection and self._connection:
-            await self._connection.close()
+            await bounded(self._connection.close(), "closing the relay's connection")
         elif self._channel is not None:
-            await self._channel.close()
+            await bounded(self._channel.close(), "closing the relay's channel")
 
     @property
     def connection(self) -> AbstractRobustConnection | None:

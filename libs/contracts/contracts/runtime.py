@@ -42,6 +42,7 @@ from contracts.settings import (
     is_host,
     load_or_exit,
 )
+from contracts.tasks import bounded
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +247,17 @@ class Runtime:
         )
         await stop_in_order(
             # Nothing left in hand by now: this only closes the consumers' connection.
-            *([broker.stop] if broker is not None else []),
+            *(
+                [lambda: bounded(broker.stop(), "closing the consumers' connection")]
+                if broker is not None
+                else []
+            ),
             *([relay.stop] if relay is not None else []),
-            *([connection.close] if connection is not None else []),
+            *(
+                [lambda: bounded(connection.close(), "closing the broker connection")]
+                if connection is not None
+                else []
+            ),
             *([lambda: _close_pool(pool)] if pool is not None else []),
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +34,36 @@ async def stop_task(
         )
         return False
     return True
+
+
+# How long a stop waits for one connection or channel to close.
+CLOSE_SECONDS = 3.0
+
+
+async def bounded(
+    step: Awaitable[object], what: str, timeout: float = CLOSE_SECONDS
+) -> None:
+    """Await ``step``, for at most ``timeout`` seconds; past that, go on without it.
+
+    For closing connections: a broker that stopped answering leaves each close
+    waiting for a reply up to the client library's own RPC timeout (a minute in
+    aiormq), one after the other, and aio-pika may swallow the cancellation meant
+    to end the wait. ``step`` runs as a task of its own, cancelled and left behind
+    when the time is up, so that the stop goes on whatever it does.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        done, _ = await asyncio.wait([task], timeout=timeout)
+    except BaseException:
+        task.cancel()
+        raise
+    if done:
+        task.result()
+        return
+    task.cancel()
+    logger.warning(
+        "%s did not finish within %gs; going on without it",
+        what,
+        timeout,
+        extra={"action": "stop.step_timed_out"},
+    )
