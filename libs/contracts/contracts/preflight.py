@@ -177,13 +177,17 @@ def _amqp_user(url: str) -> str | None:
     return unquote(username) if username else "guest"
 
 
+# How long the start-up check waits for RabbitMQ to log it in.
+LOGIN_SECONDS = 5
+
+
 async def _rabbitmq(url: str) -> str | None:
     """Log in, to tell wrong credentials or a missing vhost from a running broker."""
     where = redact_url(url)
     try:
         connection = await aio_pika.connect(
             url,
-            timeout=5,
+            timeout=LOGIN_SECONDS,
             client_properties={
                 "connection_name": amqp_connection_name(url, "start-up check")
             },
@@ -192,6 +196,20 @@ async def _rabbitmq(url: str) -> str | None:
         return (
             f"RabbitMQ at {where} refused the user name or password "
             "(set them in NOTIFLOW_AMQP_URL)"
+        )
+    except TimeoutError:
+        return (
+            f"RabbitMQ at {where} accepted the connection but did not answer within "
+            f"{LOGIN_SECONDS} s: a broker still starting or overloaded, or a network "
+            "or proxy on the way that has stopped passing traffic"
+        )
+    except ConnectionError as exc:
+        # Closed before any AMQP answer; a broker refusing a virtual host or a
+        # user answers in AMQP instead (below).
+        return (
+            f"RabbitMQ at {where} closed the connection before the login "
+            f"({_scrubbed(str(exc), url)}): a broker starting or stopping, or "
+            "something other than RabbitMQ listening on that port"
         )
     except Exception as exc:
         vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import psycopg
@@ -44,6 +48,78 @@ def test_a_missing_vhost_and_wrong_password_are_told_apart(amqp_url: str) -> Non
     assert "virtual host" in no_vhost and "rabbitmqctl add_vhost" in no_vhost
     assert "refused the user name or password" in refused
     assert problems(Settings(amqp_url=amqp_url), database=False) == []
+
+
+@contextmanager
+def listening(answer: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that does ``answer`` with each connection; its
+    port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def _silent(conn: socket.socket) -> None:
+    """Say nothing: the connection is held open until the server stops."""
+
+
+def _hang_up(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_a_broker_port_that_never_answers_is_told_from_a_refused_vhost() -> None:
+    with listening(_silent) as port:
+        [silent] = problems(
+            Settings(amqp_url=f"amqp://guest:secret@127.0.0.1:{port}/notiflow"),
+            database=False,
+        )
+
+    assert silent == (
+        f"RabbitMQ at amqp://guest:***@127.0.0.1:{port}/notiflow accepted the "
+        "connection but did not answer within 5 s: a broker still starting or "
+        "overloaded, or a network or proxy on the way that has stopped passing "
+        "traffic"
+    )
+
+
+def test_a_broker_port_that_hangs_up_is_told_from_a_refused_vhost() -> None:
+    with listening(_hang_up) as port:
+        [closed] = problems(
+            Settings(amqp_url=f"amqp://guest:secret@127.0.0.1:{port}/notiflow"),
+            database=False,
+        )
+
+    assert closed.startswith(
+        f"RabbitMQ at amqp://guest:***@127.0.0.1:{port}/notiflow closed the "
+        "connection before the login ("
+    )
+    assert closed.endswith(
+        "): a broker starting or stopping, or something other than RabbitMQ "
+        "listening on that port"
+    )
+    assert "virtual host" not in closed and "secret" not in closed
 
 
 @pytest.fixture
