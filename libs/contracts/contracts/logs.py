@@ -35,6 +35,13 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()) |
     "color_message",  # uvicorn's copy of the message with terminal colours
 }
 
+# Loggers whose records tell of a connection, from tasks a library starts of its
+# own (asyncpg's pool restoring its minimum after an outage). Such a task inherits
+# whatever context it was started from, the ids and trace of a message handled
+# earlier, which would only mislead: their records carry neither, and a failed
+# attempt's exception as one line, for the next one is only seconds away.
+_CONNECTION_LOGGERS = ("asyncpg.pool",)
+
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _TOKEN = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 
@@ -71,14 +78,18 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         sensitive = record.levelno > logging.DEBUG
-        entry.update(_bound.get() or {})
-        trace_id = current_trace_id()
-        if trace_id:
-            entry["trace_id"] = trace_id
+        of_connection = record.name in _CONNECTION_LOGGERS
+        if not of_connection:
+            entry.update(_bound.get() or {})
+            trace_id = current_trace_id()
+            if trace_id:
+                entry["trace_id"] = trace_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
+        if record.exc_info and of_connection:
+            entry["exc"] = repr(record.exc_info[1])
+        elif record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         if sensitive:
             for key in ("message", "exc"):

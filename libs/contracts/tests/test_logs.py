@@ -32,3 +32,25 @@ def test_addresses_and_tokens_are_masked_above_debug() -> None:
     assert (
         token in debug["message"] and "bob.smith+x@mail.example.com" in debug["message"]
     )
+
+
+def test_a_pool_restoring_connections_logs_no_stale_ids_and_no_traceback() -> None:
+    # asyncpg's pool restores its minimum in a task of its own, started from the
+    # context of whatever message was being handled when the connection died.
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed")
+    except ConnectionRefusedError as exc:
+        failed = logging.LogRecord(
+            "asyncpg.pool",
+            logging.WARNING,
+            __file__,
+            1,
+            "Failed to restore the pool connection floor; retrying",
+            (),
+            (type(exc), exc, exc.__traceback__),
+        )
+    with bind(event_id="e-1", notification_id="42"):
+        entry = json.loads(JsonFormatter().format(failed))
+
+    assert "event_id" not in entry and "notification_id" not in entry
+    assert entry["exc"] == "ConnectionRefusedError(111, 'Connect call failed')"
