@@ -164,8 +164,17 @@ class Runtime:
         """
         try:
             await self._start()
-        except BaseException:
-            await stop_in_order(self._close_links)
+        except BaseException as failed:
+            try:
+                await self._close_links()
+            except Exception as exc:
+                # What stopped the start is what the caller learns.
+                logger.warning(
+                    "could not close everything after a failed start (%r): %r",
+                    failed,
+                    exc,
+                    extra={"action": "runtime.close_failed"},
+                )
             raise
 
     async def _start(self) -> None:
@@ -239,27 +248,21 @@ class Runtime:
 
     async def _close_links(self) -> None:
         """Close the broker connections and the pool, each whatever the others do."""
-        broker, relay, connection, pool = (
-            self.broker,
-            self.relay,
-            self._connection,
-            self.pool,
-        )
-        await stop_in_order(
+        steps: list[Callable[[], Awaitable[object]]] = []
+        if (broker := self.broker) is not None:
             # Nothing left in hand by now: this only closes the consumers' connection.
-            *(
-                [lambda: bounded(broker.stop(), "closing the consumers' connection")]
-                if broker is not None
-                else []
-            ),
-            *([relay.stop] if relay is not None else []),
-            *(
-                [lambda: bounded(connection.close(), "closing the broker connection")]
-                if connection is not None
-                else []
-            ),
-            *([lambda: _close_pool(pool)] if pool is not None else []),
-        )
+            steps.append(
+                lambda: bounded(broker.stop(), "closing the consumers' connection")
+            )
+        if (relay := self.relay) is not None:
+            steps.append(relay.stop)
+        if (connection := self._connection) is not None:
+            steps.append(
+                lambda: bounded(connection.close(), "closing the broker connection")
+            )
+        if (pool := self.pool) is not None:
+            steps.append(lambda: _close_pool(pool))
+        await stop_in_order(*steps)
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency and whether it answers; empty values mean all is well."""
