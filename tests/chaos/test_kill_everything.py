@@ -106,6 +106,10 @@ async def platform(
             service.stop()
 
 
+# How many times a service that exited while starting is started again.
+START_AGAIN = 2
+
+
 def _rabbitmqctl(*args: str) -> None:
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
@@ -137,6 +141,8 @@ class Chaos:
         # time.monotonic() of each kill, by service
         self.killed_at: dict[str, list[float]] = {name: [] for name in VICTIMS}
         self.broker_restarts = 0
+        # Services that exited while starting, and were started again.
+        self.started_again = 0
 
     def kill_and_restart(self, name: str) -> None:
         """SIGKILL, then start a new process without waiting for it: the next kill
@@ -172,8 +178,20 @@ class Chaos:
         await asyncio.to_thread(self.all_ready, 45)
 
     def all_ready(self, timeout: float) -> None:
-        for service in self.services.values():
-            service.wait_ready(timeout=timeout)
+        """Wait for every service; start again one that exited, as the deployments'
+        restart policies do: one restarted just before the broker went away may
+        find it gone while starting, and exits."""
+        for name in list(self.services):
+            for attempt in range(1 + START_AGAIN):
+                try:
+                    self.services[name].wait_ready(timeout=timeout)
+                    break
+                except RuntimeError:
+                    if attempt == START_AGAIN:
+                        raise
+                    self.services[name].stop()
+                    self.started_again += 1
+                    self.services[name] = Service(name, self.env, self.log_dir).start()
 
 
 async def _post_all(api: str, token: str, post: int) -> list[str]:
@@ -304,7 +322,7 @@ async def test_nothing_is_lost_or_doubled_while_services_and_the_broker_die(
     print(
         f"\nchaos (seed {seed}): comments={len(events)} deliveries={len(rows)} "
         f"emails={len(email_ids)} kills={chaos.kills} "
-        f"broker_restarts={chaos.broker_restarts} "
+        f"broker_restarts={chaos.broker_restarts} started_again={chaos.started_again} "
         f"duplicate_rows={duplicate_rows} lost_rows={len(lost)} "
         f"emails_missing={len(email_ids - set(received))} "
         f"email_copies_with_same_message_id={extra_copies} "
