@@ -42,7 +42,7 @@ from contracts.settings import (
     is_host,
     load_or_exit,
 )
-from contracts.tasks import bounded
+from contracts.tasks import bounded, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +238,10 @@ class Runtime:
 
     async def _stop_consuming(self) -> None:
         if self._keeper is not None:
-            self._keeper.cancel()
-            # Never held up by a library that swallows the cancellation.
-            await asyncio.wait(
-                [self._keeper], timeout=RESUME_SECONDS + KEEPER_STOP_SECONDS
+            await stop_task(
+                self._keeper,
+                "the consumer keeper",
+                timeout=RESUME_SECONDS + KEEPER_STOP_SECONDS,
             )
         if self.consumers is not None:
             await self.consumers.stop(self.settings.drain_seconds)
