@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.processes import free_port
+
 from .composefile import mounts
 from .conftest import require, run
 from .facts import BY_NAME, DEPLOY
@@ -245,13 +247,6 @@ class StandIn(BaseHTTPRequestHandler):
 
     def log_message(self, *_: Any) -> None:
         pass
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: a connection there is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def served_locally(text: str, port: int, services: dict[str, int]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,10 +17,46 @@ import httpx
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_LOWEST = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that nothing is bound to, for a server started later.
+
+    The port comes from outside the kernel's ephemeral range. A port the kernel
+    chose for ``bind(0)`` is one it also gives to outgoing connections, so between
+    choosing it and a service binding it, any connection this machine opens (to
+    PostgreSQL, to RabbitMQ) may take it as its local end, and the service then
+    fails with "address already in use". A port is never handed out twice by one
+    process, so two services asked for at once cannot both get it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, high = _ephemeral_range()
+    if low - _LOWEST >= 1000:
+        pool = range(_LOWEST, low)
+    else:  # the ephemeral range leaves too little below it; use what lies above
+        pool = range(high + 1, 65536)
+    for _ in range(200):
+        port = random.choice(pool)
+        if port in _handed_out:
+            continue
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} in {pool.start}..{pool.stop - 1}")
 
 
 class Service:

@@ -21,7 +21,7 @@ import pytest
 
 from contracts.runtime import listen, listen_host, listen_port
 from contracts.settings import InvalidSetting, Settings
-from tests.support.processes import BIN
+from tests.support.processes import BIN, free_port
 
 # A service entrypoint whose app must never be built, reaching nothing: both
 # servers are on a port where nothing listens, which would be reported if the
@@ -212,13 +212,6 @@ def has_ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def dispatcher_env(settings: Settings, **listening: str) -> dict[str, str]:
