@@ -29,6 +29,14 @@ statement (:func:`claim_many_sql`), asks why the rest were not claimed with one
 more (:func:`statuses`, :func:`unclaimed`), and records every delivered row with
 one statement (:data:`SENT_MANY`). The conditions are those of the single-row
 statements, so the two kinds of sender may work side by side on one queue.
+
+Every transition names its rows by id, and finds them through the primary key
+alone: the conditions on ``status`` are written as ``CASE`` expressions, which no
+index can answer. The partial indexes on ``status`` (for the sweepers) keep an
+entry for every version a row has had in that status until ``VACUUM`` removes it,
+so a plan that combined them with the ids, as PostgreSQL chooses to when its
+statistics say few rows wait, would read every row sent since the last vacuum on
+each call and grow slower with every one.
 """
 
 from __future__ import annotations
@@ -59,9 +67,12 @@ SET status = CASE WHEN {_TURNED_OFF} THEN 'skipped' ELSE 'sending' END,
                             ELSE now() + make_interval(secs => $2) END,
     updated_at = now()
 WHERE {{target}} AND type = '{{channel_type}}'
-  AND (status = 'pending'
-       OR (status = 'retrying' AND coalesce(next_attempt_at <= now(), true))
-       OR (status = 'sending' AND lease_expires_at < now()))
+  AND CASE status
+        WHEN 'pending' THEN true
+        WHEN 'retrying' THEN coalesce(next_attempt_at <= now(), true)
+        WHEN 'sending' THEN lease_expires_at < now()
+        ELSE false
+      END
 RETURNING {{returning}}, status
 """
 
@@ -107,11 +118,14 @@ SELECT id, type, status,
 FROM notifications WHERE id = ANY($1::bigint[])
 """
 
-_SETTLE = """
+# The row is ``sending``, in a form no index answers (see the module's docstring).
+_STILL_SENDING = "CASE status WHEN 'sending' THEN true ELSE false END"
+
+_SETTLE = f"""
 UPDATE notifications
-SET status = '{status}', updated_at = now(), lease_expires_at = NULL,
-    metadata = metadata || $2::jsonb, {extra}
-WHERE id = $1 AND status = 'sending'
+SET status = '{{status}}', updated_at = now(), lease_expires_at = NULL,
+    metadata = metadata || $2::jsonb, {{extra}}
+WHERE id = $1 AND {_STILL_SENDING}
 """
 
 SENT = _SETTLE.format(
@@ -129,11 +143,11 @@ SKIPPED = _SETTLE.format(
 )
 
 # Every row of $1 (ids) still ``sending`` is now ``sent``; metadata is left as it is.
-SENT_MANY = """
+SENT_MANY = f"""
 UPDATE notifications
 SET status = 'sent', updated_at = now(), lease_expires_at = NULL,
     sent_at = now(), last_error = NULL, next_attempt_at = NULL
-WHERE id = ANY($1::bigint[]) AND status = 'sending'
+WHERE id = ANY($1::bigint[]) AND {_STILL_SENDING}
 """
 
 
