@@ -17,6 +17,7 @@ import pytest
 from contracts import transitions
 from email_sender.worker import CLAIM as EMAIL_BATCH_CLAIM
 from tests.integration import helpers
+from tests.integration.conftest import EmailSenderFactory
 from tests.support.data import Demo
 
 pytestmark = pytest.mark.integration
@@ -52,9 +53,9 @@ async def _sent_rows(db: asyncpg.Connection, demo: Demo, count: int) -> None:
 async def _churned(db: asyncpg.Connection, demo: Demo) -> list[int]:
     """Rows sent and analysed, then as many again sent since, as between two
     vacuums; returns a few rows still pending."""
-    await _sent_rows(db, demo, 600)
+    await _sent_rows(db, demo, 1000)
     await db.execute("VACUUM ANALYZE notifications")
-    await _sent_rows(db, demo, 600)
+    await _sent_rows(db, demo, 1000)
     return [await helpers.email_row(db, demo.bob, "bob@example.com") for _ in range(3)]
 
 
@@ -105,3 +106,13 @@ async def test_a_transition_finds_its_rows_by_id_not_through_the_status_indexes(
         name: set() for name in STATEMENTS
     }
     assert all("notifications_pkey" in indexes for indexes in used.values()), used
+
+
+async def test_the_email_sender_plans_its_statements_once_per_connection(
+    email_sender: EmailSenderFactory,
+) -> None:
+    async with email_sender() as app:
+        async with app.state.runtime.db.acquire() as conn:
+            mode = await conn.fetchval("SHOW plan_cache_mode")
+
+    assert mode == "force_generic_plan"
