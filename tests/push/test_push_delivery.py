@@ -9,6 +9,7 @@ import asyncpg
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import FastAPI
 
 from contracts.auth import issue_token
 from contracts.settings import Settings
@@ -401,3 +402,12 @@ async def test_rows_delivered_together_are_each_pushed_once_and_settled_alone(
     assert [d.payload["title"] for d in bobs.received] == [f"For {demo.bob}"]
     assert [d.payload["title"] for d in alices.received] == [f"For {demo.alice}"]
     assert push_service.problems == []
+
+
+async def test_the_push_sender_plans_its_statements_once_per_connection(
+    push_app: FastAPI,
+) -> None:
+    async with push_app.state.runtime.db.acquire() as conn:
+        mode = await conn.fetchval("SHOW plan_cache_mode")
+
+    assert mode == "force_generic_plan"

@@ -115,6 +115,16 @@ def application_name(role: str | None = None) -> dict[str, str]:
     return {"application_name": name[:63]}
 
 
+# For a service whose statements find their rows by id, by user, or through the
+# partial index they are written for, whatever the parameters. Left to choose,
+# PostgreSQL plans a prepared statement afresh on every run when the first few runs'
+# plans look cheaper than a generic one, which at a few rows a statement they do,
+# and planning then costs more than running: the SSE gateway's delivery statement
+# (bench/deliver_cost.py) and the senders' claim and sent statements
+# (bench/transition_cost.py) cost about half as much with a generic plan.
+GENERIC_PLANS = {"plan_cache_mode": "force_generic_plan"}
+
+
 async def create_pool(settings: Settings, **overrides: object) -> asyncpg.Pool:
     """A pool for ``settings``; ``overrides`` are asyncpg's options, except that
     ``server_settings`` are added to the application name rather than replacing it.

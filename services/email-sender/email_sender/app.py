@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts import topology, tracing
+from contracts.db import GENERIC_PLANS
 from contracts.http import install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
@@ -215,7 +216,12 @@ def _warn_of_a_short_drain(settings: EmailSettings) -> None:
 def create_app(settings: EmailSettings | None = None) -> FastAPI:
     settings = settings or EmailSettings()
     _warn_of_a_short_drain(settings)
-    runtime = Runtime(settings, relay=True, consumers=True)
+    runtime = Runtime(
+        settings,
+        relay=True,
+        consumers=True,
+        pool_options={"server_settings": GENERIC_PLANS},
+    )
     config = smtp.SmtpConfig(
         host=settings.smtp_host,
         port=settings.smtp_port,

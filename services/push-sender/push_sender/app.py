@@ -10,6 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from contracts import topology, tracing
+from contracts.db import GENERIC_PLANS
 from contracts.http import Cors, install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
@@ -35,7 +36,12 @@ def create_app(
         settings.push_resolve_timeout,
     )
     # The relay publishes what the lease sweeper re-enqueues.
-    runtime = Runtime(settings, relay=True, consumers=True)
+    runtime = Runtime(
+        settings,
+        relay=True,
+        consumers=True,
+        pool_options={"server_settings": GENERIC_PLANS},
+    )
     client: httpx.AsyncClient | None = None
 
     def http() -> httpx.AsyncClient:

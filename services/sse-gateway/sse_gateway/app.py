@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts import metrics, topology, tracing
 from contracts.consumer import DeadLetter, Item
-from contracts.db import connection
+from contracts.db import GENERIC_PLANS, connection
 from contracts.http import Cors, HeadAsGet, install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
@@ -32,13 +32,6 @@ from sse_gateway.hub import Hub, InboxListener
 from sse_gateway.stream import StreamEndpoint
 
 logger = logging.getLogger(__name__)
-
-# The delivery statement is prepared once per connection and run with a few ids at a
-# time. Left to choose, PostgreSQL plans it afresh for every run at small batches,
-# and planning its CTEs costs more than running them: a generic plan halves the
-# server's CPU for one to three rows and is no dearer for 64 (bench/deliver_cost.py).
-# Every other statement of the gateway looks rows up by id or by user either way.
-GENERIC_PLANS = {"plan_cache_mode": "force_generic_plan"}
 
 
 class GatewaySettings(Settings):
