@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.support.processes import _ephemeral_range, free_port
+from tests.support.processes import _ephemeral_range, free_port, has_ipv6_loopback
 
 
 def test_a_port_for_a_service_is_one_no_outgoing_connection_can_take() -> None:
@@ -16,15 +16,6 @@ def test_a_port_for_a_service_is_one_no_outgoing_connection_can_take() -> None:
 def test_no_port_is_handed_out_twice() -> None:
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def test_a_port_handed_out_can_be_listened_on() -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from contracts.runtime import listen, listen_host, listen_port
 from contracts.settings import InvalidSetting, Settings
-from tests.support.processes import BIN, free_port
+from tests.support.processes import BIN, free_port, has_ipv6_loopback
 
 # A service entrypoint whose app must never be built, reaching nothing: both
 # servers are on a port where nothing listens, which would be reported if the
@@ -203,15 +203,6 @@ def test_a_host_name_listens_on_each_address_it_stands_for() -> None:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def dispatcher_env(settings: Settings, **listening: str) -> dict[str, str]:
