@@ -146,8 +146,9 @@ async def test_only_json_bodies_are_checked_for_repeated_keys() -> None:
         (b"[" * 50_000, "nests arrays or objects too deeply"),
         (b"\xff\xfe{", "is not valid UTF-8: byte 0xff at offset 0"),
         (b"   ", "is not valid JSON: syntax error at line 1 column 4"),
+        (b'{"a": ' + b"7" * 4301 + b"}", "has a number of more than 4300 digits"),
     ],
-    ids=["truncated", "invalid-after-repeat", "deep", "not-utf8", "blank"],
+    ids=["truncated", "invalid-after-repeat", "deep", "not-utf8", "blank", "long"],
 )
 async def test_a_body_that_is_not_json_is_refused_saying_where(
     body: bytes, message: str
