@@ -26,7 +26,7 @@ ADD_NOTIFICATION = """
 INSERT INTO notifications (
     event_id, user_id, title, message, type, channel, metadata, event_occurred_at
 )
-VALUES ($1, $2, $3, $4, 'sse', 'comment.mention', $5, now())
+VALUES ($1, $2, $3, $4, $6, 'comment.mention', $5, now())
 RETURNING id
 """
 
@@ -44,11 +44,20 @@ async def database(url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def add(conn: asyncpg.Connection, user_id: int, title: str = "hello") -> int:
+async def add(
+    conn: asyncpg.Connection, user_id: int, title: str = "hello", type_: str = "sse"
+) -> int:
+    """A waiting notification row of ``type_``, with an event of its own."""
     event_id = uuid.uuid4()
     await conn.execute(ADD_EVENT, event_id)
     return await conn.fetchval(
-        ADD_NOTIFICATION, event_id, user_id, title, f"{title}: body", {"n": title}
+        ADD_NOTIFICATION,
+        event_id,
+        user_id,
+        title,
+        f"{title}: body",
+        {"n": title},
+        type_,
     )
 
 

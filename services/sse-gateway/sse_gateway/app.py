@@ -141,6 +141,11 @@ def _settled(
     """Log and count one delivery of a batch; what its message's consumer must do."""
     if previous == "missing":
         return DeadLetter(f"notification {delivery.notification_id} not found")
+    if previous is not None and previous.startswith(inbox.OTHER_TYPE.format(type="")):
+        # Routed to the wrong queue: no delivery of SSE rows can ever take it.
+        return DeadLetter(
+            f"notification {delivery.notification_id} is {previous}, not sse"
+        )
     if previous is not None:
         logger.info(
             "notification is %s; nothing to deliver",

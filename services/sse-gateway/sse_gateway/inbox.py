@@ -165,8 +165,11 @@ FROM announced
 # again since the batch was tried is answered with that status and left alone: the
 # replay's own message delivers it.
 STATUS_OF = """
-SELECT id, status FROM notifications WHERE id = ANY($1::bigint[]) AND type = 'sse'
+SELECT id, type, status FROM notifications WHERE id = ANY($1::bigint[])
 """
+
+# The answer of :func:`deliver_many` for a row that exists but is no SSE row.
+OTHER_TYPE = "of type {type}"
 
 CURRENT_SEQ = "SELECT last_seq FROM inbox_sequences WHERE user_id = $1"
 
@@ -254,8 +257,9 @@ async def deliver_many(
     """Put SSE notifications into their users' inboxes and announce each one.
 
     Returns one answer per id, in order: None when this call delivered it, the
-    previous status when the row was already final (nothing done), or "missing"
-    when there is no such SSE row. An id given twice is delivered once; its later
+    previous status when the row was already final (nothing done), "missing" when
+    there is no such row, or :data:`OTHER_TYPE` naming the type of a row that is
+    not an SSE row (nothing done either). An id given twice is delivered once; its later
     copies answer like a redelivery would. The delivery is one statement: outside a
     transaction it commits on its own.
     """
@@ -271,7 +275,11 @@ async def deliver_many(
     if len(delivered) < len(wanted):
         others = [n for n in wanted if n not in delivered]
         for row in await conn.fetch(STATUS_OF, others):
-            previous[row["id"]] = row["status"]
+            previous[row["id"]] = (
+                row["status"]
+                if row["type"] == "sse"
+                else OTHER_TYPE.format(type=row["type"])
+            )
     previous.update(dict.fromkeys(delivered, None))
 
     answers: list[str | None] = []

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 
@@ -165,11 +166,12 @@ async def test_rows_not_waiting_are_answered_as_they_are_and_never_announced(
             "UPDATE notifications SET status = 'skipped' WHERE id = $1", skipped
         )
         fresh = await helpers.add(pg, demo.bob, "fresh")
-        missing = fresh + 1000
+        email = await helpers.add(pg, demo.bob, "an email", type_="email")
+        missing = email + 1000
         async with listening(settings.database_url) as heard:
             async with pg.transaction():
                 answers = await inbox.deliver_many(
-                    pg, [sent, missing, fresh, skipped, fresh, inbox.MAX_ID + 1]
+                    pg, [sent, missing, fresh, skipped, fresh, inbox.MAX_ID + 1, email]
                 )
             await heard.settle()
         seq_of_sent = await pg.fetchval(
@@ -177,7 +179,15 @@ async def test_rows_not_waiting_are_answered_as_they_are_and_never_announced(
         )
 
     # A copy of an id later in the same batch answers like a redelivery.
-    assert answers == ["sent", "missing", None, "skipped", "sent", "missing"]
+    assert answers == [
+        "sent",
+        "missing",
+        None,
+        "skipped",
+        "sent",
+        "missing",
+        "of type email",
+    ]
     assert [(e["id"], e["seq"], e["unread"]) for _, e in heard.events()] == [
         (fresh, 2, 2)
     ]
@@ -213,7 +223,8 @@ async def test_a_gateway_dead_letters_a_missing_row_and_skips_a_sent_one(
         sent = await helpers.add_and_deliver(pg, demo.bob, "already sent")
         first = await helpers.add(pg, demo.bob, "first")
         second = await helpers.add(pg, demo.alice, "second")
-    missing = second + 1000
+        email = await helpers.add(pg, demo.alice, "an email", type_="email")
+    missing = email + 1000
     # Published before the gateway starts, so that they wait and are taken in
     # batches (how they split is up to the consumer; deliver_many is tested alone
     # above with exactly this mix).
@@ -224,6 +235,7 @@ async def test_a_gateway_dead_letters_a_missing_row_and_skips_a_sent_one(
             sse_delivery(sent, demo.bob),
             sse_delivery(missing, demo.bob),
             sse_delivery(second, demo.alice),
+            sse_delivery(email, demo.alice),
         ],
         routing_key="sse",
     )
@@ -231,9 +243,13 @@ async def test_a_gateway_dead_letters_a_missing_row_and_skips_a_sent_one(
 
     async with listening(settings.database_url) as heard:
         async with app.router.lifespan_context(app):
-            dead = await eventually(
-                lambda: take_dead_letters(settings.amqp_url), what="a dead letter"
-            )
+            dead: list[aio_pika.abc.AbstractMessage] = []
+
+            async def both_dead() -> bool:
+                dead.extend(await take_dead_letters(settings.amqp_url))
+                return len(dead) == 2
+
+            await eventually(both_dead, what="two dead letters")
 
             async def all_answered() -> bool:
                 return len(delivered_lines) == 3
@@ -241,8 +257,11 @@ async def test_a_gateway_dead_letters_a_missing_row_and_skips_a_sent_one(
             await eventually(all_answered, what="three deliveries logged")
         await heard.settle()
 
-    assert [body(m)["notification_id"] for m in dead] == [missing]
-    assert reason(dead[0]) == f"notification {missing} not found"
+    reasons = {body(m)["notification_id"]: reason(m) for m in dead}
+    assert reasons == {
+        missing: f"notification {missing} not found",
+        email: f"notification {email} is of type email, not sse",
+    }
     assert sorted(e["id"] for _, e in heard.events()) == sorted([first, second])
     by_action = {line["notification_id"]: line["action"] for line in delivered_lines}
     assert by_action == {
