@@ -685,7 +685,8 @@ def _shown(value: str, limit: int = 100) -> str:
 
 class BodyLimit:
     """Refuse request bodies longer than ``max_bytes`` with 413, reading no further,
-    and JSON bodies that give a key twice with 422.
+    and with 422 JSON bodies that give a key twice and requests that give
+    ``Content-Type`` twice.
 
     A declared ``Content-Length`` is checked before anything is read. A body sent
     without one (chunked), and any JSON body, is read here, up to the limit, and
@@ -701,6 +702,14 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
+            return
+        if _given_twice(scope, b"content-type"):
+            # Which type the body is in cannot be known; FastAPI would read the
+            # first and say nothing of the second.
+            refusal = invalid_request(
+                [("content-type", "given more than once; send one")]
+            )
+            await refusal(scope, receive, send)
             return
         length, content_type = _header(scope, b"content-length", b"content-type")
         if length is not None:

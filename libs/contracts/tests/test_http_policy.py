@@ -166,6 +166,20 @@ async def test_a_body_that_is_not_json_is_refused_saying_where(
     assert echo.calls == 0
 
 
+async def test_a_body_whose_type_is_given_twice_is_refused_naming_the_header() -> None:
+    echo = Echo()
+    headers = [("Content-Type", "application/json"), ("Content-Type", "text/plain")]
+
+    async with echo.client() as client:
+        resp = await client.post("/json", content=b'{"a": 1}', headers=headers)
+
+    assert resp.status_code == 422
+    assert resp.json()["fields"] == [
+        {"field": "content-type", "message": "given more than once; send one"}
+    ]
+    assert echo.calls == 0
+
+
 async def test_many_repeated_keys_get_a_short_answer() -> None:
     echo = Echo()
     body = "{" + ", ".join(f'"k{n}": 1, "k{n}": 2' for n in range(30)) + "}"
