@@ -111,9 +111,12 @@ class Service:
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up."""
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        self._log.close()  # a start() again opens it anew
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None:
