@@ -3,12 +3,15 @@ read state follows the user across tabs, and a reload loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, Route, expect
 
+from contracts.auth import issue_token
 from contracts.settings import Settings
 from tests.support.data import Demo
 from tests.support.processes import Service
@@ -158,3 +161,109 @@ async def test_the_page_and_its_icon_load_without_an_error(
 
     assert icons == ["200 image/svg+xml", "200 image/svg+xml"]
     assert errors == []
+
+
+async def _unread_and_visible(database_url: str, user_id: int) -> tuple[int, set[int]]:
+    """The user's unread count and the ids of their inbox as the server has them."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        unread = await conn.fetchval(
+            "SELECT unread FROM inbox_sequences WHERE user_id = $1", user_id
+        )
+        ids = await conn.fetch(
+            "SELECT id FROM notifications WHERE user_id = $1 "
+            "AND inbox_seq IS NOT NULL AND archived_at IS NULL",
+            user_id,
+        )
+    finally:
+        await conn.close()
+    return unread, {row["id"] for row in ids}
+
+
+async def _shown(page: Page) -> set[int]:
+    ids = await page.locator("#notifications .note").evaluate_all(
+        "(items) => items.map((item) => Number(item.dataset.id))"
+    )
+    return set(ids)
+
+
+async def test_a_notification_archived_while_the_stream_was_down_leaves_the_page(
+    browser: Browser, site: Site, settings: Settings, tmp_path: Path
+) -> None:
+    gateway, demo = site
+    bob = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    await comment(carol, "@bob keep this one")
+    await comment(carol, "@bob archive this one elsewhere")
+    await expect(bob.locator("#unread-count")).to_have_text("2")
+    _, both = await _unread_and_visible(settings.database_url, demo.bob)
+    gone = max(both)
+
+    # Bob's stream is cut; meanwhile another replica archives a notification,
+    # which this page never hears of.
+    gateway.kill()
+    await expect(bob.locator("#status")).not_to_have_text("live")
+    other = Service("sse-gateway", gateway._env, tmp_path).start()
+    try:
+        other.wait_ready()
+        token = issue_token(demo.bob, "bob", settings)
+        async with httpx.AsyncClient(base_url=other.url) as client:
+            archived = await client.post(
+                f"/inbox/{gone}/archive", headers={"Authorization": f"Bearer {token}"}
+            )
+        assert archived.status_code == 200
+    finally:
+        other.stop()
+    gateway.start().wait_ready()
+
+    await expect(bob.locator("#status")).to_have_text("live", timeout=15_000)
+    await expect(bob.locator("#notifications .note")).to_have_count(1)
+    unread, visible = await _unread_and_visible(settings.database_url, demo.bob)
+    assert await _shown(bob) == visible == both - {gone}
+    await expect(bob.locator("#unread-count")).to_have_text(str(unread))
+
+
+async def test_the_answer_to_a_read_never_puts_back_an_older_count(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    bob = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    await comment(carol, "@bob first")
+    await comment(carol, "@bob second")
+    await expect(bob.locator("#unread-count")).to_have_text("2")
+    _, ids = await _unread_and_visible(settings.database_url, demo.bob)
+    clicked, elsewhere = sorted(ids)
+
+    # The answer to this page's read is held back until a later read, made
+    # elsewhere, has reached the page live.
+    fetched = asyncio.Event()
+    release = asyncio.Event()
+    answered = asyncio.Event()
+
+    async def hold(route: Route) -> None:
+        response = await route.fetch()
+        fetched.set()
+        await release.wait()
+        await route.fulfill(response=response)
+        answered.set()
+
+    await bob.route(f"**/inbox/{clicked}/read", hold)
+    await bob.locator(f'#live-notes .note[data-id="{clicked}"]').click()
+    await asyncio.wait_for(fetched.wait(), 10)
+    token = issue_token(demo.bob, "bob", settings)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        read = await client.post(
+            f"/inbox/{elsewhere}/read", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert read.json()["unread"] == 0
+    await expect(bob.locator("#unread-count")).to_have_text("0")
+
+    release.set()
+    await asyncio.wait_for(answered.wait(), 10)
+    # The page now has the held answer, whose count (1) is older than what it
+    # showed; give it a moment to act on it.
+    await bob.wait_for_timeout(1000)
+
+    await expect(bob.locator("#unread-count")).to_have_text("0")
+    assert await bob.locator("#unread-count").get_attribute("data-count") == "0"

@@ -200,7 +200,7 @@
     state.source = source;
     source.onopen = () => {
       setStatus("live");
-      loadInbox().catch(showError);
+      reloadInbox().catch(showError);
     };
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
@@ -241,7 +241,7 @@
     });
     source.addEventListener("sync", (e) => {
       setUnread(JSON.parse(e.data).unread);
-      loadInbox().catch(showError);
+      reloadInbox().catch(showError);
       if (state.prefs) loadPreferences().catch(showError);
     });
     // Another tab, or an email's unsubscribe link, changed the preferences.
@@ -259,9 +259,35 @@
     if (cursor || state.cursor === null) state.cursor = page.next_cursor;
     // A live change that landed while the page was in flight is newer than the
     // page's count; ask again rather than step back.
-    if (state.changes === before) setUnread(page.unread);
-    else setUnread((await authed("/inbox/unread-count")).unread);
+    await settleUnread(before, page.unread);
     render();
+  }
+
+  // After a gap in the stream (a first connection, a reconnection, a replica that
+  // missed changes): what was archived or read meanwhile is known only to the
+  // server, so the list starts again from its first page instead of adding to
+  // what it shows. A live change landing while the page is in flight may be newer
+  // than the page; then the page is asked for again.
+  async function reloadInbox() {
+    for (let tries = 0; tries < 3; tries += 1) {
+      const before = state.changes;
+      const page = await authed("/inbox?limit=20");
+      if (state.changes !== before) continue;
+      state.items = new Map(page.items.map((note) => [note.id, note]));
+      state.cursor = page.next_cursor;
+      setUnread(page.unread);
+      render();
+      return;
+    }
+    await loadInbox();
+  }
+
+  // The count an answer to a change of read state gives is the server's as of that
+  // change; a live change that arrived before the answer is newer, and then the
+  // count is asked for again rather than stepped back.
+  async function settleUnread(before, unread) {
+    if (state.changes === before) setUnread(unread);
+    else setUnread((await authed("/inbox/unread-count")).unread);
   }
 
   async function markRead(id) {
@@ -269,15 +295,17 @@
     if (!note || note.read_at) return;
     note.read_at = new Date().toISOString();
     render();
+    const before = state.changes;
     const result = await authed(`/inbox/${id}/read`, { method: "POST" });
-    setUnread(result.unread);
+    await settleUnread(before, result.unread);
   }
 
   async function markAllRead() {
+    const before = state.changes;
     const result = await authed("/inbox/read-all", { method: "POST" });
     const now = new Date().toISOString();
     for (const note of state.items.values()) note.read_at = note.read_at || now;
-    setUnread(result.unread);
+    await settleUnread(before, result.unread);
     render();
   }
 
