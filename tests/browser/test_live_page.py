@@ -187,16 +187,33 @@ async def _shown(page: Page) -> set[int]:
     return set(ids)
 
 
+async def _bob_mentioned_twice(
+    browser: Browser, site: Site, settings: Settings
+) -> tuple[Page, set[int]]:
+    """Bob's page, once two mentions by carol have reached it; their ids."""
+    gateway, demo = site
+    bob = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    await comment(carol, "@bob first")
+    await comment(carol, "@bob second")
+    await expect(bob.locator("#unread-count")).to_have_text("2")
+    _, ids = await _unread_and_visible(settings.database_url, demo.bob)
+    return bob, ids
+
+
+async def _post_as_bob(
+    gateway: Service, settings: Settings, demo: Demo, path: str
+) -> httpx.Response:
+    token = issue_token(demo.bob, "bob", settings)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        return await client.post(path, headers={"Authorization": f"Bearer {token}"})
+
+
 async def test_a_notification_archived_while_the_stream_was_down_leaves_the_page(
     browser: Browser, site: Site, settings: Settings, tmp_path: Path
 ) -> None:
     gateway, demo = site
-    bob = await open_as(browser, gateway, "bob")
-    carol = await open_as(browser, gateway, "carol")
-    await comment(carol, "@bob keep this one")
-    await comment(carol, "@bob archive this one elsewhere")
-    await expect(bob.locator("#unread-count")).to_have_text("2")
-    _, both = await _unread_and_visible(settings.database_url, demo.bob)
+    bob, both = await _bob_mentioned_twice(browser, site, settings)
     gone = max(both)
 
     # Bob's stream is cut; meanwhile another replica archives a notification,
@@ -206,11 +223,7 @@ async def test_a_notification_archived_while_the_stream_was_down_leaves_the_page
     other = Service("sse-gateway", gateway._env, tmp_path).start()
     try:
         other.wait_ready()
-        token = issue_token(demo.bob, "bob", settings)
-        async with httpx.AsyncClient(base_url=other.url) as client:
-            archived = await client.post(
-                f"/inbox/{gone}/archive", headers={"Authorization": f"Bearer {token}"}
-            )
+        archived = await _post_as_bob(other, settings, demo, f"/inbox/{gone}/archive")
         assert archived.status_code == 200
     finally:
         other.stop()
@@ -227,12 +240,7 @@ async def test_the_answer_to_a_read_never_puts_back_an_older_count(
     browser: Browser, site: Site, settings: Settings
 ) -> None:
     gateway, demo = site
-    bob = await open_as(browser, gateway, "bob")
-    carol = await open_as(browser, gateway, "carol")
-    await comment(carol, "@bob first")
-    await comment(carol, "@bob second")
-    await expect(bob.locator("#unread-count")).to_have_text("2")
-    _, ids = await _unread_and_visible(settings.database_url, demo.bob)
+    bob, ids = await _bob_mentioned_twice(browser, site, settings)
     clicked, elsewhere = sorted(ids)
 
     # The answer to this page's read is held back until a later read, made
@@ -251,11 +259,7 @@ async def test_the_answer_to_a_read_never_puts_back_an_older_count(
     await bob.route(f"**/inbox/{clicked}/read", hold)
     await bob.locator(f'#live-notes .note[data-id="{clicked}"]').click()
     await asyncio.wait_for(fetched.wait(), 10)
-    token = issue_token(demo.bob, "bob", settings)
-    async with httpx.AsyncClient(base_url=gateway.url) as client:
-        read = await client.post(
-            f"/inbox/{elsewhere}/read", headers={"Authorization": f"Bearer {token}"}
-        )
+    read = await _post_as_bob(gateway, settings, demo, f"/inbox/{elsewhere}/read")
     assert read.json()["unread"] == 0
     await expect(bob.locator("#unread-count")).to_have_text("0")
 
