@@ -175,6 +175,9 @@ async def test_a_user_holds_at_most_the_configured_number_of_streams(
     try:
         async with SSEClient(url) as refused:
             pass
+        async with httpx.AsyncClient() as client:
+            # A page whose EventSource was refused asks this way why.
+            probe = await client.head(url)
         async with SSEClient(f"{gateway.url}/sse?token={token(demo.alice)}") as alice:
             pass
 
@@ -194,6 +197,8 @@ async def test_a_user_holds_at_most_the_configured_number_of_streams(
     assert refused.response_headers is not None
     assert int(refused.response_headers["retry-after"]) > 0
     assert_json_error(refused, "too_many_streams")
+    assert probe.status_code == 429
+    assert int(probe.headers["retry-after"]) > 0
     assert alice.status == 200
     # The refused streams were never counted: exactly one slot came free.
     assert refused_again.status == 429

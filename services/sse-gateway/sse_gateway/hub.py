@@ -120,13 +120,17 @@ class Hub:
         self._count += 1
         metrics.CONNECTIONS.inc()
 
+    def full(self, user_id: int, limit: int) -> bool:
+        """Whether the user already has ``limit`` streams here."""
+        return len(self._by_user.get(user_id, ())) >= limit
+
     def admit(self, conn: Connection, limit: int) -> bool:
         """Add ``conn`` unless its user already has ``limit`` streams here.
 
         Counting and adding happen with no await in between, so requests that
         arrive together cannot all pass the check.
         """
-        if len(self._by_user.get(conn.user_id, ())) >= limit:
+        if self.full(conn.user_id, limit):
             return False
         self.add(conn)
         return True

@@ -264,12 +264,16 @@ class StreamEndpoint:
             self._hub.remove(conn)
 
     async def _check(self, db: asyncpg.Pool, conn: Connection) -> None:
-        """Refuse a token whose user does not exist; a HEAD needs no more."""
+        """What a GET would be refused for, without opening a stream: a token
+        whose user does not exist, and one stream too many (which is how a page
+        whose EventSource was refused learns why)."""
         try:
             async with connection(db) as pg:
                 await require_user(pg, conn.user_id)
         except DatabaseUnavailable:
             raise _unavailable() from None
+        if self._hub.full(conn.user_id, self._max_streams):
+            raise self._full(conn)
 
     async def _join(
         self, db: asyncpg.Pool, conn: Connection, last_event_id: str | None
