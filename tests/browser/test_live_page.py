@@ -271,3 +271,29 @@ async def test_the_answer_to_a_read_never_puts_back_an_older_count(
 
     await expect(bob.locator("#unread-count")).to_have_text("0")
     assert await bob.locator("#unread-count").get_attribute("data-count") == "0"
+
+
+async def test_a_page_past_the_users_stream_limit_says_so_and_goes_live_later(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    gateway.stop()
+    gateway._env["NOTIFLOW_SSE_MAX_STREAMS_PER_USER"] = "1"
+    gateway.start().wait_ready()
+    first = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    await comment(carol, "@bob are you there?")
+    await expect(first.locator("#unread-count")).to_have_text("1")
+
+    second = await (await browser.new_context()).new_page()
+    await second.goto(f"{gateway.url}/?user=bob")
+
+    await expect(second.locator("#notice")).to_contain_text("Live updates are paused")
+    await expect(second.locator("#status")).to_have_text("paused")
+    # The inbox is shown as it is, though not live.
+    await expect(second.locator("#unread-count")).to_have_text("1")
+    await expect(second.locator("#notifications .note")).to_have_count(1)
+
+    await first.close()
+    await expect(second.locator("#status")).to_have_text("live", timeout=20_000)
+    await expect(second.locator("#notice")).to_be_hidden()

@@ -21,6 +21,7 @@
     unread: 0,
     cursor: null,
     changes: 0,
+    streamRefused: false,
     post: null,
     retryTimer: null,
     prefs: null,
@@ -200,14 +201,18 @@
     state.source = source;
     source.onopen = () => {
       setStatus("live");
+      if (state.streamRefused) {
+        state.streamRefused = false;
+        showNotice();
+      }
       reloadInbox().catch(showError);
     };
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
-      // Refused (an expired token answers 401) or ended for good: start over
-      // with a fresh token; the inbox read on open fills any gap.
+      // Refused (an expired token answers 401, one stream too many 429) or ended
+      // for good: start over with a fresh token; the inbox read on open fills any gap.
       setStatus("offline");
-      state.retryTimer = setTimeout(() => signIn(state.username).catch(showError), 3000);
+      retryStream().catch(showError);
     };
     source.addEventListener("notification", (e) => {
       const note = JSON.parse(e.data);
@@ -246,6 +251,31 @@
     });
     // Another tab, or an email's unsubscribe link, changed the preferences.
     source.addEventListener("preferences", () => loadPreferences().catch(showError));
+  }
+
+  // EventSource does not say why it was refused. A user with as many streams open
+  // as the server allows (other tabs, other devices) is answered 429 until one
+  // closes: the page says so, shows the inbox as it is, and asks again when the
+  // answer's Retry-After says to.
+  async function retryStream() {
+    const probe = await fetch(`/sse?token=${encodeURIComponent(state.token)}`, {
+      method: "HEAD",
+    }).catch(() => null);
+    if (!probe || probe.status !== 429) {
+      state.retryTimer = setTimeout(() => signIn(state.username).catch(showError), 3000);
+      return;
+    }
+    // The token is good: the same one is tried again, and the list stays.
+    const wait = Number(probe.headers.get("Retry-After")) || 10;
+    state.streamRefused = true;
+    setStatus("offline", "paused");
+    showNotice(
+      "Live updates are paused: this user already has as many pages open as the ",
+      "server allows. Close one of them; this page tries again every ",
+      String(wait), " s.",
+    );
+    state.retryTimer = setTimeout(connect, wait * 1000);
+    await loadInbox();
   }
 
   // ---- the inbox -------------------------------------------------------------
