@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from contracts import topology
+from contracts import consumer, topology
 from contracts.consumer import DeadLetter, Item, RetryLater
 from contracts.db import DatabaseUnavailable
 from contracts.logs import bound
@@ -330,3 +330,47 @@ async def test_a_bad_item_in_an_envelope_is_set_aside_and_the_rest_handled(
     assert sorted(seen) == [21, 23]
     assert [body(m) for m in dead] == [bad]
     assert "item 1 of DeliveryBatch" in reason(dead[0])
+
+
+async def test_a_body_that_breaks_decoding_unexpectedly_is_set_aside_with_the_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding that raises something other than a bad-message error would raise
+    again on every delivery; the message must not sit unacked holding a slot."""
+    real = consumer.decode_items
+
+    def decode_items(model, raw, envelope):
+        if raw == b'{"breaks": "decoding"}':
+            raise KeyError("surprise")
+        return real(model, raw, envelope)
+
+    monkeypatch.setattr(consumer, "decode_items", decode_items)
+    await publish(
+        settings.amqp_url,
+        [b'{"breaks": "decoding"}', delivery(7, 1)],
+        routing_key="push",
+    )
+    handled: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        handled.extend(item.message.notification_id for item in items)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=4)
+    try:
+        await eventually(lambda: _handled([handled], 1), what="the next message")
+
+        async def dead() -> list | None:
+            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+            if found[topology.DEAD_LETTER_QUEUE] < 1:
+                return None
+            return await take_dead_letters(settings.amqp_url)
+
+        letters = await eventually(dead, what="a dead letter")
+    finally:
+        await runtime.stop()
+    assert handled == [7]
+    assert [reason(m) for m in letters] == [
+        "body could not be decoded: KeyError: 'surprise'"
+    ]
+    assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0

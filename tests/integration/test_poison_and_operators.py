@@ -97,6 +97,33 @@ async def test_poison_messages_are_dead_lettered_while_the_rest_is_delivered(
     assert len(smtp.received) == 2
 
 
+async def test_bodies_nested_past_the_parser_are_set_aside_and_hold_nothing_up(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+) -> None:
+    """More such bodies than the prefetch: left unacked, they would stop the queue."""
+    deep = b'{"a":' * 2000 + b"1" + b"}" * 2000
+    note = await helpers.email_row(db, demo.bob, "bob@example.com")
+
+    async with email_sender(email_prefetch=4, email_batch_size=2):
+        await helpers.publish(
+            settings.amqp_url, [deep] * 6 + [helpers.delivery(note, demo.bob)]
+        )
+        await eventually(lambda: _status(db, note, "sent"), what="the row behind sent")
+        await eventually(
+            lambda: _depth(settings, topology.DEAD_LETTER_QUEUE, 6), what="set aside"
+        )
+        listed = admin(settings, "dlq", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "6 dead letters in" in listed.stdout
+    assert listed.stdout.count("body nests arrays or objects too deeply") == 6
+    assert len(smtp.received) == 1
+
+
 async def _count_dead(settings: Settings, count: int) -> list | None:
     found = await helpers.depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
     if found[topology.DEAD_LETTER_QUEUE] < count:

@@ -234,7 +234,7 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -494,6 +494,16 @@ class Consumers:
         except BadMessage as exc:
             await self._set_aside(raw, queue, exc.reason)
             return "dead_lettered"
+        except Exception as exc:
+            # Whatever else a body makes decoding raise would do so on every
+            # delivery; left unacked, the message would hold a prefetch slot for
+            # ever. It is set aside with the error, which names what to fix.
+            logger.exception(
+                "could not decode a message", extra={"action": f"{action}.undecodable"}
+            )
+            reason = f"body could not be decoded: {type(exc).__name__}: {exc}"
+            await self._set_aside(raw, queue, reason)
+            return "dead_lettered"
 
         items = [part.message for part in parts if part.message is not None]
         if len(items) == 1:

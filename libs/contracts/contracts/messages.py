@@ -170,9 +170,21 @@ def _length_bounds(metadata: list[Any]) -> tuple[int, int]:
 
 
 def _parse(body: bytes) -> dict[str, Any]:
+    # Messages travel as UTF-8 JSON. Decoding first keeps the parser from guessing
+    # UTF-16 or UTF-32 from the first bytes and reporting its guess.
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode()
+    except UnicodeDecodeError as exc:
+        byte = body[exc.start : exc.start + 1].hex()
+        raise BadMessage(
+            f"body is not valid UTF-8: byte 0x{byte} at offset {exc.start}"
+        ) from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise BadMessage("body nests arrays or objects too deeply") from None
+    except ValueError as exc:
+        # JSONDecodeError, or Python's limit on the digits of an integer.
         raise BadMessage(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadMessage(f"body must be a JSON object, got {type(data).__name__}")

@@ -51,6 +51,13 @@ def test_a_newer_minor_version_with_extra_fields_is_accepted() -> None:
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
         (
+            b'{"a":' * 5000 + b"1" + b"}" * 5000,
+            "body nests arrays or objects too deeply",
+        ),
+        (b'{"comment_id": ' + b"7" * 5000 + b"}", "body is not valid JSON: Exceeds"),
+        (b"\xff\xfe\x00", "body is not valid UTF-8: byte 0xff at offset 0"),
+        (b'{"body": "caf\xe9"}', "body is not valid UTF-8: byte 0xe9 at offset 13"),
+        (
             json.dumps(event(schema_version="2.0")).encode(),
             "unsupported schema_version '2.0'",
         ),
