@@ -80,7 +80,8 @@ async def sendmail(
     ``sendmail`` raises: :class:`ValueError` for an address that cannot go on a
     command line (before anything is sent), ``SMTPNotSupported``,
     ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``, and
-    ``SMTPServerDisconnected`` or ``SMTPReadTimeoutError``.
+    ``SMTPServerDisconnected`` (:class:`LostAfterContent` once the whole content
+    was sent) or ``SMTPReadTimeoutError``.
     """
     options = list(mail_options)
     utf8 = any(option.lower() == "smtputf8" for option in options)
@@ -145,12 +146,23 @@ async def _transaction(
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     transport.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
     # The server may have taken the message before this reply comes.
-    done = await exchange.replies.next(data_timeout)
+    try:
+        done = await exchange.replies.next(data_timeout)
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        raise LostAfterContent(
+            "connection lost after the content was sent, before the server's "
+            f"reply ({exc}); the server may have taken the email"
+        ) from exc
     if done.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(done.code, done.message)
 
     errors = {r.recipient: SMTPResponse(r.code, r.message) for r in refused}
     return errors, done.message
+
+
+class LostAfterContent(aiosmtplib.SMTPServerDisconnected):
+    """The connection closed once the whole content had gone, before its reply:
+    unlike a connection lost earlier, the server may have taken the message."""
 
 
 class _Exchange:

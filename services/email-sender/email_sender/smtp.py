@@ -17,8 +17,11 @@ hold a worker (and its row's lease) for ever.
 negotiating TLS cost more than sending a short notification. A connection is used by
 one message at a time and dropped after any error, so a failure never leaks into
 the next message. A kept connection may have been closed by the server meanwhile;
-a message whose reused connection turns out dead is sent again at once on a new
-one, since the server cannot have accepted it.
+a message whose reused connection turns out dead before its content was all sent
+is sent again at once on a new one, since the server cannot have accepted it. A
+connection lost after the content went, before the server's reply, is a failure
+like a timeout there: the server may have taken the message, and it is retried
+later, not at once.
 
 A server that offers PIPELINING (RFC 2920; Postfix, Exim and most real servers do)
 gets MAIL, every RCPT and DATA in one write (see :mod:`email_sender.pipelining`),
@@ -164,12 +167,13 @@ class SmtpPool:
         client, reused = await self._checkout()
         try:
             errors, reply = await _transmit(client, mail, self._config)
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             _discard(client)
-            if not reused:
+            if not reused or isinstance(exc, pipelining.LostAfterContent):
                 raise
-            # The server closed a kept connection while it sat idle; it cannot
-            # have taken this message, so a fresh connection sends it now.
+            # The server closed a kept connection while it sat idle, or during
+            # the envelope; it cannot have taken this message, so a fresh
+            # connection sends it now.
             client = await self._connect()
             try:
                 errors, reply = await _transmit(client, mail, self._config)

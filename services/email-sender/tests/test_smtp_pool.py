@@ -444,6 +444,26 @@ async def test_a_kept_connection_closed_mid_transaction_is_replaced(
     assert server.connections == 2
 
 
+async def test_a_kept_connection_lost_after_the_content_is_not_sent_again_at_once(
+    server: Server,
+) -> None:
+    # The server takes the email, then drops the connection without its reply:
+    # it may have the email, so only a later retry may send it again.
+    transport = pool(server)
+    try:
+        await transport.send(message(1))
+        for connection in list(server.open):
+            connection.behaviour = "drop"
+        with pytest.raises(TransientSendError, match="may have taken the email"):
+            await transport.send(message(2))
+    finally:
+        await transport.close()
+
+    assert [r.message_id for r in server.received] == ["<notification-1@example.com>"]
+    assert [r.message_id for r in server.dropped] == ["<notification-2@example.com>"]
+    assert server.connections == 1
+
+
 async def test_a_server_that_stops_answering_is_given_up_on_in_time(
     server: Server,
 ) -> None:
