@@ -12,7 +12,7 @@ import asyncpg
 from prometheus_client import REGISTRY
 
 from contracts import topology
-from contracts.messages import DeliveryRequested
+from contracts.messages import ChannelType, DeliveryRequested
 
 INSERT_EVENT = """
 INSERT INTO events (id, type, payload, occurred_at) VALUES ($1, 'test', '{}', now())
@@ -50,12 +50,18 @@ async def row(db: asyncpg.Connection, notification_id: int) -> dict[str, Any]:
     )
 
 
-def delivery(notification_id: int, user_id: int, priority: int = 0) -> bytes:
+def delivery(
+    notification_id: int,
+    user_id: int,
+    priority: int = 0,
+    *,
+    channel_type: ChannelType = "email",
+) -> bytes:
     return DeliveryRequested(
         notification_id=notification_id,
         event_id=uuid.uuid4(),
         user_id=user_id,
-        type="email",
+        type=channel_type,
         channel="comment.reply",
         priority=priority,
         event_occurred_at=datetime.now(UTC),

@@ -16,9 +16,9 @@ from contracts.logs import bound
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime
 from contracts.settings import Settings
+from tests.integration import helpers
 from tests.integration.helpers import (
     body,
-    delivery,
     depths,
     publish,
     reason,
@@ -27,6 +27,10 @@ from tests.integration.helpers import (
 from tests.support.waiting import eventually
 
 QUEUE = topology.delivery_queue("push")
+
+
+def delivery(notification_id: int, user_id: int) -> bytes:
+    return helpers.delivery(notification_id, user_id, channel_type="push")
 
 
 async def _run(
@@ -372,5 +376,47 @@ async def test_a_body_that_breaks_decoding_unexpectedly_is_set_aside_with_the_er
     assert handled == [7]
     assert [reason(m) for m in letters] == [
         "body could not be decoded: KeyError: 'surprise'"
+    ]
+    assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+
+async def test_a_delivery_of_another_channel_type_is_set_aside_not_handled(
+    settings: Settings,
+) -> None:
+    """Its row may well be of the queue's type and already sent: handling it would
+    ack a routing mistake as if nothing were wrong."""
+    stray = helpers.delivery(5, 1, channel_type="email")
+    mixed = DeliveryBatch(
+        deliveries=[
+            DeliveryRequested.model_validate_json(delivery(6, 1)),
+            DeliveryRequested.model_validate_json(
+                helpers.delivery(7, 1, channel_type="sse")
+            ),
+        ]
+    ).to_bytes()
+    await publish(settings.amqp_url, [stray, mixed], routing_key="push")
+    handled: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        handled.extend(item.message.notification_id for item in items)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=4, envelope=DeliveryBatch)
+    try:
+
+        async def dead() -> list | None:
+            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+            if found[topology.DEAD_LETTER_QUEUE] < 2:
+                return None
+            return await take_dead_letters(settings.amqp_url)
+
+        letters = await eventually(dead, what="two dead letters")
+        await eventually(lambda: _handled([handled], 1), what="the push delivery")
+    finally:
+        await runtime.stop()
+    assert handled == [6]
+    assert sorted((body(m)["notification_id"], reason(m)) for m in letters) == [
+        (5, "a delivery of type email on the push queue"),
+        (7, "a delivery of type sse on the push queue"),
     ]
     assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0

@@ -124,7 +124,9 @@ async def test_a_handler_still_running_at_the_drain_limit_is_cancelled_and_given
 ) -> None:
     queue = topology.delivery_queue("push")
     await helpers.publish(
-        settings.amqp_url, [helpers.delivery(1, 1)], routing_key="push"
+        settings.amqp_url,
+        [helpers.delivery(1, 1, channel_type="push")],
+        routing_key="push",
     )
     started = asyncio.Event()
     cancelled = asyncio.Event()

@@ -77,7 +77,7 @@ from opentelemetry.trace import SpanKind
 from contracts import metrics, topology, tracing
 from contracts.db import is_unavailable
 from contracts.logs import bind
-from contracts.messages import BadMessage, Envelope, Message, decode_items
+from contracts.messages import BadMessage, Envelope, Message, Part, decode_items
 
 logger = logging.getLogger(__name__)
 
@@ -505,6 +505,7 @@ class Consumers:
             await self._set_aside(raw, queue, reason)
             return "dead_lettered"
 
+        parts = [_on_its_queue(part, queue) for part in parts]
         items = [part.message for part in parts if part.message is not None]
         if len(items) == 1:
             done = [await _bound_outcome(run, items[0], raw, queue)]
@@ -626,6 +627,22 @@ class Consumers:
             reason,
             extra={"action": "message.dead_lettered", "queue": queue},
         )
+
+
+# The channel type each delivery queue carries.
+_DELIVERY_TYPES = {topology.delivery_queue(t): t for t in topology.CHANNEL_TYPES}
+
+
+def _on_its_queue(part: Part[M], queue: str) -> Part[M]:
+    """``part``, or in its place the problem of a delivery of another channel type
+    than the delivery queue it came from: a routing mistake, which handling it
+    would hide (its row may be of the queue's type and already sent)."""
+    expected = _DELIVERY_TYPES.get(queue)
+    given = getattr(part.message, "type", None)
+    if expected is None or part.message is None or given == expected:
+        return part
+    problem = BadMessage(f"a delivery of type {given} on the {expected} queue")
+    return Part(None, problem, part.body)
 
 
 class _Batcher(Generic[M]):
