@@ -13,6 +13,13 @@ Text templates are not escaped; the HTML template is. Undefined variables are
 errors, so a template that names something the dispatcher does not provide fails
 loudly in tests, not silently in someone's inbox.
 
+Templates are read again when their files change, so an edit applies to the next
+notification. An edit that breaks a template (it does not parse, names something
+the dispatcher does not provide, or its file is gone) does not stop notifications:
+each file keeps the last version that rendered, which goes on being used, with one
+logged error naming the file and the fault, until the file renders again. A
+template that has never rendered has no such version; it fails as below.
+
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
 would hold the event as if the database were away, retried for ever.
@@ -20,6 +27,7 @@ would hold the event as if the database were away, retried for ever.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from jinja2 import (
     Environment,
     FileSystemLoader,
     StrictUndefined,
+    Template,
     TemplateNotFound,
     TemplateSyntaxError,
     select_autoescape,
@@ -37,6 +46,8 @@ DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
 EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
+
+logger = logging.getLogger(__name__)
 
 
 class RenderError(Exception):
@@ -62,6 +73,9 @@ class Renderer:
             keep_trailing_newline=False,
             auto_reload=True,
         )
+        # Each file's last version that rendered, and the faults logged since.
+        self._good: dict[str, Template] = {}
+        self._reported: dict[str, str] = {}
 
     def problem(self, template: str) -> str | None:
         """Why the template set ``template`` cannot be used, or None if it can."""
@@ -91,8 +105,12 @@ class Renderer:
             # Looked up as the other templates are, through the loader's cache.
             self._env.get_template(f"{template}/{EMAIL_TEXT}")
         except TemplateNotFound:
-            pass
+            has_email_text = False
+        except Exception:
+            has_email_text = True  # there but broken: rendering says how
         else:
+            has_email_text = True
+        if has_email_text:
             email_text = self._render(
                 template, EMAIL_TEXT, {**context, "message": message}
             ).strip()
@@ -105,12 +123,37 @@ class Renderer:
 
     def _render(self, template: str, name: str, context: dict[str, Any]) -> str:
         path = f"{template}/{name}"
+        current: Template | None = None
         try:
-            return self._env.get_template(path).render(context)
-        except TemplateNotFound as exc:
-            raise RenderError(
-                f"template {path} not found in {self._directory}"
-            ) from exc
+            current = self._env.get_template(path)
+            text = current.render(context)
         except Exception as exc:
-            # A filter or expression of the template raised: the template's bug.
-            raise RenderError(f"template {path} failed: {exc!r}") from exc
+            fault = self._fault(path, exc)
+            good = self._good.get(path)
+            if good is None or good is current:
+                # Never rendered, or the same version failing on these values:
+                # no other version to fall back on.
+                raise RenderError(fault) from exc
+            if self._reported.get(path) != fault:
+                self._reported[path] = fault
+                logger.error(
+                    "%s; its last version that rendered is used until it is fixed",
+                    fault,
+                    extra={"action": "template.broken"},
+                )
+            try:
+                return good.render(context)
+            except Exception:
+                raise RenderError(fault) from exc
+        self._good[path] = current
+        if self._reported.pop(path, None) is not None:
+            logger.info("template %s renders again", path)
+        return text
+
+    def _fault(self, path: str, exc: Exception) -> str:
+        if isinstance(exc, TemplateNotFound):
+            return f"template {path} not found in {self._directory}"
+        if isinstance(exc, TemplateSyntaxError):
+            return f"template {path} failed: line {exc.lineno}: {exc.message}"
+        # A filter or expression of the template raised: the template's bug.
+        return f"template {path} failed: {exc!r}"

@@ -373,6 +373,52 @@ async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
     assert stored == {events[1].event_id}
 
 
+async def test_a_template_broken_while_running_keeps_its_last_good_version(
+    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "templates"
+    shutil.copytree(templates.DEFAULT_DIR, folder)
+    app = create_app(
+        DispatcherSettings(
+            **settings.model_dump(), channel_config=channel_file, templates_dir=folder
+        )
+    )
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        async with app.router.lifespan_context(app):
+            first = await add_comment(db, demo, demo.carol, "@bob look")
+            await publish(settings, created(demo, first, demo.carol, "@bob look"))
+            await eventually(lambda: _event_ids(db, 1), what="the first event stored")
+
+            title = folder / "comment_mention" / "title.txt.j2"
+            st = title.stat()
+            title.write_text("{{ broken ")
+            os.utime(title, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            second = await add_comment(db, demo, demo.carol, "@bob again")
+            await publish(settings, created(demo, second, demo.carol, "@bob again"))
+            await eventually(lambda: _event_ids(db, 2), what="the second event stored")
+
+            titles = await db.fetch(
+                "SELECT n.title, c.id AS comment FROM notifications n "
+                "JOIN events e ON e.id = n.event_id "
+                "JOIN comments c ON c.id = (e.payload->>'comment_id')::bigint "
+                "WHERE n.user_id = $1 AND n.channel = 'comment.mention' "
+                "ORDER BY c.id, n.type",
+                demo.bob,
+            )
+    finally:
+        await db.close()
+
+    by_comment = {}
+    for row in titles:
+        by_comment.setdefault(row["comment"], set()).add(row["title"])
+    assert set(by_comment) == {first, second}
+    assert by_comment[first] == by_comment[second]
+    assert len(by_comment[first]) == 1
+    assert "mentioned you" in next(iter(by_comment[first]))
+    assert await _dead_letter_reasons(settings, 1) is None
+
+
 def edit_mention_channel(path: Path, **changes: object) -> None:
     data = json.loads(path.read_text())
     data["channels"]["comment.mention"].update(changes)

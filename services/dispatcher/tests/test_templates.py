@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,89 @@ def test_a_broken_email_text_template_is_a_problem(tmp_path: Path) -> None:
     problem = Renderer(tmp_path).problem("broken")
 
     assert problem is not None and problem.startswith("email.txt.j2, line 1:")
+
+
+def _edit(path: Path, text: str) -> None:
+    """Write ``text`` with a later modification time, as a save some time on would."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+@pytest.mark.parametrize(
+    ("name", "broken", "fault"),
+    [
+        ("title.txt.j2", "{{ broken ", "title.txt.j2 failed: line 1: unexpected"),
+        (
+            "message.txt.j2",
+            "x {{ no_such_variable }}",
+            "'no_such_variable' is undefined",
+        ),
+        (
+            "email.txt.j2",
+            "{% if %}",
+            "email.txt.j2 failed: line 1: Expected an expression",
+        ),
+    ],
+)
+def test_a_broken_edit_keeps_the_files_last_version_that_rendered(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    broken: str,
+    fault: str,
+) -> None:
+    folder = template_set(tmp_path, title="Hello {{ recipient.username }}")
+    _edit(folder / "email.txt.j2", "{{ message }} by mail")
+    renderer = Renderer(tmp_path)
+    first = renderer.render("broken", context())
+
+    _edit(folder / name, broken)
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        again = renderer.render("broken", context())
+        later = renderer.render("broken", context(recipient={"username": "carol"}))
+
+    assert again == first
+    assert later.title == "Hello carol"
+    # Once for the fault, however many notifications it touches.
+    (record,) = caplog.records
+    assert fault in record.getMessage()
+    assert record.getMessage().endswith(
+        "last version that rendered is used until it is fixed"
+    )
+
+
+def test_a_fixed_template_is_used_again(tmp_path: Path) -> None:
+    folder = template_set(tmp_path, title="one")
+    renderer = Renderer(tmp_path)
+    assert renderer.render("broken", context()).title == "one"
+
+    _edit(folder / "title.txt.j2", "{{ oops")
+    assert renderer.render("broken", context()).title == "one"
+    _edit(folder / "title.txt.j2", "two")
+
+    assert renderer.render("broken", context()).title == "two"
+
+
+def test_a_required_file_removed_after_rendering_keeps_its_last_version(
+    tmp_path: Path,
+) -> None:
+    folder = template_set(tmp_path, title="kept")
+    renderer = Renderer(tmp_path)
+    renderer.render("broken", context())
+
+    (folder / "title.txt.j2").unlink()
+
+    assert renderer.render("broken", context()).title == "kept"
+
+
+def test_a_removed_email_text_file_is_no_longer_used(tmp_path: Path) -> None:
+    # It is optional: removing it is a change, not a breakage.
+    folder = template_set(tmp_path)
+    _edit(folder / "email.txt.j2", "only by mail")
+    renderer = Renderer(tmp_path)
+    assert renderer.render("broken", context()).email_text == "only by mail"
+
+    (folder / "email.txt.j2").unlink()
+
+    assert renderer.render("broken", context()).email_text == "x"
