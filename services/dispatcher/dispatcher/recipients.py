@@ -11,24 +11,31 @@ AUTHOR = "post_author"
 PARTICIPANT = "participant"
 MENTIONED = "mentioned"
 
-# An @ that starts a word: not inside an email address (carol@example.com) and not
-# doubled (@@bob). The name must end where the word ends: "@bob," "@bob." and
-# "@bob's" mention bob, but "@bobé", "@bób" and a name longer than a username can
-# be mention nobody. Usernames are ASCII, the words around them are not: a letter,
-# digit or underscore of any script, or a combining mark (category M, which \w
-# leaves out), continues the word, so "joe" followed by U+0301 (a decomposed
-# "joé") is not "@joe" either. The regular expression finds the candidates;
-# :func:`_in_word` judges the characters on either side.
-_MENTION = re.compile(r"(?<![@.+-])@([A-Za-z0-9_]{1,32})")
+# An @ that starts a word: not inside an email address (carol@example.com), not
+# doubled (@@bob), and not in a link (https://example.social/@bob). A name followed
+# by another @ is someone's address elsewhere (@bob@example.social), not the local
+# bob. The name must end where the word ends: "@bob," "@bob." and "@bob's" mention
+# bob, but "@bobé", "@bób" and a name longer than any username mention nobody.
+# Usernames are ASCII, the words around them are not: a letter, digit or underscore
+# of any script, or a combining mark (category M, which \w leaves out), continues
+# the word, so "joe" followed by U+0301 (a decomposed "joé") is not "@joe" either.
+# The regular expression finds the candidates; :func:`_in_word` judges the
+# characters on either side.
+_MENTION = re.compile(r"(?<![@.+-])@([A-Za-z0-9_]{1,32})(?!@)")
+# A link, from its scheme to the next space: an @ in it is part of the link.
+_LINK = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 _WORD_CHARACTER = re.compile(r"\w")
 
 
 def mentioned_usernames(body: str) -> list[str]:
     """Usernames mentioned in ``body``, lower-cased, each once, in order."""
     seen: dict[str, None] = {}
+    links = [link.span() for link in _LINK.finditer(body)] if "://" in body else []
     for match in _MENTION.finditer(body):
         start, end = match.span()
         if _in_word(body, start - 1) or _in_word(body, end):
+            continue
+        if any(first <= start < last for first, last in links):
             continue
         seen.setdefault(match.group(1).lower(), None)
     return list(seen)

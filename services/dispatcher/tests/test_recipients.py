@@ -24,6 +24,13 @@ from dispatcher.recipients import (
         ("no mentions at all", []),
         ("line one\n@carol on line two", ["carol"]),
         ("@bob's turn, then é@carol", ["bob"]),
+        ("ask @bob@example.social or @carol", ["carol"]),
+        ("@bob@example.com is his address", []),
+        ("@bob@bob", []),
+        ("see https://example.social/@bob/123 and @dave", ["dave"]),
+        ("@bob/@carol", ["bob", "carol"]),
+        ("<https://example.social/@bob>, @carol", ["carol"]),
+        ("mailto://x/@bob then @dave", ["dave"]),
     ],
 )
 def test_mentions_are_words_starting_with_at(body: str, expected: list[str]) -> None:
