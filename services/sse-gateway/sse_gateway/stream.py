@@ -233,12 +233,12 @@ class StreamEndpoint:
             await _refuse(scope, receive, send, refusal, extra)
             return
 
+        response_headers = {"Cache-Control": "no-cache", **extra}
         if scope["method"] == "HEAD":
-            await _head(send, {"Cache-Control": "no-cache", **extra})
+            await _head(send, response_headers)
             return
 
         body = events_of(conn, self._hub, db, replay, self._retry_ms)
-        response_headers = {"Cache-Control": "no-cache", **extra}
         response: EventSourceResponse
         if self._lean:
             # The hub's clock writes the heartbeats, so sse-starlette's ping is off.
@@ -342,10 +342,9 @@ async def _refuse(
 
 
 async def _head(send: Send, headers: dict[str, str]) -> None:
-    raw = [
-        (b"content-type", b"text/event-stream; charset=utf-8"),
-        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
-    ]
+    """The start of the stream a GET would get, with the headers sse-starlette
+    gives it (``Connection``, ``X-Accel-Buffering``), and no body."""
+    raw = EventSourceResponse((), ping=0, headers=headers).raw_headers
     await send({"type": "http.response.start", "status": 200, "headers": raw})
     await send({"type": "http.response.body", "body": b""})
 

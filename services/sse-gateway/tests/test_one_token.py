@@ -272,6 +272,20 @@ async def test_authorization_given_twice_is_refused_naming_it(
     assert await unread(settings, demo.bob) == 1
 
 
+async def test_a_head_of_the_stream_answers_with_the_headers_of_its_get(
+    gateway: Gateway,
+) -> None:
+    query = f"token={gateway.bob}"
+
+    got = await stream(gateway.app, query)
+    head = await stream(gateway.app, query, method="HEAD")
+
+    assert (head.status, head.headers) == (got.status, got.headers)
+    # What keeps a proxy from holding the stream's events back.
+    assert head.headers["x-accel-buffering"] == "no"
+    assert head.body == b""
+
+
 async def test_one_token_in_the_query_or_the_header_or_both_alike_is_taken(
     gateway: Gateway, demo: Demo
 ) -> None:
