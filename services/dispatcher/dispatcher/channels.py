@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
 from contracts import jsonkeys
@@ -65,6 +65,15 @@ class ChannelConfig(BaseModel):
     template: str = Field(pattern=r"^[a-z0-9_]+$")
     priority: int = Field(ge=0, le=9)
     enabled: bool = True
+
+    @field_validator("types")
+    @classmethod
+    def _once_each(cls, types: tuple[str, ...]) -> tuple[str, ...]:
+        # Said twice, a type could be an edit half done: which was meant?
+        for index, kind in enumerate(types):
+            if kind in types[:index]:
+                raise ValueError(f"names {kind!r} twice in 'types'")
+        return types
 
 
 class ChannelFile(BaseModel):
@@ -191,6 +200,8 @@ def _problem(err: ErrorDetails) -> str:
             kind == "missing" and field in _ALLOWED
         ):
             return f"channel {name!r} lacks {field!r}, {_ALLOWED[field]}"
+        case ("channels", str(name), "types") if kind == "value_error":
+            return f"channel {name!r} {err['ctx']['error']}"
         case ("channels", str(name), "types", int()):
             return (
                 f"channel {name!r} names unknown type {given} in 'types'; "

@@ -306,6 +306,10 @@ MISTAKES = [
         "'types'; the types are 'email', 'sse', 'push'",
     ),
     (
+        reply(types=["email", "sse", "email"]),
+        "is invalid: channel 'comment.reply' names 'email' twice in 'types'",
+    ),
+    (
         reply(types=[]),
         "is invalid: channel 'comment.reply' has 'types' []; it must be a list "
         "of one or more of 'email', 'sse', 'push'",
