@@ -14,6 +14,7 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 import pytest
+from fastapi import FastAPI
 
 from contracts import topology
 from contracts.messages import CommentCreated
@@ -334,9 +335,10 @@ async def test_an_edit_naming_a_missing_template_leaves_deliveries_running(
     assert "database unavailable" not in caplog.text
 
 
-async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
-    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
-) -> None:
+def own_templates(
+    settings: Settings, channel_file: Path, tmp_path: Path
+) -> tuple[FastAPI, Path]:
+    """A dispatcher reading a copy of the shipped templates, and that copy's folder."""
     folder = tmp_path / "templates"
     shutil.copytree(templates.DEFAULT_DIR, folder)
     app = create_app(
@@ -344,6 +346,13 @@ async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
             **settings.model_dump(), channel_config=channel_file, templates_dir=folder
         )
     )
+    return app, folder
+
+
+async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
+    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
+) -> None:
+    app, folder = own_templates(settings, channel_file, tmp_path)
     db = await asyncpg.connect(settings.database_url)
     try:
         async with app.router.lifespan_context(app):
@@ -376,13 +385,7 @@ async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
 async def test_a_template_broken_while_running_keeps_its_last_good_version(
     settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "templates"
-    shutil.copytree(templates.DEFAULT_DIR, folder)
-    app = create_app(
-        DispatcherSettings(
-            **settings.model_dump(), channel_config=channel_file, templates_dir=folder
-        )
-    )
+    app, folder = own_templates(settings, channel_file, tmp_path)
     db = await asyncpg.connect(settings.database_url)
     try:
         async with app.router.lifespan_context(app):
