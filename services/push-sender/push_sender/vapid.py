@@ -13,6 +13,7 @@ import base64
 import logging
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,17 +178,19 @@ def _generated(var_dir: Path) -> ec.EllipticCurvePrivateKey:
         serialization.NoEncryption(),
     )
     # Written aside and linked into place: two processes starting together agree
-    # on whichever pair landed first.
-    staging = folder / f".{PRIVATE_FILE}.{os.getpid()}"
+    # on whichever pair landed first. The file aside has a name of its own in
+    # every process: replicas in containers sharing the folder are all PID 1.
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{PRIVATE_FILE}.", dir=folder)
     except OSError as exc:
         raise VapidKeyError(
             VAR_DIR_SETTING, f"cannot hold a generated VAPID key: {_why(exc)}"
         ) from None
+    staging = Path(name)
     try:
-        staging.write_bytes(pem)
-        staging.chmod(0o600)
+        with os.fdopen(handle, "wb") as file:  # mkstemp made it readable by us alone
+            file.write(pem)
         os.link(staging, path)
     except FileExistsError:
         return _stored(path)

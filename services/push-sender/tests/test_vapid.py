@@ -25,6 +25,10 @@ def pem(key: ec.EllipticCurvePrivateKey) -> str:
     ).decode()
 
 
+def b64(key: ec.EllipticCurvePrivateKey) -> str:
+    return vapid.b64url(vapid.public_point(key.public_key()))
+
+
 def test_development_generates_a_pair_once_and_reuses_it(tmp_path: Path) -> None:
     settings = PushSettings(env="development", var_dir=tmp_path)
 
@@ -36,6 +40,29 @@ def test_development_generates_a_pair_once_and_reuses_it(tmp_path: Path) -> None
     assert stored.stat().st_mode & 0o077 == 0
     public = (tmp_path / "vapid" / vapid.PUBLIC_FILE).read_text().strip()
     assert public == first.application_server_key
+
+
+def test_a_replica_with_the_same_process_id_keeps_its_own_key_file_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas in containers sharing the folder are all PID 1: one must not write
+    over, link or remove the key another is still putting in place."""
+    folder = tmp_path / "vapid"
+    folder.mkdir()
+    others = {f".{vapid.PRIVATE_FILE}.1": "another replica's key, half written"}
+    for name, text in others.items():
+        (folder / name).write_text(text)
+    monkeypatch.setattr(vapid.os, "getpid", lambda: 1)
+
+    keys = vapid.load(PushSettings(env="development", var_dir=tmp_path))
+
+    for name, text in others.items():
+        assert (folder / name).read_text() == text
+    stored = vapid._stored(folder / vapid.PRIVATE_FILE)
+    assert b64(stored) == keys.application_server_key
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*others, vapid.PRIVATE_FILE, vapid.PUBLIC_FILE]
+    )
 
 
 def test_a_key_is_read_from_a_file_or_from_pem_text(tmp_path: Path) -> None:
