@@ -149,7 +149,9 @@ def main_config(tmp_path: Path, server: Path) -> Path:
 
 def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     nginx = require("nginx")
-    main = main_config(tmp_path, NGINX_CONF)
+    server = tmp_path / "notiflow.conf"
+    server.write_text(logging_to(NGINX_CONF.read_text(), tmp_path / "access.log"))
+    main = main_config(tmp_path, server)
 
     result = run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(main)])
 
@@ -249,10 +251,23 @@ class StandIn(BaseHTTPRequestHandler):
         pass
 
 
-def served_locally(text: str, port: int, services: dict[str, int]) -> str:
+ACCESS_LOG = "/var/log/nginx/access.log"
+
+
+def logging_to(text: str, path: Path) -> str:
+    """The configuration writing its access log to ``path``."""
+    assert text.count(f"access_log {ACCESS_LOG} ") == 1
+    return text.replace(f"access_log {ACCESS_LOG} ", f"access_log {path} ")
+
+
+def served_locally(
+    text: str, port: int, services: dict[str, int], access_log: Path
+) -> str:
     """The configuration listening on 127.0.0.1:``port``, each service name it
     proxies to replaced by 127.0.0.1 and the port ``services`` gives it, and upstream
-    reads cut to a second, so that a silent service times out within a test."""
+    reads cut to a second, so that a silent service times out within a test; its
+    access log written to ``access_log``."""
+    text = logging_to(text, access_log)
     text, listens = re.subn(
         r"^(\s*)listen\s+80;", rf"\1listen 127.0.0.1:{port};", text, flags=re.M
     )
@@ -299,7 +314,11 @@ def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
     def start(services: dict[str, int]) -> httpx.Client:
         port = free_port()
         server = tmp_path / "notiflow.conf"
-        server.write_text(served_locally(NGINX_CONF.read_text(), port, services))
+        server.write_text(
+            served_locally(
+                NGINX_CONF.read_text(), port, services, tmp_path / "access.log"
+            )
+        )
         log = tmp_path / "nginx.log"
         main = main_config(tmp_path, server)
         with log.open("wb") as out:
@@ -400,6 +419,27 @@ def test_the_proxy_allows_no_other_origin_to_read_its_own_refusal(
     assert resp.status_code == 413
     assert "access-control-allow-origin" not in resp.headers
     assert "access-control-allow-credentials" not in resp.headers
+
+
+def test_tokens_in_query_strings_stay_out_of_the_access_log(
+    proxy: httpx.Client, tmp_path: Path
+) -> None:
+    secret = "eyJ.secret-part.sig"
+    asked = [
+        proxy.get(f"/sse?token={secret}"),
+        proxy.get(
+            f"/unsubscribe?token=1.email.{secret}",
+            headers={"Referer": f"http://example.test/?token={secret}"},
+        ),
+    ]
+    assert [r.json()["path"].split("?")[0] for r in asked] == ["/sse", "/unsubscribe"]
+
+    log = (tmp_path / "access.log").read_text()
+
+    assert '"GET /sse HTTP/1.1" 200' in log
+    assert '"GET /unsubscribe HTTP/1.1" 200' in log
+    assert secret not in log
+    assert "token=" not in log
 
 
 def test_a_body_at_the_limit_reaches_the_service(proxy: httpx.Client) -> None:
