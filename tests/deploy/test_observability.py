@@ -104,7 +104,8 @@ def series_names(expr: str) -> set[str]:
 
 
 def queue_regex(expr: str) -> re.Pattern[str]:
-    (pattern,) = re.findall(r'queue=~"((?:[^"\\]|\\.)*)"', expr)
+    """The one queue pattern of ``expr``, which every series it reads shares."""
+    (pattern,) = set(re.findall(r'queue=~"((?:[^"\\]|\\.)*)"', expr))
     # PromQL string escapes first, then an anchored regular expression.
     return re.compile(pattern.encode().decode("unicode_escape"))
 
@@ -160,6 +161,7 @@ def test_no_consumer_alert_reads_the_consumer_count() -> None:
     expr = alert("NotiflowQueueWithoutConsumer")["expr"]
 
     assert "rabbitmq_detailed_queue_consumers" in expr
+    assert "rabbitmq_queue_consumers" in expr
     assert re.search(r"==\s*0\s*$", expr.strip())
 
 
