@@ -42,7 +42,10 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()) |
 # attempt's exception as one line, for the next one is only seconds away.
 _CONNECTION_LOGGERS = ("asyncpg.pool",)
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# An address starts a word, and not right after "//": the user of a URL such as
+# postgresql://postgres@db.example/notiflow is no address, and masking it would
+# hide the host the message is about (a password there is masked on its own).
+_EMAIL = re.compile(r"(?<!//)(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _TOKEN = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 
 

@@ -34,6 +34,20 @@ def test_addresses_and_tokens_are_masked_above_debug() -> None:
     )
 
 
+def test_the_user_of_a_url_is_not_masked_as_an_address() -> None:
+    text = (
+        "the database at postgresql://postgres@127.0.0.1:5432/notiflow lacks "
+        "migrations; mail admin@ops.example.com"
+    )
+
+    info = json.loads(JsonFormatter().format(record(logging.ERROR, text)))
+
+    assert info["message"] == (
+        "the database at postgresql://postgres@127.0.0.1:5432/notiflow lacks "
+        "migrations; mail <email>"
+    )
+
+
 def test_a_pool_restoring_connections_logs_no_stale_ids_and_no_traceback() -> None:
     # asyncpg's pool restores its minimum in a task of its own, started from the
     # context of whatever message was being handled when the connection died.
