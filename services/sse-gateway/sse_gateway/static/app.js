@@ -23,6 +23,7 @@
     changes: 0,
     streamRefused: false,
     post: null,
+    linkShown: false,
     retryTimer: null,
     prefs: null,
     prefsUser: null,
@@ -72,9 +73,23 @@
     return body;
   }
 
-  function authed(url, options = {}) {
+  async function authed(url, options = {}) {
     const headers = { ...(options.headers || {}), Authorization: `Bearer ${state.token}` };
-    return request(url, { ...options, headers });
+    try {
+      return await request(url, { ...options, headers });
+    } catch (err) {
+      if (err instanceof HttpError && err.status === 401) forgetSavedToken();
+      throw err;
+    }
+  }
+
+  // A token the services refuse (its user was deleted, or the secret changed) is
+  // not asked for again: the next sign-in gets a new one. Only tokens this page
+  // got from the development route; one given to the page is the user's to change.
+  function forgetSavedToken() {
+    if (!state.devTokens) return;
+    const saved = JSON.parse(localStorage.getItem("notiflow.session") || "null");
+    if (saved && saved.token === state.token) localStorage.removeItem("notiflow.session");
   }
 
   // ---- who is signed in ------------------------------------------------------
@@ -205,14 +220,14 @@
         state.streamRefused = false;
         showNotice();
       }
-      reloadInbox().catch(showError);
+      reloadInbox().catch(inboxError);
     };
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
       // Refused (an expired token answers 401, one stream too many 429) or ended
       // for good: start over with a fresh token; the inbox read on open fills any gap.
       setStatus("offline");
-      retryStream().catch(showError);
+      retryStream().catch(inboxError);
     };
     source.addEventListener("notification", (e) => {
       const note = JSON.parse(e.data);
@@ -246,7 +261,7 @@
     });
     source.addEventListener("sync", (e) => {
       setUnread(JSON.parse(e.data).unread);
-      reloadInbox().catch(showError);
+      reloadInbox().catch(inboxError);
       if (state.prefs) loadPreferences().catch(showError);
     });
     // Another tab, or an email's unsubscribe link, changed the preferences.
@@ -262,6 +277,7 @@
       method: "HEAD",
     }).catch(() => null);
     if (!probe || probe.status !== 429) {
+      if (probe && probe.status === 401) forgetSavedToken();
       state.retryTimer = setTimeout(() => signIn(state.username).catch(showError), 3000);
       return;
     }
@@ -285,6 +301,7 @@
     const query = new URLSearchParams({ limit: "20" });
     if (cursor) query.set("cursor", cursor);
     const page = await authed(`/inbox?${query}`);
+    inboxError();
     for (const note of page.items) state.items.set(note.id, note);
     if (cursor || state.cursor === null) state.cursor = page.next_cursor;
     // A live change that landed while the page was in flight is newer than the
@@ -302,6 +319,7 @@
     for (let tries = 0; tries < 3; tries += 1) {
       const before = state.changes;
       const page = await authed("/inbox?limit=20");
+      inboxError();
       if (state.changes !== before) continue;
       state.items = new Map(page.items.map((note) => [note.id, note]));
       state.cursor = page.next_cursor;
@@ -326,15 +344,30 @@
     note.read_at = new Date().toISOString();
     render();
     const before = state.changes;
-    const result = await authed(`/inbox/${id}/read`, { method: "POST" });
+    let result;
+    try {
+      result = await authed(`/inbox/${id}/read`, { method: "POST" });
+    } catch (err) {
+      // Not read after all: the item can be clicked again.
+      note.read_at = null;
+      render();
+      throw err;
+    }
+    inboxError();
     await settleUnread(before, result.unread);
   }
 
+  // Only what the server marked: a notification that arrived while the request
+  // was in flight is still unread, and so is every one the page has not loaded.
   async function markAllRead() {
     const before = state.changes;
     const result = await authed("/inbox/read-all", { method: "POST" });
+    inboxError();
     const now = new Date().toISOString();
-    for (const note of state.items.values()) note.read_at = note.read_at || now;
+    for (const id of result.marked) {
+      const note = state.items.get(id);
+      if (note && !note.read_at) note.read_at = now;
+    }
     await settleUnread(before, result.unread);
     render();
   }
@@ -371,7 +404,7 @@
     body.append(title, text, when);
     li.append(body);
     const open = () => {
-      markRead(note.id).catch(showError);
+      markRead(note.id).catch(inboxError);
       const target = note.metadata && note.metadata.comment_id;
       const el = target && document.getElementById(`comment-${target}`);
       if (el) el.scrollIntoView({ behavior: "smooth", block: "center" });
@@ -486,6 +519,20 @@
     $("post").setAttribute("aria-busy", "false");
     $("comments-heading").textContent = `Comments (${post.comments.length})`;
     $("comments").replaceChildren(...post.comments.map((c) => commentItem(c, c.id === highlight)));
+    showLinkedComment();
+  }
+
+  // Every notification links to its comment (#comment-N). The comments are drawn
+  // after the page has loaded, too late for the browser's own jump, so the page
+  // makes it once they are there, the first time only.
+  function showLinkedComment() {
+    if (state.linkShown) return;
+    state.linkShown = true;
+    const wanted = /^#comment-(\d+)$/.exec(location.hash);
+    const el = wanted && document.getElementById(`comment-${wanted[1]}`);
+    if (!el) return;
+    el.classList.add("fresh");
+    el.scrollIntoView({ block: "center" });
   }
 
   // The post a link names (?post=N, as every notification's link does), asked for
@@ -542,6 +589,20 @@
     }
   }
 
+  // What went wrong with the inbox is said beside it, not under the comment form,
+  // and taken down by its next answer; without an error, only that.
+  function inboxError(err) {
+    const el = $("inbox-error");
+    if (!err) {
+      el.textContent = "";
+      el.hidden = true;
+      return;
+    }
+    console.error(err);
+    el.textContent = err.message || String(err);
+    el.hidden = false;
+  }
+
   function showError(err) {
     console.error(err);
     if (err instanceof UnreachableError && state.api && err.url.startsWith(state.api)) {
@@ -560,8 +621,8 @@
       panel.hidden = !panel.hidden;
       $("bell").setAttribute("aria-expanded", String(!panel.hidden));
     });
-    $("mark-all").addEventListener("click", () => markAllRead().catch(showError));
-    $("more").addEventListener("click", () => loadInbox(state.cursor).catch(showError));
+    $("mark-all").addEventListener("click", () => markAllRead().catch(inboxError));
+    $("more").addEventListener("click", () => loadInbox(state.cursor).catch(inboxError));
     $("comment-form").addEventListener("submit", submitComment);
     $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
     $("prefs").addEventListener("submit", (e) => e.preventDefault());
