@@ -613,7 +613,17 @@ class Cors(CORSMiddleware):
     refused. A preflight that passes is answered as Starlette answers it. A browser
     never shows a page the answer to its preflight, whichever it is; the JSON is
     for the person who asks by hand why a page cannot call the service.
+
+    A page on another origin may read ``Retry-After``, which the services send with
+    a 503 or 429 to say when to ask again; a browser hides every header but a few
+    from it unless told.
     """
+
+    EXPOSED = ("Retry-After",)
+
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        options.setdefault("expose_headers", self.EXPOSED)
+        super().__init__(app, **options)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)

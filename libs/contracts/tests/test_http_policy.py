@@ -386,6 +386,8 @@ async def test_every_answer_carries_the_cors_headers_whichever_came_first(
     for status, answer in answers.items():
         assert answer.status_code == status, answer.text
         assert answer.headers["access-control-allow-origin"] == PAGE, status
+        # So that a page can read when to ask again after a 503 or 429.
+        assert answer.headers["access-control-expose-headers"] == "Retry-After"
         assert answer.headers["content-type"] == "application/json", status
     assert answers[500].json() == {
         "error": "internal_error",
