@@ -35,6 +35,12 @@ async def test_pressing_the_button_of_the_link_page_turns_email_off(
     gateway, demo = site
     link = unsubscribe_url(gateway.url, demo.bob, settings.secret_key)
     page = await (await browser.new_context()).new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    icons: list[int] = []
+    page.on(
+        "response", lambda r: icons.append(r.status) if r.url.endswith(".svg") else None
+    )
 
     await page.goto(link)
 
@@ -53,6 +59,9 @@ async def test_pressing_the_button_of_the_link_page_turns_email_off(
         lambda: _email_off(settings, demo.bob), what="bob's email preference off"
     )
     assert await stored(settings, demo.bob) == {"email": False}
+    # The page's own policy lets its icon load, on both of its pages.
+    assert icons == [200, 200]
+    assert errors == []
 
 
 async def _email_off(settings: Settings, user_id: int) -> bool:
