@@ -76,6 +76,7 @@ async def publish(
     exchange: str = topology.DELIVERIES_EXCHANGE,
     priorities: list[int] | None = None,
     declare: bool = True,
+    headers: dict[str, Any] | None = None,
 ) -> None:
     """Publish raw bodies with confirms, the way the outbox relay does; first
     declaring the topology, as every service does at start, unless told not to."""
@@ -92,6 +93,7 @@ async def publish(
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     priority=(priorities or [0] * len(bodies))[index],
+                    headers=headers,
                 ),
                 routing_key=routing_key,
                 timeout=10,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from collections.abc import Sequence
 
+import pamqp.encode
 import pytest
 
 from contracts import consumer, topology
@@ -420,3 +422,77 @@ async def test_a_delivery_of_another_channel_type_is_set_aside_not_handled(
         (7, "a delivery of type sse on the push queue"),
     ]
     assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+
+class _Undecodable(bytes):
+    """A string header whose bytes are not UTF-8, as another client may send."""
+
+
+async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such a header arrives as bytes, which aio-pika refuses to publish: the
+    message could be neither parked nor set aside, and stayed unacked for good."""
+    encode = pamqp.encode.encode_table_value
+
+    def with_undecodable(value: object) -> bytes:
+        if isinstance(value, _Undecodable):
+            return b"S" + struct.pack(">I", len(value)) + bytes(value)
+        return encode(value)
+
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", with_undecodable)
+    odd = {
+        "x-odd": _Undecodable(b"\xff\xfe odd"),
+        "traceparent": _Undecodable(b"\xc3\x28"),
+        topology.ATTEMPT_HEADER: "abc",
+    }
+    await publish(
+        settings.amqp_url,
+        [delivery(1, 1), delivery(2, 1)],
+        routing_key="push",
+        headers=odd,
+    )
+    await publish(settings.amqp_url, [delivery(3, 1)], routing_key="push")
+    seen: list[int] = []
+
+    async def handler(
+        items: Sequence[Item[DeliveryRequested]],
+    ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for item in items:
+            n = item.message.notification_id
+            seen.append(n)
+            if n == 1:
+                outcomes.append(DeadLetter("not wanted"))
+            elif n == 2 and seen.count(2) == 1:
+                outcomes.append(RetryLater("later", 1))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    runtime = await _run(settings, handler, max_batch=1)
+    try:
+        # The parked one comes back through the retry queue.
+        await eventually(lambda: _handled([seen], 4), what="every message handled")
+
+        async def dead() -> list | None:
+            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+            if found[topology.DEAD_LETTER_QUEUE] < 1:
+                return None
+            return await take_dead_letters(settings.amqp_url)
+
+        (letter,) = await eventually(dead, what="the dead letter")
+        await eventually(
+            lambda: _queue_empty(settings), what="nothing left unacked or waiting"
+        )
+    finally:
+        await runtime.stop()
+    # Acked, not merely delivered: nothing comes back once the consumer is gone.
+    assert await _queue_empty(settings)
+    assert sorted(seen) == [1, 2, 2, 3]
+    assert reason(letter) == "not wanted"
+    assert bytes(letter.headers["x-odd"]) == b"\xff\xfe odd"
+
+
+async def _queue_empty(settings: Settings) -> bool:
+    return (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0

@@ -62,7 +62,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -184,7 +184,7 @@ class Publisher:
         row_failed: bool = False,
     ) -> None:
         """Set ``raw`` aside, or only ``part`` of it: (body, message id)."""
-        headers = dict(raw.headers or {})
+        headers = _sendable(raw.headers or {})
         if row_failed:
             headers[topology.ROW_FAILED_HEADER] = True
         headers.update(
@@ -196,9 +196,17 @@ class Publisher:
                 DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
             }
         )
-        await self._publish(
-            topology.DEAD_LETTER_EXCHANGE, _copy(raw, headers, part), queue
-        )
+        try:
+            copy = _copy(raw, headers, part)
+        except (TypeError, ValueError) as exc:
+            # A header the client cannot write back: the dead letter goes with
+            # this module's headers alone, and says what was dropped.
+            ours = {k: v for k, v in headers.items() if k.startswith("x-notiflow-")}
+            ours[topology.REASON_HEADER] = (
+                f"{reason[:800]} (its other headers were dropped: {exc})"
+            )
+            copy = _copy(raw, ours, part)
+        await self._publish(topology.DEAD_LETTER_EXCHANGE, copy, queue)
 
     async def retry(
         self,
@@ -209,10 +217,8 @@ class Publisher:
         part: tuple[bytes, str] | None = None,
     ) -> None:
         """Park ``raw``, or only ``part`` of it, in the delay queue."""
-        headers = dict(raw.headers or {})
-        headers[topology.ATTEMPT_HEADER] = (
-            int(headers.get(topology.ATTEMPT_HEADER, 0)) + 1
-        )
+        headers = _sendable(raw.headers or {})
+        headers[topology.ATTEMPT_HEADER] = _attempts(headers) + 1
         # The retry queue dead-letters through the default exchange, which routes by
         # queue name: the routing key is the queue the message returns to.
         await self._publish(
@@ -220,6 +226,32 @@ class Publisher:
             _copy(raw, headers, part),
             queue,
         )
+
+
+def _sendable(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` as the client can write them back. A string header that is not
+    UTF-8 arrives as bytes, which the client will not encode; as a byte array it
+    goes back unchanged."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, bytes):
+            return bytearray(v)
+        if isinstance(v, Mapping):
+            return {str(k): value(item) for k, item in v.items()}
+        if isinstance(v, list | tuple):
+            return [value(item) for item in v]
+        return v
+
+    return {str(k): value(v) for k, v in headers.items()}
+
+
+def _attempts(headers: Mapping[str, Any]) -> int:
+    """How many times a message was parked for a retry; a header that is no whole
+    number, set by someone else, counts as none."""
+    given = headers.get(topology.ATTEMPT_HEADER, 0)
+    if isinstance(given, bool) or not isinstance(given, int):
+        return 0
+    return max(given, 0)
 
 
 def _copy(
@@ -440,18 +472,28 @@ class Consumers:
                     await message.nack(requeue=True)
                     outcome = "returned"
                 else:
-                    with tracing.span(
-                        f"consume {queue}",
-                        parent_headers=raw.headers or {},
-                        kind=SpanKind.CONSUMER,
-                    ):
-                        outcome = await self._handled(
+                    try:
+                        with tracing.span(
+                            f"consume {queue}",
+                            parent_headers=raw.headers or {},
+                            kind=SpanKind.CONSUMER,
+                        ):
+                            outcome = await self._handled(
+                                queue,
+                                message,
+                                self._handle(
+                                    queue, model, envelope, run, message, raw, action
+                                ),
+                            )
+                    except Exception:
+                        # Neither acked nor set aside: the broker hands it out
+                        # again once this channel closes.
+                        logger.exception(
+                            "could not settle a message from %s",
                             queue,
-                            message,
-                            self._handle(
-                                queue, model, envelope, run, message, raw, action
-                            ),
+                            extra={"action": f"{action}.unsettled", "queue": queue},
                         )
+                        raise
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
                 gauge.dec()
