@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import asyncpg
+import pamqp.encode
+import pytest
 from prometheus_client import REGISTRY
 
 from contracts import topology
@@ -114,11 +117,16 @@ async def depths(amqp_url: str, *queues: str) -> dict[str, int]:
 
 async def take_dead_letters(amqp_url: str) -> list[aio_pika.abc.AbstractMessage]:
     """Every message in the dead-letter queue, removed from it."""
+    return await take(amqp_url, topology.DEAD_LETTER_QUEUE)
+
+
+async def take(amqp_url: str, queue_name: str) -> list[aio_pika.abc.AbstractMessage]:
+    """Every message waiting in ``queue_name``, removed from it."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     taken = []
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        queue = await channel.declare_queue(queue_name, passive=True)
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
             taken.append(message)
     return taken
@@ -143,3 +151,21 @@ def counted(name: str, **labels: str) -> float:
         if sample.name == f"{name}_total"
         and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+class Undecodable(bytes):
+    """A string header whose bytes are not UTF-8, as another client may send;
+    publish it after :func:`allow_undecodable`."""
+
+
+def allow_undecodable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process publish :class:`Undecodable` headers, which aio-pika's
+    encoder refuses, as AMQP long strings."""
+    encode = pamqp.encode.encode_table_value
+
+    def with_undecodable(value: object) -> bytes:
+        if isinstance(value, Undecodable):
+            return b"S" + struct.pack(">I", len(value)) + bytes(value)
+        return encode(value)
+
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", with_undecodable)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import Sequence
 
-import pamqp.encode
 import pytest
 
 from contracts import consumer, topology
@@ -424,26 +422,15 @@ async def test_a_delivery_of_another_channel_type_is_set_aside_not_handled(
     assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
 
 
-class _Undecodable(bytes):
-    """A string header whose bytes are not UTF-8, as another client may send."""
-
-
 async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Such a header arrives as bytes, which aio-pika refuses to publish: the
     message could be neither parked nor set aside, and stayed unacked for good."""
-    encode = pamqp.encode.encode_table_value
-
-    def with_undecodable(value: object) -> bytes:
-        if isinstance(value, _Undecodable):
-            return b"S" + struct.pack(">I", len(value)) + bytes(value)
-        return encode(value)
-
-    monkeypatch.setattr(pamqp.encode, "encode_table_value", with_undecodable)
+    helpers.allow_undecodable(monkeypatch)
     odd = {
-        "x-odd": _Undecodable(b"\xff\xfe odd"),
-        "traceparent": _Undecodable(b"\xc3\x28"),
+        "x-odd": helpers.Undecodable(b"\xff\xfe odd"),
+        "traceparent": helpers.Undecodable(b"\xc3\x28"),
         topology.ATTEMPT_HEADER: "abc",
     }
     await publish(

@@ -222,6 +222,37 @@ async def _dead_letter(
         )
 
 
+async def test_dead_letters_with_headers_the_client_cannot_write_list_and_replay(
+    settings: Settings, demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helpers.allow_undecodable(monkeypatch)
+    odd = helpers.Undecodable(b"\xff\xfe odd")
+    await _dead_letter(
+        settings, helpers.delivery(801, demo.bob), {"x-odd": odd}, message_id="odd"
+    )
+    await _dead_letter(
+        settings,
+        helpers.delivery(802, demo.bob),
+        {topology.ORIGIN_QUEUE_HEADER: "q" * 300},
+        message_id="long",
+    )
+
+    listed = admin(settings, "dlq", "list")
+    replayed = admin(settings, "dlq", "replay", "--all")
+
+    assert listed.returncode == 0, listed.stderr
+    assert "2 dead letters in" in listed.stdout
+    assert replayed.returncode == 1, replayed.stderr
+    assert "Traceback" not in replayed.stderr
+    output = replayed.stdout + replayed.stderr
+    assert "odd" in output
+    assert "the queue it names is 300 bytes long" in output
+    assert await _depth(settings, EMAIL_QUEUE, 1)
+    assert await _depth(settings, topology.DEAD_LETTER_QUEUE, 1)
+    (back,) = await helpers.take(settings.amqp_url, EMAIL_QUEUE)
+    assert bytes(back.headers["x-odd"]) == odd
+
+
 async def test_dlq_list_names_the_notification_from_headers_or_body(
     settings: Settings, demo: Demo
 ) -> None:

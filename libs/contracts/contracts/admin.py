@@ -93,7 +93,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelLockedResource
 
 from contracts import preflight, topology
-from contracts.consumer import DEAD_LETTERED_AT_HEADER
+from contracts.consumer import DEAD_LETTERED_AT_HEADER, sendable_headers
 from contracts.recovery import requeue_failed
 from contracts.settings import (
     Settings,
@@ -359,6 +359,10 @@ _NO_ORIGIN = (
 RETRY_QUEUE_PREFIX = topology.RetryLevel(0).queue.removesuffix("0s")
 
 
+# AMQP's limit on a queue name, and so on the routing key that finds one.
+MAX_QUEUE_NAME_BYTES = 255
+
+
 def _not_replayable(queue: str) -> str | None:
     """Why a dead letter that names ``queue`` as its origin cannot go back there.
 
@@ -368,6 +372,11 @@ def _not_replayable(queue: str) -> str | None:
     """
     if queue == topology.DEAD_LETTER_QUEUE:
         return "it names the dead-letter queue itself as the queue it came from"
+    if len(queue.encode()) > MAX_QUEUE_NAME_BYTES:
+        return (
+            f"the queue it names is {len(queue.encode())} bytes long; no queue "
+            f"name is longer than {MAX_QUEUE_NAME_BYTES}"
+        )
     if queue.startswith(RETRY_QUEUE_PREFIX):
         return (
             f"it names {queue}, a retry queue no consumer reads, as the queue it "
@@ -515,7 +524,7 @@ def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     """``message`` as it was published, but for the count RabbitMQ keeps of its
     deliveries. Its ``user_id`` is left out: RabbitMQ refuses a publish that names
     a user other than the connection's."""
-    headers = dict(message.headers or {})
+    headers = sendable_headers(message.headers or {})
     headers.pop("x-delivery-count", None)
     return aio_pika.Message(
         body=message.body,
@@ -537,7 +546,7 @@ def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
 def _without_set_aside_headers(message: AbstractIncomingMessage) -> aio_pika.Message:
     headers = {
         key: value
-        for key, value in (message.headers or {}).items()
+        for key, value in sendable_headers(message.headers or {}).items()
         if key not in _SET_ASIDE_HEADERS
     }
     return aio_pika.Message(

@@ -184,7 +184,7 @@ class Publisher:
         row_failed: bool = False,
     ) -> None:
         """Set ``raw`` aside, or only ``part`` of it: (body, message id)."""
-        headers = _sendable(raw.headers or {})
+        headers = sendable_headers(raw.headers or {})
         if row_failed:
             headers[topology.ROW_FAILED_HEADER] = True
         headers.update(
@@ -217,7 +217,7 @@ class Publisher:
         part: tuple[bytes, str] | None = None,
     ) -> None:
         """Park ``raw``, or only ``part`` of it, in the delay queue."""
-        headers = _sendable(raw.headers or {})
+        headers = sendable_headers(raw.headers or {})
         headers[topology.ATTEMPT_HEADER] = _attempts(headers) + 1
         # The retry queue dead-letters through the default exchange, which routes by
         # queue name: the routing key is the queue the message returns to.
@@ -228,7 +228,7 @@ class Publisher:
         )
 
 
-def _sendable(headers: Mapping[str, Any]) -> dict[str, Any]:
+def sendable_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """``headers`` as the client can write them back. A string header that is not
     UTF-8 arrives as bytes, which the client will not encode; as a byte array it
     goes back unchanged."""
