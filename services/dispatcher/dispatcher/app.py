@@ -58,6 +58,7 @@ class DispatcherSettings(Settings):
     # with it rather than reading the file a second time, which might by then
     # hold an edit no check has seen.
     _channels: channels.Loaded | None = PrivateAttr(default=None)
+    _renderer: templates.Renderer | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _prefetch_holds_a_batch(self) -> DispatcherSettings:
@@ -69,9 +70,9 @@ class DispatcherSettings(Settings):
     @model_validator(mode="after")
     def _channel_config_usable(self) -> DispatcherSettings:
         """Refuse to start on a configuration a reload would refuse."""
-        check = templates.Renderer(self.templates_dir).problem
+        self._renderer = templates.Renderer(self.templates_dir)
         try:
-            self._channels = channels.load(self.channel_config, check)
+            self._channels = channels.load(self.channel_config, self._renderer.problem)
         except channels.ConfigError as exc:
             # A model's own error names no field; the line must name the setting.
             raise ValueError(f"NOTIFLOW_CHANNEL_CONFIG: {exc}") from None
@@ -82,11 +83,19 @@ class DispatcherSettings(Settings):
         """The channel configuration read when these settings were checked."""
         return self._channels
 
+    @property
+    def renderer(self) -> templates.Renderer:
+        """The renderer that checked the templates the configuration names, and
+        so holds a version of each that rendered."""
+        if self._renderer is None:
+            self._renderer = templates.Renderer(self.templates_dir)
+        return self._renderer
+
 
 def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     settings = settings or DispatcherSettings()
     runtime = Runtime(settings, relay=True, consumers=True)
-    renderer = templates.Renderer(settings.templates_dir)
+    renderer = settings.renderer
     dispatcher = Dispatcher(
         channels.ChannelConfigs(
             settings.channel_config, renderer.problem, settings.channels_at_start

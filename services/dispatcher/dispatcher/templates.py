@@ -15,10 +15,14 @@ loudly in tests, not silently in someone's inbox.
 
 Templates are read again when their files change, so an edit applies to the next
 notification. An edit that breaks a template (it does not parse, names something
-the dispatcher does not provide, or its file is gone) does not stop notifications:
-each file keeps the last version that rendered, which goes on being used, with one
-logged error naming the file and the fault, until the file renders again. A
-template that has never rendered has no such version; it fails as below.
+the dispatcher does not provide, renders nothing but blanks, or its file is gone)
+does not stop notifications: each file keeps the last version that rendered, which
+goes on being used, with one logged error naming the file and the fault, until the
+file renders again. :meth:`Renderer.problem`, which checks a set before the
+channel configuration may name it (at start, and on every edit of that file),
+renders it once for each reason someone is notified, with made-up values: a fault
+that shows then refuses the set, and a set that passes has a last good version of
+every file from then on.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -52,6 +56,27 @@ logger = logging.getLogger(__name__)
 
 class RenderError(Exception):
     """A template set could not render a notification: a bug to fix, not an outage."""
+
+
+class _RendersNothing(Exception):
+    """A template rendered to nothing but blanks: an empty subject or email."""
+
+
+# The reasons someone is notified of a comment, each tried by Renderer.problem.
+SAMPLE_REASONS = (("post_author",), ("participant",), ("mentioned",))
+
+
+def sample_context(reasons: tuple[str, ...]) -> dict[str, Any]:
+    """Made-up values with every name the dispatcher gives a template."""
+    return {
+        "recipient": {"id": 2, "username": "bob", "display_name": "Bob Example"},
+        "commenter": {"id": 3, "username": "carol", "display_name": "Carol Example"},
+        "post": {"id": 1, "title": "An example post"},
+        "comment": {"id": 9, "body": "An example comment", "excerpt": "An example"},
+        "reasons": list(reasons),
+        "url": "https://notiflow.example/?post=1#comment-9",
+        "unsubscribe_url": "https://notiflow.example/unsubscribe?token=example",
+    }
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,11 @@ class Renderer:
                 return f"{name}, line {exc.lineno}: {exc.message}"
             except OSError as exc:
                 return f"{name} cannot be read: {exc.strerror or exc}"
+        for reasons in SAMPLE_REASONS:
+            try:
+                self.render(template, sample_context(reasons))
+            except RenderError as exc:
+                return f"for a recipient {' and '.join(reasons)}: {exc}"
         return None
 
     def render(self, template: str, context: dict[str, Any]) -> Rendered:
@@ -105,7 +135,9 @@ class Renderer:
             # Looked up as the other templates are, through the loader's cache.
             self._env.get_template(f"{template}/{EMAIL_TEXT}")
         except TemplateNotFound:
-            has_email_text = False
+            # A set may have none; one that had, and has lost it, is broken like
+            # any set missing a file, and keeps the version it had.
+            has_email_text = f"{template}/{EMAIL_TEXT}" in self._good
         except Exception:
             has_email_text = True  # there but broken: rendering says how
         else:
@@ -127,6 +159,8 @@ class Renderer:
         try:
             current = self._env.get_template(path)
             text = current.render(context)
+            if not text.strip():
+                raise _RendersNothing(f"template {path} renders nothing but blanks")
         except Exception as exc:
             fault = self._fault(path, exc)
             good = self._good.get(path)
@@ -151,6 +185,8 @@ class Renderer:
         return text
 
     def _fault(self, path: str, exc: Exception) -> str:
+        if isinstance(exc, _RendersNothing):
+            return str(exc)
         if isinstance(exc, TemplateNotFound):
             return f"template {path} not found in {self._directory}"
         if isinstance(exc, TemplateSyntaxError):

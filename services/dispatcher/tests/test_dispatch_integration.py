@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -336,11 +336,16 @@ async def test_an_edit_naming_a_missing_template_leaves_deliveries_running(
 
 
 def own_templates(
-    settings: Settings, channel_file: Path, tmp_path: Path
+    settings: Settings,
+    channel_file: Path,
+    tmp_path: Path,
+    prepare: Callable[[Path], None] = lambda folder: None,
 ) -> tuple[FastAPI, Path]:
-    """A dispatcher reading a copy of the shipped templates, and that copy's folder."""
+    """A dispatcher reading a copy of the shipped templates, and that copy's
+    folder; ``prepare`` may change the copy before the dispatcher reads it."""
     folder = tmp_path / "templates"
     shutil.copytree(templates.DEFAULT_DIR, folder)
+    prepare(folder)
     app = create_app(
         DispatcherSettings(
             **settings.model_dump(), channel_config=channel_file, templates_dir=folder
@@ -349,15 +354,19 @@ def own_templates(
     return app, folder
 
 
-async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
+async def test_an_event_its_template_cannot_render_is_set_aside_not_held(
     settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
 ) -> None:
-    app, folder = own_templates(settings, channel_file, tmp_path)
+    # Renders for the check's made-up comment, and divides by zero for a comment
+    # of nine characters: only rendering that one finds out.
+    def divide_by_the_length(folder: Path) -> None:
+        title = folder / "comment_mention" / "title.txt.j2"
+        title.write_text("{{ 1 // (comment.body | length - 9) }} " + title.read_text())
+
+    app, _ = own_templates(settings, channel_file, tmp_path, divide_by_the_length)
     db = await asyncpg.connect(settings.database_url)
     try:
         async with app.router.lifespan_context(app):
-            # Checked at start, deleted since: only rendering finds out.
-            os.remove(folder / "comment_mention" / "title.txt.j2")
             mention = await add_comment(db, demo, demo.carol, "@bob look")
             reply = await add_comment(db, demo, demo.bob, "no names here")
             events = [
@@ -378,7 +387,7 @@ async def test_an_event_whose_template_is_gone_is_set_aside_not_held(
 
     assert len(reasons) == 1, reasons
     assert "RenderError" in reasons[0]
-    assert "comment_mention/title.txt.j2 not found" in reasons[0]
+    assert "comment_mention/title.txt.j2 failed: ZeroDivisionError" in reasons[0]
     assert stored == {events[1].event_id}
 
 

@@ -4,6 +4,7 @@ directory it could not use, each named in one line, with exit status 2."""
 from __future__ import annotations
 
 import codecs
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dispatcher import channels
+from dispatcher import channels, templates
 from dispatcher.app import DispatcherSettings, create_app
 
 
@@ -179,3 +180,19 @@ def test_the_dispatcher_starts_from_the_configuration_its_check_read(
     create_app(settings)
 
     assert reads == [path]
+
+
+def test_a_template_naming_a_value_the_dispatcher_does_not_give_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "templates"
+    shutil.copytree(templates.DEFAULT_DIR, folder)
+    (folder / "comment_mention" / "title.txt.j2").write_text("{{ nope }} said hi")
+
+    done = start({"NOTIFLOW_TEMPLATES_DIR": str(folder)})
+
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "channel 'comment.mention' names template 'comment_mention'" in line
+    assert "comment_mention/title.txt.j2 failed: UndefinedError" in line
+    assert "'nope' is undefined" in line

@@ -68,20 +68,21 @@ def test_a_template_that_raises_fails_naming_the_file(tmp_path: Path) -> None:
         Renderer(tmp_path).render("broken", context())
 
 
-def test_a_template_file_gone_since_the_check_is_no_os_error(tmp_path: Path) -> None:
+def test_a_template_file_gone_before_it_ever_rendered_is_no_os_error(
+    tmp_path: Path,
+) -> None:
     # An OSError reaching the consumer would hold the event as if the database
     # were away; a missing template is a bug to fix, not an outage to wait out.
     folder = template_set(tmp_path)
-    renderer = Renderer(tmp_path)
-    assert renderer.problem("broken") is None
+    assert Renderer(tmp_path).problem("broken") is None
     (folder / "message.txt.j2").unlink()
 
     with pytest.raises(RenderError) as failed:
-        renderer.render("broken", context())
+        Renderer(tmp_path).render("broken", context())
 
     assert "broken/message.txt.j2 not found" in str(failed.value)
     assert not isinstance(failed.value, OSError)
-    assert "message.txt.j2 is missing" in (renderer.problem("broken") or "")
+    assert "message.txt.j2 is missing" in (Renderer(tmp_path).problem("broken") or "")
 
 
 def test_a_template_set_that_is_not_there_is_a_problem(tmp_path: Path) -> None:
@@ -212,13 +213,76 @@ def test_a_required_file_removed_after_rendering_keeps_its_last_version(
     assert renderer.render("broken", context()).title == "kept"
 
 
-def test_a_removed_email_text_file_is_no_longer_used(tmp_path: Path) -> None:
-    # It is optional: removing it is a change, not a breakage.
+def test_a_removed_email_text_file_keeps_its_last_version(tmp_path: Path) -> None:
+    # Optional in a set that never had one; a set that had one and lost it
+    # would send emails without the link that ends them.
     folder = template_set(tmp_path)
-    _edit(folder / "email.txt.j2", "only by mail")
+    _edit(folder / "email.txt.j2", "{{ message }} -- {{ unsubscribe_url }}")
     renderer = Renderer(tmp_path)
-    assert renderer.render("broken", context()).email_text == "only by mail"
+    assert renderer.render("broken", context()).email_text == f"x -- {UNSUBSCRIBE}"
 
     (folder / "email.txt.j2").unlink()
 
-    assert renderer.render("broken", context()).email_text == "x"
+    assert renderer.render("broken", context()).email_text == f"x -- {UNSUBSCRIBE}"
+
+
+@pytest.mark.parametrize("emptied", ["title.txt.j2", "message.txt.j2", "email.html.j2"])
+def test_a_file_emptied_while_running_keeps_its_last_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, emptied: str
+) -> None:
+    folder = template_set(tmp_path, title="Hello")
+    renderer = Renderer(tmp_path)
+    first = renderer.render("broken", context())
+
+    _edit(folder / emptied, "  \n")
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        again = renderer.render("broken", context())
+
+    assert again == first
+    (record,) = caplog.records
+    assert f"broken/{emptied} renders nothing but blanks" in record.getMessage()
+
+
+def test_a_set_that_renders_nothing_never_sends_an_empty_notification(
+    tmp_path: Path,
+) -> None:
+    template_set(tmp_path, title="{% if 'mentioned' in reasons %}x{% endif %}")
+
+    with pytest.raises(RenderError, match=r"title\.txt\.j2 renders nothing"):
+        Renderer(tmp_path).render("broken", context(reasons=["participant"]))
+
+
+@pytest.mark.parametrize(
+    ("title", "complaint"),
+    [
+        (
+            "{{ nope }}",
+            "for a recipient post_author: template broken/title.txt.j2 "
+            "failed: UndefinedError(\"'nope' is undefined\")",
+        ),
+        (
+            "{% if 'mentioned' in reasons %}{{ nope }}{% endif %}x",
+            "for a recipient mentioned: ",
+        ),
+        (
+            "{% if 'participant' in reasons %}x{% endif %}",
+            "for a recipient post_author: template broken/title.txt.j2 renders nothing",
+        ),
+    ],
+)
+def test_the_check_renders_a_set_for_each_reason_to_be_notified(
+    tmp_path: Path, title: str, complaint: str
+) -> None:
+    template_set(tmp_path, title=title)
+
+    assert complaint in (Renderer(tmp_path).problem("broken") or "")
+
+
+def test_a_set_that_passed_the_check_has_a_version_to_keep(tmp_path: Path) -> None:
+    folder = template_set(tmp_path, title="Checked")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+
+    _edit(folder / "title.txt.j2", "{{ broken ")
+
+    assert renderer.render("broken", context()).title == "Checked"
