@@ -158,3 +158,23 @@ async def test_an_inbox_error_is_said_beside_the_inbox_and_goes_once_it_answers(
     await note.click()
     await expect(bob.locator("#unread-count")).to_have_attribute("data-count", "0")
     await expect(bob.locator("#inbox-error")).to_be_hidden()
+
+
+@pytest.mark.parametrize("width", [1280, 390, 360])
+async def test_the_notification_panel_opens_inside_the_screen(
+    browser: Browser, site: Site, width: int
+) -> None:
+    gateway, _ = site
+    context = await browser.new_context(viewport={"width": width, "height": 800})
+    bob = await context.new_page()
+    await bob.goto(f"{gateway.url}/?user=bob")
+    await expect(bob.locator("#status")).to_have_text("live")
+
+    await bob.click("#bell")
+
+    panel = await bob.locator("#panel").bounding_box()
+    bell = await bob.locator("#bell").bounding_box()
+    assert panel is not None and bell is not None
+    assert panel["x"] >= 0 and panel["x"] + panel["width"] <= width, panel
+    assert panel["y"] >= bell["y"] + bell["height"], (panel, bell)
+    await expect(bob.locator("#panel h2")).to_be_in_viewport(ratio=1)

@@ -407,7 +407,7 @@
       markRead(note.id).catch(inboxError);
       const target = note.metadata && note.metadata.comment_id;
       const el = target && document.getElementById(`comment-${target}`);
-      if (el) el.scrollIntoView({ behavior: "smooth", block: "center" });
+      if (el) reveal(el, "smooth");
     };
     li.addEventListener("click", open);
     li.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
@@ -532,7 +532,13 @@
     const el = wanted && document.getElementById(`comment-${wanted[1]}`);
     if (!el) return;
     el.classList.add("fresh");
-    el.scrollIntoView({ block: "center" });
+    reveal(el, "auto");
+  }
+
+  // Centred, or from its top if it is taller than the window.
+  function reveal(el, behavior) {
+    const block = el.offsetHeight > window.innerHeight ? "start" : "center";
+    el.scrollIntoView({ behavior, block });
   }
 
   // The post a link names (?post=N, as every notification's link does), asked for
@@ -618,6 +624,9 @@
   function wireControls() {
     $("bell").addEventListener("click", () => {
       const panel = $("panel");
+      // Where the panel goes on a narrow screen, just below the bell.
+      const below = $("bell").getBoundingClientRect().bottom + 8;
+      panel.style.setProperty("--panel-top", `${Math.round(below)}px`);
       panel.hidden = !panel.hidden;
       $("bell").setAttribute("aria-expanded", String(!panel.hidden));
     });
