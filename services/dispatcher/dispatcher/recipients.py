@@ -11,8 +11,9 @@ AUTHOR = "post_author"
 PARTICIPANT = "participant"
 MENTIONED = "mentioned"
 
-# An @ that starts a word: not inside an email address (carol@example.com), not
-# doubled (@@bob), and not in a link (https://example.social/@bob). A name followed
+# An @ that starts a word: not inside an email address (carol@example.com, and
+# o'neil@example.com: no character an address may hold comes right before it),
+# not doubled (@@bob), and not in a link (https://example.social/@bob). A name followed
 # by another @ is someone's address elsewhere (@bob@example.social), not the local
 # bob. The name must end where the word ends: "@bob," "@bob." and "@bob's" mention
 # bob, but "@bobé", "@bób" and a name longer than any username mention nobody.
@@ -21,9 +22,15 @@ MENTIONED = "mentioned"
 # the word, so "joe" followed by U+0301 (a decomposed "joé") is not "@joe" either.
 # The regular expression finds the candidates; :func:`_in_word` judges the
 # characters on either side.
-_MENTION = re.compile(r"(?<![@.+-])@([A-Za-z0-9_]{1,32})(?!@)")
-# A link, from its scheme to the next space: an @ in it is part of the link.
+_MENTION = re.compile(r"(?<![@.+\-'!#$%&=?^|~])@([A-Za-z0-9_]{1,32})(?!@)")
+# A link, from its scheme to the next space: an @ in it is part of the link. So
+# is an @ right after a slash in a word that starts with a host name
+# (example.social/@bob), written without its scheme.
 _LINK = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_HOST_PATH = re.compile(r"[\w-]+(?:\.[\w-]+)+(?::\d+)?/\S*")
+# How far back a host name is looked for: enough for any address people paste,
+# and a bound on the work a body of one long word can cause.
+_HOST_PATH_REACH = 256
 _WORD_CHARACTER = re.compile(r"\w")
 
 
@@ -37,8 +44,18 @@ def mentioned_usernames(body: str) -> list[str]:
             continue
         if any(first <= start < last for first, last in links):
             continue
+        if start and body[start - 1] == "/" and _after_host(body, start):
+            continue
         seen.setdefault(match.group(1).lower(), None)
     return list(seen)
+
+
+def _after_host(text: str, end: int) -> bool:
+    """Whether the word that ends at ``end`` starts with a host name and a path."""
+    begin = end
+    while begin > max(0, end - _HOST_PATH_REACH) and not text[begin - 1].isspace():
+        begin -= 1
+    return _HOST_PATH.fullmatch(text, begin, end) is not None
 
 
 def _in_word(text: str, index: int) -> bool:

@@ -31,6 +31,11 @@ from dispatcher.recipients import (
         ("@bob/@carol", ["bob", "carol"]),
         ("<https://example.social/@bob>, @carol", ["carol"]),
         ("mailto://x/@bob then @dave", ["dave"]),
+        ("see youtube.com/@bob for the video, @carol", ["carol"]),
+        ("www.example.com:8080/u/@bob and @dave", ["dave"]),
+        ("o'@bob.example and x=@carol.example", []),
+        ("**@bob** and `@carol`", ["bob", "carol"]),
+        ("@bob/@carol/@dave", ["bob", "carol", "dave"]),
     ],
 )
 def test_mentions_are_words_starting_with_at(body: str, expected: list[str]) -> None:
