@@ -9,6 +9,7 @@ fields they do not know; a different major version is refused with
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
@@ -184,7 +185,12 @@ def _parse(body: bytes) -> dict[str, Any]:
     except RecursionError:
         raise BadMessage("body nests arrays or objects too deeply") from None
     except ValueError as exc:
-        # JSONDecodeError, or Python's limit on the digits of an integer.
+        if "integer string conversion" in str(exc):
+            # Python's limit on the digits of an integer, which no field nears.
+            raise BadMessage(
+                f"body has a number of more than {sys.get_int_max_str_digits()} "
+                "digits, more than any field takes"
+            ) from None
         raise BadMessage(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadMessage(f"body must be a JSON object, got {type(data).__name__}")

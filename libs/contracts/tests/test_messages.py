@@ -54,7 +54,10 @@ def test_a_newer_minor_version_with_extra_fields_is_accepted() -> None:
             b'{"a":' * 5000 + b"1" + b"}" * 5000,
             "body nests arrays or objects too deeply",
         ),
-        (b'{"comment_id": ' + b"7" * 5000 + b"}", "body is not valid JSON: Exceeds"),
+        (
+            b'{"comment_id": ' + b"7" * 5000 + b"}",
+            "body has a number of more than 4300 digits, more than any field takes",
+        ),
         (b"\xff\xfe\x00", "body is not valid UTF-8: byte 0xff at offset 0"),
         (b'{"body": "caf\xe9"}', "body is not valid UTF-8: byte 0xe9 at offset 13"),
         (
