@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -14,8 +16,12 @@ from fastapi import FastAPI
 from contracts.auth import issue_token
 from contracts.settings import Settings
 from push_sender import payload
+from push_sender.app import create_app
+from push_sender.settings import PushSettings
 from push_sender.vapid import b64url, public_point
 from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
+from tests.integration.conftest import through
+from tests.integration.proxy import Proxy
 from tests.push.conftest import (
     FakeDNS,
     deliver_together,
@@ -339,6 +345,58 @@ async def test_a_row_whose_worker_died_is_pushed_by_the_sweeper(
     row = await eventually(lambda: settled(db, row_id), what="row settled again")
     assert row["status"] == "sent" and row["attempts"] == 2
     assert len(device.delivered) == 2
+
+
+async def test_a_push_accepted_while_the_database_is_away_is_recorded_once_it_is_back(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_settings: PushSettings,
+    db: asyncpg.Connection,
+) -> None:
+    """The device has the push: left ``sending`` until its lease ran out, the row
+    would be handed out again and pushed a second time."""
+    device = push_service.device()
+    target = urlsplit(settings.database_url)
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    away = asyncio.Event()
+
+    async def database_goes() -> None:
+        push_service.before_answer = None
+        await proxy.cut()
+        away.set()
+
+    push_service.before_answer = database_goes
+    update = {
+        "database_url": through(settings, proxy),
+        "push_lease_seconds": 8.0,
+        "push_timeout": 2.0,
+    }
+    app = create_app(push_settings.model_copy(update=update))
+    try:
+        async with asyncio.timeout(60), app.router.lifespan_context(app):
+            own = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=own, base_url="http://p") as api:
+                await subscribe(api, settings, demo.bob, device)
+            row_id = await notify(settings, db, demo.bob)
+            await asyncio.wait_for(away.wait(), 20)
+            await asyncio.sleep(2)  # the sender tries to record it while away
+            while_away = await db.fetchval(
+                "SELECT status FROM notifications WHERE id = $1", row_id
+            )
+            await proxy.start()
+            row = await eventually(lambda: settled(db, row_id), what="row settled")
+            # Past the lease: nothing hands the row out again.
+            await asyncio.sleep(9)
+            again = await settled(db, row_id)
+    finally:
+        await proxy.close()
+
+    assert while_away == "sending"
+    assert row["status"] == "sent" and row["attempts"] == 1
+    assert again is not None and again["attempts"] == 1
+    assert len(device.received) == 1
 
 
 async def test_a_name_rebound_to_an_inside_address_is_refused_and_not_retried(

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,9 @@ class PushService:
         self.vapid_public_key = vapid_public_key
         self.devices: dict[str, Device] = {}
         self.problems: list[str] = []
+        # Run once a push is taken, before it is answered: the world changing
+        # while the sender waits for the answer.
+        self.before_answer: Callable[[], Awaitable[object]] | None = None
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
@@ -143,6 +147,8 @@ class PushService:
         device.received.append(
             Received(time.time(), headers, len(body), payload, answer.status)
         )
+        if self.before_answer is not None:
+            await self.before_answer()
         return Response(status_code=answer.status, headers=answer.headers)
 
     def _check(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import TypeVar
 
 import asyncpg
 
@@ -240,3 +242,40 @@ async def transaction(
                 )
             raise
         await tx.commit()
+
+
+T = TypeVar("T")
+
+# The pauses between attempts of :func:`until_recorded`.
+RECORD_FIRST_DELAY = 0.25
+RECORD_MAX_DELAY = 2.0
+
+
+async def until_recorded(
+    write: Callable[[], Awaitable[T]], deadline: float, *, what: str, action: str
+) -> T:
+    """``write()``, tried again while the database is away, for as long as the
+    next try would start before ``deadline`` (``time.monotonic()``); after that,
+    what it raised.
+
+    For recording what has already happened elsewhere (an email the server took,
+    a push a device accepted): a row left ``sending`` until its lease runs out is
+    handed out again, and what happened happens a second time.
+    """
+    delay = RECORD_FIRST_DELAY
+    while True:
+        try:
+            return await write()
+        except Exception as exc:
+            if not is_unavailable(exc) or time.monotonic() + delay >= deadline:
+                raise
+            logger.warning(
+                "could not %s, the database is unavailable; trying again in %.1fs, "
+                "within the row's lease: %r",
+                what,
+                delay,
+                exc,
+                extra={"action": action},
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECORD_MAX_DELAY)

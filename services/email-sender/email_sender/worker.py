@@ -47,7 +47,12 @@ import asyncpg
 from contracts import metrics, transitions
 from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter, Item, RetryLater
-from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, connection
+from contracts.db import (
+    UNAVAILABLE_ERRORS,
+    DatabaseUnavailable,
+    connection,
+    until_recorded,
+)
 from contracts.messages import DeliveryRequested
 from email_sender import mime, smtp
 
@@ -64,10 +69,6 @@ SELECT c.*, u.display_name FROM claimed c JOIN users u ON u.id = c.user_id
 """
 
 SKIPPED_ACTION = "email.skipped_duplicate"
-
-# The pauses between attempts to record a sent email while the database is away.
-RECORD_FIRST_DELAY = 0.25
-RECORD_MAX_DELAY = 2.0
 
 Outcome = Exception | None
 
@@ -272,23 +273,12 @@ class EmailWorker:
     async def _record_sent(self, notification_id: int, lease_ends: float) -> None:
         """Record a row whose email has gone ``sent``, waiting for the database
         while it is away, until the row's lease is about to run out."""
-        delay = RECORD_FIRST_DELAY
-        while True:
-            try:
-                await self._sent.record(notification_id)
-                return
-            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS) as exc:
-                if time.monotonic() + delay >= lease_ends:
-                    raise
-                logger.warning(
-                    "could not record a sent email, the database is unavailable; "
-                    "trying again in %.1fs, within the row's lease: %r",
-                    delay,
-                    exc,
-                    extra={"action": "email.record_retry"},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECORD_MAX_DELAY)
+        await until_recorded(
+            lambda: self._sent.record(notification_id),
+            lease_ends,
+            what="record a sent email",
+            action="email.record_retry",
+        )
 
     def _failure(
         self, row: asyncpg.Record, exc: mime.InvalidAddress | smtp.SendFailed

@@ -29,7 +29,7 @@ from prometheus_client import Counter
 
 from contracts import metrics, transitions
 from contracts.consumer import DeadLetter, RetryLater
-from contracts.db import transaction
+from contracts.db import transaction, until_recorded
 from contracts.messages import DeliveryRequested
 from push_sender import payload, webpush
 from push_sender import subscriptions as subs
@@ -50,6 +50,7 @@ CLAIM = transitions.claim_sql(
 )
 
 NO_SUBSCRIPTION = "user has no push subscription"
+RECORD_RETRY = "push.record_retry"
 ALL_GONE = "every push subscription of the user is gone (404/410 or expired)"
 
 
@@ -80,6 +81,8 @@ class PushWorker:
     async def __call__(
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
     ) -> None:
+        # Before the claim: the lease it takes ends no sooner than this.
+        lease_ends = time.monotonic() + self._lease
         async with transaction(self._pool()) as conn:
             row = await transitions.claim(
                 conn,
@@ -99,7 +102,7 @@ class PushWorker:
 
         started = time.perf_counter()
         if not devices:
-            await self._mark(transitions.SKIPPED, row, {}, NO_SUBSCRIPTION)
+            await self._mark(lease_ends, transitions.SKIPPED, row, {}, NO_SUBSCRIPTION)
             metrics.settled("push", delivery.channel, "skipped")
             logger.info("no subscription", extra={"action": "push.skipped"})
             return
@@ -108,7 +111,7 @@ class PushWorker:
         pairs = await asyncio.gather(
             *(self._deliver(Subscription(**dict(d)), row, push) for d in devices)
         )
-        await self._record(delivery, row, pairs, started)
+        await self._record(delivery, row, pairs, started, lease_ends)
 
     def _push(self, row: asyncpg.Record, limit: int = payload.MAX_PLAINTEXT) -> Push:
         metadata: dict[str, Any] = row["metadata"] or {}
@@ -165,7 +168,11 @@ class PushWorker:
         row: asyncpg.Record,
         pairs: Sequence[tuple[Subscription, Result]],
         started: float,
+        lease_ends: float,
     ) -> None:
+        """Record what the devices answered. They have been told, so while the
+        database is away this waits for it, within the row's lease: a row left
+        ``sending`` past its lease is handed out again, and pushed a second time."""
         attempt: int = row["attempts"]
         at = datetime.now(UTC).isoformat()
         outcomes = {
@@ -182,11 +189,17 @@ class PushWorker:
         accepted = [device.id for device, result in pairs if result.outcome == "sent"]
 
         if accepted:
-            async with transaction(self._pool()) as conn:
-                await conn.execute(subs.TOUCH, accepted)
-                await transitions.settle(
-                    conn, transitions.SENT, row["id"], _devices(row, outcomes)
-                )
+
+            async def record_sent() -> None:
+                async with transaction(self._pool()) as conn:
+                    await conn.execute(subs.TOUCH, accepted)
+                    await transitions.settle(
+                        conn, transitions.SENT, row["id"], _devices(row, outcomes)
+                    )
+
+            await until_recorded(
+                record_sent, lease_ends, what="record a sent push", action=RECORD_RETRY
+            )
             metrics.delivered("push", delivery.channel, delivery.event_occurred_at)
             logger.info(
                 "pushed to %d of %d devices in %.1f ms (attempt %d)",
@@ -203,39 +216,49 @@ class PushWorker:
             reason = "; ".join(sorted({r.detail for r in later}))
             if attempt > len(self._delays):
                 reason = f"gave up after {attempt} attempts: {reason}"
-                await self._mark(transitions.FAILED, row, outcomes, reason)
+                await self._mark(lease_ends, transitions.FAILED, row, outcomes, reason)
                 metrics.settled("push", delivery.channel, "failed")
                 raise DeadLetter(reason, row_failed=True)
             wait = max(
                 float(self._delays[attempt - 1]),
                 *(r.retry_after or 0.0 for r in later),
             )
-            await self._mark(transitions.RETRYING, row, outcomes, reason, wait)
+            await self._mark(
+                lease_ends, transitions.RETRYING, row, outcomes, reason, wait
+            )
             metrics.settled("push", delivery.channel, "retried")
             raise RetryLater(reason, transitions.retry_level(self._delays, wait))
 
         if all(r.outcome == "gone" for r in results):
-            await self._mark(transitions.SKIPPED, row, outcomes, ALL_GONE)
+            await self._mark(lease_ends, transitions.SKIPPED, row, outcomes, ALL_GONE)
             metrics.settled("push", delivery.channel, "skipped")
             logger.info(ALL_GONE, extra={"action": "push.skipped"})
             return
 
         reason = "; ".join(sorted({r.detail for r in results if r.outcome != "gone"}))
-        await self._mark(transitions.FAILED, row, outcomes, f"rejected: {reason}")
+        await self._mark(
+            lease_ends, transitions.FAILED, row, outcomes, f"rejected: {reason}"
+        )
         metrics.settled("push", delivery.channel, "failed")
         raise DeadLetter(f"every device refused the push: {reason}", row_failed=True)
 
     async def _mark(
         self,
+        lease_ends: float,
         statement: str,
         row: asyncpg.Record,
         outcomes: dict[str, Any],
         *args: object,
     ) -> None:
-        async with transaction(self._pool()) as conn:
-            await transitions.settle(
-                conn, statement, row["id"], _devices(row, outcomes), *args
-            )
+        async def settle() -> None:
+            async with transaction(self._pool()) as conn:
+                await transitions.settle(
+                    conn, statement, row["id"], _devices(row, outcomes), *args
+                )
+
+        await until_recorded(
+            settle, lease_ends, what="record a push's outcome", action=RECORD_RETRY
+        )
 
 
 def _devices(row: asyncpg.Record, outcomes: dict[str, Any]) -> dict[str, Any]:
