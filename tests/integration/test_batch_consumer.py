@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -224,9 +224,11 @@ def _envelope(*numbers: int) -> bytes:
     ).to_bytes()
 
 
-async def test_an_envelope_item_that_fails_goes_on_alone(settings: Settings) -> None:
-    await publish(settings.amqp_url, [_envelope(1, 2, 3, 4)], routing_key="push")
-    seen: list[int] = []
+def _setting_aside(
+    seen: list[int], *, dead: int, later: int
+) -> Callable[[Sequence[Item[DeliveryRequested]]], Awaitable[list[Exception | None]]]:
+    """A handler that dead-letters delivery ``dead``, parks ``later`` for a second
+    the first time, and takes the rest; it notes each number it is given."""
 
     async def handler(
         items: Sequence[Item[DeliveryRequested]],
@@ -235,13 +237,21 @@ async def test_an_envelope_item_that_fails_goes_on_alone(settings: Settings) -> 
         for item in items:
             number = item.message.notification_id
             seen.append(number)
-            if number == 2:
-                outcomes.append(DeadLetter("recipient 2 is gone"))
-            elif number == 3 and seen.count(3) == 1:
+            if number == dead:
+                outcomes.append(DeadLetter(f"recipient {dead} is gone"))
+            elif number == later and seen.count(later) == 1:
                 outcomes.append(RetryLater("server busy", 1))
             else:
                 outcomes.append(None)
         return outcomes
+
+    return handler
+
+
+async def test_an_envelope_item_that_fails_goes_on_alone(settings: Settings) -> None:
+    await publish(settings.amqp_url, [_envelope(1, 2, 3, 4)], routing_key="push")
+    seen: list[int] = []
+    handler = _setting_aside(seen, dead=2, later=3)
 
     runtime = Runtime(settings, consumers=True)
     runtime.subscribe_batch(
@@ -441,21 +451,7 @@ async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
     )
     await publish(settings.amqp_url, [delivery(3, 1)], routing_key="push")
     seen: list[int] = []
-
-    async def handler(
-        items: Sequence[Item[DeliveryRequested]],
-    ) -> list[Exception | None]:
-        outcomes: list[Exception | None] = []
-        for item in items:
-            n = item.message.notification_id
-            seen.append(n)
-            if n == 1:
-                outcomes.append(DeadLetter("not wanted"))
-            elif n == 2 and seen.count(2) == 1:
-                outcomes.append(RetryLater("later", 1))
-            else:
-                outcomes.append(None)
-        return outcomes
+    handler = _setting_aside(seen, dead=1, later=2)
 
     runtime = await _run(settings, handler, max_batch=1)
     try:
@@ -477,7 +473,7 @@ async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
     # Acked, not merely delivered: nothing comes back once the consumer is gone.
     assert await _queue_empty(settings)
     assert sorted(seen) == [1, 2, 2, 3]
-    assert reason(letter) == "not wanted"
+    assert reason(letter) == "recipient 1 is gone"
     assert bytes(letter.headers["x-odd"]) == b"\xff\xfe odd"
 
 
