@@ -479,3 +479,30 @@ async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
 
 async def _queue_empty(settings: Settings) -> bool:
     return (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+
+async def test_a_dead_letter_whose_headers_cannot_be_written_goes_with_ours_alone(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last resort, for a header no conversion makes writable."""
+    helpers.allow_undecodable(monkeypatch)
+    monkeypatch.setattr(consumer, "sendable_headers", dict)
+    odd = {"x-odd": helpers.Undecodable(b"\xff odd")}
+    await publish(settings.amqp_url, [delivery(1, 1)], routing_key="push", headers=odd)
+    seen: list[int] = []
+    runtime = await _run(settings, _setting_aside(seen, dead=1, later=0), max_batch=1)
+    try:
+
+        async def dead() -> list | None:
+            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+            if found[topology.DEAD_LETTER_QUEUE] < 1:
+                return None
+            return await take_dead_letters(settings.amqp_url)
+
+        (letter,) = await eventually(dead, what="the dead letter")
+    finally:
+        await runtime.stop()
+    assert await _queue_empty(settings)
+    assert reason(letter).startswith("recipient 1 is gone (its other headers were")
+    assert "x-odd" not in letter.headers
+    assert letter.headers[topology.ORIGIN_QUEUE_HEADER] == QUEUE

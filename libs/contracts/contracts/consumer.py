@@ -196,17 +196,18 @@ class Publisher:
                 DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
             }
         )
+        exchange = topology.DEAD_LETTER_EXCHANGE
         try:
-            copy = _copy(raw, headers, part)
+            await self._publish(exchange, _copy(raw, headers, part), queue)
         except (TypeError, ValueError) as exc:
-            # A header the client cannot write back: the dead letter goes with
-            # this module's headers alone, and says what was dropped.
+            # A header the client cannot write (the frame is built, and refused,
+            # before anything is sent): the dead letter goes with this module's
+            # headers alone, and says what was dropped.
             ours = {k: v for k, v in headers.items() if k.startswith("x-notiflow-")}
             ours[topology.REASON_HEADER] = (
                 f"{reason[:800]} (its other headers were dropped: {exc})"
             )
-            copy = _copy(raw, ours, part)
-        await self._publish(topology.DEAD_LETTER_EXCHANGE, copy, queue)
+            await self._publish(exchange, _copy(raw, ours, part), queue)
 
     async def retry(
         self,
