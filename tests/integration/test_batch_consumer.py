@@ -373,14 +373,9 @@ async def test_a_body_that_breaks_decoding_unexpectedly_is_set_aside_with_the_er
     runtime = await _run(settings, handler, max_batch=4)
     try:
         await eventually(lambda: _handled([handled], 1), what="the next message")
-
-        async def dead() -> list | None:
-            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
-            if found[topology.DEAD_LETTER_QUEUE] < 1:
-                return None
-            return await take_dead_letters(settings.amqp_url)
-
-        letters = await eventually(dead, what="a dead letter")
+        letters = await eventually(
+            lambda: _dead_letters(settings, 1), what="a dead letter"
+        )
     finally:
         await runtime.stop()
     assert handled == [7]
@@ -413,14 +408,9 @@ async def test_a_delivery_of_another_channel_type_is_set_aside_not_handled(
 
     runtime = await _run(settings, handler, max_batch=4, envelope=DeliveryBatch)
     try:
-
-        async def dead() -> list | None:
-            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
-            if found[topology.DEAD_LETTER_QUEUE] < 2:
-                return None
-            return await take_dead_letters(settings.amqp_url)
-
-        letters = await eventually(dead, what="two dead letters")
+        letters = await eventually(
+            lambda: _dead_letters(settings, 2), what="two dead letters"
+        )
         await eventually(lambda: _handled([handled], 1), what="the push delivery")
     finally:
         await runtime.stop()
@@ -457,14 +447,9 @@ async def test_headers_the_client_cannot_write_back_do_not_hold_a_message(
     try:
         # The parked one comes back through the retry queue.
         await eventually(lambda: _handled([seen], 4), what="every message handled")
-
-        async def dead() -> list | None:
-            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
-            if found[topology.DEAD_LETTER_QUEUE] < 1:
-                return None
-            return await take_dead_letters(settings.amqp_url)
-
-        (letter,) = await eventually(dead, what="the dead letter")
+        (letter,) = await eventually(
+            lambda: _dead_letters(settings, 1), what="the dead letter"
+        )
         await eventually(
             lambda: _queue_empty(settings), what="nothing left unacked or waiting"
         )
@@ -492,17 +477,20 @@ async def test_a_dead_letter_whose_headers_cannot_be_written_goes_with_ours_alon
     seen: list[int] = []
     runtime = await _run(settings, _setting_aside(seen, dead=1, later=0), max_batch=1)
     try:
-
-        async def dead() -> list | None:
-            found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
-            if found[topology.DEAD_LETTER_QUEUE] < 1:
-                return None
-            return await take_dead_letters(settings.amqp_url)
-
-        (letter,) = await eventually(dead, what="the dead letter")
+        (letter,) = await eventually(
+            lambda: _dead_letters(settings, 1), what="the dead letter"
+        )
     finally:
         await runtime.stop()
     assert await _queue_empty(settings)
     assert reason(letter).startswith("recipient 1 is gone (its other headers were")
     assert "x-odd" not in letter.headers
     assert letter.headers[topology.ORIGIN_QUEUE_HEADER] == QUEUE
+
+
+async def _dead_letters(settings: Settings, count: int) -> list | None:
+    """The dead letters, taken from their queue, once there are ``count``."""
+    found = await depths(settings.amqp_url, topology.DEAD_LETTER_QUEUE)
+    if found[topology.DEAD_LETTER_QUEUE] < count:
+        return None
+    return await take_dead_letters(settings.amqp_url)
