@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections import Counter
 from collections.abc import Sequence, Set
 from types import UnionType
@@ -182,16 +181,7 @@ def _unreadable_body(cause: BaseException | None) -> str | None:
         byte = body[cause.start : cause.start + 1].hex()
         encoding = cause.encoding.upper()
         return f"is not valid {encoding}: byte 0x{byte} at offset {cause.start}"
-    if isinstance(cause, RecursionError):
-        return "nests arrays or objects too deeply"
-    if type(cause) is ValueError and "integer string conversion" in str(cause):
-        # Python refuses to read an integer of more digits than its limit (4300 by
-        # default), with a plain ValueError rather than a JSON error.
-        return (
-            "has a number of more than "
-            f"{sys.get_int_max_str_digits()} digits, more than any field takes"
-        )
-    return None
+    return jsonkeys.beyond_limits(cause) if cause is not None else None
 
 
 def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:

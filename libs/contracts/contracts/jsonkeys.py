@@ -1,13 +1,17 @@
-"""Keys a JSON document gives more than once in one object.
+"""What ``json.loads`` takes without a word, or refuses in Python's own terms.
 
-``json.loads`` keeps the last of them without a word, so a document that says two
-things is read as saying one. Request bodies and the channel file are both refused
-when they repeat a key, naming where.
+Keys a JSON document gives more than once in one object: ``json.loads`` keeps the
+last of them, so a document that says two things is read as saying one. Request
+bodies and the channel file are both refused when they repeat a key, naming where.
+
+And the limits of Python's reader that no grammar names (:func:`beyond_limits`):
+request bodies and messages say them in the same words.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 Path = tuple[str, ...]
@@ -62,3 +66,17 @@ def repeated_keys(text: str | bytes) -> list[tuple[Path, str]]:
             continue
         stack.extend(((*at, key), item) for key, item in reversed(items))
     return repeated
+
+
+def beyond_limits(exc: BaseException) -> str | None:
+    """What a document is, when ``json.loads`` raised ``exc`` for one of Python's
+    limits rather than for its grammar; None for any other error."""
+    if isinstance(exc, RecursionError):
+        return "nests arrays or objects too deeply"
+    if type(exc) is ValueError and "integer string conversion" in str(exc):
+        # A plain ValueError, not a JSON error, past 4300 digits by default.
+        return (
+            f"has a number of more than {sys.get_int_max_str_digits()} digits, "
+            "more than any field takes"
+        )
+    return None

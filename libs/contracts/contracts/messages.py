@@ -9,13 +9,14 @@ fields they do not know; a different major version is refused with
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from contracts import jsonkeys
 
 ChannelType = Literal["email", "sse", "push"]
 
@@ -182,16 +183,10 @@ def _parse(body: bytes) -> dict[str, Any]:
         ) from None
     try:
         data = json.loads(text)
-    except RecursionError:
-        raise BadMessage("body nests arrays or objects too deeply") from None
-    except ValueError as exc:
-        if "integer string conversion" in str(exc):
-            # Python's limit on the digits of an integer, which no field nears.
-            raise BadMessage(
-                f"body has a number of more than {sys.get_int_max_str_digits()} "
-                "digits, more than any field takes"
-            ) from None
-        raise BadMessage(f"body is not valid JSON: {exc}") from None
+    except (RecursionError, ValueError) as exc:
+        beyond = jsonkeys.beyond_limits(exc)
+        reason = f"body {beyond}" if beyond else f"body is not valid JSON: {exc}"
+        raise BadMessage(reason) from None
     if not isinstance(data, dict):
         raise BadMessage(f"body must be a JSON object, got {type(data).__name__}")
     return data
