@@ -21,7 +21,10 @@ MENTIONED = "mentioned"
 # of any script, or a combining mark (category M, which \w leaves out), continues
 # the word, so "joe" followed by U+0301 (a decomposed "joé") is not "@joe" either.
 # The regular expression finds the candidates; :func:`_in_word` judges the
-# characters on either side.
+# characters on either side. A body is judged as a reader sees it: invisible
+# formatting characters (category Cf: zero-width spaces and joiners, soft hyphens,
+# direction marks) are left out first, so "@bob" + U+200B + "@example.social" is
+# the address it looks like, and "@bo" + U+200B + "b" mentions bob.
 _MENTION = re.compile(r"(?<![@.+\-'!#$%&=?^|~])@([A-Za-z0-9_]{1,32})(?!@)")
 # A link, from its scheme to the next space: an @ in it is part of the link. So
 # is an @ right after a slash in a word that starts with a host name
@@ -36,6 +39,7 @@ _WORD_CHARACTER = re.compile(r"\w")
 
 def mentioned_usernames(body: str) -> list[str]:
     """Usernames mentioned in ``body``, lower-cased, each once, in order."""
+    body = _as_displayed(body)
     seen: dict[str, None] = {}
     links = [link.span() for link in _LINK.finditer(body)] if "://" in body else []
     for match in _MENTION.finditer(body):
@@ -48,6 +52,13 @@ def mentioned_usernames(body: str) -> list[str]:
             continue
         seen.setdefault(match.group(1).lower(), None)
     return list(seen)
+
+
+def _as_displayed(text: str) -> str:
+    """``text`` without the formatting characters that take no room on screen."""
+    if text.isascii():
+        return text
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
 
 
 def _after_host(text: str, end: int) -> bool:

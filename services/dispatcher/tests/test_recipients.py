@@ -56,6 +56,25 @@ def test_a_mention_ends_only_where_the_word_ends_in_any_script(body: str) -> Non
     assert mentioned_usernames(body) == []
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param("ask @bob\u200b@example.social", [], id="zero-width space"),
+        pytest.param("ask @bob\u2060@example.social", [], id="word joiner"),
+        pytest.param("ask @bob\u00ad@example.social", [], id="soft hyphen"),
+        pytest.param("carol\u200d@bob.example", [], id="zero-width joiner before"),
+        pytest.param(
+            "hi @bo\u200bb and @\u200ecarol", ["bob", "carol"], id="inside the name"
+        ),
+        pytest.param("hi \u200f@bob\u200e!", ["bob"], id="direction marks around"),
+    ],
+)
+def test_invisible_characters_do_not_change_what_a_mention_is(
+    body: str, expected: list[str]
+) -> None:
+    assert mentioned_usernames(body) == expected
+
+
 def test_author_participants_and_mentions_are_each_notified_once() -> None:
     found = resolve(
         commenter_id=3,
