@@ -144,9 +144,14 @@ def decode_items(
     field = envelope.model_fields[envelope.ITEMS]
     lowest, highest = _length_bounds(field.metadata)
     if not isinstance(items, list) or not lowest <= len(items) <= highest:
+        found = (
+            f"{len(items)} items"
+            if isinstance(items, list)
+            else _JSON_TYPES.get(type(items), type(items).__name__)
+        )
         raise BadMessage(
             f"invalid {envelope.__name__}: field '{envelope.ITEMS}' must be a list "
-            f"of {lowest} to {highest} items"
+            f"of {lowest} to {highest} items, got {found}"
         )
     parts: list[Part[M]] = []
     for index, item in enumerate(items):
@@ -161,6 +166,16 @@ def decode_items(
             reason = f"item {index} of {envelope.__name__}: {exc.reason}"
             parts.append(Part(None, BadMessage(reason), own))
     return parts, True
+
+
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+}
 
 
 def _length_bounds(metadata: list[Any]) -> tuple[int, int]:

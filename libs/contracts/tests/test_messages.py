@@ -136,6 +136,28 @@ def test_a_delivery_batch_must_hold_a_bounded_number_of_deliveries(
         decode_items(DeliveryRequested, body, DeliveryBatch)
 
 
+@pytest.mark.parametrize(
+    ("items", "named"),
+    [
+        (None, "null"),
+        ({}, "an object"),
+        ("x", "a string"),
+        (3, "a number"),
+        ([], "0 items"),
+    ],
+)
+def test_a_delivery_batch_without_a_list_of_deliveries_says_what_it_held(
+    items: object, named: str
+) -> None:
+    body = json.dumps({"schema_version": "1.0", "deliveries": items}).encode()
+
+    with pytest.raises(BadMessage) as caught:
+        decode_items(DeliveryRequested, body, DeliveryBatch)
+    assert caught.value.reason.endswith(
+        f"must be a list of 1 to {MAX_BATCH_DELIVERIES} items, got {named}"
+    )
+
+
 def test_a_bad_item_in_a_delivery_batch_spoils_only_itself() -> None:
     good, later = json.loads(delivery(1).to_bytes()), json.loads(delivery(3).to_bytes())
     items = [good, {"schema_version": "1.0", "notification_id": "nope"}, 7, later]
