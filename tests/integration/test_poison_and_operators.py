@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import uuid4
@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from contracts import migrate, topology
+from contracts.consumer import DEAD_LETTERED_AT_HEADER
 from contracts.settings import Settings, redact_url
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
@@ -273,6 +274,23 @@ async def test_dlq_list_names_the_notification_from_headers_or_body(
     assert [line.split("notification=")[1] for line in named] == ["901", "902", "-"]
     assert f"event={json.loads(in_body)['event_id']}" in named[1]
     assert "event=-" in named[2]
+
+
+async def test_dlq_list_shortens_long_ids_and_names_a_future_date(
+    settings: Settings,
+) -> None:
+    ahead = datetime.now(UTC) + timedelta(minutes=30)
+    body = json.dumps({"event_id": "7" * 5000, "notification_id": 10**60}).encode()
+    await _dead_letter(settings, body, {DEAD_LETTERED_AT_HEADER: ahead.isoformat()})
+
+    listed = admin(settings, "dlq", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    entry = next(line for line in listed.stdout.splitlines() if "event=" in line)
+    assert "age=30m-ahead" in entry or "age=29m-ahead" in entry
+    assert f"event={'7' * 40}…(5000 characters)" in entry
+    assert f"notification={str(10**60)[:40]}…(61 characters)" in entry
+    assert len(entry) < 300
 
 
 async def test_dlq_list_into_a_closed_pipe_stops_quietly(settings: Settings) -> None:

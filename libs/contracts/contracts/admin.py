@@ -721,11 +721,27 @@ def _check(args: argparse.Namespace) -> None:
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 0:
+        # Dated by a clock ahead of this one, or by a producer that got it wrong.
+        return f"{_age(-seconds)}-ahead"
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+# An event or notification id read from a foreign message may be of any length;
+# the listing shows its start and its length, enough to tell it from the others.
+_LISTED_ID_CHARS = 40
+
+
+def _listed_id(text: str) -> str:
+    if not text:
+        return "-"
+    if len(text) <= _LISTED_ID_CHARS:
+        return text
+    return f"{text[:_LISTED_ID_CHARS]}…({len(text)} characters)"
 
 
 def _count(number: int, one: str, many: str) -> str:
@@ -750,8 +766,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             came_from = f"queue={item.queue}" if item.queue else "origin unknown"
             _say(
                 f"{item.id}  age={_age(item.age_seconds)}  {came_from}  "
-                f"event={item.event_id or '-'}  "
-                f"notification={item.notification_id or '-'}"
+                f"event={_listed_id(item.event_id)}  "
+                f"notification={_listed_id(item.notification_id)}"
             )
             _say(f"    {item.reason or 'no reason given'}")
             if not item.queue:
