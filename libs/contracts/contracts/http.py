@@ -70,7 +70,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contracts import jsonkeys, tracing
+from contracts import jsonkeys, openapi, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, is_unavailable
 
@@ -247,6 +247,7 @@ def install_http_policy(
     if not tracing.exporting():
         # Outermost, so that everything the request runs sees its trace.
         app.user_middleware.insert(0, Middleware(tracing.TraceContext))
+    openapi.describe_errors(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
