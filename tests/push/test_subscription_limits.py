@@ -206,8 +206,20 @@ async def test_only_the_newest_subscriptions_up_to_the_limit_are_pushed_to(
 
 
 @pytest.mark.parametrize(
-    "expiration",
-    ["1", "0", "{past}", "Infinity", "1e300"],
+    ("expiration", "says"),
+    [
+        ("1", "has passed"),
+        ("0", "has passed"),
+        ("{past}", "has passed"),
+        ("Infinity", "or null"),
+        ("1e300", "or null"),
+        ('"{future}"', "valid number"),
+        ('" {future} "', "valid number"),
+        ('"1e13"', "valid number"),
+        ("true", "valid number"),
+        ("false", "valid number"),
+        ("[{future}]", "valid number"),
+    ],
 )
 async def test_a_subscription_that_expired_or_cannot_expire_is_refused_naming_it(
     settings: Settings,
@@ -216,10 +228,13 @@ async def test_a_subscription_that_expired_or_cannot_expire_is_refused_naming_it
     api: httpx.AsyncClient,
     db: asyncpg.Connection,
     expiration: str,
+    says: str,
 ) -> None:
     past = int((time.time() - 60) * 1000)
+    future = int((time.time() + 86400) * 1000)
+    given = expiration.format(past=past, future=future)
     body = json.dumps(push_service.device().subscription()).replace(
-        '"expirationTime": null', f'"expirationTime": {expiration.format(past=past)}'
+        '"expirationTime": null', f'"expirationTime": {given}'
     )
 
     resp = await api.post(
@@ -230,6 +245,7 @@ async def test_a_subscription_that_expired_or_cannot_expire_is_refused_naming_it
 
     assert resp.status_code == 422, resp.text
     assert [f["field"] for f in resp.json()["fields"]] == ["expirationTime"]
+    assert says in resp.json()["fields"][0]["message"]
     assert await db.fetchval("SELECT count(*) FROM push_subscriptions") == 0
 
 

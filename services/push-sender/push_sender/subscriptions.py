@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
 from push_sender.vapid import b64url_decode
 
@@ -66,8 +66,10 @@ class NewSubscription(BaseModel):
 
     endpoint: str = Field(min_length=1, max_length=MAX_ENDPOINT_CHARS)
     # Milliseconds since the epoch (an EpochTimeStamp), or null for none. One that
-    # has passed is refused: its push service would answer every push 404/410.
-    expiration_time: float | None = Field(default=None, alias="expirationTime")
+    # has passed is refused: its push service would answer every push 404/410. A
+    # JSON number, as browsers send it: a string or a boolean is refused as such,
+    # like every other field's wrong type, not read as a time.
+    expiration_time: StrictFloat | None = Field(default=None, alias="expirationTime")
     keys: Keys
 
     @field_validator("endpoint")
