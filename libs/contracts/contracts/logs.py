@@ -119,3 +119,10 @@ def configure(service: str, level: str = "INFO") -> None:
     logging.getLogger("uvicorn.error").propagate = True
     for noisy in ("aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO, and a push endpoint's URL is the
+    # device's secret (a push service's registration token is part of it); the
+    # push sender names subscriptions by id instead. At DEBUG, as everything else,
+    # it is shown.
+    quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    for client in ("httpx", "httpcore"):
+        logging.getLogger(client).setLevel(quiet)

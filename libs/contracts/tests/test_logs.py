@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
-from contracts.logs import JsonFormatter, bind
+import httpx
+import pytest
+
+from contracts.logs import JsonFormatter, bind, configure
 
 
 def record(level: int, msg: str, *args: object) -> logging.LogRecord:
@@ -68,3 +72,30 @@ def test_a_pool_restoring_connections_logs_no_stale_ids_and_no_traceback() -> No
 
     assert "event_id" not in entry and "notification_id" not in entry
     assert entry["exc"] == "ConnectionRefusedError(111, 'Connect call failed')"
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    clients = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    for name, was in clients.items():
+        logging.getLogger(name).setLevel(was)
+
+
+@pytest.mark.usefixtures("restored_logging")
+@pytest.mark.parametrize(("level", "shown"), [("INFO", False), ("DEBUG", True)])
+def test_request_urls_of_the_http_client_are_logged_only_at_debug(
+    capsys: pytest.CaptureFixture[str], level: str, shown: bool
+) -> None:
+    # A push endpoint: the path is the device's registration with its service.
+    endpoint = "https://push.example.net/send/dQw4w9WgXcQ-device-secret"
+    configure("push-sender", level)
+    transport = httpx.MockTransport(lambda request: httpx.Response(201))
+    with httpx.Client(transport=transport) as client:
+        assert client.post(endpoint).status_code == 201
+
+    assert ("dQw4w9WgXcQ-device-secret" in capsys.readouterr().out) is shown
