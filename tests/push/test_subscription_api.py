@@ -29,6 +29,48 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.integration
+async def test_removing_a_subscription_with_a_body_is_refused_and_removes_nothing(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+) -> None:
+    bob = auth(settings, demo.bob)
+    created = await api.post(
+        "/push/subscriptions", json=push_service.device().subscription(), headers=bob
+    )
+    path = f"/push/subscriptions/{created.json()['id']}"
+
+    refused = {
+        body: await api.request(
+            "DELETE", path, content=body, headers={**bob, **headers}
+        )
+        for body, headers in [
+            (b'{"x": 1}', JSON),
+            (b"[]", JSON),
+            (b"null", JSON),
+            (b"notjson", JSON),
+            (b"hello", {"Content-Type": "text/plain"}),
+        ]
+    }
+    kept = await api.get("/push/subscriptions", headers=bob)
+    empty = await api.request("DELETE", path, content=b"{}", headers={**bob, **JSON})
+
+    assert {body: r.status_code for body, r in refused.items()} == {
+        b'{"x": 1}': 422,
+        b"[]": 422,
+        b"null": 422,
+        b"notjson": 422,
+        b"hello": 415,
+    }
+    assert len(kept.json()) == 1
+    assert empty.status_code == 204
+
+
 @pytest.mark.integration
 async def test_a_user_adds_lists_and_removes_only_their_own(
     settings: Settings,

@@ -56,12 +56,12 @@ from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 import asyncpg
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Body, Depends, FastAPI, Header, Path, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -346,6 +346,20 @@ async def current_user(
 
 RuntimeDep = Annotated["Runtime", Depends(current_runtime)]
 UserDep = Annotated[Principal, Depends(current_user)]
+
+
+class NoOptions(BaseModel):
+    """The body of a route that takes no options. A body that carries some (a
+    filter, say) is refused rather than ignored: marking read, archiving or
+    deleting the wrong things cannot be undone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# No body at all, or ``{}`` sent as JSON; anything else, JSON or not, is 422 (or
+# 415 when not sent as JSON) before the route runs. Not optional, or a JSON
+# ``null`` would pass for no body.
+NoBody = Annotated[NoOptions, Body(default_factory=NoOptions)]
 
 
 def _unauthorized(exc: InvalidToken) -> JSONResponse:

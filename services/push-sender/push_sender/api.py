@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from contracts.auth import UnknownUser
 from contracts.db import connection, transaction
-from contracts.http import NotFound, PathId, RuntimeDep, UserDep
+from contracts.http import NoBody, NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
 from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
@@ -107,7 +107,7 @@ async def list_subscriptions(rt: RuntimeDep, user: UserDep) -> list[dict[str, An
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204)
 async def unsubscribe(
-    subscription_id: SubscriptionId, rt: RuntimeDep, user: UserDep
+    subscription_id: SubscriptionId, rt: RuntimeDep, user: UserDep, _: NoBody
 ) -> Response:
     async with transaction(rt.db) as conn:
         row = await conn.fetchrow(subs.DELETE_OWN, subscription_id, user.user_id)

@@ -9,12 +9,11 @@ import logging
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Body, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, Query, Request
 
 from contracts.auth import Principal
 from contracts.db import connection, transaction
-from contracts.http import NotFound, PathId, UserDep, Whole
+from contracts.http import NoBody, NotFound, PathId, UserDep, Whole
 from sse_gateway import inbox, preferences
 from sse_gateway.access import require_user
 
@@ -42,19 +41,6 @@ Pool = Annotated[asyncpg.Pool, Depends(pool)]
 # A notification id in a path, in canonical decimal; beyond bigint it can name no
 # row (422, not 500).
 NotificationId = PathId
-
-
-class NoOptions(BaseModel):
-    """A read-state change takes no options. A body that carries some (a filter,
-    say) is refused rather than ignored: marking read or archiving the wrong
-    notifications cannot be undone."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-# No body at all, or ``{}`` sent as JSON; anything else, JSON or not, is 422
-# before the route runs. Not optional, or a JSON ``null`` would pass for no body.
-NoBody = Annotated[NoOptions, Body(default_factory=NoOptions)]
 
 
 @router.get("/inbox")
