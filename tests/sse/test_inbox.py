@@ -71,6 +71,24 @@ async def test_pages_newest_first_with_counts_read_and_archive(
     assert missing.status_code == 404
 
 
+async def test_a_page_that_ends_the_inbox_names_no_next_page(
+    settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
+) -> None:
+    async with helpers.database(settings.database_url) as pg:
+        ids = [await helpers.add_and_deliver(pg, demo.bob, f"n{i}") for i in range(6)]
+
+    async with client(gateway, token(demo.bob)) as bob:
+        first = (await bob.get("/inbox", params={"limit": 3})).json()
+        last = (
+            await bob.get("/inbox", params={"limit": 3, "cursor": first["next_cursor"]})
+        ).json()
+        whole = (await bob.get("/inbox", params={"limit": 6})).json()
+
+    assert [i["id"] for i in last["items"]] == ids[2::-1]
+    assert last["next_cursor"] is None
+    assert len(whole["items"]) == 6 and whole["next_cursor"] is None
+
+
 async def test_counts_stay_exact_under_concurrent_changes(
     settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
 ) -> None:

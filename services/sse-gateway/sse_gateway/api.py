@@ -56,10 +56,11 @@ async def list_inbox(
         # One snapshot, so the page and the unread count agree with each other.
         pg.transaction(isolation="repeatable_read", readonly=True),
     ):
-        rows = await pg.fetch(inbox.LIST, user.user_id, cursor, limit)
+        # One row more than the page, to know whether another page follows.
+        rows = await pg.fetch(inbox.LIST, user.user_id, cursor, limit + 1)
         unread = await pg.fetchval(inbox.UNREAD, user.user_id)
-    items = [inbox.event(row) for row in rows]
-    next_cursor = items[-1]["seq"] if len(items) == limit else None
+    items = [inbox.event(row) for row in rows[:limit]]
+    next_cursor = items[-1]["seq"] if len(rows) > limit else None
     return {"items": items, "next_cursor": next_cursor, "unread": unread}
 
 
