@@ -18,11 +18,13 @@ notification. An edit that breaks a template (it does not parse, names something
 the dispatcher does not provide, renders nothing but blanks, or its file is gone)
 does not stop notifications: each file keeps the last version that rendered, which
 goes on being used, with one logged error naming the file and the fault, until the
-file renders again. :meth:`Renderer.problem`, which checks a set before the
-channel configuration may name it (at start, and on every edit of that file),
-renders it once for each reason someone is notified, with made-up values: a fault
-that shows then refuses the set, and a set that passes has a last good version of
-every file from then on.
+file renders again. Every new version of a file is first rendered once for each
+reason someone is notified, with made-up values, and is used only if it renders
+for all of them: a version that fails only for some recipients (participants, say)
+is broken for all. :meth:`Renderer.problem`, which checks a set before the channel
+configuration may name it (at start, and on every edit of that file), tries the
+files as they are in the same way: a fault that shows then refuses the set, and a
+set that passes has a last good version of every file from then on.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -60,6 +62,10 @@ class RenderError(Exception):
 
 class _RendersNothing(Exception):
     """A template rendered to nothing but blanks: an empty subject or email."""
+
+
+class _FailsTrial(Exception):
+    """A new version of a template failed for one of the made-up recipients."""
 
 
 # The reasons someone is notified of a comment, each tried by Renderer.problem.
@@ -101,14 +107,18 @@ class Renderer:
         # Each file's last version that rendered, and the faults logged since.
         self._good: dict[str, Template] = {}
         self._reported: dict[str, str] = {}
+        # Each file's latest version that failed its trial, and how.
+        self._failed_trial: dict[str, tuple[Template, Exception]] = {}
 
     def problem(self, template: str) -> str | None:
         """Why the template set ``template`` cannot be used, or None if it can."""
         if not (self._directory / template).is_dir():
             return f"not found in {self._directory}"
         for name in (*FILES, EMAIL_TEXT):
+            path = f"{template}/{name}"
             try:
-                self._env.get_template(f"{template}/{name}")
+                # The files as they are now, not the last versions kept for them.
+                self._trial(path, name, self._env.get_template(path))
             except TemplateNotFound:
                 if name == EMAIL_TEXT:
                     continue
@@ -117,6 +127,8 @@ class Renderer:
                 return f"{name}, line {exc.lineno}: {exc.message}"
             except OSError as exc:
                 return f"{name} cannot be read: {exc.strerror or exc}"
+            except _FailsTrial as exc:
+                return str(exc)
         for reasons in SAMPLE_REASONS:
             try:
                 self.render(template, sample_context(reasons))
@@ -158,6 +170,8 @@ class Renderer:
         current: Template | None = None
         try:
             current = self._env.get_template(path)
+            if current is not self._good.get(path):
+                self._trial(path, name, current)
             text = current.render(context)
             if not text.strip():
                 raise _RendersNothing(f"template {path} renders nothing but blanks")
@@ -184,8 +198,35 @@ class Renderer:
             logger.info("template %s renders again", path)
         return text
 
+    def _trial(self, path: str, name: str, version: Template) -> None:
+        """Raise unless ``version`` renders for every reason to be notified.
+
+        A new version of a file is tried, once, as :meth:`problem` tries a set:
+        one that fails only for some recipients (a name used only for
+        participants, say) would otherwise become the last good version on the
+        first recipient it rendered for, and leave nothing to fall back on for
+        the others.
+        """
+        failed = self._failed_trial.get(path)
+        if failed is not None and failed[0] is version:
+            raise failed[1]
+        for reasons in SAMPLE_REASONS:
+            context = sample_context(reasons)
+            if name == EMAIL_TEXT:
+                context["message"] = "An example message"
+            try:
+                if not version.render(context).strip():
+                    raise _RendersNothing(f"template {path} renders nothing but blanks")
+            except Exception as exc:
+                fault = _FailsTrial(
+                    f"for a recipient {' and '.join(reasons)}: {self._fault(path, exc)}"
+                )
+                self._failed_trial[path] = (version, fault)
+                raise fault from exc
+        self._failed_trial.pop(path, None)
+
     def _fault(self, path: str, exc: Exception) -> str:
-        if isinstance(exc, _RendersNothing):
+        if isinstance(exc, _RendersNothing | _FailsTrial):
             return str(exc)
         if isinstance(exc, TemplateNotFound):
             return f"template {path} not found in {self._directory}"

@@ -391,8 +391,18 @@ async def test_an_event_its_template_cannot_render_is_set_aside_not_held(
     assert stored == {events[1].event_id}
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param("{{ broken ", id="does not parse"),
+        pytest.param(
+            "{% if 'participant' in reasons %}{{ nosuch }}{% endif %}x",
+            id="fails only for participants",
+        ),
+    ],
+)
 async def test_a_template_broken_while_running_keeps_its_last_good_version(
-    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path
+    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path, broken: str
 ) -> None:
     app, folder = own_templates(settings, channel_file, tmp_path)
     db = await asyncpg.connect(settings.database_url)
@@ -404,7 +414,7 @@ async def test_a_template_broken_while_running_keeps_its_last_good_version(
 
             title = folder / "comment_mention" / "title.txt.j2"
             st = title.stat()
-            title.write_text("{{ broken ")
+            title.write_text(broken)
             os.utime(title, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
             second = await add_comment(db, demo, demo.carol, "@bob again")
             await publish(settings, created(demo, second, demo.carol, "@bob again"))

@@ -278,6 +278,38 @@ def test_the_check_renders_a_set_for_each_reason_to_be_notified(
     assert complaint in (Renderer(tmp_path).problem("broken") or "")
 
 
+@pytest.mark.parametrize("first", ["post_author", "participant"])
+def test_an_edit_that_fails_for_one_reason_keeps_the_last_version_for_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, first: str
+) -> None:
+    folder = template_set(tmp_path)
+    _edit(folder / "message.txt.j2", "Before {{ comment.body }}")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+
+    _edit(
+        folder / "message.txt.j2",
+        "{% if 'participant' in reasons %}{{ nosuch }}{% endif %}"
+        "EDITED {{ comment.body }}",
+    )
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        rendered = {
+            reason: renderer.render("broken", context(reasons=[reason])).message
+            for reason in (first, "mentioned", "post_author", "participant")
+        }
+
+    assert set(rendered.values()) == {"Before <b>hi</b> @bob"}
+    (record,) = caplog.records
+    assert "for a recipient participant" in record.getMessage()
+    assert "'nosuch' is undefined" in record.getMessage()
+    assert "nosuch" in (renderer.problem("broken") or "")
+
+    _edit(folder / "message.txt.j2", "Fixed {{ comment.body }}")
+    assert renderer.render("broken", context(reasons=["participant"])).message == (
+        "Fixed <b>hi</b> @bob"
+    )
+
+
 def test_a_set_that_passed_the_check_has_a_version_to_keep(tmp_path: Path) -> None:
     folder = template_set(tmp_path, title="Checked")
     renderer = Renderer(tmp_path)
