@@ -78,6 +78,12 @@ def test_the_email_sender_exits_2_on_a_prefetch_below_its_batch() -> None:
             {"NOTIFLOW_PUBLIC_URL": "not a url"},
             "NOTIFLOW_PUBLIC_URL: must be an absolute http:// or https:// URL",
         ),
+        ({"NOTIFLOW_DB_POOL_MAX": "100000000"}, "db_pool_max"),
+        ({"NOTIFLOW_DISPATCHER_PREFETCH": "70000"}, "dispatcher_prefetch"),
+        ({"NOTIFLOW_OUTBOX_BATCH_SIZE": "9" * 23}, "outbox_batch_size"),
+        ({"NOTIFLOW_RETRY_DELAYS": "5," + "9" * 23}, "NOTIFLOW_RETRY_DELAYS"),
+        ({"NOTIFLOW_TOKEN_TTL_SECONDS": "1e23"}, "token_ttl_seconds"),
+        ({"NOTIFLOW_TOKEN_TTL_SECONDS": "40000000"}, "token_ttl_seconds"),
     ],
 )
 def test_a_number_or_level_a_service_cannot_use_exits_2_naming_it(
@@ -131,6 +137,25 @@ def test_an_smtp_port_that_is_no_tcp_port_stops_the_email_sender_naming_it(
     assert done.stderr.splitlines() == [
         "notiflow: invalid setting NOTIFLOW_SMTP_PORT: must be a TCP port from 1 "
         f"to 65535, got {port}"
+    ]
+
+
+@pytest.mark.parametrize("host", ["", "bad host", "smtp.example.com/25", "a..b"])
+def test_an_smtp_host_that_is_no_host_stops_the_email_sender_naming_it(
+    host: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "email_sender"],
+        env={"PATH": "/usr/bin:/bin", "NOTIFLOW_SMTP_HOST": host},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "notiflow: invalid setting NOTIFLOW_SMTP_HOST: must be a host name or an IP "
+        f"address, such as smtp.example.com or 127.0.0.1, got {host!r}"
     ]
 
 

@@ -42,6 +42,19 @@ DATABASE_URL_EXAMPLE = "postgresql://user:password@host:5432/notiflow"
 AMQP_URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# The longest a bearer token may live: a year and a day. A token cannot be taken
+# back before it expires (short of rotating the secret, which ends them all).
+MAX_TOKEN_TTL_SECONDS = 366 * 24 * 3600
+# Connections one pool may hold. PostgreSQL serves 100 by default, and each one
+# costs the server a process; far more than that is a typing mistake.
+MAX_POOL_CONNECTIONS = 1000
+# AMQP's prefetch count is a 16-bit field.
+MAX_PREFETCH = 65535
+# Rows one outbox claim may take.
+MAX_OUTBOX_BATCH = 100_000
+# RabbitMQ's message TTL, which holds a retry's delay, is at most 2^32 - 1 ms.
+MAX_RETRY_DELAY_SECONDS = (2**32 - 1) // 1000
+
 
 def _tcp_port(value: int) -> int:
     if not 1 <= value <= 65535:
@@ -109,14 +122,16 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/notiflow"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     secret_key: str = DEV_SECRET
-    token_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    token_ttl_seconds: int = Field(
+        default=7 * 24 * 3600, gt=0, le=MAX_TOKEN_TTL_SECONDS
+    )
 
-    db_pool_min: int = Field(default=1, ge=0)
-    db_pool_max: int = Field(default=10, ge=1)
+    db_pool_min: int = Field(default=1, ge=0, le=MAX_POOL_CONNECTIONS)
+    db_pool_max: int = Field(default=10, ge=1, le=MAX_POOL_CONNECTIONS)
     db_acquire_timeout: float = Field(default=2.0, gt=0)
     db_command_timeout: float = Field(default=10.0, gt=0)
 
-    outbox_batch_size: int = Field(default=500, ge=1)
+    outbox_batch_size: int = Field(default=500, ge=1, le=MAX_OUTBOX_BATCH)
     outbox_sweep_seconds: float = Field(default=2.0, gt=0)
     # How long a relay waits before answering a NOTIFY, which only a writer without
     # a relay of its own sends (writers with one hand their rows to it), and how
@@ -189,10 +204,11 @@ class Settings(BaseSettings):
             delays = self.retry_delay_levels
         except ValueError:
             delays = ()
-        if not delays or any(d <= 0 for d in delays):
+        if not delays or any(not 0 < d <= MAX_RETRY_DELAY_SECONDS for d in delays):
             raise ValueError(
-                f"NOTIFLOW_RETRY_DELAYS must be positive whole seconds separated by "
-                f"commas, got {self.retry_delays!r}"
+                f"NOTIFLOW_RETRY_DELAYS must be positive whole seconds, each at most "
+                f"{MAX_RETRY_DELAY_SECONDS} (RabbitMQ's longest message TTL), "
+                f"separated by commas, got {self.retry_delays!r}"
             )
         if self.env == "production" and len(self.secret_key) < 32:
             raise ValueError("NOTIFLOW_SECRET_KEY must be at least 32 characters long")

@@ -18,7 +18,7 @@ from contracts.db import connection
 from contracts.http import install_http_policy
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, WebUrl, prefetch_holds_batch
+from contracts.settings import MAX_PREFETCH, Settings, WebUrl, prefetch_holds_batch
 from dispatcher import channels, templates
 from dispatcher.service import Dispatcher, Outcome
 
@@ -38,7 +38,7 @@ class DispatcherSettings(Settings):
     # Room for two running batches and one gathering. Events held unacked do not
     # count against the queue's delivery limit; only a return (a dispatcher that
     # dies, a shutdown during a database outage) does, once per event held.
-    dispatcher_prefetch: int = Field(default=150, ge=1)
+    dispatcher_prefetch: int = Field(default=150, ge=1, le=MAX_PREFETCH)
     dispatcher_batch_size: int = Field(default=50, ge=1)
     # Deliveries of one channel type and priority, of the events dispatched
     # together, that travel in one message;

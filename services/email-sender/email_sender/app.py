@@ -26,6 +26,7 @@ from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from contracts.settings import (
+    MAX_PREFETCH,
     Settings,
     TcpPort,
     WebUrl,
@@ -141,10 +142,26 @@ def _mail_domain(value: str) -> str:
     )
 
 
+def _smtp_host(value: str) -> str:
+    """The mail server: an IP address or a host name (in IDNA if internationalised).
+    Checked by its syntax alone; whether it resolves shows on the first email."""
+    host = value.strip()
+    try:
+        written = ascii_domain(host) if host else ""
+    except ValueError:
+        written = ""
+    if not is_host(written):
+        raise ValueError(
+            "must be a host name or an IP address, such as smtp.example.com or "
+            f"127.0.0.1, got {_shown(value)}"
+        )
+    return written
+
+
 class EmailSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
 
-    smtp_host: str = "127.0.0.1"
+    smtp_host: Annotated[str, AfterValidator(_smtp_host)] = "127.0.0.1"
     smtp_port: TcpPort = 1025
     smtp_username: str | None = None
     smtp_password: str | None = None
@@ -169,7 +186,7 @@ class EmailSettings(Settings):
     email_batch_size: int = Field(default=25, ge=1)
     # Room for a full batch in every worker; a batch is never larger than what the
     # broker has handed over.
-    email_prefetch: int = Field(default=25 * BATCH_WORKERS, ge=1)
+    email_prefetch: int = Field(default=25 * BATCH_WORKERS, ge=1, le=MAX_PREFETCH)
     email_lease_seconds: float = Field(default=120.0, gt=0)
     email_sweep_seconds: float = Field(default=15.0, gt=0)
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from contracts.settings import Settings, is_host
+from contracts.settings import MAX_PREFETCH, Settings, is_host
 
 _SUBJECT = "must be a mailto: or https: URL (RFC 8292), as in mailto:ops@example.com"
 # An address as a push service can read it: no spaces, one @, something on
@@ -91,7 +91,7 @@ class PushSettings(Settings):
     # How long an endpoint's host may take to resolve, when a browser subscribes
     # and before each connection.
     push_resolve_timeout: float = Field(default=3.0, gt=0)
-    push_prefetch: int = Field(default=20, ge=1)
+    push_prefetch: int = Field(default=20, ge=1, le=MAX_PREFETCH)
     push_lease_seconds: float = Field(default=120.0, gt=0)
     push_sweep_seconds: float = Field(default=15.0, gt=0)
 

@@ -25,7 +25,7 @@ from contracts.http import Cors, HeadAsGet, install_http_policy
 from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
-from contracts.settings import Settings, WebUrl, prefetch_holds_batch
+from contracts.settings import MAX_PREFETCH, Settings, WebUrl, prefetch_holds_batch
 from sse_gateway import credentials, inbox, unsubscribe, web
 from sse_gateway.api import router
 from sse_gateway.hub import Hub, InboxListener
@@ -40,7 +40,7 @@ class GatewaySettings(Settings):
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0, le=15.0)
     sse_retry_ms: int = Field(default=3000, ge=100)
     sse_send_timeout: float = Field(default=30.0, gt=0)
-    sse_prefetch: int = Field(default=100, ge=1)
+    sse_prefetch: int = Field(default=100, ge=1, le=MAX_PREFETCH)
     # Deliveries put into inboxes by one transaction, at most. A batch is whatever
     # is waiting when a worker is free; nothing waits for it to fill.
     sse_batch_size: int = Field(default=100, ge=1)
