@@ -1114,6 +1114,10 @@ def test_requeue_failed_on_a_database_not_migrated_says_to_migrate(
         (["requeue-failed", "--event", "nope"], "'nope' is not an event id"),
         (["requeue-failed", "--since", "yesterday"], "not an ISO 8601 time"),
         (
+            ["requeue-failed", "--since", "9999-12-31T23:59:59-01:00"],
+            "is out of range: in UTC it falls outside years 1 to 9999",
+        ),
+        (
             ["requeue-failed", "--event", str(uuid4()), "--event", str(uuid4())],
             "argument --event: given more than once",
         ),

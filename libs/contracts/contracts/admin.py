@@ -93,6 +93,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelLockedResource
 
 from contracts import preflight, topology
+from contracts.cli import Once
 from contracts.consumer import DEAD_LETTERED_AT_HEADER, sendable_headers
 from contracts.recovery import requeue_failed
 from contracts.settings import (
@@ -597,7 +598,15 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time, e.g. 2024-05-01T12:00:00+00:00"
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        # What PostgreSQL is given: a time in UTC, which must still be a date.
+        value.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: in UTC it falls outside years 1 to 9999"
+        ) from None
+    return value
 
 
 def _uuid(text: str) -> UUID:
@@ -607,32 +616,6 @@ def _uuid(text: str) -> UUID:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an event id (a UUID)"
         ) from None
-
-
-# Where _Once notes the options it has stored.
-_GIVEN = "_options_given"
-
-
-class _Once(argparse.Action):
-    """Stores an option's value, and refuses the option given a second time:
-    argparse would keep the last one and act on it alone, silently."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        given = getattr(namespace, _GIVEN, set())
-        if self.dest in given:
-            raise argparse.ArgumentError(
-                self,
-                "given more than once, but it takes one value: run the command once "
-                "for each",
-            )
-        setattr(namespace, _GIVEN, given | {self.dest})
-        setattr(namespace, self.dest, values)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -677,21 +660,21 @@ def parser() -> argparse.ArgumentParser:
     )
     again.add_argument(
         "--event",
-        action=_Once,
+        action=Once,
         type=_uuid,
         metavar="EVENT_ID",
         help="the failed rows of one event",
     )
     again.add_argument(
         "--since",
-        action=_Once,
+        action=Once,
         type=_timestamp,
         metavar="ISO",
         help="rows that failed at or after this time (UTC unless it names a zone)",
     )
     again.add_argument(
         "--until",
-        action=_Once,
+        action=Once,
         type=_timestamp,
         metavar="ISO",
         help="and before this time",

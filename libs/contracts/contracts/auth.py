@@ -27,7 +27,13 @@ from functools import lru_cache
 import asyncpg
 import jwt
 
-from contracts.settings import Settings, get_settings, load_or_exit
+from contracts.cli import Once
+from contracts.settings import (
+    MAX_TOKEN_TTL_SECONDS,
+    Settings,
+    get_settings,
+    load_or_exit,
+)
 
 ALGORITHM = "HS256"
 # Ids are PostgreSQL bigints; a larger number can name no row.
@@ -148,13 +154,20 @@ def _lifetime(value: str) -> int:
             f"must be 1 second or more, got {seconds}: such a token would have "
             "expired when it is printed"
         )
+    if seconds > MAX_TOKEN_TTL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_TOKEN_TTL_SECONDS} seconds (366 days), got "
+            f"{seconds}: a token cannot be taken back before it expires"
+        )
     return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print a bearer token for a user.")
     parser.add_argument("username")
-    parser.add_argument("--ttl", type=_lifetime, help="lifetime in seconds")
+    parser.add_argument(
+        "--ttl", type=_lifetime, action=Once, help="lifetime in seconds"
+    )
     args = parser.parse_args(argv)
 
     from contracts.preflight import require_services

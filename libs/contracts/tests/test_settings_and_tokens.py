@@ -206,3 +206,27 @@ def test_the_token_command_refuses_a_lifetime_below_one_second(
         f"argument --ttl: must be 1 second or more, got {int(ttl)}: such a token "
         "would have expired when it is printed" in err
     )
+
+
+def test_the_token_command_refuses_a_lifetime_past_a_year_and_a_day(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        auth.main(["bob", "--ttl", "99999999999999999999"])
+
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2
+    assert out == ""
+    assert "argument --ttl: must be at most 31622400 seconds (366 days)" in err
+
+
+def test_the_token_command_refuses_a_lifetime_given_twice(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        auth.main(["bob", "--ttl", "1", "--ttl", "2"])
+
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2
+    assert out == ""
+    assert "argument --ttl: given more than once" in err
