@@ -105,7 +105,9 @@ def problems(
                 f"PostgreSQL is not reachable at {redact_url(settings.database_url)} "
                 f"({err}); {PG_HINT}"
             )
-        elif err := asyncio.run(_postgres(settings.database_url, migrated)):
+        elif err := asyncio.run(
+            _postgres(settings.database_url, migrated, settings.db_pool_min)
+        ):
             found.append(err)
     if broker:
         if err := _reachable(settings.amqp_url, 5672):
@@ -126,8 +128,9 @@ def _scrubbed(text: str, url: str) -> str:
     return text
 
 
-async def _postgres(url: str, migrated: bool) -> str | None:
-    """Log in, to tell a refused user or a missing database from a running server."""
+async def _postgres(url: str, migrated: bool, pool_min: int = 0) -> str | None:
+    """Log in, to tell a refused user or a missing database from a running server;
+    and see that the server could ever give the pool its ``pool_min`` connections."""
     where = redact_url(url)
     target = url if migrated else urlunsplit(urlsplit(url)._replace(path="/postgres"))
     try:
@@ -151,9 +154,27 @@ async def _postgres(url: str, migrated: bool) -> str | None:
             f"{_scrubbed(repr(exc), url)}"
         )
     try:
+        if (problem := await _room_for(conn, pool_min)) is not None:
+            return problem
         return await missing_schema(conn, where) if migrated else None
     finally:
         await conn.close()
+
+
+async def _room_for(conn: asyncpg.Connection, pool_min: int) -> str | None:
+    """Why a pool opening ``pool_min`` connections at start never could, if so.
+
+    Only a server that takes fewer connections in all is judged: how many other
+    clients hold is for the moment, and a pool waits for room once it runs.
+    """
+    most = await conn.fetchval("SELECT current_setting('max_connections')::int")
+    if pool_min <= most:
+        return None
+    return (
+        f"NOTIFLOW_DB_POOL_MIN ({pool_min}) connections are opened at start, and "
+        f"this PostgreSQL server takes at most {most} in all (max_connections); "
+        "lower NOTIFLOW_DB_POOL_MIN"
+    )
 
 
 async def missing_schema(conn: asyncpg.Connection, where: str) -> str | None:

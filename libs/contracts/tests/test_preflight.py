@@ -249,3 +249,23 @@ def test_a_database_whose_migrations_were_rolled_back_is_told_to_migrate(
     )
 
     assert "has no notiflow tables" in missing and "make migrate" in missing
+
+
+def test_a_pool_larger_than_the_server_takes_is_refused_naming_the_setting(
+    empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    migrate.apply(empty_database)
+    with psycopg.connect(empty_database) as conn:
+        most = int(conn.execute("SHOW max_connections").fetchone()[0])
+    settings = Settings(
+        database_url=empty_database, db_pool_min=most + 1, db_pool_max=most + 1
+    )
+
+    with pytest.raises(SystemExit) as refused:
+        require_services(settings, broker=False, migrated=True)
+
+    assert refused.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert f"NOTIFLOW_DB_POOL_MIN ({most + 1})" in line
+    assert f"at most {most}" in line
+    assert problems(Settings(database_url=empty_database), broker=False) == []
