@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import asyncpg
@@ -49,7 +50,13 @@ async def seed(database_url: str) -> None:
         await conn.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="notiflow-seed",
+        description="Add the demo users alice, bob, carol and dave, and a post by "
+        "alice, to the database NOTIFLOW_DATABASE_URL names; what is there already "
+        "is kept.",
+    ).parse_args(argv)
     settings = load_or_exit(get_settings)
     require_services(settings, broker=False, migrated=True)
     asyncio.run(seed(settings.database_url))
