@@ -171,7 +171,10 @@ async def connection(
     """
     try:
         conn = await pool.acquire(timeout=timeout)
-    except UNAVAILABLE_ERRORS as exc:
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
+        # Taking a connection runs no statement of the caller's: whatever the
+        # server says to it (the database refusing connections, dropped, or the
+        # role no longer allowed to log in) is the database away, not a bug.
         raise DatabaseUnavailable(f"no database connection: {exc!r}") from exc
     try:
         yield conn

@@ -17,6 +17,7 @@ from jinja2 import TemplateNotFound
 from contracts.consumer import Consumers, Publisher
 from contracts.db import DatabaseUnavailable, connection, create_pool, is_unavailable
 from contracts.settings import Settings
+from tests.support import infra
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +52,29 @@ async def test_a_refused_connection_is_the_database_away() -> None:
 
     assert isinstance(refused, OSError)
     assert is_unavailable(refused)
+
+
+async def test_a_database_that_refuses_new_connections_is_away(
+    settings: Settings,
+) -> None:
+    pool = await create_pool(settings, min_size=0, max_size=1)
+    name = settings.database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(infra.database_url("postgres"), timeout=10)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        refused = await raised(lambda: _take(pool))
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await pool.close()
+
+    assert isinstance(refused, DatabaseUnavailable)
+    assert "not currently accepting connections" in str(refused)
+
+
+async def _take(pool: asyncpg.Pool) -> None:
+    async with connection(pool, timeout=5):
+        pass
 
 
 async def test_a_statement_past_its_command_timeout_is_the_database_away(
