@@ -86,6 +86,11 @@ def _reachable(url: str, default_port: int, timeout: float = 3.0) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None
+    except ConnectionResetError:
+        # Something listens there and hung up at once; the next check, which
+        # speaks the protocol, says what. (A busy machine can report the hang-up
+        # to connect() itself.)
+        return None
     except OSError as exc:
         return exc.strerror or str(exc)
 
