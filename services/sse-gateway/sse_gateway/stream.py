@@ -21,7 +21,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
 import jwt
@@ -39,7 +39,13 @@ from sse_gateway.hub import Connection, Hub
 
 logger = logging.getLogger(__name__)
 
-REPLAY_PAGE = 500
+# Rows read per replay statement, and the most bytes one write to a stream takes.
+# A notification's event may be some 20 KiB (a comment body of 5,000 emoji), so a
+# page is held to a few megabytes, and a write to what a slow link takes well
+# within NOTIFLOW_SSE_SEND_TIMEOUT: the stall check times each write, and the
+# transport buffers all of a write it is given.
+REPLAY_PAGE = 100
+WRITE_BYTES = 64 * 1024
 LAST_EVENT_ID = b"last-event-id"
 # A refused stream may try again once one of the user's streams has ended, which
 # nobody can predict; this keeps a client that honours Retry-After from spinning.
@@ -406,8 +412,8 @@ async def events_of(
             out: list[bytes] = []
             for kind, data in await conn.take():
                 if kind == "close":
-                    if out:
-                        yield b"".join(out)
+                    for chunk in _writes(out):
+                        yield chunk
                     return
                 if kind == "notification":
                     # A notification both replayed and announced is written once:
@@ -419,16 +425,16 @@ async def events_of(
                 elif kind == "ping":
                     out.append(events.PING)
                 elif kind == "resync":
-                    if out:
-                        yield b"".join(out)
-                        out = []
+                    for chunk in _writes(out):
+                        yield chunk
+                    out = []
                     async for chunk in _replay(conn, db):
                         yield chunk
                     yield await _sync(conn, db)
                 else:
                     out.append(data)
-            if out:
-                yield b"".join(out)
+            for chunk in _writes(out):
+                yield chunk
     except DatabaseUnavailable:
         # Ending the stream makes the browser reconnect with its Last-Event-ID,
         # which replays whatever this stream could not read.
@@ -448,17 +454,33 @@ async def _replay(conn: Connection, db: asyncpg.Pool) -> AsyncIterator[bytes]:
             )
         if not rows:
             return
-        chunk = []
-        for row in rows:
-            conn.last_seq = row["inbox_seq"]
+        bodies = [
+            events.notification(inbox.event(row)).body
+            for row in rows
             # The user put it away: showing it again would bring it back.
-            if not row["archived"]:
-                chunk.append(events.notification(inbox.event(row)).body)
-        if chunk:
-            metrics.EVENTS_WRITTEN.inc(len(chunk))
-            yield b"".join(chunk)
-        if len(rows) < REPLAY_PAGE:
+            if not row["archived"]
+        ]
+        conn.last_seq = rows[-1]["inbox_seq"]
+        last_page = len(rows) < REPLAY_PAGE
+        del rows  # the events are all that is kept while the page is written
+        metrics.EVENTS_WRITTEN.inc(len(bodies))
+        for chunk in _writes(bodies):
+            yield chunk
+        if last_page:
             return
+
+
+def _writes(bodies: list[bytes]) -> Iterator[bytes]:
+    """``bodies`` joined into writes of at most :data:`WRITE_BYTES`; a body larger
+    than that is a write of its own."""
+    start, size = 0, 0
+    for end, body in enumerate(bodies):
+        if size and size + len(body) > WRITE_BYTES:
+            yield b"".join(bodies[start:end])
+            start, size = end, 0
+        size += len(body)
+    if size:
+        yield b"".join(bodies[start:])
 
 
 async def _sync(conn: Connection, db: asyncpg.Pool) -> bytes:

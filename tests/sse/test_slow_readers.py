@@ -1,0 +1,73 @@
+"""A reader on a slow link catches up on a large replay without being dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from contracts.settings import Settings
+from tests.sse import helpers
+from tests.sse.conftest import StartGateway
+from tests.support.data import Demo
+
+pytestmark = pytest.mark.integration
+
+BACKLOG = 600
+# Title, message and metadata each carry it: some 18 KB an event, 11 MB in all,
+# more than the kernel buffers between the two ends of a loopback connection.
+TITLE = "x" * 6000
+# Bytes read at a time, and the pause after each: at most 2 MB/s.
+READ_BYTES = 16 * 1024
+PAUSE = 0.008
+
+
+async def test_a_slow_reader_catches_up_on_a_large_replay(
+    settings: Settings,
+    start_gateway: StartGateway,
+    demo: Demo,
+    token: Callable[..., str],
+) -> None:
+    # Each write must drain within 3 s: a piece of a replay does, at this pace;
+    # a whole page of these events (megabytes) would not.
+    gateway = start_gateway(NOTIFLOW_SSE_SEND_TIMEOUT="3")
+    async with helpers.database(settings.database_url) as pg:
+        seen = await helpers.add_and_deliver(pg, demo.bob, "seen")
+        async with pg.transaction():
+            for _ in range(BACKLOG):
+                nid = await helpers.add(pg, demo.bob, TITLE)
+                await helpers.inbox.deliver(pg, nid)
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    received = bytearray()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        await loop.sock_sendall(
+            sock,
+            (
+                "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {token(demo.bob)}\r\n"
+                f"Last-Event-ID: {seen}\r\n\r\n"
+            ).encode(),
+        )
+        deadline = time.monotonic() + 60
+        while received.count(b"event: notification") < BACKLOG:
+            assert time.monotonic() < deadline, "the replay did not arrive in 60 s"
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, READ_BYTES), 10)
+            if not chunk:
+                break  # the gateway ended the stream
+            received += chunk
+            await asyncio.sleep(PAUSE)
+    except ConnectionResetError:
+        pass  # judged below, by what arrived
+    finally:
+        sock.close()
+
+    assert received.count(b"event: notification") == BACKLOG
+    assert "sse.stalled" not in gateway.log()
