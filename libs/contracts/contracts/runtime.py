@@ -30,6 +30,7 @@ from uvicorn.config import STARTUP_FAILURE
 from contracts import logs, topology, tracing
 from contracts.consumer import BatchHandler, Consumers, Handler, M, Publisher
 from contracts.db import create_pool
+from contracts.httpserver import headers_in_time
 from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
 from contracts.preflight import require_services
@@ -367,6 +368,7 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
             log_config=None,
             access_log=False,
             backlog=BACKLOG,
+            http=headers_in_time(settings.http_headers_timeout),
             timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
             lifespan="on",
         )

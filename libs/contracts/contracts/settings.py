@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(default=10.0, gt=0)
 
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    # How long a connection may take to send a request's headers; past it the
+    # connection is closed (contracts.httpserver).
+    http_headers_timeout: float = Field(default=20.0, gt=0, le=3600)
     # Browser origins allowed to call the HTTP APIs, separated by commas.
     cors_origins: str = ""
 

@@ -1,0 +1,97 @@
+"""A connection that does not finish a request's headers in time is closed; one
+whose headers arrived is served as long as it takes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from contracts.settings import Settings
+from tests.sse import helpers
+from tests.sse.conftest import StartGateway
+from tests.support.data import Demo
+
+pytestmark = pytest.mark.integration
+
+DEADLINE = 1.0
+
+
+async def _connected(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing, or None if it is still open."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    ends = time.monotonic() + seconds
+    while (left := ends - time.monotonic()) > 0:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    return None
+
+
+async def test_a_request_whose_headers_never_end_is_closed(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway(NOTIFLOW_HTTP_HEADERS_TIMEOUT=str(DEADLINE))
+    loop = asyncio.get_running_loop()
+    partial, silent, kept = [await _connected(gateway.port) for _ in range(3)]
+    try:
+        await loop.sock_sendall(partial, b"GET /sse HTTP/1.1\r\nHost: x\r\n")
+        # Kept alive after a whole request, then part of a second one.
+        await loop.sock_sendall(kept, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.3)
+        await loop.sock_sendall(kept, b"GET /healthz HTTP/1.1\r\nHo")
+
+        closed = [await _closed_within(s, 10) for s in (partial, silent, kept)]
+    finally:
+        for sock in (partial, silent, kept):
+            sock.close()
+
+    assert closed[0] == b"" and closed[1] == b""
+    assert closed[2] is not None and closed[2].startswith(b"HTTP/1.1 200")
+    assert closed[2].count(b"HTTP/1.1") == 1
+
+
+async def test_a_stream_whose_headers_arrived_outlives_the_deadline(
+    settings: Settings,
+    start_gateway: StartGateway,
+    demo: Demo,
+    token: Callable[..., str],
+) -> None:
+    gateway = start_gateway(NOTIFLOW_HTTP_HEADERS_TIMEOUT=str(DEADLINE))
+    loop = asyncio.get_running_loop()
+    sock = await _connected(gateway.port)
+    try:
+        await loop.sock_sendall(
+            sock,
+            (
+                "GET /sse HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token(demo.bob)}\r\n\r\n"
+            ).encode(),
+        )
+        assert await _closed_within(sock, DEADLINE * 3) is None
+        async with helpers.database(settings.database_url) as pg:
+            await helpers.add_and_deliver(pg, demo.bob, "after the deadline")
+        received = b""
+        while b"after the deadline" not in received:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            assert chunk, "the stream was closed"
+            received += chunk
+    finally:
+        sock.close()
