@@ -121,13 +121,32 @@ def test_a_port_that_is_no_tcp_port_is_refused_by_name(port: str) -> None:
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("port", ["0", "99999", "-25"])
-def test_an_smtp_port_that_is_no_tcp_port_stops_the_email_sender_naming_it(
-    port: str,
+_HOST = "must be a host name or an IP address, such as smtp.example.com or 127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "complaint"),
+    [
+        *(
+            (
+                "NOTIFLOW_SMTP_PORT",
+                port,
+                f"must be a TCP port from 1 to 65535, got {port}",
+            )
+            for port in ("0", "99999", "-25")
+        ),
+        *(
+            ("NOTIFLOW_SMTP_HOST", host, f"{_HOST}, got {host!r}")
+            for host in ("", "bad host", "smtp.example.com/25", "a..b")
+        ),
+    ],
+)
+def test_an_smtp_server_address_that_cannot_be_one_stops_the_email_sender(
+    name: str, value: str, complaint: str
 ) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "email_sender"],
-        env={"PATH": "/usr/bin:/bin", "NOTIFLOW_SMTP_PORT": port},
+        env={"PATH": "/usr/bin:/bin", name: value},
         capture_output=True,
         text=True,
         timeout=60,
@@ -135,27 +154,7 @@ def test_an_smtp_port_that_is_no_tcp_port_stops_the_email_sender_naming_it(
 
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
-        "notiflow: invalid setting NOTIFLOW_SMTP_PORT: must be a TCP port from 1 "
-        f"to 65535, got {port}"
-    ]
-
-
-@pytest.mark.parametrize("host", ["", "bad host", "smtp.example.com/25", "a..b"])
-def test_an_smtp_host_that_is_no_host_stops_the_email_sender_naming_it(
-    host: str,
-) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "email_sender"],
-        env={"PATH": "/usr/bin:/bin", "NOTIFLOW_SMTP_HOST": host},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [
-        "notiflow: invalid setting NOTIFLOW_SMTP_HOST: must be a host name or an IP "
-        f"address, such as smtp.example.com or 127.0.0.1, got {host!r}"
+        f"notiflow: invalid setting {name}: {complaint}"
     ]
 
 

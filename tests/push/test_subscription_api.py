@@ -32,6 +32,17 @@ def b64(data: bytes) -> str:
 JSON = {"Content-Type": "application/json"}
 
 
+async def subscribed(
+    api: httpx.AsyncClient, push_service: PushService, user: dict[str, str]
+) -> int:
+    """The id of a new subscription of a new device for ``user`` (its headers)."""
+    created = await api.post(
+        "/push/subscriptions", json=push_service.device().subscription(), headers=user
+    )
+    assert created.status_code == 201, created.text
+    return int(created.json()["id"])
+
+
 @pytest.mark.integration
 async def test_removing_a_subscription_with_a_body_is_refused_and_removes_nothing(
     settings: Settings,
@@ -40,10 +51,7 @@ async def test_removing_a_subscription_with_a_body_is_refused_and_removes_nothin
     api: httpx.AsyncClient,
 ) -> None:
     bob = auth(settings, demo.bob)
-    created = await api.post(
-        "/push/subscriptions", json=push_service.device().subscription(), headers=bob
-    )
-    path = f"/push/subscriptions/{created.json()['id']}"
+    path = f"/push/subscriptions/{await subscribed(api, push_service, bob)}"
 
     refused = {
         body: await api.request(
@@ -567,10 +575,7 @@ async def test_a_subscription_id_not_written_in_canonical_decimal_removes_nothin
     api: httpx.AsyncClient,
 ) -> None:
     bob = auth(settings, demo.bob)
-    created = await api.post(
-        "/push/subscriptions", json=push_service.device().subscription(), headers=bob
-    )
-    mine = created.json()["id"]
+    mine = await subscribed(api, push_service, bob)
 
     answers = [
         await api.delete(f"/push/subscriptions/{spelling}", headers=bob)

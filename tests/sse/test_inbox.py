@@ -25,6 +25,14 @@ def client(gateway: Service, token: str) -> httpx.AsyncClient:
     )
 
 
+async def delivered(settings: Settings, user_id: int, count: int) -> list[int]:
+    """The ids of ``count`` notifications put into the user's inbox, in order."""
+    async with helpers.database(settings.database_url) as pg:
+        return [
+            await helpers.add_and_deliver(pg, user_id, f"n{i}") for i in range(count)
+        ]
+
+
 async def test_pages_newest_first_with_counts_read_and_archive(
     settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
 ) -> None:
@@ -74,8 +82,7 @@ async def test_pages_newest_first_with_counts_read_and_archive(
 async def test_a_page_that_ends_the_inbox_names_no_next_page(
     settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
 ) -> None:
-    async with helpers.database(settings.database_url) as pg:
-        ids = [await helpers.add_and_deliver(pg, demo.bob, f"n{i}") for i in range(6)]
+    ids = await delivered(settings, demo.bob, 6)
 
     async with client(gateway, token(demo.bob)) as bob:
         first = (await bob.get("/inbox", params={"limit": 3})).json()
@@ -92,8 +99,7 @@ async def test_a_page_that_ends_the_inbox_names_no_next_page(
 async def test_counts_stay_exact_under_concurrent_changes(
     settings: Settings, gateway: Service, demo: Demo, token: Callable[..., str]
 ) -> None:
-    async with helpers.database(settings.database_url) as pg:
-        ids = [await helpers.add_and_deliver(pg, demo.bob, f"n{i}") for i in range(30)]
+    ids = await delivered(settings, demo.bob, 30)
 
     async with client(gateway, token(demo.bob)) as bob:
         answers = await asyncio.gather(
