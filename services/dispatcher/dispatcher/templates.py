@@ -19,12 +19,15 @@ the dispatcher does not provide, renders nothing but blanks, or its file is gone
 does not stop notifications: each file keeps the last version that rendered, which
 goes on being used, with one logged error naming the file and the fault, until the
 file renders again. Every new version of a file is first rendered once for each
-reason someone is notified, with made-up values, and is used only if it renders
-for all of them: a version that fails only for some recipients (participants, say)
-is broken for all. :meth:`Renderer.problem`, which checks a set before the channel
-configuration may name it (at start, and on every edit of that file), tries the
-files as they are in the same way: a fault that shows then refuses the set, and a
-set that passes has a last good version of every file from then on.
+reason someone is notified, alone and together, with made-up values (names that
+are not ASCII among them), and is used only if it renders for all of them: a
+version that fails only for some recipients (participants, say) is broken for
+all. A version that passed and then fails on real values its trial did not have
+falls back, for those values, to the version it replaced. :meth:`Renderer.problem`,
+which checks a set before the channel configuration may name it (at start, and on
+every edit of that file), tries the files as they are in the same way: a fault
+that shows then refuses the set, and a set that passes has a last good version of
+every file from then on.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -33,6 +36,7 @@ would hold the event as if the database were away, retried for ever.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,15 +72,24 @@ class _FailsTrial(Exception):
     """A new version of a template failed for one of the made-up recipients."""
 
 
-# The reasons someone is notified of a comment, each tried by Renderer.problem.
-SAMPLE_REASONS = (("post_author",), ("participant",), ("mentioned",))
+# The reasons someone is notified of a comment, alone and together (the author of
+# a post who has also commented on it is both post_author and participant), each
+# tried by Renderer.problem and on every new version of a file.
+SAMPLE_REASONS = tuple(
+    reasons
+    for size in (1, 2, 3)
+    for reasons in itertools.combinations(
+        ("post_author", "participant", "mentioned"), size
+    )
+)
 
 
 def sample_context(reasons: tuple[str, ...]) -> dict[str, Any]:
-    """Made-up values with every name the dispatcher gives a template."""
+    """Made-up values with every name the dispatcher gives a template; the names
+    are not ASCII, as people's often are not."""
     return {
-        "recipient": {"id": 2, "username": "bob", "display_name": "Bob Example"},
-        "commenter": {"id": 3, "username": "carol", "display_name": "Carol Example"},
+        "recipient": {"id": 2, "username": "bob", "display_name": "Böb Exämple"},
+        "commenter": {"id": 3, "username": "carol", "display_name": "Zoë 🚀 Carol"},
         "post": {"id": 1, "title": "An example post"},
         "comment": {"id": 9, "body": "An example comment", "excerpt": "An example"},
         "reasons": list(reasons),
@@ -104,8 +117,10 @@ class Renderer:
             keep_trailing_newline=False,
             auto_reload=True,
         )
-        # Each file's last version that rendered, and the faults logged since.
+        # Each file's last version that rendered, the one before it, and the
+        # faults logged since.
         self._good: dict[str, Template] = {}
+        self._before: dict[str, Template] = {}
         self._reported: dict[str, str] = {}
         # Each file's latest version that failed its trial, and how.
         self._failed_trial: dict[str, tuple[Template, Exception]] = {}
@@ -177,10 +192,15 @@ class Renderer:
                 raise _RendersNothing(f"template {path} renders nothing but blanks")
         except Exception as exc:
             fault = self._fault(path, exc)
-            good = self._good.get(path)
-            if good is None or good is current:
-                # Never rendered, or the same version failing on these values:
-                # no other version to fall back on.
+            # The last version that rendered; or, when that is the version failing
+            # now, on values its trial did not have, the one it replaced.
+            earlier = [
+                version
+                for version in (self._good.get(path), self._before.get(path))
+                if version is not None and version is not current
+            ]
+            if not earlier:
+                # Never rendered, and nothing to fall back on.
                 raise RenderError(fault) from exc
             if self._reported.get(path) != fault:
                 self._reported[path] = fault
@@ -189,11 +209,17 @@ class Renderer:
                     fault,
                     extra={"action": "template.broken"},
                 )
-            try:
-                return good.render(context)
-            except Exception:
-                raise RenderError(fault) from exc
-        self._good[path] = current
+            for version in earlier:
+                try:
+                    return version.render(context)
+                except Exception:
+                    continue
+            raise RenderError(fault) from exc
+        good = self._good.get(path)
+        if good is not current:
+            if good is not None:
+                self._before[path] = good
+            self._good[path] = current
         if self._reported.pop(path, None) is not None:
             logger.info("template %s renders again", path)
         return text

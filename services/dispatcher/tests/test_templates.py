@@ -310,6 +310,62 @@ def test_an_edit_that_fails_for_one_reason_keeps_the_last_version_for_all(
     )
 
 
+@pytest.mark.parametrize(
+    ("edit", "fault"),
+    [
+        pytest.param(
+            "{{ recipient.display_name.encode('ascii') }}",
+            "UnicodeEncodeError",
+            id="fails on a name",
+        ),
+        pytest.param(
+            "{% if reasons|length > 1 %}{{ nosuch }}{% endif %}x",
+            "for a recipient post_author and participant",
+            id="fails for two reasons at once",
+        ),
+    ],
+)
+def test_an_edit_the_trial_finds_wrong_keeps_the_last_version_for_everyone(
+    tmp_path: Path, edit: str, fault: str
+) -> None:
+    folder = template_set(tmp_path, title="Before")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+
+    _edit(folder / "title.txt.j2", edit)
+    titles = {
+        renderer.render("broken", context(recipient=recipient, reasons=reasons)).title
+        for recipient in ({"display_name": "Bob"}, {"display_name": "Zoë 🚀"})
+        for reasons in (["participant"], ["post_author", "participant"])
+    }
+
+    assert titles == {"Before"}
+    assert fault in (renderer.problem("broken") or "")
+
+
+def test_a_version_that_fails_on_values_its_trial_lacked_falls_back_to_the_one_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="Before")
+    renderer = Renderer(tmp_path)
+    assert renderer.render("broken", context()).title == "Before"
+
+    _edit(
+        folder / "title.txt.j2", "{% if comment.id == 42 %}{{ nosuch }}{% endif %}New"
+    )
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        fine = renderer.render("broken", context()).title
+        failing = [
+            renderer.render("broken", context(comment={"id": 42})).title
+            for _ in range(3)
+        ]
+
+    assert fine == "New"
+    assert failing == ["Before"] * 3
+    (record,) = caplog.records
+    assert "'nosuch' is undefined" in record.getMessage()
+
+
 def test_a_set_that_passed_the_check_has_a_version_to_keep(tmp_path: Path) -> None:
     folder = template_set(tmp_path, title="Checked")
     renderer = Renderer(tmp_path)
