@@ -399,6 +399,10 @@ async def test_an_event_its_template_cannot_render_is_set_aside_not_held(
             "{% if 'participant' in reasons %}{{ nosuch }}{% endif %}x",
             id="fails only for participants",
         ),
+        pytest.param(
+            "{{ recipient.display_name.encode('ascii') }}",
+            id="fails on names that are not ASCII",
+        ),
     ],
 )
 async def test_a_template_broken_while_running_keeps_its_last_good_version(
