@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -52,6 +53,8 @@ class Connection:
     __slots__ = (
         "_items",
         "_waiter",
+        "acked",
+        "acked_mark",
         "closed",
         "expires_at",
         "last_seq",
@@ -70,6 +73,11 @@ class Connection:
         # waited too long, and ``stalled`` tells the stream why it was cancelled.
         self.sending_since: float | None = None
         self.stalled = False
+        # How many bytes the peer has acknowledged, when the socket can say
+        # (tcp_info.acked_bytes); and that count as the clock last saw it during
+        # the write in progress.
+        self.acked: Callable[[], int | None] | None = None
+        self.acked_mark: int | None = None
         self.task: asyncio.Task[Any] | None = None
         self._items: list[Item] = []
         self._waiter: asyncio.Future[None] | None = None
@@ -194,17 +202,37 @@ class Hub:
                 self.broadcast(PING)
 
     def sweep(self, wall: float, monotonic: float) -> None:
-        """Close streams whose token expired; cancel those stuck in a write."""
+        """Close streams whose token expired; cancel those stuck in a write.
+
+        A write is stuck when it has waited ``send_timeout`` and the peer took no
+        byte in its second half. A peer on a slow link that keeps reading is not
+        stuck, however long a write waits for the kernel to make room: Linux
+        wakes a writer only once half of what waits in its send buffer has gone.
+        """
         stuck_since = monotonic - self.send_timeout
+        half_since = monotonic - self.send_timeout / 2
         for conns in self._by_user.values():
             for conn in conns:
                 if conn.expires_at <= wall:
                     conn.close()
                 since = conn.sending_since
-                if since is not None and since < stuck_since and not conn.stalled:
-                    conn.stalled = True
-                    if conn.task is not None:
-                        conn.task.cancel()
+                if since is None or conn.stalled or since >= half_since:
+                    continue
+                acked = conn.acked() if conn.acked is not None else None
+                if since >= stuck_since:
+                    # The second half of the wait: note where the peer was.
+                    if conn.acked_mark is None:
+                        conn.acked_mark = acked
+                    continue
+                mark = conn.acked_mark
+                if acked is not None and mark is not None and acked > mark:
+                    # Still reading: give it another half of the timeout.
+                    conn.sending_since = half_since
+                    conn.acked_mark = acked
+                    continue
+                conn.stalled = True
+                if conn.task is not None:
+                    conn.task.cancel()
 
 
 class InboxListener:

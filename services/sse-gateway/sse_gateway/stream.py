@@ -77,12 +77,14 @@ class StreamResponse(EventSourceResponse):
             raise
         finally:
             conn.sending_since = None
+            conn.acked_mark = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"].upper() == "HEAD":
             await super().__call__(scope, receive, send)
             return
         self._conn.task = asyncio.current_task()
+        self._conn.acked = _acked_bytes(send)
         watcher = asyncio.create_task(self._watch(receive), name="sse-disconnect")
         try:
             await self._stream_response(send)
@@ -112,6 +114,34 @@ class StreamResponse(EventSourceResponse):
                 self._client_disconnected = True
                 self._conn.close()
                 return
+
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at this offset, since
+# Linux 4.2.
+_TCP_INFO_BYTES = 128
+_BYTES_ACKED_AT = 120
+
+
+def _acked_bytes(send: Send) -> Callable[[], int | None] | None:
+    """How to read how many bytes the peer of ``send``'s connection acknowledged;
+    None where the socket cannot say (another server, another system)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    sock = get_extra_info("socket") if callable(get_extra_info) else None
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is None or tcp_info is None:
+        return None
+
+    def acked() -> int | None:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_BYTES)
+        except OSError:
+            return None
+        if len(info) < _BYTES_ACKED_AT + 8:
+            return None
+        return int(struct.unpack_from("Q", info, _BYTES_ACKED_AT)[0])
+
+    return acked
 
 
 async def _drop(send: Send) -> None:

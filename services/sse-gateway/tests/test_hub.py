@@ -51,6 +51,35 @@ def test_publish_reaches_only_that_users_connections() -> None:
     assert hub.connections == 2
 
 
+async def test_a_write_that_waits_while_the_peer_takes_bytes_is_not_stuck() -> None:
+    hub = Hub(send_timeout=4)
+    reading, stopped, unknown = Connection(1), Connection(2), Connection(3)
+    acked = {reading: 1000, stopped: 1000}
+    reading.acked = lambda: acked[reading]
+    stopped.acked = lambda: acked[stopped]
+    start = time.monotonic()
+    for conn in (reading, stopped, unknown):
+        conn.task = asyncio.create_task(asyncio.sleep(60))
+        conn.sending_since = start
+        hub.add(conn)
+
+    # Ticks through the second half of the wait, the peers' counts as they go.
+    hub.sweep(wall=0, monotonic=start + 2.5)
+    acked[reading] += 4096
+    hub.sweep(wall=0, monotonic=start + 4.5)
+    first = [conn.stalled for conn in (reading, stopped, unknown)]
+    # Each further half of the timeout, the peer must have taken more to stay.
+    acked[reading] += 4096
+    hub.sweep(wall=0, monotonic=start + 7.0)
+    still = reading.stalled
+    hub.sweep(wall=0, monotonic=start + 9.5)
+
+    assert first == [False, True, True]
+    assert still is False and reading.stalled is True
+    for conn in (reading, stopped, unknown):
+        conn.task.cancel()
+
+
 async def test_the_sweep_closes_expired_streams_and_cancels_stuck_writes() -> None:
     hub = Hub(send_timeout=5)
     expired, stuck, fine = Connection(1, expires_at=100), Connection(2), Connection(3)
