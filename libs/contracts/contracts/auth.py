@@ -163,12 +163,21 @@ def _lifetime(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print a bearer token for a user.")
-    parser.add_argument("username")
+    parser = argparse.ArgumentParser(
+        description="Print a bearer token for a user.",
+        usage="%(prog)s [-h] [--ttl TTL] username",
+    )
+    # Optional to argparse, so that an option it does not know is named before a
+    # missing user name is (argparse would name only the user name).
+    parser.add_argument("username", nargs="?")
     parser.add_argument(
         "--ttl", type=_lifetime, action=Once, help="lifetime in seconds"
     )
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.username is None:
+        parser.error("the following arguments are required: username")
 
     from contracts.preflight import require_services
 

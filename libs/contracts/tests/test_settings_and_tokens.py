@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from contracts import auth
 from contracts.auth import InvalidToken, issue_token, verify_token
-from contracts.settings import DEV_SECRET, Settings, WebUrl
+from contracts.settings import DEV_SECRET, Settings, WebUrl, get_settings
+from tests.support.data import seed_demo
 
 
 def test_production_refuses_the_development_secret() -> None:
@@ -230,3 +233,45 @@ def test_the_token_command_refuses_a_lifetime_given_twice(
     assert refused.value.code == 2
     assert out == ""
     assert "argument --ttl: given more than once" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["bob", "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: username"),
+    ],
+)
+def test_the_token_command_names_what_is_wrong_with_its_arguments(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        auth.main(argv)
+
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2
+    assert out == ""
+    assert err.startswith("usage: ") and " [--ttl TTL] username" in err
+    assert complaint in err
+
+
+@pytest.mark.integration
+async def test_the_token_command_prints_a_token_for_the_user_named(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    demo = await seed_demo(settings.database_url)
+    monkeypatch.setenv("NOTIFLOW_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("NOTIFLOW_AMQP_URL", settings.amqp_url)
+    get_settings.cache_clear()
+    try:
+        # main() runs its own event loop, as the command does.
+        await asyncio.to_thread(auth.main, ["bob", "--ttl", "60"])
+    finally:
+        get_settings.cache_clear()
+
+    token = capsys.readouterr().out.strip()
+    principal = verify_token(token, settings)
+    assert principal.user_id == demo.bob
