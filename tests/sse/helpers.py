@@ -7,7 +7,9 @@ the delivery would. Tests use them to control commit order exactly.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,3 +88,26 @@ async def gauges(base_url: str) -> dict[str, float]:
             name, _, value = line.partition(" ")
             found[name] = float(value)
     return found
+
+
+async def raw_stream(
+    port: int, token: str, *, last_event_id: int | None = None
+) -> socket.socket:
+    """A non-blocking socket that has asked the gateway on ``port`` for ``/sse``,
+    with a 4 KiB receive window: a peer whose reading the test paces itself."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+    request = (
+        "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\n{resume}\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request.encode())
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -98,16 +98,8 @@ async def test_a_peer_that_stops_reading_is_dropped(
     token: Callable[..., str],
 ) -> None:
     gateway = start_gateway(NOTIFLOW_SSE_SEND_TIMEOUT="1")
-    sock = socket.socket()
     # A tiny receive window, never read: the server's writes soon stop draining.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
-    request = (
-        "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {token(demo.bob)}\r\n\r\n"
-    )
-    sock.send(request.encode())
+    sock = await helpers.raw_stream(gateway.port, token(demo.bob))
     try:
         await eventually(
             lambda: _streams(gateway, 1), what="the stream open", timeout=10

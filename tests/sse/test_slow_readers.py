@@ -4,7 +4,6 @@ and one that stops reading is still dropped (tests/sse/test_cleanup.py)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 
@@ -21,10 +20,9 @@ BACKLOG = 200
 # Title, message and metadata each carry it: some 18 KB an event, 3.6 MB in all,
 # more than the kernel buffers between the two ends of this connection.
 TITLE = "x" * 6000
-# A small receive window, read 16 KiB at a time with a pause after each: a few
-# hundred KB/s, at which the gateway's writes wait on the kernel far longer than
-# the send timeout while every second brings bytes.
-RECEIVE_BUFFER = 4096
+# Read through a small receive window (helpers.raw_stream), 16 KiB at a time
+# with a pause after each: a few hundred KB/s, at which the gateway's writes wait
+# on the kernel far longer than the send timeout while every second brings bytes.
 READ_BYTES = 16 * 1024
 PAUSE = 0.008
 
@@ -44,20 +42,9 @@ async def test_a_slow_reader_catches_up_on_a_large_replay(
                 await helpers.inbox.deliver(pg, nid)
 
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-    sock.setblocking(False)
+    sock = await helpers.raw_stream(gateway.port, token(demo.bob), last_event_id=seen)
     received = bytearray()
     try:
-        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
-        await loop.sock_sendall(
-            sock,
-            (
-                "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {token(demo.bob)}\r\n"
-                f"Last-Event-ID: {seen}\r\n\r\n"
-            ).encode(),
-        )
         deadline = time.monotonic() + 60
         while received.count(b"event: notification") < BACKLOG:
             assert time.monotonic() < deadline, "the replay did not arrive in 60 s"

@@ -74,8 +74,8 @@ class Connection:
         self.sending_since: float | None = None
         self.stalled = False
         # How many bytes the peer has acknowledged, when the socket can say
-        # (tcp_info.acked_bytes); and that count as the clock last saw it during
-        # the write in progress.
+        # (tcp_info's tcpi_bytes_acked); and that count as the clock noted it
+        # during the write in progress.
         self.acked: Callable[[], int | None] | None = None
         self.acked_mark: int | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -218,12 +218,12 @@ class Hub:
                 since = conn.sending_since
                 if since is None or conn.stalled or since >= half_since:
                     continue
-                acked = conn.acked() if conn.acked is not None else None
                 if since >= stuck_since:
                     # The second half of the wait: note where the peer was.
-                    if conn.acked_mark is None:
-                        conn.acked_mark = acked
+                    if conn.acked_mark is None and conn.acked is not None:
+                        conn.acked_mark = conn.acked()
                     continue
+                acked = conn.acked() if conn.acked is not None else None
                 mark = conn.acked_mark
                 if acked is not None and mark is not None and acked > mark:
                     # Still reading: give it another half of the timeout.

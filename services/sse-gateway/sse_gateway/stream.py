@@ -22,6 +22,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import asyncpg
 import jwt
@@ -41,9 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Rows read per replay statement, and the most bytes one write to a stream takes.
 # A notification's event may be some 20 KiB (a comment body of 5,000 emoji), so a
-# page is held to a few megabytes, and a write to what a slow link takes well
-# within NOTIFLOW_SSE_SEND_TIMEOUT: the stall check times each write, and the
-# transport buffers all of a write it is given.
+# page is held to a few megabytes, and a write to what the transport may buffer
+# for one stream: it takes all of a write it is given, however slow the peer.
 REPLAY_PAGE = 100
 WRITE_BYTES = 64 * 1024
 LAST_EVENT_ID = b"last-event-id"
@@ -116,6 +116,17 @@ class StreamResponse(EventSourceResponse):
                 return
 
 
+def _transport(send: Send) -> Any:
+    """The transport of the connection ``send`` writes to, or None.
+
+    Uvicorn's ``send`` is a method of the request's cycle, which holds the
+    connection's transport (asyncio's or uvloop's: the two share no base class);
+    under another server there is none to be had.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    return transport if callable(getattr(transport, "abort", None)) else None
+
+
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at this offset, since
 # Linux 4.2.
 _TCP_INFO_BYTES = 128
@@ -125,9 +136,8 @@ _BYTES_ACKED_AT = 120
 def _acked_bytes(send: Send) -> Callable[[], int | None] | None:
     """How to read how many bytes the peer of ``send``'s connection acknowledged;
     None where the socket cannot say (another server, another system)."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    get_extra_info = getattr(transport, "get_extra_info", None)
-    sock = get_extra_info("socket") if callable(get_extra_info) else None
+    transport = _transport(send)
+    sock = transport.get_extra_info("socket") if transport is not None else None
     tcp_info = getattr(socket, "TCP_INFO", None)
     if sock is None or tcp_info is None:
         return None
@@ -151,21 +161,18 @@ async def _drop(send: Send) -> None:
     that stopped reading never takes: the server's socket and its megabytes of
     send buffer would stay for as long as the peer keeps its end open (in the
     process until the buffer drains, then in the kernel). A reset drops them at
-    once. Uvicorn's ``send`` is a method of the request's cycle, which holds the
-    connection's transport; under another server the response is left
-    unfinished, for that server to close.
+    once. Under a server other than uvicorn (see :func:`_transport`) the
+    response is left unfinished, for that server to close.
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    # asyncio's or uvloop's: the two share no base class.
-    abort = getattr(transport, "abort", None)
-    if not callable(abort):
+    transport = _transport(send)
+    if transport is None:
         return
-    sock = transport.get_extra_info("socket")  # type: ignore[union-attr]
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             # Closing with a zero linger time resets the connection.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    abort()
+    transport.abort()
     # The server learns of the lost connection before this stream returns, and
     # so does not report a response left unfinished.
     await asyncio.sleep(0)
