@@ -32,24 +32,39 @@ WHERE c.post_id = $1
 ORDER BY c.id
 """
 
+# Comments on one post commit in the order of their ids. The dispatcher finds a
+# thread's participants as the authors of the post's comments with smaller ids, so
+# a comment that drew its id first and committed second would be missed: two people
+# commenting on a thread for the first time at once would not hear of each other.
+# Each writer therefore takes the post's transaction-scoped lock before the comment's
+# id is drawn (the post CTE reads this one, and the insert reads the post), and holds
+# it until its commit. Writers on one post wait for each other's commit, a fraction of
+# a millisecond each; writers on different posts never do, but for the rare two post
+# ids whose keys share a hash.
+THREAD_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('post ' || $1::bigint, 0))"
+
 # One round trip for what used to take three or four: claim the Idempotency-Key ($4,
 # when there is one), look up the post and the author, and insert the comment only
 # when the key was claimed and both exist. The row always comes back and says which
 # step stopped the insert, in the order the API reports them: a missing author (the
 # token names no user), then a key already claimed (replay), then a missing post.
 #
-# The key row is inserted first: a concurrent request with the same key waits on the
-# primary key until the first commits, then finds the stored response. A data-modifying
-# CTE runs to completion whether or not the rest reads it, so the claim is taken even
-# when the insert is skipped, and rolls back with the transaction if the API refuses.
-CREATE_COMMENT = """
-WITH claim AS (
+# The thread's lock comes first (see THREAD_LOCK), then the key row: a concurrent
+# request with the same key waits on the primary key until the first commits, then
+# finds the stored response. Every writer takes the two in that order, so none waits
+# for another that waits for it. A data-modifying CTE runs to completion whether or
+# not the rest reads it, so the claim is taken even when the insert is skipped, and
+# rolls back with the transaction if the API refuses.
+CREATE_COMMENT = f"""
+WITH locked AS (
+    {THREAD_LOCK}
+), claim AS (
     INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response)
-    SELECT $2, $4, $5, 0, 'null' WHERE $4::text IS NOT NULL
+    SELECT $2, $4, $5, 0, 'null' FROM locked WHERE $4::text IS NOT NULL
     ON CONFLICT (user_id, key) DO NOTHING
     RETURNING key
 ), post AS (
-    SELECT id FROM posts WHERE id = $1
+    SELECT id FROM posts, locked WHERE id = $1
 ), author AS (
     SELECT id, username, display_name FROM users WHERE id = $2
 ), inserted AS (
@@ -73,12 +88,15 @@ LEFT JOIN inserted ON true
 # CommentCreated into the outbox, built here because only the insert knows the
 # comment's id. $8 is 'on' when the process's relay takes the outbox row by hand-off
 # (see contracts.outbox), which keeps the table's trigger from notifying the others.
-# Nothing is written when the post or the author is missing.
-CREATE_COMMENT_AND_EVENT = """
+# Nothing is written when the post or the author is missing. The thread's lock
+# (THREAD_LOCK) is taken before the comment's id is drawn.
+CREATE_COMMENT_AND_EVENT = f"""
 WITH handed AS (
     SELECT set_config('notiflow.outbox_handoff', $8, true)
+), locked AS (
+    {THREAD_LOCK}
 ), post AS (
-    SELECT id FROM posts WHERE id = $1
+    SELECT id FROM posts, locked WHERE id = $1
 ), author AS (
     SELECT id, username, display_name FROM users WHERE id = $2
 ), inserted AS (

@@ -33,10 +33,9 @@ USER_FIELDS = ("id", "username", "email", "display_name", "disabled_types")
 #   an event naming a missing comment, post or commenter is found before anything
 #   is written for it;
 # * ``earlier``: per comment, everyone who commented on its post before it: a
-#   smaller comment id (one identity sequence), among the comments committed when
-#   the event is dispatched. Two first comments on a thread whose commits cross
-#   (the one with the smaller id commits second) see neither the other: its
-#   author is left out of the other's participants;
+#   smaller comment id (one identity sequence). The comments service commits the
+#   comments of one post in the order of their ids, so all of those are committed
+#   by the time the event is dispatched;
 # * ``users``: everyone named by id (commenters, post authors, earlier commenters)
 #   or mentioned by username, with the channel types each has turned off.
 LOOKUP = """
