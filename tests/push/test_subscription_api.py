@@ -312,6 +312,44 @@ async def test_a_bad_subscription_is_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (
+            _with(endpoint="https://evil.example.org/x", auth=b64(os.urandom(15))),
+            {"endpoint": "not an allowed", "keys.auth": "16 bytes"},
+        ),
+        (
+            _with(endpoint="http://push.example.net/x", keys=None),
+            {"endpoint": "https", "keys": "required"},
+        ),
+        (
+            _with(endpoint="https://u:p@push.example.net/x", expiration_time=1),
+            {"endpoint": "credentials", "expiration_time": "Extra inputs"},
+        ),
+        # The endpoint's own field check speaks for it, once.
+        (
+            _with(endpoint="https://push.example.net/a b", p256dh=None),
+            {"endpoint": "U+0020", "keys.p256dh": "required"},
+        ),
+    ],
+    ids=["host-and-auth", "scheme-and-keys", "credentials-and-extra", "text-and-key"],
+)
+async def test_a_subscription_with_several_problems_is_refused_naming_each(
+    strict_api: httpx.AsyncClient, body: dict[str, Any], named: dict[str, str]
+) -> None:
+    token = issue_token(1, "bob", Settings())
+    resp = await strict_api.post(
+        "/push/subscriptions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+
+    assert resp.status_code == 422, resp.text
+    fields = [(f["field"], f["message"]) for f in resp.json()["fields"]]
+    assert sorted(field for field, _ in fields) == sorted(named), fields
+    for field, message in fields:
+        assert named[field] in message, fields
+
+
+@pytest.mark.parametrize(
     "content",
     [b'{"endpoint": "https://push.example.net/x",', b'{"endpoint": "\xff"}'],
     ids=["not-json", "not-utf8"],

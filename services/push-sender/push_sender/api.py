@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from contracts.auth import UnknownUser
@@ -121,3 +122,40 @@ async def unsubscribe(
 
 def _refuse(loc: tuple[str, str], problem: str) -> None:
     raise RequestValidationError([{"loc": loc, "msg": problem, "type": "value_error"}])
+
+
+def name_every_problem(app: FastAPI) -> None:
+    """Have a subscription body that fails validation also name its endpoint's
+    problem, found by the endpoint's text alone, when the endpoint is a string that
+    passed its own field's checks: so a client fixes everything at once.
+
+    The route checks the endpoint against the app's policy only once the body is
+    valid; this wraps the app's answer to an invalid request to do it earlier.
+    """
+    answer = app.exception_handlers[RequestValidationError]
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = list(exc.errors())
+        body = exc.body
+        if (
+            request.scope.get("endpoint") is subscribe
+            and isinstance(body, dict)
+            and isinstance(body.get("endpoint"), str)
+            and not any(_about_the_endpoint(err) for err in errors)
+            and not any(err["type"] == "json_invalid" for err in errors)
+        ):
+            policy: EndpointPolicy = request.app.state.endpoints
+            problem = policy.problem(body["endpoint"])
+            if problem:
+                errors.append(
+                    {"loc": ("body", "endpoint"), "msg": problem, "type": "value_error"}
+                )
+                exc = RequestValidationError(errors, body=body)
+        return await answer(request, exc)
+
+    app.exception_handlers[RequestValidationError] = invalid
+
+
+def _about_the_endpoint(err: Mapping[str, Any]) -> bool:
+    return tuple(err["loc"])[:2] == ("body", "endpoint")

@@ -16,7 +16,7 @@ from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.recovery import LeaseSweeper
 from contracts.runtime import Runtime, health_router
 from push_sender import vapid
-from push_sender.api import router
+from push_sender.api import name_every_problem, router
 from push_sender.endpoints import EndpointPolicy, Resolve, system_resolve
 from push_sender.settings import PushSettings
 from push_sender.transport import PinnedTransport
@@ -112,6 +112,7 @@ def create_app(
             max_age=600,
         )
     install_http_policy(app, settings.max_request_bytes)
+    name_every_problem(app)
     app.include_router(health_router(runtime))
     app.include_router(router)
     return app
