@@ -4,9 +4,17 @@ Exceptions::
 
     SendFailed
     ├── TransientSendError   4xx replies, refused or dropped connections, timeouts,
-    │                        a server that accepts TCP and never greets
-    └── PermanentSendError   5xx replies, an address the server will never accept,
-                             a message the server cannot take (no SMTPUTF8)
+    │                        a server that accepts TCP and never greets, and any
+    │                        refusal before the first mail (the greeting, EHLO,
+    │                        STARTTLS or the login, 5xx included)
+    └── PermanentSendError   5xx replies to a message, an address the server will
+                             never accept, a message the server cannot take (no
+                             SMTPUTF8)
+
+A refusal of the session says nothing of the message: a wrong password or a relay
+out of service refuses every email alike until the operator or the server's owner
+puts it right, so such emails are retried after their delays rather than failed at
+the first attempt.
 
 Every operation has its own timeout, and the reply to the end of the content a
 longer one of its own (see :mod:`email_sender.pipelining`); :class:`SmtpPool` also
@@ -203,6 +211,13 @@ class SmtpPool:
         try:
             await client.connect()
             await _greet(client)
+        except aiosmtplib.SMTPResponseException as exc:
+            _discard(client)
+            raise TransientSendError(
+                f"SMTP server refused the session before any mail "
+                f"(greeting, EHLO, STARTTLS or login): {exc.code} "
+                f"{exc.message.strip()[:300]}"
+            ) from exc
         except BaseException:
             _discard(client)
             raise

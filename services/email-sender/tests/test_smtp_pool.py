@@ -409,6 +409,62 @@ async def test_a_refused_data_command_fails_the_message(
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        ("greeting", "554"),
+        ("EHLO and HELO", "550"),
+        ("login", "535"),
+    ],
+)
+async def test_a_server_refusing_the_session_fails_its_emails_for_now(
+    refusal: str, code: str
+) -> None:
+    # Such a refusal is the server's or its settings', the same for every email:
+    # a wrong password, a relay out of service. The emails wait for it to pass.
+    served = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        try:
+            await converse(reader, writer)
+        finally:
+            writer.close()
+            served.set()
+
+    async def converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if refusal == "greeting":
+            writer.write(b"554 5.3.2 no service here\r\n")
+        else:
+            writer.write(b"220 ready\r\n")
+            while line := await reader.readline():
+                verb = line.split()[0].upper() if line.split() else b""
+                if verb in (b"EHLO", b"HELO") and refusal == "EHLO and HELO":
+                    writer.write(b"550 5.7.1 not from your network\r\n")
+                elif verb == b"EHLO":
+                    writer.write(b"250-mx.example.com\r\n250 AUTH PLAIN LOGIN\r\n")
+                elif verb == b"AUTH":
+                    writer.write(b"535 5.7.8 authentication credentials invalid\r\n")
+                else:
+                    writer.write(b"221 bye\r\n")
+                    break
+        await writer.drain()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    config = SmtpConfig(
+        "127.0.0.1", port, timeout=2, username="notiflow", password="wrong"
+    )
+    transport = SmtpPool(config, size=1)
+    try:
+        with pytest.raises(TransientSendError, match=f"session.*{code}"):
+            await transport.send(message(1))
+        await asyncio.wait_for(served.wait(), 5)
+    finally:
+        await transport.close()
+        listener.close()
+        await listener.wait_closed()
+
+
 # A server that goes away or goes quiet
 
 
