@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import string
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -223,6 +224,15 @@ GOOD = {
 }
 
 
+def _unused_bits_set(text: str) -> str:
+    """``text`` with the unused low bits of its last character set: the same bytes
+    to a lenient decoder, but not what any encoder writes."""
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    last = alphabet.index(text[-1])
+    assert last & 1 == 0, "a 65- or 16-byte key leaves unused bits in its last char"
+    return text[:-1] + alphabet[last | 1]
+
+
 def _with(**changes: Any) -> dict[str, Any]:
     body = {**GOOD, "keys": dict(GOOD["keys"])}
     for key, value in changes.items():
@@ -289,6 +299,8 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
         (_with(p256dh=P256DH[:20] + "\u0000" + P256DH[20:]), "keys.p256dh", "base64"),
         (_with(auth=AUTH[:8] + "\u0000" + AUTH[8:]), "keys.auth", "base64url"),
         (_with(auth=AUTH[:8] + "." + AUTH[8:]), "keys.auth", "base64url"),
+        (_with(p256dh=_unused_bits_set(P256DH)), "keys.p256dh", "unused bits"),
+        (_with(auth=_unused_bits_set(AUTH)), "keys.auth", "unused bits"),
     ],
 )
 async def test_a_bad_subscription_is_refused_naming_the_field(

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
-from push_sender.vapid import b64url_decode
+from push_sender.vapid import b64url, b64url_decode
 
 MAX_ENDPOINT_CHARS = 2048
 # The last millisecond a Python datetime can hold (9999-12-31T23:59:59.999Z).
@@ -110,9 +110,17 @@ def _from_ms(value: float) -> datetime:
 
 def _decode(value: str) -> bytes:
     try:
-        return b64url_decode(value)
+        raw = b64url_decode(value)
     except ValueError:
         raise ValueError("must be unpadded base64url") from None
+    # The decoder ignores the unused bits of the last character, so several texts
+    # decode to one key; only the one a browser writes is taken.
+    if b64url(raw) != value:
+        raise ValueError(
+            "must be unpadded base64url as browsers write it: the unused bits of "
+            "its last character must be zero"
+        )
+    return raw
 
 
 # Subscribing runs the statements from here to UPSERT in one transaction. An
