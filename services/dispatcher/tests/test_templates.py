@@ -35,6 +35,20 @@ def test_mention_renders_title_text_and_escaped_html() -> None:
     assert 'href="http://example.test/?post=1#comment-9"' in rendered.html
 
 
+@pytest.mark.parametrize("template", ["comment_mention", "comment_reply"])
+def test_an_email_keeps_the_comments_lines_and_greets_its_reader(template: str) -> None:
+    body = "first line\n<b>second</b>\n\nafter a blank"
+    rendered = Renderer().render(
+        template, context(comment={"id": 9, "body": body, "excerpt": body})
+    )
+
+    assert (
+        "first line<br>&lt;b&gt;second&lt;/b&gt;<br><br>after a blank" in rendered.html
+    )
+    assert rendered.email_text.startswith("Hello Bob,\n\n")
+    assert body in rendered.email_text
+
+
 def test_reply_wording_depends_on_the_reason() -> None:
     renderer = Renderer()
 
@@ -103,7 +117,7 @@ def test_long_titles_are_shortened() -> None:
 def test_an_email_ends_with_the_link_that_turns_emails_off(template: str) -> None:
     rendered = Renderer().render(template, context())
 
-    assert rendered.email_text.startswith(rendered.message)
+    assert rendered.message in rendered.email_text
     last_line = rendered.email_text.splitlines()[-1]
     assert last_line == f"Turn off these emails: {UNSUBSCRIBE}"
     assert rendered.html.endswith(
