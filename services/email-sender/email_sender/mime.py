@@ -21,6 +21,7 @@ used at all: it parses every header it is given back into a token tree.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -104,6 +105,9 @@ class Mail:
     message_id: str
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 class InvalidAddress(ValueError):
     """An address no mail server will ever accept; retrying cannot help."""
 
@@ -118,6 +122,10 @@ def recipient(address: str | None, display_name: str) -> Address:
     """
     if not address or not address.strip():
         raise InvalidAddress("the recipient has no email address")
+    # A name is shown, never parsed: a line break in it, which no header can hold,
+    # is a space rather than a reason to refuse the email.
+    if "\r" in display_name or "\n" in display_name:
+        display_name = _LINE_BREAK.sub(" ", display_name)
     try:
         return Address(display_name=display_name, addr_spec=_ascii_domain(address))
     except (MessageError, ValueError, IndexError) as exc:

@@ -326,6 +326,33 @@ def test_each_display_name_of_an_address_gets_its_own_to_header() -> None:
     assert bob_again == bob
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["Dave\r\nBcc: injected@example.com", "Dave\nBcc: injected@example.com"],
+    ids=["crlf", "lf"],
+)
+def test_a_line_break_in_a_recipients_name_is_a_space_and_adds_no_header(
+    name: str,
+) -> None:
+    mail = build(
+        notification_id=1,
+        to_address="dave@example.com",
+        to_name=name,
+        subject="s",
+        text="t",
+        html=None,
+        sender="n@example.com",
+        sender_name="n",
+        domain="example.com",
+    )
+
+    back = parse(mail.data)
+    assert back["To"].addresses[0].display_name == "Dave Bcc: injected@example.com"
+    assert back["To"].addresses[0].addr_spec == "dave@example.com"
+    assert back["Bcc"] is None
+    assert mail.recipients == ("dave@example.com",)
+
+
 def _without_date(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\r\n") if not line.startswith(b"Date:")]
 
