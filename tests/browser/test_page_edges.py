@@ -178,3 +178,87 @@ async def test_the_notification_panel_opens_inside_the_screen(
     assert panel["x"] >= 0 and panel["x"] + panel["width"] <= width, panel
     assert panel["y"] >= bell["y"] + bell["height"], (panel, bell)
     await expect(bob.locator("#panel h2")).to_be_in_viewport(ratio=1)
+
+
+async def test_a_comment_sent_again_after_its_answer_was_lost_is_stored_once(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, _ = site
+    carol = await open_as(browser, gateway, "carol")
+    keys: list[str | None] = []
+
+    async def lose_the_first_answer(route: Route) -> None:
+        if route.request.method != "POST":
+            await route.continue_()
+            return
+        keys.append(await route.request.header_value("idempotency-key"))
+        if len(keys) > 1:
+            await route.continue_()
+            return
+        # The comment is stored, and its answer never reaches the page.
+        await route.fetch()
+        await route.abort("connectionreset")
+
+    await carol.route("**/comments", lose_the_first_answer)
+    await carol.fill("#comment-body", "said once, sent twice")
+    await carol.click("#comment-submit")
+    await expect(carol.locator("#form-error")).not_to_be_empty()
+    await expect(carol.locator("#comment-body")).to_have_value("said once, sent twice")
+    await carol.click("#comment-submit")
+
+    await expect(carol.locator("#comment-body")).to_have_value("")
+    await expect(carol.locator("#comments")).to_contain_text("said once, sent twice")
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM comments WHERE body = 'said once, sent twice'"
+        )
+    finally:
+        await conn.close()
+    assert stored == 1
+    assert len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+
+    # Another comment is another key.
+    await comment(carol, "a second thought")
+    assert len(keys) == 3 and keys[2] != keys[0]
+
+
+async def test_an_inbox_answer_for_the_previous_user_is_not_shown_after_switching(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    carol = await open_as(browser, gateway, "carol")
+    bob = await open_as(browser, gateway, "bob")
+    await comment(carol, "@bob for bob only")
+    await expect(bob.locator("#unread-count")).to_have_text("1")
+
+    page = await (await browser.new_context()).new_page()
+    fetched = asyncio.Event()
+    release = asyncio.Event()
+    answered = asyncio.Event()
+
+    async def hold_the_first(route: Route) -> None:
+        if fetched.is_set():
+            await route.continue_()
+            return
+        response = await route.fetch()
+        fetched.set()
+        await release.wait()
+        await route.fulfill(response=response)
+        answered.set()
+
+    # Bob's first inbox page is held until the page has switched to dave.
+    await page.route("**/inbox?*", hold_the_first)
+    await page.goto(f"{gateway.url}/?user=bob")
+    await asyncio.wait_for(fetched.wait(), 20)
+    await page.select_option("#user-select", "dave")
+    await expect(page.locator("#status")).to_have_text("live")
+    await expect(page.locator("#user-select")).to_have_value("dave")
+    release.set()
+    await asyncio.wait_for(answered.wait(), 10)
+    # What the page does with an answer it has, it does within this time.
+    await page.wait_for_timeout(500)
+
+    await page.click("#bell")
+    await expect(page.locator("#notifications")).not_to_contain_text("for bob only")
+    await expect(page.locator("#unread-count")).to_have_attribute("data-count", "0")

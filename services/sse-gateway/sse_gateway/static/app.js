@@ -21,6 +21,11 @@
     unread: 0,
     cursor: null,
     changes: 0,
+    // Counts sign-ins: an answer to a request made for an earlier one is dropped.
+    session: 0,
+    // The comment being sent and its Idempotency-Key, kept until it is stored, so
+    // that sending it again after a lost answer stores it once.
+    sending: null,
     streamRefused: false,
     post: null,
     linkShown: false,
@@ -141,6 +146,9 @@
   }
 
   async function signIn(username) {
+    state.session += 1;
+    // A read state answered for the previous user is not this one's.
+    state.changes += 1;
     disconnect();
     if (username !== state.username) forgetPreferences();
     state.items.clear();
@@ -298,9 +306,11 @@
 
   async function loadInbox(cursor) {
     const before = state.changes;
+    const session = state.session;
     const query = new URLSearchParams({ limit: "20" });
     if (cursor) query.set("cursor", cursor);
     const page = await authed(`/inbox?${query}`);
+    if (session !== state.session) return;
     inboxError();
     for (const note of page.items) state.items.set(note.id, note);
     if (cursor || state.cursor === null) state.cursor = page.next_cursor;
@@ -316,9 +326,11 @@
   // what it shows. A live change landing while the page is in flight may be newer
   // than the page; then the page is asked for again.
   async function reloadInbox() {
+    const session = state.session;
     for (let tries = 0; tries < 3; tries += 1) {
       const before = state.changes;
       const page = await authed("/inbox?limit=20");
+      if (session !== state.session) return;
       inboxError();
       if (state.changes !== before) continue;
       state.items = new Map(page.items.map((note) => [note.id, note]));
@@ -334,8 +346,10 @@
   // change; a live change that arrived before the answer is newer, and then the
   // count is asked for again rather than stepped back.
   async function settleUnread(before, unread) {
-    if (state.changes === before) setUnread(unread);
-    else setUnread((await authed("/inbox/unread-count")).unread);
+    if (state.changes === before) return setUnread(unread);
+    const session = state.session;
+    const count = (await authed("/inbox/unread-count")).unread;
+    if (session === state.session) setUnread(count);
   }
 
   async function markRead(id) {
@@ -581,11 +595,19 @@
     $("form-error").textContent = "";
     button.disabled = true;
     try {
+      const comment = { user: state.username, post: state.post.id, body: field.value };
+      const last = state.sending;
+      if (!last || last.user !== comment.user || last.post !== comment.post
+          || last.body !== comment.body) {
+        state.sending = { ...comment, key: crypto.randomUUID() };
+      }
+      const sending = state.sending;
       const created = await authed(`${state.api}/comments`, {
         method: "POST",
-        headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-        body: JSON.stringify({ post_id: state.post.id, body: field.value }),
+        headers: { "Content-Type": "application/json", "Idempotency-Key": sending.key },
+        body: JSON.stringify({ post_id: comment.post, body: comment.body }),
       });
+      if (state.sending === sending) state.sending = null;
       field.value = "";
       await loadPost(created.id);
     } catch (err) {
