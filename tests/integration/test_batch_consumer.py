@@ -34,7 +34,13 @@ def delivery(notification_id: int, user_id: int) -> bytes:
 
 
 async def _run(
-    settings: Settings, handler, *, max_batch: int, workers: int = 1, envelope=None
+    settings: Settings,
+    handler,
+    *,
+    max_batch: int,
+    workers: int = 1,
+    envelope=None,
+    **options,
 ):
     runtime = Runtime(settings, consumers=True)
     runtime.subscribe_batch(
@@ -46,6 +52,7 @@ async def _run(
         workers=workers,
         action="test",
         envelope=envelope,
+        **options,
     )
     await runtime.start()
     return runtime
@@ -80,6 +87,93 @@ async def test_waiting_messages_are_handled_together_and_each_acked(
     # Acked, not merely delivered: nothing comes back after the consumer is gone.
     assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
     assert await take_dead_letters(settings.amqp_url) == []
+
+
+async def test_a_batch_waiting_on_one_slow_item_does_not_hold_back_the_rest(
+    settings: Settings,
+) -> None:
+    # Message 1 waits on a peer that answers late; its batch settles the others as
+    # they are done. With one worker, everything else must still be handled and
+    # acked meanwhile: message 2 of its own batch, and all published after it.
+    release = asyncio.Event()
+    handled: list[int] = []
+    batches: list[list[int]] = []
+
+    async def one(item: Item[DeliveryRequested]) -> None:
+        if item.message.notification_id == 1:
+            await release.wait()
+        handled.append(item.message.notification_id)
+        item.finished()
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        batches.append([item.message.notification_id for item in items])
+        await asyncio.gather(*(one(item) for item in items))
+        return [None] * len(items)
+
+    def acked() -> float:
+        return helpers.counted(
+            "notiflow_messages_handled", queue=QUEUE, outcome="acked"
+        )
+
+    await publish(
+        settings.amqp_url, [delivery(1, 1), delivery(2, 1)], routing_key="push"
+    )
+    before = acked()
+    runtime = await _run(
+        settings, handler, max_batch=4, workers=1, max_items=8, slow_after=0.2
+    )
+    try:
+        await eventually(lambda: _count(handled, 1), what="message 2 handled")
+        assert batches[0] == [1, 2]
+        await publish(
+            settings.amqp_url,
+            [delivery(i, 1) for i in range(3, 31)],
+            routing_key="push",
+        )
+        await eventually(
+            lambda: _count(handled, 29), what="all but the slow one handled"
+        )
+
+        async def acked_all_but_one() -> bool:
+            return acked() - before == 29
+
+        await eventually(acked_all_but_one, what="every message but the slow one acked")
+        assert 1 not in handled
+        release.set()
+        await eventually(lambda: _count(handled, 30), what="the slow one handled")
+    finally:
+        release.set()
+        await runtime.stop()
+    assert sorted(handled) == list(range(1, 31))
+    assert (await depths(settings.amqp_url, QUEUE))[QUEUE] == 0
+
+
+async def test_without_slow_after_a_slow_batch_keeps_its_worker(
+    settings: Settings,
+) -> None:
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        numbers = [item.message.notification_id for item in items]
+        if 1 in numbers:
+            await release.wait()
+        handled.extend(numbers)
+        return [None] * len(items)
+
+    runtime = await _run(settings, handler, max_batch=4, workers=1)
+    try:
+        await publish(settings.amqp_url, [delivery(1, 1)], routing_key="push")
+        await asyncio.sleep(0.3)
+        await publish(settings.amqp_url, [delivery(2, 1)], routing_key="push")
+        await asyncio.sleep(0.5)
+        # The one worker is the slow batch's: message 2 waits for it.
+        assert handled == []
+        release.set()
+        await eventually(lambda: _count(handled, 2), what="both handled")
+    finally:
+        release.set()
+        await runtime.stop()
 
 
 async def _handled(batches: list[list[int]], count: int) -> bool:

@@ -11,7 +11,8 @@ the script is used up, every connection gets the default behaviour:
 * ``drop``: read the whole message, record it in :attr:`SmtpServer.dropped`, then
   close the connection before answering, so the client cannot know it arrived.
 
-:attr:`SmtpServer.data_delay` makes every DATA slow, to hold messages in flight.
+:attr:`SmtpServer.data_delay` makes every DATA slow, to hold messages in flight;
+:attr:`SmtpServer.slow_for` makes it slow only for some recipients.
 Addresses in :attr:`SmtpServer.unknown` are refused with a 550 whatever the
 behaviour, as a real server refuses a mailbox that does not exist.
 
@@ -118,6 +119,8 @@ class SmtpServer(OffersPipelining):
         self.unknown: set[str] = set()
         self.connections = 0
         self.data_delay = 0.0
+        # Seconds DATA takes for a message to one of these recipients.
+        self.slow_for: dict[str, float] = {}
         self.stopping = False
         self.hanging: set[SMTP] = set()
         self.open: set[SMTP] = set()
@@ -197,8 +200,11 @@ class SmtpServer(OffersPipelining):
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=_bytes(envelope.original_content or envelope.content),
         )
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        delay = max(
+            [self.data_delay, *(self.slow_for.get(r, 0.0) for r in envelope.rcpt_tos)]
+        )
+        if delay:
+            await asyncio.sleep(delay)
         if server.behaviour == "tempfail":
             return "451 4.3.0 try again later"
         if server.behaviour == "drop":

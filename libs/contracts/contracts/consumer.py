@@ -63,7 +63,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -127,10 +127,24 @@ class Item(Generic[M]):
     message: M
     raw: AbstractIncomingMessage
     context: contextvars.Context
+    # Given by the batcher: settles the item as handled before its batch returns.
+    _finish: Callable[[], None] | None = field(default=None, repr=False)
 
     def within(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``fn`` as if inside this message's consumer: its log ids, its trace."""
         return self.context.run(fn, *args, **kwargs)
+
+    def finished(self) -> None:
+        """Settle this item as handled now, before its batch returns.
+
+        Its message is acked once every other item of it is settled too, and its
+        place counts no more against the batcher's ``max_items``, so one slow item
+        does not keep the rest of the queue waiting. Its outcome in the batch's
+        answer must then be None; a batch run again (the database away, a failed
+        batch handled item by item) may see it again, as a redelivery would.
+        """
+        if self._finish is not None:
+            self._finish()
 
 
 # Returns one outcome per item, in order: None (done), or the RetryLater or
@@ -417,6 +431,8 @@ class Consumers:
         prefetch: int,
         max_batch: int,
         workers: int = 2,
+        max_items: int | None = None,
+        slow_after: float | None = None,
         action: str,
         envelope: type[Envelope[M]] | None = None,
     ) -> None:
@@ -424,9 +440,20 @@ class Consumers:
 
         ``workers`` batches may run at once; while they do, new messages gather
         for the next one. The items of an ``envelope`` join batches like messages.
+        ``max_items`` bounds the items of running batches not yet settled (see
+        :meth:`Item.finished`); by default, ``workers`` full batches' worth. A
+        batch still running ``slow_after`` seconds after it started no longer
+        counts against ``workers``, only its unsettled items against ``max_items``.
         """
         batcher: _Batcher[M] = _Batcher(
-            self, handler, queue, action, max_batch=max_batch, workers=workers
+            self,
+            handler,
+            queue,
+            action,
+            max_batch=max_batch,
+            workers=workers,
+            max_items=max_items,
+            slow_after=slow_after,
         )
         self._batchers.append(batcher)
         self._consume(
@@ -689,7 +716,19 @@ def _on_its_queue(part: Part[M], queue: str) -> Part[M]:
 
 
 class _Batcher(Generic[M]):
-    """Gathers the messages of one queue into batches for a :data:`BatchHandler`."""
+    """Gathers the messages of one queue into batches for a :data:`BatchHandler`.
+
+    A batch starts while fewer than ``workers`` run and the items of running
+    batches not yet settled leave room for it: a whole batch's worth, or all that
+    wait, so that when places free up one by one under load the next batch still
+    starts full. While the workers are busy, messages gather into larger batches.
+
+    A batch that waits on a slow item (a peer that answers late) would keep a
+    worker, and everything behind it, waiting. With ``slow_after``, a batch running
+    longer than that stops counting as a worker; and items its handler settles
+    early (:meth:`Item.finished`) give their places back at once, so the batch
+    holds only the places of the items it still waits on.
+    """
 
     def __init__(
         self,
@@ -700,15 +739,29 @@ class _Batcher(Generic[M]):
         *,
         max_batch: int,
         workers: int,
+        max_items: int | None = None,
+        slow_after: float | None = None,
     ) -> None:
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be at least 1")
+        if max_items is None:
+            max_items = workers * max_batch
+        if max_items < max_batch:
+            raise ValueError("max_items must hold at least one whole batch")
         self._consumers = consumers
         self._handler = handler
         self.queue = queue
         self._action = action
         self._max_batch = max_batch
         self._workers = workers
+        self._max_items = max_items
+        self._slow_after = slow_after
+        # Items of running batches whose messages are not yet settled.
+        self._holding = 0
+        # Running batches that have run longer than ``slow_after``, and the timers
+        # of the others.
+        self._slow: set[asyncio.Task[None]] = set()
+        self._timers: dict[asyncio.Task[None], asyncio.TimerHandle] = {}
         self._waiting: deque[tuple[Item[M], asyncio.Future[None]]] = deque()
         # Each running batch, and how many items it has.
         self._running: dict[asyncio.Task[None], int] = {}
@@ -721,7 +774,10 @@ class _Batcher(Generic[M]):
         if self._given_back:
             raise _ShuttingDown
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((Item(payload, raw, contextvars.copy_context()), done))
+        item = Item(
+            payload, raw, contextvars.copy_context(), _finish=lambda: _succeed(done)
+        )
+        self._waiting.append((item, done))
         if not self._scheduled:
             # Start on the next turn of the loop, so that the messages delivered
             # together with this one join its batch.
@@ -751,15 +807,43 @@ class _Batcher(Generic[M]):
         if self._consumers.stopping:
             # Held for :meth:`give_back`, once no more deliveries can come.
             return
-        while self._waiting and len(self._running) < self._workers:
+        while self._waiting and len(self._running) - len(self._slow) < self._workers:
             count = min(self._max_batch, len(self._waiting))
+            if self._holding + count > self._max_items:
+                break
             batch = [self._waiting.popleft() for _ in range(count)]
+            self._holding += count
+            for _, done in batch:
+                done.add_done_callback(self._released)
             task = asyncio.create_task(self._run(batch), name=f"batch {self.queue}")
             self._running[task] = count
             task.add_done_callback(self._finished)
+            if self._slow_after is not None:
+                self._timers[task] = asyncio.get_running_loop().call_later(
+                    self._slow_after, self._slowed, task
+                )
+
+    def _schedule(self) -> None:
+        if self._waiting and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _released(self, _: asyncio.Future[None]) -> None:
+        self._holding -= 1
+        self._schedule()
+
+    def _slowed(self, task: asyncio.Task[None]) -> None:
+        self._timers.pop(task, None)
+        if task in self._running:
+            self._slow.add(task)
+            self._schedule()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
+        self._slow.discard(task)
+        timer = self._timers.pop(task, None)
+        if timer is not None:
+            timer.cancel()
         self._start()
 
     async def _run(self, batch: list[tuple[Item[M], asyncio.Future[None]]]) -> None:
@@ -819,6 +903,11 @@ class _Batcher(Generic[M]):
                 f"{len(items)} messages"
             )
         return outcomes
+
+
+def _succeed(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 async def _ack(raw: AbstractIncomingMessage) -> None:

@@ -134,6 +134,8 @@ class Runtime:
         prefetch: int,
         max_batch: int,
         workers: int = 2,
+        max_items: int | None = None,
+        slow_after: float | None = None,
         action: str,
         envelope: type[Envelope[M]] | None = None,
     ) -> None:
@@ -147,6 +149,8 @@ class Runtime:
             prefetch=prefetch,
             max_batch=max_batch,
             workers=workers,
+            max_items=max_items,
+            slow_after=slow_after,
             action=action,
             envelope=envelope,
         )

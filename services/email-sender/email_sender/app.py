@@ -39,11 +39,17 @@ from email_sender.worker import EmailWorker
 
 logger = logging.getLogger(__name__)
 
-# Batches handled at once. A batch lasts as long as its slowest SMTP conversation;
-# with several running, a delivery that arrives meanwhile starts at once in a batch
-# of its own, and deliveries wait and gather into larger batches only once every
-# worker is busy, which is when saving statements matters.
+# Batches handled at once. With several running, a delivery that arrives meanwhile
+# starts at once in a batch of its own, and deliveries wait and gather into larger
+# batches only once every worker is busy, which is when saving statements matters.
 BATCH_WORKERS = 8
+# A batch lasts as long as its slowest SMTP conversation, and one server slow to
+# take some recipients' emails would keep every worker, and every other
+# recipient's email, waiting. A batch running longer than this (far longer than a
+# conversation with a server that answers at once) stops counting as a worker;
+# its sent emails are settled as they go, and the deliveries in hand stay bounded
+# by BATCH_WORKERS batches' worth.
+SLOW_BATCH_SECONDS = 1.0
 
 
 def _ascii_url(value: str) -> str:
@@ -274,6 +280,10 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         prefetch=settings.email_prefetch,
         max_batch=settings.email_batch_size,
         workers=BATCH_WORKERS,
+        # A batch waiting on a slow conversation holds only its unsent emails'
+        # places, and after SLOW_BATCH_SECONDS no worker's.
+        max_items=in_flight,
+        slow_after=SLOW_BATCH_SECONDS,
         action="email",
         envelope=DeliveryBatch,
     )

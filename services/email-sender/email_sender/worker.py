@@ -10,8 +10,11 @@ The consumer hands over whatever deliveries are waiting, and one statement claim
 every row of the batch it can; rows that could not be claimed are explained with
 one more. The emails are sent concurrently, each on its own connection from the SMTP
 pool and in its own message's context, so that what is logged on its way carries
-that message's ids and trace. Failures, which are rare, are recorded with one
-statement per kind once the batch is done.
+that message's ids and trace. Each delivery is settled as soon as its row is
+recorded ``sent`` (:meth:`contracts.consumer.Item.finished`): a batch waiting on
+one slow SMTP conversation holds one of the sender's places, not a batch's worth,
+and the emails behind it go out meanwhile. Failures, which are rare, are recorded
+with one statement per kind once the batch is done.
 
 An email the server has taken but whose row is not yet ``sent`` goes out a second
 time (with the same ``Message-ID``) if this process dies then: the lease sweeper
@@ -260,6 +263,8 @@ class EmailWorker:
         )
         await self._smtp.send(message)
         await self._record_sent(row["id"], lease_ends)
+        # Recorded: its message need not wait for the slowest email of the batch.
+        claimed.item.finished()
 
         delivery = claimed.item.message
         metrics.delivered("email", delivery.channel, delivery.event_occurred_at)
