@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
+from contracts import topology
 from contracts.auth import issue_token
 from contracts.settings import Settings
 from push_sender import payload
@@ -20,6 +21,7 @@ from push_sender.app import create_app
 from push_sender.settings import PushSettings
 from push_sender.vapid import b64url, public_point
 from push_sender.worker import ALL_GONE, NO_SUBSCRIPTION
+from tests.integration import helpers
 from tests.integration.conftest import through
 from tests.integration.proxy import Proxy
 from tests.push.conftest import (
@@ -29,6 +31,7 @@ from tests.push.conftest import (
     redeliver,
     settled,
 )
+from tests.support import infra
 from tests.support.data import Demo
 from tests.support.push_service import Answer, Device, PushService
 from tests.support.waiting import eventually
@@ -345,6 +348,46 @@ async def test_a_row_whose_worker_died_is_pushed_by_the_sweeper(
     row = await eventually(lambda: settled(db, row_id), what="row settled again")
     assert row["status"] == "sent" and row["attempts"] == 2
     assert len(device.delivered) == 2
+
+
+async def test_a_push_in_flight_when_the_broker_drops_the_consumer_is_sent_once(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+) -> None:
+    # The broker closes the push sender's consumer connection while a push waits
+    # for its answer. The push must end recorded, at once rather than when its
+    # lease runs out, and reach the device once, redelivery or not.
+    device = push_service.device()
+    await subscribe(api, settings, demo.bob, device)
+    vhost = urlsplit(settings.amqp_url).path.lstrip("/")
+    closed: list[int] = []
+
+    async def drop_the_consumer() -> None:
+        push_service.before_answer = None
+        closed.append(
+            await asyncio.to_thread(infra.close_connections, vhost, "consumers")
+        )
+        # Long enough for the client to learn of it before the answer comes.
+        await asyncio.sleep(1.0)
+
+    push_service.before_answer = drop_the_consumer
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), timeout=20, what="row settled")
+    assert closed == [1]
+    assert row["status"] == "sent" and row["attempts"] == 1
+
+    async def redelivered_and_done() -> bool:
+        depth = await helpers.depths(settings.amqp_url, topology.delivery_queue("push"))
+        return set(depth.values()) == {0}
+
+    await eventually(redelivered_and_done, what="the push queue empty")
+    await asyncio.sleep(1.0)
+    assert len(device.delivered) == 1
+    assert (await settled(db, row_id))["attempts"] == 1
 
 
 async def test_a_push_accepted_while_the_database_is_away_is_recorded_once_it_is_back(

@@ -187,6 +187,42 @@ def connection_names(vhost: str) -> list[str]:
     return sorted(names)
 
 
+def close_connections(vhost: str, name_ending: str) -> int:
+    """Have the broker close each connection to ``vhost`` whose ``connection_name``
+    ends with ``name_ending``, as a broker restart or a network fault would; how
+    many it closed."""
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+
+    def listing(*items: str, json_out: bool) -> str:
+        formatter = ["--formatter", "json"] if json_out else ["--no-table-headers"]
+        return subprocess.run(
+            [ctl, "-q", "list_connections", *items, *formatter],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+
+    # The JSON listing writes pids in a form close_connection does not take; the
+    # plain one gives them, and the connection's name joins the two.
+    wanted = set()
+    for connection in json.loads(
+        listing("name", "vhost", "client_properties", json_out=True) or "[]"
+    ):
+        properties = {key: value for key, _, value in connection["client_properties"]}
+        if connection["vhost"] == vhost and str(
+            properties.get("connection_name", "")
+        ).endswith(name_ending):
+            wanted.add(connection["name"])
+    closed = 0
+    for line in listing("pid", "name", json_out=False).splitlines():
+        pid, _, name = line.partition("\t")
+        if name in wanted:
+            _rabbitmqctl("close_connection", pid, "closed by a test")
+            closed += 1
+    return closed
+
+
 def create_user(password: str) -> str:
     """A RabbitMQ user of the test's own, allowed into no virtual host."""
     name = unique("notiflow_u")

@@ -303,6 +303,8 @@ class Consumers:
         self._batchers: list[_Batcher[Any]] = []
         # Each message being handled, and its queue.
         self._handling: dict[asyncio.Task[str], str] = {}
+        # Handlings whose delivery was lost before they ended (see _start_handling).
+        self._orphans: set[asyncio.Task[str]] = set()
         self._unsubscribed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -493,6 +495,18 @@ class Consumers:
             self._idle.clear()
             gauge = metrics.CONSUMER_IN_FLIGHT.labels(queue)
             gauge.inc()
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    gauge.dec()
+                    self.in_flight -= 1
+                    if self.in_flight == 0:
+                        self._idle.set()
+
+            task: asyncio.Task[str] | None = None
             try:
                 if self.stopping:
                     # Delivered while the subscription was being cancelled.
@@ -506,13 +520,14 @@ class Consumers:
                             parent_headers=raw.headers or {},
                             kind=SpanKind.CONSUMER,
                         ):
-                            outcome = await self._handled(
+                            task = self._start_handling(
                                 queue,
-                                message,
                                 self._handle(
                                     queue, model, envelope, run, message, raw, action
                                 ),
+                                release,
                             )
+                            outcome = await self._handled(message, task)
                     except Exception:
                         # Neither acked nor set aside: the broker hands it out
                         # again once this channel closes.
@@ -524,28 +539,62 @@ class Consumers:
                         raise
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
-                gauge.dec()
-                self.in_flight -= 1
-                if self.in_flight == 0:
-                    self._idle.set()
+                # A handling that goes on without this callback counts as in hand
+                # until it ends.
+                if task is None or task.done():
+                    release()
 
-    async def _handled(
-        self, queue: str, message: Any, handling: Coroutine[Any, Any, str]
-    ) -> str:
-        """Run ``handling`` in a task :meth:`stop` may cancel; how it ended."""
+    def _start_handling(
+        self,
+        queue: str,
+        handling: Coroutine[Any, Any, str],
+        release: Callable[[], None],
+    ) -> asyncio.Task[str]:
+        """``handling`` in a task of its own, which only :meth:`stop` cancels.
+
+        When the connection to the broker drops, the client cancels the callbacks
+        of the deliveries in hand. Work that had claimed a row would stop halfway
+        and leave the row claimed until its lease runs out, to be done a second
+        time then (a push sent twice, say). So the task goes on to the end: its
+        row ends as it should, its ack fails on the closed channel, and the broker
+        hands the message out again, to find the row done.
+        """
         task = asyncio.create_task(handling, name=f"consume {queue}")
         self._handling[task] = queue
+
+        def ended(done: asyncio.Task[str]) -> None:
+            del self._handling[done]
+            release()
+            if done in self._orphans:
+                self._orphans.discard(done)
+                failure = None if done.cancelled() else done.exception()
+                logger.info(
+                    "finished a message from %s after its delivery was lost%s; the "
+                    "broker hands it out again, and its row says it is done",
+                    queue,
+                    f" ({failure!r})" if failure is not None else "",
+                    extra={"action": "consumer.finished_orphan", "queue": queue},
+                )
+
+        task.add_done_callback(ended)
+        return task
+
+    async def _handled(self, message: Any, task: asyncio.Task[str]) -> str:
+        """How ``task`` ended."""
         try:
-            return await task
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
+            if not task.cancelled():
+                # This callback is cancelled (the connection dropped, or the
+                # consumer stops), not the work: it goes on without it.
+                self._orphans.add(task)
+                raise
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                raise  # this consumer itself is cancelled, not only its work
+                raise
             # The drain time ran out before the message was handled.
             await message.nack(requeue=True)
             return "abandoned"
-        finally:
-            del self._handling[task]
 
     async def _handle(
         self,
