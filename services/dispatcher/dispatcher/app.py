@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from contracts.http import install_http_policy
 from contracts.messages import MAX_BATCH_DELIVERIES, CommentCreated
 from contracts.runtime import Runtime, health_router
 from contracts.settings import MAX_PREFETCH, Settings, WebUrl, prefetch_holds_batch
+from contracts.tasks import stop_task
 from dispatcher import channels, templates
 from dispatcher.service import Dispatcher, Outcome
 
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Batches handled at once; while they run, the next one gathers.
 BATCH_WORKERS = 2
+# How often the channel configuration and its templates are looked at between
+# events; an edit on disk this long is the last good version of every dispatcher.
+CONFIG_CHECK_SECONDS = 1.0
 
 
 class DispatcherSettings(Settings):
@@ -146,9 +151,11 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        watcher = asyncio.create_task(_keep_looking(dispatcher), name="config watch")
         try:
             yield
         finally:
+            await stop_task(watcher, "the configuration watch")
             await runtime.stop()
 
     app = FastAPI(
@@ -160,6 +167,20 @@ def create_app(settings: DispatcherSettings | None = None) -> FastAPI:
     install_http_policy(app, settings.max_request_bytes)
     app.include_router(health_router(runtime))
     return app
+
+
+async def _keep_looking(dispatcher: Dispatcher) -> None:
+    """Take up edits of the configuration and templates whether events come or
+    not (:meth:`Dispatcher.refresh`)."""
+    while True:
+        await asyncio.sleep(CONFIG_CHECK_SECONDS)
+        try:
+            dispatcher.refresh()
+        except Exception:
+            logger.exception(
+                "could not look at the channel configuration",
+                extra={"action": "channels.watch_failed"},
+            )
 
 
 def _log(event: CommentCreated, outcome: Outcome) -> None:

@@ -12,15 +12,17 @@ out is off, as if disabled.
 
 The file is UTF-8, with or without the byte order mark some editors write first.
 Operators edit it while the dispatcher runs; the next event uses the new
-configuration. A file that cannot be read, is not UTF-8, does not parse or
-validate, gives a key twice in one object, names a channel the dispatcher does not
-know or a template set the templates directory does not hold is refused with a
-logged error naming the channel and field, and the last good configuration stays in
-force, so a typo never stops deliveries. A value must have the JSON type its field
-takes: ``"enabled": "false"`` or ``"priority": true`` is refused, not read as some
-other value. Each refusal is logged once: again only when the file changes, or
-goes missing, or comes back. At start there is no last good configuration: the
-same faults stop the dispatcher.
+configuration. The dispatcher also looks at it every second between events (see
+:meth:`dispatcher.service.Dispatcher.refresh`), so that every dispatcher reading
+the file keeps the same last good configuration. A file that cannot be read, is
+not UTF-8, does not parse or validate, gives a key twice in one object, names a
+channel the dispatcher does not know or a template set the templates directory
+does not hold is refused with a logged error naming the channel and field, and the
+last good configuration stays in force, so a typo never stops deliveries. A value
+must have the JSON type its field takes: ``"enabled": "false"`` or ``"priority":
+true`` is refused, not read as some other value. Each refusal is logged once:
+again only when the file changes, or goes missing, or comes back. At start there
+is no last good configuration: the same faults stop the dispatcher.
 
 ``{"channels": {}}`` is used, as an operator may mean it, with a warning at each
 load that no event notifies anyone.

@@ -39,7 +39,7 @@ from contracts.messages import (
 from dispatcher import recipients as who
 from dispatcher import repository as sql
 from dispatcher.channels import MENTION, REPLY, ChannelConfigs, ChannelFile
-from dispatcher.templates import Renderer
+from dispatcher.templates import SAMPLE_REASONS, Renderer, RenderError, sample_context
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,23 @@ class Dispatcher:
         self._public_url = public_url.rstrip("/")
         self._secret_key = secret_key
         self._per_message = per_message
+
+    def refresh(self) -> None:
+        """Take up the channel configuration and the templates it names as they are
+        on disk now, as the next event would.
+
+        Each dispatcher keeps the last good version of each file it has seen; one
+        that sees only events would see only the versions on disk when events
+        came. Called every second or so, it keeps dispatchers that share the
+        files on the same last good versions, busy or idle, so that a broken edit
+        following a good one takes them all back to that one.
+        """
+        config = self._channels.current()
+        for name in sorted({channel.template for channel in config.channels.values()}):
+            try:
+                self._renderer.render(name, sample_context(SAMPLE_REASONS[-1]))
+            except RenderError:
+                pass  # events meet the same fault, and say so
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
         """Dispatch one event; raise :class:`DeadLetter` if it must be set aside."""

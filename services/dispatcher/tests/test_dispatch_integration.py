@@ -507,3 +507,60 @@ async def test_a_mentioned_post_author_still_gets_what_the_reply_channel_owes(
     assert {r["status"] for r in rows} == {"pending"}
     emails = [d for m in await drain(settings, "email") for d in deliveries_in(m.body)]
     assert [(d.user_id, d.channel) for d in emails] == [(demo.alice, "comment.reply")]
+
+
+def _bump(path: Path) -> None:
+    """Make an edit visible even on filesystems with coarse timestamps."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def _edit(channel_file: Path, title: Path, text: str) -> None:
+    edit_mention_channel(channel_file, enabled=False)
+    title.write_text(text)
+    _bump(title)
+
+
+def _break(channel_file: Path, title: Path) -> None:
+    channel_file.write_text(channel_file.read_text() + ",")
+    _bump(channel_file)
+    title.write_text("{{ commenter.display_name ")
+    _bump(title)
+
+
+async def test_a_broken_edit_falls_back_to_the_edit_before_it_though_no_event_saw_it(
+    settings: Settings, demo: Demo, channel_file: Path, tmp_path: Path, caplog
+) -> None:
+    # Dispatchers sharing the files must agree on the last good version, whichever
+    # of them handled events while it was on disk: here, none did.
+    app, folder = own_templates(settings, channel_file, tmp_path)
+    title = folder / "comment_reply" / "title.txt.j2"
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        async with app.router.lifespan_context(app):
+            _edit(channel_file, title, "Edited: {{ commenter.display_name }} replied")
+
+            async def seen() -> bool:
+                return "channel configuration reloaded" in caplog.text
+
+            # The templates the configuration names are looked at with it.
+            with caplog.at_level(logging.INFO, logger="dispatcher"):
+                await eventually(seen, timeout=10, what="the edits taken up")
+            _break(channel_file, title)
+
+            body = "@bob, a question"
+            comment = await add_comment(db, demo, demo.carol, body)
+            await publish(settings, created(demo, comment, demo.carol, body))
+            await eventually(lambda: _event_ids(db, 1), what="the event stored")
+            rows = await db.fetch(
+                "SELECT user_id, channel, title FROM notifications WHERE type = 'sse'"
+            )
+    finally:
+        await db.close()
+
+    # Mentions stayed off: bob hears nothing; alice hears of her post, with the
+    # edited title.
+    assert {(r["user_id"], r["channel"]) for r in rows} == {
+        (demo.alice, "comment.reply")
+    }
+    assert rows[0]["title"] == "Edited: Zoë 🚀 Carol replied"
