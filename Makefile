@@ -63,8 +63,10 @@ run: install
 test: install
 	@$(RUN) pytest $(PYTEST_ARGS)
 
+# The name goes through the environment, not the recipe's text, so that no quote
+# in it can end the command early.
 token: install
-	@$(RUN) notiflow-token '$(USER)'
+	@$(RUN) notiflow-token "$$USER"
 
 migrate: install
 	@$(RUN) notiflow-migrate
