@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from email_sender import mime
-from email_sender.mime import InvalidAddress, build
+from email_sender.mime import InvalidAddress, Mail, build
 
 STANDARD = email.policy.compat32.clone(linesep="\r\n")
 
@@ -302,19 +302,24 @@ def test_a_bad_address_is_refused_every_time(address: str | None) -> None:
             )
 
 
+def _plain_to(address: str, name: str) -> Mail:
+    """The smallest message to ``name`` at ``address``."""
+    return build(
+        notification_id=1,
+        to_address=address,
+        to_name=name,
+        subject="s",
+        text="t",
+        html=None,
+        sender="n@example.com",
+        sender_name="n",
+        domain="example.com",
+    )
+
+
 def test_each_display_name_of_an_address_gets_its_own_to_header() -> None:
     def to(name: str) -> tuple[str, bytes]:
-        mail = build(
-            notification_id=1,
-            to_address="bob@example.com",
-            to_name=name,
-            subject="s",
-            text="t",
-            html=None,
-            sender="n@example.com",
-            sender_name="n",
-            domain="example.com",
-        )
+        mail = _plain_to("bob@example.com", name)
         (line,) = [x for x in mail.data.split(b"\r\n") if x.startswith(b"To:")]
         return parse(mail.data)["To"].addresses[0].display_name, line
 
@@ -334,17 +339,7 @@ def test_each_display_name_of_an_address_gets_its_own_to_header() -> None:
 def test_a_line_break_in_a_recipients_name_is_a_space_and_adds_no_header(
     name: str,
 ) -> None:
-    mail = build(
-        notification_id=1,
-        to_address="dave@example.com",
-        to_name=name,
-        subject="s",
-        text="t",
-        html=None,
-        sender="n@example.com",
-        sender_name="n",
-        domain="example.com",
-    )
+    mail = _plain_to("dave@example.com", name)
 
     back = parse(mail.data)
     assert back["To"].addresses[0].display_name == "Dave Bcc: injected@example.com"
