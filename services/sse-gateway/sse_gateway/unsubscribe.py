@@ -62,6 +62,14 @@ LINK_TOKEN = "notiflow.link_tokens"
 
 USER = "SELECT display_name, email FROM users WHERE id = $1"
 
+# Whether the user has turned the channel type $2 off already.
+TURNED_OFF = """
+SELECT EXISTS (
+    SELECT FROM notification_preferences
+    WHERE user_id = $1 AND type = $2 AND NOT enabled
+)
+"""
+
 # What each channel type a link may turn off is called on the page.
 _NAMES = {"email": "notification emails"}
 
@@ -95,10 +103,19 @@ async def confirm_page(request: Request, db: Pool) -> Response:
         link = _link(request)
         async with connection(db) as pg:
             user = await _user(pg, link)
+            off = await pg.fetchval(TURNED_OFF, link.user_id, link.channel_type)
     except _Refused as refused:
         return _refusal(request, refused)
 
     what = _NAMES[link.channel_type]
+    if off:
+        return _page(
+            f"{what.capitalize()} are already off",
+            f"<p>{what.capitalize()} are already turned off for "
+            f"<strong>{_whom(user)}</strong>; this link has nothing more to do. "
+            "You can turn them back on in the notiflow page under "
+            "“Notify me by”.</p>",
+        )
     token = escape(request.scope[LINK_TOKEN][0])
     return _page(
         "Turn off notification emails?",

@@ -59,6 +59,20 @@ async def test_the_page_says_whose_emails_it_turns_off_and_changes_nothing(
     assert await db.fetch(EVERY_ROW) == []
 
 
+async def test_the_page_of_someone_whose_emails_are_off_says_so_and_offers_no_button(
+    gateway: httpx.AsyncClient, settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    await gateway.post(link(settings, demo.bob), **ONE_CLICK)
+
+    page = await gateway.get(link(settings, demo.bob), headers=BROWSER)
+
+    assert page.status_code == 200, page.text
+    assert "Notification emails are already off" in page.text
+    assert "Bob Dupont (b…@example.com)" in page.text
+    assert "<form" not in page.text
+    assert await db.fetch(EVERY_ROW) == [(demo.bob, "email", False)]
+
+
 async def test_a_one_click_post_turns_email_off_and_leaves_the_rest_on(
     gateway: httpx.AsyncClient, settings: Settings, demo: Demo, db: asyncpg.Connection
 ) -> None:
