@@ -239,13 +239,14 @@ def read(path: Path, templates: TemplateCheck) -> ChannelFile:
     return config
 
 
-# What tells one version of the file from another: its modification time and size.
-Stamp = tuple[int, int]
+# What tells one version of the file from another: its modification time, its size
+# and its inode (a file renamed over it is another version, whatever its times).
+Stamp = tuple[int, int, int]
 
 
 def _stamp(path: Path) -> Stamp:
     st = os.stat(path)
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,8 @@ class ChannelConfigs:
         # None while the file cannot be found: reported once, and read again
         # whatever stamp it has when it comes back.
         self._stamp: Stamp | None = start.stamp
+        # Why the version on disk was refused, while it is the one on disk.
+        self._refused: str | None = None
 
     def current(self) -> ChannelFile:
         try:
@@ -318,15 +321,35 @@ class ChannelConfigs:
         # Taken before reading: an edit refused is complained of once, and a
         # write that lands while this one is read is read again next time.
         self._stamp = stamp
+        self._refused = None
+        return self._read()
+
+    def recheck(self) -> ChannelFile:
+        """:meth:`current`, and the version on disk read again if it was refused.
+
+        A version may be refused for what lies outside it: a template set it names
+        that is missing or broken at that moment. Once that is put right, the
+        version is taken up without another edit. A refusal for the same reason
+        is not logged again.
+        """
+        config = self.current()
+        if self._refused is None or self._stamp is None:
+            return config
+        return self._read()
+
+    def _read(self) -> ChannelFile:
         try:
             self._config = read(self._path, self._templates)
         except ConfigError as exc:
-            logger.error(
-                "%s; keeping the last configuration",
-                exc,
-                extra={"action": "channels.reload_failed"},
-            )
+            if str(exc) != self._refused:
+                self._refused = str(exc)
+                logger.error(
+                    "%s; keeping the last configuration",
+                    exc,
+                    extra={"action": "channels.reload_failed"},
+                )
             return self._config
+        self._refused = None
         logger.info(
             "channel configuration reloaded from %s",
             self._path,

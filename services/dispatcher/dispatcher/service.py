@@ -39,7 +39,7 @@ from contracts.messages import (
 from dispatcher import recipients as who
 from dispatcher import repository as sql
 from dispatcher.channels import MENTION, REPLY, ChannelConfigs, ChannelFile
-from dispatcher.templates import SAMPLE_REASONS, Renderer, RenderError, sample_context
+from dispatcher.templates import Renderer
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +83,15 @@ class Dispatcher:
         on disk now, as the next event would.
 
         Each dispatcher keeps the last good version of each file it has seen; one
-        that sees only events would see only the versions on disk when events
-        came. Called every second or so, it keeps dispatchers that share the
-        files on the same last good versions, busy or idle, so that a broken edit
-        following a good one takes them all back to that one.
+        that looked only when events came would see only the versions on disk
+        then. Called every second or so, it has every dispatcher sharing the
+        files take up each good version that stays on disk that long, busy or
+        idle. A version of the configuration refused for a template set that was
+        missing or broken then is read again, and taken up once the set is fixed.
         """
-        config = self._channels.current()
+        config = self._channels.recheck()
         for name in sorted({channel.template for channel in config.channels.values()}):
-            try:
-                self._renderer.render(name, sample_context(SAMPLE_REASONS[-1]))
-            except RenderError:
-                pass  # events meet the same fault, and say so
+            self._renderer.look(name)
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
         """Dispatch one event; raise :class:`DeadLetter` if it must be set aside."""

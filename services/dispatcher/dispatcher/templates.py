@@ -180,6 +180,45 @@ class Renderer:
             title=title, message=message, html=html.strip(), email_text=email_text
         )
 
+    def look(self, template: str) -> None:
+        """Take up the files of ``template`` as they are on disk now, as rendering
+        would, without rendering a notification.
+
+        A new version that passes its trial becomes the file's last good version,
+        the one before it kept to fall back on; one that fails is reported, once,
+        as rendering reports it. What real values have shown of a version is left
+        as it is: a version failing on them is not declared fixed by made-up ones.
+        """
+        for name in (*FILES, EMAIL_TEXT):
+            path = f"{template}/{name}"
+            try:
+                current = self._env.get_template(path)
+                if current is self._good.get(path):
+                    continue
+                self._trial(path, name, current)
+            except TemplateNotFound:
+                if name == EMAIL_TEXT and path not in self._good:
+                    continue  # a set without one, and never had one
+                self._report(path, self._fault(path, TemplateNotFound(path)))
+                continue
+            except Exception as exc:
+                if path in self._good:
+                    self._report(path, self._fault(path, exc))
+                continue
+            good = self._good.get(path)
+            if good is not None:
+                self._before[path] = good
+            self._good[path] = current
+
+    def _report(self, path: str, fault: str) -> None:
+        if self._reported.get(path) != fault:
+            self._reported[path] = fault
+            logger.error(
+                "%s; its last version that rendered is used until it is fixed",
+                fault,
+                extra={"action": "template.broken"},
+            )
+
     def _render(self, template: str, name: str, context: dict[str, Any]) -> str:
         path = f"{template}/{name}"
         current: Template | None = None
@@ -202,13 +241,7 @@ class Renderer:
             if not earlier:
                 # Never rendered, and nothing to fall back on.
                 raise RenderError(fault) from exc
-            if self._reported.get(path) != fault:
-                self._reported[path] = fault
-                logger.error(
-                    "%s; its last version that rendered is used until it is fixed",
-                    fault,
-                    extra={"action": "template.broken"},
-                )
+            self._report(path, fault)
             for version in earlier:
                 try:
                     return version.render(context)

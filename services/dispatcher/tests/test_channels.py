@@ -139,6 +139,53 @@ def test_an_edit_naming_a_missing_template_keeps_the_last_good_configuration(
     assert "keeping the last configuration" in refused.getMessage()
 
 
+def test_an_edit_refused_for_a_template_set_missing_then_is_taken_once_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    present = {"comment_reply": True}
+    configs = ChannelConfigs(
+        path, lambda name: None if present.get(name) else "not found"
+    )
+    present["comment_reply"] = False  # the templates directory moved away
+
+    write(path, config(["email", "sse"]), bump=1)
+    with caplog.at_level(logging.INFO, logger="dispatcher.channels"):
+        refused = configs.recheck()
+        still = configs.recheck()
+        present["comment_reply"] = True  # and back
+        taken = configs.recheck()
+        kept = configs.recheck()
+
+    assert refused.channels["comment.reply"].types == ("email",)
+    assert still.channels["comment.reply"].types == ("email",)
+    assert taken.channels["comment.reply"].types == ("email", "sse")
+    assert kept.channels["comment.reply"].types == ("email", "sse")
+    assert [r.action for r in caplog.records] == [  # type: ignore[attr-defined]
+        "channels.reload_failed",
+        "channels.reloaded",
+    ]
+
+
+def test_a_file_renamed_over_the_configuration_is_read_though_its_times_match(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"], priority=3), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+    replacement = tmp_path / "next.json"
+    # Same size, same times: only the inode tells it apart.
+    write(replacement, config(["email"], priority=4), bump=0)
+    st = path.stat()
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert replacement.stat().st_size == st.st_size
+
+    replacement.rename(path)
+
+    assert configs.current().channels["comment.reply"].priority == 4
+
+
 def test_an_edit_naming_a_template_set_missing_a_file_is_refused(
     tmp_path: Path,
 ) -> None:

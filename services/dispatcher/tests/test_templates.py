@@ -388,3 +388,59 @@ def test_a_set_that_passed_the_check_has_a_version_to_keep(tmp_path: Path) -> No
     _edit(folder / "title.txt.j2", "{{ broken ")
 
     assert renderer.render("broken", context()).title == "Checked"
+
+
+def _rewrite(path: Path, text: str) -> None:
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_looking_takes_up_a_new_version_and_reports_a_broken_one_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="first {{ post.title }}")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+    title = folder / "title.txt.j2"
+
+    _rewrite(title, "second {{ post.title }}")
+    renderer.look("broken")
+    _rewrite(title, "{{ post.title ")
+    with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
+        renderer.look("broken")
+        renderer.look("broken")
+        rendered = renderer.render("broken", context())
+
+    # The version no notification rendered is the one fallen back on.
+    assert rendered.title == "second Launch <plans>"
+    [broken] = caplog.records
+    assert broken.levelno == logging.ERROR
+    assert "broken/title.txt.j2" in broken.getMessage()
+
+
+def test_a_version_failing_on_real_values_is_not_declared_fixed_by_looking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+    renderer.render("broken", context())
+    # Passes its trial's made-up values; divides by zero on this comment.
+    _rewrite(
+        folder / "title.txt.j2",
+        "{% if 'boom' in comment.body %}{{ 1 // 0 }}{% endif %}second",
+    )
+    boom = context(comment={"id": 9, "body": "boom", "excerpt": "boom"})
+
+    with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
+        titles = []
+        for _ in range(3):
+            titles.append(renderer.render("broken", boom).title)
+            renderer.look("broken")
+
+    assert titles == ["first", "first", "first"]
+    [failed] = caplog.records
+    assert failed.levelno == logging.ERROR
+    assert "ZeroDivisionError" in failed.getMessage()
+    assert renderer.render("broken", context()).title == "second"
