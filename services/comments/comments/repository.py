@@ -39,8 +39,10 @@ ORDER BY c.id
 # Each writer therefore takes the post's transaction-scoped lock before the comment's
 # id is drawn (the post CTE reads this one, and the insert reads the post), and holds
 # it until its commit. Writers on one post wait for each other's commit, a fraction of
-# a millisecond each; writers on different posts never do, but for the rare two post
-# ids whose keys share a hash.
+# a millisecond each; writers on different posts never wait for each other's lock,
+# but for the rare two post ids whose keys share a hash. A writer waiting holds its
+# pooled connection meanwhile, and no wait outlasts the statement timeout
+# (NOTIFLOW_DB_COMMAND_TIMEOUT).
 THREAD_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('post ' || $1::bigint, 0))"
 
 # One round trip for what used to take three or four: claim the Idempotency-Key ($4,
