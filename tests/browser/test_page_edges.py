@@ -262,3 +262,40 @@ async def test_an_inbox_answer_for_the_previous_user_is_not_shown_after_switchin
     await page.click("#bell")
     await expect(page.locator("#notifications")).not_to_contain_text("for bob only")
     await expect(page.locator("#unread-count")).to_have_attribute("data-count", "0")
+
+
+async def test_the_last_user_chosen_is_signed_in_though_an_earlier_token_comes_late(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    page = await open_as(browser, gateway, "bob")
+
+    async def carol_late(route: Route) -> None:
+        body = route.request.post_data or ""
+        if '"carol"' in body:
+            response = await route.fetch()
+            await asyncio.sleep(2)
+            await route.fulfill(response=response)
+        else:
+            await route.continue_()
+
+    await page.route("**/dev/token", carol_late)
+    await page.select_option("#user-select", "carol")
+    await page.wait_for_timeout(300)
+    await page.select_option("#user-select", "dave")
+    await expect(page.locator("#status")).to_have_text("live")
+    # Carol's token has come and gone.
+    await page.wait_for_timeout(2500)
+
+    assert await page.evaluate("() => window.notiflow.username") == "dave"
+    assert await page.evaluate("() => localStorage.getItem('notiflow.user')") == "dave"
+    await comment(page, "signed in as the last one chosen")
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        author = await conn.fetchval(
+            "SELECT author_id FROM comments WHERE body = $1",
+            "signed in as the last one chosen",
+        )
+    finally:
+        await conn.close()
+    assert author == demo.dave

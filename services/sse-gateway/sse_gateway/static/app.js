@@ -146,7 +146,7 @@
   }
 
   async function signIn(username) {
-    state.session += 1;
+    const session = (state.session += 1);
     // A read state answered for the previous user is not this one's.
     state.changes += 1;
     disconnect();
@@ -156,7 +156,10 @@
     setUnread(0);
     render();
     if (state.devTokens) {
-      state.token = await tokenFor(username);
+      const token = await tokenFor(username);
+      // A sign-in begun while this one waited for its token decides.
+      if (session !== state.session) return;
+      state.token = token;
     } else {
       state.token = new URLSearchParams(location.search).get("token")
         || localStorage.getItem("notiflow.token");
