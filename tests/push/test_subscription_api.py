@@ -6,7 +6,7 @@ import base64
 import json
 import os
 import string
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -180,6 +180,45 @@ async def test_a_browser_subscribed_by_someone_else_moves_revealing_nothing_of_t
     assert moved["last_success_at"] is None
     assert bobs.json() == []
     assert carols.json() == [moved]
+
+
+@pytest.mark.parametrize(
+    "respell",
+    [
+        lambda url: url.replace("http://", "HTTP://"),
+        lambda url: url.replace("127.0.0.1:", "127.0.0.1:0"),
+        lambda url: url + "?",
+    ],
+    ids=["scheme-case", "port-zero", "empty-query"],
+)
+@pytest.mark.integration
+async def test_another_spelling_of_a_subscribed_endpoint_is_the_same_subscription(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    respell: Callable[[str], str],
+) -> None:
+    device = push_service.device()
+    first = await api.post(
+        "/push/subscriptions",
+        json=device.subscription(),
+        headers=auth(settings, demo.bob),
+    )
+    assert first.status_code == 201, first.text
+
+    again = await api.post(
+        "/push/subscriptions",
+        json={**device.subscription(), "endpoint": respell(device.endpoint)},
+        headers=auth(settings, demo.carol),
+    )
+    bobs = await api.get("/push/subscriptions", headers=auth(settings, demo.bob))
+    carols = await api.get("/push/subscriptions", headers=auth(settings, demo.carol))
+
+    assert again.status_code == 201, again.text
+    assert again.json()["endpoint"] == device.endpoint
+    assert bobs.json() == []
+    assert [s["endpoint"] for s in carols.json()] == [device.endpoint]
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from contracts.auth import UnknownUser
 from contracts.db import connection, transaction
 from contracts.http import NoBody, NotFound, PathId, RuntimeDep, UserDep
 from push_sender import subscriptions as subs
-from push_sender.endpoints import EndpointPolicy
+from push_sender.endpoints import EndpointPolicy, canonical
 from push_sender.vapid import VapidKeys
 
 logger = logging.getLogger(__name__)
@@ -59,21 +59,22 @@ async def subscribe(
     problem = await endpoints.check(new.endpoint)
     if problem:
         _refuse(("body", "endpoint"), problem)
+    endpoint = canonical(new.endpoint)
     limit: int = request.app.state.max_subscriptions
     try:
         async with transaction(rt.db) as conn:
-            await conn.execute(subs.LOCK_ENDPOINT, new.endpoint)
-            owner = await conn.fetchval(subs.OWNER, new.endpoint)
+            await conn.execute(subs.LOCK_ENDPOINT, endpoint)
+            owner = await conn.fetchval(subs.OWNER, endpoint)
             for user_id in sorted({user.user_id, owner or user.user_id}):
                 await conn.execute(subs.LOCK_USER, user_id)
-            await conn.execute(subs.RELEASE_FROM_OTHERS, new.endpoint, user.user_id)
+            await conn.execute(subs.RELEASE_FROM_OTHERS, endpoint, user.user_id)
             replaced = await conn.fetch(
-                subs.MAKE_ROOM, user.user_id, new.endpoint, limit - 1
+                subs.MAKE_ROOM, user.user_id, endpoint, limit - 1
             )
             row = await conn.fetchrow(
                 subs.UPSERT,
                 user.user_id,
-                new.endpoint,
+                endpoint,
                 new.keys.p256dh,
                 new.keys.auth,
                 agent,

@@ -23,7 +23,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 # The addresses a name has, as getaddrinfo gives them; injectable so that tests can
 # make a public-looking name resolve anywhere without asking real DNS.
@@ -125,6 +125,27 @@ def _registry_says(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool | 
     if not holding:
         return None
     return _REGISTRY[max(holding, key=lambda block: block.prefixlen)]
+
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def canonical(url: str) -> str:
+    """``url`` as a browser writes it: scheme and host in lower case, the port as a
+    plain number and left out when it is the scheme's own, no empty query.
+
+    One device's endpoint has one spelling, so that "an endpoint belongs to the
+    user who subscribed it last" cannot be sidestepped by writing it another way.
+    For a URL the policy has accepted (no credentials, no fragment).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path, parts.query, ""))
 
 
 @dataclass(frozen=True)
