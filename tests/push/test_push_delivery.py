@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from contracts import topology
 from contracts.auth import issue_token
 from contracts.settings import Settings
-from push_sender import payload
+from push_sender import payload, transport
 from push_sender.app import create_app
 from push_sender.settings import PushSettings
 from push_sender.vapid import b64url, public_point
@@ -388,6 +388,53 @@ async def test_a_push_in_flight_when_the_broker_drops_the_consumer_is_sent_once(
     await asyncio.sleep(1.0)
     assert len(device.delivered) == 1
     assert (await settled(db, row_id))["attempts"] == 1
+
+
+async def test_pushes_beyond_the_connections_wait_outside_their_timeout(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_settings: PushSettings,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three times as many pushes as connections, each answered in 1 s, within its
+    # 1.5 s. Had the later ones waited for a connection inside their time, they
+    # would have timed out after reaching the service, and been pushed again.
+    monkeypatch.setattr(transport, "POOL_CONNECTIONS", 4)
+    app = create_app(
+        push_settings.model_copy(
+            update={
+                "push_timeout": 1.5,
+                "push_lease_seconds": 30,
+                "push_max_subscriptions_per_user": 1,
+            }
+        )
+    )
+    device = push_service.device()
+
+    async def slowly() -> None:
+        await asyncio.sleep(1.0)
+
+    push_service.before_answer = slowly
+    async with app.router.lifespan_context(app):
+        api = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://push"
+        )
+        async with api:
+            await subscribe(api, settings, demo.bob, device)
+        rows = [await notify(settings, db, demo.bob) for _ in range(12)]
+        for row_id in rows:
+            await eventually(
+                lambda r=row_id: settled(db, r), timeout=30, what=f"row {row_id}"
+            )
+
+    attempts = await db.fetch(
+        "SELECT attempts FROM notifications WHERE id = ANY($1)", rows
+    )
+    assert [r["attempts"] for r in attempts] == [1] * 12
+    pushed = [got.payload["notification_id"] for got in device.delivered]
+    assert sorted(pushed) == sorted(rows)
 
 
 async def test_a_push_accepted_while_the_database_is_away_is_recorded_once_it_is_back(

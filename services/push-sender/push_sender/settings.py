@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts.settings import MAX_PREFETCH, Settings, is_host
+from push_sender.transport import POOL_CONNECTIONS
 
 _SUBJECT = "must be a mailto: or https: URL (RFC 8292), as in mailto:ops@example.com"
 # An address as a push service can read it: no spaces, one @, something on
@@ -83,8 +84,9 @@ class PushSettings(Settings):
 
     # Subscriptions one user may have: each is a URL the server POSTs to for every
     # push notification of theirs. A new browser past it replaces their least
-    # recently subscribed one.
-    push_max_subscriptions_per_user: int = Field(default=10, ge=1)
+    # recently subscribed one. One notification's pushes go out at once, each on a
+    # connection of its own, so at most the pool's connections.
+    push_max_subscriptions_per_user: int = Field(default=10, ge=1, le=POOL_CONNECTIONS)
 
     push_ttl_seconds: int = Field(default=24 * 3600, ge=0, le=28 * 24 * 3600)
     push_timeout: float = Field(default=10.0, gt=0)

@@ -78,6 +78,12 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+# Connections open at once to push services, one per push in flight. The worker
+# never has more pushes in flight than this (see PushWorker), so that no push waits
+# for a connection inside the time it is given to be answered.
+POOL_CONNECTIONS = 500
+
+
 class PinnedTransport(httpx.AsyncHTTPTransport):
     def __init__(
         self,
@@ -92,7 +98,7 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
             )
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(),
-            max_connections=100,
+            max_connections=POOL_CONNECTIONS,
             max_keepalive_connections=20,
             keepalive_expiry=5.0,
             network_backend=GuardedBackend(policy, inner),

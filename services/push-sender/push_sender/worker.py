@@ -31,7 +31,7 @@ from contracts import metrics, transitions
 from contracts.consumer import DeadLetter, RetryLater
 from contracts.db import transaction, until_recorded
 from contracts.messages import DeliveryRequested
-from push_sender import payload, webpush
+from push_sender import payload, transport, webpush
 from push_sender import subscriptions as subs
 from push_sender.endpoints import EndpointPolicy
 from push_sender.vapid import VapidKeys
@@ -67,7 +67,14 @@ class PushWorker:
         lease_seconds: float,
         endpoints: EndpointPolicy,
         max_subscriptions: int,
+        connections: int | None = None,
     ) -> None:
+        """``connections``: the HTTP client's pool (by default the transport's,
+        :data:`transport.POOL_CONNECTIONS`). Deliveries are claimed and
+        pushed at most ``connections // max_subscriptions`` at a time, so that
+        every push has a connection the moment it starts: its timeout counts only
+        the push service's time. A push that had waited for a connection within
+        its timeout could be answered after it and sent again."""
         self._pool = pool
         self._client = client
         self._vapid = vapid
@@ -77,10 +84,18 @@ class PushWorker:
         self._lease = lease_seconds
         self._endpoints = endpoints
         self._max_subscriptions = max_subscriptions
+        if connections is None:
+            connections = transport.POOL_CONNECTIONS
+        self._slots = asyncio.Semaphore(max(1, connections // max_subscriptions))
 
     async def __call__(
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
     ) -> None:
+        # Waited for before the claim, so that the wait takes nothing of the lease.
+        async with self._slots:
+            await self._handle(delivery)
+
+    async def _handle(self, delivery: DeliveryRequested) -> None:
         # Before the claim: the lease it takes ends no sooner than this.
         lease_ends = time.monotonic() + self._lease
         async with transaction(self._pool()) as conn:
