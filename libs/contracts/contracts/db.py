@@ -175,6 +175,13 @@ async def connection(
         # Taking a connection runs no statement of the caller's: whatever the
         # server says to it (the database refusing connections, dropped, or the
         # role no longer allowed to log in) is the database away, not a bug.
+        if isinstance(exc, TimeoutError) and _all_busy(pool):
+            # Not the database: this process has more to do than connections.
+            raise DatabaseUnavailable(
+                f"no database connection: all {pool.get_max_size()} of the pool's "
+                f"connections stayed in use for {timeout:g}s "
+                "(NOTIFLOW_DB_POOL_MAX)"
+            ) from exc
         raise DatabaseUnavailable(f"no database connection: {exc!r}") from exc
     try:
         yield conn
@@ -207,6 +214,10 @@ async def _release_after(
             failed,
             extra={"action": "db.release_failed"},
         )
+
+
+def _all_busy(pool: asyncpg.Pool) -> bool:
+    return pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0
 
 
 def _closed(conn: asyncpg.Connection) -> bool:

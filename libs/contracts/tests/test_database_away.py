@@ -77,6 +77,26 @@ async def _take(pool: asyncpg.Pool) -> None:
         pass
 
 
+async def test_a_pool_whose_connections_are_all_in_use_says_so_not_that_the_db_is_away(
+    settings: Settings,
+) -> None:
+    pool = await create_pool(settings, min_size=1, max_size=1)
+    try:
+        async with connection(pool):
+            busy = await raised(lambda: _take_within(pool, 0.2))
+    finally:
+        await pool.close()
+
+    assert isinstance(busy, DatabaseUnavailable)
+    assert "all 1 of the pool's connections stayed in use for 0.2s" in str(busy)
+    assert "NOTIFLOW_DB_POOL_MAX" in str(busy)
+
+
+async def _take_within(pool: asyncpg.Pool, timeout: float) -> None:
+    async with connection(pool, timeout=timeout):
+        pass
+
+
 async def test_a_statement_past_its_command_timeout_is_the_database_away(
     settings: Settings,
 ) -> None:
