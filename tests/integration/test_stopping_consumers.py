@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from contracts import topology
-from contracts.messages import DeliveryRequested
+from contracts.consumer import Item
+from contracts.messages import DeliveryBatch, DeliveryRequested
 from contracts.runtime import Runtime
 from contracts.settings import Settings
 from email_sender.app import BATCH_WORKERS
@@ -168,3 +170,63 @@ async def _statuses_are(db: asyncpg.Connection, expected: dict[str, int]) -> boo
 
 async def _ready(settings: Settings, count: int) -> bool:
     return (await helpers.depths(settings.amqp_url, QUEUE))[QUEUE] == count
+
+
+async def test_the_drain_report_counts_only_the_items_a_batch_still_holds(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = topology.delivery_queue("push")
+    # One message of four deliveries, so that they make one batch.
+    together = DeliveryBatch(
+        deliveries=[
+            DeliveryRequested.model_validate_json(
+                helpers.delivery(n, 1, channel_type="push")
+            )
+            for n in range(1, 5)
+        ]
+    )
+    await helpers.publish(settings.amqp_url, [together.to_bytes()], routing_key="push")
+    settled: list[int] = []
+    stuck = asyncio.Event()
+
+    async def handler(items: Sequence[Item[DeliveryRequested]]) -> list[None]:
+        # Three settled at once; the fourth waits past the drain, holding the
+        # batch it came in.
+        numbers = [item.message.notification_id for item in items]
+        for item, number in zip(items, numbers, strict=True):
+            if number != 4:
+                item.finished()
+                settled.append(number)
+        if 4 in numbers:
+            stuck.set()
+            await asyncio.Event().wait()
+        return [None] * len(items)
+
+    quick = settings.model_copy(update={"drain_seconds": 0.5})
+    runtime = Runtime(quick, consumers=True)
+    runtime.subscribe_batch(
+        queue,
+        DeliveryRequested,
+        handler,
+        prefetch=10,
+        max_batch=4,
+        action="test",
+        envelope=DeliveryBatch,
+    )
+    await runtime.start()
+    try:
+        await asyncio.wait_for(stuck.wait(), 20)
+        await eventually(lambda: _all_of(settled, 3), what="three settled")
+    finally:
+        with caplog.at_level(logging.WARNING, logger="contracts.consumer"):
+            await runtime.stop()
+
+    [report] = [
+        r for r in caplog.records if getattr(r, "action", "") == "consumer.abandoned"
+    ]
+    assert report.args == (0.5, "1 message", queue, "1 item")
+    assert (await helpers.depths(settings.amqp_url, queue))[queue] == 1
+
+
+async def _all_of(settled: list[int], count: int) -> bool:
+    return len(settled) == count

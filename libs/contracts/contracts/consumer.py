@@ -568,13 +568,25 @@ class Consumers:
             if done in self._orphans:
                 self._orphans.discard(done)
                 failure = None if done.cancelled() else done.exception()
-                logger.info(
-                    "finished a message from %s after its delivery was lost%s; the "
-                    "broker hands it out again, and its row says it is done",
-                    queue,
-                    f" ({failure!r})" if failure is not None else "",
-                    extra={"action": "consumer.finished_orphan", "queue": queue},
-                )
+                if failure is None:
+                    logger.info(
+                        "finished a message from %s after its delivery was lost; "
+                        "the broker hands it out again, and its row says it is done",
+                        queue,
+                        extra={"action": "consumer.finished_orphan", "queue": queue},
+                    )
+                else:
+                    # Its ack, or the retry or dead letter it was to publish,
+                    # could not go out on the lost connection.
+                    logger.warning(
+                        "handled a message from %s after its delivery was lost, "
+                        "but could not settle it with the broker: %r; the broker "
+                        "hands it out again, which finds its row done, or else "
+                        "the recovery sweep takes the row up once it is due",
+                        queue,
+                        failure,
+                        extra={"action": "consumer.orphan_unsettled", "queue": queue},
+                    )
 
         task.add_done_callback(ended)
         return task
@@ -844,7 +856,8 @@ class _Batcher(Generic[M]):
 
     @property
     def running_items(self) -> int:
-        return sum(self._running.values())
+        """Items of running batches not yet settled."""
+        return self._holding
 
     def cancel(self) -> None:
         """Cancel the running batches; their messages go back to the broker."""
