@@ -106,19 +106,10 @@ def test_non_ascii_names_and_subject_decode_back_exactly() -> None:
 
 def test_message_id_is_stable_for_a_notification() -> None:
     def make() -> email.message.EmailMessage:
-        return parse(
-            build(
-                notification_id=7,
-                to_address="a@example.com",
-                to_name="A",
-                subject="s",
-                text="t",
-                html=None,
-                sender="n@example.com",
-                sender_name="n",
-                domain="mail.example.com",
-            ).data
+        mail = _plain_to(
+            "a@example.com", "A", notification_id=7, domain="mail.example.com"
         )
+        return parse(mail.data)
 
     first, second = make(), make()
 
@@ -302,10 +293,12 @@ def test_a_bad_address_is_refused_every_time(address: str | None) -> None:
             )
 
 
-def _plain_to(address: str, name: str) -> Mail:
+def _plain_to(
+    address: str, name: str, *, notification_id: int = 1, domain: str = "example.com"
+) -> Mail:
     """The smallest message to ``name`` at ``address``."""
     return build(
-        notification_id=1,
+        notification_id=notification_id,
         to_address=address,
         to_name=name,
         subject="s",
@@ -313,7 +306,7 @@ def _plain_to(address: str, name: str) -> Mail:
         html=None,
         sender="n@example.com",
         sender_name="n",
-        domain="example.com",
+        domain=domain,
     )
 
 
