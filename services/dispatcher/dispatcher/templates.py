@@ -205,10 +205,15 @@ class Renderer:
                 if path in self._good:
                     self._report(path, self._fault(path, exc))
                 continue
-            good = self._good.get(path)
+            self._adopt(path, current)
+
+    def _adopt(self, path: str, version: Template) -> None:
+        """Make ``version`` the file's last good one, keeping the one it replaces."""
+        good = self._good.get(path)
+        if good is not version:
             if good is not None:
                 self._before[path] = good
-            self._good[path] = current
+            self._good[path] = version
 
     def _report(self, path: str, fault: str) -> None:
         if self._reported.get(path) != fault:
@@ -248,11 +253,7 @@ class Renderer:
                 except Exception:
                     continue
             raise RenderError(fault) from exc
-        good = self._good.get(path)
-        if good is not current:
-            if good is not None:
-                self._before[path] = good
-            self._good[path] = current
+        self._adopt(path, current)
         if self._reported.pop(path, None) is not None:
             logger.info("template %s renders again", path)
         return text
