@@ -437,6 +437,55 @@ async def test_pushes_beyond_the_connections_wait_outside_their_timeout(
     assert sorted(pushed) == sorted(rows)
 
 
+async def test_a_stop_gives_back_the_deliveries_still_waiting_for_their_turn(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_settings: PushSettings,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ten deliveries in one message, two pushed at a time, each answered in 0.5 s;
+    # the service stops while the first two are out. Those finish; the other eight
+    # go back with the message, unclaimed, instead of being claimed and cut short
+    # by the end of the drain (and pushed a second time when their lease ran out).
+    monkeypatch.setattr(transport, "POOL_CONNECTIONS", 2)
+    app = create_app(
+        push_settings.model_copy(
+            update={"push_max_subscriptions_per_user": 1, "drain_seconds": 5}
+        )
+    )
+    device = push_service.device()
+    answering = asyncio.Event()
+
+    async def slowly() -> None:
+        answering.set()
+        await asyncio.sleep(0.5)
+
+    push_service.before_answer = slowly
+    async with app.router.lifespan_context(app):
+        api = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://push"
+        )
+        async with api:
+            await subscribe(api, settings, demo.bob, device)
+        rows = [await notify(settings, db, demo.bob, publish=False) for _ in range(10)]
+        await deliver_together(settings, db, rows)
+        await asyncio.wait_for(answering.wait(), 20)
+
+    statuses = dict(
+        await db.fetch(
+            "SELECT status, count(*) FROM notifications WHERE id = ANY($1) "
+            "GROUP BY status",
+            rows,
+        )
+    )
+    assert statuses == {"sent": 2, "pending": 8}, statuses
+    assert len(device.delivered) == 2
+    queue = topology.delivery_queue("push")
+    assert (await helpers.depths(settings.amqp_url, queue))[queue] == 1
+
+
 async def test_a_push_accepted_while_the_database_is_away_is_recorded_once_it_is_back(
     settings: Settings,
     demo: Demo,

@@ -647,7 +647,7 @@ class Consumers:
                     *(_bound_outcome(run, i, raw, queue) for i in items)
                 )
             )
-        if any(isinstance(outcome, _ShuttingDown) for outcome in done):
+        if any(isinstance(outcome, ShuttingDown) for outcome in done):
             await message.nack(requeue=True)
             return "returned"
 
@@ -723,7 +723,7 @@ class Consumers:
                 if not is_unavailable(exc):
                     raise
                 if self.stopping:
-                    raise _ShuttingDown from exc
+                    raise ShuttingDown from exc
                 delay = backoff.next()
                 logger.warning(
                     "database unavailable, trying again in %.1fs: %r",
@@ -833,7 +833,7 @@ class _Batcher(Generic[M]):
     async def submit(self, payload: M, raw: AbstractIncomingMessage) -> None:
         """Queue one message; return when its batch is done, or raise its outcome."""
         if self._given_back:
-            raise _ShuttingDown
+            raise ShuttingDown
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = Item(
             payload, raw, contextvars.copy_context(), _finish=lambda: _succeed(done)
@@ -852,7 +852,7 @@ class _Batcher(Generic[M]):
         while self._waiting:
             _, done = self._waiting.popleft()
             if not done.done():
-                done.set_exception(_ShuttingDown())
+                done.set_exception(ShuttingDown())
 
     @property
     def running_items(self) -> int:
@@ -913,8 +913,8 @@ class _Batcher(Generic[M]):
         self._sizes.observe(len(items))
         try:
             outcomes = await self._outcomes(items)
-        except _ShuttingDown:
-            outcomes = [_ShuttingDown() for _ in items]
+        except ShuttingDown:
+            outcomes = [ShuttingDown() for _ in items]
         except asyncio.CancelledError:
             for _, done in batch:
                 done.cancel()
@@ -930,7 +930,7 @@ class _Batcher(Generic[M]):
     async def _outcomes(self, items: list[Item[M]]) -> list[Exception | None]:
         try:
             return await self._attempt(items)
-        except (_ShuttingDown, asyncio.CancelledError):
+        except (ShuttingDown, asyncio.CancelledError):
             raise
         except Exception as exc:
             if len(items) == 1:
@@ -947,7 +947,7 @@ class _Batcher(Generic[M]):
             for item in items:
                 try:
                     results.extend(await self._attempt([item]))
-                except (_ShuttingDown, asyncio.CancelledError):
+                except (ShuttingDown, asyncio.CancelledError):
                     raise
                 except Exception as single:
                     results.append(single)
@@ -991,10 +991,13 @@ async def _undecoded(message: Any) -> Any:
     return message
 
 
-class _ShuttingDown(Exception):
+class ShuttingDown(Exception):
     """The service is stopping and the message was not handled: give it back.
 
-    Either it had not started, or the database is still away.
+    Either it had not started, or the database is still away. A handler that has
+    waited (for a place, say) since its message was delivered raises it rather
+    than start work the drain may not leave time to finish: :attr:`Consumers.stopping`
+    says when. A message any item of which gives itself back goes back whole.
     """
 
 

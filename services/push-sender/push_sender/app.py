@@ -59,6 +59,7 @@ def create_app(
         lease_seconds=settings.push_lease_seconds,
         endpoints=policy,
         max_subscriptions=settings.push_max_subscriptions_per_user,
+        stopping=lambda: runtime.consumers is not None and runtime.consumers.stopping,
     )
     runtime.subscribe(
         topology.delivery_queue("push"),

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter
 
 from contracts import metrics, transitions
-from contracts.consumer import DeadLetter, RetryLater
+from contracts.consumer import DeadLetter, RetryLater, ShuttingDown
 from contracts.db import transaction, until_recorded
 from contracts.messages import DeliveryRequested
 from push_sender import payload, transport, webpush
@@ -68,13 +68,17 @@ class PushWorker:
         endpoints: EndpointPolicy,
         max_subscriptions: int,
         connections: int | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         """``connections``: the HTTP client's pool (by default the transport's,
         :data:`transport.POOL_CONNECTIONS`). Deliveries are claimed and
         pushed at most ``connections // max_subscriptions`` at a time, so that
         every push has a connection the moment it starts: its timeout counts only
         the push service's time. A push that had waited for a connection within
-        its timeout could be answered after it and sent again."""
+        its timeout could be answered after it and sent again. ``stopping`` says
+        the service is stopping: a delivery that waited for its turn till then is
+        given back unclaimed, rather than claimed when the drain may not leave
+        time to push it."""
         self._pool = pool
         self._client = client
         self._vapid = vapid
@@ -87,12 +91,15 @@ class PushWorker:
         if connections is None:
             connections = transport.POOL_CONNECTIONS
         self._slots = asyncio.Semaphore(max(1, connections // max_subscriptions))
+        self._stopping = stopping
 
     async def __call__(
         self, delivery: DeliveryRequested, _raw: AbstractIncomingMessage
     ) -> None:
         # Waited for before the claim, so that the wait takes nothing of the lease.
         async with self._slots:
+            if self._stopping():
+                raise ShuttingDown
             await self._handle(delivery)
 
     async def _handle(self, delivery: DeliveryRequested) -> None:
