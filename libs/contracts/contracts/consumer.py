@@ -726,7 +726,7 @@ class Consumers:
                     raise ShuttingDown from exc
                 delay = backoff.next()
                 logger.warning(
-                    "database unavailable, trying again in %.1fs: %r",
+                    "no database connection, trying again in %.1fs: %r",
                     delay,
                     exc,
                     extra={"action": f"{action}.backoff", "queue": queue},

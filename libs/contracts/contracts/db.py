@@ -55,6 +55,11 @@ class DatabaseUnavailable(Exception):
     """No connection could be had in time; HTTP answers 503, consumers back off."""
 
 
+class PoolExhausted(DatabaseUnavailable):
+    """Every connection of the pool stayed in use: the service is busy, the
+    database may be answering well."""
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is away, rather than that the code is wrong.
 
@@ -177,7 +182,7 @@ async def connection(
         # role no longer allowed to log in) is the database away, not a bug.
         if isinstance(exc, TimeoutError) and _all_busy(pool):
             # Not the database: this process has more to do than connections.
-            raise DatabaseUnavailable(
+            raise PoolExhausted(
                 f"no database connection: all {pool.get_max_size()} of the pool's "
                 f"connections stayed in use for {timeout:g}s "
                 "(NOTIFLOW_DB_POOL_MAX)"
@@ -284,7 +289,7 @@ async def until_recorded(
             if not is_unavailable(exc) or time.monotonic() + delay >= deadline:
                 raise
             logger.warning(
-                "could not %s, the database is unavailable; trying again in %.1fs, "
+                "could not %s without a database connection; trying again in %.1fs, "
                 "within the row's lease: %r",
                 what,
                 delay,

@@ -72,7 +72,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import jsonkeys, openapi, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
-from contracts.db import UNAVAILABLE_ERRORS, DatabaseUnavailable, is_unavailable
+from contracts.db import (
+    UNAVAILABLE_ERRORS,
+    DatabaseUnavailable,
+    PoolExhausted,
+    is_unavailable,
+)
 
 if TYPE_CHECKING:
     from contracts.runtime import Runtime
@@ -303,6 +308,11 @@ def install_http_policy(
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        logger.warning(
+            "answered 503: %s", exc, extra={"action": "request.database_unavailable"}
+        )
+        if isinstance(exc, PoolExhausted):
+            return _unavailable("the service is busy; try again")
         return _unavailable()
 
     async def perhaps_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -322,11 +332,13 @@ def install_http_policy(
         app.add_exception_handler(kind, perhaps_unavailable)
 
 
-def _unavailable() -> JSONResponse:
+def _unavailable(
+    detail: str = "the database is unavailable; try again",
+) -> JSONResponse:
     return error(
         503,
         "unavailable",
-        "the database is unavailable; try again",
+        detail,
         **{"Retry-After": "2"},
     )
 

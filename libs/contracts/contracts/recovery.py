@@ -315,7 +315,7 @@ class LeaseSweeper:
                     # The stop's cancellation, turned into an error on its way.
                     return
                 logger.warning(
-                    "lease sweep skipped, database unavailable: %r",
+                    "lease sweep skipped, no database connection: %r",
                     exc,
                     extra={"action": "delivery.sweep_failed"},
                 )

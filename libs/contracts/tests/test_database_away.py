@@ -10,12 +10,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
+from fastapi import FastAPI
 from faststream.rabbit import RabbitBroker
 from jinja2 import TemplateNotFound
 
 from contracts.consumer import Consumers, Publisher
 from contracts.db import DatabaseUnavailable, connection, create_pool, is_unavailable
+from contracts.http import install_http_policy
 from contracts.settings import Settings
 from tests.support import infra
 
@@ -90,6 +93,37 @@ async def test_a_pool_whose_connections_are_all_in_use_says_so_not_that_the_db_i
     assert isinstance(busy, DatabaseUnavailable)
     assert "all 1 of the pool's connections stayed in use for 0.2s" in str(busy)
     assert "NOTIFLOW_DB_POOL_MAX" in str(busy)
+
+
+async def test_a_request_finding_the_pool_all_in_use_is_told_the_service_is_busy(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await create_pool(settings, min_size=1, max_size=1)
+    app = FastAPI()
+    install_http_policy(app)
+
+    @app.get("/work")
+    async def work() -> dict[str, bool]:
+        async with connection(pool, timeout=0.2):
+            return {"done": True}
+
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    )
+    try:
+        async with client, connection(pool):
+            with caplog.at_level(logging.WARNING, logger="contracts.http"):
+                busy = await client.get("/work")
+    finally:
+        await pool.close()
+
+    assert busy.status_code == 503
+    assert busy.headers["retry-after"] == "2"
+    assert busy.json()["detail"] == "the service is busy; try again"
+    assert any(
+        "all 1 of the pool's connections stayed in use" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 async def _take_within(pool: asyncpg.Pool, timeout: float) -> None:
