@@ -84,8 +84,16 @@ class ChannelFile(BaseModel):
     channels: dict[str, ChannelConfig]
 
 
+# Unknown channels an error names, at most; a file may hold any number.
+NAMED = 10
+
+
 class ConfigError(Exception):
     """The channel configuration file cannot be used."""
+
+
+class UnusableTemplate(ConfigError):
+    """The file names a template set that cannot be used now; it may be later."""
 
 
 # Why a template set cannot be used, or None if it can:
@@ -110,8 +118,11 @@ def parse(text: str | bytes, source: str = "channel configuration") -> ChannelFi
     # A misspelt name would otherwise switch its channel off without a word.
     unknown = [name for name in config.channels if name not in KNOWN]
     if unknown:
+        named = ", ".join(map(repr, unknown[:NAMED]))
+        if len(unknown) > NAMED:
+            named += f" and {len(unknown) - NAMED} more"
         raise ConfigError(
-            f"{source} is invalid: unknown channel {', '.join(map(repr, unknown))}"
+            f"{source} is invalid: unknown channel {named}"
             f"; the known channels are {', '.join(map(repr, KNOWN))}"
         )
     return config
@@ -232,7 +243,7 @@ def read(path: Path, templates: TemplateCheck) -> ChannelFile:
     for name, channel in config.channels.items():
         problem = templates(channel.template)
         if problem is not None:
-            raise ConfigError(
+            raise UnusableTemplate(
                 f"{path}: channel {name!r} names template "
                 f"{channel.template!r}, which is unusable: {problem}"
             )
@@ -300,8 +311,10 @@ class ChannelConfigs:
         # None while the file cannot be found: reported once, and read again
         # whatever stamp it has when it comes back.
         self._stamp: Stamp | None = start.stamp
-        # Why the version on disk was refused, while it is the one on disk.
+        # Why the version on disk was refused, while it is the one on disk, and
+        # whether for a template set, which may be put right without an edit.
         self._refused: str | None = None
+        self._for_templates = False
 
     def current(self) -> ChannelFile:
         try:
@@ -322,6 +335,7 @@ class ChannelConfigs:
         # write that lands while this one is read is read again next time.
         self._stamp = stamp
         self._refused = None
+        self._for_templates = False
         return self._read()
 
     def recheck(self) -> ChannelFile:
@@ -330,10 +344,11 @@ class ChannelConfigs:
         A version may be refused for what lies outside it: a template set it names
         that is missing or broken at that moment. Once that is put right, the
         version is taken up without another edit. A refusal for the same reason
-        is not logged again.
+        is not logged again; a version refused for what it holds itself is not
+        read again until it changes.
         """
         config = self.current()
-        if self._refused is None or self._stamp is None:
+        if not self._for_templates or self._stamp is None:
             return config
         return self._read()
 
@@ -341,6 +356,7 @@ class ChannelConfigs:
         try:
             self._config = read(self._path, self._templates)
         except ConfigError as exc:
+            self._for_templates = isinstance(exc, UnusableTemplate)
             if str(exc) != self._refused:
                 self._refused = str(exc)
                 logger.error(
@@ -350,6 +366,7 @@ class ChannelConfigs:
                 )
             return self._config
         self._refused = None
+        self._for_templates = False
         logger.info(
             "channel configuration reloaded from %s",
             self._path,

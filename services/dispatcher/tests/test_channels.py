@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher import channels
 from dispatcher.channels import (
     DEFAULT_PATH,
     ChannelConfigs,
@@ -166,6 +167,51 @@ def test_an_edit_refused_for_a_template_set_missing_then_is_taken_once_it_is_bac
         "channels.reload_failed",
         "channels.reloaded",
     ]
+
+
+def test_an_edit_refused_for_what_it_holds_is_not_read_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+    reads: list[Path] = []
+    real_read = channels.read
+
+    def counted(at: Path, templates: object) -> object:
+        reads.append(at)
+        return real_read(at, templates)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(channels, "read", counted)
+    write(
+        path,
+        {
+            "channels": {
+                "comment.replyy": config(["email"])["channels"]["comment.reply"]
+            }
+        },
+        bump=1,
+    )
+
+    for _ in range(3):
+        assert configs.recheck().channels["comment.reply"].types == ("email",)
+
+    assert reads == [path]
+
+
+def test_an_error_names_ten_unknown_channels_and_counts_the_rest() -> None:
+    many = {
+        f"c{n}": {"types": ["email"], "template": "t", "priority": 1} for n in range(25)
+    }
+
+    with pytest.raises(ConfigError) as refused:
+        parse(json.dumps({"channels": many}))
+
+    message = str(refused.value)
+    assert "'c0'" in message and "'c9'" in message and "'c10'" not in message
+    assert message.endswith(
+        "and 15 more; the known channels are 'comment.mention', 'comment.reply'"
+    )
 
 
 def test_a_file_renamed_over_the_configuration_is_read_though_its_times_match(
