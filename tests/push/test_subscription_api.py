@@ -188,8 +188,10 @@ async def test_a_browser_subscribed_by_someone_else_moves_revealing_nothing_of_t
         lambda url: url.replace("http://", "HTTP://"),
         lambda url: url.replace("127.0.0.1:", "127.0.0.1:0"),
         lambda url: url + "?",
+        lambda url: url.replace("/push/", "/push/./"),
+        lambda url: url.replace("/push/", "/push/elsewhere/../"),
     ],
-    ids=["scheme-case", "port-zero", "empty-query"],
+    ids=["scheme-case", "port-zero", "empty-query", "dot", "dot-dot"],
 )
 @pytest.mark.integration
 async def test_another_spelling_of_a_subscribed_endpoint_is_the_same_subscription(
@@ -319,6 +321,7 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
         (_with(endpoint="https://evil.example.org/x"), "endpoint", "not an allowed"),
         (_with(endpoint="push.example.net/x"), "endpoint", "https"),
         (_with(endpoint="https://u:p@push.example.net/x"), "endpoint", "credentials"),
+        (_with(endpoint="https://push.example.net:0/x"), "endpoint", "port 0"),
         (_with(endpoint=None), "endpoint", "required"),
         (_with(keys=None), "keys", "required"),
         (_with(p256dh=None), "keys.p256dh", "required"),

@@ -130,9 +130,22 @@ def _registry_says(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool | 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
+def canonical_host(host: str) -> str:
+    """``host`` in lower case, an IPv6 address in its shortest form."""
+    host = host.lower()
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            return host
+    return host
+
+
 def canonical(url: str) -> str:
-    """``url`` as a browser writes it: scheme and host in lower case, the port as a
-    plain number and left out when it is the scheme's own, no empty query.
+    """``url`` as a browser writes it: scheme and host in lower case (an IPv6
+    address in its shortest form), the port as a plain number and left out when it
+    is the scheme's own, the path without ``.`` and ``..`` segments and ``/`` when
+    empty, no empty query.
 
     One device's endpoint has one spelling, so that "an endpoint belongs to the
     user who subscribed it last" cannot be sidestepped by writing it another way.
@@ -140,12 +153,33 @@ def canonical(url: str) -> str:
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
+    host = canonical_host(parts.hostname or "")
     if ":" in host:
         host = f"[{host}]"
     port = parts.port
     netloc = host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
-    return urlunsplit((scheme, netloc, parts.path, parts.query, ""))
+    path = _without_dot_segments(parts.path) or "/"
+    return urlunsplit((scheme, netloc, path, parts.query, ""))
+
+
+def _without_dot_segments(path: str) -> str:
+    """``path`` with its ``.`` and ``..`` segments resolved (RFC 3986, 5.2.4), as
+    the HTTP client does before it sends the request."""
+    kept: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                kept.append("")
+        elif segment == "..":
+            if len(kept) > 1:
+                kept.pop()
+            if last:
+                kept.append("")
+        else:
+            kept.append(segment)
+    return "/".join(kept)
 
 
 @dataclass(frozen=True)
@@ -159,10 +193,12 @@ class EndpointPolicy:
         """Why ``url`` may not be a push endpoint by its text, or None."""
         try:
             parts = urlsplit(url)
-            host = (parts.hostname or "").lower()
+            host = canonical_host(parts.hostname or "")
             port = parts.port  # raises on a malformed port
         except ValueError as exc:
             return f"is not a valid URL: {exc}"
+        if port == 0:
+            return "has port 0, on which no server listens"
         if parts.scheme not in ("https", "http") or not host:
             return "must be an https URL"
         if parts.username is not None or parts.password is not None:
@@ -188,7 +224,7 @@ class EndpointPolicy:
         problem = self.problem(url)
         if problem:
             return problem
-        host = (urlsplit(url).hostname or "").lower()
+        host = canonical_host(urlsplit(url).hostname or "")
         if host in self.allowed_hosts:
             return None
         try:

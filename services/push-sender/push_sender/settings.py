@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from contracts.settings import MAX_PREFETCH, Settings, is_host
+from push_sender.endpoints import canonical_host
 from push_sender.transport import POOL_CONNECTIONS
 
 _SUBJECT = "must be a mailto: or https: URL (RFC 8292), as in mailto:ops@example.com"
@@ -117,7 +118,9 @@ class PushSettings(Settings):
     @property
     def allowed_hosts(self) -> frozenset[str]:
         return frozenset(
-            h.strip().lower() for h in self.push_allowed_hosts.split(",") if h.strip()
+            canonical_host(h.strip())
+            for h in self.push_allowed_hosts.split(",")
+            if h.strip()
         )
 
     @property
