@@ -73,8 +73,8 @@ class PushWorker:
         """``connections``: the HTTP client's pool (by default the transport's,
         :data:`transport.POOL_CONNECTIONS`). Deliveries are claimed and
         pushed at most ``connections // max_subscriptions`` at a time, so that
-        every push has a connection the moment it starts: its timeout counts only
-        the push service's time. A push that had waited for a connection within
+        every push has a connection the moment it starts: its timeout counts no
+        wait for one. A push that had waited for a connection within
         its timeout could be answered after it and sent again. ``stopping`` says
         the service is stopping: a delivery that waited for its turn till then is
         given back unclaimed, rather than claimed when the drain may not leave
