@@ -390,6 +390,30 @@ async def test_a_push_in_flight_when_the_broker_drops_the_consumer_is_sent_once(
     assert (await settled(db, row_id))["attempts"] == 1
 
 
+def _sender_with(
+    monkeypatch: pytest.MonkeyPatch,
+    push_settings: PushSettings,
+    connections: int,
+    **changes: object,
+) -> FastAPI:
+    """A push sender whose HTTP client holds ``connections`` connections, for
+    users of one subscription each."""
+    monkeypatch.setattr(transport, "POOL_CONNECTIONS", connections)
+    return create_app(
+        push_settings.model_copy(
+            update={"push_max_subscriptions_per_user": 1, **changes}
+        )
+    )
+
+
+async def _subscribe_through(
+    app: FastAPI, settings: Settings, user_id: int, device: Device
+) -> None:
+    transport_ = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport_, base_url="http://push") as api:
+        await subscribe(api, settings, user_id, device)
+
+
 async def test_pushes_beyond_the_connections_wait_outside_their_timeout(
     settings: Settings,
     demo: Demo,
@@ -401,15 +425,8 @@ async def test_pushes_beyond_the_connections_wait_outside_their_timeout(
     # Three times as many pushes as connections, each answered in 1 s, within its
     # 1.5 s. Had the later ones waited for a connection inside their time, they
     # would have timed out after reaching the service, and been pushed again.
-    monkeypatch.setattr(transport, "POOL_CONNECTIONS", 4)
-    app = create_app(
-        push_settings.model_copy(
-            update={
-                "push_timeout": 1.5,
-                "push_lease_seconds": 30,
-                "push_max_subscriptions_per_user": 1,
-            }
-        )
+    app = _sender_with(
+        monkeypatch, push_settings, 4, push_timeout=1.5, push_lease_seconds=30
     )
     device = push_service.device()
 
@@ -418,11 +435,7 @@ async def test_pushes_beyond_the_connections_wait_outside_their_timeout(
 
     push_service.before_answer = slowly
     async with app.router.lifespan_context(app):
-        api = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://push"
-        )
-        async with api:
-            await subscribe(api, settings, demo.bob, device)
+        await _subscribe_through(app, settings, demo.bob, device)
         rows = [await notify(settings, db, demo.bob) for _ in range(12)]
         for row_id in rows:
             await eventually(
@@ -449,12 +462,7 @@ async def test_a_stop_gives_back_the_deliveries_still_waiting_for_their_turn(
     # the service stops while the first two are out. Those finish; the other eight
     # go back with the message, unclaimed, instead of being claimed and cut short
     # by the end of the drain (and pushed a second time when their lease ran out).
-    monkeypatch.setattr(transport, "POOL_CONNECTIONS", 2)
-    app = create_app(
-        push_settings.model_copy(
-            update={"push_max_subscriptions_per_user": 1, "drain_seconds": 5}
-        )
-    )
+    app = _sender_with(monkeypatch, push_settings, 2, drain_seconds=5)
     device = push_service.device()
     answering = asyncio.Event()
 
@@ -464,11 +472,7 @@ async def test_a_stop_gives_back_the_deliveries_still_waiting_for_their_turn(
 
     push_service.before_answer = slowly
     async with app.router.lifespan_context(app):
-        api = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://push"
-        )
-        async with api:
-            await subscribe(api, settings, demo.bob, device)
+        await _subscribe_through(app, settings, demo.bob, device)
         rows = [await notify(settings, db, demo.bob, publish=False) for _ in range(10)]
         await deliver_together(settings, db, rows)
         await asyncio.wait_for(answering.wait(), 20)
