@@ -308,12 +308,7 @@ def install_http_policy(
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        logger.warning(
-            "answered 503: %s", exc, extra={"action": "request.database_unavailable"}
-        )
-        if isinstance(exc, PoolExhausted):
-            return _unavailable("the service is busy; try again")
-        return _unavailable()
+        return _unavailable(unavailable_detail(exc))
 
     async def perhaps_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # A statement past its command timeout, a connection refused or lost: the
@@ -332,15 +327,23 @@ def install_http_policy(
         app.add_exception_handler(kind, perhaps_unavailable)
 
 
-def _unavailable(
-    detail: str = "the database is unavailable; try again",
-) -> JSONResponse:
-    return error(
-        503,
-        "unavailable",
-        detail,
-        **{"Retry-After": "2"},
+DATABASE_AWAY = "the database is unavailable; try again"
+# Seconds a 503 for the database asks the client to wait.
+UNAVAILABLE_RETRY_AFTER = "2"
+
+
+def unavailable_detail(exc: DatabaseUnavailable) -> str:
+    """What a 503 answering ``exc`` says; the cause, which it does not, is logged."""
+    logger.warning(
+        "answered 503: %s", exc, extra={"action": "request.database_unavailable"}
     )
+    if isinstance(exc, PoolExhausted):
+        return "the service is busy; try again"
+    return DATABASE_AWAY
+
+
+def _unavailable(detail: str = DATABASE_AWAY) -> JSONResponse:
+    return error(503, "unavailable", detail, **{"Retry-After": UNAVAILABLE_RETRY_AFTER})
 
 
 # Request dependencies are coroutines on purpose: FastAPI runs plain functions in a

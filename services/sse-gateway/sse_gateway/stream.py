@@ -32,7 +32,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from contracts.auth import InvalidToken, verify_token
 from contracts.db import DatabaseUnavailable, connection
-from contracts.http import HeadAsGet, error, invalid_request
+from contracts.http import (
+    UNAVAILABLE_RETRY_AFTER,
+    HeadAsGet,
+    error,
+    invalid_request,
+    unavailable_detail,
+)
 from contracts.settings import Settings
 from sse_gateway import credentials, events, inbox, metrics
 from sse_gateway.access import require_user
@@ -313,8 +319,8 @@ class StreamEndpoint:
         try:
             async with connection(db) as pg:
                 await require_user(pg, conn.user_id)
-        except DatabaseUnavailable:
-            raise _unavailable() from None
+        except DatabaseUnavailable as exc:
+            raise _unavailable(exc) from None
         if self._hub.full(conn.user_id, self._max_streams):
             raise self._full(conn)
 
@@ -334,9 +340,9 @@ class StreamEndpoint:
                 if not self._hub.admit(conn, self._max_streams):
                     raise self._full(conn)
                 return await start(pg, conn, last_event_id)
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as exc:
             self._hub.remove(conn)
-            raise _unavailable() from None
+            raise _unavailable(exc) from None
         except BaseException:
             self._hub.remove(conn)
             raise
@@ -365,9 +371,12 @@ class StreamEndpoint:
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
 
-def _unavailable() -> Refused:
+def _unavailable(exc: DatabaseUnavailable) -> Refused:
     return Refused(
-        503, "unavailable", "the database is unavailable", **{"Retry-After": "2"}
+        503,
+        "unavailable",
+        unavailable_detail(exc),
+        **{"Retry-After": UNAVAILABLE_RETRY_AFTER},
     )
 
 
