@@ -334,8 +334,7 @@ class ChannelConfigs:
         # Taken before reading: an edit refused is complained of once, and a
         # write that lands while this one is read is read again next time.
         self._stamp = stamp
-        self._refused = None
-        self._for_templates = False
+        self._refused = None  # a new version's refusal is logged, whatever it says
         return self._read()
 
     def recheck(self) -> ChannelFile:
