@@ -122,7 +122,12 @@ async def unsubscribe(
 
 
 def _refuse(loc: tuple[str, str], problem: str) -> None:
-    raise RequestValidationError([{"loc": loc, "msg": problem, "type": "value_error"}])
+    raise RequestValidationError([_error(loc, problem)])
+
+
+def _error(loc: tuple[str, str], problem: str) -> dict[str, Any]:
+    """A validation error as FastAPI's handler takes it."""
+    return {"loc": loc, "msg": problem, "type": "value_error"}
 
 
 def name_every_problem(app: FastAPI) -> None:
@@ -149,9 +154,7 @@ def name_every_problem(app: FastAPI) -> None:
             policy: EndpointPolicy = request.app.state.endpoints
             problem = policy.problem(body["endpoint"])
             if problem:
-                errors.append(
-                    {"loc": ("body", "endpoint"), "msg": problem, "type": "value_error"}
-                )
+                errors.append(_error(("body", "endpoint"), problem))
                 exc = RequestValidationError(errors, body=body)
         return await answer(request, exc)
 
