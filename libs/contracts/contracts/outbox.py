@@ -42,7 +42,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.trace import SpanKind
 
-from contracts import metrics, topology, tracing
+from contracts import logs, metrics, topology, tracing
 from contracts.db import application_name
 from contracts.messages import Message
 from contracts.settings import Settings, amqp_connection_name
@@ -199,13 +199,11 @@ class OutboxRelay:
     async def start(self) -> None:
         if self._connection is None:
             url = self._settings.amqp_url
+            name = amqp_connection_name(url, "outbox relay")
             self._connection = await aio_pika.connect_robust(
-                url,
-                timeout=10,
-                client_properties={
-                    "connection_name": amqp_connection_name(url, "outbox relay")
-                },
+                url, timeout=10, client_properties={"connection_name": name}
             )
+            logs.BrokerLink(name).watch(self._connection)
         # A message no queue takes (its queue was deleted while this ran) is
         # refused rather than confirmed, so its row stays to be published again,
         # once the topology is declared anew.

@@ -87,11 +87,14 @@ class Runtime:
             # option aiormq reads it from, name.
             interval = amqp_options(settings.amqp_url).get("reconnect_interval")
             name = amqp_connection_name(settings.amqp_url, "consumers")
+            link = logs.BrokerLink(name)
             self.broker = RabbitBroker(
                 settings.amqp_url,
                 timeout=CONNECT_TIMEOUT,
                 reconnect_interval=float(interval or RECONNECT_INTERVAL),
                 client_properties={"name": name},
+                on_close=[link.lost],
+                on_reconnected=[link.restored],
                 logger=None,
                 graceful_timeout=settings.drain_seconds,
                 apply_types=False,
@@ -184,13 +187,13 @@ class Runtime:
 
     async def _start(self) -> None:
         self.pool = await create_pool(self.settings, **self._pool_options)
+        name = amqp_connection_name(self.settings.amqp_url)
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             timeout=CONNECT_TIMEOUT,
-            client_properties={
-                "connection_name": amqp_connection_name(self.settings.amqp_url)
-            },
+            client_properties={"connection_name": name},
         )
+        logs.BrokerLink(name).watch(self._connection)
         # A message no queue takes is refused, not confirmed: see Publisher.
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
