@@ -167,7 +167,10 @@ async def test_a_token_that_expires_beyond_any_float_still_opens_a_stream(
 async def test_a_user_holds_at_most_the_configured_number_of_streams(
     start_gateway: StartGateway, demo: Demo, token: Callable[..., str]
 ) -> None:
-    gateway = start_gateway(NOTIFLOW_SSE_MAX_STREAMS_PER_USER="3")
+    front = "https://front.example"
+    gateway = start_gateway(
+        NOTIFLOW_SSE_MAX_STREAMS_PER_USER="3", NOTIFLOW_CORS_ORIGINS=front
+    )
     url = f"{gateway.url}/sse?token={token(demo.bob)}"
     held = [SSEClient(url) for _ in range(3)]
     for live in held:
@@ -176,8 +179,9 @@ async def test_a_user_holds_at_most_the_configured_number_of_streams(
         async with SSEClient(url) as refused:
             pass
         async with httpx.AsyncClient() as client:
-            # A page whose EventSource was refused asks this way why.
-            probe = await client.head(url)
+            # A page whose EventSource was refused asks this way why; one on
+            # another origin may read when to try again.
+            probe = await client.head(url, headers={"Origin": front})
         async with SSEClient(f"{gateway.url}/sse?token={token(demo.alice)}") as alice:
             pass
 
@@ -199,6 +203,8 @@ async def test_a_user_holds_at_most_the_configured_number_of_streams(
     assert_json_error(refused, "too_many_streams")
     assert probe.status_code == 429
     assert int(probe.headers["retry-after"]) > 0
+    assert probe.headers["access-control-allow-origin"] == front
+    assert "retry-after" in probe.headers["access-control-expose-headers"].lower()
     assert alice.status == 200
     # The refused streams were never counted: exactly one slot came free.
     assert refused_again.status == 429

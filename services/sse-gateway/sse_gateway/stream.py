@@ -34,6 +34,7 @@ from contracts.auth import InvalidToken, verify_token
 from contracts.db import DatabaseUnavailable, connection
 from contracts.http import (
     UNAVAILABLE_RETRY_AFTER,
+    Cors,
     HeadAsGet,
     error,
     invalid_request,
@@ -363,8 +364,14 @@ class StreamEndpoint:
         )
 
     def _cors(self, origin: str | None) -> dict[str, str]:
+        # What the middleware on every other route sends: the page may read
+        # the Retry-After of a 429 or 503 too.
         if origin and origin in self._origins:
-            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+            return {
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Expose-Headers": ", ".join(Cors.EXPOSED),
+                "Vary": "Origin",
+            }
         return {}
 
 

@@ -349,6 +349,11 @@ async def test_a_token_refusal_carries_the_cors_headers_of_a_normal_answer(
     assert refused.headers["access-control-allow-origin"] == PAGE
     assert opened.headers["access-control-allow-origin"] == PAGE
     assert refused.headers["vary"] == normal.headers["vary"]
+    for answer in (refused, opened):
+        assert (
+            answer.headers["access-control-expose-headers"]
+            == (normal.headers["access-control-expose-headers"])
+        )
 
 
 async def test_a_refused_preflight_with_two_tokens_is_answered_in_json(
