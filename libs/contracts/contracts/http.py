@@ -61,7 +61,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -423,6 +423,14 @@ def _canonical(value: object) -> object:
 # The id of a row in a path: a bigint above zero, written in canonical decimal
 # (anything else is a 422 naming the parameter, not another name for the row).
 PathId = Annotated[int, BeforeValidator(_canonical), Path(ge=1, le=MAX_ID)]
+
+# The id of a row in a JSON body: a bigint above zero. The bounds go into the
+# schema a second time under pydantic's names, as a parameter's do: FastAPI's
+# OpenAPI model holds the standard ones as floats, and a float cannot hold the
+# largest bigint (see contracts.openapi).
+BodyId = Annotated[
+    StrictInt, Field(ge=1, le=MAX_ID, json_schema_extra={"ge": 1, "le": MAX_ID})
+]
 
 # A whole number in a query string, held to the same spelling.
 Whole = BeforeValidator(_canonical)

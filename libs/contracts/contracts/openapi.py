@@ -13,7 +13,9 @@ too large), and writes the bounds of some parameters under pydantic's names (``g
   ``default`` response, in the same shape, for every other refusal (404, 405, 409,
   413, 415, 503 and the 500 of a crash), on every route but the probes
   (``/healthz``, ``/readyz``, ``/metrics``), which answer in shapes of their own;
-* parameter bounds as ``minimum`` and ``maximum``.
+* parameter bounds as ``minimum`` and ``maximum``, and the bounds of body fields
+  that give them under pydantic's names too (:data:`contracts.http.BodyId`)
+  exactly, not as FastAPI's floats.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def rewrite(document: dict[str, Any]) -> dict[str, Any]:
                 responses["401"] = UNAUTHORIZED
             responses["default"] = OTHER
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for schema in schemas.values():
+        for field in schema.get("properties", {}).values():
+            _rename_bounds(field)
     for name in _FASTAPI_ERRORS:
         schemas.pop(name, None)
     schemas["Error"] = ERROR_SCHEMA
@@ -124,6 +129,16 @@ def _takes_token(parameter: dict[str, Any]) -> bool:
 
 
 def _rename_bounds(schema: dict[str, Any]) -> None:
-    for name, standard in _BOUNDS.items():
-        if name in schema:
-            schema.setdefault(standard, schema.pop(name))
+    """Bounds given under pydantic's names, exact, in place of any standard ones:
+    FastAPI's model of the document turns those into floats, which cannot hold a
+    bigint's (2**63 - 1 would be shown as 2**63)."""
+    given = {
+        standard: schema.pop(name)
+        for name, standard in _BOUNDS.items()
+        if name in schema
+    }
+    if not given:
+        return
+    for standard in _BOUNDS.values():
+        schema.pop(standard, None)
+    schema.update(given)

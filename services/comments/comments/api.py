@@ -19,15 +19,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictInt,
     field_validator,
 )
 
 from comments import repository as sql
 from contracts import topology, tracing
-from contracts.auth import MAX_ID, Principal, UnknownUser, bearer, verify_token
+from contracts.auth import Principal, UnknownUser, bearer, verify_token
 from contracts.db import connection, transaction
-from contracts.http import Conflict, NotFound, PathId, RuntimeDep, UserDep
+from contracts.http import BodyId, Conflict, NotFound, PathId, RuntimeDep, UserDep
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
 from contracts.runtime import Runtime
@@ -75,8 +74,10 @@ def _shows_something(char: str) -> bool:
 class NewComment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    post_id: StrictInt = Field(gt=0, le=MAX_ID)
-    body: str = Field(max_length=MAX_BODY_CHARS)
+    post_id: BodyId
+    # An empty body is refused by the check below, with its own message; the
+    # schema says so too.
+    body: str = Field(max_length=MAX_BODY_CHARS, json_schema_extra={"minLength": 1})
 
     @field_validator("body")
     @classmethod
