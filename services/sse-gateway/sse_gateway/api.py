@@ -153,17 +153,17 @@ async def change_preferences(
     Turning one off also skips the user's notifications of it not yet sent; see
     :mod:`sse_gateway.preferences`.
     """
-    given = change.given()
     async with connection(db) as pg:
-        changed = await preferences.change(pg, user.user_id, given)
-    logger.info(
-        "preferences changed: %s; %d waiting notifications skipped",
-        ", ".join(f"{name} {'on' if on else 'off'}" for name, on in given.items()),
-        changed.skipped,
-        extra={
-            "action": "preferences.changed",
-            "user_id": user.user_id,
-            "skipped": changed.skipped,
-        },
-    )
+        changed = await preferences.change(pg, user.user_id, change.given())
+    if changed.differs or changed.skipped:
+        logger.info(
+            "preferences changed: %s; %d waiting notifications skipped",
+            preferences.described(changed.differs),
+            changed.skipped,
+            extra={
+                "action": "preferences.changed",
+                "user_id": user.user_id,
+                "skipped": changed.skipped,
+            },
+        )
     return changed.wanted

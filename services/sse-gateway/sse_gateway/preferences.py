@@ -16,7 +16,8 @@ out: a worker holds it, and may be talking to the mail server already. Turning t
 type back on revives none of the skipped rows.
 
 A change is announced to the user's open streams as a ``preferences`` event (no
-data: a page reads ``GET /preferences`` again), sent by the transaction that made it.
+data: a page reads ``GET /preferences`` again), sent by the transaction that made it;
+a request that sets every type it names to what it was already announces nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ READ = "SELECT type, enabled FROM notification_preferences WHERE user_id = $1"
 
 # One statement, so the change commits on its own and all at once. The SELECT
 # after the CTE sees the table as it was before the statement, so the rows just
-# written come from RETURNING and only the other types from the table.
+# written come from RETURNING, only the other types from the table, and what a
+# given type was before (wanted, when it had no row) from the table too.
 CHANGE = """
 WITH changed AS (
     INSERT INTO notification_preferences (user_id, type, enabled)
@@ -45,9 +47,14 @@ WITH changed AS (
     ON CONFLICT (user_id, type) DO UPDATE SET enabled = EXCLUDED.enabled
     RETURNING type, enabled
 )
-SELECT type, enabled FROM changed
+SELECT c.type, c.enabled,
+       c.enabled <> coalesce((
+           SELECT p.enabled FROM notification_preferences p
+           WHERE p.user_id = $1 AND p.type = c.type
+       ), true) AS differs
+FROM changed c
 UNION ALL
-SELECT type, enabled FROM notification_preferences
+SELECT type, enabled, false FROM notification_preferences
 WHERE user_id = $1 AND type <> ALL($2::text[])
 """
 
@@ -74,11 +81,13 @@ _SHOWN_CHARS = 40
 
 
 class Changed(NamedTuple):
-    """What a change left: every type and whether it is wanted, and how many of
-    the user's notifications waiting to be sent it stopped."""
+    """What a change left: every type and whether it is wanted, how many of the
+    user's notifications waiting to be sent it stopped, and the types it set to
+    another value than they had."""
 
     wanted: dict[str, bool]
     skipped: int
+    differs: dict[str, bool]
 
 
 class PreferenceChange(BaseModel):
@@ -110,6 +119,14 @@ class PreferenceChange(BaseModel):
         return {name: getattr(self, name) for name in CHANNEL_TYPES if name in given}
 
 
+def described(types: Mapping[str, bool]) -> str:
+    """``types`` for a log line: ``email off, sse on``, or ``none`` if empty."""
+    return (
+        ", ".join(f"{name} {'on' if on else 'off'}" for name, on in types.items())
+        or "none"
+    )
+
+
 def _shown(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
@@ -133,12 +150,17 @@ async def change(
     try:
         async with pg.transaction():
             rows = await pg.fetch(CHANGE, user_id, list(given), list(given.values()))
+            # Also when a type was off already: a row of an event stored while
+            # it was being turned off may still wait.
             skipped = await pg.fetchval(SKIP_WAITING, user_id, off) if off else 0
-            # Delivered at commit to every replica, which tells the user's pages
-            # to read their preferences again.
-            await inbox.announce(pg, {"kind": "preferences", "u": user_id})
+            differs = {row["type"]: row["enabled"] for row in rows if row["differs"]}
+            differs = {t: differs[t] for t in CHANNEL_TYPES if t in differs}
+            if differs:
+                # Delivered at commit to every replica, which tells the user's
+                # pages to read their preferences again.
+                await inbox.announce(pg, {"kind": "preferences", "u": user_id})
     except asyncpg.ForeignKeyViolationError:
         # The table's one foreign key is its user's: the user was deleted after
         # the request's token was checked. Nothing was stored.
         raise UnknownUser(user_id) from None
-    return Changed(_as_map(rows), skipped)
+    return Changed(_as_map(rows), skipped, differs)

@@ -146,18 +146,19 @@ async def unsubscribe(request: Request, db: Pool) -> Response:
     except _Refused as refused:
         return _refusal(request, refused)
 
-    logger.info(
-        "preferences changed: %s off, by the unsubscribe link; "
-        "%d waiting notifications skipped",
-        link.channel_type,
-        changed.skipped,
-        extra={
-            "action": "preferences.changed",
-            "user_id": link.user_id,
-            "via": "unsubscribe_link",
-            "skipped": changed.skipped,
-        },
-    )
+    if changed.differs or changed.skipped:
+        logger.info(
+            "preferences changed: %s, by the unsubscribe link; "
+            "%d waiting notifications skipped",
+            preferences.described(changed.differs),
+            changed.skipped,
+            extra={
+                "action": "preferences.changed",
+                "user_id": link.user_id,
+                "via": "unsubscribe_link",
+                "skipped": changed.skipped,
+            },
+        )
     what = _NAMES[link.channel_type]
     return _page(
         "Notification emails turned off",

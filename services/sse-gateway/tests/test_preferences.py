@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from contracts.auth import UnknownUser, issue_token
 from contracts.settings import Settings
-from sse_gateway import preferences
+from sse_gateway import inbox, preferences
 from sse_gateway.app import GatewaySettings, create_app
 from tests.support.data import Demo
 
@@ -90,9 +91,53 @@ async def test_a_change_is_logged_for_operators_with_the_user_and_what_changed(
     ]
     assert len(changed) == 1, "a refused change is not logged as one"
     assert changed[0].user_id == demo.bob
+    # Email was wanted already: only push changed.
     assert changed[0].getMessage() == (
-        "preferences changed: email on, push off; 0 waiting notifications skipped"
+        "preferences changed: push off; 0 waiting notifications skipped"
     )
+
+
+async def test_setting_types_to_what_they_are_announces_and_logs_nothing(
+    client: Client,
+    demo: Demo,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    heard: list[str] = []
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        inbox.NOTIFY_CHANNEL, lambda *args: heard.append(args[-1])
+    )
+    try:
+        with caplog.at_level("INFO", logger="sse_gateway.api"):
+            async with client(demo.bob) as bob:
+                # Wanted by default, then stored as wanted, then the same again.
+                same = [
+                    await bob.patch("/preferences", json={"email": True}),
+                    await bob.patch("/preferences", json={"email": True}),
+                ]
+                off = await bob.patch(
+                    "/preferences", json={"email": False, "sse": True}
+                )
+                again = await bob.patch("/preferences", json={"email": False})
+            # A NOTIFY reaches a listener at commit; one more statement on the
+            # listener's own connection lets anything sent arrive first.
+            await listener.execute("SELECT 1")
+    finally:
+        await listener.close()
+
+    assert [a.status_code for a in [*same, off, again]] == [200] * 4
+    assert again.json() == {"email": False, "sse": True, "push": True}
+    announced = [json.loads(p) for p in heard]
+    assert [a["kind"] for a in announced] == ["preferences"]
+    changed = [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "action", None) == "preferences.changed"
+    ]
+    assert changed == [
+        "preferences changed: email off; 0 waiting notifications skipped"
+    ]
 
 
 async def test_a_partial_change_keeps_the_other_types(
