@@ -45,6 +45,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The longest a bearer token may live: a year and a day. A token cannot be taken
 # back before it expires (short of rotating the secret, which ends them all).
 MAX_TOKEN_TTL_SECONDS = 366 * 24 * 3600
+MAX_IDEMPOTENCY_KEY_HOURS = 366 * 24
 # Connections one pool may hold. PostgreSQL serves 100 by default, and each one
 # costs the server a process; far more than that is a typing mistake.
 MAX_POOL_CONNECTIONS = 1000
@@ -137,6 +138,10 @@ class Settings(BaseSettings):
     # a relay of its own sends (writers with one hand their rows to it), and how
     # old the rows that claim takes must be. 0 answers every NOTIFY at once.
     outbox_notify_delay_seconds: float = Field(default=0.2, ge=0, le=60)
+
+    # How long the comments service remembers an Idempotency-Key, answering a
+    # retry with the first response; a retry after that is a new comment.
+    idempotency_key_hours: int = Field(default=24, ge=1, le=MAX_IDEMPOTENCY_KEY_HOURS)
 
     retry_delays: str = "5,30,120,600,3600"
     # A notification still pending this long (its message may have been lost with

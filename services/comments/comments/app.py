@@ -9,9 +9,10 @@ from fastapi import FastAPI
 
 from comments import dev
 from comments.api import router
+from comments.keys import KeySweeper
 from contracts import tracing
 from contracts.http import Cors, install_http_policy
-from contracts.runtime import Runtime, health_router
+from contracts.runtime import Runtime, health_router, stop_in_order
 from contracts.settings import Settings
 
 
@@ -22,10 +23,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        sweeper = KeySweeper(runtime.db, settings.idempotency_key_hours)
+        sweeper.start()
         try:
             yield
         finally:
-            await runtime.stop()
+            await stop_in_order(sweeper.stop, runtime.stop)
 
     app = FastAPI(
         title="notiflow comments",
