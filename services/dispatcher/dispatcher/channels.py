@@ -33,7 +33,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from contracts import jsonkeys
+from dispatcher import stamps
+from dispatcher.stamps import Stamp
 
 logger = logging.getLogger(__name__)
 
@@ -250,16 +251,6 @@ def read(path: Path, templates: TemplateCheck) -> ChannelFile:
     return config
 
 
-# What tells one version of the file from another: its modification time, its size
-# and its inode (a file renamed over it is another version, whatever its times).
-Stamp = tuple[int, int, int]
-
-
-def _stamp(path: Path) -> Stamp:
-    st = os.stat(path)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 @dataclass(frozen=True)
 class Loaded:
     """A usable configuration, and the stamp its file had just before it was read."""
@@ -275,7 +266,7 @@ def load(path: Path, templates: TemplateCheck) -> Loaded:
     newer stamp, and the next :meth:`ChannelConfigs.current` reads it.
     """
     try:
-        stamp = _stamp(path)
+        stamp = stamps.stamp(path)
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
     loaded = Loaded(read(path, templates), stamp)
@@ -318,7 +309,7 @@ class ChannelConfigs:
 
     def current(self) -> ChannelFile:
         try:
-            stamp = _stamp(self._path)
+            stamp = stamps.stamp(self._path)
         except OSError as exc:
             if self._stamp is not None:
                 self._stamp = None

@@ -14,20 +14,21 @@ errors, so a template that names something the dispatcher does not provide fails
 loudly in tests, not silently in someone's inbox.
 
 Templates are read again when their files change, so an edit applies to the next
-notification. An edit that breaks a template (it does not parse, names something
-the dispatcher does not provide, renders nothing but blanks, or its file is gone)
-does not stop notifications: each file keeps the last version that rendered, which
-goes on being used, with one logged error naming the file and the fault, until the
-file renders again. Every new version of a file is first rendered once for each
-reason someone is notified, alone and together, with made-up values (names that
-are not ASCII among them), and is used only if it renders for all of them: a
-version that fails only for some recipients (participants, say) is broken for
-all. A version that passed and then fails on real values its trial did not have
-falls back, for those values, to the version it replaced. :meth:`Renderer.problem`,
-which checks a set before the channel configuration may name it (at start, and on
-every edit of that file), tries the files as they are in the same way: a fault
-that shows then refuses the set, and a set that passes has a last good version of
-every file from then on.
+notification; a change is told by the file's stamp (:mod:`dispatcher.stamps`), not
+by its modification time alone as Jinja2 would. An edit that breaks a template (it
+does not parse, names something the dispatcher does not provide, renders nothing but
+blanks, or its file is gone) does not stop notifications: each file keeps the last
+version that rendered, which goes on being used, with one logged error naming the
+file and the fault, until the file renders again. Every new version of a file is
+first rendered once for each reason someone is notified, alone and together, with
+made-up values (names that are not ASCII among them), and is used only if it renders
+for all of them: a version that fails only for some recipients (participants, say)
+is broken for all. A version that passed and then fails on real values its trial did
+not have falls back, for those values, to the version it replaced.
+:meth:`Renderer.problem`, which checks a set before the channel configuration may
+name it (at start, and on every edit of that file), tries the files as they are in
+the same way: a fault that shows then refuses the set, and a set that passes has a
+last good version of every file from then on.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ from jinja2 import (
     TemplateSyntaxError,
     select_autoescape,
 )
+
+from dispatcher import stamps
 
 DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
@@ -107,11 +111,36 @@ class Rendered:
     email_text: str
 
 
+class _StampedLoader(FileSystemLoader):
+    """Jinja2's loader, whose templates are out of date once their file's stamp
+    changes rather than its modification time only."""
+
+    def get_source(
+        self, environment: Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        # Stamped before the text is read: an edit landing while it is read then
+        # leaves another stamp, and the next look reads the file again.
+        _, filename, _ = super().get_source(environment, template)
+        try:
+            before = stamps.stamp(filename)
+        except OSError:
+            raise TemplateNotFound(template) from None
+        text, filename, _ = super().get_source(environment, template)
+
+        def uptodate() -> bool:
+            try:
+                return stamps.stamp(filename) == before
+            except OSError:
+                return False
+
+        return text, filename, uptodate
+
+
 class Renderer:
     def __init__(self, directory: Path = DEFAULT_DIR) -> None:
         self._directory = directory
         self._env = Environment(
-            loader=FileSystemLoader(str(directory)),
+            loader=_StampedLoader(str(directory)),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",)),
             keep_trailing_newline=False,

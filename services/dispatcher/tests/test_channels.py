@@ -565,3 +565,19 @@ def test_a_file_configuring_no_channel_is_used_with_one_warning_per_load(
         assert warned.getMessage() == (
             f"{path} configures no channel, so no event notifies anyone"
         )
+
+
+def test_an_edit_of_the_same_size_that_keeps_the_modification_time_applies(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"], priority=3), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+    assert configs.current().channels["comment.reply"].priority == 3
+    kept = path.stat()
+
+    path.write_text(json.dumps(config(["email"], priority=4)))
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+
+    assert path.stat().st_size == kept.st_size
+    assert configs.current().channels["comment.reply"].priority == 4

@@ -444,3 +444,41 @@ def test_a_version_failing_on_real_values_is_not_declared_fixed_by_looking(
     assert failed.levelno == logging.ERROR
     assert "ZeroDivisionError" in failed.getMessage()
     assert renderer.render("broken", context()).title == "second"
+
+
+def test_an_edit_that_keeps_the_files_modification_time_is_taken_up(
+    tmp_path: Path,
+) -> None:
+    # Images built reproducibly, and copies that keep times, give every version
+    # of a file the same modification time.
+    folder = template_set(tmp_path, title="first {{ post.id }}")
+    renderer = Renderer(tmp_path)
+    assert renderer.render("broken", context()).title == "first 1"
+    path = folder / "title.txt.j2"
+    kept = path.stat().st_mtime_ns
+
+    path.write_text("second {{ post.id }}")
+    os.utime(path, ns=(kept, kept))
+
+    assert renderer.render("broken", context()).title == "second 1"
+
+
+def test_a_link_swapped_to_another_directory_of_equal_times_is_taken_up(
+    tmp_path: Path,
+) -> None:
+    # How a mounted ConfigMap changes: the link to its files moves, at once, to a
+    # directory of new ones, whose times may equal the old ones'.
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        folder = template_set(tmp_path / version, title=f"{version} {{{{ post.id }}}}")
+        for path in folder.iterdir():
+            os.utime(path, ns=(10**9, 10**9))
+    (tmp_path / "current").symlink_to("v1")
+    renderer = Renderer(tmp_path / "current")
+    assert renderer.render("broken", context()).title == "v1 1"
+
+    (tmp_path / "next").symlink_to("v2")
+    os.replace(tmp_path / "next", tmp_path / "current")
+    renderer.look("broken")
+
+    assert renderer.render("broken", context()).title == "v2 1"
