@@ -833,6 +833,10 @@ def test_admin_says_which_server_it_cannot_reach(settings: Settings) -> None:
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "secret" not in done.stderr
     assert "Traceback" not in done.stderr
+    # What failed in words, and what to do, as a service says it at start.
+    assert "Connect call failed" in done.stderr
+    assert "AMQPConnectionError" not in done.stderr
+    assert "start it with: rabbitmq-server -detached" in done.stderr
 
 
 @pytest.mark.parametrize(

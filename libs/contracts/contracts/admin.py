@@ -909,7 +909,22 @@ def _cannot_reach(
     # The dead-letter commands talk to the broker only, requeue to the database.
     if args.command == "dlq":
         where = f"the broker at {redact_url(settings.amqp_url)}"
+        hint = preflight.AMQP_HINT
     else:
         where = f"the database at {redact_url(settings.database_url)}"
-    print(f"notiflow-admin: cannot reach {where}: {exc!r}", file=sys.stderr)
+        hint = preflight.PG_HINT
+    print(
+        f"notiflow-admin: cannot reach {where} ({_reason(exc)}); {hint}",
+        file=sys.stderr,
+    )
     return 1
+
+
+def _reason(exc: BaseException) -> str:
+    """What a failed connection says, without the exception's own dress: aiormq
+    gives an errno and a sentence as its arguments."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if exc.args and isinstance(exc.args[-1], str):
+        return exc.args[-1]
+    return str(exc) or type(exc).__name__
