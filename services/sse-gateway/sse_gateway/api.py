@@ -155,15 +155,5 @@ async def change_preferences(
     """
     async with connection(db) as pg:
         changed = await preferences.change(pg, user.user_id, change.given())
-    if changed.differs or changed.skipped:
-        logger.info(
-            "preferences changed: %s; %d waiting notifications skipped",
-            preferences.described(changed.differs),
-            changed.skipped,
-            extra={
-                "action": "preferences.changed",
-                "user_id": user.user_id,
-                "skipped": changed.skipped,
-            },
-        )
+    changed.log(logger, user.user_id)
     return changed.wanted

@@ -23,6 +23,7 @@ a request that sets every type it names to what it was already announces nothing
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -88,6 +89,23 @@ class Changed(NamedTuple):
     wanted: dict[str, bool]
     skipped: int
     differs: dict[str, bool]
+
+    def log(self, logger: logging.Logger, user_id: int, via: str | None = None) -> None:
+        """Tell operators what changed, on ``logger``; nothing if nothing did."""
+        if not self.differs and not self.skipped:
+            return
+        logger.info(
+            "preferences changed: %s%s; %d waiting notifications skipped",
+            described(self.differs),
+            f", by the {via.replace('_', ' ')}" if via else "",
+            self.skipped,
+            extra={
+                "action": "preferences.changed",
+                "user_id": user_id,
+                "skipped": self.skipped,
+                **({"via": via} if via else {}),
+            },
+        )
 
 
 class PreferenceChange(BaseModel):

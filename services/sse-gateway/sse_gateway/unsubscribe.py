@@ -146,19 +146,7 @@ async def unsubscribe(request: Request, db: Pool) -> Response:
     except _Refused as refused:
         return _refusal(request, refused)
 
-    if changed.differs or changed.skipped:
-        logger.info(
-            "preferences changed: %s, by the unsubscribe link; "
-            "%d waiting notifications skipped",
-            preferences.described(changed.differs),
-            changed.skipped,
-            extra={
-                "action": "preferences.changed",
-                "user_id": link.user_id,
-                "via": "unsubscribe_link",
-                "skipped": changed.skipped,
-            },
-        )
+    changed.log(logger, link.user_id, via="unsubscribe_link")
     what = _NAMES[link.channel_type]
     return _page(
         "Notification emails turned off",
