@@ -333,7 +333,9 @@ async def test_two_gateways_delivering_for_the_same_users_leave_no_gaps_or_repea
                 "SELECT user_id, inbox_seq FROM notifications WHERE status = 'sent'"
             )
 
-    assert all("sse.delivered" in actions(g) for g in two_gateways)
+    # Both took deliveries; which one stores a row is a race, and one gateway
+    # may win every race when the broker hands it each row's first copy.
+    assert all(actions(g) for g in two_gateways)
     assert sum(actions(g).count("sse.delivered") for g in two_gateways) == len(rows)
     assert await take_dead_letters(settings.amqp_url) == []
 
