@@ -208,6 +208,52 @@ async def test_429_retries_no_sooner_than_retry_after(
     assert second.payload == first.payload
 
 
+async def test_a_retry_after_between_two_delays_is_due_when_its_message_returns(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_settings: PushSettings,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Asked to wait 3 s, the message goes to the 8 s retry queue. The row must
+    # be due when it comes back: due sooner, the sweeper would take the message
+    # for lost more than a lease (2.5 s) before that, and push again early.
+    busy = push_service.device(Answer(429, {"Retry-After": "3"}))
+    update = {
+        "retry_delays": "1,8",
+        "push_timeout": 1.0,
+        "push_lease_seconds": 2.5,
+    }
+    app = create_app(push_settings.model_copy(update=update))
+    async with asyncio.timeout(60), app.router.lifespan_context(app):
+        own = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=own, base_url="http://p") as api:
+            await subscribe(api, settings, demo.bob, busy)
+        row_id = await notify(settings, db, demo.bob)
+        waiting = await eventually(
+            lambda: db.fetchrow(
+                "SELECT next_attempt_at FROM notifications "
+                "WHERE id = $1 AND status = 'retrying'",
+                row_id,
+            ),
+            what="row retrying",
+            interval=0.02,
+        )
+        row = await eventually(
+            lambda: settled(db, row_id), what="row settled", timeout=30
+        )
+
+    first, second = busy.received
+    assert waiting["next_attempt_at"].timestamp() >= first.at + 8 - 0.5
+    assert second.at - first.at >= 8 - 0.5
+    assert row["status"] == "sent" and row["attempts"] == 2
+    recovered = [
+        r for r in caplog.records if getattr(r, "action", None) == "delivery.recovered"
+    ]
+    assert recovered == []
+
+
 async def test_server_errors_retry_until_the_attempts_run_out(
     settings: Settings,
     demo: Demo,

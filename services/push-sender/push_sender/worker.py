@@ -245,11 +245,17 @@ class PushWorker:
                 float(self._delays[attempt - 1]),
                 *(r.retry_after or 0.0 for r in later),
             )
+            # The message comes back after the retry queue's delay, the shortest
+            # not shorter than the wait: the row is due then, not sooner, or the
+            # sweeper would take it for a delivery whose message was lost. A wait
+            # past the longest delay parks the message until the row is due.
+            level = transitions.retry_level(self._delays, wait)
+            due = max(wait, float(level))
             await self._mark(
-                lease_ends, transitions.RETRYING, row, outcomes, reason, wait
+                lease_ends, transitions.RETRYING, row, outcomes, reason, due
             )
             metrics.settled("push", delivery.channel, "retried")
-            raise RetryLater(reason, transitions.retry_level(self._delays, wait))
+            raise RetryLater(reason, level)
 
         if all(r.outcome == "gone" for r in results):
             await self._mark(lease_ends, transitions.SKIPPED, row, outcomes, ALL_GONE)
