@@ -173,3 +173,26 @@ async def test_a_refused_change_puts_the_box_back_and_says_why(
     await expect(page.locator("#prefs-error")).to_be_empty()
     await expect_boxes(page, email=True, live=True, push=False)
     assert await stored(settings, demo.bob) == {"push": False}
+
+
+async def test_a_page_whose_stream_comes_back_shows_the_settings_as_stored_now(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    page = await open_as(browser, gateway, "bob")
+    await expect_boxes(page, email=True, live=True, push=True)
+
+    # The stream is cut: a change saved meanwhile fails and says so, and one made
+    # elsewhere (another replica, an email's link) is never announced to it.
+    gateway.kill()
+    await expect(page.locator("#status")).not_to_have_text("live")
+    await box(page, "Browser push").uncheck()
+    await expect(page.locator("#prefs-error")).to_contain_text(
+        "Could not save “Browser push”"
+    )
+    await store(settings, demo.bob, "email", False)
+    gateway.start().wait_ready()
+
+    await expect(page.locator("#status")).to_have_text("live", timeout=15_000)
+    await expect_boxes(page, email=False, live=True, push=True)
+    await expect(page.locator("#prefs-error")).to_be_empty()

@@ -232,6 +232,8 @@
         showNotice();
       }
       reloadInbox().catch(inboxError);
+      // Changes made while the stream was down were announced to nobody here.
+      loadPreferences().catch(showError);
     };
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
