@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 5000
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+FORGOTTEN_KEY_TRIES = 3
 
 
 def _ascii_key(value: str | None) -> str | None:
@@ -154,6 +155,23 @@ async def create_comment(
         return await _create(new, rt, user)
     request_hash = hashlib.sha256(new.model_dump_json().encode()).hexdigest()
 
+    # A key found taken may be forgotten (past NOTIFLOW_IDEMPOTENCY_KEY_HOURS) by
+    # the time its response is read; the request is then new, and claims it.
+    for _ in range(FORGOTTEN_KEY_TRIES):
+        answer = await _create_keyed(new, rt, user, idempotency_key, request_hash)
+        if answer is not None:
+            return answer
+    raise Conflict(
+        f"Idempotency-Key {idempotency_key!r} is being forgotten as this request "
+        "comes; send it again"
+    )
+
+
+async def _create_keyed(
+    new: NewComment, rt: Runtime, user: Principal, key: str, request_hash: str
+) -> JSONResponse | None:
+    """The comment stored under ``key``, or the answer of the request that took
+    the key; None if the key was forgotten between the two."""
     async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
         async with conn.transaction():
             try:
@@ -162,7 +180,7 @@ async def create_comment(
                     new.post_id,
                     user.user_id,
                     new.body,
-                    idempotency_key,
+                    key,
                     request_hash,
                 )
             except asyncpg.ForeignKeyViolationError as exc:
@@ -170,8 +188,8 @@ async def create_comment(
                 if exc.constraint_name not in _USER_KEYS:
                     raise
                 raise UnknownUser(user.user_id) from None
-            if idempotency_key is not None and not row["claimed"]:
-                return await _replay(conn, user, idempotency_key, request_hash)
+            if not row["claimed"]:
+                return await _replay(conn, user, key, request_hash)
             _require_author_and_post(row, new, user)
 
             event = CommentCreated(
@@ -196,10 +214,7 @@ async def create_comment(
                 hand_off=rt.relay is not None,
             )
             body = _created(new, row, str(event.event_id))
-            if idempotency_key is not None:
-                await conn.execute(
-                    sql.STORE_RESPONSE, user.user_id, idempotency_key, 201, body
-                )
+            await conn.execute(sql.STORE_RESPONSE, user.user_id, key, 201, body)
         # The outbox row is committed: this process's relay publishes it now.
         if rt.relay is not None:
             rt.relay.hand_off(outbox)
@@ -286,8 +301,12 @@ def _created(new: NewComment, row: asyncpg.Record, event_id: str) -> dict[str, A
 
 async def _replay(
     conn: Any, user: Principal, key: str, request_hash: str
-) -> JSONResponse:
+) -> JSONResponse | None:
+    """The stored answer to the request that took ``key``; None if the key is
+    gone, forgotten since it was found taken."""
     stored = await conn.fetchrow(sql.STORED_RESPONSE, user.user_id, key)
+    if stored is None:
+        return None
     if stored["request_hash"] != request_hash:
         raise Conflict(
             f"Idempotency-Key {key!r} was already used with a different request body"

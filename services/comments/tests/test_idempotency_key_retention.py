@@ -133,3 +133,44 @@ async def _logged_twice(caplog: pytest.LogCaptureFixture) -> bool:
 
 def _failed(record: object) -> bool:
     return getattr(record, "action", None) == "idempotency.sweep_failed"
+
+
+async def test_a_retry_whose_key_is_forgotten_as_it_comes_is_a_new_comment(
+    settings: Settings, demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = issue_token(demo.bob, "bob", settings)
+    comment = {"post_id": demo.post, "body": "said at the edge"}
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://t",
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "edge"},
+        ) as client,
+    ):
+        first = await client.post("/comments", json=comment)
+        # Another replica's sweep deletes the key between the statement that
+        # finds it taken and the one that reads its response.
+        monkeypatch.setattr(
+            "comments.repository.STORED_RESPONSE",
+            "WITH gone AS (DELETE FROM idempotency_keys "
+            "WHERE user_id = $1 AND key = $2 RETURNING *) "
+            "SELECT request_hash, status_code, response FROM gone WHERE false",
+        )
+        again = await client.post("/comments", json=comment)
+
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        count = await db.fetchval(
+            "SELECT count(*) FROM comments WHERE body = 'said at the edge'"
+        )
+        kept = await db.fetchval(
+            "SELECT response->>'id' FROM idempotency_keys WHERE key = 'edge'"
+        )
+    finally:
+        await db.close()
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] != first.json()["id"]
+    assert count == 2
+    assert kept == str(again.json()["id"])
