@@ -15,9 +15,10 @@ takes a row (``contracts.transitions``). Only a row already ``sending`` still go
 out: a worker holds it, and may be talking to the mail server already. Turning the
 type back on revives none of the skipped rows.
 
-A change is announced to the user's open streams as a ``preferences`` event (no
-data: a page reads ``GET /preferences`` again), sent by the transaction that made it;
-a request that sets every type it names to what it was already announces nothing.
+A change is announced to the user's open streams as a ``preferences`` event (its
+data ``{}``: a page reads ``GET /preferences`` again), sent by the transaction that
+made it; a request that sets every type it names to what it is already, alone or at
+the same moment as an identical one, announces nothing.
 """
 
 from __future__ import annotations
@@ -36,24 +37,23 @@ from sse_gateway import inbox
 
 READ = "SELECT type, enabled FROM notification_preferences WHERE user_id = $1"
 
-# One statement, so the change commits on its own and all at once. The SELECT
-# after the CTE sees the table as it was before the statement, so the rows just
-# written come from RETURNING, only the other types from the table, and what a
-# given type was before (wanted, when it had no row) from the table too.
+# One statement, so the change commits on its own and all at once. A type is
+# written only when its value differs from the row as it is at that moment: the
+# conflict's update waits for any other change of the row to commit and compares
+# with the result, so of two identical changes at once only the first changes
+# anything. RETURNING holds the rows written, ``inserted`` telling a new row (a
+# change only when it turns the type off: no row means wanted) from one updated.
+# The types not given come from the table.
 CHANGE = """
 WITH changed AS (
-    INSERT INTO notification_preferences (user_id, type, enabled)
+    INSERT INTO notification_preferences AS p (user_id, type, enabled)
     SELECT $1, given.type, given.enabled
     FROM unnest($2::text[], $3::boolean[]) AS given(type, enabled)
     ON CONFLICT (user_id, type) DO UPDATE SET enabled = EXCLUDED.enabled
-    RETURNING type, enabled
+    WHERE p.enabled IS DISTINCT FROM EXCLUDED.enabled
+    RETURNING type, enabled, xmax = 0 AS inserted
 )
-SELECT c.type, c.enabled,
-       c.enabled <> coalesce((
-           SELECT p.enabled FROM notification_preferences p
-           WHERE p.user_id = $1 AND p.type = c.type
-       ), true) AS differs
-FROM changed c
+SELECT type, enabled, NOT (inserted AND enabled) AS differs FROM changed
 UNION ALL
 SELECT type, enabled, false FROM notification_preferences
 WHERE user_id = $1 AND type <> ALL($2::text[])
@@ -181,4 +181,5 @@ async def change(
         # The table's one foreign key is its user's: the user was deleted after
         # the request's token was checked. Nothing was stored.
         raise UnknownUser(user_id) from None
-    return Changed(_as_map(rows), skipped, differs)
+    # A given type no row came back for was set to its value already.
+    return Changed({**_as_map(rows), **given}, skipped, differs)

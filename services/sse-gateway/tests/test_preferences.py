@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -312,3 +313,43 @@ async def test_a_page_on_an_allowed_origin_may_change_preferences(
     assert "PATCH" in preflight.headers["access-control-allow-methods"]
     assert changed.status_code == 200
     assert changed.headers["access-control-allow-origin"] == page
+
+
+async def test_the_same_change_sent_many_times_at_once_is_announced_once(
+    client: Client,
+    demo: Demo,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    heard: list[str] = []
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        inbox.NOTIFY_CHANNEL, lambda *args: heard.append(args[-1])
+    )
+    try:
+        with caplog.at_level("INFO", logger="sse_gateway.api"):
+            async with client(demo.bob) as bob:
+                # A page's click and a mail client's one-click unsubscribe, say.
+                for value in (False, True):
+                    answers = await asyncio.gather(
+                        *(
+                            bob.patch("/preferences", json={"push": value})
+                            for _ in range(8)
+                        )
+                    )
+                    assert {a.status_code for a in answers} == {200}
+                    assert {a.json()["push"] for a in answers} == {value}
+            await listener.execute("SELECT 1")
+    finally:
+        await listener.close()
+
+    assert [json.loads(p)["kind"] for p in heard] == ["preferences"] * 2
+    changed = [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "action", None) == "preferences.changed"
+    ]
+    assert changed == [
+        "preferences changed: push off; 0 waiting notifications skipped",
+        "preferences changed: push on; 0 waiting notifications skipped",
+    ]
