@@ -102,3 +102,64 @@ async def test_the_unread_count_column_starts_from_the_rows_already_delivered(
     finally:
         await conn.close()
     assert unread == 2
+
+
+# Each migration that builds an index CONCURRENTLY, outside a transaction: what a
+# build cut short leaves behind, before the migration is recorded.
+INTERRUPTED = [
+    (
+        "0005_pending_republish",
+        [
+            "ALTER TABLE notifications ADD COLUMN republished_at timestamptz",
+            "CREATE INDEX notifications_pending_idx ON notifications (type) "
+            "WHERE status = 'pending'",
+        ],
+        "notifications_pending_idx",
+    ),
+    (
+        "0007_idempotency_key_age",
+        ["CREATE INDEX idempotency_keys_created_idx ON idempotency_keys (created_at)"],
+        "idempotency_keys_created_idx",
+    ),
+]
+
+
+@pytest.mark.parametrize("valid", [False, True], ids=["invalid", "complete"])
+@pytest.mark.parametrize(("migration", "leftovers", "index"), INTERRUPTED)
+async def test_a_concurrent_index_build_cut_short_can_be_applied_again(
+    empty_database: str,
+    migration: str,
+    leftovers: list[str],
+    index: str,
+    valid: bool,
+) -> None:
+    infra.migrate_before(empty_database, migration)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        for statement in leftovers:
+            await conn.execute(statement)
+        # A lost connection leaves the index marked invalid; a run killed while
+        # the server builds on leaves it complete. Either way, unrecorded.
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = $1 WHERE indexrelid = $2::regclass",
+            valid,
+            index,
+        )
+
+        migrate.apply(empty_database)
+
+        built = await conn.fetchrow(
+            "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) AS definition "
+            "FROM pg_index i WHERE i.indexrelid = $1::regclass",
+            index,
+        )
+        recorded = await conn.fetchval(
+            "SELECT count(*) FROM _yoyo_migration WHERE migration_id = $1", migration
+        )
+    finally:
+        await conn.close()
+    assert built["indisvalid"]
+    assert recorded == 1
+    # Built anew as the migration says, not kept as it was left.
+    if migration.startswith("0005"):
+        assert "GREATEST(updated_at, republished_at)" in built["definition"]
