@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -837,6 +839,33 @@ def test_admin_says_which_server_it_cannot_reach(settings: Settings) -> None:
     assert "Connect call failed" in done.stderr
     assert "AMQPConnectionError" not in done.stderr
     assert "start it with: rabbitmq-server -detached" in done.stderr
+
+
+def test_admin_facing_something_other_than_a_broker_says_to_check_the_url(
+    settings: Settings,
+) -> None:
+    # An HTTP server on the port the URL names: it answers, so starting a broker
+    # is not the advice to give.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            peer, _ = server.accept()
+            with peer:
+                peer.recv(1024)
+                peer.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+        responder = threading.Thread(target=answer, daemon=True)
+        responder.start()
+        elsewhere = f"amqp://guest:secret@127.0.0.1:{port}/"
+        done = admin(settings.model_copy(update={"amqp_url": elsewhere}), "dlq", "list")
+        responder.join(timeout=10)
+
+    assert done.returncode == 1
+    assert "notiflow-admin: cannot reach the broker at" in done.stderr
+    assert "check that NOTIFLOW_AMQP_URL names the server and port" in done.stderr
+    assert "rabbitmq-server -detached" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -909,15 +909,32 @@ def _cannot_reach(
     # The dead-letter commands talk to the broker only, requeue to the database.
     if args.command == "dlq":
         where = f"the broker at {redact_url(settings.amqp_url)}"
-        hint = preflight.AMQP_HINT
+        start, setting = preflight.AMQP_HINT, "NOTIFLOW_AMQP_URL"
     else:
         where = f"the database at {redact_url(settings.database_url)}"
-        hint = preflight.PG_HINT
+        start, setting = preflight.PG_HINT, "NOTIFLOW_DATABASE_URL"
+    if _refused(exc):
+        hint = start  # nothing listens there: a server that is not running
+    elif isinstance(exc, socket.gaierror):
+        hint = f"check the host name in {setting}"
+    else:
+        hint = f"check that {setting} names the server and port, and its TLS options"
     print(
         f"notiflow-admin: cannot reach {where} ({_reason(exc)}); {hint}",
         file=sys.stderr,
     )
     return 1
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused: aiormq passes the errno as its first
+    argument rather than raising ConnectionRefusedError."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and exc.args and isinstance(exc.args[0], int):
+        code = exc.args[0]
+    return code == errno.ECONNREFUSED
 
 
 def _reason(exc: BaseException) -> str:
