@@ -11,6 +11,7 @@ and an operator's log store is no place for them.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -175,6 +176,10 @@ class BrokerLink:
 def _reason(exc: BaseException | None) -> str:
     if exc is None:
         return "closed"
+    if isinstance(exc, asyncio.CancelledError):
+        # aiormq ends a connection whose broker stopped answering heartbeats by
+        # cancelling it, with nothing more to say.
+        return "cut off with no reason given, as when the broker stops answering"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

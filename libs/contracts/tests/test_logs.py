@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from contracts import logs
 from contracts.logs import JsonFormatter, bind, configure
 
 
@@ -99,3 +101,26 @@ def test_request_urls_of_the_http_client_are_logged_only_at_debug(
         assert client.post(endpoint).status_code == 201
 
     assert ("dQw4w9WgXcQ-device-secret" in capsys.readouterr().out) is shown
+
+
+def test_a_broker_connection_cut_off_without_a_reason_is_logged_in_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Connection:
+        close_called = False
+        reconnect_interval = 5.0
+
+    link = logs.BrokerLink("dispatcher consumers")
+    with caplog.at_level("WARNING", logger="contracts.broker"):
+        link.lost(Connection(), asyncio.CancelledError())
+        link.lost(Connection(), asyncio.CancelledError())  # a failed attempt
+        link.restored(Connection())
+        link.lost(Connection(), ConnectionResetError(104, "Connection reset by peer"))
+
+    lost = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lost == [
+        "broker connection 'dispatcher consumers' lost (cut off with no reason "
+        "given, as when the broker stops answering); reconnecting every 5.0 s",
+        "broker connection 'dispatcher consumers' lost (ConnectionResetError: "
+        "[Errno 104] Connection reset by peer); reconnecting every 5.0 s",
+    ]
