@@ -55,6 +55,24 @@ async def stored(db: asyncpg.Connection, user_id: int) -> dict[str, bool]:
     return {row["type"]: row["enabled"] for row in await db.fetch(STORED, user_id)}
 
 
+@asynccontextmanager
+async def announcements(settings: Settings) -> AsyncIterator[list[str]]:
+    """The kinds of the announcements the gateways' streams hear, once the
+    block has ended."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        inbox.NOTIFY_CHANNEL, lambda *args: heard.append(json.loads(args[-1])["kind"])
+    )
+    try:
+        yield heard
+        # A NOTIFY reaches a listener at commit; one more statement on the
+        # listener's own connection lets anything sent arrive first.
+        await listener.execute("SELECT 1")
+    finally:
+        await listener.close()
+
+
 async def test_every_type_is_wanted_until_turned_off(
     client: Client, demo: Demo
 ) -> None:
@@ -104,12 +122,7 @@ async def test_setting_types_to_what_they_are_announces_and_logs_nothing(
     settings: Settings,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    heard: list[str] = []
-    listener = await asyncpg.connect(settings.database_url)
-    await listener.add_listener(
-        inbox.NOTIFY_CHANNEL, lambda *args: heard.append(args[-1])
-    )
-    try:
+    async with announcements(settings) as heard:
         with caplog.at_level("INFO", logger="sse_gateway.api"):
             async with client(demo.bob) as bob:
                 # Wanted by default, then stored as wanted, then the same again.
@@ -121,16 +134,9 @@ async def test_setting_types_to_what_they_are_announces_and_logs_nothing(
                     "/preferences", json={"email": False, "sse": True}
                 )
                 again = await bob.patch("/preferences", json={"email": False})
-            # A NOTIFY reaches a listener at commit; one more statement on the
-            # listener's own connection lets anything sent arrive first.
-            await listener.execute("SELECT 1")
-    finally:
-        await listener.close()
-
     assert [a.status_code for a in [*same, off, again]] == [200] * 4
     assert again.json() == {"email": False, "sse": True, "push": True}
-    announced = [json.loads(p) for p in heard]
-    assert [a["kind"] for a in announced] == ["preferences"]
+    assert heard == ["preferences"]
     changed = [
         r.getMessage()
         for r in caplog.records
@@ -321,12 +327,7 @@ async def test_the_same_change_sent_many_times_at_once_is_announced_once(
     settings: Settings,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    heard: list[str] = []
-    listener = await asyncpg.connect(settings.database_url)
-    await listener.add_listener(
-        inbox.NOTIFY_CHANNEL, lambda *args: heard.append(args[-1])
-    )
-    try:
+    async with announcements(settings) as heard:
         with caplog.at_level("INFO", logger="sse_gateway.api"):
             async with client(demo.bob) as bob:
                 # A page's click and a mail client's one-click unsubscribe, say.
@@ -339,11 +340,7 @@ async def test_the_same_change_sent_many_times_at_once_is_announced_once(
                     )
                     assert {a.status_code for a in answers} == {200}
                     assert {a.json()["push"] for a in answers} == {value}
-            await listener.execute("SELECT 1")
-    finally:
-        await listener.close()
-
-    assert [json.loads(p)["kind"] for p in heard] == ["preferences"] * 2
+    assert heard == ["preferences"] * 2
     changed = [
         r.getMessage()
         for r in caplog.records
