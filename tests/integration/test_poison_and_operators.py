@@ -890,6 +890,46 @@ def test_admin_says_what_the_broker_refused(
     assert "Traceback" not in done.stderr
 
 
+def test_admin_as_a_database_role_that_does_not_exist_says_to_check_the_url(
+    settings: Settings,
+) -> None:
+    nobody = settings.database_url.replace("postgres@", "notiflow_no_such_role@")
+
+    done = admin(
+        settings.model_copy(update={"database_url": nobody}),
+        "requeue-failed",
+        "--event",
+        str(uuid4()),
+    )
+
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert "refused the login" in line
+    assert 'role "notiflow_no_such_role" does not exist' in line
+    assert "check the user and the password in NOTIFLOW_DATABASE_URL" in line
+
+
+def test_admin_as_a_broker_user_without_permissions_says_which_to_give(
+    settings: Settings,
+) -> None:
+    user = infra.create_user("secret-pass")
+    try:
+        # Into the virtual host, but allowed to declare nothing.
+        _rabbitmqctl(settings, "set_permissions", user, "^$", ".*", ".*")
+        vhost = urlsplit(settings.amqp_url).path.lstrip("/")
+        url = f"amqp://{user}:secret-pass@127.0.0.1:5672/{vhost}"
+
+        done = admin(settings.model_copy(update={"amqp_url": url}), "dlq", "list")
+    finally:
+        infra.delete_user(user)
+
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert "refused access" in line and "ACCESS_REFUSED" in line
+    assert f"rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'" in line
+    assert "secret-pass" not in line
+
+
 def test_admin_on_a_virtual_host_that_does_not_exist_says_so_in_plain_words(
     settings: Settings,
 ) -> None:

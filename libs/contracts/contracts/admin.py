@@ -88,6 +88,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelLockedResource
@@ -856,6 +857,15 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         if exc.errno not in _NO_ROUTE:
             raise
         return _cannot_reach(args, settings, exc)
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        # SQLSTATE class 28: an unknown role, a wrong password, no pg_hba entry.
+        print(
+            f"notiflow-admin: the database at {redact_url(settings.database_url)} "
+            f"refused the login ({exc}): check the user and the password in "
+            "NOTIFLOW_DATABASE_URL",
+            file=sys.stderr,
+        )
+        return 1
     except asyncpg.PostgresError as exc:
         print(f"notiflow-admin: the database refused: {exc}", file=sys.stderr)
         return 1
@@ -876,6 +886,18 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
             "or the queue was deleted since (a service declares it again before it "
             "sets a message aside), so nothing is waiting in it; check that "
             "NOTIFLOW_AMQP_URL names the virtual host the services use",
+            file=sys.stderr,
+        )
+        return 1
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        vhost = _vhost(settings.amqp_url)
+        user = urlsplit(settings.amqp_url).username or "guest"
+        print(
+            f"notiflow-admin: the broker at {redact_url(settings.amqp_url)} refused "
+            f"access ({exc}): give the user in "
+            f"NOTIFLOW_AMQP_URL the permissions the services have on the virtual "
+            f"host {vhost!r}, e.g. rabbitmqctl set_permissions -p {vhost} "
+            f"{unquote(user)} '.*' '.*' '.*'",
             file=sys.stderr,
         )
         return 1
