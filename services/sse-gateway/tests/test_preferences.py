@@ -55,6 +55,15 @@ async def stored(db: asyncpg.Connection, user_id: int) -> dict[str, bool]:
     return {row["type"]: row["enabled"] for row in await db.fetch(STORED, user_id)}
 
 
+def logged_changes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines logged for operators as preference changes, in order."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "action", None) == "preferences.changed"
+    ]
+
+
 @asynccontextmanager
 async def announcements(settings: Settings) -> AsyncIterator[list[str]]:
     """The kinds of the announcements the gateways' streams hear, once the
@@ -137,11 +146,7 @@ async def test_setting_types_to_what_they_are_announces_and_logs_nothing(
     assert [a.status_code for a in [*same, off, again]] == [200] * 4
     assert again.json() == {"email": False, "sse": True, "push": True}
     assert heard == ["preferences"]
-    changed = [
-        r.getMessage()
-        for r in caplog.records
-        if getattr(r, "action", None) == "preferences.changed"
-    ]
+    changed = logged_changes(caplog)
     assert changed == [
         "preferences changed: email off; 0 waiting notifications skipped"
     ]
@@ -341,11 +346,7 @@ async def test_the_same_change_sent_many_times_at_once_is_announced_once(
                     assert {a.status_code for a in answers} == {200}
                     assert {a.json()["push"] for a in answers} == {value}
     assert heard == ["preferences"] * 2
-    changed = [
-        r.getMessage()
-        for r in caplog.records
-        if getattr(r, "action", None) == "preferences.changed"
-    ]
+    changed = logged_changes(caplog)
     assert changed == [
         "preferences changed: push off; 0 waiting notifications skipped",
         "preferences changed: push on; 0 waiting notifications skipped",
