@@ -56,6 +56,19 @@ async def subscribe(
     return resp.json()["id"]
 
 
+async def retrying(db: asyncpg.Connection, row_id: int) -> asyncpg.Record:
+    """The row once its first attempt has set it ``retrying``."""
+    return await eventually(
+        lambda: db.fetchrow(
+            "SELECT attempts, next_attempt_at, last_error FROM notifications "
+            "WHERE id = $1 AND status = 'retrying'",
+            row_id,
+        ),
+        what="row retrying",
+        interval=0.02,
+    )
+
+
 async def test_every_device_gets_the_decrypted_payload_and_the_headers(
     settings: Settings,
     demo: Demo,
@@ -187,15 +200,7 @@ async def test_429_retries_no_sooner_than_retry_after(
 
     row_id = await notify(settings, db, demo.bob)
 
-    waiting = await eventually(
-        lambda: db.fetchrow(
-            "SELECT attempts, next_attempt_at, last_error FROM notifications "
-            "WHERE id = $1 AND status = 'retrying'",
-            row_id,
-        ),
-        what="row retrying",
-        interval=0.02,
-    )
+    waiting = await retrying(db, row_id)
     first = busy.received[0]
     assert waiting["attempts"] == 1
     assert "429" in waiting["last_error"]
@@ -231,15 +236,7 @@ async def test_a_retry_after_between_two_delays_is_due_when_its_message_returns(
         async with httpx.AsyncClient(transport=own, base_url="http://p") as api:
             await subscribe(api, settings, demo.bob, busy)
         row_id = await notify(settings, db, demo.bob)
-        waiting = await eventually(
-            lambda: db.fetchrow(
-                "SELECT next_attempt_at FROM notifications "
-                "WHERE id = $1 AND status = 'retrying'",
-                row_id,
-            ),
-            what="row retrying",
-            interval=0.02,
-        )
+        waiting = await retrying(db, row_id)
         row = await eventually(
             lambda: settled(db, row_id), what="row settled", timeout=30
         )

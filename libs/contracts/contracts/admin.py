@@ -88,10 +88,9 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import aio_pika
-import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import ChannelLockedResource
+from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 
 from contracts import preflight, topology
 from contracts.cli import Once
@@ -889,7 +888,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
             file=sys.stderr,
         )
         return 1
-    except aiormq.exceptions.ChannelAccessRefused as exc:
+    except ChannelAccessRefused as exc:
         vhost = _vhost(settings.amqp_url)
         user = urlsplit(settings.amqp_url).username or "guest"
         print(

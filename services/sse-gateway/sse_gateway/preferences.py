@@ -171,8 +171,8 @@ async def change(
             # Also when a type was off already: a row of an event stored while
             # it was being turned off may still wait.
             skipped = await pg.fetchval(SKIP_WAITING, user_id, off) if off else 0
-            differs = {row["type"]: row["enabled"] for row in rows if row["differs"]}
-            differs = {t: differs[t] for t in CHANNEL_TYPES if t in differs}
+            written = {row["type"]: row["enabled"] for row in rows if row["differs"]}
+            differs = {t: written[t] for t in CHANNEL_TYPES if t in written}
             if differs:
                 # Delivered at commit to every replica, which tells the user's
                 # pages to read their preferences again.
