@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
 import asyncpg
 import httpx
 import pytest
 
 from comments.app import create_app
-from comments.keys import KeySweeper, forget_old_keys
+from comments.keys import KeySweeper, forget_batches, forget_old_keys
 from contracts.auth import issue_token
 from contracts.db import create_pool
 from contracts.settings import Settings
@@ -121,6 +125,54 @@ async def test_a_sweep_that_cannot_reach_the_database_tries_again(
     assert all("trying again in 0.1 s" in r.getMessage() for r in failed)
 
 
+async def test_a_sweep_cut_short_by_a_stop_logs_what_it_forgot(
+    settings: Settings,
+    demo: Demo,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def one_batch_then_stuck(
+        pool: asyncpg.Pool, hours: int, batch: int = 0
+    ) -> AsyncIterator[int]:
+        async for deleted in forget_batches(pool, hours, batch=40):
+            yield deleted
+            await asyncio.Event().wait()  # the next statement never ends
+
+    monkeypatch.setattr("comments.keys.forget_batches", one_batch_then_stuck)
+    caplog.set_level(logging.INFO, logger="comments.keys")
+    db = await asyncpg.connect(settings.database_url)
+    pool = await create_pool(settings)
+    sweeper = KeySweeper(pool, hours=1)
+    try:
+        await db.execute(
+            "INSERT INTO idempotency_keys "
+            "(user_id, key, request_hash, status_code, response, created_at) "
+            "SELECT $1, 'k' || n, 'h', 201, '{}', now() - interval '2 hours' "
+            "FROM generate_series(1, 100) AS n",
+            demo.bob,
+        )
+        sweeper.start()
+        await eventually(
+            lambda: _count_is(db, 60), what="the first batch forgotten", timeout=10
+        )
+        await sweeper.stop()
+    finally:
+        await pool.close()
+        await db.close()
+
+    stopped = [r for r in caplog.records if _action(r) == "idempotency.sweep_stopped"]
+    assert [r.count for r in stopped] == [40]
+    assert "after forgetting 40" in stopped[0].getMessage()
+
+
+async def _count_is(db: asyncpg.Connection, expected: int) -> bool:
+    return await db.fetchval("SELECT count(*) FROM idempotency_keys") == expected
+
+
+def _action(record: object) -> str | None:
+    return getattr(record, "action", None)
+
+
 async def _gone(db: asyncpg.Connection, key: str) -> bool:
     return not await db.fetchval(
         "SELECT EXISTS (SELECT FROM idempotency_keys WHERE key = $1)", key
@@ -132,7 +184,7 @@ async def _logged_twice(caplog: pytest.LogCaptureFixture) -> bool:
 
 
 def _failed(record: object) -> bool:
-    return getattr(record, "action", None) == "idempotency.sweep_failed"
+    return _action(record) == "idempotency.sweep_failed"
 
 
 async def test_a_retry_whose_key_is_forgotten_as_it_comes_is_a_new_comment(
