@@ -19,7 +19,9 @@ by its modification time alone as Jinja2 would. An edit that breaks a template (
 does not parse, names something the dispatcher does not provide, renders nothing but
 blanks, or its file is gone) does not stop notifications: each file keeps the last
 version that rendered, which goes on being used, with one logged error naming the
-file and the fault, until the file renders again. Every new version of a file is
+file and the fault, until the file renders again. An ``email.txt.j2`` added broken
+to a set that had none has no such version: emails go on taking the message as
+their text, as they did, until it renders. Every new version of a file is
 first rendered once for each reason someone is notified, alone and together, with
 made-up values (names that are not ASCII among them), and is used only if it renders
 for all of them: a version that fails only for some recipients (participants, say)
@@ -60,6 +62,12 @@ DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
 EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
+# What is used while a file is broken, as its error says.
+LAST_GOOD_USED = "its last version that rendered is used until it is fixed"
+NEW_EMAIL_TEXT_BROKEN = (
+    "the set has never had a version of it that rendered, so emails take the "
+    "message as their text until it is fixed"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,15 +207,25 @@ class Renderer:
         else:
             has_email_text = True
         if has_email_text:
-            email_text = self._render(
-                template, EMAIL_TEXT, {**context, "message": message}
-            ).strip()
+            email_text = self._email_text(template, {**context, "message": message})
         title = " ".join(title.split())
         if len(title) > MAX_TITLE_CHARS:
             title = title[: MAX_TITLE_CHARS - 1] + "…"
         return Rendered(
             title=title, message=message, html=html.strip(), email_text=email_text
         )
+
+    def _email_text(self, template: str, context: dict[str, Any]) -> str:
+        path = f"{template}/{EMAIL_TEXT}"
+        try:
+            return self._render(template, EMAIL_TEXT, context).strip()
+        except RenderError as exc:
+            if path in self._good:
+                raise
+            # Added to a set that had none, and broken from the start: the set
+            # goes on as it was, the message being the email's text.
+            self._report(path, str(exc), NEW_EMAIL_TEXT_BROKEN)
+            return str(context["message"])
 
     def look(self, template: str) -> None:
         """Take up the files of ``template`` as they are on disk now, as rendering
@@ -233,6 +251,8 @@ class Renderer:
             except Exception as exc:
                 if path in self._good:
                     self._report(path, self._fault(path, exc))
+                elif name == EMAIL_TEXT:
+                    self._report(path, self._fault(path, exc), NEW_EMAIL_TEXT_BROKEN)
                 continue
             self._adopt(path, current)
 
@@ -244,13 +264,11 @@ class Renderer:
                 self._before[path] = good
             self._good[path] = version
 
-    def _report(self, path: str, fault: str) -> None:
+    def _report(self, path: str, fault: str, meanwhile: str = LAST_GOOD_USED) -> None:
         if self._reported.get(path) != fault:
             self._reported[path] = fault
             logger.error(
-                "%s; its last version that rendered is used until it is fixed",
-                fault,
-                extra={"action": "template.broken"},
+                "%s; %s", fault, meanwhile, extra={"action": "template.broken"}
             )
 
     def _render(self, template: str, name: str, context: dict[str, Any]) -> str:

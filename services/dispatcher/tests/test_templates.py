@@ -240,6 +240,31 @@ def test_a_removed_email_text_file_keeps_its_last_version(tmp_path: Path) -> Non
     assert renderer.render("broken", context()).email_text == f"x -- {UNSUBSCRIBE}"
 
 
+@pytest.mark.parametrize("broken", ["{{ message ", "{{ no_such_variable }}", " "])
+def test_a_broken_email_text_added_to_a_set_without_one_keeps_emails_going(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    folder = template_set(tmp_path)
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+
+    _edit(folder / "email.txt.j2", broken)
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        renderer.look("broken")
+        renderer.look("broken")
+        first = renderer.render("broken", context())
+        second = renderer.render("broken", context())
+
+    assert first.email_text == second.email_text == "x"
+    # Once, said by the look that found it, with what emails carry meanwhile.
+    (record,) = caplog.records
+    assert "broken/email.txt.j2" in record.getMessage()
+    assert "emails take the message as their text" in record.getMessage()
+
+    _edit(folder / "email.txt.j2", "{{ message }} by mail")
+    assert renderer.render("broken", context()).email_text == "x by mail"
+
+
 @pytest.mark.parametrize("emptied", ["title.txt.j2", "message.txt.j2", "email.html.j2"])
 def test_a_file_emptied_while_running_keeps_its_last_version(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, emptied: str
