@@ -96,6 +96,10 @@ class ConfigError(Exception):
 class UnusableTemplate(ConfigError):
     """The file names a template set that cannot be used now; it may be later."""
 
+    def __init__(self, message: str, config: ChannelFile) -> None:
+        super().__init__(message)
+        self.config = config  # what the file says, refused for its templates
+
 
 # Why a template set cannot be used, or None if it can:
 # :meth:`dispatcher.templates.Renderer.problem`.
@@ -246,7 +250,8 @@ def read(path: Path, templates: TemplateCheck) -> ChannelFile:
         if problem is not None:
             raise UnusableTemplate(
                 f"{path}: channel {name!r} names template "
-                f"{channel.template!r}, which is unusable: {problem}"
+                f"{channel.template!r}, which is unusable: {problem}",
+                config,
             )
     return config
 
@@ -349,6 +354,13 @@ class ChannelConfigs:
             self._for_templates = isinstance(exc, UnusableTemplate)
             if str(exc) != self._refused:
                 self._refused = str(exc)
+                if isinstance(exc, UnusableTemplate) and exc.config == self._config:
+                    # Read again with nothing changed in it (a mounted volume's
+                    # files all replaced at once, say): the configuration in force
+                    # is what the file says, and the renderer logs the template's
+                    # fault, which keeps its last good version.
+                    logger.debug("%s; the configuration in force is the same", exc)
+                    return self._config
                 logger.error(
                     "%s; keeping the last configuration",
                     exc,

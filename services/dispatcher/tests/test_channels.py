@@ -17,7 +17,8 @@ from dispatcher.channels import (
     load,
     parse,
 )
-from dispatcher.templates import DEFAULT_DIR, Renderer
+from dispatcher.service import Dispatcher
+from dispatcher.templates import DEFAULT_DIR, Renderer, sample_context
 
 # Every template set the shipped directory holds can be named.
 SHIPPED = Renderer().problem
@@ -581,3 +582,58 @@ def test_an_edit_of_the_same_size_that_keeps_the_modification_time_applies(
 
     assert path.stat().st_size == kept.st_size
     assert configs.current().channels["comment.reply"].priority == 4
+
+
+def _mount_version(mount: Path, version: str, title: str) -> None:
+    """A ConfigMap's files under ``mount``: ``..data`` links to a directory of
+    the version's files, replaced at once when the ConfigMap changes."""
+    folder = mount / version
+    shutil.copytree(DEFAULT_DIR, folder / "templates")
+    shutil.copy(DEFAULT_PATH, folder / "channels.json")
+    (folder / "templates" / "comment_reply" / "title.txt.j2").write_text(title)
+    (mount / "..next").symlink_to(version)
+    os.replace(mount / "..next", mount / "..data")
+
+
+def test_a_mount_swapped_to_a_broken_template_logs_one_error_and_keeps_going(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mount = tmp_path / "config"
+    mount.mkdir()
+    _mount_version(mount, "v1", "First {{ post.title }}")
+    (mount / "channels.json").symlink_to("..data/channels.json")
+    (mount / "templates").symlink_to("..data/templates")
+    renderer = Renderer(mount / "templates")
+    dispatcher = Dispatcher(
+        ChannelConfigs(mount / "channels.json", renderer.problem),
+        renderer,
+        "http://127.0.0.1:8081",
+        secret_key="k" * 32,
+    )
+
+    # The same channel file, beside a template that no longer parses.
+    _mount_version(mount, "v2", "{{ post.title ")
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            dispatcher.refresh()
+        rendered = renderer.render("comment_reply", _reply_context())
+
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in errors] == ["dispatcher.templates"]
+    assert "comment_reply/title.txt.j2" in errors[0].getMessage()
+    assert rendered.title == "First Launch"
+
+    # Fixed in the next version: taken up, with nothing more to complain of.
+    _mount_version(mount, "v3", "Third {{ post.title }}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        dispatcher.refresh()
+    assert renderer.render("comment_reply", _reply_context()).title == "Third Launch"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _reply_context() -> dict[str, object]:
+    return {
+        **sample_context(("post_author",)),
+        "post": {"id": 1, "title": "Launch"},
+    }
