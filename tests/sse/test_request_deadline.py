@@ -95,3 +95,50 @@ async def test_a_stream_whose_headers_arrived_outlives_the_deadline(
             received += chunk
     finally:
         sock.close()
+
+
+async def _exchange(port: int, *writes: bytes) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    sock = await _connected(port)
+    try:
+        for data in writes:
+            await loop.sock_sendall(sock, data)
+        return await _closed_within(sock, 10)
+    except (BrokenPipeError, ConnectionResetError):
+        return await _closed_within(sock, 10)
+    finally:
+        sock.close()
+
+
+async def test_headers_past_the_limit_get_431_and_the_connection_closed(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway()
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+    # A header's value sent in pieces, each quick enough for the deadline.
+    answer = await _exchange(gateway.port, start, *[b"a" * 16384] * 8, b"\r\n\r\n")
+
+    assert answer is not None
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert answer.endswith(b"Request header fields too large.")
+
+
+async def test_headers_under_the_limit_and_a_body_sent_with_them_are_served(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway()
+    big = b"a" * 60000
+    headers = b"X-Big: " + big + b"\r\nConnection: close\r\n"
+    answer = await _exchange(
+        gateway.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+    )
+    # Headers of 60 KB and a body of 60 KB in one write: the body is no header.
+    body = await _exchange(
+        gateway.port,
+        b"POST /inbox/read-all HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n"
+        b"Content-Type: application/json\r\nX-Big: " + big + b"\r\n"
+        b"Connection: close\r\n\r\n" + b" " * 60000,
+    )
+
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 ")
+    assert body is not None and body.startswith(b"HTTP/1.1 401 ")
