@@ -50,10 +50,12 @@ async def test_an_unknown_path_or_method_gets_the_json_error_shape(
 ) -> None:
     async with client(service) as http:
         missing = await http.get("/nope")
+        slashed = await http.get("/healthz/")
         posted = await http.post("/healthz")
 
-    assert missing.status_code == 404
-    assert missing.json() == {"error": "not_found", "detail": "Not Found"}
+    for answer in (missing, slashed):
+        assert answer.status_code == 404
+        assert answer.json() == {"error": "not_found", "detail": "Not Found"}
     assert posted.status_code == 405
     assert posted.json()["error"] == "method_not_allowed"
     assert posted.headers["allow"] == "GET, HEAD"

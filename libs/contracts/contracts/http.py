@@ -223,7 +223,8 @@ def install_http_policy(
     """JSON answers for every error, the request body limit, unique JSON keys and
     query parameters, one ``Authorization`` header at most (unless
     ``one_authorization`` is false, for an app that checks it itself), ``HEAD``
-    wherever ``GET`` is answered.
+    wherever ``GET`` is answered, no compressed bodies, and no redirects to add or
+    remove a path's final slash.
 
     Starlette stacks ``app.user_middleware`` outermost first, and ``add_middleware``
     puts the newest at the front. The two added here go at the back instead, so
@@ -236,6 +237,9 @@ def install_http_policy(
     A service's CORS middleware is a :class:`Cors`, which refuses a preflight in
     JSON like every other refusal, rather than Starlette's ``CORSMiddleware``.
     """
+    # A path with a slash too many is a 404, as any path no route takes: Starlette
+    # would redirect it, to an address built from the request's Host header.
+    app.router.redirect_slashes = False
     if one_authorization:
         app.user_middleware.append(Middleware(OneAuthorization))
     app.user_middleware.extend(
@@ -723,8 +727,8 @@ def _shown(value: str, limit: int = 100) -> str:
 
 class BodyLimit:
     """Refuse request bodies longer than ``max_bytes`` with 413, reading no further,
-    and with 422 JSON bodies that give a key twice and requests that give
-    ``Content-Type`` twice.
+    with 422 JSON bodies that give a key twice and requests that give
+    ``Content-Type`` twice, and with 415 bodies sent with a ``Content-Encoding``.
 
     A declared ``Content-Length`` is checked before anything is read. A body sent
     without one (chunked), and any JSON body, is read here, up to the limit, and
@@ -749,7 +753,19 @@ class BodyLimit:
             )
             await refusal(scope, receive, send)
             return
-        length, content_type = _header(scope, b"content-length", b"content-type")
+        length, content_type, coding = _header(
+            scope, b"content-length", b"content-type", b"content-encoding"
+        )
+        if coding is not None and coding.strip().lower() != b"identity":
+            # Read as it came: a compressed body would be taken for its bytes.
+            refusal = error(
+                415,
+                "unsupported_media_type",
+                "the body must be sent uncompressed; the request gave "
+                f"Content-Encoding {_shown(coding.decode('latin-1'))}",
+            )
+            await refusal(scope, receive, send)
+            return
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
                 await _too_large(self.max_bytes, scope, receive, send)

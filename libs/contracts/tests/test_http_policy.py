@@ -568,3 +568,39 @@ async def test_a_method_not_allowed_lists_the_methods_of_every_route_on_the_path
     assert posted.headers["allow"] == "GET, HEAD, PATCH"
     assert an_item.status_code == 405
     assert an_item.headers["allow"] == "DELETE, GET, HEAD"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
+async def test_a_compressed_body_is_refused_naming_its_coding(coding: str) -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        resp = await client.post(
+            "/json",
+            content=b'{"a": 1}',
+            headers={**JSON, "Content-Encoding": coding},
+        )
+        identity = await client.post(
+            "/json",
+            content=b'{"a": 1}',
+            headers={**JSON, "Content-Encoding": "identity"},
+        )
+
+    assert resp.status_code == 415
+    assert resp.json()["error"] == "unsupported_media_type"
+    assert f"Content-Encoding {coding!r}" in resp.json()["detail"]
+    assert identity.json() == {"a": 1}
+    assert echo.calls == 1
+
+
+async def test_a_path_with_a_slash_too_many_is_a_404_not_a_redirect() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        resp = await client.get("/items/7/", headers={"Host": "elsewhere.example"})
+        posted = await client.post("/json/", content=b"{}", headers=JSON)
+
+    assert resp.status_code == posted.status_code == 404
+    assert "location" not in resp.headers
+    assert resp.json()["error"] == "not_found"
+    assert echo.calls == 0
