@@ -17,7 +17,14 @@ from base64 import b64decode
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import SplitResult, parse_qsl, unquote_to_bytes, urlsplit
+from urllib.parse import (
+    SplitResult,
+    parse_qsl,
+    quote,
+    unquote_to_bytes,
+    urlsplit,
+    urlunsplit,
+)
 
 import idna
 from pydantic import (
@@ -100,11 +107,25 @@ def _web_url(value: str) -> str:
         raise ValueError(f"{wanted}, with no user name or password in it")
     if "?" in value or "#" in value:
         raise ValueError(f"{wanted}, with no query or fragment")
-    return value
+    if value.isascii():
+        return value
+    # Links go into email headers, which are ASCII, as well as into bodies and
+    # pages: every service writes the URL the same way, as browsers would.
+    host = parts.hostname or ""
+    try:
+        host = ascii_domain(host)
+    except ValueError as exc:
+        raise ValueError(f"{wanted}; its host {exc}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    path = quote(parts.path, safe="/%!$&'()*+,;=:@-._~")
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 # A URL people's browsers are sent to, such as the base of the links in
 # notifications: a relative or malformed one would make every link a dead one.
+# A host not in ASCII is written in IDNA, and other characters %-encoded.
 WebUrl = Annotated[str, AfterValidator(_web_url)]
 
 

@@ -52,15 +52,6 @@ BATCH_WORKERS = 8
 SLOW_BATCH_SECONDS = 1.0
 
 
-def _ascii_url(value: str) -> str:
-    if not value.isascii():
-        raise ValueError(
-            "must be written in ASCII, an internationalised host in IDNA (xn--…) "
-            "and other characters %-encoded"
-        )
-    return value
-
-
 # RFC 5322's atext, of which an unquoted local part is made, between single dots.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL_PART = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
@@ -187,7 +178,7 @@ class EmailSettings(Settings):
     mail_domain: Annotated[str, AfterValidator(_mail_domain)] = "notiflow.localhost"
     # The base of each email's unsubscribe link, as the dispatcher's links: ASCII,
     # for it is written as it is into the List-Unsubscribe header.
-    public_url: Annotated[WebUrl, AfterValidator(_ascii_url)] = "http://127.0.0.1:8081"
+    public_url: WebUrl = "http://127.0.0.1:8081"
     # Also bounds the SMTP connections: at most BATCH_WORKERS times this many.
     email_batch_size: int = Field(default=25, ge=1)
     # Room for a full batch in every worker; a batch is never larger than what the
