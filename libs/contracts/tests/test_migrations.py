@@ -121,6 +121,14 @@ INTERRUPTED = [
         ["CREATE INDEX idempotency_keys_created_idx ON idempotency_keys (created_at)"],
         "idempotency_keys_created_idx",
     ),
+    (
+        "0008_events_by_comment",
+        [
+            "ALTER TABLE events ADD COLUMN comment_id bigint",
+            "CREATE UNIQUE INDEX events_comment_id_key ON events (comment_id)",
+        ],
+        "events_comment_id_key",
+    ),
 ]
 
 

@@ -29,6 +29,8 @@ USER_FIELDS = ("id", "username", "email", "display_name", "disabled_types")
 # For events $1, about comments $2 on posts $3 mentioning usernames $4:
 #
 # * ``stored``: the events stored before, which need nothing more;
+# * ``dispatched``: (comment, event) for each comment an event under another id
+#   was stored for: it is dispatched already;
 # * ``comments``: each comment with its post and whether its author exists, so that
 #   an event naming a missing comment, post or commenter is found before anything
 #   is written for it;
@@ -68,6 +70,9 @@ WITH wanted AS (
        OR u.username = ANY($4::text[])
 )
 SELECT ARRAY(SELECT id FROM events WHERE id = ANY($1::uuid[])) AS stored,
+       ARRAY(SELECT ROW(e.comment_id, e.id) FROM events e
+             WHERE e.comment_id = ANY($2::bigint[])
+               AND e.id <> ALL($1::uuid[])) AS dispatched,
        ARRAY(SELECT ROW(f.*) FROM found f) AS comments,
        ARRAY(SELECT ROW(e.*) FROM earlier e) AS earlier,
        ARRAY(SELECT ROW(p.*) FROM people p) AS users
@@ -92,7 +97,9 @@ QUEUED_FIELDS = (
 #
 # Events ($2–$6, one element per event, sorted by id): ``ON CONFLICT`` makes an event
 # stored before (a redelivery, or a second dispatcher racing this one) come back
-# from RETURNING as absent, and its rows are not inserted: it is a duplicate. Sorted
+# from RETURNING as absent, and its rows are not inserted: it is a duplicate. So
+# does an event whose comment another event, under another id, was stored for
+# since the lookup (events_comment_id_key): a comment is dispatched once. Sorted
 # ids make two dispatchers inserting overlapping batches take the locks in the same
 # order, so the later one waits for the earlier one's commit instead of deadlocking.
 #
@@ -120,9 +127,11 @@ WITH handed AS (
                          $6::jsonb[])
         AS e(id, payload, occurred_at, occurred_at_json, trace)
 ), fresh AS (
-    INSERT INTO events (id, type, payload, occurred_at)
-    SELECT id, 'comment.created', payload, occurred_at FROM batch ORDER BY id
-    ON CONFLICT (id) DO NOTHING
+    INSERT INTO events (id, type, payload, occurred_at, comment_id)
+    SELECT id, 'comment.created', payload, occurred_at,
+           (payload->>'comment_id')::bigint
+    FROM batch ORDER BY id
+    ON CONFLICT DO NOTHING
     RETURNING id
 ), stored AS (
     INSERT INTO notifications (

@@ -6,7 +6,10 @@ notification row per (event, recipient, channel type), from the channel
 :func:`channel_per_type` chooses, and the delivery messages of the rows that have
 something to deliver, all committed together. The event row doubles as the
 idempotency marker: if it already exists, a previous delivery of that event
-committed all of the above, and there is nothing to do.
+committed all of the above, and there is nothing to do. The event row also records
+its comment, which one event only may notify about: an event under another id about
+a comment already dispatched is set aside with a :class:`DeadLetter` naming the
+event that was, and of two stored at the same moment the second is a duplicate.
 
 An event that names a comment, post or commenter that does not exist is answered
 with a :class:`DeadLetter` and leaves nothing stored, not even its event row, while
@@ -144,7 +147,10 @@ class Dispatcher:
         fresh = [i for i in unique if events[i].event_id not in stored_before]
 
         comments = {c["id"]: c for c in _named(sql.COMMENT_FIELDS, facts["comments"])}
-        posts, dead = _check(events, fresh, comments)
+        dispatched = {
+            comment_id: event_id for comment_id, event_id in facts["dispatched"]
+        }
+        posts, dead = _check(events, fresh, comments, dispatched)
         for index, reason in dead.items():
             results[index] = DeadLetter(reason)
 
@@ -354,10 +360,16 @@ def _check(
     events: Sequence[CommentCreated],
     fresh: list[int],
     comments: Mapping[int, Mapping[str, Any]],
+    dispatched: Mapping[int, uuid.UUID],
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """The post of each fresh event, and why the others must be set aside."""
+    """The post of each fresh event, and why the others must be set aside.
+
+    ``dispatched`` gives, for a comment some event under another id was stored
+    for, that event's id: one comment is notified once, whatever event names it.
+    """
     posts: dict[int, dict[str, Any]] = {}
     dead: dict[int, str] = {}
+    claimed = dict(dispatched)
     for index in fresh:
         event = events[index]
         # The event is a claim about stored rows; notify nobody about a comment
@@ -384,6 +396,13 @@ def _check(
             )
         elif not comment["author_exists"]:
             dead[index] = f"commenter {event.author_id} does not exist"
+        elif (earlier := claimed.setdefault(event.comment_id, event.event_id)) != (
+            event.event_id
+        ):
+            dead[index] = (
+                f"comment {event.comment_id} was dispatched already, by event "
+                f"{earlier}; a comment is notified once"
+            )
         else:
             posts[index] = {
                 "id": comment["found_post_id"],

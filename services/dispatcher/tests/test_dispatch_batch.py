@@ -311,6 +311,39 @@ async def test_a_dead_lettered_event_is_not_stored_when_handled_alone(
     assert await _count(pool, "notifications") == 0
 
 
+async def test_two_events_about_one_comment_notify_once_in_one_batch_or_at_once(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    together = await _comment(pool, demo, demo.carol, "hi @bob")
+    first, second = (_event(demo, together, demo.carol, "hi @bob") for _ in "12")
+    async with transaction(pool) as conn:
+        in_batch = await dispatcher.handle_many(conn, [first, second])
+
+    # Two dispatchers, each looking before the other has stored its event.
+    racing = await _comment(pool, demo, demo.carol, "hey @bob")
+    one, other = (_event(demo, racing, demo.carol, "hey @bob") for _ in "12")
+    async with transaction(pool) as conn:
+        won = await dispatcher.handle_many(conn, [one])
+
+        async def later() -> list[Outcome | DeadLetter]:
+            async with transaction(pool) as conn:
+                return await dispatcher.handle_many(conn, [other])
+
+        lost = asyncio.create_task(later())
+        await asyncio.sleep(0.5)  # its lookup done, its insert waiting on ours
+    lost_result = await lost
+
+    assert isinstance(in_batch[0], Outcome) and in_batch[0].rows == 5
+    assert isinstance(in_batch[1], DeadLetter)
+    assert f"dispatched already, by event {first.event_id}" in in_batch[1].reason
+    assert isinstance(won[0], Outcome) and won[0].rows == 5
+    assert lost_result == [Outcome(duplicate=True)]
+    assert await _count(pool, "events") == 2
+    assert await _count(pool, "notifications") == 10
+
+
 async def test_copies_of_an_event_in_one_batch_are_stored_once(
     db: Database, dispatcher: Dispatcher
 ) -> None:

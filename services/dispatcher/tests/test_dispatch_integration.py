@@ -213,6 +213,44 @@ async def test_a_redelivered_event_creates_nothing_twice(
     assert len(await drain(settings, "sse")) == 1
 
 
+async def test_an_event_under_a_new_id_for_a_dispatched_comment_is_set_aside(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        comment = await add_comment(db, demo, demo.bob, "hello")
+        first = created(demo, comment, demo.bob, "hello")
+        await publish(settings, first)
+        await eventually(
+            lambda: _dispatched(db, first.event_id), what="the first event dispatched"
+        )
+        # The same comment again, under new ids: published by hand, twice at
+        # once, and once more later.
+        again = [created(demo, comment, demo.bob, "hello") for _ in range(3)]
+        await publish(settings, again[0], again[1])
+        await publish(settings, again[2])
+
+        reasons = await eventually(
+            lambda: _dead_letter_reasons(settings, 3), what="three dead letters"
+        )
+        rows = await db.fetchval("SELECT count(*) FROM notifications")
+        events = await db.fetch("SELECT id FROM events")
+    finally:
+        await db.close()
+
+    assert rows == 2  # alice, by email and live, once
+    assert [e["id"] for e in events] == [first.event_id]
+    assert len(reasons) == 3
+    assert all(f"dispatched already, by event {first.event_id}" in r for r in reasons)
+    assert len(await drain(settings, "email")) == 1
+
+
+async def _dispatched(db: asyncpg.Connection, event_id: uuid.UUID) -> bool:
+    return await db.fetchval(
+        "SELECT EXISTS (SELECT FROM events WHERE id = $1)", event_id
+    ) and await _empty(db)
+
+
 async def _empty(db: asyncpg.Connection) -> bool:
     return await db.fetchval("SELECT count(*) FROM outbox") == 0
 

@@ -1,0 +1,2 @@
+DROP INDEX CONCURRENTLY IF EXISTS events_comment_id_key;
+ALTER TABLE events DROP COLUMN IF EXISTS comment_id;
