@@ -40,6 +40,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import AbstractChannel
 from opentelemetry.trace import SpanKind
 
 from contracts import logs, metrics, topology, tracing
@@ -55,6 +56,11 @@ NOTIFY_CHANNEL = "notiflow_outbox"
 # How long confirmed hand-off rows may wait to be deleted with the ones after them.
 # Far below any claim's age, so no other relay takes them meanwhile.
 DELETE_DELAY_SECONDS = 0.05
+
+# How long a publish waits for a lost broker connection to come back. A relay
+# cut off from the broker then backs off and tries again, claiming no rows
+# meanwhile, so that other relays publish them, and measuring its backlog.
+READY_SECONDS = 5.0
 
 # Batches of handed-over rows published and waiting for their confirms at once.
 # Rows handed over while earlier ones wait go out at once instead of queueing
@@ -104,6 +110,10 @@ RETURNING {ROW_FIELDS}
 # After the hand-off's publishes are confirmed. A row a claim took meanwhile is
 # gone already, or locked until that claim commits; either way it is deleted once.
 DELETE_SQL = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+
+
+class BrokerUnavailable(Exception):
+    """The relay's broker connection is down, and has not come back in time."""
 
 
 @dataclass(frozen=True)
@@ -353,7 +363,11 @@ class OutboxRelay:
                     return
                 failures += 1
                 delay = min(0.2 * 2**failures, 5.0)
-                logger.warning(
+                logger.log(
+                    # The connection's loss is logged once, where it is watched.
+                    logging.DEBUG
+                    if isinstance(exc, BrokerUnavailable)
+                    else logging.WARNING,
                     "outbox publish failed, retrying in %.1fs: %r",
                     delay,
                     exc,
@@ -453,13 +467,16 @@ class OutboxRelay:
                 self._delete_by = None
 
     async def _publish_batch(self, min_age: float = 0.0) -> int:
+        # The broker first: a claim's rows stay locked until they are published,
+        # and a relay without a broker would keep them from every other relay.
+        channel = await self._underlay()
         async with self._pool.acquire(timeout=5) as conn, conn.transaction():
             rows = await conn.fetch(CLAIM_SQL, self._batch, min_age)
             if not rows:
                 return 0
             # RETURNING keeps no order; publish in the order the rows were written.
             rows.sort(key=lambda row: row["id"])
-            await self._publish_all(rows)
+            await self._publish_all(rows, channel)
         claimed = {row["id"] for row in rows}
         if self._handed:
             # Handed-over rows this claim took (a relay that fell behind) are
@@ -468,9 +485,25 @@ class OutboxRelay:
         self._published(rows)
         return len(rows)
 
-    async def _publish_all(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def _underlay(self) -> AbstractChannel:
+        """The channel to publish on, once the broker connection is up; raise
+        :class:`BrokerUnavailable` if it is not within :data:`READY_SECONDS`."""
+        if self._channel is None:
+            raise RuntimeError("relay is not started")
+        try:
+            async with asyncio.timeout(READY_SECONDS):
+                return await self._channel.get_underlay_channel()
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the broker connection has been down for {READY_SECONDS:g}s"
+            ) from None
+
+    async def _publish_all(
+        self, rows: Sequence[Mapping[str, Any]], channel: AbstractChannel | None = None
+    ) -> None:
         started = time.perf_counter()
-        await asyncio.gather(*(self._publish(row) for row in rows))
+        channel = channel or await self._underlay()
+        await asyncio.gather(*(self._publish(channel, row) for row in rows))
         logger.debug(
             "published %d outbox messages in %.1f ms",
             len(rows),
@@ -482,9 +515,7 @@ class OutboxRelay:
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
 
-    async def _publish(self, row: Mapping[str, Any]) -> None:
-        if self._channel is None:
-            raise RuntimeError("relay is not started")
+    async def _publish(self, channel: AbstractChannel, row: Mapping[str, Any]) -> None:
         # aiormq's channel, not aio-pika's exchange: ``wait=False`` queues the frame
         # and returns to wait for the confirm, where aio-pika would first wait, under
         # the channel's lock, for the frame to be written out. That wait made a
@@ -492,7 +523,6 @@ class OutboxRelay:
         # on its own; without it a batch reaches RabbitMQ together and is confirmed
         # together, for about half the CPU per publish on both ends
         # (bench/amqp_writes.py). The confirm is still what the row waits for.
-        channel = await self._channel.get_underlay_channel()
         with tracing.span(
             f"publish {row['routing_key']}",
             parent_headers=row["headers"],

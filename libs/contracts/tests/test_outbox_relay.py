@@ -6,16 +6,19 @@ import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
 import pytest
+from aiormq.abc import AbstractChannel
 
 from contracts import topology
 from contracts.db import create_pool
 from contracts.messages import CommentCreated, decode
 from contracts.outbox import OutboxRelay, Outgoing, backlog, enqueue
 from contracts.settings import Settings
+from tests.integration.proxy import Proxy
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -220,10 +223,10 @@ class HeldRelay(OutboxRelay):
         self.publishing = asyncio.Event()
         self.go_on = asyncio.Event()
 
-    async def _publish(self, row: asyncpg.Record) -> None:
+    async def _publish(self, channel: AbstractChannel, row: asyncpg.Record) -> None:
         self.publishing.set()
         await self.go_on.wait()
-        await super()._publish(row)
+        await super()._publish(channel, row)
 
 
 async def test_a_wake_while_the_relay_publishes_is_served_without_a_sweep(
@@ -289,7 +292,7 @@ async def test_a_relay_stops_when_a_publish_turns_its_cancellation_into_a_timeou
     relay = OutboxRelay(pool, slow_sweep)
     publishing = asyncio.Event()
 
-    async def stubborn(_row: object) -> None:
+    async def stubborn(_channel: object, _row: object) -> None:
         # What a client library does when cancelled inside its own timeout.
         publishing.set()
         try:
@@ -473,12 +476,12 @@ async def test_a_hand_off_that_fails_to_publish_is_published_by_a_claim(
     publish = relay._publish
     failed = 0
 
-    async def broken_once(row: asyncpg.Record) -> None:
+    async def broken_once(channel: AbstractChannel, row: asyncpg.Record) -> None:
         nonlocal failed
         if not failed:
             failed += 1
             raise aio_pika.exceptions.AMQPConnectionError("broker went away")
-        await publish(row)
+        await publish(channel, row)
 
     relay._publish = broken_once  # type: ignore[method-assign]
     try:
@@ -563,12 +566,12 @@ async def test_a_failed_hand_off_is_published_again_while_later_ones_went_out(
     publish = relay._publish
     failed = 0
 
-    async def broken_once(row: asyncpg.Record) -> None:
+    async def broken_once(channel: AbstractChannel, row: asyncpg.Record) -> None:
         nonlocal failed
         if row["message_id"] == first_id and not failed:
             failed += 1
             raise aio_pika.exceptions.AMQPConnectionError("broker went away")
-        await publish(row)
+        await publish(channel, row)
 
     relay._publish = broken_once  # type: ignore[method-assign]
     got: list[int] = []
@@ -719,3 +722,55 @@ async def test_a_relay_kept_busy_by_hand_offs_still_sweeps_on_time(
         await pool.close()
 
     assert 999 in got, "the orphaned row waited for the stream of hand-offs to end"
+
+
+async def test_a_relay_cut_off_from_the_broker_leaves_its_rows_to_the_others(
+    settings: Settings,
+) -> None:
+    broker = urlsplit(settings.amqp_url)
+    proxy = Proxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    await proxy.start()
+    proxied = settings.model_copy(
+        update={
+            "amqp_url": broker._replace(
+                netloc=f"{broker.username}:{broker.password}@127.0.0.1:{proxy.port}"
+            ).geturl(),
+            "outbox_sweep_seconds": 0.5,
+            "outbox_notify_delay_seconds": 0.0,
+        }
+    )
+    pool = await create_pool(settings)
+    cut_off = OutboxRelay(pool, proxied)
+    other = OutboxRelay(pool, settings)
+    try:
+        await cut_off.start()
+        await proxy.cut()
+        await write(pool, [event(n) for n in range(5)])
+        claims = count_claims(cut_off)
+        await eventually(lambda: _tried(claims), what="the cut-off relay trying")
+        await other.start()
+
+        got = await eventually(
+            lambda: received(settings), what="the rows, from the other relay"
+        )
+        async with pool.acquire() as conn:
+            rows, _ = await backlog(conn)
+            holding = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state = 'idle in transaction'"
+            )
+    finally:
+        await other.stop()
+        await cut_off.stop()
+        await proxy.close()
+        await pool.close()
+
+    assert sorted(got) == list(range(5))
+    assert rows == 0
+    assert holding == 0
+    assert cut_off.published == 0
+
+
+async def _tried(claims: list[float]) -> bool:
+    await asyncio.sleep(0.2)  # into the claim, with the old code holding rows
+    return len(claims) >= 1
