@@ -655,3 +655,40 @@ async def test_the_push_sender_plans_its_statements_once_per_connection(
         mode = await conn.fetchval("SHOW plan_cache_mode")
 
     assert mode == "force_generic_plan"
+
+
+class TestRetriesOfRowsDeliveredTogether:
+    @pytest.fixture
+    def push_settings(self, push_settings: PushSettings) -> PushSettings:
+        return push_settings.model_copy(update={"retry_delays": "1,30"})
+
+    async def test_a_failed_push_is_retried_on_time_while_another_is_still_answered(
+        self,
+        settings: Settings,
+        demo: Demo,
+        push_service: PushService,
+        api: httpx.AsyncClient,
+        db: asyncpg.Connection,
+    ) -> None:
+        slow = 8.0
+        failing = push_service.device(Answer(500))
+        answered_late = push_service.device(Answer(201, delay=slow))
+        await subscribe(api, settings, demo.bob, failing)
+        await subscribe(api, settings, demo.alice, answered_late)
+        rows = [
+            await notify(settings, db, user, publish=False)
+            for user in (demo.bob, demo.alice)
+        ]
+
+        await deliver_together(settings, db, rows)
+
+        bobs, alices = [
+            await eventually(lambda r=r: settled(db, r), what=f"row {r}", timeout=30)
+            for r in rows
+        ]
+        assert bobs["status"] == alices["status"] == "sent"
+        _, second = failing.received
+        # Its retry went out one second after its failure, not once the other
+        # device of its message had answered.
+        assert second.at < answered_late.received[0].at + slow
+        assert bobs["attempts"] == 2

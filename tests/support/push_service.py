@@ -47,6 +47,8 @@ def unb64url(text: str) -> bytes:
 class Answer:
     status: int = 201
     headers: dict[str, str] = field(default_factory=dict)
+    # Seconds the service takes to answer.
+    delay: float = 0.0
 
 
 @dataclass
@@ -149,6 +151,7 @@ class PushService:
         )
         if self.before_answer is not None:
             await self.before_answer()
+        await asyncio.sleep(answer.delay)
         return Response(status_code=answer.status, headers=answer.headers)
 
     def _check(

@@ -65,7 +65,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -637,17 +637,42 @@ class Consumers:
             return "dead_lettered"
 
         parts = [_on_its_queue(part, queue) for part in parts]
-        items = [part.message for part in parts if part.message is not None]
+        items = [(i, part) for i, part in enumerate(parts) if part.message is not None]
+        settled: set[int] = set()
+
+        async def settle(index: int, outcome: Exception) -> None:
+            part = parts[index]
+            # An item of an envelope goes on alone; a whole message goes as it came.
+            alone = (
+                (part.body, _part_id(raw, part.message, index)) if enveloped else None
+            )
+            with bind(**(_ids(part.message) if part.message is not None else {})):
+                await self._settle_failure(queue, raw, outcome, alone, action)
+
+        async def handled(index: int, item: M) -> Exception | None:
+            outcome = await _bound_outcome(run, item, raw, queue)
+            if outcome is not None and not isinstance(outcome, ShuttingDown):
+                # Parked or set aside as soon as it failed: its retry's delay
+                # runs from now, not from when the slowest item of the message
+                # ends. Settled with the rest if that cannot be done now.
+                with contextlib.suppress(Exception):
+                    await settle(index, outcome)
+                    settled.add(index)
+            return outcome
+
         if len(items) == 1:
-            done = [await _bound_outcome(run, items[0], raw, queue)]
+            index, part = items[0]
+            done = [await _bound_outcome(run, cast(M, part.message), raw, queue)]
         else:
             # Each item in a task of its own, so that each binds its own ids.
             done = list(
                 await asyncio.gather(
-                    *(_bound_outcome(run, i, raw, queue) for i in items)
+                    *(handled(i, cast(M, part.message)) for i, part in items)
                 )
             )
         if any(isinstance(outcome, ShuttingDown) for outcome in done):
+            # Handed out again whole; an item settled already finds its row
+            # waiting for its retry, or failed, and leaves it alone.
             await message.nack(requeue=True)
             return "returned"
 
@@ -656,15 +681,9 @@ class Consumers:
             next(answers) if part.problem is None else DeadLetter(part.problem.reason)
             for part in parts
         ]
-        for index, (part, outcome) in enumerate(zip(parts, outcomes, strict=True)):
-            if outcome is None:
-                continue
-            # An item of an envelope goes on alone; a whole message goes as it came.
-            alone = (
-                (part.body, _part_id(raw, part.message, index)) if enveloped else None
-            )
-            with bind(**(_ids(part.message) if part.message is not None else {})):
-                await self._settle_failure(queue, raw, outcome, alone, action)
+        for index, outcome in enumerate(outcomes):
+            if outcome is not None and index not in settled:
+                await settle(index, outcome)
         await _ack(raw)
 
         failures = [o for o in outcomes if o is not None]
