@@ -158,7 +158,9 @@ class Renderer:
         # faults logged since.
         self._good: dict[str, Template] = {}
         self._before: dict[str, Template] = {}
-        self._reported: dict[str, str] = {}
+        # The fault logged for each file since it last rendered, and the version
+        # that showed it (None for a file that could not be read or parsed).
+        self._reported: dict[str, tuple[str, Template | None]] = {}
         # Each file's latest version that failed its trial, and how.
         self._failed_trial: dict[str, tuple[Template, Exception]] = {}
 
@@ -224,7 +226,7 @@ class Renderer:
                 raise
             # Added to a set that had none, and broken from the start: the set
             # goes on as it was, the message being the email's text.
-            self._report(path, str(exc), NEW_EMAIL_TEXT_BROKEN)
+            self._report(path, str(exc), meanwhile=NEW_EMAIL_TEXT_BROKEN)
             return str(context["message"])
 
     def look(self, template: str) -> None:
@@ -238,6 +240,7 @@ class Renderer:
         """
         for name in (*FILES, EMAIL_TEXT):
             path = f"{template}/{name}"
+            current: Template | None = None
             try:
                 current = self._env.get_template(path)
                 if current is self._good.get(path):
@@ -249,10 +252,11 @@ class Renderer:
                 self._report(path, self._fault(path, TemplateNotFound(path)))
                 continue
             except Exception as exc:
+                fault = self._fault(path, exc)
                 if path in self._good:
-                    self._report(path, self._fault(path, exc))
+                    self._report(path, fault, current)
                 elif name == EMAIL_TEXT:
-                    self._report(path, self._fault(path, exc), NEW_EMAIL_TEXT_BROKEN)
+                    self._report(path, fault, current, NEW_EMAIL_TEXT_BROKEN)
                 continue
             self._adopt(path, current)
 
@@ -263,10 +267,26 @@ class Renderer:
             if good is not None:
                 self._before[path] = good
             self._good[path] = version
+        reported = self._reported.get(path)
+        # Fixed once another version renders; the version a fault was seen in
+        # may render other values, and is not fixed by that.
+        if reported is not None and reported[1] is not version:
+            del self._reported[path]
+            logger.info(
+                "template %s renders again",
+                path,
+                extra={"action": "template.fixed"},
+            )
 
-    def _report(self, path: str, fault: str, meanwhile: str = LAST_GOOD_USED) -> None:
-        if self._reported.get(path) != fault:
-            self._reported[path] = fault
+    def _report(
+        self,
+        path: str,
+        fault: str,
+        version: Template | None = None,
+        meanwhile: str = LAST_GOOD_USED,
+    ) -> None:
+        if self._reported.get(path, ("", None))[0] != fault:
+            self._reported[path] = (fault, version)
             logger.error(
                 "%s; %s", fault, meanwhile, extra={"action": "template.broken"}
             )
@@ -293,7 +313,7 @@ class Renderer:
             if not earlier:
                 # Never rendered, and nothing to fall back on.
                 raise RenderError(fault) from exc
-            self._report(path, fault)
+            self._report(path, fault, current)
             for version in earlier:
                 try:
                     return version.render(context)
@@ -301,8 +321,6 @@ class Renderer:
                     continue
             raise RenderError(fault) from exc
         self._adopt(path, current)
-        if self._reported.pop(path, None) is not None:
-            logger.info("template %s renders again", path)
         return text
 
     def _trial(self, path: str, name: str, version: Template) -> None:

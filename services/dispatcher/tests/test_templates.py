@@ -507,3 +507,27 @@ def test_a_link_swapped_to_another_directory_of_equal_times_is_taken_up(
     renderer.look("broken")
 
     assert renderer.render("broken", context()).title == "v2 1"
+
+
+def test_a_fix_taken_up_by_looking_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path)
+    assert renderer.problem("broken") is None
+    title = folder / "title.txt.j2"
+
+    _rewrite(title, "{{ 1 / 0 }}")
+    renderer.look("broken")
+    _rewrite(title, "fixed {{ post.id }}")
+    with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
+        renderer.look("broken")
+        renderer.look("broken")
+        rendered = renderer.render("broken", context())
+
+    [broken, fixed] = caplog.records
+    assert broken.levelno == logging.ERROR
+    assert fixed.levelno == logging.INFO
+    assert fixed.action == "template.fixed"  # type: ignore[attr-defined]
+    assert fixed.getMessage() == "template broken/title.txt.j2 renders again"
+    assert rendered.title.startswith("fixed ")
