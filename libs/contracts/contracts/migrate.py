@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlencode
@@ -138,13 +139,41 @@ def run(database_url: str, *, rollback: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Apply the notiflow migrations.")
-    parser.add_argument("--rollback-all", action="store_true")
+    parser = argparse.ArgumentParser(
+        description=(
+            "Create the database named by NOTIFLOW_DATABASE_URL if it does not "
+            "exist, and apply the notiflow migrations it lacks."
+        )
+    )
+    parser.add_argument(
+        "--rollback-all",
+        action="store_true",
+        help=(
+            "undo every migration instead: this drops every notiflow table, and "
+            "all its rows, from the database (asks for --confirm)"
+        ),
+    )
+    parser.add_argument(
+        "--confirm",
+        metavar="DATABASE",
+        help="with --rollback-all, the name of the database, to say it is meant",
+    )
     args = parser.parse_args(argv)
 
     from contracts.preflight import require_services
 
     settings: Settings = load_or_exit(get_settings)
+    if args.rollback_all:
+        name = database_name(settings.database_url)
+        if args.confirm != name:
+            parser.exit(
+                2,
+                f"notiflow: --rollback-all drops every notiflow table and all its "
+                f"rows from {redact_url(settings.database_url)}; to do that, run "
+                f"it again with --confirm {shlex.quote(name)}\n",
+            )
+    elif args.confirm is not None:
+        parser.error("--confirm goes with --rollback-all only")
     require_services(settings, broker=False)
     try:
         print(run(settings.database_url, rollback=args.rollback_all))

@@ -178,9 +178,31 @@ def test_rolling_back_a_database_that_does_not_exist_says_so_in_one_line(
     fresh_name: str,
 ) -> None:
     url = infra.database_url(fresh_name)
-    done = run([MIGRATE, "--rollback-all"], url)
+    done = run([MIGRATE, "--rollback-all", "--confirm", fresh_name], url)
 
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line.startswith(f"notiflow: migrating {redact_url(url)} failed: ")
     assert f'database "{fresh_name}" does not exist' in line
+
+
+def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
+    fresh_name: str,
+) -> None:
+    empty_database = infra.database_url(fresh_name)
+    migrate.apply(empty_database)
+    name = migrate.database_name(empty_database)
+
+    unconfirmed = run([MIGRATE, "--rollback-all"], empty_database)
+    mistaken = run([MIGRATE, "--rollback-all", "--confirm", "other"], empty_database)
+    kept = applied_once(empty_database)
+    confirmed = run([MIGRATE, "--rollback-all", "--confirm", name], empty_database)
+
+    for refused in (unconfirmed, mistaken):
+        assert refused.returncode == 2
+        [line] = refused.stderr.splitlines()
+        assert "drops every notiflow table" in line
+        assert line.endswith(f"run it again with --confirm {name}")
+    assert kept == dict.fromkeys(known_migrations(), 1)
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert confirmed.stdout.startswith(f"rolled back {len(known_migrations())} ")
