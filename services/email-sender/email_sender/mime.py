@@ -126,6 +126,13 @@ def recipient(address: str | None, display_name: str) -> Address:
     # is a space rather than a reason to refuse the email.
     if "\r" in display_name or "\n" in display_name:
         display_name = _LINE_BREAK.sub(" ", display_name)
+    if not address.rpartition("@")[0].isascii():
+        # Such an address needs SMTPUTF8 all the way to its mailbox, and messages
+        # in UTF-8 headers, which these are not; the domain alone can be IDNA.
+        raise InvalidAddress(
+            f"invalid recipient address {address!r}: the part before the @ is not "
+            "ASCII, and only ASCII local parts can be sent to"
+        )
     try:
         return Address(display_name=display_name, addr_spec=_ascii_domain(address))
     except (MessageError, ValueError, IndexError) as exc:

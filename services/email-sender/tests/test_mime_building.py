@@ -459,3 +459,13 @@ def test_an_unsubscribe_url_that_cannot_be_written_as_it_is_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="an unsubscribe URL must be ASCII"):
         _with_unsubscribe(url)
+
+
+def test_a_recipient_whose_local_part_is_not_ascii_is_refused_saying_so() -> None:
+    with pytest.raises(InvalidAddress) as refused:
+        _sent_to("zoë@example.com")
+
+    assert str(refused.value) == (
+        "invalid recipient address 'zoë@example.com': the part before the @ is not "
+        "ASCII, and only ASCII local parts can be sent to"
+    )
