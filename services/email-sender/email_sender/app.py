@@ -176,8 +176,8 @@ class EmailSettings(Settings):
     mail_from_name: Annotated[str, AfterValidator(_mail_from_name)] = "notiflow"
     # The right-hand side of every Message-ID, kept in IDNA.
     mail_domain: Annotated[str, AfterValidator(_mail_domain)] = "notiflow.localhost"
-    # The base of each email's unsubscribe link, as the dispatcher's links: ASCII,
-    # for it is written as it is into the List-Unsubscribe header.
+    # The base of each email's unsubscribe link, as the dispatcher's links; written
+    # in ASCII (a WebUrl is), as the List-Unsubscribe header needs.
     public_url: WebUrl = "http://127.0.0.1:8081"
     # Also bounds the SMTP connections: at most BATCH_WORKERS times this many.
     email_batch_size: int = Field(default=25, ge=1)
@@ -200,6 +200,27 @@ class EmailSettings(Settings):
                 "NOTIFLOW_SMTP_DATA_TIMEOUT)"
             )
         prefetch_holds_batch("email", self.email_prefetch, self.email_batch_size)
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_encrypt_and_log_in(self) -> EmailSettings:
+        if self.smtp_use_tls and self.smtp_starttls:
+            raise ValueError(
+                "NOTIFLOW_SMTP_USE_TLS and NOTIFLOW_SMTP_STARTTLS are both true; "
+                "choose one: USE_TLS for a server that speaks TLS from the start "
+                "(usually port 465), STARTTLS for one that upgrades a plain "
+                "connection (usually port 587)"
+            )
+        if (self.smtp_username is None) != (self.smtp_password is None):
+            given, missing = (
+                ("USERNAME", "PASSWORD")
+                if self.smtp_password is None
+                else ("PASSWORD", "USERNAME")
+            )
+            raise ValueError(
+                f"NOTIFLOW_SMTP_{given} is set without NOTIFLOW_SMTP_{missing}; "
+                "SMTP authentication needs both"
+            )
         return self
 
     @property

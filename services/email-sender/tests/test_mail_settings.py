@@ -199,3 +199,41 @@ def test_the_email_sender_exits_2_in_one_line_on_an_unusable_mail_setting(
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"notiflow: invalid setting {name}: must be "), line
     assert repr(value) in line
+
+
+@pytest.mark.parametrize(
+    ("given", "complaint"),
+    [
+        (
+            {"smtp_use_tls": True, "smtp_starttls": True},
+            "NOTIFLOW_SMTP_USE_TLS and NOTIFLOW_SMTP_STARTTLS are both true",
+        ),
+        (
+            {"smtp_password": "secret"},
+            "NOTIFLOW_SMTP_PASSWORD is set without NOTIFLOW_SMTP_USERNAME",
+        ),
+        (
+            {"smtp_username": "mailer"},
+            "NOTIFLOW_SMTP_USERNAME is set without NOTIFLOW_SMTP_PASSWORD",
+        ),
+    ],
+)
+def test_smtp_settings_that_contradict_each_other_are_refused_naming_both(
+    given: dict[str, object], complaint: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        EmailSettings(**given)
+
+    assert complaint in describe(refused.value)
+    assert "secret" not in describe(refused.value)
+
+
+def test_implicit_tls_with_starttls_turned_off_and_a_login_are_taken() -> None:
+    settings = EmailSettings(
+        smtp_use_tls=True,
+        smtp_starttls=False,
+        smtp_username="mailer",
+        smtp_password="secret",
+    )
+
+    assert settings.smtp_use_tls and settings.smtp_username == "mailer"
