@@ -346,6 +346,48 @@ async def test_a_row_is_sent_without_waiting_for_the_slowest_email_of_its_batch(
     assert sorted(smtp.message_ids().values()) == [1] * len(notes)
 
 
+async def test_a_failed_email_is_retried_without_waiting_for_the_slowest_of_its_batch(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: BusyMailboxes,
+    email_sender: EmailSenderFactory,
+) -> None:
+    smtp.slow.add("slow@example.com")
+    smtp.slow_seconds = 6.0
+    smtp.busy.add("busy@example.com")
+    event = uuid.uuid4()
+    await db.execute(helpers.INSERT_EVENT, event)
+    users = [demo.alice, demo.bob]
+    slow, busy = [
+        await helpers.email_row(db, user, address, event_id=event)
+        for user, address in zip(
+            users, ["slow@example.com", "busy@example.com"], strict=True
+        )
+    ]
+    await helpers.publish(
+        settings.amqp_url,
+        [_envelope(event, list(zip([slow, busy], users, strict=True)))],
+    )
+
+    async with email_sender(smtp_timeout=10, email_lease_seconds=60):
+
+        async def busy_one_sent() -> dict[int, str] | None:
+            statuses = await _statuses(db, [slow, busy])
+            return statuses if statuses[busy] == "sent" else None
+
+        # Refused at once, parked for its 1 s delay, and sent on its second
+        # attempt while the slow one's server still reads its content.
+        statuses = await eventually(
+            busy_one_sent, interval=0.05, timeout=20, what="the busy one sent"
+        )
+        final = await eventually(lambda: _all_final(db, [slow, busy]), what="all sent")
+
+    assert statuses[slow] == "sending"
+    assert (await helpers.row(db, busy))["attempts"] == 2
+    assert final == {slow: "sent", busy: "sent"}
+
+
 def _envelope(event: uuid.UUID, rows: list[tuple[int, int]]) -> bytes:
     """A DeliveryBatch message for (notification id, user id) rows of one event."""
     return DeliveryBatch(

@@ -127,8 +127,10 @@ class Item(Generic[M]):
     message: M
     raw: AbstractIncomingMessage
     context: contextvars.Context
-    # Given by the batcher: settles the item as handled before its batch returns.
+    # Given by the batcher: settle the item as handled, or as failed, before its
+    # batch returns.
     _finish: Callable[[], None] | None = field(default=None, repr=False)
+    _fail: Callable[[Exception], None] | None = field(default=None, repr=False)
 
     def within(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Call ``fn`` as if inside this message's consumer: its log ids, its trace."""
@@ -145,6 +147,17 @@ class Item(Generic[M]):
         """
         if self._finish is not None:
             self._finish()
+
+    def failed(self, outcome: RetryLater | DeadLetter) -> None:
+        """Settle this item now as ``outcome``, before its batch returns.
+
+        Its retry is published, or its dead letter, as for an outcome in the
+        batch's answer, but without waiting for the batch's slowest item: a retry's
+        delay runs from the failure. As with :meth:`finished`, its outcome in the
+        answer must then be None.
+        """
+        if self._fail is not None:
+            self._fail(outcome)
 
 
 # Returns one outcome per item, in order: None (done), or the RetryLater or
@@ -855,7 +868,11 @@ class _Batcher(Generic[M]):
             raise ShuttingDown
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = Item(
-            payload, raw, contextvars.copy_context(), _finish=lambda: _succeed(done)
+            payload,
+            raw,
+            contextvars.copy_context(),
+            _finish=lambda: _succeed(done),
+            _fail=lambda outcome: _fail(done, outcome),
         )
         self._waiting.append((item, done))
         if not self._scheduled:
@@ -989,6 +1006,11 @@ class _Batcher(Generic[M]):
 def _succeed(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
+
+
+def _fail(done: asyncio.Future[None], outcome: Exception) -> None:
+    if not done.done():
+        done.set_exception(outcome)
 
 
 async def _ack(raw: AbstractIncomingMessage) -> None:

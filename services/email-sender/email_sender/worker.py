@@ -13,8 +13,10 @@ pool and in its own message's context, so that what is logged on its way carries
 that message's ids and trace. Each delivery is settled as soon as its row is
 recorded ``sent`` (:meth:`contracts.consumer.Item.finished`): a batch waiting on
 one slow SMTP conversation holds one of the sender's places, not a batch's worth,
-and the emails behind it go out meanwhile. Failures, which are rare, are recorded
-with one statement per kind once the batch is done.
+and the emails behind it go out meanwhile. A failure, which is rare, is recorded
+with a statement of its own as soon as it happens, and its message settled then
+(:meth:`contracts.consumer.Item.failed`): its retry's delay runs from the failure,
+not from the end of the batch's slowest conversation.
 
 An email the server has taken but whose row is not yet ``sent`` goes out a second
 time (with the same ``Message-ID``) if this process dies then: the lease sweeper
@@ -173,21 +175,16 @@ class EmailWorker:
 
         # Each task starts from a copy of its own message's context.
         tasks = [
-            c.item.within(asyncio.create_task, self._deliver(c, len(items), lease_ends))
+            c.item.within(asyncio.create_task, self._send(c, len(items), lease_ends))
             for c in claimed
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
 
-        failures: list[tuple[_Claimed, str, tuple[object, ...]]] = []
         unavailable: BaseException | None = None
         for c, result in zip(claimed, results, strict=True):
             if result is None:
                 continue
-            if isinstance(result, mime.InvalidAddress | smtp.SendFailed):
-                outcome, statement, args = self._failure(c.row, result)
-                outcomes[c.index] = outcome
-                failures.append((c, statement, args))
-            elif isinstance(result, (DatabaseUnavailable, *UNAVAILABLE_ERRORS)):
+            if isinstance(result, (DatabaseUnavailable, *UNAVAILABLE_ERRORS)):
                 unavailable = result
             elif isinstance(result, Exception):
                 # A bug, as it would be in a handler of one message: the message is
@@ -198,12 +195,23 @@ class EmailWorker:
         if unavailable is not None:
             # The whole batch waits for the database and runs again.
             raise unavailable
-
-        await self._record_failures(failures)
-        for c, statement, _ in failures:
-            status = "retried" if statement == transitions.RETRYING else "failed"
-            metrics.settled("email", c.item.message.channel, status)
         return outcomes
+
+    async def _send(self, claimed: _Claimed, batch: int, lease_ends: float) -> None:
+        """Deliver a claimed row; if its email fails, record that and settle its
+        message at once, so that its retry waits its delay from now, not from
+        when the batch's slowest conversation ends."""
+        try:
+            await self._deliver(claimed, batch, lease_ends)
+        except (mime.InvalidAddress, smtp.SendFailed) as exc:
+            outcome, statement, args = self._failure(claimed.row, exc)
+            await self._record_failure(claimed.row["id"], statement, args)
+            metrics.settled(
+                "email",
+                claimed.item.message.channel,
+                "retried" if statement == transitions.RETRYING else "failed",
+            )
+            claimed.item.failed(outcome)
 
     async def _claim(
         self, items: Sequence[Item[DeliveryRequested]], outcomes: list[Outcome]
@@ -305,18 +313,9 @@ class EmailWorker:
         retry = RetryLater(exc.reason, delay)
         return retry, transitions.RETRYING, (exc.reason, float(delay))
 
-    async def _record_failures(
-        self, failures: list[tuple[_Claimed, str, tuple[object, ...]]]
+    async def _record_failure(
+        self, notification_id: int, statement: str, args: tuple[object, ...]
     ) -> None:
-        """Store the failed rows' transitions; each statement commits on its own."""
-        if not failures:
-            return
+        """Store a failed row's transition."""
         async with connection(self._pool()) as conn:
-            for statement in (transitions.FAILED, transitions.RETRYING):
-                rows = [
-                    (c.row["id"], {}, *args)
-                    for c, chosen, args in failures
-                    if chosen == statement
-                ]
-                if rows:
-                    await conn.executemany(statement, rows)
+            await conn.execute(statement, notification_id, {}, *args)
