@@ -314,17 +314,15 @@ async def test_a_row_is_sent_without_waiting_for_the_slowest_email_of_its_batch(
     # again: none should wait for its batch's slowest email to be recorded.
     smtp.slow.add("slow@example.com")
     smtp.slow_seconds = 2.0
-    event = uuid.uuid4()
-    await db.execute(helpers.INSERT_EVENT, event)
-    users = [demo.alice, demo.bob, demo.carol, demo.dave]
-    addresses = ["slow@example.com", "b@example.com", "c@example.com", "d@example.com"]
-    notes = [
-        await helpers.email_row(db, user, address, event_id=event)
-        for user, address in zip(users, addresses, strict=True)
-    ]
-    # One message carrying all four rows: they are handled as one batch.
-    await helpers.publish(
-        settings.amqp_url, [_envelope(event, list(zip(notes, users, strict=True)))]
+    notes = await _in_one_message(
+        settings,
+        db,
+        {
+            demo.alice: "slow@example.com",
+            demo.bob: "b@example.com",
+            demo.carol: "c@example.com",
+            demo.dave: "d@example.com",
+        },
     )
     slow, fast = notes[0], notes[1:]
 
@@ -356,18 +354,8 @@ async def test_a_failed_email_is_retried_without_waiting_for_the_slowest_of_its_
     smtp.slow.add("slow@example.com")
     smtp.slow_seconds = 6.0
     smtp.busy.add("busy@example.com")
-    event = uuid.uuid4()
-    await db.execute(helpers.INSERT_EVENT, event)
-    users = [demo.alice, demo.bob]
-    slow, busy = [
-        await helpers.email_row(db, user, address, event_id=event)
-        for user, address in zip(
-            users, ["slow@example.com", "busy@example.com"], strict=True
-        )
-    ]
-    await helpers.publish(
-        settings.amqp_url,
-        [_envelope(event, list(zip([slow, busy], users, strict=True)))],
+    slow, busy = await _in_one_message(
+        settings, db, {demo.alice: "slow@example.com", demo.bob: "busy@example.com"}
     )
 
     async with email_sender(smtp_timeout=10, email_lease_seconds=60):
@@ -386,6 +374,22 @@ async def test_a_failed_email_is_retried_without_waiting_for_the_slowest_of_its_
     assert statuses[slow] == "sending"
     assert (await helpers.row(db, busy))["attempts"] == 2
     assert final == {slow: "sent", busy: "sent"}
+
+
+async def _in_one_message(
+    settings: Settings, db: asyncpg.Connection, addresses: dict[int, str]
+) -> list[int]:
+    """Email rows of one event to these users' addresses, published in one message,
+    so that they are handled as one batch; their ids, in order."""
+    event = uuid.uuid4()
+    await db.execute(helpers.INSERT_EVENT, event)
+    notes = [
+        await helpers.email_row(db, user, address, event_id=event)
+        for user, address in addresses.items()
+    ]
+    rows = list(zip(notes, addresses, strict=True))
+    await helpers.publish(settings.amqp_url, [_envelope(event, rows)])
+    return notes
 
 
 def _envelope(event: uuid.UUID, rows: list[tuple[int, int]]) -> bytes:
