@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from yoyo import get_backend, read_migrations
 from yoyo.exceptions import LockTimeout
 
+from contracts.cli import Once
 from contracts.settings import Settings, get_settings, load_or_exit, redact_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--confirm",
+        action=Once,
         metavar="DATABASE",
         help="with --rollback-all, the name of the database, to say it is meant",
     )

@@ -195,6 +195,10 @@ def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
 
     unconfirmed = run([MIGRATE, "--rollback-all"], empty_database)
     mistaken = run([MIGRATE, "--rollback-all", "--confirm", "other"], empty_database)
+    hedged = run(
+        [MIGRATE, "--rollback-all", "--confirm", "other", "--confirm", name],
+        empty_database,
+    )
     kept = applied_once(empty_database)
     confirmed = run([MIGRATE, "--rollback-all", "--confirm", name], empty_database)
 
@@ -203,6 +207,8 @@ def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
         [line] = refused.stderr.splitlines()
         assert "drops every notiflow table" in line
         assert line.endswith(f"run it again with --confirm {name}")
+    assert hedged.returncode == 2
+    assert "--confirm: given more than once" in hedged.stderr
     assert kept == dict.fromkeys(known_migrations(), 1)
     assert confirmed.returncode == 0, confirmed.stderr
     assert confirmed.stdout.startswith(f"rolled back {len(known_migrations())} ")
