@@ -344,6 +344,32 @@ async def test_two_events_about_one_comment_notify_once_in_one_batch_or_at_once(
     assert await _count(pool, "notifications") == 10
 
 
+async def test_an_event_stored_by_an_older_dispatcher_still_marks_its_comment(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    # A dispatcher of the release before events kept their comment, still running
+    # during a rolling upgrade, stores the event as it always did.
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    comment = await _comment(pool, demo, demo.carol, "hi @bob")
+    older = _event(demo, comment, demo.carol, "hi @bob")
+    await pool.execute(
+        "INSERT INTO events (id, type, payload, occurred_at) "
+        "VALUES ($1, 'comment.created', $2, $3)",
+        older.event_id,
+        json.loads(older.model_dump_json()),
+        older.occurred_at,
+    )
+
+    again = _event(demo, comment, demo.carol, "hi @bob")
+    async with transaction(pool) as conn:
+        [result] = await dispatcher.handle_many(conn, [again])
+
+    assert isinstance(result, DeadLetter)
+    assert f"dispatched already, by event {older.event_id}" in result.reason
+    assert await _count(pool, "notifications") == 0
+
+
 async def test_copies_of_an_event_in_one_batch_are_stored_once(
     db: Database, dispatcher: Dispatcher
 ) -> None:
