@@ -95,6 +95,8 @@ async def test_every_device_gets_the_decrypted_payload_and_the_headers(
         assert got.headers["ttl"] == "3600"
         assert got.headers["urgency"] == "high"
         assert got.headers["topic"] == "post-42"
+        # What answers is the subscriber's to choose: nothing compressed, please.
+        assert got.headers["accept-encoding"] == "identity"
     devices = row["metadata"]["push"]
     assert {devices[str(i)]["outcome"] for i in ids} == {"sent"}
     touched = await db.fetchval(

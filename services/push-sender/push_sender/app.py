@@ -75,10 +75,12 @@ def create_app(
         nonlocal client
         # Redirects are not followed: the endpoint was checked, its target was not.
         # The transport connects only to addresses the policy has just checked.
+        # Answers are asked for uncompressed, and read only in part (webpush).
         client = httpx.AsyncClient(
             transport=PinnedTransport(policy),
             timeout=httpx.Timeout(settings.push_timeout),
             follow_redirects=False,
+            headers={"Accept-Encoding": "identity"},
         )
         # Each part is stopped, last started first, whatever the others do.
         async with contextlib.AsyncExitStack() as parts:

@@ -40,6 +40,8 @@ Outcome = Literal["sent", "gone", "too_large", "retry", "rejected"]
 
 # A Retry-After beyond this is treated as this: the row must come back some day.
 MAX_RETRY_AFTER = 24 * 3600.0
+# The most of a push service's answer read, for the detail of a failure.
+MAX_BODY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -106,24 +108,48 @@ async def send(
     """Push once; ``deadline`` bounds the whole exchange, not each phase of it."""
     body = encrypt(push.payload, subscription.p256dh, subscription.auth)
     try:
-        async with asyncio.timeout(deadline):
-            response = await client.post(
+        async with (
+            asyncio.timeout(deadline),
+            client.stream(
+                "POST",
                 subscription.endpoint,
                 content=body,
                 headers=headers(push, vapid, subscription.endpoint),
-            )
+            ) as response,
+        ):
+            text = await _beginning(response)
     except UnsafeAddress as exc:
         return Result("rejected", None, f"endpoint {exc}")
     except (TimeoutError, httpx.TimeoutException):
         return Result("retry", None, f"no answer within {deadline:g}s")
     except httpx.HTTPError as exc:
         return Result("retry", None, f"request failed: {exc!r}")
-    return classify(response)
+    return classify(response, text)
 
 
-def classify(response: httpx.Response) -> Result:
+async def _beginning(response: httpx.Response) -> str:
+    """The start of ``response``'s body as text, for a failure's detail.
+
+    The endpoint is the subscriber's to choose, and so is what answers there:
+    the body is read only as far as :data:`MAX_BODY_BYTES`, never decompressed (a
+    few kilobytes of gzip can hold gigabytes), and the rest left unread.
+    """
+    read = bytearray()
+    async for chunk in response.aiter_raw():
+        read += chunk
+        if len(read) >= MAX_BODY_BYTES:
+            break
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return ""
+    return read[:MAX_BODY_BYTES].decode("utf-8", "replace")
+
+
+def classify(response: httpx.Response, text: str | None = None) -> Result:
+    """What ``response`` means; ``text`` is the start of its body, when read."""
     status = response.status_code
-    detail = f"HTTP {status} {response.text[:200].strip()}".strip()
+    if text is None:
+        text = response.text
+    detail = f"HTTP {status} {text[:200].strip()}".strip()
     if 200 <= status < 300:
         return Result("sent", status, f"HTTP {status}")
     if status in (404, 410):
