@@ -481,3 +481,24 @@ def test_errors_a_service_answers_pass_through_untouched(
 
     assert resp.status_code == int(path.rsplit("/", 1)[-1])
     assert resp.json() == {"error": "from_service", "detail": path}
+
+
+def test_comments_posted_too_quickly_from_one_address_get_a_json_429(
+    proxy: httpx.Client,
+) -> None:
+    posted = [
+        proxy.post(
+            "/comments", json={"post_id": 1, "body": "hi"}, headers={"X-N": str(n)}
+        )
+        for n in range(60)
+    ]
+    read = [proxy.get("/comments") for _ in range(60)]
+
+    refused = [r for r in posted if r.status_code == 429]
+    assert refused, [r.status_code for r in posted]
+    assert {r.status_code for r in posted} == {200, 429}
+    # A burst goes through whole before any refusal.
+    assert [r.status_code for r in posted[:20]] == [200] * 20
+    assert_json_error(refused[0], 429, "too_many_requests")
+    assert refused[0].headers["retry-after"] == "1"
+    assert {r.status_code for r in read} == {200}

@@ -27,6 +27,7 @@ from contracts import topology, tracing
 from contracts.auth import Principal, UnknownUser, bearer, verify_token
 from contracts.db import connection, transaction
 from contracts.http import BodyId, Conflict, NotFound, PathId, RuntimeDep, UserDep
+from contracts.mentions import MAX_MENTIONS, mentioned_usernames
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
 from contracts.runtime import Runtime
@@ -89,6 +90,11 @@ class NewComment(BaseModel):
             raise ValueError("must contain text")
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
+        if "@" in value and len(named := mentioned_usernames(value)) > MAX_MENTIONS:
+            raise ValueError(
+                f"mentions {len(named)} people; a comment may mention at most "
+                f"{MAX_MENTIONS}"
+            )
         return value
 
 

@@ -14,6 +14,7 @@ import pytest
 from comments.app import create_app
 from contracts import topology
 from contracts.auth import issue_token
+from contracts.mentions import MAX_MENTIONS
 from contracts.messages import CommentCreated, decode
 from contracts.settings import Settings
 from tests.support.data import Demo, seed_demo
@@ -841,3 +842,35 @@ async def test_a_comment_sent_with_two_authorization_headers_is_refused_naming_i
     ]
     assert bob.removeprefix("Bearer ") not in resp.text
     assert await counts(settings) == (0, 0)
+
+
+async def test_a_comment_mentioning_more_people_than_allowed_is_refused(
+    client: httpx.AsyncClient, settings: Settings, demo: Demo
+) -> None:
+    many = " ".join(f"@user{n}" for n in range(MAX_MENTIONS + 1))
+    # The same person named twice counts once; an address is no mention.
+    enough = " ".join(
+        [*(f"@user{n}" for n in range(MAX_MENTIONS)), "@user0", "x@example.com"]
+    )
+
+    refused = await client.post(
+        "/comments",
+        json={"post_id": demo.post, "body": many},
+        headers=auth(settings, demo.bob, "bob"),
+    )
+    assert refused.status_code == 422
+    assert refused.json()["fields"] == [
+        {
+            "field": "body",
+            "message": f"mentions {MAX_MENTIONS + 1} people; a comment may "
+            f"mention at most {MAX_MENTIONS}",
+        }
+    ]
+    assert await counts(settings) == (0, 0)
+
+    taken = await client.post(
+        "/comments",
+        json={"post_id": demo.post, "body": enough},
+        headers=auth(settings, demo.bob, "bob"),
+    )
+    assert taken.status_code == 201

@@ -32,6 +32,7 @@ import asyncpg
 from contracts import topology, tracing
 from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter
+from contracts.mentions import MAX_MENTIONS, mentioned_usernames
 from contracts.messages import (
     MAX_BATCH_DELIVERIES,
     CommentCreated,
@@ -131,7 +132,9 @@ class Dispatcher:
         for index, event in enumerate(events):
             first.setdefault(event.event_id, index)
         unique = list(first.values())
-        names = {i: who.mentioned_usernames(events[i].body) for i in unique}
+        # The comments service takes no body mentioning more; an event that does
+        # notifies the first of them.
+        names = {i: mentioned_usernames(events[i].body)[:MAX_MENTIONS] for i in unique}
 
         facts = await conn.fetchrow(
             sql.LOOKUP,

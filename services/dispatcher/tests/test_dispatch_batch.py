@@ -16,6 +16,7 @@ import pytest
 from contracts.auth import unsubscribe_url
 from contracts.consumer import DeadLetter
 from contracts.db import create_pool, transaction
+from contracts.mentions import MAX_MENTIONS
 from contracts.messages import CommentCreated, DeliveryBatch, DeliveryRequested
 from contracts.settings import Settings
 from dispatcher import channels, templates
@@ -368,6 +369,33 @@ async def test_an_event_stored_by_an_older_dispatcher_still_marks_its_comment(
     assert isinstance(result, DeadLetter)
     assert f"dispatched already, by event {older.event_id}" in result.reason
     assert await _count(pool, "notifications") == 0
+
+
+async def test_an_event_mentioning_more_than_allowed_notifies_the_first_only(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    # The comments service takes no such body; an event may carry one all the same.
+    demo = await seed_demo(db.url)
+    pool = db.pool
+    await pool.execute(
+        "INSERT INTO users (username, email, display_name) "
+        "SELECT 'm' || n, 'm' || n || '@example.com', 'M' || n "
+        "FROM generate_series(1, $1::int) AS n",
+        MAX_MENTIONS + 5,
+    )
+    body = " ".join(f"@m{n}" for n in range(1, MAX_MENTIONS + 6))
+    comment = await _comment(pool, demo, demo.carol, body)
+
+    async with transaction(pool) as conn:
+        await dispatcher.handle_many(conn, [_event(demo, comment, demo.carol, body)])
+
+    notified = await pool.fetch(
+        "SELECT DISTINCT u.username FROM notifications n "
+        "JOIN users u ON u.id = n.user_id WHERE u.username LIKE 'm%'"
+    )
+    assert {r["username"] for r in notified} == {
+        f"m{n}" for n in range(1, MAX_MENTIONS + 1)
+    }
 
 
 async def test_copies_of_an_event_in_one_batch_are_stored_once(

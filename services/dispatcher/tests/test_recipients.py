@@ -2,13 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.recipients import (
-    AUTHOR,
-    MENTIONED,
-    PARTICIPANT,
-    mentioned_usernames,
-    resolve,
-)
+from contracts.mentions import mentioned_usernames
+from dispatcher.recipients import AUTHOR, MENTIONED, PARTICIPANT, resolve
 
 
 @pytest.mark.parametrize(
