@@ -38,6 +38,8 @@ from contracts.settings import (
 ALGORITHM = "HS256"
 # Ids are PostgreSQL bigints; a larger number can name no row.
 MAX_ID = 2**63 - 1
+# A user id as a token's sub writes it: decimal, no sign, no leading zero.
+_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
 AUDIENCE = "notiflow"
 # Tokens that passed, remembered; each is a few hundred bytes.
 REMEMBERED_TOKENS = 4096
@@ -110,7 +112,12 @@ def _verified(token: str, secret: str) -> tuple[Principal, int]:
         audience=AUDIENCE,
         options={"require": ["sub", "exp", "aud"]},
     )
-    user_id = int(claims["sub"])
+    # As issue_token writes it: plain decimal digits. int() would also take
+    # " 2", "0_2" or "٢" for user 2.
+    sub = claims["sub"]
+    if not (isinstance(sub, str) and _USER_ID.fullmatch(sub)):
+        raise ValueError("sub is not a user id")
+    user_id = int(sub)
     if not 0 < user_id <= MAX_ID:
         raise ValueError("sub is not a user id")
     principal = Principal(user_id=user_id, username=str(claims.get("name")))

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import jwt
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
@@ -71,6 +73,18 @@ def test_a_token_for_an_impossible_user_id_is_refused() -> None:
 
     with pytest.raises(InvalidToken, match="invalid"):
         verify_token(issue_token(10**23, "ghost", settings), settings)
+
+
+@pytest.mark.parametrize("sub", [" 2", "2 ", "0_2", "+2", "02", "\u0662", "2.0", 2])
+def test_a_token_naming_its_user_other_than_in_plain_digits_is_refused(
+    sub: object,
+) -> None:
+    settings = Settings()
+    claims = {"sub": sub, "aud": auth.AUDIENCE, "exp": int(time.time()) + 60}
+    token = jwt.encode(claims, settings.secret_key, algorithm=auth.ALGORITHM)
+
+    with pytest.raises(InvalidToken, match="invalid"):
+        verify_token(token, settings)
 
 
 def test_a_remembered_token_is_refused_once_it_expires(
