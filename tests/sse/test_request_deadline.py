@@ -4,6 +4,7 @@ whose headers arrived is served as long as it takes."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -142,3 +143,49 @@ async def test_headers_under_the_limit_and_a_body_sent_with_them_are_served(
 
     assert answer is not None and answer.startswith(b"HTTP/1.1 200 ")
     assert body is not None and body.startswith(b"HTTP/1.1 401 ")
+
+
+async def test_headers_past_the_limit_in_one_read_get_431_too(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway()
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000
+    answer = await _exchange(gateway.port, request + b"\r\n\r\n")
+
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_a_request_after_a_large_body_is_answered_not_refused(
+    start_gateway: StartGateway,
+) -> None:
+    # The first request's body and the start of the second's headers arrive in
+    # one read: the body is no part of the second request's headers.
+    gateway = start_gateway()
+    body = b" " * 65_000
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 65000\r\n\r\n" + body
+    loop = asyncio.get_running_loop()
+    sock = await _connected(gateway.port)
+    try:
+        await loop.sock_sendall(sock, first + b"GET /healthz HTTP/1.1\r\nHo")
+        await asyncio.sleep(0.5)
+        await loop.sock_sendall(sock, b"st: x\r\nConnection: close\r\n\r\n")
+        answer = await _closed_within(sock, 10)
+    finally:
+        sock.close()
+
+    assert answer is not None
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:300]
+    assert b" 431 " not in answer
+
+
+async def test_a_refused_request_is_answered_after_the_requests_before_it(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway()
+    fine = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+
+    answer = await _exchange(gateway.port, fine + fine + big + fine)
+
+    assert answer is not None
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200", b"431"]

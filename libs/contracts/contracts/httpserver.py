@@ -13,7 +13,10 @@ never cut: a body, a slow response and an SSE stream take as long as they take.
 Nor does anything bound the headers' size: the parser keeps a header's value in
 memory until it ends, and a single header of 50 MB, quick enough for the deadline,
 took a process's memory up by 90 MB. A request whose line and headers pass
-:data:`MAX_HEADER_BYTES` is answered ``431`` and its connection closed.
+:data:`MAX_HEADER_BYTES` is answered ``431``, after the answers to any requests
+sent before it on the connection, which is then closed. Headers are measured once
+complete, and while they come by the bytes read for them, so that the parser never
+holds much more than the limit (at most one read more).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 # parser takes is as long.
 MAX_HEADER_BYTES = 64 * 1024
 _TOO_LARGE = b"Request header fields too large."
+# How long a refused connection's further requests are read and dropped.
+LINGER_SECONDS = 2.0
 
 
 class _HeadersInTime(HttpToolsProtocol):
@@ -38,15 +43,33 @@ class _HeadersInTime(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers_deadline: asyncio.TimerHandle | None = None
-        # Bytes read while a request's headers were still coming: counted by
-        # the read, so a read that also held a request before it counts that too.
+        # Messages begun, whether one's headers are under way, and whether the
+        # next byte read starts a message (none has begun, or the last ended).
+        self._begun = 0
+        self._in_headers = False
+        self._between = True
+        # Bytes read of the headers under way, while they are incomplete.
         self._header_bytes = 0
+        # Once a request's headers are refused, the connection only waits for the
+        # answers to the requests before it, then gets the 431 and is closed.
+        self._refused = False
+        self._refuse_when_answered = False
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        begun, between = self._begun, self._between
         super().data_received(data)
-        if self._headers_deadline is None or self.transport.is_closing():
-            return  # no request's headers under way
-        self._header_bytes += len(data)
+        if self._refused or not self._in_headers or self.transport.is_closing():
+            return
+        # The parser holds an incomplete header in memory until it ends. The read's
+        # bytes are counted when they all belong to the headers under way: those
+        # begun before it, or with it. Headers begun after a request in the same
+        # read are counted from the next read on, and whole once complete.
+        if self._begun == begun:
+            self._header_bytes += len(data)
+        elif self._begun == begun + 1 and between:
+            self._header_bytes = len(data)
         if self._header_bytes > MAX_HEADER_BYTES:
             self._refuse_headers()
 
@@ -55,12 +78,39 @@ class _HeadersInTime(HttpToolsProtocol):
         self._arm()
 
     def on_message_begin(self) -> None:
+        self._begun += 1
+        self._in_headers, self._between = True, False
+        self._header_bytes = 0
         super().on_message_begin()
         self._arm()
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._disarm()
+        if self._refused:
+            return
+        # The request line and headers as sent, give or take their spaces.
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) + 16
+        if size > MAX_HEADER_BYTES:
+            self._refuse_headers()
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._between = True
+        if not self._refused:
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refuse_when_answered and not self.pipeline:
+            if self.cycle is None or self.cycle.response_complete:
+                self._refuse_when_answered = False
+                self._answer_431()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -73,18 +123,26 @@ class _HeadersInTime(HttpToolsProtocol):
             )
 
     def _disarm(self) -> None:
-        self._header_bytes = 0
         if self._headers_deadline is not None:
             self._headers_deadline.cancel()
             self._headers_deadline = None
 
     def _refuse_headers(self) -> None:
+        self._refused = True
         self._disarm()
         logger.info(
             "refused a request whose headers passed %d bytes",
             MAX_HEADER_BYTES,
             extra={"action": "http.headers_too_large"},
         )
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A request before it is still being answered; its answer goes first.
+            self._refuse_when_answered = True
+            self.flow.pause_reading()
+            return
+        self._answer_431()
+
+    def _answer_431(self) -> None:
         response = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         for name, value in self.server_state.default_headers:
             response += [name, b": ", value, b"\r\n"]
@@ -95,7 +153,16 @@ class _HeadersInTime(HttpToolsProtocol):
             _TOO_LARGE,
         ]
         self.transport.write(b"".join(response))
-        self.transport.close()
+        # Closed with requests still unread, the socket would answer them with a
+        # reset, which can destroy the answers still on their way to the client.
+        # So the connection is shut for writing, and what the client still sends
+        # is read and dropped until it closes its end, or for a moment at most.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
 
     def _too_slow(self) -> None:
         self._headers_deadline = None
