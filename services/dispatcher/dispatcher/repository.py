@@ -78,6 +78,9 @@ SELECT ARRAY(SELECT id FROM events WHERE id = ANY($1::uuid[])) AS stored,
        ARRAY(SELECT ROW(p.*) FROM people p) AS users
 """
 
+# The event stored for each of comments $1, when some is.
+DISPATCHED = "SELECT comment_id, id FROM events WHERE comment_id = ANY($1::bigint[])"
+
 NOTIFICATION_FIELDS = ("id", "event_id", "type", "channel", "status")
 # How many array parameters :data:`STORE` takes for the rows ($7–$18).
 ROW_PARAMETERS = 12

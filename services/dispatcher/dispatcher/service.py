@@ -153,17 +153,22 @@ class Dispatcher:
         dispatched = {
             comment_id: event_id for comment_id, event_id in facts["dispatched"]
         }
-        posts, dead = _check(events, fresh, comments, dispatched)
+        posts, dead, later = _check(events, fresh, comments, dispatched)
         for index, reason in dead.items():
             results[index] = DeadLetter(reason)
 
-        valid = [i for i in fresh if i not in dead]
+        valid = [i for i in fresh if i in posts]
+        lost: list[int] = []
         if valid:
             outcomes = await self._store(
                 conn, events, valid, posts, facts, names, traces, outbox
             )
             for index, outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
+                if outcome.duplicate:
+                    lost.append(index)
+        if later or lost:
+            await self._name_the_dispatched(conn, events, later, lost, results)
 
         for index, event in enumerate(events):
             if results[index] is None:
@@ -175,6 +180,39 @@ class Dispatcher:
                     else Outcome(duplicate=True)
                 )
         return [result for result in results if result is not None]
+
+    async def _name_the_dispatched(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[CommentCreated],
+        later: list[int],
+        lost: list[int],
+        results: list[Outcome | DeadLetter | None],
+    ) -> None:
+        """Set aside, naming the event that dispatched their comment, the events
+        ``later`` in the batch about a comment an earlier one is about, and those
+        ``lost`` to another dispatcher storing an event about the same comment.
+
+        Which event that is shows only once the batch is stored, and the other
+        dispatcher's commit: a statement of its own, run only for such events.
+        """
+        comment_ids = sorted({events[i].comment_id for i in (*later, *lost)})
+        stored = dict(await conn.fetch(sql.DISPATCHED, comment_ids))
+        for index in (*later, *lost):
+            event = events[index]
+            winner = stored.get(event.comment_id)
+            if winner == event.event_id:
+                continue  # the same event, stored by another dispatcher
+            if winner is None:
+                # Its batch-mate was set aside after all (stored by nobody).
+                results[index] = DeadLetter(
+                    f"comment {event.comment_id} is named by another event of "
+                    "its batch; a comment is notified once"
+                )
+            else:
+                results[index] = DeadLetter(
+                    _dispatched_already(event.comment_id, winner)
+                )
 
     async def _store(
         self,
@@ -364,15 +402,17 @@ def _check(
     fresh: list[int],
     comments: Mapping[int, Mapping[str, Any]],
     dispatched: Mapping[int, uuid.UUID],
-) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """The post of each fresh event, and why the others must be set aside.
+) -> tuple[dict[int, dict[str, Any]], dict[int, str], list[int]]:
+    """The post of each fresh event to store, why others must be set aside, and
+    which others are about a comment an event before them in the batch is about.
 
     ``dispatched`` gives, for a comment some event under another id was stored
     for, that event's id: one comment is notified once, whatever event names it.
     """
     posts: dict[int, dict[str, Any]] = {}
     dead: dict[int, str] = {}
-    claimed = dict(dispatched)
+    later: list[int] = []
+    claimed: set[int] = set()
     for index in fresh:
         event = events[index]
         # The event is a claim about stored rows; notify nobody about a comment
@@ -399,20 +439,27 @@ def _check(
             )
         elif not comment["author_exists"]:
             dead[index] = f"commenter {event.author_id} does not exist"
-        elif (earlier := claimed.setdefault(event.comment_id, event.event_id)) != (
-            event.event_id
-        ):
-            dead[index] = (
-                f"comment {event.comment_id} was dispatched already, by event "
-                f"{earlier}; a comment is notified once"
-            )
+        elif (earlier := dispatched.get(event.comment_id)) is not None:
+            dead[index] = _dispatched_already(event.comment_id, earlier)
+        elif event.comment_id in claimed:
+            # Another event of this batch is about the same comment: the one of
+            # them that is stored is named once the batch is.
+            later.append(index)
         else:
+            claimed.add(event.comment_id)
             posts[index] = {
                 "id": comment["found_post_id"],
                 "title": comment["post_title"],
                 "author_id": comment["post_author_id"],
             }
-    return posts, dead
+    return posts, dead, later
+
+
+def _dispatched_already(comment_id: int, event_id: uuid.UUID) -> str:
+    return (
+        f"comment {comment_id} was dispatched already, by event {event_id}; "
+        "a comment is notified once"
+    )
 
 
 def _named(
