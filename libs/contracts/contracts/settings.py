@@ -107,20 +107,34 @@ def _web_url(value: str) -> str:
         raise ValueError(f"{wanted}, with no user name or password in it")
     if "?" in value or "#" in value:
         raise ValueError(f"{wanted}, with no query or fragment")
-    if value.isascii():
-        return value
-    # Links go into email headers, which are ASCII, as well as into bodies and
-    # pages: every service writes the URL the same way, as browsers would.
+    # Links go into email headers, which take ASCII and no angle brackets or
+    # quotes, as well as into bodies and pages: every service writes the URL the
+    # same way, as browsers would, a host in IDNA and the path %-encoded.
     host = parts.hostname or ""
     try:
         host = ascii_domain(host)
     except ValueError as exc:
         raise ValueError(f"{wanted}; its host {exc}") from None
+    if not (_is_ip(host) or _URL_HOST.fullmatch(host)):
+        raise ValueError(f"{wanted}; its host may hold letters, digits, '.', '-', '_'")
+    path = quote(parts.path, safe="/%!$&'()*+,;=:@-._~")
+    if value.isascii() and path == parts.path:
+        return value
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
-    path = quote(parts.path, safe="/%!$&'()*+,;=:@-._~")
     return urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+_URL_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 # A URL people's browsers are sent to, such as the base of the links in

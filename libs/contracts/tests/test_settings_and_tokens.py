@@ -194,6 +194,7 @@ def test_an_absolute_web_url_is_taken_as_it_is(url: str) -> None:
         ("https://me:pw@notiflow.example.com", ", with no user name or password"),
         ("https://notiflow.example.com/?x=1", ", with no query or fragment"),
         ("https://notiflow example.com", ", with no spaces"),
+        ("https://a<b.example/", "; its host may hold letters, digits"),
     ],
 )
 def test_a_web_url_that_is_not_absolute_http_is_refused(
@@ -207,6 +208,20 @@ def test_a_web_url_that_is_not_absolute_http_is_refused(
         "must be an absolute http:// or https:// URL, as in https://app.example"
         + complaint
     ), message
+
+
+@pytest.mark.parametrize(
+    ("url", "written"),
+    [
+        ("https://Bücher.example/für", "https://xn--bcher-kva.example/f%C3%BCr"),
+        ('http://127.0.0.1:8081/a>b"c', "http://127.0.0.1:8081/a%3Eb%22c"),
+        ("http://[::1]:8081/ü", "http://[::1]:8081/%C3%BC"),
+    ],
+)
+def test_a_web_url_is_written_as_links_in_email_headers_can_carry_it(
+    url: str, written: str
+) -> None:
+    assert TypeAdapter(WebUrl).validate_python(url) == written
 
 
 @pytest.mark.parametrize("ttl", ["0", "-5"])
