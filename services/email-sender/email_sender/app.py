@@ -211,6 +211,12 @@ class EmailSettings(Settings):
                 "(usually port 465), STARTTLS for one that upgrades a plain "
                 "connection (usually port 587)"
             )
+        for name in ("smtp_username", "smtp_password"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ValueError(
+                    f"NOTIFLOW_{name.upper()} is set but empty; set it, or unset "
+                    "both it and its partner for no authentication"
+                )
         if (self.smtp_username is None) != (self.smtp_password is None):
             given, missing = (
                 ("USERNAME", "PASSWORD")

@@ -216,6 +216,14 @@ def test_the_email_sender_exits_2_in_one_line_on_an_unusable_mail_setting(
             {"smtp_username": "mailer"},
             "NOTIFLOW_SMTP_USERNAME is set without NOTIFLOW_SMTP_PASSWORD",
         ),
+        (
+            {"smtp_username": "", "smtp_password": "secret"},
+            "NOTIFLOW_SMTP_USERNAME is set but empty",
+        ),
+        (
+            {"smtp_username": "mailer", "smtp_password": " "},
+            "NOTIFLOW_SMTP_PASSWORD is set but empty",
+        ),
     ],
 )
 def test_smtp_settings_that_contradict_each_other_are_refused_naming_both(
