@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 import httpx
@@ -31,6 +32,35 @@ async def test_the_gateway_serves_the_page_and_its_settings(
     assert config["api_base_url"] == "http://127.0.0.1:9999"
     assert config["dev_tokens"] is False
     assert script.status_code == 200 and push.status_code == 200
+
+
+async def test_a_static_file_is_served_at_its_one_path_only(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway()
+    paths = [
+        "/static/app.js",
+        "/static/app.js/",
+        "/static//app.js",
+        "/static/./app.js",
+        "/static/",
+    ]
+
+    # Sent as written: an HTTP client would tidy the dots and slashes away.
+    answers = [await _status_of(gateway.port, path) for path in paths]
+
+    assert answers == [b"200", b"404", b"404", b"404", b"404"]
+
+
+async def _status_of(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    return status_line.split()[1]
 
 
 def test_demo_tokens_exist_only_in_development() -> None:

@@ -753,10 +753,15 @@ class BodyLimit:
             )
             await refusal(scope, receive, send)
             return
-        length, content_type, coding = _header(
-            scope, b"content-length", b"content-type", b"content-encoding"
-        )
-        if coding is not None and coding.strip().lower() != b"identity":
+        length, content_type = _header(scope, b"content-length", b"content-type")
+        # Every Content-Encoding given counts: a second one would otherwise go
+        # unread, as Starlette reads the first.
+        codings = [v for n, v in scope["headers"] if n == b"content-encoding"]
+        coding = b", ".join(codings) if codings else None
+        if coding is not None and any(
+            part.strip().lower() not in (b"identity", b"")
+            for part in coding.split(b",")
+        ):
             # Read as it came: a compressed body would be taken for its bytes.
             refusal = error(
                 415,

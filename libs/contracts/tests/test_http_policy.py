@@ -570,7 +570,7 @@ async def test_a_method_not_allowed_lists_the_methods_of_every_route_on_the_path
     assert an_item.headers["allow"] == "DELETE, GET, HEAD"
 
 
-@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity", "identity, gzip"])
 async def test_a_compressed_body_is_refused_naming_its_coding(coding: str) -> None:
     echo = Echo()
 
@@ -603,4 +603,23 @@ async def test_a_path_with_a_slash_too_many_is_a_404_not_a_redirect() -> None:
     assert resp.status_code == posted.status_code == 404
     assert "location" not in resp.headers
     assert resp.json()["error"] == "not_found"
+    assert echo.calls == 0
+
+
+async def test_a_second_content_encoding_is_not_left_unread() -> None:
+    echo = Echo()
+
+    async with echo.client() as client:
+        resp = await client.post(
+            "/json",
+            content=b'{"a": 1}',
+            headers=[
+                ("Content-Type", "application/json"),
+                ("Content-Encoding", "identity"),
+                ("Content-Encoding", "gzip"),
+            ],
+        )
+
+    assert resp.status_code == 415
+    assert "Content-Encoding 'identity, gzip'" in resp.json()["detail"]
     assert echo.calls == 0

@@ -8,6 +8,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.routing import get_route_path
+from starlette.types import Scope
 
 from sse_gateway import push_assets
 
@@ -44,7 +47,18 @@ async def config(request: Request) -> dict[str, Any]:
     }
 
 
+class _OneNamePerFile(StaticFiles):
+    """Starlette's static files, answering each file at its one path: a slash
+    added, doubled, or a ``.`` step is a 404, as for any path no route takes."""
+
+    def get_path(self, scope: Scope) -> str:
+        path = get_route_path(scope)
+        if path.endswith("/") or "//" in path or "/./" in path or "/../" in path:
+            raise HTTPException(status_code=404)
+        return super().get_path(scope)
+
+
 def mount(app: FastAPI) -> None:
     app.include_router(router)
     app.include_router(push_assets.router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", _OneNamePerFile(directory=STATIC), name="static")
