@@ -141,10 +141,12 @@ def run(database_url: str, *, rollback: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        # Options are written out in full: --roll must not drop every table.
+        allow_abbrev=False,
         description=(
             "Create the database named by NOTIFLOW_DATABASE_URL if it does not "
             "exist, and apply the notiflow migrations it lacks."
-        )
+        ),
     )
     parser.add_argument(
         "--rollback-all",

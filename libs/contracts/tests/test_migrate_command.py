@@ -199,6 +199,7 @@ def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
         [MIGRATE, "--rollback-all", "--confirm", "other", "--confirm", name],
         empty_database,
     )
+    shortened = run([MIGRATE, "--roll", "--conf", name], empty_database)
     kept = applied_once(empty_database)
     confirmed = run([MIGRATE, "--rollback-all", "--confirm", name], empty_database)
 
@@ -207,7 +208,8 @@ def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
         [line] = refused.stderr.splitlines()
         assert "drops every notiflow table" in line
         assert line.endswith(f"run it again with --confirm {name}")
-    assert hedged.returncode == 2
+    assert hedged.returncode == shortened.returncode == 2
+    assert "unrecognized arguments: --roll --conf" in shortened.stderr
     assert "--confirm: given more than once" in hedged.stderr
     assert kept == dict.fromkeys(known_migrations(), 1)
     assert confirmed.returncode == 0, confirmed.stderr
