@@ -31,6 +31,7 @@ from pydantic import (
     AfterValidator,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,6 +63,9 @@ MAX_PREFETCH = 65535
 MAX_OUTBOX_BATCH = 100_000
 # RabbitMQ's message TTL, which holds a retry's delay, is at most 2^32 - 1 ms.
 MAX_RETRY_DELAY_SECONDS = (2**32 - 1) // 1000
+
+
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 def _tcp_port(value: int) -> int:
@@ -194,6 +198,21 @@ class Settings(BaseSettings):
     cors_origins: str = ""
 
     log_level: str = "INFO"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers_in_digits(cls, value: object, info: ValidationInfo) -> object:
+        # Pydantic takes "1.0", "+5" and "1_000" for an int; a count or a port
+        # written so is more likely a slip than meant.
+        field = cls.model_fields.get(info.field_name or "")
+        if (
+            field is not None
+            and field.annotation is int
+            and isinstance(value, str)
+            and not _WHOLE_NUMBER.fullmatch(value.strip())
+        ):
+            raise ValueError("must be a whole number, written in digits")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -9,7 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from contracts import auth
 from contracts.auth import InvalidToken, issue_token, verify_token
-from contracts.settings import DEV_SECRET, Settings, WebUrl, get_settings
+from contracts.settings import DEV_SECRET, Settings, WebUrl, describe, get_settings
 from tests.support.data import seed_demo
 
 
@@ -304,3 +304,25 @@ async def test_the_token_command_prints_a_token_for_the_user_named(
     token = capsys.readouterr().out.strip()
     principal = verify_token(token, settings)
     assert principal.user_id == demo.bob
+
+
+@pytest.mark.parametrize("written", ["1.0", "+5", "1_000", "5e1", "ten", ""])
+def test_a_whole_number_setting_takes_digits_only(
+    written: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFLOW_IDEMPOTENCY_KEY_HOURS", written)
+
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+
+    assert describe(refused.value) == (
+        "NOTIFLOW_IDEMPOTENCY_KEY_HOURS: must be a whole number, written in digits"
+    )
+
+
+def test_a_whole_number_setting_may_have_spaces_around_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFLOW_IDEMPOTENCY_KEY_HOURS", " 48\n")
+
+    assert Settings().idempotency_key_hours == 48

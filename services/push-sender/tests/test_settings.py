@@ -142,7 +142,8 @@ def test_a_user_may_have_ten_push_subscriptions_unless_configured() -> None:
     [
         ("0", "greater than or equal to 1"),
         ("-1", "greater than or equal to 1"),
-        ("ten", "valid integer"),
+        ("ten", "a whole number, written in digits"),
+        ("2.0", "a whole number, written in digits"),
     ],
 )
 def test_a_subscription_limit_that_is_no_positive_number_is_refused_naming_it(
