@@ -253,17 +253,29 @@ class Children:
                 return name, status
         return None
 
-    def stop(self, stop: StopRequest, timeout: float = STOP_TIMEOUT) -> list[str]:
-        """SIGTERM every group, SIGKILL what is left at the deadline; the killed."""
-        running = {n: p for n, p in self._procs.items() if p.poll() is None}
-        for proc in running.values():
-            _signal_group(proc, signal.SIGTERM)
+    def stop(
+        self,
+        stop: StopRequest,
+        timeout: float = STOP_TIMEOUT,
+        last: Sequence[str] = (SINK,),
+    ) -> list[str]:
+        """SIGTERM every group, those named in ``last`` once the others have ended;
+        SIGKILL what is left at the deadline; the killed.
 
+        The SMTP sink stops last, so that the email sender's drain finishes the
+        emails it is sending: stopped together, they would fail, and one the sink
+        had taken but not answered would be sent again.
+        """
+        running = {n: p for n, p in self._procs.items() if p.poll() is None}
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not stop.hurry:
-            if all(proc.poll() is not None for proc in running.values()):
-                break
-            time.sleep(POLL_SECONDS / 2)
+        first = {n: p for n, p in running.items() if n not in last}
+        for wave in (first, {n: p for n, p in running.items() if n in last}):
+            for proc in wave.values():
+                _signal_group(proc, signal.SIGTERM)
+            while time.monotonic() < deadline and not stop.hurry:
+                if all(proc.poll() is not None for proc in wave.values()):
+                    break
+                time.sleep(POLL_SECONDS / 2)
 
         killed = [name for name, proc in running.items() if proc.poll() is None]
         for name in killed:

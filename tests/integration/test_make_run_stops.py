@@ -3,6 +3,8 @@ output it writes can no longer go anywhere."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +134,57 @@ def test_stopping_make_run_stops_every_service_when_its_output_is_gone(
     assert status == 0, errors
     assert "Traceback" not in errors
     assert "BrokenPipeError" not in errors
+
+
+# Notes when SIGTERM reaches it and when it ends, taking ``sys.argv[2]`` seconds to
+# stop, as a service draining its work would.
+DRAINING = textwrap.dedent(
+    """\
+    import signal, sys, time
+    from pathlib import Path
+    log = Path(sys.argv[1])
+    def stop(*_):
+        log.write_text(f"{time.monotonic()}\\n")
+        time.sleep(float(sys.argv[2]))
+        log.write_text(log.read_text() + f"{time.monotonic()}\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    Path(sys.argv[1] + ".up").touch()
+    time.sleep(120)
+    """
+)
+
+
+def test_the_smtp_sink_stops_only_after_the_email_sender_has(tmp_path: Path) -> None:
+    devrun = _load_devrun()
+    children = devrun.Children(devrun.Console(io.StringIO()))
+    script = tmp_path / "draining.py"
+    script.write_text(DRAINING)
+    for name, seconds in (("email-sender", "1.0"), (devrun.SINK, "0")):
+        children.start(
+            name,
+            [sys.executable, str(script), str(tmp_path / name), seconds],
+            dict(os.environ),
+        )
+    deadline = time.monotonic() + 10
+    while not all(
+        (tmp_path / f"{n}.up").exists() for n in ("email-sender", "smtp-sink")
+    ):
+        assert time.monotonic() < deadline, "the stand-ins did not start"
+        time.sleep(0.05)
+
+    killed = children.stop(devrun.StopRequest(), timeout=10)
+
+    sender_ended = float((tmp_path / "email-sender").read_text().split()[1])
+    sink_told = float((tmp_path / devrun.SINK).read_text().split()[0])
+    assert killed == []
+    assert sink_told >= sender_ended
+
+
+def _load_devrun() -> Any:
+    spec = importlib.util.spec_from_file_location("devrun_under_test", DEVRUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would, for its dataclasses
+    spec.loader.exec_module(module)
+    return module
