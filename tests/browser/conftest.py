@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,17 @@ async def browser() -> AsyncIterator[Browser]:
             await browser.close()
 
 
+@dataclass(frozen=True)
+class Platform:
+    comments: Service
+    dispatcher: Service
+    gateway: Service
+    demo: Demo
+
+
 @pytest.fixture
-async def site(
-    settings: Settings, tmp_path: Path
-) -> AsyncIterator[tuple[Service, Demo]]:
-    """comments, dispatcher and the gateway; yields the gateway serving the page."""
+async def platform(settings: Settings, tmp_path: Path) -> AsyncIterator[Platform]:
+    """comments, dispatcher and the gateway, which serves the page."""
     demo = await seed_demo(settings.database_url)
     common = {
         "NOTIFLOW_ENV": "development",
@@ -62,13 +69,20 @@ async def site(
     # Each needs the other's address, known only once both have their ports.
     comments._env["NOTIFLOW_CORS_ORIGINS"] = gateway.url
     gateway._env["NOTIFLOW_API_BASE_URL"] = comments.url
-    services = [comments, Service("dispatcher", common, tmp_path), gateway]
+    dispatcher = Service("dispatcher", common, tmp_path)
+    services = [comments, dispatcher, gateway]
     try:
         for service in services:
             service.start()
         for service in services:
             service.wait_ready()
-        yield gateway, demo
+        yield Platform(comments, dispatcher, gateway, demo)
     finally:
         for service in services:
             service.stop()
+
+
+@pytest.fixture
+def site(platform: Platform) -> tuple[Service, Demo]:
+    """The gateway serving the page, and the demo data."""
+    return platform.gateway, platform.demo

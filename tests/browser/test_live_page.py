@@ -13,6 +13,7 @@ from playwright.async_api import Browser, Page, Route, expect
 
 from contracts.auth import issue_token
 from contracts.settings import Settings
+from tests.browser.conftest import Platform
 from tests.support.data import Demo
 from tests.support.processes import Service
 
@@ -297,3 +298,37 @@ async def test_a_page_past_the_users_stream_limit_says_so_and_goes_live_later(
     await first.close()
     await expect(second.locator("#status")).to_have_text("live", timeout=20_000)
     await expect(second.locator("#notice")).to_be_hidden()
+
+
+async def test_a_page_whose_platform_comes_back_drops_its_unreachable_notice(
+    browser: Browser, platform: Platform, settings: Settings
+) -> None:
+    page = await open_as(browser, platform.gateway, "bob")
+
+    # Stopped, then started again with the gateway up before the comments API: the
+    # stream comes back first, and the page finds the API gone.
+    platform.comments.stop()
+    platform.gateway.stop()
+    await expect(page.locator("#status")).not_to_have_text("live")
+    platform.gateway.start().wait_ready()
+    await expect(page.locator("#status")).to_have_text("live", timeout=20_000)
+    await expect(page.locator("#notice")).to_contain_text(
+        "Could not reach the comments API"
+    )
+    # Someone else's comment, written meanwhile.
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        await conn.execute(
+            "INSERT INTO comments (post_id, author_id, body) "
+            "VALUES ($1, $2, 'Written while you were away')",
+            platform.demo.post,
+            platform.demo.carol,
+        )
+    finally:
+        await conn.close()
+    platform.comments.start().wait_ready()
+
+    await expect(page.locator("#notice")).to_be_hidden(timeout=15_000)
+    await expect(page.locator("#comments")).to_contain_text(
+        "Written while you were away"
+    )

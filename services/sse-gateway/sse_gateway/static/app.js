@@ -11,6 +11,8 @@
 
   const $ = (id) => document.getElementById(id);
   const LIVE_LIST_SIZE = 5;
+  // How long the page waits before asking an unreachable comments API again.
+  const API_RETRY_MS = 5000;
   const state = {
     api: "",
     devTokens: false,
@@ -41,6 +43,10 @@
     // The notice says the comments API could not be reached; its next answer
     // takes the notice down.
     apiUnreachable: false,
+    apiRetry: null,
+    // Whether the live stream has been open before: each later opening follows
+    // a time without it.
+    streamOpened: false,
   };
   window.notiflow = window.notiflow || {};
 
@@ -204,6 +210,14 @@
       $("post-title").textContent = "The post could not be loaded";
       $("post").setAttribute("aria-busy", "false");
     }
+    // Asked again every few seconds: once it answers, the notice goes and the
+    // thread shows what was written meanwhile.
+    if (!state.apiRetry) {
+      state.apiRetry = setTimeout(() => {
+        state.apiRetry = null;
+        loadPost().catch(showError);
+      }, API_RETRY_MS);
+    }
   }
 
   // ---- the live stream -------------------------------------------------------
@@ -234,6 +248,10 @@
       reloadInbox().catch(inboxError);
       // Changes made while the stream was down were announced to nobody here.
       loadPreferences().catch(showError);
+      // Nor were comments made meanwhile; and the comments API, back too perhaps,
+      // takes down a notice that it could not be reached.
+      if (state.streamOpened) loadPost().catch(showError);
+      state.streamOpened = true;
     };
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) return setStatus("connecting");
