@@ -119,8 +119,13 @@ def _web_url(value: str) -> str:
         host = ascii_domain(host)
     except ValueError as exc:
         raise ValueError(f"{wanted}; its host {exc}") from None
-    if not (_is_ip(host) or _URL_HOST.fullmatch(host)):
-        raise ValueError(f"{wanted}; its host may hold letters, digits, '.', '-', '_'")
+    if not (_is_ip(host) or _is_url_host(host)):
+        raise ValueError(
+            f"{wanted}; its host must be an IP address or a name of labels of "
+            "letters, digits, '-' and '_' between dots"
+        )
+    if _BROKEN_ESCAPE.search(parts.path):
+        raise ValueError(f"{wanted}; each % in its path must start an escape, as %20")
     path = quote(parts.path, safe="/%!$&'()*+,;=:@-._~")
     if value.isascii() and path == parts.path:
         return value
@@ -130,7 +135,19 @@ def _web_url(value: str) -> str:
     return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
-_URL_HOST = re.compile(r"[A-Za-z0-9._-]+")
+# A host name's label as browsers take it (underscores too, as some internal
+# names have them), and a % that starts no escape.
+_URL_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_BROKEN_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _is_url_host(value: str) -> bool:
+    labels = value.split(".")
+    return (
+        len(value) <= 253
+        and all(_URL_LABEL.fullmatch(label) for label in labels)
+        and not all(label.isdigit() for label in labels)
+    )
 
 
 def _is_ip(value: str) -> bool:

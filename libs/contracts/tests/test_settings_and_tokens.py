@@ -194,7 +194,11 @@ def test_an_absolute_web_url_is_taken_as_it_is(url: str) -> None:
         ("https://me:pw@notiflow.example.com", ", with no user name or password"),
         ("https://notiflow.example.com/?x=1", ", with no query or fragment"),
         ("https://notiflow example.com", ", with no spaces"),
-        ("https://a<b.example/", "; its host may hold letters, digits"),
+        ("https://a<b.example/", "; its host must be an IP address or a name"),
+        ("http://-bad-.example/", "; its host must be an IP address or a name"),
+        ("http://a..b/", "; its host must be an IP address or a name"),
+        ("http://999.1.1.1/", "; its host must be an IP address or a name"),
+        ("http://h.example/a%zz", "; each % in its path must start an escape"),
     ],
 )
 def test_a_web_url_that_is_not_absolute_http_is_refused(
