@@ -674,7 +674,7 @@ class Consumers:
             return outcome
 
         if len(items) == 1:
-            index, part = items[0]
+            _, part = items[0]
             done = [await _bound_outcome(run, cast(M, part.message), raw, queue)]
         else:
             # Each item in a task of its own, so that each binds its own ids.
@@ -871,8 +871,8 @@ class _Batcher(Generic[M]):
             payload,
             raw,
             contextvars.copy_context(),
-            _finish=lambda: _succeed(done),
-            _fail=lambda outcome: _fail(done, outcome),
+            _finish=lambda: _settle(done, None),
+            _fail=lambda outcome: _settle(done, outcome),
         )
         self._waiting.append((item, done))
         if not self._scheduled:
@@ -1003,13 +1003,13 @@ class _Batcher(Generic[M]):
         return outcomes
 
 
-def _succeed(done: asyncio.Future[None]) -> None:
-    if not done.done():
+def _settle(done: asyncio.Future[None], outcome: Exception | None) -> None:
+    """End an item's wait: handled with no ``outcome``, else failed as it says."""
+    if done.done():
+        return
+    if outcome is None:
         done.set_result(None)
-
-
-def _fail(done: asyncio.Future[None], outcome: Exception) -> None:
-    if not done.done():
+    else:
         done.set_exception(outcome)
 
 

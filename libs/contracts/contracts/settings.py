@@ -359,11 +359,7 @@ def is_host(value: str) -> bool:
     labels of ASCII letters, digits and hyphens between dots, the last not all
     digits (a resolver would read ``127.1`` as an IPv4 address). Nothing is
     looked up."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        pass
-    else:
+    if _is_ip(value):
         return True
     labels = value.split(".")
     return (

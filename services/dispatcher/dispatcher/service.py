@@ -150,10 +150,7 @@ class Dispatcher:
         fresh = [i for i in unique if events[i].event_id not in stored_before]
 
         comments = {c["id"]: c for c in _named(sql.COMMENT_FIELDS, facts["comments"])}
-        dispatched = {
-            comment_id: event_id for comment_id, event_id in facts["dispatched"]
-        }
-        posts, dead, later = _check(events, fresh, comments, dispatched)
+        posts, dead, later = _check(events, fresh, comments, dict(facts["dispatched"]))
         for index, reason in dead.items():
             results[index] = DeadLetter(reason)
 
