@@ -7,6 +7,7 @@ and how to start it, then exits with status 2 instead of printing a traceback.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shlex
 import socket
@@ -44,20 +45,24 @@ APPLIED_SQL = (
 logger = logging.getLogger(__name__)
 
 
-def known_migrations(directory: Path = MIGRATIONS) -> set[str]:
+@functools.cache
+def known_migrations(directory: Path = MIGRATIONS) -> frozenset[str]:
     """The ids yoyo gives the migrations this code ships: their file stems."""
-    return {
+    return frozenset(
         path.name.removesuffix(".sql")
         for path in directory.glob("*.sql")
         if not path.name.endswith(".rollback.sql")
-    }
+    )
 
 
-def schema_problem(where: str, has_tables: bool, applied: set[str]) -> str | None:
+def schema_problem(
+    where: str, has_tables: bool, applied: set[str], *, quiet: bool = False
+) -> str | None:
     """Why a database whose migrations are ``applied`` cannot serve this code.
 
     Migrations the code does not know are let through: a rolling upgrade runs
-    the newer release's migrations while the older services still run.
+    the newer release's migrations while the older services still run. They
+    are logged unless ``quiet``, for a check that runs every few seconds.
     """
     if not has_tables:
         return (
@@ -70,7 +75,7 @@ def schema_problem(where: str, has_tables: bool, applied: set[str]) -> str | Non
             f"the database at {where} lacks migration(s) {', '.join(missing)}; "
             "apply them with `make migrate` (notiflow-migrate)"
         )
-    if newer := sorted(applied - known):
+    if (newer := sorted(applied - known)) and not quiet:
         logger.info(
             "the database at %s has migration(s) this release does not know: %s",
             where,
@@ -182,16 +187,24 @@ async def _room_for(conn: asyncpg.Connection, pool_min: int) -> str | None:
     )
 
 
-async def missing_schema(conn: asyncpg.Connection, where: str) -> str | None:
+async def missing_schema(
+    conn: asyncpg.Connection,
+    where: str,
+    *,
+    quiet: bool = False,
+    timeout: float | None = None,
+) -> str | None:
     """Why the database ``conn`` is connected to (shown as ``where``) lacks the
     schema this code needs, or None if it has it."""
     try:
-        has_tables, applied = await conn.fetchrow(APPLIED_SQL)
+        has_tables, applied = await conn.fetchrow(APPLIED_SQL, timeout=timeout)
     except asyncpg.UndefinedTableError:
         # yoyo never ran here: whatever tables exist, no migration is recorded.
-        has_tables = await conn.fetchval("SELECT to_regclass('notifications')")
+        has_tables = await conn.fetchval(
+            "SELECT to_regclass('notifications')", timeout=timeout
+        )
         applied = []
-    return schema_problem(where, bool(has_tables), set(applied))
+    return schema_problem(where, bool(has_tables), set(applied), quiet=quiet)
 
 
 def _amqp_user(url: str) -> str | None:

@@ -33,7 +33,7 @@ from contracts.db import create_pool
 from contracts.httpserver import headers_in_time
 from contracts.messages import Envelope
 from contracts.outbox import OutboxRelay
-from contracts.preflight import require_services
+from contracts.preflight import missing_schema, require_services
 from contracts.settings import (
     InvalidSetting,
     Settings,
@@ -42,6 +42,7 @@ from contracts.settings import (
     get_settings,
     is_host,
     load_or_exit,
+    redact_url,
 )
 from contracts.tasks import bounded, stop_task
 
@@ -275,11 +276,17 @@ class Runtime:
     async def readiness(self) -> dict[str, str]:
         """Each dependency and whether it answers; empty values mean all is well."""
         problems: dict[str, str] = {}
+        # Not only reachable: a schema rolled back or dropped under running
+        # services fails every request, and traffic should go elsewhere.
+        where = redact_url(self.settings.database_url)
         try:
             async with self.db.acquire(timeout=1) as conn:
-                await conn.fetchval("SELECT 1", timeout=1)
+                schema = await missing_schema(conn, where, quiet=True, timeout=1)
         except Exception as exc:
             problems["database"] = repr(exc)
+        else:
+            if schema is not None:
+                problems["database"] = schema
         # A robust connection that lost the broker is not closed: it is waiting
         # to reconnect, and only its ``connected`` event says so.
         links = [self._connection]

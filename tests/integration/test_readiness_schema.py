@@ -1,0 +1,67 @@
+"""A service whose database loses the schema it needs says so on /readyz."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from comments.app import create_app
+from contracts.preflight import known_migrations
+from contracts.settings import Settings
+from tests.integration.conftest import running
+
+pytestmark = pytest.mark.integration
+
+
+async def _readyz(settings: Settings, change: str) -> tuple[int, int, dict[str, str]]:
+    """/readyz's status before and after ``change`` runs, and its last body."""
+    app = create_app(settings)
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            before = (await c.get("/readyz")).status_code
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                await conn.execute(change)
+            finally:
+                await conn.close()
+            after = await c.get("/readyz")
+    return before, after.status_code, after.json()
+
+
+async def test_readiness_fails_once_a_migration_is_rolled_back(
+    settings: Settings,
+) -> None:
+    latest = max(known_migrations())
+    before, after, body = await _readyz(
+        settings, f"DELETE FROM _yoyo_migration WHERE migration_id = '{latest}'"
+    )
+
+    assert (before, after) == (200, 503)
+    assert f"lacks migration(s) {latest}" in body["database"]
+    assert "make migrate" in body["database"]
+
+
+async def test_readiness_fails_once_the_tables_are_dropped(
+    settings: Settings,
+) -> None:
+    before, after, body = await _readyz(
+        settings, "DROP TABLE notifications CASCADE"
+    )
+
+    assert (before, after) == (200, 503)
+    assert "has no notiflow tables" in body["database"]
+
+
+async def test_readiness_ignores_migrations_of_a_newer_release(
+    settings: Settings,
+) -> None:
+    before, after, body = await _readyz(
+        settings,
+        "INSERT INTO _yoyo_migration (migration_hash, migration_id, applied_at_utc)"
+        " VALUES ('newer', '9999_from_a_newer_release', now())",
+    )
+
+    assert (before, after) == (200, 200)
+    assert body == {"status": "ready"}
