@@ -119,6 +119,24 @@ async def test_a_user_adds_lists_and_removes_only_their_own(
 
 
 @pytest.mark.integration
+async def test_a_subscription_is_not_removed_at_an_address_with_an_escaped_slash(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+) -> None:
+    bob = auth(settings, demo.bob)
+    subscription = await subscribed(api, push_service, bob)
+
+    escaped = await api.delete(f"/push/subscriptions%2F{subscription}", headers=bob)
+    kept = await api.get("/push/subscriptions", headers=bob)
+
+    assert escaped.status_code == 404
+    assert escaped.json() == {"error": "not_found", "detail": "Not Found"}
+    assert [s["id"] for s in kept.json()] == [subscription]
+
+
+@pytest.mark.integration
 async def test_the_same_user_subscribing_again_keeps_the_row_with_new_keys(
     settings: Settings,
     demo: Demo,

@@ -240,6 +240,7 @@ def install_http_policy(
     # A path with a slash too many is a 404, as any path no route takes: Starlette
     # would redirect it, to an address built from the request's Host header.
     app.router.redirect_slashes = False
+    app.user_middleware.append(Middleware(NoEscapedSlash))
     if one_authorization:
         app.user_middleware.append(Middleware(OneAuthorization))
     app.user_middleware.extend(
@@ -540,6 +541,27 @@ class ServerFailure:
             if not started:
                 await _failed()(scope, receive, send)
             raise
+
+
+class NoEscapedSlash:
+    """Answer 404 to a path with an escaped slash or backslash (``%2F``, ``%5C``).
+
+    uvicorn decodes them into the path the routes see, so ``/inbox%2Funread-count``
+    would reach ``/inbox/unread-count``: one resource at many addresses, which
+    caches, proxies' rules and logs would each take for another. As sent, they
+    separate nothing, and no route of these services has a segment holding one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path", b"").lower() if scope["type"] == "http" else b""
+        if b"%2f" in raw or b"%5c" in raw:
+            refusal = error(404, "not_found", "Not Found")
+            await HeadAsGet(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class OneAuthorization:
