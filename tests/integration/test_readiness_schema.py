@@ -46,9 +46,7 @@ async def test_readiness_fails_once_a_migration_is_rolled_back(
 async def test_readiness_fails_once_the_tables_are_dropped(
     settings: Settings,
 ) -> None:
-    before, after, body = await _readyz(
-        settings, "DROP TABLE notifications CASCADE"
-    )
+    before, after, body = await _readyz(settings, "DROP TABLE notifications CASCADE")
 
     assert (before, after) == (200, 503)
     assert "has no notiflow tables" in body["database"]
