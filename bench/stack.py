@@ -68,6 +68,9 @@ class Platform:
                 "NOTIFLOW_AMQP_URL": platform.amqp_url,
                 "NOTIFLOW_SMTP_PORT": str(smtp_port),
                 "NOTIFLOW_LOG_LEVEL": "WARNING",
+                # The load comes from a handful of users, far past what one
+                # person may post a minute.
+                "NOTIFLOW_COMMENTS_PER_MINUTE": "0",
                 **extra_env,
             }
             for service in SERVICES:

@@ -93,6 +93,8 @@ async def platform(
         "NOTIFLOW_OUTBOX_SWEEP_SECONDS": "0.5",
         "NOTIFLOW_DRAIN_SECONDS": "2",
         "NOTIFLOW_LOG_LEVEL": "WARNING",
+        # One user posts every comment, many more than a person may a minute.
+        "NOTIFLOW_COMMENTS_PER_MINUTE": "0",
     }
     services = {
         name: Service(name, env, tmp_path).start() for name in ("comments", *VICTIMS)

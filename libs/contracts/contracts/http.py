@@ -100,6 +100,16 @@ class Conflict(Exception):
         self.detail = detail
 
 
+class TooMany(Exception):
+    """A 429 under ``code``, asking the client to wait ``retry_after`` seconds."""
+
+    def __init__(self, code: str, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+
+
 def error(status: int, code: str, detail: Any, **headers: str) -> JSONResponse:
     return JSONResponse(
         {"error": code, "detail": detail}, status_code=status, headers=headers or None
@@ -281,6 +291,10 @@ def install_http_policy(
     @app.exception_handler(Conflict)
     async def conflict(_: Request, exc: Conflict) -> JSONResponse:
         return error(409, "conflict", exc.detail)
+
+    @app.exception_handler(TooMany)
+    async def too_many(_: Request, exc: TooMany) -> JSONResponse:
+        return error(429, exc.code, exc.detail, **{"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

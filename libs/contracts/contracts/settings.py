@@ -54,6 +54,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # back before it expires (short of rotating the secret, which ends them all).
 MAX_TOKEN_TTL_SECONDS = 366 * 24 * 3600
 MAX_IDEMPOTENCY_KEY_HOURS = 366 * 24
+MAX_COMMENTS_PER_MINUTE = 100_000
 # Connections one pool may hold. PostgreSQL serves 100 by default, and each one
 # costs the server a process; far more than that is a typing mistake.
 MAX_POOL_CONNECTIONS = 1000
@@ -198,6 +199,9 @@ class Settings(BaseSettings):
     # How long the comments service remembers an Idempotency-Key, answering a
     # retry with the first response; a retry after that is a new comment.
     idempotency_key_hours: int = Field(default=24, ge=1, le=MAX_IDEMPOTENCY_KEY_HOURS)
+    # How many comments one user may post in a minute, all at once or spread out;
+    # past them, one more each 60/N seconds. 0 sets no limit.
+    comments_per_minute: int = Field(default=30, ge=0, le=MAX_COMMENTS_PER_MINUTE)
 
     retry_delays: str = "5,30,120,600,3600"
     # A notification still pending this long (its message may have been lost with

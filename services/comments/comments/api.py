@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import unicodedata
 import uuid
 from collections.abc import Sequence
@@ -26,7 +27,15 @@ from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import Principal, UnknownUser, bearer, verify_token
 from contracts.db import connection, transaction
-from contracts.http import BodyId, Conflict, NotFound, PathId, RuntimeDep, UserDep
+from contracts.http import (
+    BodyId,
+    Conflict,
+    NotFound,
+    PathId,
+    RuntimeDep,
+    TooMany,
+    UserDep,
+)
 from contracts.mentions import MAX_MENTIONS, mentioned_usernames
 from contracts.messages import CommentCreated
 from contracts.outbox import Outgoing, enqueue
@@ -188,6 +197,7 @@ async def _create_keyed(
                     new.body,
                     key,
                     request_hash,
+                    _pace_interval(rt),
                 )
             except asyncpg.ForeignKeyViolationError as exc:
                 # The key's claim names the token's user, whose row must exist.
@@ -196,7 +206,8 @@ async def _create_keyed(
                 raise UnknownUser(user.user_id) from None
             if not row["claimed"]:
                 return await _replay(conn, user, key, request_hash)
-            _require_author_and_post(row, new, user)
+            # Raising rolls the key's claim back: a retry is judged anew.
+            _require_stored(row, new, user, rt)
 
             event = CommentCreated(
                 event_id=uuid.uuid4(),
@@ -245,8 +256,9 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
             "on" if rt.relay is not None else "off",
             f"{CommentCreated.MAJOR}.{CommentCreated.MINOR}",
             datetime.now(UTC).isoformat(),
+            _pace_interval(rt),
         )
-    _require_author_and_post(row, new, user)
+    _require_stored(row, new, user, rt)
     # Committed: this process's relay publishes the event now.
     if rt.relay is not None:
         rt.relay.hand_off([sql.outbox_row(row)])
@@ -259,10 +271,18 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
 _USER_KEYS = frozenset({"idempotency_keys_user_id_fkey", "comments_author_id_fkey"})
 
 
-def _require_author_and_post(
-    row: asyncpg.Record, new: NewComment, user: Principal
+def _pace_interval(rt: Runtime) -> float:
+    """Seconds between one user's comments once the minute's are spent; 0 for
+    no limit."""
+    per_minute = rt.settings.comments_per_minute
+    return 60 / per_minute if per_minute else 0.0
+
+
+def _require_stored(
+    row: asyncpg.Record, new: NewComment, user: Principal, rt: Runtime
 ) -> None:
-    """401 for a token whose user is not stored, then 404 for a missing post.
+    """401 for a token whose user is not stored, then 404 for a missing post,
+    then 429 for an author with no comment left this minute.
 
     The statement that stored nothing says why. The token is judged first, as
     the other services judge it before they look at anything the request names.
@@ -271,6 +291,20 @@ def _require_author_and_post(
         raise UnknownUser(user.user_id)
     if not row["post_exists"]:
         raise NotFound(f"post {new.post_id} does not exist")
+    if not row["paced"]:
+        per_minute = rt.settings.comments_per_minute
+        wait = row["retry_after"] or math.ceil(_pace_interval(rt))
+        logger.info(
+            "user %d has posted %d comments in the last minute; refusing another",
+            user.user_id,
+            per_minute,
+            extra={"action": "comment.too_many"},
+        )
+        raise TooMany(
+            "too_many_comments",
+            f"a user may post {per_minute} comments a minute; try again in {wait} s",
+            retry_after=wait,
+        )
 
 
 def _log_stored(comment_id: int, post_id: int, event_id: str) -> None:

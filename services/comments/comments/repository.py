@@ -45,6 +45,51 @@ ORDER BY c.id
 # (NOTIFLOW_DB_COMMAND_TIMEOUT).
 THREAD_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('post ' || $1::bigint, 0))"
 
+
+def _paced(interval: str, wanted: str) -> str:
+    """The CTE that takes one comment of the author's allowance (see migration
+    0010_comment_pace), returning a row if it was there to take.
+
+    ``interval`` is the parameter holding the seconds between comments once the
+    allowance is spent (0 when comments are not limited), and ``wanted`` the
+    condition for trying at all: the post and the author exist, and the request
+    is not a replay. ON CONFLICT locks the author's row and judges by its latest
+    committed value, past this statement's snapshot: a concurrent writer of the
+    same author is waited for and counted.
+    """
+    return f"""paced AS (
+    INSERT INTO comment_pace AS pace (user_id, paced_until)
+    SELECT author.id, clock_timestamp() + make_interval(secs => {interval})
+    FROM author, post
+    WHERE {interval} > 0 AND {wanted}
+    ON CONFLICT (user_id) DO UPDATE
+    SET paced_until = greatest(pace.paced_until, clock_timestamp())
+        + make_interval(secs => {interval})
+    WHERE greatest(pace.paced_until, clock_timestamp())
+        + make_interval(secs => {interval}) <= clock_timestamp() + interval '1 minute'
+    RETURNING user_id
+)"""
+
+
+def _pace_columns(interval: str) -> str:
+    """Whether the comment was within its author's allowance, and if not, the
+    whole seconds until it would be; to follow :func:`_paced`'s CTE.
+
+    The seconds are read in this statement's snapshot, which misses a writer
+    that was waited for: they may fall short (never below 1), and are null if
+    the author's row was first written by that writer.
+    """
+    return f"""{interval} <= 0 OR EXISTS (SELECT FROM paced) AS paced,
+       CASE WHEN {interval} > 0 AND NOT EXISTS (SELECT FROM paced) THEN
+           (SELECT greatest(1, ceil(extract(epoch FROM pace.paced_until
+                + make_interval(secs => {interval})
+                - interval '1 minute' - clock_timestamp())))::int
+            FROM comment_pace pace WHERE pace.user_id = $2)
+       END AS retry_after"""
+
+
+_CLAIMED = "($4::text IS NULL OR EXISTS (SELECT FROM claim))"
+
 # One round trip for what used to take three or four: claim the Idempotency-Key ($4,
 # when there is one), look up the post and the author, and insert the comment only
 # when the key was claimed and both exist. The row always comes back and says which
@@ -53,10 +98,11 @@ THREAD_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('post ' || $1::bigi
 #
 # The thread's lock comes first (see THREAD_LOCK), then the key row: a concurrent
 # request with the same key waits on the primary key until the first commits, then
-# finds the stored response. Every writer takes the two in that order, so none waits
-# for another that waits for it. A data-modifying CTE runs to completion whether or
-# not the rest reads it, so the claim is taken even when the insert is skipped, and
-# rolls back with the transaction if the API refuses.
+# finds the stored response. The author's pace row (see _paced) comes last. Every
+# writer takes the three in that order, so none waits for another that waits for
+# it. A data-modifying CTE runs to completion whether or not the rest reads it, so
+# the claim is taken even when the insert is skipped, and rolls back with the
+# transaction if the API refuses.
 CREATE_COMMENT = f"""
 WITH locked AS (
     {THREAD_LOCK}
@@ -69,16 +115,17 @@ WITH locked AS (
     SELECT id FROM posts, locked WHERE id = $1
 ), author AS (
     SELECT id, username, display_name FROM users WHERE id = $2
-), inserted AS (
+), {_paced("$6::float8", _CLAIMED)}, inserted AS (
     INSERT INTO comments (post_id, author_id, body)
     SELECT post.id, author.id, $3 FROM post, author
-    WHERE $4::text IS NULL OR EXISTS (SELECT FROM claim)
+    WHERE {_CLAIMED} AND ($6 <= 0 OR EXISTS (SELECT FROM paced))
     RETURNING id, created_at
 )
-SELECT $4::text IS NULL OR EXISTS (SELECT FROM claim) AS claimed,
+SELECT {_CLAIMED} AS claimed,
        EXISTS (SELECT FROM post) AS post_exists,
        author.id AS author_id, author.username AS author_username,
        author.display_name AS author_display_name,
+       {_pace_columns("$6::float8")},
        inserted.id, inserted.created_at
 FROM (VALUES (1)) AS one (n)
 LEFT JOIN author ON true
@@ -90,8 +137,9 @@ LEFT JOIN inserted ON true
 # CommentCreated into the outbox, built here because only the insert knows the
 # comment's id. $8 is 'on' when the process's relay takes the outbox row by hand-off
 # (see contracts.outbox), which keeps the table's trigger from notifying the others.
-# Nothing is written when the post or the author is missing. The thread's lock
-# (THREAD_LOCK) is taken before the comment's id is drawn.
+# Nothing is written when the post or the author is missing, or when the author
+# has no comment left this minute (see _paced). The thread's lock (THREAD_LOCK) is
+# taken before the comment's id is drawn, and before the author's pace row.
 CREATE_COMMENT_AND_EVENT = f"""
 WITH handed AS (
     SELECT set_config('notiflow.outbox_handoff', $8, true)
@@ -101,9 +149,10 @@ WITH handed AS (
     SELECT id FROM posts, locked WHERE id = $1
 ), author AS (
     SELECT id, username, display_name FROM users WHERE id = $2
-), inserted AS (
+), {_paced("$11::float8", "true")}, inserted AS (
     INSERT INTO comments (post_id, author_id, body)
     SELECT post.id, author.id, $3 FROM post, author
+    WHERE $11 <= 0 OR EXISTS (SELECT FROM paced)
     RETURNING id, created_at
 ), queued AS (
     INSERT INTO outbox (exchange, routing_key, message_id, headers, body)
@@ -123,6 +172,7 @@ WITH handed AS (
 SELECT EXISTS (SELECT FROM post) AS post_exists,
        author.id AS author_id, author.username AS author_username,
        author.display_name AS author_display_name,
+       {_pace_columns("$11::float8")},
        inserted.id, inserted.created_at,
        queued.id AS outbox_id, queued.exchange, queued.routing_key,
        queued.message_id, queued.headers, queued.body AS message_body,
