@@ -55,8 +55,22 @@ def test_reply_wording_depends_on_the_reason() -> None:
     own = renderer.render("comment_reply", context(reasons=["post_author"]))
     other = renderer.render("comment_reply", context(reasons=["participant"]))
 
-    assert "your post" in own.message
-    assert "a post you follow" in other.message
+    assert "your post" in own.email_text and "your post" in own.html
+    assert "a post you follow" in other.email_text
+    assert "a post you follow" in other.html
+
+
+@pytest.mark.parametrize("template", ["comment_mention", "comment_reply"])
+def test_the_in_app_message_is_the_comment_and_the_title_says_who_wrote_where(
+    template: str,
+) -> None:
+    rendered = Renderer().render(template, context())
+
+    # The page and push show the title above the message: the message adds the
+    # comment itself, not the title's words again.
+    assert rendered.message.strip() == "<b>hi</b> @bob"
+    assert rendered.title.startswith("Zoë 🚀 ")
+    assert "Launch <plans>" in rendered.title
 
 
 def template_set(directory: Path, title: str = "x") -> Path:

@@ -17,6 +17,10 @@
     api: "",
     devTokens: false,
     username: null,
+    // The directory, where the demo's sign-in list gives it.
+    users: [],
+    // Whether a sign-in got its token and opened the stream.
+    signedIn: false,
     token: null,
     source: null,
     items: new Map(),
@@ -30,6 +34,11 @@
     sending: null,
     streamRefused: false,
     post: null,
+    // Thread reads: the one in flight, whether another is due after it, and the
+    // comments to mark as new when the thread is next drawn.
+    postLoading: null,
+    postAgain: false,
+    fresh: new Set(),
     linkShown: false,
     retryTimer: null,
     prefs: null,
@@ -44,6 +53,7 @@
     // takes the notice down.
     apiUnreachable: false,
     apiRetry: null,
+    renderQueued: false,
     // Whether the live stream has been open before: each later opening follows
     // a time without it.
     streamOpened: false,
@@ -151,8 +161,23 @@
     $("comment-submit").disabled = true;
   }
 
+  // The demo's sign-in list; false if there is nobody to sign in as.
+  async function loadUsers() {
+    const users = await request(`${state.api}/users`);
+    state.users = users;
+    const select = $("user-select");
+    select.replaceChildren(...users.map((u) => new Option(u.display_name, u.username)));
+    if (!users.length) {
+      sayThereAreNoUsers();
+      return false;
+    }
+    select.value = chooseUser(users);
+    return true;
+  }
+
   async function signIn(username) {
     const session = (state.session += 1);
+    state.signedIn = false;
     // A read state answered for the previous user is not this one's.
     state.changes += 1;
     disconnect();
@@ -172,10 +197,12 @@
       if (!state.token) return setStatus("offline", "no token");
     }
     state.username = username || claims(state.token).name;
+    suggestMentions();
     localStorage.setItem("notiflow.user", state.username);
     localStorage.setItem("notiflow.token", state.token);
     window.notiflow.token = state.token;
     window.notiflow.username = state.username;
+    state.signedIn = true;
     if (!state.prefs) loadPreferences().catch(showError);
     connect();
   }
@@ -215,9 +242,18 @@
     if (!state.apiRetry) {
       state.apiRetry = setTimeout(() => {
         state.apiRetry = null;
-        loadPost().catch(showError);
+        resume().catch(showError);
       }, API_RETRY_MS);
     }
+  }
+
+  // What the page could not do while the comments API was away: list the users
+  // to sign in as, sign in (a token comes from that API in the demo), show the
+  // thread.
+  async function resume() {
+    if (state.devTokens && !state.users.length && !(await loadUsers())) return;
+    if (!state.signedIn) await signIn(state.username || $("user-select").value);
+    await loadPost();
   }
 
   // ---- the live stream -------------------------------------------------------
@@ -267,7 +303,7 @@
       state.items.set(note.id, note);
       if (note.unread != null) setUnread(note.unread);
       else if (!known && !note.read_at) setUnread(state.unread + 1);
-      render();
+      renderSoon();
       if (state.post && note.metadata && note.metadata.post_id === state.post.id) {
         loadPost(note.metadata.comment_id).catch(showError);
       }
@@ -447,8 +483,22 @@
       if (el) reveal(el, "smooth");
     };
     li.addEventListener("click", open);
-    li.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+    li.addEventListener("keydown", (e) => {
+      if (e.key !== "Enter" && e.key !== " ") return;
+      e.preventDefault();
+      open();
+    });
     return li;
+  }
+
+  // A burst of notifications is drawn once per frame, not once per notification.
+  function renderSoon() {
+    if (state.renderQueued) return;
+    state.renderQueued = true;
+    requestAnimationFrame(() => {
+      state.renderQueued = false;
+      render();
+    });
   }
 
   function render() {
@@ -542,7 +592,30 @@
 
   // ---- the post and its comments ---------------------------------------------
 
-  async function loadPost(highlight) {
+  // Notifications about the thread on screen can come by the hundred, and each
+  // read returns the whole thread: while one read is in flight, those asked for
+  // meanwhile make one more read after it, which shows them all. Each caller's
+  // promise settles once the thread shows what it asked for.
+  function loadPost(highlight) {
+    if (highlight != null) state.fresh.add(highlight);
+    if (state.postLoading) {
+      state.postAgain = true;
+      return state.postLoading;
+    }
+    state.postLoading = (async () => {
+      try {
+        do {
+          state.postAgain = false;
+          await readPost();
+        } while (state.postAgain);
+      } finally {
+        state.postLoading = null;
+      }
+    })();
+    return state.postLoading;
+  }
+
+  async function readPost() {
     if (!state.post) state.post = await choosePost();
     if (!state.post) {
       $("post-title").textContent = "No posts yet";
@@ -555,7 +628,9 @@
     $("post-body").textContent = post.body;
     $("post").setAttribute("aria-busy", "false");
     $("comments-heading").textContent = `Comments (${post.comments.length})`;
-    $("comments").replaceChildren(...post.comments.map((c) => commentItem(c, c.id === highlight)));
+    const fresh = state.fresh;
+    state.fresh = new Set();
+    $("comments").replaceChildren(...post.comments.map((c) => commentItem(c, fresh.has(c.id))));
     showLinkedComment();
   }
 
@@ -580,10 +655,12 @@
 
   // The post a link names (?post=N, as every notification's link does), asked for
   // by its id: the list holds only the newest posts. Without one, or if it is
-  // gone, the demo's welcome post or the newest.
+  // gone, the demo's welcome post or the newest; a link to a post that is gone
+  // says so above the one shown instead.
   async function choosePost() {
-    const wanted = Number(new URLSearchParams(location.search).get("post"));
-    if (Number.isSafeInteger(wanted) && wanted > 0) {
+    const asked = new URLSearchParams(location.search).get("post");
+    const wanted = Number(asked);
+    if (asked !== null && Number.isSafeInteger(wanted) && wanted > 0) {
       try {
         return await request(`${state.api}/posts/${wanted}`);
       } catch (err) {
@@ -591,7 +668,37 @@
       }
     }
     const posts = await request(`${state.api}/posts`);
-    return posts.find((p) => p.author.username === "alice") || posts[0];
+    const shown = posts.find((p) => p.author.username === "alice") || posts[0];
+    if (asked !== null) {
+      showNotice(
+        `The link asks for post ${asked.slice(0, 40)}, which does not exist`,
+        shown ? `; this is “${shown.title}” instead.` : ".",
+      );
+    }
+    return shown;
+  }
+
+  // The form's hint names people the signed-in user might mention: others, when
+  // the directory is known (the demo's sign-in list), or how to write a mention.
+  function suggestMentions() {
+    const others = state.users
+      .map((u) => u.username)
+      .filter((name) => name !== state.username)
+      .slice(0, 3)
+      .map((name) => `@${name}`);
+    const hint = others.length > 1
+      ? `${others.slice(0, -1).join(", ")} or ${others[others.length - 1]}`
+      : others[0] || "@ and their user name";
+    $("comment-hint").textContent = `Add a comment — mention someone with ${hint}`;
+  }
+
+  function closePanel() {
+    const panel = $("panel");
+    if (panel.hidden) return;
+    const focusWasInside = panel.contains(document.activeElement);
+    panel.hidden = true;
+    $("bell").setAttribute("aria-expanded", "false");
+    if (focusWasInside) $("bell").focus();
   }
 
   function commentItem(comment, fresh) {
@@ -675,6 +782,12 @@
       panel.hidden = !panel.hidden;
       $("bell").setAttribute("aria-expanded", String(!panel.hidden));
     });
+    document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") closePanel();
+    });
+    document.addEventListener("click", (e) => {
+      if (!e.target.closest(".bell-wrap")) closePanel();
+    });
     $("mark-all").addEventListener("click", () => markAllRead().catch(inboxError));
     $("more").addEventListener("click", () => loadInbox(state.cursor).catch(inboxError));
     $("comment-form").addEventListener("submit", submitComment);
@@ -688,13 +801,7 @@
     state.api = config.api_base_url;
     state.devTokens = config.dev_tokens;
     const select = $("user-select");
-    let hasUsers = true;
     if (state.devTokens) {
-      const users = await request(`${state.api}/users`);
-      hasUsers = users.length > 0;
-      if (!hasUsers) sayThereAreNoUsers();
-      select.replaceChildren(...users.map((u) => new Option(u.display_name, u.username)));
-      if (hasUsers) select.value = chooseUser(users);
       select.addEventListener("change", () => {
         showNotice();
         signIn(select.value).catch(showError);
@@ -702,6 +809,7 @@
     } else {
       select.closest(".who").hidden = true;
     }
+    const hasUsers = !state.devTokens || (await loadUsers());
     await Promise.all([hasUsers && signIn(select.value), loadPost()]);
   }
 
