@@ -4,12 +4,20 @@ and a link to a post that is gone says so."""
 
 from __future__ import annotations
 
-import pytest
-from playwright.async_api import Browser, expect
+import asyncio
 
+import httpx
+import pytest
+from playwright.async_api import Browser, Route, expect
+
+from contracts.auth import issue_token
+from contracts.settings import Settings
 from tests.browser.test_live_page import Site, comment, open_as
 
 pytestmark = pytest.mark.e2e
+
+# Notifications in a burst: under the comments a user may post in a minute.
+BURST = 24
 
 
 async def test_escape_closes_the_notification_panel_and_gives_the_bell_focus(
@@ -73,3 +81,56 @@ async def test_a_link_to_a_missing_post_says_so_above_the_post_shown_instead(
         "The link asks for post 987654, which does not exist; "
         "this is “Welcome to notiflow” instead."
     )
+
+
+async def test_a_page_opened_while_the_comments_api_is_away_signs_in_once_it_answers(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    api = gateway._env["NOTIFLOW_API_BASE_URL"]
+    page = await (await browser.new_context()).new_page()
+    await page.route(f"{api}/**", lambda route: route.abort())
+
+    await page.goto(f"{gateway.url}/?user=bob")
+    await expect(page.locator("#notice")).to_contain_text("Could not reach")
+    await expect(page.locator("#status")).to_have_text("offline")
+    await page.unroute(f"{api}/**")
+
+    # The page asks again every 5 s: it lists the users, signs in, and goes live.
+    await expect(page.locator("#status")).to_have_text("live", timeout=20_000)
+    await expect(page.locator("#user-select")).to_have_value("bob")
+    await expect(page.locator("#notice")).to_be_hidden()
+    await expect(page.locator("#post-title")).to_have_text("Welcome to notiflow")
+
+
+async def test_a_burst_of_notifications_reads_the_thread_once_per_burst(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    api = gateway._env["NOTIFLOW_API_BASE_URL"]
+    bob = await open_as(browser, gateway, "bob")
+    reads = 0
+
+    async def slow_read(route: Route) -> None:
+        # Each read of the thread takes half a second: what comes meanwhile waits.
+        nonlocal reads
+        reads += 1
+        response = await route.fetch()
+        await asyncio.sleep(0.5)
+        await route.fulfill(response=response)
+
+    await bob.route(f"{api}/posts/{demo.post}", slow_read)
+    token = issue_token(demo.carol, "carol", settings)
+    async with httpx.AsyncClient(
+        base_url=api, headers={"Authorization": f"Bearer {token}"}
+    ) as carol:
+        for n in range(BURST):
+            answer = await carol.post(
+                "/comments", json={"post_id": demo.post, "body": f"@bob number {n}"}
+            )
+            assert answer.status_code == 201, answer.text
+
+    await expect(bob.locator("#unread-count")).to_have_text(str(BURST))
+    await expect(bob.locator("#comments .comment")).to_have_count(BURST)
+    await expect(bob.locator("#comments")).to_contain_text(f"@bob number {BURST - 1}")
+    assert reads < BURST / 2, reads
