@@ -52,6 +52,14 @@ class DispatcherSettings(Settings):
         default=100, ge=1, le=MAX_BATCH_DELIVERIES
     )
 
+    @field_validator("templates_dir", "channel_config", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        # An empty path would be read as the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; name a path, or leave it unset for the default")
+        return value
+
     @field_validator("templates_dir")
     @classmethod
     def _templates_dir_exists(cls, value: Path) -> Path:
@@ -75,7 +83,9 @@ class DispatcherSettings(Settings):
     @model_validator(mode="after")
     def _channel_config_usable(self) -> DispatcherSettings:
         """Refuse to start on a configuration a reload would refuse."""
-        self._renderer = templates.Renderer(self.templates_dir)
+        self._renderer = templates.Renderer(
+            self.templates_dir, settle_seconds=templates.SETTLE_SECONDS
+        )
         try:
             self._channels = channels.load(self.channel_config, self._renderer.problem)
         except channels.ConfigError as exc:
@@ -93,7 +103,9 @@ class DispatcherSettings(Settings):
         """The renderer that checked the templates the configuration names, and
         so holds a version of each that rendered."""
         if self._renderer is None:
-            self._renderer = templates.Renderer(self.templates_dir)
+            self._renderer = templates.Renderer(
+                self.templates_dir, settle_seconds=templates.SETTLE_SECONDS
+            )
         return self._renderer
 
 

@@ -58,6 +58,7 @@ KNOWN = (MENTION, REPLY)
 
 
 ChannelType = Literal["email", "sse", "push"]
+MAX_TEMPLATE_CHARS = 100
 
 
 class ChannelConfig(BaseModel):
@@ -65,7 +66,8 @@ class ChannelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     types: tuple[ChannelType, ...] = Field(min_length=1)
-    template: str = Field(pattern=r"^[a-z0-9_]+$")
+    # A folder's name, which file systems allow up to 255 bytes.
+    template: str = Field(pattern=r"^[a-z0-9_]+$", max_length=MAX_TEMPLATE_CHARS)
     priority: int = Field(ge=0, le=9)
     enabled: bool = True
 
@@ -139,7 +141,10 @@ _FIELDS = tuple(ChannelConfig.model_fields)
 # What each field of a channel takes, for the errors that name the field.
 _ALLOWED = {
     "types": f"a list of one or more of {', '.join(map(repr, _TYPES))}",
-    "template": "the name of a template set, in lower-case letters, digits and _",
+    "template": (
+        f"the name of a template set: up to {MAX_TEMPLATE_CHARS} lower-case "
+        "letters, digits and _"
+    ),
     "priority": "a whole number from 0 to 9",
     "enabled": "true or false",
 }
@@ -241,7 +246,7 @@ def _shown(value: Any) -> str:
 def read(path: Path, templates: TemplateCheck) -> ChannelFile:
     """The configuration in ``path``, or :class:`ConfigError` saying what is wrong."""
     try:
-        text = path.read_bytes()
+        text = stamps.read_regular(path)
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
     config = parse(text, str(path))

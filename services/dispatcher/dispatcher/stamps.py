@@ -11,7 +11,9 @@ is another file).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 Stamp = tuple[int, int, int, int, int]
 
@@ -20,3 +22,23 @@ def stamp(path: str | os.PathLike[str]) -> Stamp:
     """The stamp of the file at ``path``, following links; OSError if none."""
     st = os.stat(path)
     return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_dev, st.st_ino)
+
+
+def read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``; OSError if there is none.
+
+    Opened without blocking, and refused unless regular: reading a FIFO put in
+    a file's place would wait for a writer for ever, and hold the event loop
+    with it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
 EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
+# How long an edited file must stay unchanged before the dispatcher reads it
+# again: a file written in place is not used half written.
+SETTLE_SECONDS = 1.0
 # What is used while a file is broken, as its error says.
 LAST_GOOD_USED = "its last version that rendered is used until it is fixed"
 NEW_EMAIL_TEXT_BROKEN = (
@@ -121,7 +125,20 @@ class Rendered:
 
 class _StampedLoader(FileSystemLoader):
     """Jinja2's loader, whose templates are out of date once their file's stamp
-    changes rather than its modification time only."""
+    changes rather than its modification time only, and has then kept its new
+    stamp for ``settle_seconds``.
+
+    A file written in place passes through versions cut short, each of which
+    may parse and render (a sentence stopped mid-word): while its stamp keeps
+    changing, the version read before goes on being used. A leading byte order
+    mark, which some editors write, is no part of the text.
+    """
+
+    def __init__(self, directory: str, settle_seconds: float) -> None:
+        super().__init__(directory)
+        self._settle = settle_seconds
+        # Each changed file's newest stamp, and when it was first seen.
+        self._changes: dict[str, tuple[stamps.Stamp, float]] = {}
 
     def get_source(
         self, environment: Environment, template: str
@@ -137,18 +154,39 @@ class _StampedLoader(FileSystemLoader):
 
         def uptodate() -> bool:
             try:
-                return stamps.stamp(filename) == before
+                now = stamps.stamp(filename)
             except OSError:
                 return False
+            return now == before or self._settling(filename, now)
 
-        return text, filename, uptodate
+        return text.removeprefix("\ufeff"), filename, uptodate
+
+    def _settling(self, filename: str, stamp: stamps.Stamp) -> bool:
+        """Whether the file, changed to ``stamp``, is still too freshly changed
+        to be read again."""
+        if self._settle <= 0:
+            return False
+        now = time.monotonic()
+        seen = self._changes.get(filename)
+        if seen is None or seen[0] != stamp:
+            self._changes[filename] = (stamp, now)
+            return True
+        if now - seen[1] < self._settle:
+            return True
+        del self._changes[filename]
+        return False
 
 
 class Renderer:
-    def __init__(self, directory: Path = DEFAULT_DIR) -> None:
+    def __init__(
+        self, directory: Path = DEFAULT_DIR, settle_seconds: float = 0
+    ) -> None:
+        """Templates from ``directory``; an edited file is taken up once it has
+        stayed unchanged for ``settle_seconds`` (the dispatcher's
+        :data:`SETTLE_SECONDS`; none by default, for tests)."""
         self._directory = directory
         self._env = Environment(
-            loader=_StampedLoader(str(directory)),
+            loader=_StampedLoader(str(directory), settle_seconds),
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",)),
             keep_trailing_newline=False,
@@ -166,7 +204,11 @@ class Renderer:
 
     def problem(self, template: str) -> str | None:
         """Why the template set ``template`` cannot be used, or None if it can."""
-        if not (self._directory / template).is_dir():
+        try:
+            found = (self._directory / template).is_dir()
+        except OSError as exc:  # a name too long for the file system, say
+            return f"cannot be looked up in {self._directory}: {exc.strerror or exc}"
+        if not found:
             return f"not found in {self._directory}"
         for name in (*FILES, EMAIL_TEXT):
             path = f"{template}/{name}"
@@ -263,6 +305,7 @@ class Renderer:
     def _adopt(self, path: str, version: Template) -> None:
         """Make ``version`` the file's last good one, keeping the one it replaces."""
         good = self._good.get(path)
+        replaced = good is not None and good is not version
         if good is not version:
             if good is not None:
                 self._before[path] = good
@@ -276,6 +319,14 @@ class Renderer:
                 "template %s renders again",
                 path,
                 extra={"action": "template.fixed"},
+            )
+        elif replaced:
+            # So that an operator sees an edit taken up, as a reload of the
+            # channel configuration is.
+            logger.info(
+                "template %s: the edited version is in use",
+                path,
+                extra={"action": "template.updated"},
             )
 
     def _report(

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -436,7 +437,7 @@ MISTAKES = [
     (
         reply(template=5),
         "is invalid: channel 'comment.reply' has 'template' 5; it must be the "
-        "name of a template set, in lower-case letters, digits and _",
+        "name of a template set: up to 100 lower-case letters, digits and _",
     ),
     (
         reply(enabled="maybe"),
@@ -455,7 +456,7 @@ MISTAKES = [
     (
         json.dumps({"channels": {"comment.reply": {"types": ["sse"]}}}),
         "is invalid: channel 'comment.reply' lacks 'template', the name of a "
-        "template set, in lower-case letters, digits and _; channel "
+        "template set: up to 100 lower-case letters, digits and _; channel "
         "'comment.reply' lacks 'priority', a whole number from 0 to 9",
     ),
     (
@@ -637,3 +638,39 @@ def _reply_context() -> dict[str, object]:
         **sample_context(("post_author",)),
         "post": {"id": 1, "title": "Launch"},
     }
+
+
+def test_a_fifo_put_in_place_of_the_file_is_refused_without_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo.replace(path)
+    found: list[channels.ChannelFile] = []
+
+    # A read that waits for a writer would hold this thread for ever.
+    with caplog.at_level(logging.ERROR, logger="dispatcher.channels"):
+        reader = threading.Thread(target=lambda: found.append(configs.current()))
+        reader.start()
+        reader.join(timeout=10)
+
+    assert not reader.is_alive(), "the reader waits on the FIFO"
+    assert found[0].channels["comment.reply"].types == ("email",)
+    assert "cannot be read: not a regular file" in caplog.text
+
+
+def test_a_template_name_too_long_for_a_folder_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="up to 100 lower-case letters"):
+        parse(json.dumps(config(["email"], template="b" * 300)))
+
+
+def test_a_template_set_whose_name_the_file_system_refuses_is_a_problem(
+    tmp_path: Path,
+) -> None:
+    problem = Renderer(tmp_path).problem("b" * 300)
+
+    assert problem is not None
+    assert "File name too long" in problem

@@ -579,9 +579,13 @@ async def test_a_broken_edit_falls_back_to_the_edit_before_it_though_no_event_sa
             _edit(channel_file, title, "Edited: {{ commenter.display_name }} replied")
 
             async def seen() -> bool:
-                return "channel configuration reloaded" in caplog.text
+                return (
+                    "channel configuration reloaded" in caplog.text
+                    and "the edited version is in use" in caplog.text
+                )
 
-            # The templates the configuration names are looked at with it.
+            # The templates the configuration names are looked at with it, and
+            # an edited one is taken up once it has stayed unchanged a second.
             with caplog.at_level(logging.INFO, logger="dispatcher"):
                 await eventually(seen, timeout=10, what="the edits taken up")
             _break(channel_file, title)

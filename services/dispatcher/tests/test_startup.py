@@ -4,6 +4,7 @@ directory it could not use, each named in one line, with exit status 2."""
 from __future__ import annotations
 
 import codecs
+import os
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,14 @@ def test_a_channel_naming_a_missing_template_is_refused_naming_both(
             "/nonexistent",
             "/nonexistent is not a directory",
         ),
+        ("NOTIFLOW_CHANNEL_CONFIG", "", "is empty; name a path"),
+        ("NOTIFLOW_TEMPLATES_DIR", " ", "is empty; name a path"),
+        (
+            "NOTIFLOW_CHANNEL_CONFIG",
+            "long template",
+            "the name of a template set: up to 100 lower-case letters",
+        ),
+        ("NOTIFLOW_CHANNEL_CONFIG", "fifo", "cannot be read: not a regular file"),
     ],
 )
 def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
@@ -92,6 +101,15 @@ def test_an_unusable_channel_configuration_or_templates_dir_exits_2_in_one_line(
         truncated = tmp_path / "channels.json"
         truncated.write_text('{"channels": ')
         value = str(truncated)
+    elif value == "long template":
+        long = tmp_path / "channels.json"
+        text = channels.DEFAULT_PATH.read_text()
+        long.write_text(text.replace('"comment_reply"', f'"{"b" * 300}"'))
+        value = str(long)
+    elif value == "fifo":
+        # Read as a file, it would wait for a writer for ever.
+        os.mkfifo(tmp_path / "channels.json")
+        value = str(tmp_path / "channels.json")
 
     done = start({setting: value})
 
