@@ -94,6 +94,10 @@ UNSUBSCRIBE_SECONDS = 5
 ABANDON_SECONDS = 5
 
 
+# How long handing back a message that could not be settled may take.
+RETURN_SECONDS = 5.0
+
+
 class RetryLater(Exception):
     """Try again after ``delay_seconds``; must be one of the configured retry delays."""
 
@@ -542,13 +546,22 @@ class Consumers:
                             )
                             outcome = await self._handled(message, task)
                     except Exception:
-                        # Neither acked nor set aside: the broker hands it out
-                        # again once this channel closes.
+                        # Neither acked nor set aside (its retry or dead letter
+                        # could not be published in time, say). Left as it is on
+                        # a channel that stays open, it would hold its prefetch
+                        # slot until the process stops: it is handed back, to
+                        # come again and find its row saying what is left to do.
+                        # On a channel that closed, the broker returns it anyway.
                         logger.exception(
-                            "could not settle a message from %s",
+                            "could not settle a message from %s; returning it "
+                            "to the queue",
                             queue,
                             extra={"action": f"{action}.unsettled", "queue": queue},
                         )
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(
+                                message.nack(requeue=True), RETURN_SECONDS
+                            )
                         raise
                 metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
             finally:
