@@ -1,4 +1,5 @@
-"""A service whose database loses the schema it needs says so on /readyz."""
+"""What /readyz says of the database: a schema lost under the running services,
+but not a pool whose every connection is busy."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ async def test_readiness_ignores_migrations_of_a_newer_release(
 
     assert (before, after) == (200, 200)
     assert body == {"status": "ready"}
+
+
+async def test_a_pool_with_every_connection_in_use_is_still_ready(
+    settings: Settings,
+) -> None:
+    app = create_app(settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 1}))
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            runtime = app.state.runtime
+            async with runtime.db.acquire():
+                busy = await c.get("/readyz")
+            after = await c.get("/readyz")
+
+    assert busy.status_code == 200, busy.text
+    assert after.status_code == 200

@@ -273,20 +273,39 @@ class Runtime:
             steps.append(lambda: _close_pool(pool))
         await stop_in_order(*steps)
 
+    async def _database_problem(self) -> str | None:
+        """Why the database cannot serve this service, or None.
+
+        Not only reachable: a schema rolled back or dropped under running
+        services fails every request, and traffic should go elsewhere. A pool
+        whose every connection is in use says nothing of the database: the
+        question goes over a connection of its own then, so that load, which
+        every replica shares, does not take them all out of service at once.
+        """
+        where = redact_url(self.settings.database_url)
+        try:
+            conn = await self.db.acquire(timeout=1)
+        except TimeoutError:
+            try:
+                alone = await asyncpg.connect(self.settings.database_url, timeout=1)
+            except Exception as exc:
+                return repr(exc)
+            try:
+                return await _schema_problem(alone, where)
+            finally:
+                await alone.close(timeout=1)
+        except Exception as exc:
+            return repr(exc)
+        try:
+            return await _schema_problem(conn, where)
+        finally:
+            await self.db.release(conn)
+
     async def readiness(self) -> dict[str, str]:
         """Each dependency and whether it answers; empty values mean all is well."""
         problems: dict[str, str] = {}
-        # Not only reachable: a schema rolled back or dropped under running
-        # services fails every request, and traffic should go elsewhere.
-        where = redact_url(self.settings.database_url)
-        try:
-            async with self.db.acquire(timeout=1) as conn:
-                schema = await missing_schema(conn, where, quiet=True, timeout=1)
-        except Exception as exc:
-            problems["database"] = repr(exc)
-        else:
-            if schema is not None:
-                problems["database"] = schema
+        if (database := await self._database_problem()) is not None:
+            problems["database"] = database
         # A robust connection that lost the broker is not closed: it is waiting
         # to reconnect, and only its ``connected`` event says so.
         links = [self._connection]
@@ -309,6 +328,13 @@ class Runtime:
             if missing:
                 problems["consumers"] = f"not consuming {', '.join(missing)}"
         return problems
+
+
+async def _schema_problem(conn: asyncpg.Connection, where: str) -> str | None:
+    try:
+        return await missing_schema(conn, where, quiet=True, timeout=1)
+    except Exception as exc:
+        return repr(exc)
 
 
 async def stop_in_order(*steps: Callable[[], Awaitable[object]]) -> None:
