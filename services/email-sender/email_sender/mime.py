@@ -93,6 +93,8 @@ _AUTO_SUBMITTED = _header_block(("Auto-Submitted", "auto-generated"))
 _ONE_CLICK = _header_block(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
 # RFC 5322's limit for a line, line end excluded.
 _MAX_LINE = 998
+# The longest line a folded header may have (RFC 5322, 2.1.1).
+_FOLDED_LINE = 78
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,21 @@ def message_id(notification_id: int, domain: str) -> str:
 
 @lru_cache(maxsize=_CACHED)
 def _address_header(name: str, display_name: str, address: str) -> bytes:
-    """The folded ``From`` or ``To`` line, encoded words and all."""
-    return _WIRE.fold_binary(name, formataddr((display_name, address), charset=_UTF8))
+    """The folded ``From`` or ``To`` line.
+
+    A display name in plain ASCII goes as it is, quoted where it needs to be,
+    if it folds into lines of at most 78 characters. Any other (not ASCII, too
+    long a word to fold, or text that reads as an encoded word) goes as RFC
+    2047 encoded words of at most 75 characters each, which fold between them:
+    one word for a long name would make a line a strict server refuses.
+    """
+    if display_name.isascii() and "=?" not in display_name:
+        line = _WIRE.fold_binary(name, formataddr((display_name, address)))
+        if max(map(len, line.split(_CRLF))) <= _FOLDED_LINE:
+            return line
+    value = Header(display_name, _UTF8, header_name=name)
+    value.append(f"<{address}>", "us-ascii")
+    return _WIRE.fold_binary(name, value)
 
 
 @lru_cache(maxsize=_CACHED)
