@@ -89,6 +89,8 @@ class OffersPipelining:
     pipelined ones as they come; it only never says so itself."""
 
     pipelining = True
+    # The name each client gave in EHLO, in order.
+    helo_names: list[str]
 
     async def handle_EHLO(
         self,
@@ -100,6 +102,7 @@ class OffersPipelining:
     ) -> list[str]:
         # aiosmtpd leaves the session's host name to a handler with this hook.
         session.host_name = hostname
+        self.helo_names.append(hostname)
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
@@ -113,6 +116,7 @@ class SmtpServer(OffersPipelining):
     ) -> None:
         self.default: Behaviour = default
         self.pipelining = pipelining
+        self.helo_names = []
         self.port = free_port()
         self.received: list[Received] = []
         self.dropped: list[Received] = []

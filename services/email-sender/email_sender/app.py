@@ -155,6 +155,31 @@ def _smtp_host(value: str) -> str:
     return written
 
 
+def _helo_name(value: str | None) -> str | None:
+    """The name the sender gives itself in EHLO: a fully qualified host name (in
+    IDNA if internationalised), or an IP address, written as RFC 5321's address
+    literal. Empty or unset: the host's own name, as the client finds it."""
+    if value is None or not value.strip():
+        return None
+    name = value.strip()
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+    try:
+        written = ascii_domain(name)
+    except ValueError:
+        written = ""
+    if not is_host(written) or "." not in written.strip("."):
+        raise ValueError(
+            "must be this host's fully qualified name, such as mail.example.com, "
+            f"or its IP address, got {_shown(value)}"
+        )
+    return written
+
+
 class EmailSettings(Settings):
     model_config = SettingsConfigDict(env_prefix="NOTIFLOW_", extra="ignore")
 
@@ -165,6 +190,9 @@ class EmailSettings(Settings):
     smtp_use_tls: bool = False
     smtp_starttls: bool | None = None
     smtp_timeout: float = Field(default=10.0, gt=0)
+    # What the sender calls itself in EHLO. Relays that want a fully qualified
+    # name refuse the host name a container is given.
+    smtp_helo_name: Annotated[str | None, AfterValidator(_helo_name)] = None
     # The wait for the reply to the end of an email's content, which a server may
     # send only once it has stored or scanned the email: a timeout then cannot
     # tell whether it was taken, and the retry may deliver it twice.
@@ -272,6 +300,7 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         password=settings.smtp_password,
         use_tls=settings.smtp_use_tls,
         start_tls=settings.smtp_starttls,
+        helo_name=settings.smtp_helo_name,
     )
 
     # One connection for every email that may be in flight at once, so a claimed

@@ -87,10 +87,13 @@ class SmtpConfig:
     # The wait for the reply to the end of the content, which may come after the
     # server has taken the message; None: ``timeout``.
     data_timeout: float | None = None
+    # The name given in EHLO; None: this host's fully qualified name.
+    helo_name: str | None = None
 
     def client_options(self) -> dict[str, Any]:
         """The connection options of aiosmtplib's ``SMTP`` and ``send``."""
         return {
+            "local_hostname": self.helo_name,
             "hostname": self.host,
             "port": self.port,
             "username": self.username,

@@ -51,6 +51,9 @@ from email_sender.app import EmailSettings
         ("mail_domain", "mail..example", "must be a domain name"),
         ("mail_domain", "192.0.2.1", "must be a domain name"),
         ("mail_domain", f"{'a' * 64}.example", "must be a domain name"),
+        ("smtp_helo_name", "localhost", "fully qualified name"),
+        ("smtp_helo_name", "bad name.example", "fully qualified name"),
+        ("smtp_helo_name", "-x.example", "fully qualified name"),
     ],
 )
 def test_a_sender_or_message_id_domain_no_mail_could_carry_is_refused_naming_it(
@@ -245,3 +248,19 @@ def test_implicit_tls_with_starttls_turned_off_and_a_login_are_taken() -> None:
     )
 
     assert settings.smtp_use_tls and settings.smtp_username == "mailer"
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("mail.example.org", "mail.example.org"),
+        (" relay.bücher.example ", "relay.xn--bcher-kva.example"),
+        ("192.0.2.7", "[192.0.2.7]"),
+        ("2001:db8::7", "[IPv6:2001:db8::7]"),
+        ("", None),
+    ],
+)
+def test_the_name_given_in_ehlo_is_written_as_smtp_wants_it(
+    given: str, said: str | None
+) -> None:
+    assert EmailSettings(smtp_helo_name=given).smtp_helo_name == said

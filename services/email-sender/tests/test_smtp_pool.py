@@ -219,6 +219,20 @@ async def test_messages_in_a_row_share_one_connection(server: Server) -> None:
     assert server.connections == 1
 
 
+async def test_the_sender_names_itself_in_ehlo_as_configured(server: Server) -> None:
+    config = SmtpConfig(
+        "127.0.0.1", server.port, timeout=2, helo_name="mail.example.org"
+    )
+    transport = SmtpPool(config, size=1)
+    try:
+        await transport.send(message(1))
+    finally:
+        await transport.close()
+
+    assert server.helo_names == ["mail.example.org"]
+    assert len(server.received) == 1
+
+
 async def test_a_connection_closed_by_the_server_is_replaced(server: Server) -> None:
     transport = pool(server)
     try:
