@@ -40,6 +40,7 @@ by :func:`_mail_options`, and fail with the same exceptions, sorted below.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ import aiosmtplib
 
 from email_sender import pipelining
 from email_sender.mime import Mail
+
+logger = logging.getLogger(__name__)
 
 
 class SendFailed(Exception):
@@ -168,6 +171,8 @@ class SmtpPool:
         self._idle_seconds = idle_seconds
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        # Why the last connection could not be opened, until one opens again.
+        self._unreachable: str | None = None
 
     async def send(self, mail: Mail) -> str:
         """Send ``mail``; raise :class:`SendFailed`."""
@@ -216,15 +221,43 @@ class SmtpPool:
             await _greet(client)
         except aiosmtplib.SMTPResponseException as exc:
             _discard(client)
-            raise TransientSendError(
+            failure = TransientSendError(
                 f"SMTP server refused the session before any mail "
                 f"(greeting, EHLO, STARTTLS or login): {exc.code} "
                 f"{exc.message.strip()[:300]}"
-            ) from exc
+            )
+            self._lost(failure.reason)
+            raise failure from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            _discard(client)
+            self._lost(repr(exc))
+            raise
         except BaseException:
             _discard(client)
             raise
+        if self._unreachable is not None:
+            self._unreachable = None
+            logger.info(
+                "the SMTP server at %s:%d takes connections again",
+                self._config.host,
+                self._config.port,
+                extra={"action": "smtp.reachable"},
+            )
         return client
+
+    def _lost(self, reason: str) -> None:
+        """Say once, as a warning, that the server cannot be reached: every
+        email's retry says so too, but only at info level, one by one."""
+        if self._unreachable is None:
+            logger.warning(
+                "cannot open a session with the SMTP server at %s:%d: %s; emails "
+                "are retried after their delays until it answers",
+                self._config.host,
+                self._config.port,
+                reason,
+                extra={"action": "smtp.unreachable"},
+            )
+        self._unreachable = reason
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime
 import ipaddress
+import logging
 import ssl
 import time
 from pathlib import Path
@@ -705,3 +706,28 @@ def _self_signed(directory: Path) -> ssl.SSLContext:
 
 async def _closed(server: SmtpServer) -> bool:
     return not server.open
+
+
+async def test_a_server_that_cannot_be_reached_is_warned_of_once_and_its_return_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with SmtpServer() as later:
+        port = later.port
+    transport = SmtpPool(SmtpConfig("127.0.0.1", port, timeout=2), size=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="email_sender.smtp"):
+            for n in range(3):
+                with pytest.raises(TransientSendError):
+                    await transport.send(message(n))
+            with SmtpServer() as back:
+                # The same pool, now finding a server where it looks.
+                transport._config = SmtpConfig("127.0.0.1", back.port, timeout=2)
+                await transport.send(message(9))
+    finally:
+        await transport.close()
+
+    said = [(r.levelno, r.action) for r in caplog.records]  # type: ignore[attr-defined]
+    assert said == [
+        (logging.WARNING, "smtp.unreachable"),
+        (logging.INFO, "smtp.reachable"),
+    ]
