@@ -94,6 +94,18 @@ OUTBOX_OLDEST_AGE = Gauge(
     "Age of the oldest unpublished outbox row, as last seen by this relay.",
 )
 
+CONFIG_REFUSED = Gauge(
+    "notiflow_dispatcher_config_refused",
+    "1 while the channel configuration on disk is refused and the dispatcher "
+    "keeps its last good one; a dispatcher started now would not start.",
+)
+
+TEMPLATES_BROKEN = Gauge(
+    "notiflow_dispatcher_templates_broken",
+    "Template files that are broken on disk, each used in its last version "
+    "that rendered.",
+)
+
 
 def delivered(type_: str, channel: str, event_occurred_at: datetime) -> None:
     """Count a notification as sent and record how long it took since the event."""

@@ -41,7 +41,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
-from contracts import jsonkeys
+from contracts import jsonkeys, metrics
 from dispatcher import stamps
 from dispatcher.stamps import Stamp
 
@@ -323,6 +323,7 @@ class ChannelConfigs:
         except OSError as exc:
             if self._stamp is not None:
                 self._stamp = None
+                metrics.CONFIG_REFUSED.set(1)
                 logger.error(
                     "cannot read %s, keeping the last configuration: %s",
                     self._path,
@@ -357,13 +358,15 @@ class ChannelConfigs:
             self._config = read(self._path, self._templates)
         except ConfigError as exc:
             self._for_templates = isinstance(exc, UnusableTemplate)
+            # Read again with nothing changed in it (a mounted volume's files all
+            # replaced at once, say), the configuration in force is what the
+            # file says, and the renderer logs the template's fault, which keeps
+            # its last good version: only the template counts as broken.
+            same = isinstance(exc, UnusableTemplate) and exc.config == self._config
+            metrics.CONFIG_REFUSED.set(0 if same else 1)
             if str(exc) != self._refused:
                 self._refused = str(exc)
-                if isinstance(exc, UnusableTemplate) and exc.config == self._config:
-                    # Read again with nothing changed in it (a mounted volume's
-                    # files all replaced at once, say): the configuration in force
-                    # is what the file says, and the renderer logs the template's
-                    # fault, which keeps its last good version.
+                if same:
                     logger.debug("%s; the configuration in force is the same", exc)
                     return self._config
                 logger.error(
@@ -374,6 +377,7 @@ class ChannelConfigs:
             return self._config
         self._refused = None
         self._for_templates = False
+        metrics.CONFIG_REFUSED.set(0)
         logger.info(
             "channel configuration reloaded from %s",
             self._path,

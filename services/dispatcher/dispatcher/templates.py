@@ -57,6 +57,7 @@ from jinja2 import (
     select_autoescape,
 )
 
+from contracts import metrics
 from dispatcher import stamps
 
 DEFAULT_DIR = Path(__file__).with_name("templates")
@@ -315,6 +316,7 @@ class Renderer:
         # may render other values, and is not fixed by that.
         if reported is not None and reported[1] is not version:
             del self._reported[path]
+            metrics.TEMPLATES_BROKEN.set(len(self._reported))
             logger.info(
                 "template %s renders again",
                 path,
@@ -338,6 +340,7 @@ class Renderer:
     ) -> None:
         if self._reported.get(path, ("", None))[0] != fault:
             self._reported[path] = (fault, version)
+            metrics.TEMPLATES_BROKEN.set(len(self._reported))
             logger.error(
                 "%s; %s", fault, meanwhile, extra={"action": "template.broken"}
             )

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dispatcher import channels
 from dispatcher.channels import (
@@ -674,3 +675,23 @@ def test_a_template_set_whose_name_the_file_system_refuses_is_a_problem(
 
     assert problem is not None
     assert "File name too long" in problem
+
+
+def test_a_refused_edit_shows_on_the_metrics_until_a_good_one_is_taken_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "channels.json"
+    write(path, config(["email"]), bump=0)
+    configs = ChannelConfigs(path, SHIPPED)
+
+    def refused() -> float | None:
+        return REGISTRY.get_sample_value("notiflow_dispatcher_config_refused")
+
+    write(path, config(["email"], priority=12), bump=1)
+    configs.current()
+    while_refused = refused()
+    write(path, config(["sse"]), bump=2)
+    configs.current()
+
+    assert while_refused == 1
+    assert refused() == 0

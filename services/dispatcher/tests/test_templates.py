@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dispatcher.templates import Renderer, RenderError
 
@@ -578,3 +579,23 @@ def test_a_file_saved_with_a_byte_order_mark_renders_without_it(
     rendered = Renderer(tmp_path).render("broken", context())
 
     assert rendered.title == "Hello Bob"
+
+
+def test_a_broken_file_shows_on_the_metrics_until_it_renders_again(
+    tmp_path: Path,
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path)
+    renderer.render("broken", context())
+
+    def broken() -> float | None:
+        return REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken")
+
+    _rewrite(folder / "title.txt.j2", "{{ nobody.name }}")
+    renderer.look("broken")
+    while_broken = broken()
+    _rewrite(folder / "title.txt.j2", "fixed")
+    renderer.look("broken")
+
+    assert while_broken == 1
+    assert broken() == 0
