@@ -134,3 +134,57 @@ async def test_a_burst_of_notifications_reads_the_thread_once_per_burst(
     await expect(bob.locator("#comments .comment")).to_have_count(BURST)
     await expect(bob.locator("#comments")).to_contain_text(f"@bob number {BURST - 1}")
     assert reads < BURST / 2, reads
+
+
+HIDE = """(hidden) => {
+  Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+  Object.defineProperty(document, "visibilityState", {
+    configurable: true, get: () => (hidden ? "hidden" : "visible"),
+  });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+async def _open_streams(gateway_url: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{gateway_url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("notiflow_sse_connections ")
+    )
+
+
+async def test_a_page_in_a_background_tab_gives_up_its_stream_and_keeps_its_count(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    context = await browser.new_context()
+    await context.add_init_script(
+        "window.notiflow = { hiddenCloseMs: 300, hiddenPollMs: 300 };"
+    )
+    bob = await context.new_page()
+    await bob.goto(f"{gateway.url}/?user=bob")
+    await expect(bob.locator("#status")).to_have_text("live")
+    assert await _open_streams(gateway.url) == 1
+
+    await bob.evaluate(HIDE, True)
+    await expect(bob.locator("#status")).to_have_text("paused")
+    streams_while_hidden = await _open_streams(gateway.url)
+    token = issue_token(demo.carol, "carol", settings)
+    async with httpx.AsyncClient(
+        base_url=gateway._env["NOTIFLOW_API_BASE_URL"],
+        headers={"Authorization": f"Bearer {token}"},
+    ) as carol:
+        answer = await carol.post(
+            "/comments", json={"post_id": demo.post, "body": "@bob while away"}
+        )
+        assert answer.status_code == 201
+    # The tab's title keeps counting, from the unread count it asks for.
+    await expect(bob).to_have_title("(1) notiflow", timeout=20_000)
+
+    await bob.evaluate(HIDE, False)
+    await expect(bob.locator("#status")).to_have_text("live")
+    await expect(bob.locator("#live-notes .note").first).to_contain_text("while away")
+
+    assert streams_while_hidden == 0

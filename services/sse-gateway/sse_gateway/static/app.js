@@ -13,6 +13,13 @@
   const LIVE_LIST_SIZE = 5;
   // How long the page waits before asking an unreachable comments API again.
   const API_RETRY_MS = 5000;
+  // A browser opens at most six HTTP/1.1 connections to one host, and each page's
+  // stream holds one: a page in a background tab gives its stream up after this
+  // long, and asks for the unread count this often instead, so that more tabs
+  // than that can open and still reach the gateway. (window.notiflow may set
+  // both, as the tests do.)
+  const hiddenCloseMs = () => Number(window.notiflow.hiddenCloseMs) || 30000;
+  const hiddenPollMs = () => Number(window.notiflow.hiddenPollMs) || 60000;
   const state = {
     api: "",
     devTokens: false,
@@ -33,6 +40,10 @@
     // that sending it again after a lost answer stores it once.
     sending: null,
     streamRefused: false,
+    // Whether the stream was given up in a background tab, and its timers.
+    paused: false,
+    hiddenTimer: null,
+    pollTimer: null,
     post: null,
     // Thread reads: the one in flight, whether another is due after it, and the
     // comments to mark as new when the thread is next drawn.
@@ -272,6 +283,7 @@
 
   function connect() {
     disconnect();
+    if (document.hidden && state.paused) return;
     setStatus("connecting");
     const source = new EventSource(`/sse?token=${encodeURIComponent(state.token)}`);
     state.source = source;
@@ -333,6 +345,40 @@
     });
     // Another tab, or an email's unsubscribe link, changed the preferences.
     source.addEventListener("preferences", () => loadPreferences().catch(showError));
+  }
+
+  // ---- background tabs ---------------------------------------------------------
+
+  function watchVisibility() {
+    if (document.hidden) state.hiddenTimer = setTimeout(pauseStream, hiddenCloseMs());
+    document.addEventListener("visibilitychange", () => {
+      clearTimeout(state.hiddenTimer);
+      state.hiddenTimer = null;
+      if (document.hidden) {
+        state.hiddenTimer = setTimeout(pauseStream, hiddenCloseMs());
+      } else if (state.paused) {
+        resumeStream();
+      }
+    });
+  }
+
+  function pauseStream() {
+    if (!state.source || !document.hidden) return;
+    state.paused = true;
+    disconnect();
+    setStatus("offline", "paused");
+    state.pollTimer = setInterval(() => {
+      authed("/inbox/unread-count").then((r) => setUnread(r.unread)).catch(() => {});
+    }, hiddenPollMs());
+  }
+
+  // Opened again, the stream reads the inbox, the preferences and the thread,
+  // as after any reconnection.
+  function resumeStream() {
+    state.paused = false;
+    clearInterval(state.pollTimer);
+    state.pollTimer = null;
+    if (state.signedIn) connect();
   }
 
   // EventSource does not say why it was refused. A user with as many streams open
@@ -797,6 +843,7 @@
 
   async function start() {
     wireControls();
+    watchVisibility();
     const config = await request("/config.json");
     state.api = config.api_base_url;
     state.devTokens = config.dev_tokens;
