@@ -272,8 +272,13 @@ class Settings(BaseSettings):
 
     @property
     def retry_delay_levels(self) -> tuple[int, ...]:
-        """Seconds to wait before each retry of a failed delivery, in order."""
-        return tuple(int(part) for part in self.retry_delays.split(",") if part.strip())
+        """Seconds to wait before each retry of a failed delivery, in order;
+        ValueError unless each is plain digits (an empty one, between two commas
+        or after the last, is a mistake, not nothing)."""
+        parts = [part.strip() for part in self.retry_delays.split(",")]
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise ValueError(self.retry_delays)
+        return tuple(map(int, parts))
 
     @model_validator(mode="after")
     def _refuse_dev_secret(self) -> Settings:

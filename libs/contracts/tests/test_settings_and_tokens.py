@@ -22,9 +22,16 @@ def test_production_accepts_a_real_secret() -> None:
     assert Settings(env="production", secret_key="s" * 40).env == "production"
 
 
-def test_retry_delays_must_be_positive_seconds() -> None:
+@pytest.mark.parametrize(
+    "delays", ["5,soon", "5,,30", "5,30,", ",5", "5, +30", "1_0", "٥", "0,5", ""]
+)
+def test_retry_delays_must_be_positive_seconds(delays: str) -> None:
     with pytest.raises(ValidationError, match="NOTIFLOW_RETRY_DELAYS"):
-        Settings(retry_delays="5,soon")
+        Settings(retry_delays=delays)
+
+
+def test_retry_delays_may_have_spaces_around_each() -> None:
+    assert Settings(retry_delays=" 5, 30 ,120").retry_delay_levels == (5, 30, 120)
 
 
 def test_a_token_names_its_user() -> None:

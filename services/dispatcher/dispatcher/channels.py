@@ -293,6 +293,12 @@ def _warn_if_empty(path: Path, config: ChannelFile) -> None:
             path,
             extra={"action": "channels.none"},
         )
+    elif not any(channel.enabled for channel in config.channels.values()):
+        logger.warning(
+            "%s turns every channel off, so no event notifies anyone",
+            path,
+            extra={"action": "channels.none"},
+        )
 
 
 class ChannelConfigs:

@@ -544,6 +544,24 @@ def test_a_mistaken_edit_keeps_the_last_configuration_saying_what_is_allowed(
     )
 
 
+def test_a_file_turning_every_channel_off_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "channels.json"
+    off = config(["email"])
+    off["channels"]["comment.reply"]["enabled"] = False  # type: ignore[index]
+    write(path, off, bump=0)
+
+    with caplog.at_level(logging.WARNING, logger="dispatcher.channels"):
+        ChannelConfigs(path, SHIPPED)
+
+    [warned] = caplog.records
+    assert warned.action == "channels.none"  # type: ignore[attr-defined]
+    assert warned.getMessage() == (
+        f"{path} turns every channel off, so no event notifies anyone"
+    )
+
+
 def test_a_file_configuring_no_channel_is_used_with_one_warning_per_load(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
