@@ -143,7 +143,16 @@ async def _transaction(
 
     start = await exchange.reply()
     if start.code != SMTPStatus.start_input:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
+        message = start.message
+        if start.code < 400:
+            # A success where 354 was due: a reply came that no command asked
+            # for, and every reply since answers the command before its own.
+            message = (
+                f"{message} (in answer to DATA, where 354 was due: the server's "
+                "replies are out of step with the commands; the connection is "
+                "dropped and the email retried)"
+            )
+        raise aiosmtplib.SMTPDataError(start.code, message)
     transport.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
     # The server may have taken the message before this reply comes.
     try:

@@ -405,6 +405,8 @@ async def test_no_content_follows_when_every_recipient_was_refused(
     [
         ("451 4.3.0 queue full", TransientSendError),
         ("554 5.7.1 not from you", PermanentSendError),
+        # A stale reply out of step with the commands: said so, and retried.
+        ("250 2.0.0 stale", TransientSendError),
     ],
 )
 async def test_a_refused_data_command_fails_the_message(
@@ -731,3 +733,17 @@ async def test_a_server_that_cannot_be_reached_is_warned_of_once_and_its_return_
         (logging.WARNING, "smtp.unreachable"),
         (logging.INFO, "smtp.reachable"),
     ]
+
+
+async def test_a_success_in_answer_to_data_says_the_replies_are_out_of_step(
+    server: Server,
+) -> None:
+    server.data_reply = "250 2.0.0 stale"
+    transport = pool(server)
+    try:
+        with pytest.raises(TransientSendError, match="out of step") as failed:
+            await transport.send(message(1))
+    finally:
+        await transport.close()
+
+    assert "where 354 was due" in failed.value.reason
