@@ -1,7 +1,11 @@
-"""An urgent delivery overtakes a backlog; SIGTERM finishes what is in flight."""
+"""An urgent delivery overtakes a backlog; SIGTERM or SIGHUP finishes what is in
+flight."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -78,12 +82,19 @@ async def _received(smtp: SmtpServer, count: int) -> bool:
     return len(smtp.received) >= count
 
 
-async def test_sigterm_finishes_in_flight_deliveries_within_the_drain_time(
+@pytest.mark.parametrize(
+    "stop_signal",
+    # SIGHUP: the terminal the service runs in closing.
+    [signal.SIGTERM, signal.SIGHUP],
+    ids=["SIGTERM", "SIGHUP"],
+)
+async def test_a_stop_signal_finishes_in_flight_deliveries_within_the_drain_time(
     settings: Settings,
     demo: Demo,
     db: asyncpg.Connection,
     smtp: SmtpServer,
     tmp_path: Path,
+    stop_signal: signal.Signals,
 ) -> None:
     smtp.data_delay = 1.0
     notes = [await helpers.email_row(db, demo.bob, "bob@example.com") for _ in range(6)]
@@ -106,7 +117,9 @@ async def test_sigterm_finishes_in_flight_deliveries_within_the_drain_time(
         )
 
         started = time.monotonic()
-        code = sender.stop(timeout=15)
+        assert sender.proc is not None
+        os.killpg(sender.proc.pid, stop_signal)
+        code = await asyncio.to_thread(sender.proc.wait, 15)
         took = time.monotonic() - started
     finally:
         sender.stop()

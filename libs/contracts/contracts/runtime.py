@@ -12,9 +12,11 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import Any
 
 import aio_pika
@@ -413,6 +415,7 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
             lifespan="on",
         )
     )
+    _stop_on_hangup(server, service)
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:
@@ -420,6 +423,25 @@ def serve(make_app: Callable[[], Any], service: str, default_port: int) -> None:
         # turns into this; the service has stopped as asked.
         pass
     sys.exit(0 if server.started else STARTUP_FAILURE)
+
+
+def _stop_on_hangup(server: uvicorn.Server, service: str) -> None:
+    """Stop on SIGHUP as on SIGTERM, draining first.
+
+    A hang-up (the terminal the service runs in closing) would otherwise end the
+    process at once, messages and emails in hand. No setting is read again on
+    it: the dispatcher takes up edits of its files by itself.
+    """
+
+    def hung_up(signum: int, frame: FrameType | None) -> None:
+        logger.info(
+            "%s got SIGHUP; stopping as for SIGTERM",
+            service,
+            extra={"action": "service.hangup"},
+        )
+        server.handle_exit(signal.SIGTERM, frame)
+
+    signal.signal(signal.SIGHUP, hung_up)
 
 
 # Connections the kernel holds for the service before it accepts them, as
