@@ -113,6 +113,46 @@ async def test_requests_at_once_never_take_more_than_the_minutes_comments(
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [201] * 5 + [429] * 19
     assert await _stored_by(db, demo.carol) == 5
+    # Five taken at once: the next comes back one interval (12 s) on, and every
+    # refusal says so, though it waited for the writers before it.
+    waits = {int(a.headers["Retry-After"]) for a in answers if a.status_code == 429}
+    assert waits <= {11, 12}, waits
+
+
+async def test_a_user_deleted_while_commenting_gets_401_not_500(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    eve = await db.fetchval(
+        "INSERT INTO users (username, email, display_name) "
+        "VALUES ('eve', 'eve@example.com', 'Eve') RETURNING id"
+    )
+    app = create_app(settings.model_copy(update={"comments_per_minute": 30}))
+    body = {"post_id": demo.post, "body": "going, going"}
+    async with calling(app, settings, eve, "eve") as client:
+        deleting = await asyncpg.connect(settings.database_url)
+        try:
+            # The deletion holds eve's row until it commits; the comments wait
+            # on it, and find her gone.
+            await deleting.execute("BEGIN")
+            await deleting.execute("DELETE FROM users WHERE id = $1", eve)
+            posting = [
+                asyncio.create_task(client.post("/comments", json=body)),
+                asyncio.create_task(
+                    client.post(
+                        "/comments",
+                        json=body,
+                        headers={"Idempotency-Key": str(uuid.uuid4())},
+                    )
+                ),
+            ]
+            await asyncio.sleep(0.5)
+            await deleting.execute("COMMIT")
+            answers = await asyncio.gather(*posting)
+        finally:
+            await deleting.close()
+
+    assert [a.status_code for a in answers] == [401, 401], [a.text for a in answers]
+    assert await _stored_by(db, eve) == 0
 
 
 async def test_a_refused_keyed_request_leaves_its_key_free_for_the_retry(

@@ -207,7 +207,8 @@ async def _create_keyed(
             if not row["claimed"]:
                 return await _replay(conn, user, key, request_hash)
             # Raising rolls the key's claim back: a retry is judged anew.
-            _require_stored(row, new, user, rt)
+            wait = await _wait_if_refused(conn, row, user, rt)
+            _require_stored(row, new, user, rt, wait)
 
             event = CommentCreated(
                 event_id=uuid.uuid4(),
@@ -244,21 +245,28 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
     """A comment without an Idempotency-Key: one statement stores it and its event."""
     event_id = str(uuid.uuid4())
     async with connection(rt.db, rt.settings.db_acquire_timeout) as conn:
-        row = await conn.fetchrow(
-            sql.CREATE_COMMENT_AND_EVENT,
-            new.post_id,
-            user.user_id,
-            new.body,
-            topology.EVENTS_EXCHANGE,
-            topology.COMMENT_CREATED,
-            event_id,
-            tracing.inject({"event_id": event_id}),
-            "on" if rt.relay is not None else "off",
-            f"{CommentCreated.MAJOR}.{CommentCreated.MINOR}",
-            datetime.now(UTC).isoformat(),
-            _pace_interval(rt),
-        )
-    _require_stored(row, new, user, rt)
+        try:
+            row = await conn.fetchrow(
+                sql.CREATE_COMMENT_AND_EVENT,
+                new.post_id,
+                user.user_id,
+                new.body,
+                topology.EVENTS_EXCHANGE,
+                topology.COMMENT_CREATED,
+                event_id,
+                tracing.inject({"event_id": event_id}),
+                "on" if rt.relay is not None else "off",
+                f"{CommentCreated.MAJOR}.{CommentCreated.MINOR}",
+                datetime.now(UTC).isoformat(),
+                _pace_interval(rt),
+            )
+        except asyncpg.ForeignKeyViolationError as exc:
+            # The token's user was deleted while the statement ran.
+            if exc.constraint_name not in _USER_KEYS:
+                raise
+            raise UnknownUser(user.user_id) from None
+        wait = await _wait_if_refused(conn, row, user, rt)
+    _require_stored(row, new, user, rt, wait)
     # Committed: this process's relay publishes the event now.
     if rt.relay is not None:
         rt.relay.hand_off([sql.outbox_row(row)])
@@ -268,7 +276,13 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
 
 # Foreign keys to users that the comment statements can break: only when the
 # token's user is missing, or was deleted while the statement ran.
-_USER_KEYS = frozenset({"idempotency_keys_user_id_fkey", "comments_author_id_fkey"})
+_USER_KEYS = frozenset(
+    {
+        "idempotency_keys_user_id_fkey",
+        "comments_author_id_fkey",
+        "comment_pace_user_id_fkey",
+    }
+)
 
 
 def _pace_interval(rt: Runtime) -> float:
@@ -278,8 +292,23 @@ def _pace_interval(rt: Runtime) -> float:
     return 60 / per_minute if per_minute else 0.0
 
 
+async def _wait_if_refused(
+    conn: asyncpg.Connection, row: asyncpg.Record, user: Principal, rt: Runtime
+) -> int | None:
+    """The seconds a comment refused for its author's pace should wait; None if
+    it was not refused for that."""
+    if row["paced"] or row["author_id"] is None or not row["post_exists"]:
+        return None
+    wait = await conn.fetchval(sql.PACE_WAIT, user.user_id, _pace_interval(rt))
+    return wait or math.ceil(_pace_interval(rt))
+
+
 def _require_stored(
-    row: asyncpg.Record, new: NewComment, user: Principal, rt: Runtime
+    row: asyncpg.Record,
+    new: NewComment,
+    user: Principal,
+    rt: Runtime,
+    wait: int | None = None,
 ) -> None:
     """401 for a token whose user is not stored, then 404 for a missing post,
     then 429 for an author with no comment left this minute.
@@ -293,7 +322,7 @@ def _require_stored(
         raise NotFound(f"post {new.post_id} does not exist")
     if not row["paced"]:
         per_minute = rt.settings.comments_per_minute
-        wait = row["retry_after"] or math.ceil(_pace_interval(rt))
+        wait = wait or math.ceil(_pace_interval(rt))
         logger.info(
             "user %d has posted %d comments in the last minute; refusing another",
             user.user_id,

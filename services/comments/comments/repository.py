@@ -72,20 +72,19 @@ def _paced(interval: str, wanted: str) -> str:
 
 
 def _pace_columns(interval: str) -> str:
-    """Whether the comment was within its author's allowance, and if not, the
-    whole seconds until it would be; to follow :func:`_paced`'s CTE.
+    """Whether the comment was within its author's allowance; to follow
+    :func:`_paced`'s CTE."""
+    return f"""{interval} <= 0 OR EXISTS (SELECT FROM paced) AS paced"""
 
-    The seconds are read in this statement's snapshot, which misses a writer
-    that was waited for: they may fall short (never below 1), and are null if
-    the author's row was first written by that writer.
-    """
-    return f"""{interval} <= 0 OR EXISTS (SELECT FROM paced) AS paced,
-       CASE WHEN {interval} > 0 AND NOT EXISTS (SELECT FROM paced) THEN
-           (SELECT greatest(1, ceil(extract(epoch FROM pace.paced_until
-                + make_interval(secs => {interval})
-                - interval '1 minute' - clock_timestamp())))::int
-            FROM comment_pace pace WHERE pace.user_id = $2)
-       END AS retry_after"""
+
+# The whole seconds until a refused author's next comment would be taken ($2: the
+# seconds between comments). Its own statement: the one that refused may have
+# waited for another writer's row, and its snapshot would miss what that wrote.
+PACE_WAIT = """
+SELECT greatest(1, ceil(extract(epoch FROM paced_until + make_interval(secs => $2)
+    - interval '1 minute' - clock_timestamp())))::int
+FROM comment_pace WHERE user_id = $1
+"""
 
 
 _CLAIMED = "($4::text IS NULL OR EXISTS (SELECT FROM claim))"
