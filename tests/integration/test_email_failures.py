@@ -6,11 +6,15 @@ is half a second.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import asyncpg
 import pytest
 
 from contracts import topology
 from contracts.settings import Settings
+from email_sender import worker
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
 from tests.support.data import Demo
@@ -187,3 +191,39 @@ async def test_a_connection_dropped_after_data_is_sent_again_with_the_same_id(
     [received] = smtp.received
     assert dropped.message_id == received.message_id
     assert received.message_id == f"<notification-{note}@notiflow.localhost>"
+
+
+async def test_an_email_whose_lease_would_run_out_mid_conversation_is_left_to_it(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A lease of 3 s, and a whole conversation of at most 2.5 s (four 0.5 s
+    # replies and the content's): a sender held up for a second after its claim,
+    # as a paused or starved process is, may not start one. Past its lease the
+    # row may be another sender's, which sends it too.
+    real_build = worker.mime.build
+    held = []
+
+    def held_up_once(**kwargs: object) -> object:
+        if not held:
+            held.append(True)
+            time.sleep(1.0)
+        return real_build(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.mime, "build", held_up_once)
+    note = await helpers.email_row(db, demo.bob, BOB)
+
+    with caplog.at_level(logging.WARNING, logger="email_sender.worker"):
+        async with email_sender():
+            await helpers.publish(settings.amqp_url, [helpers.delivery(note, demo.bob)])
+            row = await _final(db, note)
+
+    # Not sent on the claim it could not finish in; sent once by the next.
+    assert row["status"] == "sent" and row["attempts"] == 2
+    assert len(smtp.to(BOB)) == 1
+    assert "email.lease_ran_out" in [getattr(r, "action", "") for r in caplog.records]

@@ -68,6 +68,11 @@ class PermanentSendError(SendFailed):
     pass
 
 
+class TooLate(Exception):
+    """Not sent: the row's lease would run out first. Nothing failed; the row
+    is left to the lease sweeper, which hands it out again."""
+
+
 # How many single-command timeouts one whole conversation may take, on top of
 # the wait for the reply to the end of the content.
 DEADLINE_FACTOR = 4
@@ -174,9 +179,23 @@ class SmtpPool:
         # Why the last connection could not be opened, until one opens again.
         self._unreachable: str | None = None
 
-    async def send(self, mail: Mail) -> str:
-        """Send ``mail``; raise :class:`SendFailed`."""
+    async def send(self, mail: Mail, ends_by: float | None = None) -> str:
+        """Send ``mail``; raise :class:`SendFailed`.
+
+        With ``ends_by`` (a time on ``time.monotonic``'s clock, the end of the
+        lease on the mail's row), raise :class:`TooLate` instead of starting a
+        conversation that might not be over by then: past it, the row may be
+        another sender's, and the email on its way from there.
+        """
         async with self._slots:
+            if (
+                ends_by is not None
+                and time.monotonic() + self._config.deadline > ends_by
+            ):
+                raise TooLate(
+                    "the row's lease would run out before a whole SMTP conversation "
+                    "could end (the process was paused or starved, say)"
+                )
             return await _bounded(self._send(mail), self._config.deadline)
 
     async def _send(self, mail: Mail) -> str:

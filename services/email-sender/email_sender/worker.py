@@ -203,6 +203,15 @@ class EmailWorker:
         when the batch's slowest conversation ends."""
         try:
             await self._deliver(claimed, batch, lease_ends)
+        except smtp.TooLate as exc:
+            # The row may be sent by another sender by now: it is not touched,
+            # and its message is done with.
+            logger.warning(
+                "email not sent: %s; the row is left to its lease",
+                exc,
+                extra={"action": "email.lease_ran_out", "batch": batch},
+            )
+            claimed.item.finished()
         except (mime.InvalidAddress, smtp.SendFailed) as exc:
             outcome, statement, args = self._failure(claimed.row, exc)
             await self._record_failure(claimed.row["id"], statement, args)
@@ -269,7 +278,7 @@ class EmailWorker:
                 self._public_url, row["user_id"], self._secret_key
             ),
         )
-        await self._smtp.send(message)
+        await self._smtp.send(message, ends_by=lease_ends)
         await self._record_sent(row["id"], lease_ends)
         # Recorded: its message need not wait for the slowest email of the batch.
         claimed.item.finished()
