@@ -188,3 +188,43 @@ async def test_a_page_in_a_background_tab_gives_up_its_stream_and_keeps_its_coun
     await expect(bob.locator("#live-notes .note").first).to_contain_text("while away")
 
     assert streams_while_hidden == 0
+
+
+async def test_clicking_an_unread_notification_keeps_the_panel_open(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    bob = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    await comment(carol, "@bob look here")
+    await expect(bob.locator("#unread-count")).to_have_text("1")
+    await bob.click("#bell")
+
+    await bob.locator("#notifications .note").first.click()
+
+    await expect(bob.locator("#unread-count")).to_have_attribute("data-count", "0")
+    await expect(bob.locator("#panel")).to_be_visible()
+    await expect(bob.locator("#notifications .note").first).to_be_focused()
+
+
+async def test_a_user_switch_the_api_could_not_finish_is_finished_when_it_answers(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    api = gateway._env["NOTIFLOW_API_BASE_URL"]
+    page = await open_as(browser, gateway, "bob")
+    await page.route(f"{api}/**", lambda route: route.abort())
+
+    await page.select_option("#user-select", "carol")
+    await expect(page.locator("#notice")).to_contain_text("Could not reach")
+    await page.fill("#comment-body", "who am I?")
+    await page.click("#comment-submit")
+    await expect(page.locator("#form-error")).to_contain_text("Not signed in yet")
+    await page.unroute(f"{api}/**")
+
+    await expect(page.locator("#status")).to_have_text("live", timeout=20_000)
+    assert await page.evaluate("() => window.notiflow.username") == "carol"
+    await expect(page.locator("#comment-hint")).to_contain_text("@bob")
+    await page.click("#comment-submit")
+    await expect(page.locator("#comments .comment").last).to_contain_text("who am I?")
+    await expect(page.locator("#comments .comment").last).to_contain_text("Carol")

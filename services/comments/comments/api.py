@@ -331,7 +331,8 @@ def _require_stored(
         )
         raise TooMany(
             "too_many_comments",
-            f"a user may post {per_minute} comments a minute; try again in {wait} s",
+            f"a user may post {per_minute} comment{'' if per_minute == 1 else 's'} "
+            f"a minute; try again in {wait} s",
             retry_after=wait,
         )
 

@@ -189,6 +189,7 @@
   async function signIn(username) {
     const session = (state.session += 1);
     state.signedIn = false;
+    setStatus("connecting");
     // A read state answered for the previous user is not this one's.
     state.changes += 1;
     disconnect();
@@ -263,7 +264,10 @@
   // thread.
   async function resume() {
     if (state.devTokens && !state.users.length && !(await loadUsers())) return;
-    if (!state.signedIn) await signIn(state.username || $("user-select").value);
+    // The user the list shows: a switch that could not finish meanwhile is
+    // finished now, rather than the page going back to the one before it.
+    const shown = state.devTokens ? $("user-select").value : state.username;
+    if (!state.signedIn) await signIn(shown);
     await loadPost();
   }
 
@@ -516,7 +520,8 @@
     title.textContent = note.title;
     const text = document.createElement("div");
     text.className = "note-text";
-    text.textContent = note.message;
+    // Blank lines would take the two lines the preview has.
+    text.textContent = note.message.replace(/\n\s*\n+/g, "\n");
     const when = document.createElement("div");
     when.className = "note-time";
     when.textContent = time(note.created_at);
@@ -549,8 +554,16 @@
 
   function render() {
     const notes = [...state.items.values()].sort((a, b) => b.seq - a.seq);
+    // A redraw replaces every item: the one that had focus gets it back.
+    const focused = document.activeElement;
+    const list = focused && focused.closest ? focused.closest(".notes") : null;
+    const keep = list && focused.dataset.id;
     $("notifications").replaceChildren(...notes.map(noteItem));
     $("live-notes").replaceChildren(...notes.slice(0, LIVE_LIST_SIZE).map(noteItem));
+    if (keep) {
+      const again = list.querySelector(`[data-id="${keep}"]`);
+      if (again) again.focus();
+    }
     $("empty").hidden = notes.length > 0;
     $("more").hidden = !state.cursor;
     $("mark-all").disabled = state.unread === 0;
@@ -769,6 +782,13 @@
     const field = $("comment-body");
     const button = $("comment-submit");
     $("form-error").textContent = "";
+    // Until a sign-in has finished, the token at hand may be another user's,
+    // and the thread may not be known yet.
+    if (!state.signedIn || !state.post) {
+      $("form-error").textContent = "Not signed in yet: the page signs in, and shows "
+        + "the thread, as soon as the comments API answers. Your text is kept.";
+      return;
+    }
     button.disabled = true;
     try {
       const comment = { user: state.username, post: state.post.id, body: field.value };
@@ -832,7 +852,11 @@
       if (e.key === "Escape") closePanel();
     });
     document.addEventListener("click", (e) => {
-      if (!e.target.closest(".bell-wrap")) closePanel();
+      // The path as it was when the click happened: a notification clicked is
+      // redrawn at once, and is no longer inside the panel by now.
+      if (!e.composedPath().some((el) => el.classList && el.classList.contains("bell-wrap"))) {
+        closePanel();
+      }
     });
     $("mark-all").addEventListener("click", () => markAllRead().catch(inboxError));
     $("more").addEventListener("click", () => loadInbox(state.cursor).catch(inboxError));
