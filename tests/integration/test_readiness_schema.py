@@ -53,6 +53,16 @@ async def test_readiness_fails_once_the_tables_are_dropped(
     assert "has no notiflow tables" in body["database"]
 
 
+@pytest.mark.parametrize("table", ["comment_pace", "inbox_sequences"])
+async def test_readiness_fails_once_any_table_is_dropped_by_hand(
+    settings: Settings, table: str
+) -> None:
+    before, after, body = await _readyz(settings, f"DROP TABLE {table} CASCADE")
+
+    assert (before, after) == (200, 503)
+    assert f"lacks table(s) {table}" in body["database"]
+
+
 async def test_readiness_ignores_migrations_of_a_newer_release(
     settings: Settings,
 ) -> None:

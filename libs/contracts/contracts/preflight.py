@@ -12,6 +12,7 @@ import logging
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -39,7 +40,23 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # ``migration_id`` (yoyo's default table, which ``contracts.migrate`` keeps).
 APPLIED_SQL = (
     "SELECT to_regclass('notifications') IS NOT NULL, "
-    "array(SELECT migration_id FROM _yoyo_migration)"
+    "array(SELECT migration_id FROM _yoyo_migration), "
+    "array(SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL)"
+)
+# Every table the migrations create, which every release since has: one dropped
+# by hand fails whatever reads it, though the migrations say it is there.
+TABLES = (
+    "users",
+    "posts",
+    "comments",
+    "idempotency_keys",
+    "events",
+    "notifications",
+    "notification_preferences",
+    "inbox_sequences",
+    "outbox",
+    "push_subscriptions",
+    "comment_pace",
 )
 
 logger = logging.getLogger(__name__)
@@ -56,7 +73,12 @@ def known_migrations(directory: Path = MIGRATIONS) -> frozenset[str]:
 
 
 def schema_problem(
-    where: str, has_tables: bool, applied: set[str], *, quiet: bool = False
+    where: str,
+    has_tables: bool,
+    applied: set[str],
+    *,
+    quiet: bool = False,
+    missing_tables: Sequence[str] = (),
 ) -> str | None:
     """Why a database whose migrations are ``applied`` cannot serve this code.
 
@@ -74,6 +96,12 @@ def schema_problem(
         return (
             f"the database at {where} lacks migration(s) {', '.join(missing)}; "
             "apply them with `make migrate` (notiflow-migrate)"
+        )
+    if missing_tables:
+        return (
+            f"the database at {where} lacks table(s) {', '.join(missing_tables)}, "
+            "though its migrations are applied: restore them from a backup, or "
+            "migrate a new database"
         )
     if (newer := sorted(applied - known)) and not quiet:
         logger.info(
@@ -196,15 +224,20 @@ async def missing_schema(
 ) -> str | None:
     """Why the database ``conn`` is connected to (shown as ``where``) lacks the
     schema this code needs, or None if it has it."""
+    missing: list[str] = []
     try:
-        has_tables, applied = await conn.fetchrow(APPLIED_SQL, timeout=timeout)
+        has_tables, applied, missing = await conn.fetchrow(
+            APPLIED_SQL, list(TABLES), timeout=timeout
+        )
     except asyncpg.UndefinedTableError:
         # yoyo never ran here: whatever tables exist, no migration is recorded.
         has_tables = await conn.fetchval(
             "SELECT to_regclass('notifications')", timeout=timeout
         )
         applied = []
-    return schema_problem(where, bool(has_tables), set(applied), quiet=quiet)
+    return schema_problem(
+        where, bool(has_tables), set(applied), quiet=quiet, missing_tables=missing
+    )
 
 
 def _amqp_user(url: str) -> str | None:

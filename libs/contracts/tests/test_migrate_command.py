@@ -4,6 +4,7 @@ however many runs start together, and says in one line why it cannot."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from contracts import migrate
-from contracts.preflight import known_migrations
+from contracts.preflight import MIGRATIONS, TABLES, known_migrations
 from contracts.settings import Settings, describe, redact_url
 from tests.support import infra
 
@@ -214,3 +215,14 @@ def test_rolling_back_asks_for_the_database_name_and_drops_nothing_without_it(
     assert kept == dict.fromkeys(known_migrations(), 1)
     assert confirmed.returncode == 0, confirmed.stderr
     assert confirmed.stdout.startswith(f"rolled back {len(known_migrations())} ")
+
+
+def test_the_readiness_check_knows_every_table_the_migrations_create() -> None:
+    created = {
+        match
+        for path in MIGRATIONS.glob("*.sql")
+        if not path.name.endswith(".rollback.sql")
+        for match in re.findall(r"CREATE TABLE (\w+)", path.read_text())
+    }
+
+    assert set(TABLES) == created
