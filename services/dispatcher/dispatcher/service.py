@@ -94,8 +94,10 @@ class Dispatcher:
         missing or broken then is read again, and taken up once the set is fixed.
         """
         config = self._channels.recheck()
-        for name in sorted({channel.template for channel in config.channels.values()}):
+        names = sorted({channel.template for channel in config.channels.values()})
+        for name in names:
             self._renderer.look(name)
+        self._renderer.forget_all_but(names)
 
     async def handle(self, conn: asyncpg.Connection, event: CommentCreated) -> Outcome:
         """Dispatch one event; raise :class:`DeadLetter` if it must be set aside."""

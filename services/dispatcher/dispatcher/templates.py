@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,10 @@ class Renderer:
             try:
                 current = self._env.get_template(path)
                 if current is self._good.get(path):
+                    # Unchanged, or put back as it was (a file moved away and
+                    # back, a link returned to its release): fixed, if it was
+                    # reported broken meanwhile.
+                    self._adopt(path, current)
                     continue
                 self._trial(path, name, current)
             except TemplateNotFound:
@@ -302,6 +306,14 @@ class Renderer:
                     self._report(path, fault, current, NEW_EMAIL_TEXT_BROKEN)
                 continue
             self._adopt(path, current)
+
+    def forget_all_but(self, templates: Iterable[str]) -> None:
+        """Stop counting as broken the files of sets other than ``templates``,
+        the ones the channel configuration names: no notification uses the rest."""
+        used = set(templates)
+        for path in [p for p in self._reported if p.split("/", 1)[0] not in used]:
+            del self._reported[path]
+        metrics.TEMPLATES_BROKEN.set(len(self._reported))
 
     def _adopt(self, path: str, version: Template) -> None:
         """Make ``version`` the file's last good one, keeping the one it replaces."""

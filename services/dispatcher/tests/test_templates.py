@@ -599,3 +599,43 @@ def test_a_broken_file_shows_on_the_metrics_until_it_renders_again(
 
     assert while_broken == 1
     assert broken() == 0
+
+
+def test_a_file_moved_away_and_back_as_it_was_is_fixed_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path)
+    renderer.render("broken", context())
+    away = tmp_path / "away"
+
+    def broken() -> float | None:
+        return REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken")
+
+    with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
+        (folder / "title.txt.j2").rename(away)
+        renderer.look("broken")
+        while_away = broken()
+        # Put back as it was: the same file, with the same stamp.
+        away.rename(folder / "title.txt.j2")
+        renderer.look("broken")
+
+    assert while_away == 1
+    assert broken() == 0
+    assert "template broken/title.txt.j2 renders again" in caplog.text
+
+
+def test_a_broken_set_no_channel_names_any_more_is_not_counted(
+    tmp_path: Path,
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path)
+    renderer.render("broken", context())
+    _rewrite(folder / "title.txt.j2", "{{ nobody.name }}")
+    renderer.look("broken")
+    counted = REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken")
+
+    renderer.forget_all_but(["comment_reply"])
+
+    assert counted == 1
+    assert REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken") == 0
