@@ -601,7 +601,7 @@ def test_a_broken_file_shows_on_the_metrics_until_it_renders_again(
     assert broken() == 0
 
 
-def test_a_file_moved_away_and_back_as_it_was_is_fixed_again(
+def test_a_set_moved_away_and_back_as_it_was_is_fixed_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = template_set(tmp_path, title="first")
@@ -613,14 +613,16 @@ def test_a_file_moved_away_and_back_as_it_was_is_fixed_again(
         return REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken")
 
     with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
-        (folder / "title.txt.j2").rename(away)
+        # The set's folder moved: its files keep their stamps, as when a link
+        # to a release is pointed elsewhere and back.
+        folder.rename(away)
         renderer.look("broken")
         while_away = broken()
-        # Put back as it was: the same file, with the same stamp.
-        away.rename(folder / "title.txt.j2")
+        away.rename(folder)
         renderer.look("broken")
 
-    assert while_away == 1
+    # The set's three files, gone and back.
+    assert while_away == 3
     assert broken() == 0
     assert "template broken/title.txt.j2 renders again" in caplog.text
 
