@@ -63,7 +63,11 @@ class DispatcherSettings(Settings):
     @field_validator("templates_dir")
     @classmethod
     def _templates_dir_exists(cls, value: Path) -> Path:
-        if not value.is_dir():
+        try:
+            found = value.is_dir()
+        except OSError as exc:  # a name too long for the file system, say
+            raise ValueError(f"{value} cannot be looked up: {exc.strerror}") from None
+        if not found:
             raise ValueError(f"{value} is not a directory")
         return value
 

@@ -77,6 +77,7 @@ def test_a_channel_naming_a_missing_template_is_refused_naming_both(
             "/nonexistent",
             "/nonexistent is not a directory",
         ),
+        ("NOTIFLOW_TEMPLATES_DIR", "/" + "t" * 300, "File name too long"),
         ("NOTIFLOW_CHANNEL_CONFIG", "", "is empty; name a path"),
         ("NOTIFLOW_TEMPLATES_DIR", " ", "is empty; name a path"),
         (
