@@ -61,3 +61,18 @@ async def test_a_path_with_an_escaped_slash_is_not_found(
     if method != "HEAD":
         assert answer.json() == {"error": "not_found", "detail": "Not Found"}
     assert plain.status_code != 404
+
+
+async def test_a_preflight_for_a_path_with_an_escaped_slash_is_not_found() -> None:
+    settings = Settings(env="test", cors_origins="http://page.example")
+    transport = httpx.ASGITransport(app=comments_app(settings))
+    preflight = {
+        "Origin": "http://page.example",
+        "Access-Control-Request-Method": "POST",
+    }
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        escaped = await http.options("/posts%2F1", headers=preflight)
+        plain = await http.options("/comments", headers=preflight)
+
+    assert escaped.status_code == 404
+    assert plain.status_code == 200

@@ -570,12 +570,19 @@ class NoEscapedSlash:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = scope.get("raw_path", b"").lower() if scope["type"] == "http" else b""
-        if b"%2f" in raw or b"%5c" in raw:
-            refusal = error(404, "not_found", "Not Found")
-            await HeadAsGet(refusal)(scope, receive, send)
+        if _escaped_slash(scope):
+            await _not_found(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _escaped_slash(scope: Scope) -> bool:
+    raw = scope.get("raw_path", b"").lower() if scope["type"] == "http" else b""
+    return b"%2f" in raw or b"%5c" in raw
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await HeadAsGet(error(404, "not_found", "Not Found"))(scope, receive, send)
 
 
 class OneAuthorization:
@@ -692,6 +699,14 @@ class Cors(CORSMiddleware):
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         options.setdefault("expose_headers", self.EXPOSED)
         super().__init__(app, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A preflight is answered here, before any route is looked for: one for
+        # a path with an escaped slash gets the 404 that path gets otherwise.
+        if _escaped_slash(scope):
+            await _not_found(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)
