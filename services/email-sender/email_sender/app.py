@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import socket
 import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -162,12 +163,19 @@ def _helo_name(value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
     name = value.strip()
+    # As given, or already written as SMTP's address literal.
+    literal = name.removeprefix("[").removesuffix("]").removeprefix("IPv6:")
     try:
-        address = ipaddress.ip_address(name)
+        address = ipaddress.ip_address(literal)
     except ValueError:
-        pass
-    else:
+        address = None
+    if address is not None and "%" not in literal and not address.is_unspecified:
         return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+    if address is not None or literal != name:
+        raise ValueError(
+            "must be an address of this host, with no zone: such as 192.0.2.7 or "
+            f"2001:db8::7, got {_shown(value)}"
+        )
     try:
         written = ascii_domain(name)
     except ValueError:
@@ -263,6 +271,24 @@ class EmailSettings(Settings):
         return smtp.deadline(self.smtp_timeout, self.smtp_data_timeout)
 
 
+def _warn_of_a_bare_host_name(settings: EmailSettings) -> None:
+    """Say so when EHLO would give a name that is not fully qualified: this
+    host's own, with ``NOTIFLOW_SMTP_HELO_NAME`` unset. Development sinks take
+    it; relays that want a fully qualified name refuse every email."""
+    if settings.smtp_helo_name is not None:
+        return
+    name = socket.getfqdn()
+    if "." not in name.strip("."):
+        logger.warning(
+            "this host calls itself %r, which is not fully qualified: the email "
+            "sender says EHLO %s, which relays that want a fully qualified name "
+            "refuse; set NOTIFLOW_SMTP_HELO_NAME",
+            name,
+            name,
+            extra={"action": "email.bare_helo_name"},
+        )
+
+
 def _warn_of_a_short_drain(settings: EmailSettings) -> None:
     """Say at start if a stop may cut an email short, which may send it twice.
 
@@ -285,6 +311,7 @@ def _warn_of_a_short_drain(settings: EmailSettings) -> None:
 def create_app(settings: EmailSettings | None = None) -> FastAPI:
     settings = settings or EmailSettings()
     _warn_of_a_short_drain(settings)
+    _warn_of_a_bare_host_name(settings)
     runtime = Runtime(
         settings,
         relay=True,

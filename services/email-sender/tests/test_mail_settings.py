@@ -5,6 +5,7 @@ ASCII)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from email import message_from_bytes
@@ -14,6 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from contracts.settings import describe
+from email_sender import app as email_app
 from email_sender import mime
 from email_sender.app import EmailSettings
 
@@ -54,6 +56,9 @@ from email_sender.app import EmailSettings
         ("smtp_helo_name", "localhost", "fully qualified name"),
         ("smtp_helo_name", "bad name.example", "fully qualified name"),
         ("smtp_helo_name", "-x.example", "fully qualified name"),
+        ("smtp_helo_name", "fe80::1%lo", "with no zone"),
+        ("smtp_helo_name", "0.0.0.0", "with no zone"),
+        ("smtp_helo_name", "[mail.example.org]", "with no zone"),
     ],
 )
 def test_a_sender_or_message_id_domain_no_mail_could_carry_is_refused_naming_it(
@@ -256,6 +261,8 @@ def test_implicit_tls_with_starttls_turned_off_and_a_login_are_taken() -> None:
         ("mail.example.org", "mail.example.org"),
         (" relay.bücher.example ", "relay.xn--bcher-kva.example"),
         ("192.0.2.7", "[192.0.2.7]"),
+        ("[192.0.2.7]", "[192.0.2.7]"),
+        ("[IPv6:2001:db8::7]", "[IPv6:2001:db8::7]"),
         ("2001:db8::7", "[IPv6:2001:db8::7]"),
         ("", None),
     ],
@@ -264,3 +271,28 @@ def test_the_name_given_in_ehlo_is_written_as_smtp_wants_it(
     given: str, said: str | None
 ) -> None:
     assert EmailSettings(smtp_helo_name=given).smtp_helo_name == said
+
+
+@pytest.mark.parametrize(
+    ("host", "helo", "warned"),
+    [
+        ("vm", None, True),
+        ("localhost", None, True),
+        ("mail.example.org", None, False),
+        ("vm", "mail.example.org", False),
+    ],
+)
+def test_a_host_name_that_is_not_fully_qualified_is_warned_of_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    helo: str | None,
+    warned: bool,
+) -> None:
+    monkeypatch.setattr(email_app.socket, "getfqdn", lambda: host)
+
+    with caplog.at_level(logging.WARNING, logger="email_sender.app"):
+        email_app.create_app(EmailSettings(smtp_helo_name=helo))
+
+    actions = [getattr(r, "action", "") for r in caplog.records]
+    assert ("email.bare_helo_name" in actions) is warned
