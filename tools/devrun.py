@@ -450,6 +450,9 @@ class DevRun:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.want_sink:
             self._start_sink(env)
+            # The sink takes any name in EHLO; without one, the email sender
+            # warns of the host's own when it is not fully qualified.
+            env.setdefault("NOTIFLOW_SMTP_HELO_NAME", "notiflow.localhost")
         for service in services:
             service_env = dict(env, HOST=LOOPBACK, PORT=str(service.port))
             argv = [str(commands[service.name])]
