@@ -84,6 +84,13 @@ OUTBOX_PUBLISHED = Counter(
     "Outbox rows published to RabbitMQ and confirmed.",
 )
 
+OUTBOX_PUBLISH_FAILURES = Counter(
+    "notiflow_outbox_publish_failures",
+    "Rounds of this relay's publishing that failed (no confirm in time, a "
+    "refusal, the broker away) and are tried again; another relay may publish "
+    "the rows meanwhile.",
+)
+
 OUTBOX_BACKLOG = Gauge(
     "notiflow_outbox_backlog",
     "Outbox rows waiting to be published, as last seen by this relay.",

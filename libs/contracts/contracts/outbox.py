@@ -362,6 +362,7 @@ class OutboxRelay:
                     # into a TimeoutError; stopping wins over retrying.
                     return
                 failures += 1
+                metrics.OUTBOX_PUBLISH_FAILURES.inc()
                 delay = min(0.2 * 2**failures, 5.0)
                 logger.log(
                     # The connection's loss is logged once, where it is watched.

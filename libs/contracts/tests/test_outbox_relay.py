@@ -12,6 +12,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aiormq.abc import AbstractChannel
+from prometheus_client import REGISTRY
 
 from contracts import topology
 from contracts.db import create_pool
@@ -312,6 +313,46 @@ async def test_a_relay_stops_when_a_publish_turns_its_cancellation_into_a_timeou
             pytest.fail("the relay kept retrying instead of stopping")
     finally:
         await pool.close()
+
+
+async def test_a_publish_that_times_out_counts_on_the_metrics_and_is_tried_again(
+    settings: Settings,
+) -> None:
+    slow_sweep = settings.model_copy(update={"outbox_sweep_seconds": 3600})
+    pool = await create_pool(slow_sweep)
+    relay = OutboxRelay(pool, slow_sweep)
+    real_publish = relay._publish
+    tries: list[int] = []
+
+    async def timing_out_once(channel: object, row: object) -> None:
+        # No confirm in time, as over a slow link to the broker.
+        tries.append(1)
+        if len(tries) == 1:
+            raise TimeoutError
+        await real_publish(channel, row)  # type: ignore[arg-type]
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("notiflow_outbox_publish_failures_total") or 0
+
+    relay._publish = timing_out_once  # type: ignore[method-assign]
+    before = failures()
+    try:
+        await _without_notify(pool)
+        await write(pool, [event(1)])
+        await relay.start()
+        relay.wake()
+
+        async def emptied() -> bool:
+            async with pool.acquire() as conn:
+                return await conn.fetchval("SELECT count(*) FROM outbox") == 0
+
+        await eventually(emptied, what="the row published on its second try")
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert failures() == before + 1
+    assert len(tries) == 2
 
 
 async def test_rows_stay_in_the_outbox_until_every_publish_is_confirmed(
