@@ -294,7 +294,7 @@ class Settings(BaseSettings):
             delays = ()
         if not delays or any(not 0 < d <= MAX_RETRY_DELAY_SECONDS for d in delays):
             raise ValueError(
-                f"NOTIFLOW_RETRY_DELAYS must be positive whole seconds, each at most "
+                f"NOTIFLOW_RETRY_DELAYS: must be positive whole seconds, each at most "
                 f"{MAX_RETRY_DELAY_SECONDS} (RabbitMQ's longest message TTL), "
                 f"separated by commas, got {self.retry_delays!r}"
             )

@@ -160,7 +160,7 @@ class _StampedLoader(FileSystemLoader):
                 return False
             return now == before or self._settling(filename, now)
 
-        return text.removeprefix("\ufeff"), filename, uptodate
+        return text.lstrip("\ufeff"), filename, uptodate
 
     def _settling(self, filename: str, stamp: stamps.Stamp) -> bool:
         """Whether the file, changed to ``stamp``, is still too freshly changed
