@@ -103,6 +103,21 @@ async def test_a_page_opened_while_the_comments_api_is_away_signs_in_once_it_ans
     await expect(page.locator("#post-title")).to_have_text("Welcome to notiflow")
 
 
+async def _carol_comments(site: Site, settings: Settings, *bodies: str) -> None:
+    """Carol posts ``bodies`` on the demo post, through the comments API itself."""
+    gateway, demo = site
+    token = issue_token(demo.carol, "carol", settings)
+    async with httpx.AsyncClient(
+        base_url=gateway._env["NOTIFLOW_API_BASE_URL"],
+        headers={"Authorization": f"Bearer {token}"},
+    ) as carol:
+        for body in bodies:
+            answer = await carol.post(
+                "/comments", json={"post_id": demo.post, "body": body}
+            )
+            assert answer.status_code == 201, answer.text
+
+
 async def test_a_burst_of_notifications_reads_the_thread_once_per_burst(
     browser: Browser, site: Site, settings: Settings
 ) -> None:
@@ -120,15 +135,7 @@ async def test_a_burst_of_notifications_reads_the_thread_once_per_burst(
         await route.fulfill(response=response)
 
     await bob.route(f"{api}/posts/{demo.post}", slow_read)
-    token = issue_token(demo.carol, "carol", settings)
-    async with httpx.AsyncClient(
-        base_url=api, headers={"Authorization": f"Bearer {token}"}
-    ) as carol:
-        for n in range(BURST):
-            answer = await carol.post(
-                "/comments", json={"post_id": demo.post, "body": f"@bob number {n}"}
-            )
-            assert answer.status_code == 201, answer.text
+    await _carol_comments(site, settings, *(f"@bob number {n}" for n in range(BURST)))
 
     await expect(bob.locator("#unread-count")).to_have_text(str(BURST))
     await expect(bob.locator("#comments .comment")).to_have_count(BURST)
@@ -158,7 +165,7 @@ async def _open_streams(gateway_url: str) -> float:
 async def test_a_page_in_a_background_tab_gives_up_its_stream_and_keeps_its_count(
     browser: Browser, site: Site, settings: Settings
 ) -> None:
-    gateway, demo = site
+    gateway, _ = site
     context = await browser.new_context()
     await context.add_init_script(
         "window.notiflow = { hiddenCloseMs: 300, hiddenPollMs: 300 };"
@@ -171,15 +178,7 @@ async def test_a_page_in_a_background_tab_gives_up_its_stream_and_keeps_its_coun
     await bob.evaluate(HIDE, True)
     await expect(bob.locator("#status")).to_have_text("paused")
     streams_while_hidden = await _open_streams(gateway.url)
-    token = issue_token(demo.carol, "carol", settings)
-    async with httpx.AsyncClient(
-        base_url=gateway._env["NOTIFLOW_API_BASE_URL"],
-        headers={"Authorization": f"Bearer {token}"},
-    ) as carol:
-        answer = await carol.post(
-            "/comments", json={"post_id": demo.post, "body": "@bob while away"}
-        )
-        assert answer.status_code == 201
+    await _carol_comments(site, settings, "@bob while away")
     # The tab's title keeps counting, from the unread count it asks for.
     await expect(bob).to_have_title("(1) notiflow", timeout=20_000)
 
