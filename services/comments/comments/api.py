@@ -308,10 +308,11 @@ def _require_stored(
     new: NewComment,
     user: Principal,
     rt: Runtime,
-    wait: int | None = None,
+    wait: int | None,
 ) -> None:
     """401 for a token whose user is not stored, then 404 for a missing post,
-    then 429 for an author with no comment left this minute.
+    then 429 for an author with no comment left this minute, told to wait
+    ``wait`` seconds (:func:`_wait_if_refused`, which gives a number then).
 
     The statement that stored nothing says why. The token is judged first, as
     the other services judge it before they look at anything the request names.
@@ -322,7 +323,6 @@ def _require_stored(
         raise NotFound(f"post {new.post_id} does not exist")
     if not row["paced"]:
         per_minute = rt.settings.comments_per_minute
-        wait = wait or math.ceil(_pace_interval(rt))
         logger.info(
             "user %d has posted %d comments in the last minute; refusing another",
             user.user_id,
