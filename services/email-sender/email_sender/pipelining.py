@@ -26,6 +26,11 @@ reply, and put back afterwards. aiosmtplib still connects, negotiates TLS, logs
 in, greets and quits; the command lines, the line ends and the dot-stuffing of the
 content are built with its own helpers.
 
+Some servers advertise PIPELINING and still take a batch for commands out of
+order, answering RCPT or DATA with 503 (bad sequence of commands) although MAIL
+was accepted; :class:`BatchRefused` tells the caller so, and it may send the same
+message one command at a time.
+
 Replies are checked as ``SMTP.sendmail`` checks them and failures are raised as the
 same aiosmtplib exceptions, so the caller sorts them in one place. A transaction
 that fails leaves replies in flight, or a server waiting for content, so the
@@ -79,7 +84,8 @@ async def sendmail(
     Returns the refused recipients and the reply to the content, and raises what
     ``sendmail`` raises: :class:`ValueError` for an address that cannot go on a
     command line (before anything is sent), ``SMTPNotSupported``,
-    ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``, and
+    ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``,
+    :class:`BatchRefused` (pipelined, a 503 to RCPT or DATA), and
     ``SMTPServerDisconnected`` (:class:`LostAfterContent` once the whole content
     was sent) or ``SMTPReadTimeoutError``.
     """
@@ -131,6 +137,7 @@ async def _transaction(
     refused: list[aiosmtplib.SMTPRecipientRefused] = []
     for address in recipients:
         reply = await exchange.reply()
+        exchange.check_order(reply)
         if reply.code not in _ACCEPTED:
             refused.append(
                 aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
@@ -142,6 +149,7 @@ async def _transaction(
         raise aiosmtplib.SMTPRecipientsRefused(refused)
 
     start = await exchange.reply()
+    exchange.check_order(start)
     if start.code != SMTPStatus.start_input:
         message = start.message
         if start.code < 400:
@@ -174,6 +182,16 @@ class LostAfterContent(aiosmtplib.SMTPServerDisconnected):
     unlike a connection lost earlier, the server may have taken the message."""
 
 
+class BatchRefused(aiosmtplib.SMTPResponseException):
+    """A server that offers PIPELINING answered "bad sequence of commands" (503)
+    to a RCPT or DATA that came after its accepted MAIL in one write.
+
+    Such a server does not read a batch as the commands in turn it is, whatever
+    it advertises. It has taken nothing, since DATA was refused or never reached,
+    and the same transaction may go through one command at a time.
+    """
+
+
 class _Exchange:
     """The envelope's commands and their replies, sent all at once or in turn."""
 
@@ -190,6 +208,12 @@ class _Exchange:
         self._commands = deque(commands)
         self._timeout = timeout
         self._pipelined = pipelined
+
+    def check_order(self, reply: SMTPResponse) -> None:
+        """Raise :class:`BatchRefused` if ``reply``, to a command after an
+        accepted MAIL, says the batch was read out of order."""
+        if self._pipelined and reply.code == SMTPStatus.bad_command_sequence:
+            raise BatchRefused(reply.code, reply.message)
 
     async def reply(self) -> SMTPResponse:
         """The reply to the next command, sent first unless it has already gone."""

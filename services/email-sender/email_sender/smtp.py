@@ -6,10 +6,11 @@ Exceptions::
     ├── TransientSendError   4xx replies, refused or dropped connections, timeouts,
     │                        a server that accepts TCP and never greets, and any
     │                        refusal before the first mail (the greeting, EHLO,
-    │                        STARTTLS or the login, 5xx included)
-    └── PermanentSendError   5xx replies to a message, an address the server will
-                             never accept, a message the server cannot take (no
-                             SMTPUTF8)
+    │                        STARTTLS or the login, 5xx included), and 503 (bad
+    │                        sequence of commands) at any point
+    └── PermanentSendError   other 5xx replies to a message, an address the server
+                             will never accept, a message the server cannot take
+                             (no SMTPUTF8)
 
 A refusal of the session says nothing of the message: a wrong password or a relay
 out of service refuses every email alike until the operator or the server's owner
@@ -33,8 +34,11 @@ later, not at once.
 
 A server that offers PIPELINING (RFC 2920; Postfix, Exim and most real servers do)
 gets MAIL, every RCPT and DATA in one write (see :mod:`email_sender.pipelining`),
-any other server one command at a time. Both take the same MAIL parameters, chosen
-by :func:`_mail_options`, and fail with the same exceptions, sorted below.
+any other server one command at a time, and so does a server that offered it and
+then refused a batch as commands out of order (503 to RCPT or DATA): the message
+is sent again at once, one command at a time, and so is every later one. Both take
+the same MAIL parameters, chosen by :func:`_mail_options`, and fail with the same
+exceptions, sorted below.
 """
 
 from __future__ import annotations
@@ -121,9 +125,13 @@ class SmtpConfig:
         return deadline(self.timeout, self.content_timeout)
 
 
+# "Bad sequence of commands": the conversation went wrong, not the message.
+_OUT_OF_SEQUENCE = 503
+
+
 def _classify(code: int, text: str) -> SendFailed:
     reason = f"SMTP {code}: {text.strip()[:300]}"
-    if 500 <= code < 600:
+    if 500 <= code < 600 and code != _OUT_OF_SEQUENCE:
         return PermanentSendError(reason)
     return TransientSendError(reason)
 
@@ -178,6 +186,8 @@ class SmtpPool:
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         # Why the last connection could not be opened, until one opens again.
         self._unreachable: str | None = None
+        # Off once the server has refused a batch it said it would take.
+        self._pipelining = True
 
     async def send(self, mail: Mail, ends_by: float | None = None) -> str:
         """Send ``mail``; raise :class:`SendFailed`.
@@ -201,7 +211,13 @@ class SmtpPool:
     async def _send(self, mail: Mail) -> str:
         client, reused = await self._checkout()
         try:
-            errors, reply = await _transmit(client, mail, self._config)
+            errors, reply = await self._transmit(client, mail)
+        except pipelining.BatchRefused as exc:
+            _discard(client)
+            self._stop_pipelining(exc)
+            # Refused before DATA was accepted, so nothing was taken: the same
+            # message goes again now, one command at a time.
+            client, errors, reply = await self._again(mail)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             _discard(client)
             if not reused or isinstance(exc, pipelining.LostAfterContent):
@@ -209,12 +225,7 @@ class SmtpPool:
             # The server closed a kept connection while it sat idle, or during
             # the envelope; it cannot have taken this message, so a fresh
             # connection sends it now.
-            client = await self._connect()
-            try:
-                errors, reply = await _transmit(client, mail, self._config)
-            except BaseException:
-                _discard(client)
-                raise
+            client, errors, reply = await self._again(mail)
         except BaseException:
             _discard(client)
             raise
@@ -223,6 +234,46 @@ class SmtpPool:
             _raise_for(errors)
         self._idle.append((client, time.monotonic()))
         return reply
+
+    async def _again(
+        self, mail: Mail
+    ) -> tuple[aiosmtplib.SMTP, dict[str, aiosmtplib.SMTPResponse], str]:
+        """``mail`` sent once more, on a new connection."""
+        client = await self._connect()
+        try:
+            errors, reply = await self._transmit(client, mail)
+        except BaseException:
+            _discard(client)
+            raise
+        return client, errors, reply
+
+    async def _transmit(
+        self, client: aiosmtplib.SMTP, mail: Mail
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        return await pipelining.sendmail(
+            client,
+            mail.sender,
+            mail.recipients,
+            mail.data,
+            _mail_options(client, mail),
+            data_timeout=self._config.content_timeout,
+            pipelined=self._pipelining and client.supports_extension("pipelining"),
+        )
+
+    def _stop_pipelining(self, refusal: pipelining.BatchRefused) -> None:
+        """Send one command at a time from now on, saying so once."""
+        if self._pipelining:
+            self._pipelining = False
+            logger.warning(
+                "the SMTP server at %s:%d offers PIPELINING but refused a batch "
+                "of commands (%d %s); this sender sends one command at a time to "
+                "it until restarted",
+                self._config.host,
+                self._config.port,
+                refusal.code,
+                refusal.message.strip()[:300],
+                extra={"action": "smtp.pipelining_refused"},
+            )
 
     async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
         now = time.monotonic()
@@ -303,20 +354,6 @@ async def _greet(client: aiosmtplib.SMTP) -> None:
         if not client.is_connected:
             raise
         await client.helo()
-
-
-async def _transmit(
-    client: aiosmtplib.SMTP, mail: Mail, config: SmtpConfig
-) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-    return await pipelining.sendmail(
-        client,
-        mail.sender,
-        mail.recipients,
-        mail.data,
-        _mail_options(client, mail),
-        data_timeout=config.content_timeout,
-        pipelined=client.supports_extension("pipelining"),
-    )
 
 
 def _mail_options(client: aiosmtplib.SMTP, mail: Mail) -> list[str]:

@@ -46,13 +46,13 @@ class _RecordingProtocol(_Protocol):
         super().data_received(data)
 
     async def smtp_RCPT(self, arg: str) -> None:
-        if await self._hung_up("RCPT"):
+        if await self._hung_up("RCPT") or await self._refused_batch():
             return
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         server = self.event_handler
-        if await self._hung_up("DATA"):
+        if await self._hung_up("DATA") or await self._refused_batch():
             return
         if server.data_reply is not None and self.envelope.rcpt_tos:
             await self.push(server.data_reply)
@@ -62,6 +62,16 @@ class _RecordingProtocol(_Protocol):
             # content comes is recorded as sent to nobody.
             self.envelope.rcpt_tos.append("nobody@example.com")
         await super().smtp_DATA(arg)
+
+    async def _refused_batch(self) -> bool:
+        """Answer 503 to a command that came in one read with MAIL, if scripted."""
+        server = self.event_handler
+        batch = server.reads[-1] if server.reads else b""
+        if server.refuses_batches and batch.startswith(b"MAIL"):
+            if batch.count(b"\r\n") > 1:
+                await self.push("503 5.5.1 Error: bad sequence of commands")
+                return True
+        return False
 
     async def _hung_up(self, command: str) -> bool:
         """Close without answering ``command``, or go silent, if scripted."""
@@ -92,7 +102,9 @@ class Server(SmtpServer):
     * :attr:`data_reply`: DATA answered with this instead of 354;
     * :attr:`data_despite_refusals`: DATA answered 354 with every recipient refused;
     * :attr:`hang_up_at`: close the connection on this command, unanswered, once;
-    * :attr:`silent_at`: never answer this command.
+    * :attr:`silent_at`: never answer this command;
+    * :attr:`refuses_batches`: RCPT and DATA that came in one write with MAIL
+      answered 503, though PIPELINING is offered.
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class Server(SmtpServer):
         self.data_despite_refusals = False
         self.hang_up_at: list[str] = []
         self.silent_at: str | None = None
+        self.refuses_batches = False
         # In place of the controller SmtpServer made, never started: this one's
         # connections record their reads.
         self._controller.loop.close()
@@ -613,6 +626,41 @@ async def test_a_message_takes_two_round_trips_pipelined_and_four_otherwise() ->
             reads[pipelining] = len(smtp.commands())
 
     assert reads == {True: 2 * 3, False: 4 * 3}
+
+
+async def test_a_server_refusing_the_batches_it_offered_gets_one_command_at_a_time(
+    pipelining_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = pipelining_server
+    server.refuses_batches = True
+    mails = [message(n, f"a{n}@example.com", f"b{n}@example.com") for n in range(3)]
+
+    with caplog.at_level(logging.WARNING, logger="email_sender.smtp"):
+        await send_all(server, *mails)
+
+    # Each arrives once; the first was sent again at once, after the refusal.
+    sent = {f"<notification-{n}@example.com>": 1 for n in range(3)}
+    assert server.message_ids() == sent
+    [batch, *after] = server.commands()
+    assert batch.count(b"\r\n") == 4  # MAIL, two RCPT, DATA
+    assert len(after) == 5 * 3  # MAIL, RCPT, RCPT, DATA, content: each alone
+    assert all(read.count(b"\r\n") == 1 for read in after[:4])
+    warned = [r for r in caplog.records if r.action == "smtp.pipelining_refused"]  # type: ignore[attr-defined]
+    assert len(warned) == 1
+    assert "503" in warned[0].getMessage()
+
+
+async def test_a_bad_sequence_reply_is_tried_again_later_not_given_up(
+    server: Server,
+) -> None:
+    # 503 says the conversation went wrong, not that the address or the
+    # message is refused for good.
+    server.replies["a@example.com"] = "503 5.5.1 Error: need MAIL command"
+
+    with pytest.raises(TransientSendError, match="503"):
+        await send_all(server, message(1, "a@example.com"))
+
+    assert server.received == []
 
 
 async def test_replies_that_arrive_together_or_in_pieces_are_each_read() -> None:
