@@ -83,6 +83,29 @@ async def test_a_link_to_a_missing_post_says_so_above_the_post_shown_instead(
     )
 
 
+async def test_two_notices_due_at_once_are_both_shown_and_taken_down_one_by_one(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    page = await (await browser.new_context()).new_page()
+
+    await page.goto(f"{gateway.url}/?user=mallory&post=987654")
+
+    lines = page.locator("#notice p")
+    await expect(page.locator("#post-title")).to_have_text("Welcome to notiflow")
+    await expect(lines).to_have_count(2)
+    await expect(page.locator("#notice")).to_contain_text("There is no user “mallory”")
+    await expect(page.locator("#notice")).to_contain_text(
+        "The link asks for post 987654, which does not exist"
+    )
+
+    # Choosing a user answers what was said of the link's user, not of its post.
+    await page.select_option("#user-select", "carol")
+    await expect(page.locator("#status")).to_have_text("live")
+    await expect(lines).to_have_count(1)
+    await expect(lines).to_contain_text("The link asks for post 987654")
+
+
 async def test_a_page_opened_while_the_comments_api_is_away_signs_in_once_it_answers(
     browser: Browser, site: Site
 ) -> None:

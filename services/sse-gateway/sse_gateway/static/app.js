@@ -40,6 +40,8 @@
     // that sending it again after a lost answer stores it once.
     sending: null,
     streamRefused: false,
+    // What the notice above the post says, by its subject (see showNotice).
+    notices: new Map(),
     // Whether the stream was given up in a background tab, and its timers.
     paused: false,
     hiddenTimer: null,
@@ -98,7 +100,7 @@
     }
     if (state.apiUnreachable && url.startsWith(state.api)) {
       state.apiUnreachable = false;
-      showNotice();
+      showNotice("api");
     }
     const body = await resp.json().catch(() => null);
     if (!resp.ok) throw new HttpError(resp.status, body);
@@ -156,7 +158,7 @@
     const fallback = [localStorage.getItem("notiflow.user"), "bob"].find(known) || names[0];
     const asked = new URLSearchParams(location.search).get("user");
     if (!asked || known(asked)) return asked || fallback;
-    showNotice(`There is no user “${asked}”; showing ${fallback}.`);
+    showNotice("user", `There is no user “${asked}”; showing ${fallback}.`);
     return fallback;
   }
 
@@ -164,6 +166,7 @@
   // for, and nothing to comment on.
   function sayThereAreNoUsers() {
     showNotice(
+      "users",
       "There are no users yet. Add the demo ones with ", code("make seed"),
       " (or ", code("uv run notiflow-seed"), "), then reload this page.",
     );
@@ -221,10 +224,20 @@
 
   // ---- notices ---------------------------------------------------------------
 
-  // Parts are strings or elements; strings go in as text, never as HTML.
-  function showNotice(...parts) {
-    $("notice").replaceChildren(...parts);
-    $("notice").hidden = parts.length === 0;
+  // Several things may need saying at once (a link to a missing post while the
+  // stream is refused, say): each has its own line, under its own name, and
+  // taking one down leaves the others. Parts are strings or elements; strings go
+  // in as text, never as HTML. No parts takes that notice down.
+  function showNotice(name, ...parts) {
+    if (parts.length) state.notices.set(name, parts);
+    else state.notices.delete(name);
+    const lines = [...state.notices.values()].map((line) => {
+      const el = document.createElement("p");
+      el.append(...line);
+      return el;
+    });
+    $("notice").replaceChildren(...lines);
+    $("notice").hidden = lines.length === 0;
   }
 
   function code(text) {
@@ -239,6 +252,7 @@
   function sayApiIsUnreachable() {
     state.apiUnreachable = true;
     showNotice(
+      "api",
       "Could not reach the comments API at ", code(state.api),
       ". Either it is not running, or it does not accept this page's address, ",
       code(location.origin), ": the page has to be opened at an address listed in ",
@@ -295,7 +309,7 @@
       setStatus("live");
       if (state.streamRefused) {
         state.streamRefused = false;
-        showNotice();
+        showNotice("stream");
       }
       reloadInbox().catch(inboxError);
       // Changes made while the stream was down were announced to nobody here.
@@ -403,6 +417,7 @@
     state.streamRefused = true;
     setStatus("offline", "paused");
     showNotice(
+      "stream",
       "Live updates are paused: this user already has as many pages open as the ",
       "server allows. Close one of them; this page tries again every ",
       String(wait), " s.",
@@ -730,6 +745,7 @@
     const shown = posts.find((p) => p.author.username === "alice") || posts[0];
     if (asked !== null) {
       showNotice(
+        "post",
         `The link asks for post ${asked.slice(0, 40)}, which does not exist`,
         shown ? `; this is “${shown.title}” instead.` : ".",
       );
@@ -874,7 +890,9 @@
     const select = $("user-select");
     if (state.devTokens) {
       select.addEventListener("change", () => {
-        showNotice();
+        // What was said of the user the link named, or of the last one's stream.
+        showNotice("user");
+        showNotice("stream");
         signIn(select.value).catch(showError);
       });
     } else {
