@@ -189,3 +189,32 @@ async def test_a_refused_request_is_answered_after_the_requests_before_it(
 
     assert answer is not None
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200", b"431"]
+
+
+async def test_a_body_that_stops_half_way_is_answered_408_and_closed(
+    start_gateway: StartGateway, demo: Demo, token: Callable[..., str]
+) -> None:
+    gateway = start_gateway(NOTIFLOW_HTTP_BODY_TIMEOUT=str(DEADLINE))
+    loop = asyncio.get_running_loop()
+    unsigned, signed = [await _connected(gateway.port) for _ in range(2)]
+    started = b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    try:
+        # Whether the token is good or missing, the body is waited for no longer.
+        await loop.sock_sendall(
+            unsigned, b"PATCH /preferences HTTP/1.1\r\nHost: x\r\n" + started
+        )
+        await loop.sock_sendall(
+            signed,
+            b"PATCH /preferences HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {token(demo.bob)}\r\n".encode()
+            + started,
+        )
+        answers = [await _closed_within(s, 10) for s in (unsigned, signed)]
+    finally:
+        unsigned.close()
+        signed.close()
+
+    for answer in answers:
+        assert answer is not None, "the connection was still open after 10 s"
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"NOTIFLOW_HTTP_BODY_TIMEOUT" in answer

@@ -47,6 +47,7 @@ header it does not allow) is a 400 in the same JSON, naming what it refused
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -183,20 +184,39 @@ def _unsupported_media_type(request: Request) -> JSONResponse:
     )
 
 
-def _unreadable_body(cause: BaseException | None) -> str | None:
+def _unreadable_body(request: Request, cause: BaseException | None) -> str | None:
     """What made FastAPI give up reading a JSON body, when the sender caused it."""
     if isinstance(cause, UnicodeDecodeError):
-        # JSON travels as UTF-8. The parser guesses UTF-16 or UTF-32 from a body's
-        # first bytes, but a body that fails that guess is reported as UTF-8.
-        body = bytes(cause.object)
-        try:
-            body.decode()
-        except UnicodeDecodeError as utf8:
-            cause = utf8
-        byte = body[cause.start : cause.start + 1].hex()
-        encoding = cause.encoding.upper()
-        return f"is not valid {encoding}: byte 0x{byte} at offset {cause.start}"
+        known = request.scope.get("state", {}).get(_BODY_PROBLEM)
+        return known or _not_utf8(bytes(cause.object)) or "is not valid UTF-8"
     return jsonkeys.beyond_limits(cause) if cause is not None else None
+
+
+# Where BodyLimit keeps, in a request's scope, why its body is not UTF-8; and
+# the body it hands on in its place, which no JSON parser decodes.
+_BODY_PROBLEM = "notiflow.body_problem"
+_UNDECODABLE = b"\xff"
+
+
+def _not_utf8(body: bytes) -> str | None:
+    """Why a JSON body is not UTF-8, or None if it is.
+
+    JSON travels as UTF-8 (RFC 8259). Python's parser guesses UTF-16 or UTF-32
+    from a body's first bytes, and would take such a body without a word; their
+    text has NUL bytes, which no JSON text in UTF-8 has outside its strings, and
+    none inside them, where control characters must be escaped.
+    """
+    try:
+        body.decode()
+    except UnicodeDecodeError as exc:
+        byte = body[exc.start : exc.start + 1].hex()
+        return f"is not valid UTF-8: byte 0x{byte} at offset {exc.start}"
+    if (at := body.find(b"\x00")) != -1:
+        return (
+            f"is not valid UTF-8 JSON: byte 0x00 at offset {at} "
+            "(UTF-16 and UTF-32 are not taken)"
+        )
+    return None
 
 
 def invalid_request(problems: list[tuple[str, str]]) -> JSONResponse:
@@ -228,9 +248,11 @@ def install_http_policy(
     app: FastAPI,
     max_request_bytes: int = 64 * 1024,
     *,
+    body_seconds: float = 20.0,
     one_authorization: bool = True,
 ) -> None:
-    """JSON answers for every error, the request body limit, unique JSON keys and
+    """JSON answers for every error, the request body's limits in size and in
+    time (``body_seconds`` to arrive whole), unique JSON keys and
     query parameters, one ``Authorization`` header at most (unless
     ``one_authorization`` is false, for an app that checks it itself), ``HEAD``
     wherever ``GET`` is answered, no compressed bodies, and no redirects to add or
@@ -256,7 +278,9 @@ def install_http_policy(
     app.user_middleware.extend(
         [
             Middleware(ServerFailure),
-            Middleware(BodyLimit, max_bytes=max_request_bytes),
+            Middleware(
+                BodyLimit, max_bytes=max_request_bytes, body_seconds=body_seconds
+            ),
             Middleware(HeadAsGet),
         ]
     )
@@ -300,7 +324,9 @@ def install_http_policy(
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # FastAPI answers 400 "There was an error parsing the body", and no more,
         # to a JSON body it could not decode; the exception it chains says why.
-        if exc.status_code == 400 and (problem := _unreadable_body(exc.__cause__)):
+        if exc.status_code == 400 and (
+            problem := _unreadable_body(request, exc.__cause__)
+        ):
             return await _token_refused(request) or invalid_request(
                 [(WHOLE_BODY, problem)]
             )
@@ -778,19 +804,25 @@ def _shown(value: str, limit: int = 100) -> str:
 
 class BodyLimit:
     """Refuse request bodies longer than ``max_bytes`` with 413, reading no further,
-    with 422 JSON bodies that give a key twice and requests that give
-    ``Content-Type`` twice, and with 415 bodies sent with a ``Content-Encoding``.
+    bodies that take longer than ``body_seconds`` to arrive with 408, with 422 JSON
+    bodies that give a key twice and requests that give ``Content-Type`` twice, and
+    with 415 bodies sent with a ``Content-Encoding``.
 
-    A declared ``Content-Length`` is checked before anything is read. A body sent
-    without one (chunked), and any JSON body, is read here, up to the limit, and
-    handed on whole. JSON parsers keep the last of two equal keys, so
+    A declared ``Content-Length`` is checked before anything is read. Every body is
+    then read here, up to the limit, and handed on whole: a client that stops
+    sending half way would otherwise hold its connection, and the memory of what
+    it sent, for as long as it likes, before anything (its token included) is
+    judged. JSON parsers keep the last of two equal keys, so
     ``{"post_id": 1, "post_id": 2}`` would otherwise be taken as post 2 without a
     word; which one the sender meant cannot be known.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, body_seconds: float = 20.0
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_seconds = body_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -826,28 +858,28 @@ class BodyLimit:
             if not length.isdigit() or int(length) > self.max_bytes:
                 await _too_large(self.max_bytes, scope, receive, send)
                 return
-            if int(length) == 0 or not _is_json(content_type):
+            if int(length) == 0:
                 await self.app(scope, receive, send)
                 return
 
-        chunks: list[bytes] = []
-        size = 0
-        complete = False
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await _too_large(self.max_bytes, scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                complete = True
-                break
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.body_seconds):
+                read = await _read_body(receive, self.max_bytes)
+        except TimeoutError:
+            await _body_too_slow(self.body_seconds, scope, receive, send)
+            return
+        if read is None:
+            await _too_large(self.max_bytes, scope, receive, send)
+            return
+        body, complete = read
         if complete and body and _is_json(content_type):
-            if repeated := repeated_keys(body):
+            if problem := _not_utf8(body):
+                # Refused where FastAPI refuses any body it cannot read, once the
+                # route has judged the token (see _token_refused), by handing it
+                # one it cannot decode; the answer says what was wrong with this.
+                scope.setdefault("state", {})[_BODY_PROBLEM] = problem
+                body = _UNDECODABLE
+            elif repeated := repeated_keys(body):
                 problems = [(path, "key given more than once") for path in repeated]
                 await invalid_request(problems)(scope, receive, send)
                 return
@@ -861,6 +893,36 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+async def _read_body(receive: Receive, max_bytes: int) -> tuple[bytes, bool] | None:
+    """The body and whether it came whole (not cut short by a disconnect), or
+    None once it is longer than ``max_bytes``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > max_bytes:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+async def _body_too_slow(
+    seconds: float, scope: Scope, receive: Receive, send: Send
+) -> None:
+    response = error(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {seconds:g} s "
+        "(NOTIFLOW_HTTP_BODY_TIMEOUT)",
+        Connection="close",
+    )
+    await response(scope, receive, send)
 
 
 def _header(scope: Scope, *names: bytes) -> list[bytes | None]:

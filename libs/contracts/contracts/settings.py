@@ -215,6 +215,9 @@ class Settings(BaseSettings):
     # How long a connection may take to send a request's headers; past it the
     # connection is closed (contracts.httpserver).
     http_headers_timeout: float = Field(default=20.0, gt=0, le=3600)
+    # How long a request's body may take to arrive, once its headers have; past
+    # it the request is answered 408 and its connection closed (contracts.http).
+    http_body_timeout: float = Field(default=20.0, gt=0, le=3600)
     # Browser origins allowed to call the HTTP APIs, separated by commas.
     cors_origins: str = ""
 

@@ -147,8 +147,22 @@ async def test_only_json_bodies_are_checked_for_repeated_keys() -> None:
         (b"\xff\xfe{", "is not valid UTF-8: byte 0xff at offset 0"),
         (b"   ", "is not valid JSON: syntax error at line 1 column 4"),
         (b'{"a": ' + b"7" * 4301 + b"}", "has a number of more than 4300 digits"),
+        # Python's parser would take these, guessing the encoding from the start.
+        ('{"a": 1}'.encode("utf-16-le"), "is not valid UTF-8 JSON: byte 0x00 at"),
+        ('{"a": 1}'.encode("utf-16"), "is not valid UTF-8: byte 0x"),
+        ('{"a": 1}'.encode("utf-32"), "is not valid UTF-8: byte 0x"),
     ],
-    ids=["truncated", "invalid-after-repeat", "deep", "not-utf8", "blank", "long"],
+    ids=[
+        "truncated",
+        "invalid-after-repeat",
+        "deep",
+        "not-utf8",
+        "blank",
+        "long",
+        "utf16le",
+        "utf16-bom",
+        "utf32-bom",
+    ],
 )
 async def test_a_body_that_is_not_json_is_refused_saying_where(
     body: bytes, message: str

@@ -44,7 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
-    install_http_policy(app, settings.max_request_bytes)
+    install_http_policy(
+        app, settings.max_request_bytes, body_seconds=settings.http_body_timeout
+    )
     app.include_router(health_router(runtime))
     app.include_router(router)
     if settings.env == "development":

@@ -384,6 +384,8 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         telemetry=tracing.fastapi_telemetry(),
     )
     app.state.runtime = runtime
-    install_http_policy(app, settings.max_request_bytes)
+    install_http_policy(
+        app, settings.max_request_bytes, body_seconds=settings.http_body_timeout
+    )
     app.include_router(health_router(runtime))
     return app

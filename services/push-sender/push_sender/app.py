@@ -114,7 +114,9 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
-    install_http_policy(app, settings.max_request_bytes)
+    install_http_policy(
+        app, settings.max_request_bytes, body_seconds=settings.http_body_timeout
+    )
     name_every_problem(app)
     app.include_router(health_router(runtime))
     app.include_router(router)

@@ -253,7 +253,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.add_middleware(Cors, **app.cors)
     # GatewayApp refuses a second token itself, ahead of the app, where it also
     # sees a query's; and /unsubscribe takes no bearer token, so ignores them.
-    install_http_policy(app, settings.max_request_bytes, one_authorization=False)
+    install_http_policy(
+        app,
+        settings.max_request_bytes,
+        body_seconds=settings.http_body_timeout,
+        one_authorization=False,
+    )
     app.include_router(health_router(runtime))
     app.include_router(router)
     app.include_router(unsubscribe.router)
