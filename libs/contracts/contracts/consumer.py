@@ -68,6 +68,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
@@ -176,17 +177,35 @@ class Publisher:
     (its queue was deleted while the service ran) is then refused rather than
     confirmed and dropped. The publisher declares the topology again (``restore``)
     and publishes once more, so the dead letter or retry is kept.
+
+    A channel the broker closed (over a refused publish: an exchange deleted, the
+    user's permissions taken away), which aio-pika could not open again, is
+    exchanged for a new one (``replace``, given the lost channel) and the message
+    published on that.
     """
 
     def __init__(
         self,
         channel: AbstractChannel,
         restore: Callable[[], Awaitable[None]] | None = None,
+        replace: Callable[[AbstractChannel], Awaitable[AbstractChannel]] | None = None,
     ) -> None:
         self._channel = channel
         self._restore = restore
+        self._replace = replace
 
     async def _publish(
+        self, exchange_name: str, message: aio_pika.Message, queue: str
+    ) -> None:
+        try:
+            await self._publish_on_channel(exchange_name, message, queue)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            if self._replace is None:
+                raise
+            self._channel = await self._replace(self._channel)
+            await self._publish_on_channel(exchange_name, message, queue)
+
+    async def _publish_on_channel(
         self, exchange_name: str, message: aio_pika.Message, queue: str
     ) -> None:
         exchange = await self._channel.get_exchange(exchange_name, ensure=False)

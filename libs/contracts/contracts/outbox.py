@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import AbstractChannel
@@ -214,6 +215,11 @@ class OutboxRelay:
                 url, timeout=10, client_properties={"connection_name": name}
             )
             logs.BrokerLink(name).watch(self._connection)
+        await self._open_channel()
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def _open_channel(self) -> None:
+        assert self._connection is not None
         # A message no queue takes (its queue was deleted while this ran) is
         # refused rather than confirmed, so its row stays to be published again,
         # once the topology is declared anew.
@@ -221,7 +227,24 @@ class OutboxRelay:
             publisher_confirms=True, on_return_raises=True
         )
         await topology.declare(self._channel, self._settings.retry_delay_levels)
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def _replace_channel(self) -> None:
+        """Publish on a new channel, the connection being up and this one closed.
+
+        The broker closes a channel over a refused publish (an exchange deleted,
+        the user's permissions taken away); aio-pika tries once to open it again,
+        at once, and leaves it closed if that fails too, while the refusal may
+        last a little longer. Without a new channel the relay would fail for good.
+        """
+        if (old := self._channel) is not None:
+            # Closed for good, so that nothing reopens it beside the new one.
+            await bounded(old.close(), "closing the relay's lost channel")
+        await self._open_channel()
+        logger.info(
+            "the broker had closed the outbox relay's channel; it publishes on a "
+            "new one",
+            extra={"action": "outbox.channel_replaced"},
+        )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -493,7 +516,13 @@ class OutboxRelay:
             raise RuntimeError("relay is not started")
         try:
             async with asyncio.timeout(READY_SECONDS):
-                return await self._channel.get_underlay_channel()
+                try:
+                    # Once the connection is up.
+                    return await self._channel.get_underlay_channel()
+                except aiormq.exceptions.ChannelInvalidStateError:
+                    await self._replace_channel()
+                    assert self._channel is not None
+                    return await self._channel.get_underlay_channel()
         except TimeoutError:
             raise BrokerUnavailable(
                 f"the broker connection has been down for {READY_SECONDS:g}s"

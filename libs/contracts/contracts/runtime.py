@@ -80,6 +80,7 @@ class Runtime:
         self.consumers: Consumers | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._replacing = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         if consumers:
             # FastStream hands aio-pika a reconnect interval and a fail_fast of
@@ -107,7 +108,27 @@ class Runtime:
     def publisher(self) -> Publisher:
         if self._channel is None:
             raise RuntimeError("runtime is not started")
-        return Publisher(self._channel, self._declare)
+        return Publisher(self._channel, self._declare, self._channel_instead_of)
+
+    async def _channel_instead_of(self, lost: AbstractChannel) -> AbstractChannel:
+        """A new channel for publishing, if ``lost`` is still the one in use: the
+        broker closed it and aio-pika could not open it again."""
+        async with self._replacing:
+            if self._channel is lost and self._connection is not None:
+                # Closed for good, so that nothing reopens it beside the new one.
+                await bounded(lost.close(), "closing the lost publishing channel")
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                await self._declare()
+                logger.info(
+                    "the broker had closed the channel for retries and dead "
+                    "letters; they are published on a new one",
+                    extra={"action": "publisher.channel_replaced"},
+                )
+            if self._channel is None:
+                raise RuntimeError("runtime is not started")
+            return self._channel
 
     async def _declare(self) -> None:
         if self._channel is None:

@@ -20,6 +20,7 @@ from contracts.messages import CommentCreated, decode
 from contracts.outbox import OutboxRelay, Outgoing, backlog, enqueue
 from contracts.settings import Settings
 from tests.integration.proxy import Proxy
+from tests.support import infra
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -815,3 +816,45 @@ async def test_a_relay_cut_off_from_the_broker_leaves_its_rows_to_the_others(
 async def _tried(claims: list[float]) -> bool:
     await asyncio.sleep(0.2)  # into the claim, with the old code holding rows
     return len(claims) >= 1
+
+
+async def test_a_relay_whose_channel_the_broker_closed_publishes_again_on_a_new_one(
+    settings: Settings,
+) -> None:
+    # A publish refused (here: permissions taken away for a moment) makes the
+    # broker close the channel; aio-pika tries once to reopen it, while the
+    # refusal still holds, and then leaves it closed on a connection that is up.
+    vhost = urlsplit(settings.amqp_url).path.lstrip("/")
+    pool = await create_pool(settings)
+    relay = OutboxRelay(pool, settings, sweep_seconds=0.5)
+    try:
+        await relay.start()
+        _set_write_permission(vhost, "^$")
+        try:
+            await write(pool, [event(n) for n in range(3)])
+            await eventually(
+                lambda: _closed(relay), what="the broker closed the relay's channel"
+            )
+            await asyncio.sleep(1)
+        finally:
+            _set_write_permission(vhost, ".*")
+        got: list[int] = []
+
+        async def all_three() -> bool:
+            got.extend(await received(settings))
+            return len(got) >= 3
+
+        await eventually(all_three, timeout=20, what="3 messages on the queue")
+    finally:
+        await relay.stop()
+        await pool.close()
+
+    assert sorted(got) == [0, 1, 2]
+
+
+def _set_write_permission(vhost: str, pattern: str) -> None:
+    infra._rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", pattern, ".*")
+
+
+async def _closed(relay: OutboxRelay) -> bool:
+    return relay._channel is not None and relay._channel.is_closed
