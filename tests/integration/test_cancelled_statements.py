@@ -100,3 +100,53 @@ async def test_a_sweeper_stopped_mid_sweep_stops_when_the_server_is_out_of_reach
         await locker.close()
 
     assert stopped == [None]
+
+
+async def test_a_sweep_cancelled_by_an_operator_leaves_the_sweeper_sweeping(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    pool = await create_pool(settings, min_size=1, max_size=2)
+    locker = await asyncpg.connect(settings.database_url, timeout=10)
+    sweeper = LeaseSweeper(
+        pool,
+        ["email"],
+        interval=0.1,
+        grace_seconds=60,
+        max_attempts=3,
+        pending_age_seconds=600,
+    )
+    sweeps: list[bool] = []
+    sweep = sweeper.sweep
+
+    async def counted():  # type: ignore[no-untyped-def]
+        try:
+            return await sweep()
+        finally:
+            sweeps.append(True)
+
+    sweeper.sweep = counted  # type: ignore[method-assign]
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE")
+            sweeper.start()
+            await eventually(
+                lambda: _running(db, "notifications"), what="sweep waiting on the lock"
+            )
+            # As an operator would, with pg_cancel_backend: QueryCanceledError.
+            await db.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state = 'active' "
+                "AND query LIKE '%notifications%' AND pid <> pg_backend_pid()"
+            )
+            await eventually(lambda: _count(sweeps, 1), what="the sweep cancelled")
+        await eventually(lambda: _count(sweeps, 3), what="two sweeps after it")
+        assert sweeper._task is not None and not sweeper._task.done()
+    finally:
+        await sweeper.stop()
+        await locker.close()
+        await pool.close()
+
+
+async def _count(items: list[bool], at_least: int) -> bool:
+    await asyncio.sleep(0)
+    return len(items) >= at_least

@@ -319,3 +319,15 @@ class LeaseSweeper:
                     exc,
                     extra={"action": "delivery.sweep_failed"},
                 )
+            except Exception:
+                if self._stopping:
+                    return
+                # A statement cancelled by an operator, a lock or statement
+                # timeout, a deadlock, a server gone read-only: the next sweep
+                # may go through, and rows left behind would otherwise stay so
+                # until the process restarts.
+                logger.exception(
+                    "lease sweep failed; the next is due in %gs",
+                    self._interval,
+                    extra={"action": "delivery.sweep_failed"},
+                )

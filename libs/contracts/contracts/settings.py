@@ -55,6 +55,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_TOKEN_TTL_SECONDS = 366 * 24 * 3600
 MAX_IDEMPOTENCY_KEY_HOURS = 366 * 24
 MAX_COMMENTS_PER_MINUTE = 100_000
+# A year: PostgreSQL's intervals reach much further, but not every float does.
+MAX_PENDING_REPUBLISH_SECONDS = 366 * 24 * 3600
 # Connections one pool may hold. PostgreSQL serves 100 by default, and each one
 # costs the server a process; far more than that is a typing mistake.
 MAX_POOL_CONNECTIONS = 1000
@@ -186,11 +188,11 @@ class Settings(BaseSettings):
 
     db_pool_min: int = Field(default=1, ge=0, le=MAX_POOL_CONNECTIONS)
     db_pool_max: int = Field(default=10, ge=1, le=MAX_POOL_CONNECTIONS)
-    db_acquire_timeout: float = Field(default=2.0, gt=0)
-    db_command_timeout: float = Field(default=10.0, gt=0)
+    db_acquire_timeout: float = Field(default=2.0, gt=0, le=3600)
+    db_command_timeout: float = Field(default=10.0, gt=0, le=3600)
 
     outbox_batch_size: int = Field(default=500, ge=1, le=MAX_OUTBOX_BATCH)
-    outbox_sweep_seconds: float = Field(default=2.0, gt=0)
+    outbox_sweep_seconds: float = Field(default=2.0, ge=0.05, le=3600)
     # How long a relay waits before answering a NOTIFY, which only a writer without
     # a relay of its own sends (writers with one hand their rows to it), and how
     # old the rows that claim takes must be. 0 answers every NOTIFY at once.
@@ -208,8 +210,10 @@ class Settings(BaseSettings):
     # a delivery queue) is published again by its sender's lease sweeper, at most
     # once per this period. Rows of a backlog that waits longer in its queue get a
     # duplicate message each period, which the claim lets through only once.
-    pending_republish_seconds: float = Field(default=600.0, gt=0)
-    drain_seconds: float = Field(default=10.0, gt=0)
+    pending_republish_seconds: float = Field(
+        default=600.0, gt=0, le=MAX_PENDING_REPUBLISH_SECONDS
+    )
+    drain_seconds: float = Field(default=10.0, gt=0, le=3600)
 
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     # How long a connection may take to send a request's headers; past it the

@@ -30,6 +30,26 @@ def test_retry_delays_must_be_positive_seconds(delays: str) -> None:
         Settings(retry_delays=delays)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # Accepted once, this failed every lease sweep on a date out of range.
+        ("pending_republish_seconds", 1e15),
+        ("db_command_timeout", 1e12),
+        ("db_acquire_timeout", 1e12),
+        ("drain_seconds", 1e12),
+        ("outbox_sweep_seconds", 1e-6),
+        ("outbox_sweep_seconds", 1e12),
+        ("http_body_timeout", 0),
+    ],
+)
+def test_times_out_of_their_working_range_are_refused_at_start(
+    name: str, value: float
+) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Settings(**{name: value})
+
+
 def test_retry_delays_may_have_spaces_around_each() -> None:
     assert Settings(retry_delays=" 5, 30 ,120").retry_delay_levels == (5, 30, 120)
 
