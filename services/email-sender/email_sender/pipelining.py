@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import cast
 
@@ -74,8 +74,12 @@ async def sendmail(
     *,
     data_timeout: float | None,
     pipelined: bool = True,
+    content_goes: Callable[[], None] | None = None,
 ) -> tuple[dict[str, SMTPResponse], str]:
     """What ``client.sendmail`` does; the client must have said EHLO or HELO.
+
+    ``content_goes`` is called just before the content is written: from then on
+    the server may take the message.
 
     MAIL, every RCPT and DATA go in one write if ``pipelined``, each after the
     previous reply otherwise. Every reply is waited for ``client.timeout`` seconds
@@ -114,6 +118,7 @@ async def sendmail(
             recipients,
             content,
             data_timeout,
+            content_goes,
         )
     except BaseException:
         client.close()
@@ -129,6 +134,7 @@ async def _transaction(
     recipients: Sequence[str],
     content: bytes,
     data_timeout: float | None,
+    content_goes: Callable[[], None] | None,
 ) -> tuple[dict[str, SMTPResponse], str]:
     mail = await exchange.reply()
     if mail.code != SMTPStatus.completed:
@@ -161,10 +167,18 @@ async def _transaction(
                 "dropped and the email retried)"
             )
         raise aiosmtplib.SMTPDataError(start.code, message)
+    if content_goes is not None:
+        content_goes()
     transport.write(PERIOD_REGEX.sub(b"..", content) + b".\r\n")
     # The server may have taken the message before this reply comes.
     try:
         done = await exchange.replies.next(data_timeout)
+    except aiosmtplib.SMTPReadTimeoutError as exc:
+        waited = "" if data_timeout is None else f" within {data_timeout:g}s"
+        raise aiosmtplib.SMTPReadTimeoutError(
+            f"no reply to the end of the content{waited}; the server may have "
+            "taken the email"
+        ) from exc
     except aiosmtplib.SMTPServerDisconnected as exc:
         raise LostAfterContent(
             "connection lost after the content was sent, before the server's "

@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,17 +136,6 @@ def _classify(code: int, text: str) -> SendFailed:
     return TransientSendError(reason)
 
 
-async def _bounded(call: Awaitable[str], deadline: float) -> str:
-    """``call`` classified, and cut off after ``deadline`` seconds."""
-    try:
-        async with asyncio.timeout(deadline):
-            return await _classified(call)
-    except TimeoutError as exc:
-        raise TransientSendError(
-            f"SMTP conversation took longer than {deadline:g}s"
-        ) from exc
-
-
 def _raise_for(errors: dict[str, aiosmtplib.SMTPResponse]) -> None:
     if errors:
         worst_code, worst_text = max(errors.values())
@@ -198,26 +187,61 @@ class SmtpPool:
         another sender's, and the email on its way from there.
         """
         async with self._slots:
-            if (
-                ends_by is not None
-                and time.monotonic() + self._config.deadline > ends_by
-            ):
+            now = time.monotonic()
+            if ends_by is not None and now + self._config.deadline > ends_by:
                 raise TooLate(
                     "the row's lease would run out before a whole SMTP conversation "
                     "could end (the process was paused or starved, say)"
                 )
-            return await _bounded(self._send(mail), self._config.deadline)
+            return await self._send_by(mail, ends_by or now + self._config.deadline)
 
-    async def _send(self, mail: Mail) -> str:
+    async def _send_by(self, mail: Mail, until: float) -> str:
+        """Send ``mail``, the conversation over by ``until`` (``time.monotonic``).
+
+        The content goes only while the whole wait for its reply still fits
+        before ``until``: a conversation cut short after the content went may
+        have delivered the email, and it would be sent again. The commands before
+        it (connecting, greeting, TLS, login, the envelope) take what time is left
+        until then, each within its own timeout; past it, nothing was sent.
+        """
+        loop = asyncio.get_running_loop()
+        on_loop = loop.time() - time.monotonic()
+        reply_wait = self._config.content_timeout
+        content_by = until - reply_wait
+        budget = content_by - time.monotonic()
+        went = False
+
+        def content_goes() -> None:
+            nonlocal went
+            went = True
+            # The reply's own wait, of reply_wait, ends first.
+            limit.reschedule(until + on_loop)
+
+        try:
+            async with asyncio.timeout_at(content_by + on_loop) as limit:
+                return await _classified(self._send(mail, content_goes))
+        except TimeoutError as exc:
+            if went:
+                raise TransientSendError(
+                    f"no reply to the end of the content within {reply_wait:g}s; "
+                    "the server may have taken the email"
+                ) from exc
+            raise TransientSendError(
+                f"the SMTP server took longer than {budget:.3g}s over the "
+                "commands before the content, which was not sent (a server this "
+                "slow needs a longer NOTIFLOW_EMAIL_LEASE_SECONDS)"
+            ) from exc
+
+    async def _send(self, mail: Mail, content_goes: Callable[[], None]) -> str:
         client, reused = await self._checkout()
         try:
-            errors, reply = await self._transmit(client, mail)
+            errors, reply = await self._transmit(client, mail, content_goes)
         except pipelining.BatchRefused as exc:
             _discard(client)
             self._stop_pipelining(exc)
             # Refused before DATA was accepted, so nothing was taken: the same
             # message goes again now, one command at a time.
-            client, errors, reply = await self._again(mail)
+            client, errors, reply = await self._again(mail, content_goes)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             _discard(client)
             if not reused or isinstance(exc, pipelining.LostAfterContent):
@@ -225,7 +249,7 @@ class SmtpPool:
             # The server closed a kept connection while it sat idle, or during
             # the envelope; it cannot have taken this message, so a fresh
             # connection sends it now.
-            client, errors, reply = await self._again(mail)
+            client, errors, reply = await self._again(mail, content_goes)
         except BaseException:
             _discard(client)
             raise
@@ -236,19 +260,19 @@ class SmtpPool:
         return reply
 
     async def _again(
-        self, mail: Mail
+        self, mail: Mail, content_goes: Callable[[], None]
     ) -> tuple[aiosmtplib.SMTP, dict[str, aiosmtplib.SMTPResponse], str]:
         """``mail`` sent once more, on a new connection."""
         client = await self._connect()
         try:
-            errors, reply = await self._transmit(client, mail)
+            errors, reply = await self._transmit(client, mail, content_goes)
         except BaseException:
             _discard(client)
             raise
         return client, errors, reply
 
     async def _transmit(
-        self, client: aiosmtplib.SMTP, mail: Mail
+        self, client: aiosmtplib.SMTP, mail: Mail, content_goes: Callable[[], None]
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
         return await pipelining.sendmail(
             client,
@@ -258,6 +282,7 @@ class SmtpPool:
             _mail_options(client, mail),
             data_timeout=self._config.content_timeout,
             pipelined=self._pipelining and client.supports_extension("pipelining"),
+            content_goes=content_goes,
         )
 
     def _stop_pipelining(self, refusal: pipelining.BatchRefused) -> None:

@@ -591,10 +591,96 @@ async def test_a_reply_to_the_content_later_than_its_own_timeout_is_tried_again(
     config = SmtpConfig("127.0.0.1", server.port, timeout=0.2, data_timeout=0.5)
     transport = SmtpPool(config, size=1)
     try:
-        with pytest.raises(TransientSendError, match="SMTP timeout"):
+        with pytest.raises(TransientSendError, match="SMTP timeout") as failed:
             await transport.send(message(1))
     finally:
         await transport.close()
+
+    assert "may have taken the email" in str(failed.value)
+
+
+class SlowServer:
+    """An SMTP server, one command at a time, that answers every command after
+    ``command_delay`` seconds and the end of the content after ``content_delay``,
+    counting the messages whose content it took whole."""
+
+    def __init__(self, command_delay: float, content_delay: float) -> None:
+        self.command_delay = command_delay
+        self.content_delay = content_delay
+        self.taken = 0
+        self._listener: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SlowServer:
+        self._listener = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def _answer(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        await asyncio.sleep(self.command_delay)
+        writer.write(reply)
+        await writer.drain()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await self._answer(writer, b"220 slow.example ready\r\n")
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    await self._answer(writer, b"250 slow.example\r\n")
+                elif verb == b"DATA":
+                    await self._answer(writer, b"354 go ahead\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    self.taken += 1
+                    await asyncio.sleep(self.content_delay)
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    await self._answer(writer, b"250 ok\r\n")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_the_reply_to_the_content_gets_its_whole_wait_after_slow_commands() -> (
+    None
+):
+    # Five replies before the content, each within its timeout, take longer than
+    # 4 x timeout; the lease leaves time for them and for the content's reply.
+    async with SlowServer(command_delay=0.9, content_delay=1.8) as server:
+        config = SmtpConfig("127.0.0.1", server.port, timeout=1, data_timeout=2)
+        transport = SmtpPool(config, size=1)
+        try:
+            await transport.send(message(1), ends_by=time.monotonic() + 8)
+        finally:
+            await transport.close()
+
+    assert server.taken == 1
+
+
+async def test_commands_too_slow_for_the_time_left_send_no_content() -> None:
+    async with SlowServer(command_delay=0.9, content_delay=0) as server:
+        config = SmtpConfig("127.0.0.1", server.port, timeout=1, data_timeout=2)
+        transport = SmtpPool(config, size=1)
+        try:
+            with pytest.raises(TransientSendError, match="which was not sent"):
+                await transport.send(message(1))
+        finally:
+            await transport.close()
+
+    assert server.taken == 0
 
 
 # How the commands travel
