@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,31 @@ class _StampedLoader(FileSystemLoader):
         self._settle = settle_seconds
         # Each changed file's newest stamp, and when it was first seen.
         self._changes: dict[str, tuple[stamps.Stamp, float]] = {}
+        # The stamp of the text each file's latest version was compiled from,
+        # and of each file's text read and not compiled yet.
+        self._loaded: dict[str, stamps.Stamp] = {}
+        self._read: dict[str, stamps.Stamp] = {}
+
+    def load(
+        self,
+        environment: Environment,
+        name: str,
+        globals: MutableMapping[str, Any] | None = None,
+    ) -> Template:
+        template = super().load(environment, name, globals)
+        if template.filename is not None and template.filename in self._read:
+            self._loaded[template.filename] = self._read.pop(template.filename)
+        return template
+
+    def on_disk(self, filename: str | None) -> bool:
+        """Whether the file holds the text its latest version was compiled from:
+        not while an edit settles, nor while the edited text does not compile."""
+        if filename is None or filename not in self._loaded:
+            return False
+        try:
+            return stamps.stamp(filename) == self._loaded[filename]
+        except OSError:
+            return False
 
     def get_source(
         self, environment: Environment, template: str
@@ -152,6 +177,7 @@ class _StampedLoader(FileSystemLoader):
         except OSError:
             raise TemplateNotFound(template) from None
         text, filename, _ = super().get_source(environment, template)
+        self._read[filename] = before
 
         def uptodate() -> bool:
             try:
@@ -172,10 +198,9 @@ class _StampedLoader(FileSystemLoader):
         if seen is None or seen[0] != stamp:
             self._changes[filename] = (stamp, now)
             return True
-        if now - seen[1] < self._settle:
-            return True
-        del self._changes[filename]
-        return False
+        # Kept once settled: until a version of the new text compiles, the
+        # version before it stays out of date, not up to date again.
+        return now - seen[1] < self._settle
 
 
 class Renderer:
@@ -186,8 +211,9 @@ class Renderer:
         stayed unchanged for ``settle_seconds`` (the dispatcher's
         :data:`SETTLE_SECONDS`; none by default, for tests)."""
         self._directory = directory
+        self._loader = _StampedLoader(str(directory), settle_seconds)
         self._env = Environment(
-            loader=_StampedLoader(str(directory), settle_seconds),
+            loader=self._loader,
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",)),
             keep_trailing_newline=False,
@@ -325,8 +351,14 @@ class Renderer:
             self._good[path] = version
         reported = self._reported.get(path)
         # Fixed once another version renders; the version a fault was seen in
-        # may render other values, and is not fixed by that.
-        if reported is not None and reported[1] is not version:
+        # may render other values, and is not fixed by that. Nor is the version
+        # still served while the file holds text that does not compile, or an
+        # edit that has not settled: only the file's text as it is on disk.
+        if (
+            reported is not None
+            and reported[1] is not version
+            and self._loader.on_disk(version.filename)
+        ):
             del self._reported[path]
             metrics.TEMPLATES_BROKEN.set(len(self._reported))
             logger.info(

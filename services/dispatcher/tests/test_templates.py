@@ -571,6 +571,39 @@ def test_a_file_written_in_place_is_not_used_half_written(tmp_path: Path) -> Non
     assert settled == "Zoë 🚀 mentioned you"
 
 
+def test_a_file_that_does_not_parse_stays_broken_while_it_is_not_fixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = template_set(tmp_path, title="first")
+    renderer = Renderer(tmp_path, settle_seconds=0.1)
+    renderer.render("broken", context())
+
+    def broken() -> float | None:
+        return REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken")
+
+    _rewrite(folder / "title.txt.j2", "{% if %}")
+    seen = []
+    with caplog.at_level(logging.INFO, logger="dispatcher.templates"):
+        # Looked at as the dispatcher does, for longer than the settle time, with
+        # notifications rendered meanwhile.
+        for _ in range(12):
+            time.sleep(0.05)
+            renderer.look("broken")
+            title = renderer.render("broken", context()).title
+            seen.append((broken(), title))
+        # Then fixed: taken up once seen unchanged for the settle time.
+        _rewrite(folder / "title.txt.j2", "fixed")
+        renderer.look("broken")
+        time.sleep(0.15)
+        renderer.look("broken")
+
+    after_settling = seen[4:]
+    assert after_settling == [(1, "first")] * len(after_settling)
+    actions = [r.action for r in caplog.records]  # type: ignore[attr-defined]
+    assert actions == ["template.broken", "template.fixed"]
+    assert broken() == 0
+
+
 def test_a_file_saved_with_a_byte_order_mark_renders_without_it(
     tmp_path: Path,
 ) -> None:
