@@ -266,6 +266,16 @@ class EmailSettings(Settings):
         return self
 
     @property
+    def start_tls(self) -> bool | None:
+        """STARTTLS: as set; unset, when the server offers it, but required
+        when the sender logs in over a connection not encrypted from the start,
+        so that the password is never sent in the clear (an attacker on the way
+        can strip STARTTLS from the server's offer)."""
+        if self.smtp_starttls is None and self.smtp_username and not self.smtp_use_tls:
+            return True
+        return self.smtp_starttls
+
+    @property
     def smtp_conversation_seconds(self) -> float:
         """The longest one whole SMTP conversation may take."""
         return smtp.deadline(self.smtp_timeout, self.smtp_data_timeout)
@@ -326,7 +336,7 @@ def create_app(settings: EmailSettings | None = None) -> FastAPI:
         username=settings.smtp_username,
         password=settings.smtp_password,
         use_tls=settings.smtp_use_tls,
-        start_tls=settings.smtp_starttls,
+        start_tls=settings.start_tls,
         helo_name=settings.smtp_helo_name,
     )
 

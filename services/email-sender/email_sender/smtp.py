@@ -7,7 +7,8 @@ Exceptions::
     │                        a server that accepts TCP and never greets, and any
     │                        refusal before the first mail (the greeting, EHLO,
     │                        STARTTLS or the login, 5xx included), and 503 (bad
-    │                        sequence of commands) at any point
+    │                        sequence of commands) and 530 (authentication
+    │                        required) at any point
     └── PermanentSendError   other 5xx replies to a message, an address the server
                              will never accept, a message the server cannot take
                              (no SMTPUTF8)
@@ -72,6 +73,10 @@ class PermanentSendError(SendFailed):
     pass
 
 
+class _Crowded(TransientSendError):
+    """A new connection refused for now while others were open."""
+
+
 class TooLate(Exception):
     """Not sent: the row's lease would run out first. Nothing failed; the row
     is left to the lease sweeper, which hands it out again."""
@@ -125,13 +130,15 @@ class SmtpConfig:
         return deadline(self.timeout, self.content_timeout)
 
 
-# "Bad sequence of commands": the conversation went wrong, not the message.
-_OUT_OF_SEQUENCE = 503
+# 5xx replies that say the session went wrong, not the message: "bad sequence of
+# commands", and "authentication required" (or STARTTLS first), which a relay
+# answers MAIL with when the sender's settings do not log in.
+_SESSION_REFUSALS = frozenset({503, 530})
 
 
 def _classify(code: int, text: str) -> SendFailed:
     reason = f"SMTP {code}: {text.strip()[:300]}"
-    if 500 <= code < 600 and code != _OUT_OF_SEQUENCE:
+    if 500 <= code < 600 and code not in _SESSION_REFUSALS:
         return PermanentSendError(reason)
     return TransientSendError(reason)
 
@@ -163,6 +170,10 @@ async def _classified(call: Awaitable[str]) -> str:
         raise TransientSendError(f"SMTP connection failed: {exc!r}") from exc
 
 
+# "Service not available, closing transmission channel".
+_CLOSING = 421
+
+
 class SmtpPool:
     """Up to ``size`` open SMTP connections, each used by one message at a time."""
 
@@ -177,6 +188,13 @@ class SmtpPool:
         self._unreachable: str | None = None
         # Off once the server has refused a batch it said it would take.
         self._pipelining = True
+        # Connections in use, and being opened; the most the server has been
+        # seen to allow at once (None until it refuses one more); set as one is
+        # freed.
+        self._in_use = 0
+        self._opening = 0
+        self._cap: int | None = None
+        self._freed = asyncio.Event()
 
     async def send(self, mail: Mail, ends_by: float | None = None) -> str:
         """Send ``mail``; raise :class:`SendFailed`.
@@ -235,12 +253,33 @@ class SmtpPool:
     async def _send(self, mail: Mail, content_goes: Callable[[], None]) -> str:
         client, reused = await self._checkout()
         try:
+            return await self._send_on(client, reused, mail, content_goes)
+        finally:
+            self._in_use -= 1
+            self._freed.set()
+
+    async def _send_on(
+        self,
+        client: aiosmtplib.SMTP,
+        reused: bool,
+        mail: Mail,
+        content_goes: Callable[[], None],
+    ) -> str:
+        try:
             errors, reply = await self._transmit(client, mail, content_goes)
         except pipelining.BatchRefused as exc:
             _discard(client)
             self._stop_pipelining(exc)
             # Refused before DATA was accepted, so nothing was taken: the same
             # message goes again now, one command at a time.
+            client, errors, reply = await self._again(mail, content_goes)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            _discard(client)
+            if not (reused and exc.code == _CLOSING):
+                raise
+            # A server closes a kept connection so once it has carried as many
+            # messages as it allows; it took nothing of this one, which goes
+            # now on a new connection.
             client, errors, reply = await self._again(mail, content_goes)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             _discard(client)
@@ -301,13 +340,59 @@ class SmtpPool:
             )
 
     async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
-        now = time.monotonic()
-        while self._idle:
-            client, since = self._idle.pop()
-            if now - since < self._idle_seconds and client.is_connected:
-                return client, True
-            _discard(client)
-        return await self._connect(), False
+        """A kept connection, or a new one if the server allows one more; counted
+        in use from here until :meth:`_send` is done with it."""
+        while True:
+            now = time.monotonic()
+            while self._idle:
+                client, since = self._idle.pop()
+                if now - since < self._idle_seconds and client.is_connected:
+                    self._in_use += 1
+                    return client, True
+                _discard(client)
+            if self._cap is None or self._in_use + self._opening < self._cap:
+                refused: _Crowded | None = None
+                self._opening += 1
+                try:
+                    client = await self._connect()
+                except _Crowded as exc:
+                    refused = exc
+                else:
+                    self._in_use += 1
+                    return client, False
+                finally:
+                    self._opening -= 1
+                    self._freed.set()
+                # How many the server took is known once the connections
+                # opened beside this one have been taken or refused too.
+                while self._opening > 0:
+                    self._freed.clear()
+                    await self._freed.wait()
+                if self._in_use == 0:
+                    # It took none: refused for another reason than their number.
+                    self._lost(refused.reason)
+                    raise TransientSendError(refused.reason) from refused
+                self._keep_to(self._in_use, refused)
+                continue
+            # One of the connections in use is wanted, once it is done.
+            self._freed.clear()
+            await self._freed.wait()
+
+    def _keep_to(self, most: int, refusal: _Crowded) -> None:
+        """Open no more than ``most`` connections at once from now on, the server
+        having refused one more; say so when that lowers the limit."""
+        if self._cap is None or most < self._cap:
+            self._cap = most
+            logger.warning(
+                "the SMTP server at %s:%d refused a connection while %d of this "
+                "sender's were open (%s); it opens no more than that at once "
+                "until restarted, and emails wait for one of them",
+                self._config.host,
+                self._config.port,
+                most,
+                refusal.reason,
+                extra={"action": "smtp.connections_limited"},
+            )
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(**self._config.client_options())
@@ -316,13 +401,18 @@ class SmtpPool:
             await _greet(client)
         except aiosmtplib.SMTPResponseException as exc:
             _discard(client)
-            failure = TransientSendError(
+            refused = (
                 f"SMTP server refused the session before any mail "
                 f"(greeting, EHLO, STARTTLS or login): {exc.code} "
                 f"{exc.message.strip()[:300]}"
             )
-            self._lost(failure.reason)
-            raise failure from exc
+            if 400 <= exc.code < 500 and self._in_use + self._opening > 1:
+                # Refused for now while others of ours are open or opening:
+                # perhaps one connection too many for this server (Postfix
+                # allows 50 from one client by default).
+                raise _Crowded(refused) from exc
+            self._lost(refused)
+            raise TransientSendError(refused) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             _discard(client)
             self._lost(repr(exc))

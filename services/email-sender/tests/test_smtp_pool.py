@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from email_sender.app import EmailSettings
 from email_sender.mime import Mail, build
 from email_sender.smtp import (
     PermanentSendError,
@@ -361,6 +362,8 @@ async def test_a_refused_recipient_among_several_fails_the_message(
     [
         ("451 4.3.0 sender check failed", TransientSendError),
         ("553 5.7.1 sender not allowed", PermanentSendError),
+        # The session's settings, not the message: a login the relay wants.
+        ("530 5.7.0 Authentication required", TransientSendError),
     ],
 )
 async def test_a_refused_sender_fails_the_message(
@@ -602,12 +605,29 @@ async def test_a_reply_to_the_content_later_than_its_own_timeout_is_tried_again(
 class SlowServer:
     """An SMTP server, one command at a time, that answers every command after
     ``command_delay`` seconds and the end of the content after ``content_delay``,
-    counting the messages whose content it took whole."""
+    counting the messages whose content it took whole.
 
-    def __init__(self, command_delay: float, content_delay: float) -> None:
+    It may also, as real relays do, answer 421 to the greeting of a connection
+    beyond ``most_connections`` open at once, and to MAIL once a connection has
+    carried ``messages_per_connection``.
+    """
+
+    def __init__(
+        self,
+        command_delay: float = 0,
+        content_delay: float = 0,
+        *,
+        most_connections: int | None = None,
+        messages_per_connection: int | None = None,
+    ) -> None:
         self.command_delay = command_delay
         self.content_delay = content_delay
+        self.most_connections = most_connections
+        self.messages_per_connection = messages_per_connection
         self.taken = 0
+        self.open = 0
+        self.most_open = 0
+        self.turned_away = 0
         self._listener: asyncio.Server | None = None
 
     async def __aenter__(self) -> SlowServer:
@@ -631,16 +651,28 @@ class SlowServer:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if self.most_connections is not None and self.open >= self.most_connections:
+            self.turned_away += 1
+            writer.write(b"421 4.7.0 too many connections from your host\r\n")
+            writer.close()
+            return
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        carried = 0
         try:
             await self._answer(writer, b"220 slow.example ready\r\n")
             while line := await reader.readline():
                 verb = line[:4].upper()
+                if verb == b"MAIL" and carried == self.messages_per_connection:
+                    writer.write(b"421 4.7.0 too many messages, closing\r\n")
+                    break
                 if verb == b"EHLO":
                     await self._answer(writer, b"250 slow.example\r\n")
                 elif verb == b"DATA":
                     await self._answer(writer, b"354 go ahead\r\n")
                     await reader.readuntil(b"\r\n.\r\n")
                     self.taken += 1
+                    carried += 1
                     await asyncio.sleep(self.content_delay)
                     writer.write(b"250 2.0.0 queued\r\n")
                 elif verb == b"QUIT":
@@ -651,6 +683,7 @@ class SlowServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.open -= 1
             writer.close()
 
 
@@ -668,6 +701,66 @@ async def test_the_reply_to_the_content_gets_its_whole_wait_after_slow_commands(
             await transport.close()
 
     assert server.taken == 1
+
+
+async def test_a_kept_connection_closed_after_its_quota_sends_again_at_once() -> None:
+    # As Exchange's MaxMessagesPerConnection does: 421 to the next MAIL.
+    async with SlowServer(messages_per_connection=2) as server:
+        transport = SmtpPool(SmtpConfig("127.0.0.1", server.port, timeout=2), size=1)
+        try:
+            for n in range(5):
+                await transport.send(message(n))
+        finally:
+            await transport.close()
+
+    assert server.taken == 5
+
+
+async def test_a_server_refusing_one_connection_too_many_is_kept_to_what_it_took(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mails = [message(n) for n in range(12)]
+    async with SlowServer(0.05, 0.05, most_connections=3) as server:
+        transport = SmtpPool(SmtpConfig("127.0.0.1", server.port, timeout=2), size=12)
+        try:
+            with caplog.at_level(logging.WARNING, logger="email_sender.smtp"):
+                await asyncio.gather(*(transport.send(mail) for mail in mails))
+                # Later emails keep to the limit learnt, none turned away.
+                turned_away = server.turned_away
+                await asyncio.gather(*(transport.send(mail) for mail in mails))
+        finally:
+            await transport.close()
+
+    assert server.taken == 24, "every email sent, none failed"
+    assert server.most_open == 3
+    assert server.turned_away == turned_away
+    said = [r for r in caplog.records if r.action == "smtp.connections_limited"]  # type: ignore[attr-defined]
+    assert len(said) == 1
+    assert "while 3 of this sender's were open" in said[0].getMessage()
+
+
+async def test_a_login_without_tls_from_the_start_waits_for_starttls(
+    server: Server,
+) -> None:
+    # The settings ask for STARTTLS whenever there is a password to send.
+    settings = EmailSettings(smtp_username="mailer", smtp_password="secret")
+    config = SmtpConfig(
+        "127.0.0.1",
+        server.port,
+        timeout=2,
+        username="mailer",
+        password="secret",
+        start_tls=settings.start_tls,
+    )
+    transport = SmtpPool(config, size=1)
+    try:
+        with pytest.raises(TransientSendError, match="STARTTLS"):
+            await transport.send(message(1))
+    finally:
+        await transport.close()
+
+    assert not any(read.upper().startswith(b"AUTH") for read in server.reads)
+    assert server.received == []
 
 
 async def test_commands_too_slow_for_the_time_left_send_no_content() -> None:
