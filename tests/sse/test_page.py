@@ -53,6 +53,24 @@ async def test_a_static_file_is_served_at_its_one_path_only(
     assert answers == [b"200", b"404", b"404", b"404", b"404", b"404"]
 
 
+@pytest.mark.parametrize(
+    "given", ["chars=0-10", "bytes=5-1", "bytes=0-5", "bytes=999999-", "bytes=x"]
+)
+async def test_a_file_asked_for_in_part_is_served_whole(
+    start_gateway: StartGateway, given: str
+) -> None:
+    gateway = start_gateway()
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=5) as client:
+        whole = await client.get("/static/app.js")
+        answers = [
+            await client.get(path, headers={"Range": given})
+            for path in ("/", "/static/app.js", "/sw.js", "/favicon.ico")
+        ]
+
+    assert [a.status_code for a in answers] == [200] * 4
+    assert answers[1].content == whole.content
+
+
 async def _status_of(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

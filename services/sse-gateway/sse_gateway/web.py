@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import get_route_path
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sse_gateway import push_assets
 
@@ -59,7 +59,30 @@ class _OneNamePerFile(StaticFiles):
         return super().get_path(scope)
 
 
+class WholeFiles:
+    """Every file answered whole, whatever ``Range`` the request gives.
+
+    The page's files are a few kilobytes; and Starlette answers a range of another
+    unit than bytes, or a malformed one, with a plain-text 400, where RFC 9110
+    (14.2) has a server ignore it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            kept = [(n, v) for n, v in scope["headers"] if n not in _RANGES]
+            if len(kept) != len(scope["headers"]):
+                scope = {**scope, "headers": kept}
+        await self.app(scope, receive, send)
+
+
+_RANGES = (b"range", b"if-range")
+
+
 def mount(app: FastAPI) -> None:
+    app.add_middleware(WholeFiles)
     app.include_router(router)
     app.include_router(push_assets.router)
     app.mount("/static", _OneNamePerFile(directory=STATIC), name="static")
