@@ -351,6 +351,19 @@ def install_http_policy(
         )
         return _failed()
 
+    @app.exception_handler(asyncpg.UndefinedTableError)
+    @app.exception_handler(asyncpg.UndefinedColumnError)
+    async def schema_missing(_: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+        # A table or column dropped, or a migration rolled back, under a running
+        # service: /readyz says which; each request says it is unavailable.
+        logger.error(
+            "the database lacks part of the schema this release needs: %s; run "
+            "notiflow-migrate",
+            exc,
+            extra={"action": "request.schema_missing"},
+        )
+        return _unavailable("the service is unavailable; try again later")
+
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         return _unavailable(unavailable_detail(exc))

@@ -602,10 +602,16 @@ async def test_every_error_carries_the_cors_headers_of_a_normal_answer(
     normal = await browser.get(f"/posts/{demo.post}")
     conn = await asyncpg.connect(settings.database_url)
     try:
+        # A value the service cannot answer with: a failure of its own.
+        await conn.execute(
+            "ALTER TABLE posts ALTER COLUMN created_at DROP NOT NULL;"
+            "UPDATE posts SET created_at = NULL"
+        )
+        errors["crash"] = await browser.get("/posts")
         await conn.execute("ALTER TABLE posts RENAME TO posts_elsewhere")
+        errors["table gone"] = await browser.get("/posts")
     finally:
         await conn.close()
-    errors["crash"] = await browser.get("/posts")
 
     assert normal.status_code == 200
     assert cors(normal)["access-control-allow-origin"] == PAGE
@@ -619,6 +625,7 @@ async def test_every_error_carries_the_cors_headers_of_a_normal_answer(
         "unknown post": 404,
         "loose id": 422,
         "crash": 500,
+        "table gone": 503,
     }
     for name, resp in errors.items():
         assert cors(resp) == cors(normal), name
