@@ -257,3 +257,8 @@ async def test_a_statement_past_its_command_timeout_answers_503(
         assert resp.json()["error"] == "unavailable"
         assert resp.headers["Retry-After"] == "2"
     assert await db.fetchval("SELECT count(*) FROM comments") == before
+    # The statement was sent: it could have committed just as the wait ended,
+    # so the writer is not told that sending it again is safe.
+    assert read.json()["detail"] == "the database is unavailable; try again"
+    assert "may have been stored" in write.json()["detail"]
+    assert "Idempotency-Key" in write.json()["detail"]

@@ -55,6 +55,16 @@ class DatabaseUnavailable(Exception):
     """No connection could be had in time; HTTP answers 503, consumers back off."""
 
 
+class OutcomeUnknown(DatabaseUnavailable):
+    """A write was sent and the database did not say whether it committed (it
+    went away, or answered past the command timeout): the client is told so,
+    in ``detail``, rather than to simply try again."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
 class PoolExhausted(DatabaseUnavailable):
     """Every connection of the pool stayed in use: the service is busy, the
     database may be answering well."""

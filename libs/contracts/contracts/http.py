@@ -76,6 +76,7 @@ from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import (
     UNAVAILABLE_ERRORS,
     DatabaseUnavailable,
+    OutcomeUnknown,
     PoolExhausted,
     is_unavailable,
 )
@@ -397,6 +398,8 @@ def unavailable_detail(exc: DatabaseUnavailable) -> str:
     )
     if isinstance(exc, PoolExhausted):
         return "the service is busy; try again"
+    if isinstance(exc, OutcomeUnknown):
+        return exc.detail
     return DATABASE_AWAY
 
 

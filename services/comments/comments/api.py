@@ -26,7 +26,7 @@ from pydantic import (
 from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import Principal, UnknownUser, bearer, verify_token
-from contracts.db import connection, transaction
+from contracts.db import OutcomeUnknown, connection, is_unavailable, transaction
 from contracts.http import (
     BodyId,
     Conflict,
@@ -265,6 +265,17 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
             if exc.constraint_name not in _USER_KEYS:
                 raise
             raise UnknownUser(user.user_id) from None
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            # The statement is its own transaction: it may have committed, and
+            # its comment be notified, though no answer came.
+            raise OutcomeUnknown(
+                f"no answer to the statement storing a comment: {exc!r}",
+                "the database did not answer in time, and the comment may have "
+                "been stored; look at the thread before sending it again, or "
+                "send comments with an Idempotency-Key, which makes a retry safe",
+            ) from exc
         wait = await _wait_if_refused(conn, row, user, rt)
     _require_stored(row, new, user, rt, wait)
     # Committed: this process's relay publishes the event now.
