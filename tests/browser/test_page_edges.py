@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from playwright.async_api import Browser, Route, expect
 
-from contracts.auth import issue_token
+from contracts.auth import issue_token, unsubscribe_token
 from contracts.settings import Settings
 from tests.browser.test_live_page import Site, comment, open_as
 
@@ -299,3 +299,42 @@ async def test_the_last_user_chosen_is_signed_in_though_an_earlier_token_comes_l
     finally:
         await conn.close()
     assert author == demo.dave
+
+
+async def test_another_site_cannot_frame_the_page_or_an_unsubscribe_link(
+    browser: Browser, site: Site, settings: Settings
+) -> None:
+    gateway, demo = site
+    link = f"{gateway.url}/unsubscribe?token=" + unsubscribe_token(
+        demo.bob, settings.secret_key
+    )
+    framing = (
+        f'<iframe id="page" src="{gateway.url}/"></iframe>'
+        f'<iframe id="link" src="{link}"></iframe>'
+    ).encode()
+
+    async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+            + f"Content-Length: {len(framing)}\r\n\r\n".encode()
+            + framing
+        )
+        await writer.drain()
+        writer.close()
+
+    # A page of another origin on this machine, framing both.
+    elsewhere = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = elsewhere.sockets[0].getsockname()[1]
+    page = await (await browser.new_context()).new_page()
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "frame" in m.text else None)
+    try:
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.wait_for_timeout(1500)
+    finally:
+        elsewhere.close()
+
+    # Refused, the frames show the browser's error page in place of the gateway's.
+    framed = [f.url for f in page.frames if f is not page.main_frame]
+    assert framed == ["chrome-error://chromewebdata/"] * 2
+    assert len(refused) == 2, refused

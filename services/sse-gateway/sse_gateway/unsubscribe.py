@@ -74,14 +74,16 @@ SELECT EXISTS (
 _NAMES = {"email": "notification emails"}
 
 # The page carries the token in its form: kept out of caches, and out of the
-# Referer of anything it could lead to.
+# Referer of anything it could lead to. Nor may another site frame it, to have
+# its one button clicked unseen.
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
-        "form-action 'self'"
+        "form-action 'self'; frame-ancestors 'none'"
     ),
+    "X-Frame-Options": "DENY",
 }
 
 router = APIRouter(include_in_schema=False)

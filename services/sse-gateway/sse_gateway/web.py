@@ -19,9 +19,19 @@ STATIC = Path(__file__).parent / "static"
 router = APIRouter(include_in_schema=False)
 
 
+# The page acts for whoever is signed in: no other site may frame it, to have
+# its buttons clicked unseen.
+_UNFRAMED = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
+
+
 @router.get("/")
 async def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(
+        STATIC / "index.html", headers={"Cache-Control": "no-cache", **_UNFRAMED}
+    )
 
 
 @router.get("/favicon.ico")
