@@ -732,11 +732,12 @@ class Cors(CORSMiddleware):
     for the person who asks by hand why a page cannot call the service.
 
     A page on another origin may read ``Retry-After``, which the services send with
-    a 503 or 429 to say when to ask again; a browser hides every header but a few
-    from it unless told.
+    a 503 or 429 to say when to ask again, and ``Idempotent-Replayed``, which tells
+    a retried comment's answer from the first; a browser hides every header but a
+    few from it unless told.
     """
 
-    EXPOSED = ("Retry-After",)
+    EXPOSED = ("Retry-After", "Idempotent-Replayed")
 
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         options.setdefault("expose_headers", self.EXPOSED)

@@ -400,8 +400,11 @@ async def test_every_answer_carries_the_cors_headers_whichever_came_first(
     for status, answer in answers.items():
         assert answer.status_code == status, answer.text
         assert answer.headers["access-control-allow-origin"] == PAGE, status
-        # So that a page can read when to ask again after a 503 or 429.
-        assert answer.headers["access-control-expose-headers"] == "Retry-After"
+        # So that a page can read when to ask again after a 503 or 429, and
+        # tell a replayed answer from the first.
+        assert answer.headers["access-control-expose-headers"] == (
+            "Retry-After, Idempotent-Replayed"
+        )
         assert answer.headers["content-type"] == "application/json", status
     assert answers[500].json() == {
         "error": "internal_error",
