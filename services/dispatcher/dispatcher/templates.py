@@ -247,9 +247,9 @@ class Renderer:
                     continue
                 return f"{name} is missing from {self._directory / template}"
             except TemplateSyntaxError as exc:
-                return f"{name}, line {exc.lineno}: {exc.message}"
+                return f"{self._directory / path}, line {exc.lineno}: {exc.message}"
             except OSError as exc:
-                return f"{name} cannot be read: {exc.strerror or exc}"
+                return f"{self._directory / path} cannot be read: {exc.strerror or exc}"
             except _FailsTrial as exc:
                 return str(exc)
         for reasons in SAMPLE_REASONS:
