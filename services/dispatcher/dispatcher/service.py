@@ -326,7 +326,7 @@ class Dispatcher:
                 "post": {"id": post["id"], "title": post["title"]},
                 "comment": {
                     "id": event.comment_id,
-                    "body": event.body,
+                    "body": _one_line_end(event.body),
                     "excerpt": _excerpt(event.body),
                 },
                 "reasons": recipient.reasons,
@@ -478,6 +478,13 @@ def _person(row: asyncpg.Record) -> dict[str, Any]:
         "username": row["username"],
         "display_name": row["display_name"],
     }
+
+
+def _one_line_end(body: str) -> str:
+    """``body`` with its line ends as ``\n``: a template breaking lines at each
+    (the HTML email's ``<br>``) breaks them where the text part does, whatever
+    ends the writer's lines, ``\r\n`` or a lone ``\r``."""
+    return body.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _excerpt(body: str) -> str:

@@ -606,3 +606,26 @@ async def test_a_broken_edit_falls_back_to_the_edit_before_it_though_no_event_sa
         (demo.alice, "comment.reply")
     }
     assert rows[0]["title"] == "Edited: Zoë 🚀 Carol replied"
+
+
+async def test_an_emails_html_breaks_lines_where_its_text_does_whatever_ends_them(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    body = "one\rtwo\r\nthree\nfour"
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        comment = await add_comment(db, demo, demo.carol, body)
+        await publish(settings, created(demo, comment, demo.carol, body))
+        metadata = await eventually(
+            lambda: db.fetchval(
+                "SELECT metadata FROM notifications WHERE user_id = $1 "
+                "AND type = 'email'",
+                demo.alice,
+            ),
+            what="alice's email row",
+        )
+    finally:
+        await db.close()
+
+    html = json.loads(metadata)["html"]
+    assert "one<br>two<br>three<br>four" in html
