@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from comments.app import create_app
-from contracts.preflight import known_migrations
+from contracts.preflight import TABLES, known_migrations
 from contracts.settings import Settings
 from tests.integration.conftest import running
 
@@ -47,13 +47,14 @@ async def test_readiness_fails_once_a_migration_is_rolled_back(
 async def test_readiness_fails_once_the_tables_are_dropped(
     settings: Settings,
 ) -> None:
-    before, after, body = await _readyz(settings, "DROP TABLE notifications CASCADE")
+    every = ", ".join(TABLES)
+    before, after, body = await _readyz(settings, f"DROP TABLE {every} CASCADE")
 
     assert (before, after) == (200, 503)
     assert "has no notiflow tables" in body["database"]
 
 
-@pytest.mark.parametrize("table", ["comment_pace", "inbox_sequences"])
+@pytest.mark.parametrize("table", ["comment_pace", "inbox_sequences", "notifications"])
 async def test_readiness_fails_once_any_table_is_dropped_by_hand(
     settings: Settings, table: str
 ) -> None:

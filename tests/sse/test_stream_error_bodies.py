@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import asyncpg
 import httpx
 import pytest
 
+from contracts.settings import Settings
 from tests.sse.conftest import StartGateway
 from tests.support.data import Demo
 from tests.support.sse import SSEClient
@@ -52,3 +54,30 @@ async def test_a_stream_over_the_limit_is_refused_in_compact_json(
     found = json.loads(refused.body)
     assert found["error"] == "too_many_streams"
     assert refused.body == compact(found)
+
+
+@pytest.mark.parametrize("table", ["users", "inbox_sequences"])
+async def test_a_stream_meeting_a_missing_table_is_refused_503_as_elsewhere(
+    start_gateway: StartGateway,
+    demo: Demo,
+    token: Callable[..., str],
+    settings: Settings,
+    table: str,
+) -> None:
+    gateway = start_gateway()
+    bob = {"Authorization": f"Bearer {token(demo.bob)}"}
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        await db.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            opened = await client.get("/sse", headers=bob)
+            probed = await client.head("/sse", headers=bob)
+        await db.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
+    finally:
+        await db.close()
+
+    assert opened.status_code == 503, opened.text
+    assert opened.json()["error"] == "unavailable"
+    assert opened.headers["retry-after"] == "2"
+    if table == "users":
+        assert probed.status_code == 503

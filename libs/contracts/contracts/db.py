@@ -42,12 +42,21 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# A table or column the code uses missing from the database: a migration rolled
+# back, or a table renamed or restored under the running services. Like a database
+# away, it passes once the schema is back; whatever waits for it loses nothing.
+SCHEMA_MISSING_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+)
+
 # Raised only by asyncpg: whoever raises them, the database is away.
 _ASYNCPG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
     asyncpg.TooManyConnectionsError,
+    *SCHEMA_MISSING_ERRORS,
 )
 
 

@@ -74,6 +74,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contracts import jsonkeys, openapi, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import (
+    SCHEMA_MISSING_ERRORS,
     UNAVAILABLE_ERRORS,
     DatabaseUnavailable,
     OutcomeUnknown,
@@ -352,9 +353,7 @@ def install_http_policy(
         )
         return _failed()
 
-    @app.exception_handler(asyncpg.UndefinedTableError)
-    @app.exception_handler(asyncpg.UndefinedColumnError)
-    async def schema_missing(_: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+    async def schema_missing(_: Request, exc: Exception) -> JSONResponse:
         # A table or column dropped, or a migration rolled back, under a running
         # service: /readyz says which; each request says it is unavailable.
         logger.error(
@@ -364,6 +363,9 @@ def install_http_policy(
             extra={"action": "request.schema_missing"},
         )
         return _unavailable("the service is unavailable; try again later")
+
+    for kind in SCHEMA_MISSING_ERRORS:
+        app.add_exception_handler(kind, schema_missing)
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:

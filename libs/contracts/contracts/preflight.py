@@ -39,7 +39,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # Where yoyo records each applied migration, one row per file stem in
 # ``migration_id`` (yoyo's default table, which ``contracts.migrate`` keeps).
 APPLIED_SQL = (
-    "SELECT to_regclass('notifications') IS NOT NULL, "
+    "SELECT EXISTS (SELECT FROM unnest($1::text[]) AS name "
+    "WHERE to_regclass(name) IS NOT NULL), "
     "array(SELECT migration_id FROM _yoyo_migration), "
     "array(SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL)"
 )
@@ -232,7 +233,10 @@ async def missing_schema(
     except asyncpg.UndefinedTableError:
         # yoyo never ran here: whatever tables exist, no migration is recorded.
         has_tables = await conn.fetchval(
-            "SELECT to_regclass('notifications')", timeout=timeout
+            "SELECT EXISTS (SELECT FROM unnest($1::text[]) AS name "
+            "WHERE to_regclass(name) IS NOT NULL)",
+            list(TABLES),
+            timeout=timeout,
         )
         applied = []
     return schema_problem(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -629,3 +630,33 @@ async def test_an_emails_html_breaks_lines_where_its_text_does_whatever_ends_the
 
     html = json.loads(metadata)["html"]
     assert "one<br>two<br>three<br>four" in html
+
+
+async def test_an_event_meeting_a_missing_table_waits_for_it_instead_of_being_set_aside(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    body = "while the table was away"
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        comment = await add_comment(db, demo, demo.carol, body)
+        await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
+        try:
+            await publish(settings, created(demo, comment, demo.carol, body))
+            await asyncio.sleep(1.5)
+        finally:
+            await db.execute("ALTER TABLE notifications_away RENAME TO notifications")
+        rows = await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM notifications"),
+            what="the comment's notifications",
+            timeout=30,
+        )
+    finally:
+        await db.close()
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        set_aside = dead.declaration_result.message_count
+
+    assert rows > 0
+    assert set_aside == 0

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from contracts.auth import InvalidToken, verify_token
-from contracts.db import DatabaseUnavailable, connection
+from contracts.db import DatabaseUnavailable, connection, is_unavailable
 from contracts.http import (
     UNAVAILABLE_RETRY_AFTER,
     Cors,
@@ -320,7 +320,9 @@ class StreamEndpoint:
         try:
             async with connection(db) as pg:
                 await require_user(pg, conn.user_id)
-        except DatabaseUnavailable as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
             raise _unavailable(exc) from None
         if self._hub.full(conn.user_id, self._max_streams):
             raise self._full(conn)
@@ -341,11 +343,12 @@ class StreamEndpoint:
                 if not self._hub.admit(conn, self._max_streams):
                     raise self._full(conn)
                 return await start(pg, conn, last_event_id)
-        except DatabaseUnavailable as exc:
+        except BaseException as exc:
             self._hub.remove(conn)
-            raise _unavailable(exc) from None
-        except BaseException:
-            self._hub.remove(conn)
+            if isinstance(exc, Exception) and is_unavailable(exc):
+                # Away, not answering in time, or lacking a table: a 503 like
+                # every route's, which the browser's reconnect outlasts.
+                raise _unavailable(exc) from None
             raise
 
     def _full(self, conn: Connection) -> Refused:
@@ -378,7 +381,9 @@ class StreamEndpoint:
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
 
-def _unavailable(exc: DatabaseUnavailable) -> Refused:
+def _unavailable(exc: Exception) -> Refused:
+    if not isinstance(exc, DatabaseUnavailable):
+        exc = DatabaseUnavailable(f"opening a stream: {exc!r}")
     return Refused(
         503,
         "unavailable",
