@@ -18,7 +18,7 @@ from email_sender import worker
 from tests.integration import helpers
 from tests.integration.conftest import EmailSenderFactory
 from tests.support.data import Demo
-from tests.support.smtp import SmtpServer
+from tests.support.smtp import SlowServer, SmtpServer
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -227,3 +227,31 @@ async def test_an_email_whose_lease_would_run_out_mid_conversation_is_left_to_it
     assert row["status"] == "sent" and row["attempts"] == 2
     assert len(smtp.to(BOB)) == 1
     assert "email.lease_ran_out" in [getattr(r, "action", "") for r in caplog.records]
+
+
+async def test_emails_waiting_for_a_relay_that_allows_few_connections_all_go_in_turn(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    email_sender: EmailSenderFactory,
+) -> None:
+    # Two connections at once, half a second an email: more than a lease's worth
+    # of emails wait their turn, each tried once, none failed for the wait.
+    notes = [await helpers.email_row(db, demo.bob, BOB) for _ in range(40)]
+    async with SlowServer(0.05, 0.3, most_connections=2) as relay:
+        async with email_sender(smtp_port=relay.port):
+            await helpers.publish(
+                settings.amqp_url, [helpers.delivery(n, demo.bob) for n in notes]
+            )
+
+            async def settled() -> list[dict] | None:
+                rows = [await helpers.row(db, n) for n in notes]
+                done = all(r["status"] in ("sent", "failed") for r in rows)
+                return rows if done else None
+
+            rows = await eventually(settled, timeout=90, what="every email settled")
+
+    assert [r["status"] for r in rows] == ["sent"] * 40
+    assert relay.taken == 40
+    assert relay.most_open == 2
+    assert max(r["attempts"] for r in rows) == 1

@@ -135,6 +135,13 @@ RETRYING = _SETTLE.format(
     status="retrying",
     extra="last_error = $3, next_attempt_at = now() + make_interval(secs => $4)",
 )
+# A claimed row its sender never got to try (no connection to the server came
+# free in time): retried after the delay, the claim's attempt given back.
+UNTRIED = _SETTLE.format(
+    status="retrying",
+    extra="attempts = greatest(attempts - 1, 0), last_error = $3, "
+    "next_attempt_at = now() + make_interval(secs => $4)",
+)
 FAILED = _SETTLE.format(
     status="failed", extra="last_error = $3, next_attempt_at = NULL"
 )

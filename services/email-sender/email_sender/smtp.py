@@ -77,6 +77,16 @@ class _Crowded(TransientSendError):
     """A new connection refused for now while others were open."""
 
 
+class NoConnection(TransientSendError):
+    """Nothing was sent: the server allows only so many connections at once, and
+    none came free in time. The email was not tried; it waits its turn."""
+
+
+# Seconds before a server that refused a connection, while none of this sender's
+# was open but it had refused one too many before, is asked again.
+CROWDED_PAUSE = 1.0
+
+
 class TooLate(Exception):
     """Not sent: the row's lease would run out first. Nothing failed; the row
     is left to the lease sweeper, which hands it out again."""
@@ -228,6 +238,7 @@ class SmtpPool:
         content_by = until - reply_wait
         budget = content_by - time.monotonic()
         went = False
+        connected: list[bool] = []
 
         def content_goes() -> None:
             nonlocal went
@@ -237,12 +248,17 @@ class SmtpPool:
 
         try:
             async with asyncio.timeout_at(content_by + on_loop) as limit:
-                return await _classified(self._send(mail, content_goes))
+                return await _classified(self._send(mail, content_goes, connected))
         except TimeoutError as exc:
             if went:
                 raise TransientSendError(
                     f"no reply to the end of the content within {reply_wait:g}s; "
                     "the server may have taken the email"
+                ) from exc
+            if not connected and self._cap is not None:
+                raise NoConnection(
+                    f"none of the {self._cap} connections the SMTP server allows "
+                    f"at once came free within {budget:.3g}s; nothing was sent"
                 ) from exc
             raise TransientSendError(
                 f"the SMTP server took longer than {budget:.3g}s over the "
@@ -250,8 +266,13 @@ class SmtpPool:
                 "slow needs a longer NOTIFLOW_EMAIL_LEASE_SECONDS)"
             ) from exc
 
-    async def _send(self, mail: Mail, content_goes: Callable[[], None]) -> str:
+    async def _send(
+        self, mail: Mail, content_goes: Callable[[], None], connected: list[bool]
+    ) -> str:
+        """Send ``mail`` on a connection of the pool, saying in ``connected``
+        once it has one."""
         client, reused = await self._checkout()
+        connected.append(True)
         try:
             return await self._send_on(client, reused, mail, content_goes)
         finally:
@@ -368,11 +389,16 @@ class SmtpPool:
                 while self._opening > 0:
                     self._freed.clear()
                     await self._freed.wait()
-                if self._in_use == 0:
+                if self._in_use > 0:
+                    self._keep_to(self._in_use, refused)
+                elif self._cap is None:
                     # It took none: refused for another reason than their number.
                     self._lost(refused.reason)
                     raise TransientSendError(refused.reason) from refused
-                self._keep_to(self._in_use, refused)
+                else:
+                    # None of ours is open, but the server may not have seen
+                    # the last ones close yet: asked again shortly.
+                    await asyncio.sleep(CROWDED_PAUSE)
                 continue
             # One of the connections in use is wanted, once it is done.
             self._freed.clear()
@@ -406,7 +432,9 @@ class SmtpPool:
                 f"(greeting, EHLO, STARTTLS or login): {exc.code} "
                 f"{exc.message.strip()[:300]}"
             )
-            if 400 <= exc.code < 500 and self._in_use + self._opening > 1:
+            if 400 <= exc.code < 500 and (
+                self._in_use + self._opening > 1 or self._cap is not None
+            ):
                 # Refused for now while others of ours are open or opening:
                 # perhaps one connection too many for this server (Postfix
                 # allows 50 from one client by default).

@@ -212,6 +212,20 @@ class EmailWorker:
                 extra={"action": "email.lease_ran_out", "batch": batch},
             )
             claimed.item.finished()
+        except smtp.NoConnection as exc:
+            # Not an attempt: the email waited for a connection of the few the
+            # server allows, and goes again after the first delay.
+            logger.info(
+                "email not tried: %s",
+                exc.reason,
+                extra={"action": "email.waited", "batch": batch},
+            )
+            delay = self._delays[0]
+            await self._record_failure(
+                claimed.row["id"], transitions.UNTRIED, (exc.reason, float(delay))
+            )
+            metrics.settled("email", claimed.item.message.channel, "retried")
+            claimed.item.failed(RetryLater(exc.reason, delay))
         except (mime.InvalidAddress, smtp.SendFailed) as exc:
             outcome, statement, args = self._failure(claimed.row, exc)
             await self._record_failure(claimed.row["id"], statement, args)

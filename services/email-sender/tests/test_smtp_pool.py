@@ -33,7 +33,7 @@ from email_sender.smtp import (
     SmtpPool,
     TransientSendError,
 )
-from tests.support.smtp import SmtpServer, _Protocol
+from tests.support.smtp import SlowServer, SmtpServer, _Protocol
 from tests.support.waiting import eventually
 
 MODES = ["pipelining", "one command at a time"]
@@ -600,91 +600,6 @@ async def test_a_reply_to_the_content_later_than_its_own_timeout_is_tried_again(
         await transport.close()
 
     assert "may have taken the email" in str(failed.value)
-
-
-class SlowServer:
-    """An SMTP server, one command at a time, that answers every command after
-    ``command_delay`` seconds and the end of the content after ``content_delay``,
-    counting the messages whose content it took whole.
-
-    It may also, as real relays do, answer 421 to the greeting of a connection
-    beyond ``most_connections`` open at once, and to MAIL once a connection has
-    carried ``messages_per_connection``.
-    """
-
-    def __init__(
-        self,
-        command_delay: float = 0,
-        content_delay: float = 0,
-        *,
-        most_connections: int | None = None,
-        messages_per_connection: int | None = None,
-    ) -> None:
-        self.command_delay = command_delay
-        self.content_delay = content_delay
-        self.most_connections = most_connections
-        self.messages_per_connection = messages_per_connection
-        self.taken = 0
-        self.open = 0
-        self.most_open = 0
-        self.turned_away = 0
-        self._listener: asyncio.Server | None = None
-
-    async def __aenter__(self) -> SlowServer:
-        self._listener = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._listener is not None
-        self._listener.close()
-
-    @property
-    def port(self) -> int:
-        assert self._listener is not None
-        return int(self._listener.sockets[0].getsockname()[1])
-
-    async def _answer(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
-        await asyncio.sleep(self.command_delay)
-        writer.write(reply)
-        await writer.drain()
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if self.most_connections is not None and self.open >= self.most_connections:
-            self.turned_away += 1
-            writer.write(b"421 4.7.0 too many connections from your host\r\n")
-            writer.close()
-            return
-        self.open += 1
-        self.most_open = max(self.most_open, self.open)
-        carried = 0
-        try:
-            await self._answer(writer, b"220 slow.example ready\r\n")
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                if verb == b"MAIL" and carried == self.messages_per_connection:
-                    writer.write(b"421 4.7.0 too many messages, closing\r\n")
-                    break
-                if verb == b"EHLO":
-                    await self._answer(writer, b"250 slow.example\r\n")
-                elif verb == b"DATA":
-                    await self._answer(writer, b"354 go ahead\r\n")
-                    await reader.readuntil(b"\r\n.\r\n")
-                    self.taken += 1
-                    carried += 1
-                    await asyncio.sleep(self.content_delay)
-                    writer.write(b"250 2.0.0 queued\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    await self._answer(writer, b"250 ok\r\n")
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.open -= 1
-            writer.close()
 
 
 async def test_the_reply_to_the_content_gets_its_whole_wait_after_slow_commands() -> (
