@@ -69,6 +69,7 @@ async def test_a_file_asked_for_in_part_is_served_whole(
 
     assert [a.status_code for a in answers] == [200] * 4
     assert answers[1].content == whole.content
+    assert all("accept-ranges" not in a.headers for a in (whole, *answers))
 
 
 async def _status_of(port: int, path: str) -> bytes:

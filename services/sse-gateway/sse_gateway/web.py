@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import get_route_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sse_gateway import push_assets
 
@@ -81,11 +81,25 @@ class WholeFiles:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            kept = [(n, v) for n, v in scope["headers"] if n not in _RANGES]
-            if len(kept) != len(scope["headers"]):
-                scope = {**scope, "headers": kept}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        kept = [(n, v) for n, v in scope["headers"] if n not in _RANGES]
+        if len(kept) != len(scope["headers"]):
+            scope = {**scope, "headers": kept}
+
+        async def unranged(message: Message) -> None:
+            # Nor does it offer ranges it would not serve.
+            if message["type"] == "http.response.start":
+                headers = [
+                    (n, v)
+                    for n, v in message.get("headers", [])
+                    if n.lower() != b"accept-ranges"
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, unranged)
 
 
 _RANGES = (b"range", b"if-range")
