@@ -250,3 +250,76 @@ async def test_a_user_switch_the_api_could_not_finish_is_finished_when_it_answer
     await page.click("#comment-submit")
     await expect(page.locator("#comments .comment").last).to_contain_text("who am I?")
     await expect(page.locator("#comments .comment").last).to_contain_text("Carol")
+
+
+async def test_keyboard_users_keep_their_place_as_controls_wait_on_the_server(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    bob = await open_as(browser, gateway, "bob")
+    carol = await open_as(browser, gateway, "carol")
+    saved = asyncio.Event()
+
+    async def slow(route: Route) -> None:
+        if route.request.method == "PATCH":
+            await asyncio.sleep(0.5)
+        await route.continue_()
+        saved.set()
+
+    await bob.route("**/preferences", slow)
+    email = bob.get_by_role("group", name="Notify me by").get_by_role(
+        "checkbox", name="Email"
+    )
+    await email.focus()
+    await bob.keyboard.press("Space")
+    # Asked again while the first is in flight: taken for nothing, the focus kept.
+    await bob.keyboard.press("Space")
+    await expect(email).to_be_focused()
+    await expect(email).not_to_be_checked()
+    await saved.wait()
+    await expect(email).to_be_enabled()
+    await expect(email).to_be_focused()
+    await bob.keyboard.press("Space")
+    await expect(email).to_be_checked()
+
+    # Ctrl+Enter posts from the text box, which keeps the focus.
+    await carol.focus("#comment-body")
+    await carol.keyboard.type("@bob keyboard only")
+    await carol.keyboard.press("Control+Enter")
+    await expect(carol.locator("#comments")).to_contain_text("@bob keyboard only")
+    await expect(carol.locator("#comment-body")).to_be_focused()
+    # Enter on the button posts too, and hands the focus back to the text box.
+    await carol.keyboard.type("@bob again")
+    await carol.focus("#comment-submit")
+    await carol.keyboard.press("Enter")
+    await expect(carol.locator("#comments")).to_contain_text("@bob again")
+    await expect(carol.locator("#comment-body")).to_be_focused()
+
+    # Mark all read, by keyboard, leaves the focus in the panel it acted on.
+    await expect(bob.locator("#unread-count")).to_have_text("2")
+    await bob.click("#bell")
+    await bob.focus("#mark-all")
+    await bob.keyboard.press("Enter")
+    await expect(bob.locator("#unread-count")).to_have_text("0")
+    in_panel = "document.activeElement.closest('#panel, #bell') !== null"
+    assert await bob.evaluate(in_panel)
+
+
+async def test_a_comment_the_api_could_not_take_says_so_until_the_api_is_back(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    api = gateway._env["NOTIFLOW_API_BASE_URL"]
+    carol = await open_as(browser, gateway, "carol")
+    await carol.route(f"{api}/**", lambda route: route.abort())
+
+    await carol.fill("#comment-body", "while the API is away")
+    await carol.click("#comment-submit")
+    await expect(carol.locator("#form-error")).to_contain_text("Could not reach")
+    await expect(carol.locator("#notice")).to_contain_text("Could not reach")
+    await carol.unroute(f"{api}/**")
+
+    # Asked again every 5 s: both go once it answers, the text kept to send.
+    await expect(carol.locator("#notice")).to_be_hidden(timeout=20_000)
+    await expect(carol.locator("#form-error")).to_be_empty()
+    await expect(carol.locator("#comment-body")).to_have_value("while the API is away")

@@ -101,6 +101,8 @@
     if (state.apiUnreachable && url.startsWith(state.api)) {
       state.apiUnreachable = false;
       showNotice("api");
+      if (state.formUnreachable) $("form-error").textContent = "";
+      state.formUnreachable = false;
     }
     const body = await resp.json().catch(() => null);
     if (!resp.ok) throw new HttpError(resp.status, body);
@@ -158,7 +160,7 @@
     const fallback = [localStorage.getItem("notiflow.user"), "bob"].find(known) || names[0];
     const asked = new URLSearchParams(location.search).get("user");
     if (!asked || known(asked)) return asked || fallback;
-    showNotice("user", `There is no user “${asked}”; showing ${fallback}.`);
+    showNotice("user", `There is no user “${shortened(asked)}”; showing ${fallback}.`);
     return fallback;
   }
 
@@ -220,6 +222,25 @@
     state.signedIn = true;
     if (!state.prefs) loadPreferences().catch(showError);
     connect();
+  }
+
+  // What a link says, cut short to fit in a sentence.
+  function shortened(text, most = 40) {
+    return text.length > most ? `${text.slice(0, most)}…` : text;
+  }
+
+  // ---- focus -----------------------------------------------------------------
+
+  // A control disabled while it has the focus hands it to the page's body, and a
+  // keyboard user loses their place.
+  function lostFocus() {
+    return !document.activeElement || document.activeElement === document.body;
+  }
+
+  function disableKeepingPlace(control, disabled, refocus) {
+    const had = document.activeElement === control;
+    control.disabled = disabled;
+    if (had && disabled) refocus();
   }
 
   // ---- notices ---------------------------------------------------------------
@@ -581,7 +602,10 @@
     }
     $("empty").hidden = notes.length > 0;
     $("more").hidden = !state.cursor;
-    $("mark-all").disabled = state.unread === 0;
+    disableKeepingPlace($("mark-all"), state.unread === 0, () => {
+      const first = $("notifications").querySelector("[data-id]");
+      (first || $("bell")).focus();
+    });
   }
 
   // ---- how the user wants to be notified -------------------------------------
@@ -593,8 +617,9 @@
   // answer: the whole map it carries can be older than the answer to a change of
   // another box that arrived first. For the same reason a read of the whole map
   // keeps what this page saved while the read was in flight, and only the latest
-  // read counts. A box is disabled while its change is in flight, and all are until
-  // the map is known. Answers meant for a user who is no longer signed in are
+  // read counts. A box takes no click while its change is in flight (marked
+  // aria-disabled, not disabled, so that it keeps the keyboard's focus), and all
+  // are disabled until the map is known. Answers meant for a user who is no longer signed in are
   // dropped.
 
   function preferenceBoxes() {
@@ -604,6 +629,7 @@
   function renderPreferences() {
     for (const box of preferenceBoxes()) {
       if (state.prefsBusy.has(box.name)) continue;
+      box.removeAttribute("aria-disabled");
       box.disabled = !state.prefs;
       box.checked = Boolean(state.prefs && state.prefs[box.name]);
     }
@@ -641,7 +667,7 @@
     const user = state.prefsUser;
     const name = box.closest("label").textContent.trim();
     state.prefsBusy.add(key);
-    box.disabled = true;
+    box.setAttribute("aria-disabled", "true");
     $("prefs-error").textContent = "";
     try {
       const stored = await authed("/preferences", {
@@ -732,7 +758,8 @@
   // gone, the demo's welcome post or the newest; a link to a post that is gone
   // says so above the one shown instead.
   async function choosePost() {
-    const asked = new URLSearchParams(location.search).get("post");
+    // An empty ?post= names no post: the page shows its usual one.
+    const asked = new URLSearchParams(location.search).get("post") || null;
     const wanted = Number(asked);
     if (asked !== null && Number.isSafeInteger(wanted) && wanted > 0) {
       try {
@@ -746,7 +773,7 @@
     if (asked !== null) {
       showNotice(
         "post",
-        `The link asks for post ${asked.slice(0, 40)}, which does not exist`,
+        `The link asks for post ${shortened(asked)}, which does not exist`,
         shown ? `; this is “${shown.title}” instead.` : ".",
       );
     }
@@ -805,6 +832,7 @@
         + "the thread, as soon as the comments API answers. Your text is kept.";
       return;
     }
+    const typing = [field, button].includes(document.activeElement);
     button.disabled = true;
     try {
       const comment = { user: state.username, post: state.post.id, body: field.value };
@@ -824,8 +852,16 @@
       await loadPost(created.id);
     } catch (err) {
       $("form-error").textContent = err.message;
+      if (err instanceof UnreachableError) {
+        // Said above the post too, and asked again until it answers; this
+        // line goes when it does, the text staying for another try.
+        state.formUnreachable = true;
+        sayApiIsUnreachable();
+      }
     } finally {
       button.disabled = false;
+      // Disabled meanwhile, the button gave the focus up to the page's body.
+      if (typing && lostFocus()) field.focus();
     }
   }
 
@@ -877,7 +913,21 @@
     $("mark-all").addEventListener("click", () => markAllRead().catch(inboxError));
     $("more").addEventListener("click", () => loadInbox(state.cursor).catch(inboxError));
     $("comment-form").addEventListener("submit", submitComment);
+    // Ctrl+Enter (Cmd+Enter on a Mac) posts from the text box, where Enter alone
+    // starts a new line.
+    $("comment-body").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        $("comment-form").requestSubmit();
+      }
+    });
     $("prefs").addEventListener("change", (e) => changePreference(e.target).catch(showError));
+    // A box whose change is in flight stays as asked until it is answered.
+    $("prefs").addEventListener("click", (e) => {
+      if (e.target.type === "checkbox" && state.prefsBusy.has(e.target.name)) {
+        e.preventDefault();
+      }
+    });
     $("prefs").addEventListener("submit", (e) => e.preventDefault());
   }
 
