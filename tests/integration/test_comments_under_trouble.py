@@ -262,3 +262,25 @@ async def test_a_statement_past_its_command_timeout_answers_503(
     assert read.json()["detail"] == "the database is unavailable; try again"
     assert "may have been stored" in write.json()["detail"]
     assert "Idempotency-Key" in write.json()["detail"]
+
+
+async def test_a_database_taking_no_writes_for_a_while_answers_503_not_500(
+    settings: Settings, demo: Demo, db: asyncpg.Connection
+) -> None:
+    # A failover or maintenance: the server refuses writes, then takes them.
+    name = settings.database_url.rsplit("/", 1)[1]
+    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        app = create_app(settings)
+        async with calling(app, settings, demo.carol, "carol") as client:
+            refused = await client.post(
+                "/comments", json={"post_id": demo.post, "body": "hi"}
+            )
+    finally:
+        await db.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'
+        )
+
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "2"
+    assert await db.fetchval("SELECT count(*) FROM comments") == 0

@@ -50,6 +50,16 @@ SCHEMA_MISSING_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedColumnError,
 )
 
+# Refusals a server gives for a while and then stops giving: a statement
+# cancelled (by an operator, or past statement_timeout), a lock not had within
+# lock_timeout, a database or server read-only (a failover, maintenance). The
+# same statement goes through once they pass.
+PASSING_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+
 # Raised only by asyncpg: whoever raises them, the database is away.
 _ASYNCPG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
@@ -57,6 +67,7 @@ _ASYNCPG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.TooManyConnectionsError,
     *SCHEMA_MISSING_ERRORS,
+    *PASSING_ERRORS,
 )
 
 

@@ -74,6 +74,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contracts import jsonkeys, openapi, tracing
 from contracts.auth import MAX_ID, InvalidToken, Principal, bearer, verify_token
 from contracts.db import (
+    PASSING_ERRORS,
     SCHEMA_MISSING_ERRORS,
     UNAVAILABLE_ERRORS,
     DatabaseUnavailable,
@@ -384,7 +385,7 @@ def install_http_policy(
         )
         return _unavailable()
 
-    for kind in UNAVAILABLE_ERRORS:
+    for kind in (*UNAVAILABLE_ERRORS, *PASSING_ERRORS):
         app.add_exception_handler(kind, perhaps_unavailable)
 
 

@@ -660,3 +660,48 @@ async def test_an_event_meeting_a_missing_table_waits_for_it_instead_of_being_se
 
     assert rows > 0
     assert set_aside == 0
+
+
+async def test_an_event_meeting_a_read_only_database_waits_for_it_to_take_writes(
+    settings: Settings, demo: Demo, dispatcher: None
+) -> None:
+    # As during a failover or maintenance: refused for a while, then taken.
+    body = "while the database took no writes"
+    name = settings.database_url.rsplit("/", 1)[1]
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        comment = await add_comment(db, demo, demo.carol, body)
+        await _read_only(db, name, True)
+        try:
+            await publish(settings, created(demo, comment, demo.carol, body))
+            await asyncio.sleep(1.5)
+        finally:
+            await _read_only(db, name, False)
+        rows = await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM notifications"),
+            what="the comment's notifications",
+            timeout=30,
+        )
+    finally:
+        await db.close()
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        set_aside = dead.declaration_result.message_count
+
+    assert rows > 0
+    assert set_aside == 0
+
+
+async def _read_only(db: asyncpg.Connection, name: str, on: bool) -> None:
+    """The database read-only or not for every connection, the dispatcher's
+    made again to take it up."""
+    setting = "on" if on else "off"
+    await db.execute(
+        f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
+    )
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
