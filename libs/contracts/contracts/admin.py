@@ -5,6 +5,7 @@
     notiflow-admin dlq list
     notiflow-admin dlq replay --all | MESSAGE_ID...
     notiflow-admin requeue-failed --event EVENT_ID | --since ISO [--until ISO]
+    notiflow-admin redispatch --since ISO [--until ISO]
 
 A dead letter is named by its AMQP ``message_id``; a message published without one
 (a poison message from a foreign producer) is named ``sha256:`` and the first
@@ -63,6 +64,14 @@ prints ``requeued ID`` for each row, in id order, then how many there were. It f
 checks, as the services do at start, that the database exists and has every
 migration this release ships, and otherwise says to run ``make migrate``.
 
+``redispatch`` publishes again, through the outbox, the event of each comment
+written in the times given that no event was recorded for and none waits in the
+outbox for: one lost after the outbox gave it to RabbitMQ, with the dispatcher's
+queue deleted by hand while it waited there, say. Comments of the last minute are
+left out, their events perhaps on their way; one that arrives after all is set
+aside by the dispatcher, which notifies no one twice. It prints ``redispatched
+comment ID`` for each, then how many there were.
+
 Exit status: 0 done, 1 a server refused or could not be reached, or the database
 is not migrated (or a message to replay was not found, or stayed in the
 dead-letter queue), 2 a bad command line,
@@ -82,10 +91,10 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aio_pika
 import asyncpg
@@ -95,6 +104,8 @@ from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 from contracts import preflight, topology
 from contracts.cli import Once
 from contracts.consumer import DEAD_LETTERED_AT_HEADER, sendable_headers
+from contracts.messages import CommentCreated
+from contracts.outbox import Outgoing, enqueue
 from contracts.recovery import requeue_failed
 from contracts.settings import (
     Settings,
@@ -591,6 +602,87 @@ async def requeue(
         await conn.close()
 
 
+# Comments the dispatcher never received an event for: none recorded in events
+# for them, none waiting in the outbox (read from the bodies of its events).
+_UNDISPATCHED = """
+SELECT c.id, c.post_id, c.author_id, c.body
+FROM comments c
+WHERE c.created_at >= $1 AND c.created_at < $2
+  AND NOT EXISTS (SELECT FROM events e WHERE e.comment_id = c.id)
+  AND NOT EXISTS (
+      SELECT FROM outbox o
+      WHERE o.routing_key = $3
+        AND (convert_from(o.body, 'UTF8')::jsonb ->> 'comment_id')::bigint = c.id
+  )
+ORDER BY c.id
+"""
+
+# How old a comment must be before it counts as never dispatched: younger, its
+# event may still be on its way.
+SETTLED_SECONDS = 60
+
+
+async def redispatch(
+    settings: Settings, *, since: datetime, until: datetime | None
+) -> list[int]:
+    """Publish again, through the outbox, the event of every comment written in
+    [``since``, ``until``) that the dispatcher never received; their ids.
+
+    Such a comment's event was lost after the outbox gave it to the broker: its
+    queue deleted by hand while the event waited there, say. ``until`` is at
+    most :data:`SETTLED_SECONDS` ago, so that no event still on its way is sent
+    twice (the dispatcher would set the second aside, not notify twice).
+    """
+    now = datetime.now(UTC)
+    latest = now - timedelta(seconds=SETTLED_SECONDS)
+    until = latest if until is None else min(until, latest)
+    where = redact_url(settings.database_url)
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        raise NotMigrated(
+            f"the database at {where} does not exist; create and migrate it with "
+            "`make migrate` (notiflow-migrate)"
+        ) from None
+    try:
+        if problem := await preflight.missing_schema(conn, where):
+            raise NotMigrated(problem)
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+        async with conn.transaction():
+            rows = await conn.fetch(
+                _UNDISPATCHED, since, until, topology.COMMENT_CREATED
+            )
+            events = [
+                CommentCreated(
+                    event_id=uuid4(),
+                    occurred_at=now,
+                    comment_id=row["id"],
+                    post_id=row["post_id"],
+                    author_id=row["author_id"],
+                    body=row["body"],
+                )
+                for row in rows
+            ]
+            await enqueue(
+                conn,
+                [
+                    Outgoing(
+                        exchange=topology.EVENTS_EXCHANGE,
+                        routing_key=topology.COMMENT_CREATED,
+                        message_id=str(event.event_id),
+                        message=event,
+                        headers={"event_id": str(event.event_id)},
+                    )
+                    for event in events
+                ],
+            )
+        return [row["id"] for row in rows]
+    finally:
+        await conn.close()
+
+
 def _timestamp(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -680,6 +772,28 @@ def parser() -> argparse.ArgumentParser:
         help="and before this time",
     )
     again.set_defaults(command_parser=again)
+
+    lost = commands.add_parser(
+        "redispatch",
+        help="publish again the events of comments nobody was notified of",
+        usage="%(prog)s --since ISO [--until ISO]",
+    )
+    lost.add_argument(
+        "--since",
+        action=Once,
+        type=_timestamp,
+        metavar="ISO",
+        required=True,
+        help="comments written at or after this time (UTC unless it names a zone)",
+    )
+    lost.add_argument(
+        "--until",
+        action=Once,
+        type=_timestamp,
+        metavar="ISO",
+        help=f"and before this time; at most, and by default, {SETTLED_SECONDS} s ago",
+    )
+    lost.set_defaults(command_parser=lost)
     return top
 
 
@@ -689,6 +803,11 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError("give either --all or message ids, not both")
         if not args.all and not args.ids:
             raise UsageError("name the messages to replay, or pass --all")
+    if args.command == "redispatch" and args.until and args.since >= args.until:
+        raise UsageError(
+            f"--since {args.since.isoformat()} is not before "
+            f"--until {args.until.isoformat()}"
+        )
     if args.command == "requeue-failed":
         if args.event is not None and (args.since or args.until):
             raise UsageError("give either --event or --since/--until, not both")
@@ -787,6 +906,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 summary += f" ({unknown} of unknown origin)"
         _say(summary)
         return 1 if done.kept or done.missing else 0
+    if args.command == "redispatch":
+        comments = await redispatch(settings, since=args.since, until=args.until)
+        for comment_id in comments:
+            _say(f"redispatched comment {comment_id}")
+        counted = _count(len(comments), "comment", "comments")
+        _say(f"{counted} without an event published again")
+        return 0
     ids = await requeue(
         settings, event_id=args.event, since=args.since, until=args.until
     )
