@@ -11,9 +11,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from contracts import topology
 from contracts.messages import CommentCreated
-from contracts.outbox import Outgoing, enqueue
+from contracts.outbox import enqueue, outgoing_event
 from contracts.settings import Settings
 from dispatcher.app import DispatcherSettings, create_app
 from tests.integration.conftest import running
@@ -61,18 +60,7 @@ async def test_comments_nobody_was_notified_of_are_dispatched_once_again(
     await db.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
     )
-    event = _event(demo, waiting, "waiting @bob")
-    await enqueue(
-        db,
-        [
-            Outgoing(
-                exchange=topology.EVENTS_EXCHANGE,
-                routing_key=topology.COMMENT_CREATED,
-                message_id=str(event.event_id),
-                message=event,
-            )
-        ],
-    )
+    await enqueue(db, [outgoing_event(_event(demo, waiting, "waiting @bob"))])
     lost = await _comment(db, demo, "lost @bob", 300)
     await _comment(db, demo, "recent @bob", 5)
     since = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()

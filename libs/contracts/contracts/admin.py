@@ -90,6 +90,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,7 +107,7 @@ from contracts import preflight, topology
 from contracts.cli import Once
 from contracts.consumer import DEAD_LETTERED_AT_HEADER, sendable_headers
 from contracts.messages import CommentCreated
-from contracts.outbox import Outgoing, enqueue
+from contracts.outbox import enqueue, outgoing_event
 from contracts.recovery import requeue_failed
 from contracts.settings import (
     Settings,
@@ -579,6 +581,14 @@ async def requeue(
     since: datetime | None,
     until: datetime | None,
 ) -> list[int]:
+    async with _migrated(settings) as conn, conn.transaction():
+        return await requeue_failed(conn, event_id=event_id, since=since, until=until)
+
+
+@asynccontextmanager
+async def _migrated(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the database, which has every migration this release
+    ships (:class:`NotMigrated` otherwise), set to write to the outbox."""
     where = redact_url(settings.database_url)
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=10)
@@ -594,10 +604,7 @@ async def requeue(
         await conn.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
-        async with conn.transaction():
-            return await requeue_failed(
-                conn, event_id=event_id, since=since, until=until
-            )
+        yield conn
     finally:
         await conn.close()
 
@@ -636,51 +643,21 @@ async def redispatch(
     now = datetime.now(UTC)
     latest = now - timedelta(seconds=SETTLED_SECONDS)
     until = latest if until is None else min(until, latest)
-    where = redact_url(settings.database_url)
-    try:
-        conn = await asyncpg.connect(settings.database_url, timeout=10)
-    except asyncpg.InvalidCatalogNameError:
-        raise NotMigrated(
-            f"the database at {where} does not exist; create and migrate it with "
-            "`make migrate` (notiflow-migrate)"
-        ) from None
-    try:
-        if problem := await preflight.missing_schema(conn, where):
-            raise NotMigrated(problem)
-        await conn.set_type_codec(
-            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
-        async with conn.transaction():
-            rows = await conn.fetch(
-                _UNDISPATCHED, since, until, topology.COMMENT_CREATED
+    async with _migrated(settings) as conn, conn.transaction():
+        rows = await conn.fetch(_UNDISPATCHED, since, until, topology.COMMENT_CREATED)
+        events = [
+            CommentCreated(
+                event_id=uuid4(),
+                occurred_at=now,
+                comment_id=row["id"],
+                post_id=row["post_id"],
+                author_id=row["author_id"],
+                body=row["body"],
             )
-            events = [
-                CommentCreated(
-                    event_id=uuid4(),
-                    occurred_at=now,
-                    comment_id=row["id"],
-                    post_id=row["post_id"],
-                    author_id=row["author_id"],
-                    body=row["body"],
-                )
-                for row in rows
-            ]
-            await enqueue(
-                conn,
-                [
-                    Outgoing(
-                        exchange=topology.EVENTS_EXCHANGE,
-                        routing_key=topology.COMMENT_CREATED,
-                        message_id=str(event.event_id),
-                        message=event,
-                        headers={"event_id": str(event.event_id)},
-                    )
-                    for event in events
-                ],
-            )
-        return [row["id"] for row in rows]
-    finally:
-        await conn.close()
+            for row in rows
+        ]
+        await enqueue(conn, [outgoing_event(event) for event in events])
+    return [row["id"] for row in rows]
 
 
 def _timestamp(text: str) -> datetime:

@@ -46,7 +46,7 @@ from opentelemetry.trace import SpanKind
 
 from contracts import logs, metrics, topology, tracing
 from contracts.db import application_name
-from contracts.messages import Message
+from contracts.messages import CommentCreated, Message
 from contracts.settings import Settings, amqp_connection_name
 from contracts.tasks import bounded, stop_task
 
@@ -125,6 +125,21 @@ class Outgoing:
     message: Message
     priority: int = 0
     headers: Mapping[str, Any] | None = None
+
+
+def outgoing_event(
+    event: CommentCreated, headers: Mapping[str, Any] | None = None
+) -> Outgoing:
+    """``event`` as the outbox publishes it: to the events exchange, under its
+    own id, which its headers carry too (``headers`` adds to them)."""
+    event_id = str(event.event_id)
+    return Outgoing(
+        exchange=topology.EVENTS_EXCHANGE,
+        routing_key=topology.COMMENT_CREATED,
+        message_id=event_id,
+        message=event,
+        headers={**(headers or {}), "event_id": event_id},
+    )
 
 
 @dataclass(eq=False)

@@ -38,7 +38,7 @@ from contracts.http import (
 )
 from contracts.mentions import MAX_MENTIONS, mentioned_usernames
 from contracts.messages import CommentCreated
-from contracts.outbox import Outgoing, enqueue
+from contracts.outbox import enqueue, outgoing_event
 from contracts.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -220,15 +220,7 @@ async def _create_keyed(
             )
             outbox = await enqueue(
                 conn,
-                [
-                    Outgoing(
-                        exchange=topology.EVENTS_EXCHANGE,
-                        routing_key=topology.COMMENT_CREATED,
-                        message_id=str(event.event_id),
-                        message=event,
-                        headers=tracing.inject({"event_id": str(event.event_id)}),
-                    )
-                ],
+                [outgoing_event(event, tracing.inject({}))],
                 hand_off=rt.relay is not None,
             )
             body = _created(new, row, str(event.event_id))

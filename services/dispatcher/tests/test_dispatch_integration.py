@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -635,28 +635,13 @@ async def test_an_emails_html_breaks_lines_where_its_text_does_whatever_ends_the
 async def test_an_event_meeting_a_missing_table_waits_for_it_instead_of_being_set_aside(
     settings: Settings, demo: Demo, dispatcher: None
 ) -> None:
-    body = "while the table was away"
-    db = await asyncpg.connect(settings.database_url)
-    try:
-        comment = await add_comment(db, demo, demo.carol, body)
-        await db.execute("ALTER TABLE notifications RENAME TO notifications_away")
-        try:
-            await publish(settings, created(demo, comment, demo.carol, body))
-            await asyncio.sleep(1.5)
-        finally:
-            await db.execute("ALTER TABLE notifications_away RENAME TO notifications")
-        rows = await eventually(
-            lambda: db.fetchval("SELECT count(*) FROM notifications"),
-            what="the comment's notifications",
-            timeout=30,
-        )
-    finally:
-        await db.close()
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-        set_aside = dead.declaration_result.message_count
+    async def away(db: asyncpg.Connection, on: bool) -> None:
+        here, there = "notifications", "notifications_away"
+        if not on:
+            here, there = there, here
+        await db.execute(f"ALTER TABLE {here} RENAME TO {there}")
+
+    rows, set_aside = await _dispatched_after(settings, demo, away)
 
     assert rows > 0
     assert set_aside == 0
@@ -666,17 +651,34 @@ async def test_an_event_meeting_a_read_only_database_waits_for_it_to_take_writes
     settings: Settings, demo: Demo, dispatcher: None
 ) -> None:
     # As during a failover or maintenance: refused for a while, then taken.
-    body = "while the database took no writes"
     name = settings.database_url.rsplit("/", 1)[1]
+
+    async def read_only(db: asyncpg.Connection, on: bool) -> None:
+        await _read_only(db, name, on)
+
+    rows, set_aside = await _dispatched_after(settings, demo, read_only)
+
+    assert rows > 0
+    assert set_aside == 0
+
+
+async def _dispatched_after(
+    settings: Settings,
+    demo: Demo,
+    trouble: Callable[[asyncpg.Connection, bool], Awaitable[None]],
+) -> tuple[int, int]:
+    """The notifications stored, and the events set aside, for a comment whose
+    event came while ``trouble`` was on (for 1.5 s)."""
+    body = "while the database was in trouble"
     db = await asyncpg.connect(settings.database_url)
     try:
         comment = await add_comment(db, demo, demo.carol, body)
-        await _read_only(db, name, True)
+        await trouble(db, True)
         try:
             await publish(settings, created(demo, comment, demo.carol, body))
             await asyncio.sleep(1.5)
         finally:
-            await _read_only(db, name, False)
+            await trouble(db, False)
         rows = await eventually(
             lambda: db.fetchval("SELECT count(*) FROM notifications"),
             what="the comment's notifications",
@@ -688,10 +690,7 @@ async def test_an_event_meeting_a_read_only_database_waits_for_it_to_take_writes
     async with connection:
         channel = await connection.channel()
         dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-        set_aside = dead.declaration_result.message_count
-
-    assert rows > 0
-    assert set_aside == 0
+        return rows, dead.declaration_result.message_count
 
 
 async def _read_only(db: asyncpg.Connection, name: str, on: bool) -> None:
