@@ -363,6 +363,7 @@ class SmtpPool:
     async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
         """A kept connection, or a new one if the server allows one more; counted
         in use from here until :meth:`_send` is done with it."""
+        paused = False
         while True:
             now = time.monotonic()
             while self._idle:
@@ -391,14 +392,15 @@ class SmtpPool:
                     await self._freed.wait()
                 if self._in_use > 0:
                     self._keep_to(self._in_use, refused)
-                elif self._cap is None:
+                elif self._cap is not None and not paused:
+                    # None of ours is open, but the server may not have seen
+                    # the last ones close yet: asked again shortly, once.
+                    paused = True
+                    await asyncio.sleep(CROWDED_PAUSE)
+                else:
                     # It took none: refused for another reason than their number.
                     self._lost(refused.reason)
                     raise TransientSendError(refused.reason) from refused
-                else:
-                    # None of ours is open, but the server may not have seen
-                    # the last ones close yet: asked again shortly.
-                    await asyncio.sleep(CROWDED_PAUSE)
                 continue
             # One of the connections in use is wanted, once it is done.
             self._freed.clear()

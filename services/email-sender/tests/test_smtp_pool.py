@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from email_sender.app import EmailSettings
 from email_sender.mime import Mail, build
 from email_sender.smtp import (
+    NoConnection,
     PermanentSendError,
     SmtpConfig,
     SmtpPool,
@@ -652,6 +653,28 @@ async def test_a_server_refusing_one_connection_too_many_is_kept_to_what_it_took
     said = [r for r in caplog.records if r.action == "smtp.connections_limited"]  # type: ignore[attr-defined]
     assert len(said) == 1
     assert "while 3 of this sender's were open" in said[0].getMessage()
+
+
+async def test_a_relay_refusing_every_connection_after_its_limit_was_learnt_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with SlowServer(0.05, 0.05, most_connections=2) as server:
+        transport = SmtpPool(SmtpConfig("127.0.0.1", server.port, timeout=1), size=6)
+        try:
+            await asyncio.gather(*(transport.send(message(n)) for n in range(6)))
+            server.most_connections = 0  # out of service now, for every connection
+            await transport.close()  # and the connections kept are gone
+            with caplog.at_level(logging.WARNING, logger="email_sender.smtp"):
+                with pytest.raises(TransientSendError) as failed:
+                    await transport.send(message(9))
+        finally:
+            await transport.close()
+
+    # Told as an outage, and counted as an attempt: not a wait for a free one.
+    assert not isinstance(failed.value, NoConnection)
+    assert "421" in failed.value.reason
+    said = [r.action for r in caplog.records]  # type: ignore[attr-defined]
+    assert "smtp.unreachable" in said
 
 
 async def test_a_login_without_tls_from_the_start_waits_for_starttls(
