@@ -218,3 +218,23 @@ async def test_a_body_that_stops_half_way_is_answered_408_and_closed(
         assert answer is not None, "the connection was still open after 10 s"
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
         assert b"NOTIFLOW_HTTP_BODY_TIMEOUT" in answer
+
+
+async def test_bytes_that_are_no_request_are_refused_after_the_answer_before_them(
+    start_gateway: StartGateway, demo: Demo, token: Callable[..., str]
+) -> None:
+    # The request is carried out: its answer must reach the client before the
+    # 400 for what followed it on the connection.
+    gateway = start_gateway()
+    request = (
+        b"PATCH /preferences HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {token(demo.bob)}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+        + b'{"email": false}'
+    )
+
+    answer = await _exchange(gateway.port, request + b"BAD REQUEST LINE\r\n\r\n")
+
+    assert answer is not None
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"400"]
+    assert b'"email":false' in answer

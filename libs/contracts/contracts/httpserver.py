@@ -10,6 +10,11 @@ its start, and each further request on it from its first byte, to complete its
 headers; past that the connection is closed. A request whose headers arrived is
 never cut: a body, a slow response and an SSE stream take as long as they take.
 
+Bytes that are no HTTP request, sent after a request on the same connection, are
+answered ``400`` after that request's answer, as a refused request's headers are
+(below); uvicorn answered them at once and closed, and the earlier request was
+carried out with its answer lost.
+
 Nor does anything bound the headers' size: the parser keeps a header's value in
 memory until it ends, and a single header of 50 MB, quick enough for the deadline,
 took a process's memory up by 90 MB. A request whose line and headers pass
@@ -50,10 +55,11 @@ class _HeadersInTime(HttpToolsProtocol):
         self._between = True
         # Bytes read of the headers under way, while they are incomplete.
         self._header_bytes = 0
-        # Once a request's headers are refused, the connection only waits for the
-        # answers to the requests before it, then gets the 431 and is closed.
+        # Once a request is refused (headers too large, or not HTTP at all), the
+        # connection only waits for the answers to the requests before it, then
+        # gets the refusal and is closed.
         self._refused = False
-        self._refuse_when_answered = False
+        self._refusal: tuple[bytes, bytes] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -107,10 +113,16 @@ class _HeadersInTime(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._refuse_when_answered and not self.pipeline:
+        if self._refusal is not None and not self.pipeline:
             if self.cycle is None or self.cycle.response_complete:
-                self._refuse_when_answered = False
-                self._answer_431()
+                refusal, self._refusal = self._refusal, None
+                self._answer(*refusal)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers bytes that are no HTTP request at once, and closes:
+        # the answer to a request sent before them, still being made, was lost,
+        # though the request was carried out.
+        self._refuse(b"HTTP/1.1 400 Bad Request\r\n", msg.encode("ascii", "replace"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -128,29 +140,34 @@ class _HeadersInTime(HttpToolsProtocol):
             self._headers_deadline = None
 
     def _refuse_headers(self) -> None:
-        self._refused = True
-        self._disarm()
         logger.info(
             "refused a request whose headers passed %d bytes",
             MAX_HEADER_BYTES,
             extra={"action": "http.headers_too_large"},
         )
+        self._refuse(b"HTTP/1.1 431 Request Header Fields Too Large\r\n", _TOO_LARGE)
+
+    def _refuse(self, status_line: bytes, text: bytes) -> None:
+        """Answer ``status_line`` and close, after the answers to the requests
+        before the refused one."""
+        self._refused = True
+        self._disarm()
         if self.cycle is not None and not self.cycle.response_complete:
             # A request before it is still being answered; its answer goes first.
-            self._refuse_when_answered = True
+            self._refusal = (status_line, text)
             self.flow.pause_reading()
             return
-        self._answer_431()
+        self._answer(status_line, text)
 
-    def _answer_431(self) -> None:
-        response = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+    def _answer(self, status_line: bytes, text: bytes) -> None:
+        response = [status_line]
         for name, value in self.server_state.default_headers:
             response += [name, b": ", value, b"\r\n"]
         response += [
             b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(_TOO_LARGE),
+            b"content-length: %d\r\n" % len(text),
             b"connection: close\r\n\r\n",
-            _TOO_LARGE,
+            text,
         ]
         self.transport.write(b"".join(response))
         # Closed with requests still unread, the socket would answer them with a
