@@ -24,6 +24,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import IO
 
@@ -89,6 +91,13 @@ class PipeliningMailbox(Mailbox):
     The email sender then sends MAIL, RCPT and DATA in one write, as it does to
     Postfix or Exim; aiosmtpd reads commands line by line, so it takes them so.
     """
+
+    def handle_message(self, message: Message) -> None:
+        # Its folders may have been removed while it ran (`make clean-mail`): a
+        # message it cannot store is refused for good, so they are made again.
+        for folder in ("new", "cur", "tmp"):
+            os.makedirs(os.path.join(self.mail_dir, folder), exist_ok=True)
+        super().handle_message(message)
 
     async def handle_EHLO(
         self,
@@ -225,6 +234,7 @@ class Children:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             process_group=0,
+            preexec_fn=_die_with_runner,
         )
         self._procs[name] = proc
         pump = threading.Thread(
@@ -284,6 +294,24 @@ class Children:
         for pump in self._pumps:
             pump.join(timeout=2)
         return killed
+
+
+# prctl's option that has the kernel signal a process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_runner() -> None:
+    """In a child, before it starts: be sent SIGTERM when this runner dies.
+
+    A runner killed outright (SIGKILL, the OOM killer, an editor's hard stop)
+    stops nothing itself, and each child leads a process group of its own, so no
+    terminal's hang-up reaches them either: they would run on, holding the
+    ports the next ``make run`` needs. Linux only; elsewhere nothing is done.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:

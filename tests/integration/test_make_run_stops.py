@@ -3,9 +3,11 @@ output it writes can no longer go anywhere."""
 
 from __future__ import annotations
 
+import email
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,3 +190,52 @@ def _load_devrun() -> Any:
     sys.modules[spec.name] = module  # as an import would, for its dataclasses
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_runner_killed_outright_takes_its_services_with_it(
+    scripts: Path, vhost: str
+) -> None:
+    # SIGKILL, the OOM killer, an editor's hard stop: the runner stops nothing
+    # itself, and the services lead process groups of their own.
+    run = subprocess.Popen(
+        [sys.executable, str(DEVRUN), "--scripts", str(scripts)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "NOTIFLOW_DATABASE_URL": infra.database_url(infra.unique("notiflow_run")),
+            "NOTIFLOW_AMQP_URL": infra.amqp_url(vhost),
+            "NOTIFLOW_SMTP_HOST": "smtp.invalid",
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        pids = _wait_for_pids(scripts)
+        run.kill()
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftover = [pid for pid in pids if _alive(pid)]
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    assert leftover == []
+
+
+def test_the_smtp_sink_makes_its_folders_again_when_they_are_removed(
+    tmp_path: Path,
+) -> None:
+    devrun = _load_devrun()
+    mail = tmp_path / "mail"
+    sink = devrun.PipeliningMailbox(mail)
+    message = email.message_from_string("Subject: one\n\nbody\n")
+    sink.handle_message(message)
+    shutil.rmtree(mail)  # as `make clean-mail` does while `make run` runs
+
+    sink.handle_message(email.message_from_string("Subject: two\n\nbody\n"))
+
+    assert len(list((mail / "new").iterdir())) == 1
