@@ -576,6 +576,24 @@ async def test_replaying_a_dead_letter_of_unknown_origin_by_id_says_why_it_stays
     assert (kept.body, kept.message_id) == (b"{}", "nowhere-3")
 
 
+async def test_a_dead_letter_no_replay_can_send_back_is_discarded_by_its_id(
+    settings: Settings,
+) -> None:
+    await _published_to_the_dead_letter_queue(settings, b"{}", "nowhere-4")
+    await _dead_letter(settings, b"{}", {}, message_id="t7")
+
+    discarded = admin(settings, "dlq", "discard", "nowhere-4", "nowhere-5")
+
+    assert discarded.returncode == 1
+    assert discarded.stdout.splitlines() == ["discarded nowhere-4", "1 discarded"]
+    assert discarded.stderr.splitlines() == ["not in the dead-letter queue: nowhere-5"]
+    # The others stay, and replay --all is clean again.
+    replayed = admin(settings, "dlq", "replay", "--all")
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.splitlines() == ["replayed t7", "1 replayed"]
+    assert await helpers.take_dead_letters(settings.amqp_url) == []
+
+
 async def test_a_dead_letter_naming_the_dead_letter_queue_is_not_counted_replayed(
     settings: Settings,
 ) -> None:

@@ -4,6 +4,7 @@
 
     notiflow-admin dlq list
     notiflow-admin dlq replay --all | MESSAGE_ID...
+    notiflow-admin dlq discard MESSAGE_ID...
     notiflow-admin requeue-failed --event EVENT_ID | --since ISO [--until ISO]
     notiflow-admin redispatch --since ISO [--until ISO]
 
@@ -302,6 +303,16 @@ class DeadLettersBusy(Exception):
 DLQ_LOCK_QUEUE = "notiflow.admin.dlq-lock"
 
 
+async def _broker(settings: Settings) -> aio_pika.abc.AbstractConnection:
+    return await aio_pika.connect(
+        settings.amqp_url,
+        timeout=10,
+        client_properties={
+            "connection_name": amqp_connection_name(settings.amqp_url, "admin")
+        },
+    )
+
+
 async def _hold_dead_letters(connection: aio_pika.abc.AbstractConnection) -> None:
     channel = await connection.channel()
     try:
@@ -331,13 +342,7 @@ async def _taken(
 
 
 async def dlq_list(settings: Settings) -> list[DeadLetter]:
-    connection = await aio_pika.connect(
-        settings.amqp_url,
-        timeout=10,
-        client_properties={
-            "connection_name": amqp_connection_name(settings.amqp_url, "admin")
-        },
-    )
+    connection = await _broker(settings)
     async with connection:
         await _hold_dead_letters(connection)
         reading = await connection.channel()
@@ -428,13 +433,7 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
     replayed: list[str] = []
     kept: list[Kept] = []
     failed_for_good: list[FailedForGood] = []
-    connection = await aio_pika.connect(
-        settings.amqp_url,
-        timeout=10,
-        client_properties={
-            "connection_name": amqp_connection_name(settings.amqp_url, "admin")
-        },
-    )
+    connection = await _broker(settings)
     async with connection:
         await _hold_dead_letters(connection)
         reading = await connection.channel()
@@ -472,6 +471,30 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
         missing=missing,
         failed_for_good=failed_for_good,
     )
+
+
+async def dlq_discard(
+    settings: Settings, ids: list[str]
+) -> tuple[list[str], list[str]]:
+    """Remove the named dead letters for good; the names removed (one a copy),
+    and those not found."""
+    wanted = set(ids)
+    discarded: list[str] = []
+    connection = await _broker(settings)
+    async with connection:
+        await _hold_dead_letters(connection)
+        reading = await connection.channel()
+        publishing = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        for message in await _taken(reading):
+            name = message_name(message)
+            if name in wanted:
+                await message.ack()
+                discarded.append(name)
+            else:
+                await _put_back(publishing, message)
+    return discarded, sorted(wanted - set(discarded))
 
 
 def _row_failed(message: AbstractIncomingMessage, came_from: Origin) -> bool:
@@ -721,6 +744,22 @@ def parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     replay.set_defaults(command_parser=replay)
+    discard = dlq_commands.add_parser(
+        "discard",
+        help="remove dead letters for good",
+        usage="%(prog)s MESSAGE_ID [MESSAGE_ID ...]",
+        description="Remove the named dead letters from the dead-letter queue for "
+        "good, sending them nowhere: those no replay can send back (their origin "
+        "unknown, or their queue gone), or a message nothing should ever handle.",
+    )
+    discard.add_argument(
+        "ids",
+        nargs="+",
+        metavar="MESSAGE_ID",
+        help="a dead letter's id as `dlq list` shows it; every dead letter with "
+        "that id is removed",
+    )
+    discard.set_defaults(command_parser=discard)
 
     again = commands.add_parser(
         "requeue-failed",
@@ -854,6 +893,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             elif (problem := _not_replayable(item.queue)) is not None:
                 _say(f"    cannot be replayed: {problem}")
         return 0
+    if args.command == "dlq" and args.dlq_command == "discard":
+        discarded, missing = await dlq_discard(settings, args.ids)
+        for name in discarded:
+            _say(f"discarded {name}")
+        for name in missing:
+            print(f"not in the dead-letter queue: {name}", file=sys.stderr)
+        _say(f"{len(discarded)} discarded")
+        return 1 if missing else 0
     if args.command == "dlq":
         done = await dlq_replay(settings, None if args.all else args.ids)
         for name in done.replayed:
