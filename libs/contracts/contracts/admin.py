@@ -715,7 +715,8 @@ def parser() -> argparse.ArgumentParser:
     so that a mistake found after parsing is shown with that command's usage."""
     top = argparse.ArgumentParser(
         prog="notiflow-admin",
-        description="Inspect and replay dead letters; send failed notifications again.",
+        description="Inspect, replay and discard dead letters; send failed "
+        "notifications again; publish again the events of comments never dispatched.",
     )
     commands = top.add_subparsers(dest="command", required=True)
 
