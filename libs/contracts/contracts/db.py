@@ -228,10 +228,31 @@ async def connection(
             isinstance(exc, Exception) and _closed(conn)
         )
         await _release_after(exc, pool, conn)
+        await forget_read_only_sessions(pool, exc)
         if lost:
             raise DatabaseUnavailable(f"database connection lost: {exc!r}") from exc
         raise
     await pool.release(conn)
+
+
+async def forget_read_only_sessions(pool: asyncpg.Pool, exc: BaseException) -> None:
+    """Have the pool open new sessions once ``exc`` says a write was refused as
+    read-only.
+
+    A session keeps what the database was set to when it began: sessions opened
+    while it was read-only (``ALTER DATABASE ... SET default_transaction_read_only``,
+    or a server since promoted) would refuse every write after it takes them
+    again, and the wait for it would never end.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        # Raised as it is, or as the cause of what the caller made of it.
+        if isinstance(current, asyncpg.ReadOnlySQLTransactionError):
+            await pool.expire_connections()
+            return
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
 
 
 async def _release_after(

@@ -45,7 +45,7 @@ from aiormq.abc import AbstractChannel
 from opentelemetry.trace import SpanKind
 
 from contracts import logs, metrics, topology, tracing
-from contracts.db import application_name
+from contracts.db import application_name, forget_read_only_sessions
 from contracts.messages import CommentCreated, Message
 from contracts.settings import Settings, amqp_connection_name
 from contracts.tasks import bounded, stop_task
@@ -401,6 +401,7 @@ class OutboxRelay:
                     return
                 failures += 1
                 metrics.OUTBOX_PUBLISH_FAILURES.inc()
+                await forget_read_only_sessions(self._pool, exc)
                 delay = min(0.2 * 2**failures, 5.0)
                 logger.log(
                     # The connection's loss is logged once, where it is watched.

@@ -26,7 +26,14 @@ from pydantic import (
 from comments import repository as sql
 from contracts import topology, tracing
 from contracts.auth import Principal, UnknownUser, bearer, verify_token
-from contracts.db import OutcomeUnknown, connection, is_unavailable, transaction
+from contracts.db import (
+    PASSING_ERRORS,
+    SCHEMA_MISSING_ERRORS,
+    OutcomeUnknown,
+    connection,
+    is_unavailable,
+    transaction,
+)
 from contracts.http import (
     BodyId,
     Conflict,
@@ -258,7 +265,8 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
                 raise
             raise UnknownUser(user.user_id) from None
         except Exception as exc:
-            if not is_unavailable(exc):
+            if not is_unavailable(exc) or isinstance(exc, _REFUSED_BY_SERVER):
+                # A bug, or the server refusing the statement: nothing stored.
                 raise
             # The statement is its own transaction: it may have committed, and
             # its comment be notified, though no answer came.
@@ -276,6 +284,9 @@ async def _create(new: NewComment, rt: Runtime, user: Principal) -> JSONResponse
     _log_stored(row["id"], new.post_id, event_id)
     return JSONResponse(_created(new, row, event_id), status_code=201)
 
+
+# What the server answers a statement it refuses, which then stored nothing.
+_REFUSED_BY_SERVER = (*PASSING_ERRORS, *SCHEMA_MISSING_ERRORS)
 
 # Foreign keys to users that the comment statements can break: only when the
 # token's user is missing, or was deleted while the statement ran.

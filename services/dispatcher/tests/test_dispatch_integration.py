@@ -694,13 +694,14 @@ async def _dispatched_after(
 
 
 async def _read_only(db: asyncpg.Connection, name: str, on: bool) -> None:
-    """The database read-only or not for every connection, the dispatcher's
-    made again to take it up."""
+    """The database read-only for new sessions, the dispatcher's ended to take it
+    up; or writable again, its read-only sessions left as they are."""
     setting = "on" if on else "off"
     await db.execute(
         f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}'
     )
-    await db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
+    if on:
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
