@@ -81,6 +81,24 @@ def vhost() -> Iterator[str]:
     infra.delete_vhost(name)
 
 
+def _make_run(scripts: Path, vhost: str, output: int) -> subprocess.Popen[bytes]:
+    """The runner, starting the stand-ins in ``scripts``; its stdout and stderr
+    to ``output``."""
+    return subprocess.Popen(
+        [sys.executable, str(DEVRUN), "--scripts", str(scripts)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "NOTIFLOW_DATABASE_URL": infra.database_url(infra.unique("notiflow_run")),
+            "NOTIFLOW_AMQP_URL": infra.amqp_url(vhost),
+            # Elsewhere than this machine: no SMTP sink is started.
+            "NOTIFLOW_SMTP_HOST": "smtp.invalid",
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+    )
+
+
 def _wait_for_pids(scripts: Path) -> list[int]:
     files = [scripts / f"{name}.pid" for name in SERVICES]
     deadline = time.monotonic() + 30
@@ -96,19 +114,7 @@ def test_stopping_make_run_stops_every_service_when_its_output_is_gone(
 ) -> None:
     # As with `make run | tee run.log`: the same Ctrl-C ends the tee, and closing
     # the terminal ends both, so devrun's "stopping" line meets a broken pipe.
-    run = subprocess.Popen(
-        [sys.executable, str(DEVRUN), "--scripts", str(scripts)],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "NOTIFLOW_DATABASE_URL": infra.database_url(infra.unique("notiflow_run")),
-            "NOTIFLOW_AMQP_URL": infra.amqp_url(vhost),
-            # Elsewhere than this machine: no SMTP sink is started.
-            "NOTIFLOW_SMTP_HOST": "smtp.invalid",
-        },
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    run = _make_run(scripts, vhost, subprocess.PIPE)
     pids: list[int] = []
     try:
         pids = _wait_for_pids(scripts)
@@ -197,18 +203,7 @@ def test_a_runner_killed_outright_takes_its_services_with_it(
 ) -> None:
     # SIGKILL, the OOM killer, an editor's hard stop: the runner stops nothing
     # itself, and the services lead process groups of their own.
-    run = subprocess.Popen(
-        [sys.executable, str(DEVRUN), "--scripts", str(scripts)],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "NOTIFLOW_DATABASE_URL": infra.database_url(infra.unique("notiflow_run")),
-            "NOTIFLOW_AMQP_URL": infra.amqp_url(vhost),
-            "NOTIFLOW_SMTP_HOST": "smtp.invalid",
-        },
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run = _make_run(scripts, vhost, subprocess.DEVNULL)
     pids: list[int] = []
     try:
         pids = _wait_for_pids(scripts)

@@ -427,12 +427,12 @@ class Replay:
     failed_for_good: list[FailedForGood]
 
 
-async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
-    """Replay the named dead letters (all when ``ids`` is None)."""
-    wanted = set(ids) if ids is not None else None
-    replayed: list[str] = []
-    kept: list[Kept] = []
-    failed_for_good: list[FailedForGood] = []
+@asynccontextmanager
+async def _dead_letters(
+    settings: Settings,
+) -> AsyncIterator[tuple[aio_pika.abc.AbstractChannel, list[AbstractIncomingMessage]]]:
+    """Every dead letter, held unacked for this command alone, and a confirming
+    channel to publish on; closed, what was not acknowledged goes back."""
     connection = await _broker(settings)
     async with connection:
         await _hold_dead_letters(connection)
@@ -440,7 +440,17 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
         publishing = await connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        for message in await _taken(reading):
+        yield publishing, await _taken(reading)
+
+
+async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
+    """Replay the named dead letters (all when ``ids`` is None)."""
+    wanted = set(ids) if ids is not None else None
+    replayed: list[str] = []
+    kept: list[Kept] = []
+    failed_for_good: list[FailedForGood] = []
+    async with _dead_letters(settings) as (publishing, messages):
+        for message in messages:
             name = message_name(message)
             came_from = origin(message)
             queue = came_from.queue
@@ -480,14 +490,8 @@ async def dlq_discard(
     and those not found."""
     wanted = set(ids)
     discarded: list[str] = []
-    connection = await _broker(settings)
-    async with connection:
-        await _hold_dead_letters(connection)
-        reading = await connection.channel()
-        publishing = await connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
-        for message in await _taken(reading):
+    async with _dead_letters(settings) as (publishing, messages):
+        for message in messages:
             name = message_name(message)
             if name in wanted:
                 await message.ack()
