@@ -41,6 +41,8 @@ MAX_ID = 2**63 - 1
 # A user id as a token's sub writes it: decimal, no sign, no leading zero.
 _USER_ID = re.compile(r"[1-9][0-9]{0,18}")
 AUDIENCE = "notiflow"
+# How far ahead of this host's clock the host that issued a token may be.
+CLOCK_SKEW_SECONDS = 60
 # Tokens that passed, remembered; each is a few hundred bytes.
 REMEMBERED_TOKENS = 4096
 
@@ -90,6 +92,11 @@ def verify_token(token: str | None, settings: Settings) -> Principal:
         principal, expires = _verified(token, settings.secret_key)
     except jwt.ExpiredSignatureError:
         raise InvalidToken("token has expired") from None
+    except jwt.ImmatureSignatureError:
+        raise InvalidToken(
+            "token is not valid yet: it says it was issued, or becomes valid, more "
+            f"than {CLOCK_SKEW_SECONDS}s ahead of this server's clock"
+        ) from None
     except (jwt.InvalidTokenError, ValueError):
         raise InvalidToken("token is invalid") from None
     # PyJWT's rule: a token is expired from the second its exp names.
@@ -111,6 +118,9 @@ def _verified(token: str, secret: str) -> tuple[Principal, int]:
         algorithms=[ALGORITHM],
         audience=AUDIENCE,
         options={"require": ["sub", "exp", "aud"]},
+        # For iat and nbf: the host that issued the token may be a little ahead
+        # of this one. exp is checked to the second by the caller.
+        leeway=CLOCK_SKEW_SECONDS,
     )
     # As issue_token writes it: plain decimal digits. int() would also take
     # " 2", "0_2" or "٢" for user 2.

@@ -83,6 +83,44 @@ def test_expired_and_forged_tokens_are_refused() -> None:
         verify_token(forged, settings)
 
 
+def _signed(settings: Settings, **claims: object) -> str:
+    now = int(time.time())
+    return jwt.encode(
+        {"sub": "7", "name": "bob", "aud": "notiflow", "exp": now + 600, **claims},
+        settings.secret_key,
+        algorithm="HS256",
+    )
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_a_token_from_a_host_whose_clock_is_a_little_ahead_is_taken(
+    claim: str,
+) -> None:
+    settings = Settings()
+    token = _signed(settings, **{claim: int(time.time()) + 5})
+
+    assert verify_token(token, settings).user_id == 7
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_a_token_dated_well_ahead_is_refused_as_not_valid_yet(claim: str) -> None:
+    settings = Settings()
+    token = _signed(settings, **{claim: int(time.time()) + 3600})
+
+    with pytest.raises(InvalidToken, match="not valid yet.*ahead of this server"):
+        verify_token(token, settings)
+
+
+def test_a_token_expired_a_moment_ago_is_refused_whatever_the_skew_allowed() -> (
+    None
+):
+    settings = Settings()
+    token = _signed(settings, exp=int(time.time()) - 2)
+
+    with pytest.raises(InvalidToken, match="expired"):
+        verify_token(token, settings)
+
+
 def test_a_refused_secret_is_never_repeated_in_the_complaint() -> None:
     from contracts.settings import describe
 
