@@ -338,3 +338,27 @@ async def test_another_site_cannot_frame_the_page_or_an_unsubscribe_link(
     framed = [f.url for f in page.frames if f is not page.main_frame]
     assert framed == ["chrome-error://chromewebdata/"] * 2
     assert len(refused) == 2, refused
+
+
+async def test_switching_users_tells_the_push_controls_who_was_signed_in_before(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    context = await browser.new_context()
+    await context.add_init_script(
+        """window.__signedIn = [];
+        window.addEventListener("notiflow:signed-in", (e) =>
+            window.__signedIn.push([window.notiflow.token, e.detail.previous]));"""
+    )
+    page = await context.new_page()
+    await page.goto(f"{gateway.url}/?user=bob")
+    await expect(page.locator("#status")).to_have_text("live")
+    bob = await page.evaluate("window.notiflow.token")
+
+    await page.select_option("#user-select", "dave")
+    await expect(page.locator("#status")).to_have_text("live")
+
+    dave = await page.evaluate("window.notiflow.token")
+    assert dave != bob
+    assert (await page.evaluate("window.__signedIn"))[-1] == [dave, bob]
+    await context.close()

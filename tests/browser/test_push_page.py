@@ -134,6 +134,8 @@ class Site:
     page_url: str
     push_url: str
     token: str
+    # Another user's, carol's.
+    other_token: str
 
 
 def page_app(push_url: str) -> FastAPI:
@@ -174,7 +176,12 @@ async def site(settings: Settings) -> AsyncIterator[Site]:
     await push.start(create_push_sender(push_settings))
     await page.start(page_app(push.url))
     try:
-        yield Site(page.url, push.url, issue_token(demo.bob, "bob", settings))
+        yield Site(
+            page.url,
+            push.url,
+            issue_token(demo.bob, "bob", settings),
+            issue_token(demo.carol, "carol", settings),
+        )
     finally:
         await page.stop()
         await push.stop()
@@ -207,10 +214,11 @@ async def open_page(
     return context, page
 
 
-async def stored(site: Site) -> list[dict[str, Any]]:
+async def stored(site: Site, token: str | None = None) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=site.push_url) as client:
         resp = await client.get(
-            "/push/subscriptions", headers={"Authorization": f"Bearer {site.token}"}
+            "/push/subscriptions",
+            headers={"Authorization": f"Bearer {token or site.token}"},
         )
     resp.raise_for_status()
     return resp.json()
@@ -246,6 +254,57 @@ async def test_enable_registers_the_worker_and_stores_the_subscription(
     assert await state(page, "off") == "Enable notifications"
     assert await page.evaluate("window.__push.unsubscribed") == 1
     assert await stored(site) == []
+    await context.close()
+
+
+async def signed_in(page: Page, token: str, previous: str) -> None:
+    """What the page does once someone has signed in in place of ``previous``."""
+    await page.evaluate(
+        """([token, previous]) => {
+            window.notiflow = { token };
+            window.dispatchEvent(
+                new CustomEvent("notiflow:signed-in", { detail: { previous } }));
+        }""",
+        [token, previous],
+    )
+
+
+async def test_another_user_signing_in_takes_push_off_the_user_before(
+    browser: Browser, site: Site
+) -> None:
+    subscription = made_subscription()
+    context, page = await open_page(browser, site, subscription)
+    await state(page, "off")
+    await page.click("#push-toggle")
+    await state(page, "on")
+    assert [s["endpoint"] for s in await stored(site)] == [subscription["endpoint"]]
+
+    await signed_in(page, site.other_token, previous=site.token)
+
+    assert await state(page, "off") == "Enable notifications"
+    assert "another user" in await page.inner_text("#push-status")
+    assert await page.evaluate("window.__push.unsubscribed") == 1
+    # Bob's notifications no longer go to the browser carol now uses.
+    assert await stored(site) == []
+    assert await stored(site, site.other_token) == []
+    await context.close()
+
+
+async def test_the_same_user_signing_in_again_keeps_push_on(
+    browser: Browser, site: Site
+) -> None:
+    subscription = made_subscription()
+    context, page = await open_page(browser, site, subscription)
+    await state(page, "off")
+    await page.click("#push-toggle")
+    await state(page, "on")
+
+    await signed_in(page, site.token, previous=site.token)
+    await page.evaluate("window.notiflowPush.refresh()")
+
+    assert await state(page, "on") == "Disable notifications"
+    assert await page.evaluate("window.__push.unsubscribed") == 0
+    assert [s["endpoint"] for s in await stored(site)] == [subscription["endpoint"]]
     await context.close()
 
 

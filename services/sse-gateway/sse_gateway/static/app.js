@@ -193,6 +193,9 @@
 
   async function signIn(username) {
     const session = (state.session += 1);
+    // Whoever was signed in before, for the push controls to take this browser
+    // off their list.
+    const signedInBefore = state.token || localStorage.getItem("notiflow.token");
     state.signedIn = false;
     setStatus("connecting");
     // A read state answered for the previous user is not this one's.
@@ -219,6 +222,9 @@
     localStorage.setItem("notiflow.token", state.token);
     window.notiflow.token = state.token;
     window.notiflow.username = state.username;
+    window.dispatchEvent(
+      new CustomEvent("notiflow:signed-in", { detail: { previous: signedInBefore } }),
+    );
     state.signedIn = true;
     if (!state.prefs) loadPreferences().catch(showError);
     connect();

@@ -8,6 +8,13 @@
 // States, shown on the controls as data-state: "off", "on", "busy",
 // "unsupported" (no service worker or Push API), "denied" (blocked in the browser).
 //
+// A browser has one push subscription, and it is on for the user whose
+// subscriptions hold it. When someone else signs in (the page dispatches
+// "notiflow:signed-in" on window, with the previous token as detail.previous),
+// a subscription of the user before is taken off that user's list and given up in
+// the browser, so that their notifications stop arriving on a screen that is no
+// longer theirs; the controls then say off, until this user turns them on.
+//
 // Subscribing asks the browser's vendor push service, and when the browser cannot
 // reach it, pushManager.subscribe() may never settle. The page waits
 // window.notiflow.pushSubscribeTimeoutMs when set, else 20 s, then gives up.
@@ -30,6 +37,10 @@
 
   let pushUrl = null;
   let state = "busy";
+  // The token of the user signed in before this one, while their subscription may
+  // still be this browser's; and a count of checks, the latest of which decides.
+  let previous = null;
+  let checks = 0;
   // Counts the attempts to subscribe, so that a late answer knows if it is the last.
   let attempts = 0;
 
@@ -53,8 +64,8 @@
     return pushUrl;
   }
 
-  async function api(path, options = {}) {
-    const headers = { Authorization: `Bearer ${token()}`, ...options.headers };
+  async function api(path, options = {}, as = token()) {
+    const headers = { Authorization: `Bearer ${as}`, ...options.headers };
     const response = await fetch(`${await baseUrl()}${path}`, {
       ...options,
       headers,
@@ -132,6 +143,15 @@
     }
   }
 
+  // The push sender keeps an endpoint as a browser writes a URL.
+  function sameEndpoint(stored, endpoint) {
+    try {
+      return new URL(stored).href === new URL(endpoint).href;
+    } catch (_) {
+      return stored === endpoint;
+    }
+  }
+
   async function currentSubscription() {
     const registration = await navigator.serviceWorker.getRegistration("/");
     return registration ? registration.pushManager.getSubscription() : null;
@@ -146,8 +166,39 @@
       render("denied", "Notifications are blocked in this browser's settings.");
       return;
     }
+    const check = ++checks;
     const subscription = await currentSubscription();
-    render(subscription ? "on" : "off", "");
+    const as = token();
+    if (!subscription || !as) {
+      render("off", "");
+      return;
+    }
+    const mine = await api("/push/subscriptions", {}, as);
+    // A newer check, for whoever signed in since, decides.
+    if (check !== checks) return;
+    if (mine.some((s) => sameEndpoint(s.endpoint, subscription.endpoint))) {
+      render("on", "");
+      return;
+    }
+    render("busy", "");
+    const before = previous;
+    previous = null;
+    if (before && before !== as) await forget(subscription, before).catch(() => {});
+    await subscription.unsubscribe();
+    if (check !== checks) return;
+    render("off", "Notifications are off: this browser had them on for another user.");
+  }
+
+  // Takes this browser's subscription off the list of the user who signed in
+  // before. Should that fail (their token has expired, say), the subscription is
+  // still given up in the browser, and the push service refuses the next push to
+  // it, upon which the push sender forgets it.
+  async function forget(subscription, as) {
+    const theirs = await api("/push/subscriptions", {}, as);
+    const stored = theirs.find((s) => sameEndpoint(s.endpoint, subscription.endpoint));
+    if (stored) {
+      await api(`/push/subscriptions/${stored.id}`, { method: "DELETE" }, as);
+    }
   }
 
   async function enable() {
@@ -191,7 +242,7 @@
     if (subscription) {
       if (token()) {
         const mine = await api("/push/subscriptions");
-        const stored = mine.find((s) => s.endpoint === subscription.endpoint);
+        const stored = mine.find((s) => sameEndpoint(s.endpoint, subscription.endpoint));
         if (stored) {
           await api(`/push/subscriptions/${stored.id}`, { method: "DELETE" });
         }
@@ -214,7 +265,17 @@
     }
   });
 
+  function recheck() {
+    refresh().catch((error) =>
+      render("off", `Could not check notifications: ${error.message}`),
+    );
+  }
+
+  window.addEventListener("notiflow:signed-in", (event) => {
+    if (event.detail && event.detail.previous) previous = event.detail.previous;
+    recheck();
+  });
   window.notiflowPush = { refresh };
   render("busy", "");
-  refresh().catch((error) => render("off", `${error.message}`));
+  recheck();
 })();
