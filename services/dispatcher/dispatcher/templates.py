@@ -32,6 +32,14 @@ name it (at start, and on every edit of that file), tries the files as they are 
 the same way: a fault that shows then refuses the set, and a set that passes has a
 last good version of every file from then on.
 
+Templates run in Jinja2's sandbox, and within limits, so that a slip in one cannot
+stop the dispatcher: a render may take at most :data:`RENDER_CPU_SECONDS` of CPU
+and write at most :data:`MAX_RENDERED_CHARS` characters, and a ``*`` or ``**`` that
+would make a string, list or number larger than that is refused before it runs.
+A version that runs out of time is broken for good, like one failing its trial, so
+it costs that second once, not on every notification; one that writes too much for
+some values is broken for those values only.
+
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
 would hold the event as if the database were away, retried for ever.
@@ -41,7 +49,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import posixpath
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +69,9 @@ from jinja2 import (
     TemplateSyntaxError,
     select_autoescape,
 )
+from jinja2.loaders import split_template_path
+from jinja2.runtime import Context
+from jinja2.sandbox import SandboxedEnvironment
 
 from contracts import metrics
 from dispatcher import stamps
@@ -64,6 +80,11 @@ DEFAULT_DIR = Path(__file__).with_name("templates")
 FILES = ("title.txt.j2", "message.txt.j2", "email.html.j2")
 EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
+# What one file may write for one notification: twenty times the longest comment.
+MAX_RENDERED_CHARS = 100_000
+# The CPU one render, or the compiling of one file, may take; the templates
+# shipped take some 10 µs a file to render and 2 ms to compile.
+RENDER_CPU_SECONDS = 0.1
 # How long an edited file must stay unchanged before the dispatcher reads it
 # again: a file written in place is not used half written.
 SETTLE_SECONDS = 1.0
@@ -87,6 +108,105 @@ class _RendersNothing(Exception):
 
 class _FailsTrial(Exception):
     """A new version of a template failed for one of the made-up recipients."""
+
+
+class _OverLimit(Exception):
+    """A render went past one of the limits every template runs within."""
+
+
+class _OutOfTime(_OverLimit):
+    """A render used up :data:`RENDER_CPU_SECONDS`."""
+
+
+class _Bounded(SandboxedEnvironment):
+    """Jinja2's sandbox, which keeps templates away from Python's internals and
+    caps each ``range``, with ``*`` and ``**`` checked before they build something
+    larger than any notification may be."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(
+        self, context: Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, str | bytes | list | tuple)
+                    and isinstance(times, int)
+                    and len(sequence) * times > MAX_RENDERED_CHARS
+                ):
+                    raise _OverLimit(
+                        f"a * would make {len(sequence) * times:,} items, more "
+                        f"than the {MAX_RENDERED_CHARS:,} a template may write"
+                    )
+        elif (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and abs(left).bit_length() * right > MAX_RENDERED_CHARS * 4
+        ):
+            raise _OverLimit(
+                f"{left} ** {right} would have more digits than the "
+                f"{MAX_RENDERED_CHARS:,} characters a template may write"
+            )
+        return super().call_binop(context, operator, left, right)
+
+
+class _CpuLimit:
+    """Interrupts a render that has used up :data:`RENDER_CPU_SECONDS` of the
+    process's CPU, counted by ``ITIMER_PROF``: a render held up by a busy or
+    paused host is not charged for the wait.
+
+    Only the main thread receives signals; a render elsewhere runs without the
+    limit (the dispatcher renders on its event loop, in the main thread).
+    """
+
+    def __init__(self) -> None:
+        self._armed = False
+        self._installed = False
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if not self._installed:
+            signal.signal(signal.SIGPROF, self._expired)
+            self._installed = True
+        self._armed = True
+        # Again and again, should one land where it is swallowed (Jinja2 folds
+        # constant expressions while compiling, and gives up on any that raises).
+        signal.setitimer(signal.ITIMER_PROF, RENDER_CPU_SECONDS, RENDER_CPU_SECONDS / 2)
+        try:
+            yield
+        finally:
+            # Disarmed first: a signal between the two lines then raises nothing.
+            self._armed = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
+
+    def _expired(self, signum: int, frame: object) -> None:
+        if self._armed:
+            raise _OutOfTime(f"took more than {RENDER_CPU_SECONDS:g}s of CPU")
+
+
+_CPU_LIMIT = _CpuLimit()
+
+
+def _bounded_render(version: Template, context: dict[str, Any]) -> str:
+    """``version`` rendered with ``context``, within the limits above."""
+    parts: list[str] = []
+    written = 0
+    with _CPU_LIMIT.armed():
+        for part in version.generate(context):
+            written += len(part)
+            if written > MAX_RENDERED_CHARS:
+                raise _OverLimit(
+                    f"writes more than the {MAX_RENDERED_CHARS:,} characters a "
+                    "template may"
+                )
+            parts.append(part)
+    return "".join(parts)
 
 
 # The reasons someone is notified of a comment, alone and together (the author of
@@ -144,6 +264,8 @@ class _StampedLoader(FileSystemLoader):
         # and of each file's text read and not compiled yet.
         self._loaded: dict[str, stamps.Stamp] = {}
         self._read: dict[str, stamps.Stamp] = {}
+        # Each file whose text took too long to compile: its stamp then, and why.
+        self._too_slow: dict[str, tuple[stamps.Stamp, _OutOfTime]] = {}
 
     def load(
         self,
@@ -151,10 +273,34 @@ class _StampedLoader(FileSystemLoader):
         name: str,
         globals: MutableMapping[str, Any] | None = None,
     ) -> Template:
-        template = super().load(environment, name, globals)
+        filename = self._filename(name)
+        slow = self._too_slow.get(filename)
+        if slow is not None and self._stamp(filename) == slow[0]:
+            # Compiled again only once the file changes, not on every use.
+            raise slow[1]
+        try:
+            with _CPU_LIMIT.armed():
+                template = super().load(environment, name, globals)
+        except _OutOfTime as exc:
+            self._read.pop(filename, None)
+            slow_compile = _OutOfTime(f"{exc} to compile")
+            if (stamp := self._stamp(filename)) is not None:
+                self._too_slow[filename] = (stamp, slow_compile)
+            raise slow_compile from None
+        self._too_slow.pop(filename, None)
         if template.filename is not None and template.filename in self._read:
             self._loaded[template.filename] = self._read.pop(template.filename)
         return template
+
+    def _filename(self, name: str) -> str:
+        return posixpath.join(self.searchpath[0], *split_template_path(name))
+
+    @staticmethod
+    def _stamp(filename: str) -> stamps.Stamp | None:
+        try:
+            return stamps.stamp(filename)
+        except OSError:
+            return None
 
     def on_disk(self, filename: str | None) -> bool:
         """Whether the file holds the text its latest version was compiled from:
@@ -212,7 +358,7 @@ class Renderer:
         :data:`SETTLE_SECONDS`; none by default, for tests)."""
         self._directory = directory
         self._loader = _StampedLoader(str(directory), settle_seconds)
-        self._env = Environment(
+        self._env = _Bounded(
             loader=self._loader,
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html.j2",)),
@@ -226,7 +372,8 @@ class Renderer:
         # The fault logged for each file since it last rendered, and the version
         # that showed it (None for a file that could not be read or parsed).
         self._reported: dict[str, tuple[str, Template | None]] = {}
-        # Each file's latest version that failed its trial, and how.
+        # Each file's latest version that failed its trial, or ran out of time
+        # on real values, and how: not tried again.
         self._failed_trial: dict[str, tuple[Template, Exception]] = {}
 
     def problem(self, template: str) -> str | None:
@@ -252,6 +399,8 @@ class Renderer:
                 return f"{self._directory / path} cannot be read: {exc.strerror or exc}"
             except _FailsTrial as exc:
                 return str(exc)
+            except _OverLimit as exc:
+                return self._fault(path, exc)
         for reasons in SAMPLE_REASONS:
             try:
                 self.render(template, sample_context(reasons))
@@ -394,9 +543,16 @@ class Renderer:
         current: Template | None = None
         try:
             current = self._env.get_template(path)
+            failed = self._failed_trial.get(path)
+            if failed is not None and failed[0] is current:
+                raise failed[1]
             if current is not self._good.get(path):
                 self._trial(path, name, current)
-            text = current.render(context)
+            try:
+                text = _bounded_render(current, context)
+            except _OutOfTime as exc:
+                self._failed_trial[path] = (current, exc)
+                raise
             if not text.strip():
                 raise _RendersNothing(f"template {path} renders nothing but blanks")
         except Exception as exc:
@@ -414,7 +570,7 @@ class Renderer:
             self._report(path, fault, current)
             for version in earlier:
                 try:
-                    return version.render(context)
+                    return _bounded_render(version, context)
                 except Exception:
                     continue
             raise RenderError(fault) from exc
@@ -438,7 +594,7 @@ class Renderer:
             if name == EMAIL_TEXT:
                 context["message"] = "An example message"
             try:
-                if not version.render(context).strip():
+                if not _bounded_render(version, context).strip():
                     raise _RendersNothing(f"template {path} renders nothing but blanks")
             except Exception as exc:
                 fault = _FailsTrial(
@@ -451,6 +607,8 @@ class Renderer:
     def _fault(self, path: str, exc: Exception) -> str:
         if isinstance(exc, _RendersNothing | _FailsTrial):
             return str(exc)
+        if isinstance(exc, _OverLimit):
+            return f"template {path} failed: {exc}"
         if isinstance(exc, TemplateNotFound):
             return f"template {path} not found in {self._directory}"
         if isinstance(exc, TemplateSyntaxError):

@@ -4,10 +4,13 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from jinja2 import Template
 from prometheus_client import REGISTRY
 
+from dispatcher import templates
 from dispatcher.templates import Renderer, RenderError
 
 UNSUBSCRIBE = "http://example.test/unsubscribe?token=2.email.abc"
@@ -677,3 +680,79 @@ def test_a_broken_set_no_channel_names_any_more_is_not_counted(
 
     assert counted == 1
     assert REGISTRY.get_sample_value("notiflow_dispatcher_templates_broken") == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "fault"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}"
+            "{% endfor %}{% endfor %}x",
+            "took more than 0.1s of CPU",
+        ),
+        ("{{ comment.body | center(10**9) }}", "took more than 0.1s of CPU"),
+        ("{{ [1, 2] | slice(10**9) | list | length }}", "took more than 0.1s of CPU"),
+        ("{% for i in range(60000) %}ab{% endfor %}", "writes more than the 100,000"),
+        ("{{ 'x' * 10**9 }}", "a * would make 1,000,000,000 items"),
+        ("{{ comment.body * 10**9 }}", "a * would make"),
+        ("{{ 7 ** (10**8) }}", "7 ** 100000000 would have more digits"),
+        ("{{ ''.__class__.__mro__ }}", "access to attribute '__class__'"),
+    ],
+)
+def test_a_template_past_the_limits_of_a_render_is_refused_without_hanging(
+    tmp_path: Path, text: str, fault: str
+) -> None:
+    template_set(tmp_path, title=text)
+
+    problem = Renderer(tmp_path).problem("broken")
+
+    assert problem is not None
+    assert "broken/title.txt.j2 failed: " in problem
+    assert fault in problem
+
+
+def test_an_edit_that_runs_too_long_is_tried_once_and_the_last_good_version_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = template_set(tmp_path, title="Before {{ recipient.username }}")
+    renderer = Renderer(tmp_path)
+    assert renderer.render("broken", context()).title == "Before bob"
+    # Fast for the trial's made-up comment, endless for a real one.
+    _edit(
+        folder / "title.txt.j2",
+        "{% if comment.id != 9 %}{% for i in range(100000) %}"
+        "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}New",
+    )
+    renders: list[str] = []
+    bounded = templates._bounded_render
+
+    def counted(version: Template, values: dict[str, Any]) -> str:
+        renders.append(version.filename or "")
+        return bounded(version, values)
+
+    monkeypatch.setattr(templates, "_bounded_render", counted)
+    with caplog.at_level(logging.ERROR, logger="dispatcher.templates"):
+        titles = [
+            renderer.render("broken", context(comment={"id": 9 + n})).title
+            for n in range(1, 4)
+        ]
+
+    assert titles == ["Before bob"] * 3
+    (record,) = caplog.records
+    assert "broken/title.txt.j2 failed: took more than 0.1s of CPU" in (
+        record.getMessage()
+    )
+    # The slow version ran on one real comment only; the others went straight
+    # to the version before it.
+    title_renders = [f for f in renders if f.endswith("title.txt.j2")]
+    trial = len(templates.SAMPLE_REASONS)
+    assert len(title_renders) == trial + 1 + 1 + 1 + 1
+
+
+def test_the_shipped_templates_render_within_the_limits() -> None:
+    body = "a long comment, " * 300
+    rendered = Renderer().render(
+        "comment_reply", context(comment={"id": 9, "body": body, "excerpt": body[:80]})
+    )
+
+    assert body.strip() in rendered.message
