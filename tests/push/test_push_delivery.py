@@ -694,3 +694,52 @@ class TestRetriesOfRowsDeliveredTogether:
         # device of its message had answered.
         assert second.at < answered_late.received[0].at + slow
         assert bobs["attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        (Answer(500, body=b"oops\x00bad\r\nthing"), "HTTP 500 oops bad thing"),
+        (Answer(429, headers={"Retry-After": "\u00b2"}), "HTTP 429"),
+    ],
+)
+async def test_an_odd_answer_is_recorded_and_the_other_device_pushed_once(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    api: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    answer: Answer,
+    detail: str,
+) -> None:
+    odd, fine = push_service.device(answer), push_service.device()
+    odd_id = await subscribe(api, settings, demo.bob, odd)
+    await subscribe(api, settings, demo.bob, fine)
+
+    row_id = await notify(settings, db, demo.bob)
+
+    row = await eventually(lambda: settled(db, row_id), what="row settled")
+    assert row["status"] == "sent"
+    assert row["metadata"]["push"][str(odd_id)]["detail"] == detail
+    assert len(fine.delivered) == 1
+
+
+async def test_a_push_taken_with_a_body_that_stalls_is_sent_once(
+    settings: Settings,
+    demo: Demo,
+    push_service: PushService,
+    push_settings: PushSettings,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = _sender_with(
+        monkeypatch, push_settings, 4, push_timeout=1.0, push_lease_seconds=30
+    )
+    device = push_service.device(Answer(201, body=b"abc", stall=3.0))
+    async with app.router.lifespan_context(app):
+        await _subscribe_through(app, settings, demo.bob, device)
+        row_id = await notify(settings, db, demo.bob)
+        row = await eventually(lambda: settled(db, row_id), what="row settled")
+
+    assert (row["status"], row["attempts"]) == ("sent", 1)
+    assert len(device.received) == 1

@@ -208,8 +208,18 @@ async def test_a_browser_subscribed_by_someone_else_moves_revealing_nothing_of_t
         lambda url: url + "?",
         lambda url: url.replace("/push/", "/push/./"),
         lambda url: url.replace("/push/", "/push/elsewhere/../"),
+        lambda url: url.replace("/push/", "/push/%2E/elsewhere/%2e%2E/"),
+        lambda url: url.replace("/push/", "/push/elsewhere/.%2e/"),
     ],
-    ids=["scheme-case", "port-zero", "empty-query", "dot", "dot-dot"],
+    ids=[
+        "scheme-case",
+        "port-zero",
+        "empty-query",
+        "dot",
+        "dot-dot",
+        "escaped-dots",
+        "half-escaped-dot-dot",
+    ],
 )
 @pytest.mark.integration
 async def test_another_spelling_of_a_subscribed_endpoint_is_the_same_subscription(

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 MAX_BODY = 4096
@@ -49,6 +49,9 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     # Seconds the service takes to answer.
     delay: float = 0.0
+    body: bytes = b""
+    # Seconds the body stops for once it has begun, with more of it promised.
+    stall: float = 0.0
 
 
 @dataclass
@@ -152,7 +155,15 @@ class PushService:
         if self.before_answer is not None:
             await self.before_answer()
         await asyncio.sleep(answer.delay)
-        return Response(status_code=answer.status, headers=answer.headers)
+        if answer.stall:
+            return StreamingResponse(
+                _stalled(answer.body, answer.stall),
+                status_code=answer.status,
+                headers={**answer.headers, "Content-Length": str(len(answer.body) + 1)},
+            )
+        return Response(
+            content=answer.body, status_code=answer.status, headers=answer.headers
+        )
 
     def _check(
         self, headers: dict[str, str], body: bytes, device: Device
@@ -208,3 +219,10 @@ class PushService:
         if claims["exp"] > time.time() + 24 * 3600:
             return "vapid token valid for more than 24 hours"
         return None
+
+
+async def _stalled(body: bytes, seconds: float) -> AsyncIterator[bytes]:
+    """``body``, then nothing for ``seconds``, then the byte still owed."""
+    yield body
+    await asyncio.sleep(seconds)
+    yield b"."

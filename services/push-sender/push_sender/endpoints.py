@@ -164,11 +164,15 @@ def canonical(url: str) -> str:
 
 def _without_dot_segments(path: str) -> str:
     """``path`` with its ``.`` and ``..`` segments resolved (RFC 3986, 5.2.4), as
-    the HTTP client does before it sends the request."""
+    the HTTP client does before it sends the request; ``%2e`` in such a segment is
+    a dot, as it is to a browser."""
     kept: list[str] = []
     segments = path.split("/")
     for index, segment in enumerate(segments):
         last = index == len(segments) - 1
+        dots = segment.lower().replace("%2e", ".")
+        if dots in (".", ".."):
+            segment = dots
         if segment == ".":
             if last:
                 kept.append("")

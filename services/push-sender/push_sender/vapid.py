@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from py_vapid import Vapid02
 
 from contracts.settings import InvalidSetting
 from push_sender.settings import PushSettings
@@ -65,10 +65,14 @@ def public_point(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def audience(endpoint: str) -> str:
-    """The origin of a push endpoint: the ``aud`` claim its service checks."""
+    """The origin of a push endpoint: the ``aud`` claim its service checks; an
+    IPv6 address in brackets, as an origin writes it."""
     parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    return f"{parts.scheme}://{host}{port}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,10 @@ class VapidKeys:
             "sub": self.subject,
             "exp": int(issued) + TOKEN_LIFETIME_SECONDS,
         }
-        return Vapid02(private_key=self.private_key).sign(claims)["Authorization"]
+        # Signed here rather than by py_vapid, whose check of the claims takes
+        # no origin with an IPv6 address.
+        token = jwt.encode(claims, self.private_key, algorithm="ES256")
+        return f"vapid t={token}, k={self.application_server_key}"
 
 
 def load(settings: PushSettings) -> VapidKeys:

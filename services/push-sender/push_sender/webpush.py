@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,9 @@ Outcome = Literal["sent", "gone", "too_large", "retry", "rejected"]
 MAX_RETRY_AFTER = 24 * 3600.0
 # The most of a push service's answer read, for the detail of a failure.
 MAX_BODY_BYTES = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+# delta-seconds: ASCII digits only (str.isdigit also takes "²" and "٣").
+_SECONDS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,9 @@ async def _beginning(response: httpx.Response) -> str:
     the body is read only as far as :data:`MAX_BODY_BYTES`, never decompressed (a
     few kilobytes of gzip can hold gigabytes), and the rest left unread.
     """
+    if 200 <= response.status_code < 300:
+        # Taken: what follows, however slow, changes nothing.
+        return ""
     read = bytearray()
     async for chunk in response.aiter_raw():
         read += chunk
@@ -149,7 +156,8 @@ def classify(response: httpx.Response, text: str | None = None) -> Result:
     status = response.status_code
     if text is None:
         text = response.text
-    detail = f"HTTP {status} {text[:200].strip()}".strip()
+    # Control characters are no part of a detail (and PostgreSQL stores no NUL).
+    detail = f"HTTP {status} {_CONTROL.sub(' ', text[:200]).strip()}".strip()
     if 200 <= status < 300:
         return Result("sent", status, f"HTTP {status}")
     if status in (404, 410):
@@ -167,7 +175,7 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _SECONDS.fullmatch(value):
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(value)

@@ -173,3 +173,21 @@ def test_the_token_names_the_push_service_origin_and_expires_within_a_day() -> N
 def test_a_lease_shorter_than_a_delivery_is_refused() -> None:
     with pytest.raises(ValidationError, match="NOTIFLOW_PUSH_LEASE_SECONDS"):
         PushSettings(push_timeout=30, push_lease_seconds=60)
+
+
+def test_a_push_service_at_an_ipv6_address_is_the_tokens_audience_in_brackets() -> (
+    None
+):
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys = vapid.VapidKeys(key, "mailto:ops@example.com")
+
+    header = keys.authorization("https://[2001:db8::1]:8443/send/abc")
+
+    token = dict(p.strip().split("=", 1) for p in header[len("vapid ") :].split(","))
+    claims = jwt.decode(
+        token["t"],
+        key.public_key(),
+        algorithms=["ES256"],
+        audience="https://[2001:db8::1]:8443",
+    )
+    assert claims["sub"] == "mailto:ops@example.com"
