@@ -10,6 +10,7 @@ errors (a sweeper, a consumer) would run on, and the service's stop wait for eve
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -103,8 +104,9 @@ async def test_a_sweeper_stopped_mid_sweep_stops_when_the_server_is_out_of_reach
 
 
 async def test_a_sweep_cancelled_by_an_operator_leaves_the_sweeper_sweeping(
-    db: asyncpg.Connection, settings: Settings
+    db: asyncpg.Connection, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="contracts.recovery")
     pool = await create_pool(settings, min_size=1, max_size=2)
     locker = await asyncpg.connect(settings.database_url, timeout=10)
     sweeper = LeaseSweeper(
@@ -141,6 +143,14 @@ async def test_a_sweep_cancelled_by_an_operator_leaves_the_sweeper_sweeping(
             await eventually(lambda: _count(sweeps, 1), what="the sweep cancelled")
         await eventually(lambda: _count(sweeps, 3), what="two sweeps after it")
         assert sweeper._task is not None and not sweeper._task.done()
+        # A refusal that passes, said in one line: no traceback, as for a bug.
+        (skipped,) = [
+            r
+            for r in caplog.records
+            if getattr(r, "action", None) == "delivery.sweep_failed"
+        ]
+        assert skipped.levelno == logging.WARNING and skipped.exc_info is None
+        assert "QueryCanceledError" in skipped.getMessage()
     finally:
         await sweeper.stop()
         await locker.close()

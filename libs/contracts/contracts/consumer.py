@@ -790,7 +790,7 @@ class Consumers:
                     raise ShuttingDown from exc
                 delay = backoff.next()
                 logger.warning(
-                    "no database connection, trying again in %.1fs: %r",
+                    "the database cannot take this now, trying again in %.1fs: %r",
                     delay,
                     exc,
                     extra={"action": f"{action}.backoff", "queue": queue},
