@@ -104,6 +104,49 @@ async def test_the_unread_count_column_starts_from_the_rows_already_delivered(
     assert unread == 2
 
 
+async def test_events_stored_before_comments_were_recorded_name_their_comment(
+    empty_database: str,
+) -> None:
+    infra.migrate_before(empty_database, "0008")
+    conn = await asyncpg.connect(empty_database)
+    try:
+        # Comment 7 had two events (edited and published again by hand), comment
+        # 8 one; an event naming no comment, and one of another type, are left.
+        for comment, seconds in [(7, 2), (7, 1), (8, 1), (None, 1)]:
+            payload = "{}" if comment is None else f'{{"comment_id": {comment}}}'
+            await conn.execute(
+                "INSERT INTO events (id, type, payload, occurred_at, received_at) "
+                "VALUES (gen_random_uuid(), 'comment.created', $1::jsonb, now(), "
+                "now() - make_interval(secs => $2))",
+                payload,
+                seconds,
+            )
+        await conn.execute(
+            "INSERT INTO events (id, type, payload, occurred_at) VALUES "
+            "(gen_random_uuid(), 'other', '{\"comment_id\": 9}', now())"
+        )
+    finally:
+        await conn.close()
+
+    migrate.apply(empty_database)
+
+    conn = await asyncpg.connect(empty_database)
+    try:
+        rows = await conn.fetch(
+            "SELECT payload->>'comment_id' AS named, comment_id, type FROM events "
+            "ORDER BY type, named NULLS LAST, received_at"
+        )
+    finally:
+        await conn.close()
+    assert [(r["named"], r["comment_id"], r["type"]) for r in rows] == [
+        ("7", 7, "comment.created"),  # the earliest of comment 7's two events
+        ("7", None, "comment.created"),
+        ("8", 8, "comment.created"),
+        (None, None, "comment.created"),
+        ("9", None, "other"),
+    ]
+
+
 # Each migration that builds an index CONCURRENTLY, outside a transaction: what a
 # build cut short leaves behind, before the migration is recorded.
 INTERRUPTED = [
