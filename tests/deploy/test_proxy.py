@@ -442,6 +442,28 @@ def test_tokens_in_query_strings_stay_out_of_the_access_log(
     assert "token=" not in log
 
 
+def test_tokens_of_requests_to_a_service_that_is_down_stay_out_of_the_error_log(
+    start_proxy: StartProxy, standin: int, tmp_path: Path
+) -> None:
+    proxy = start_proxy(
+        {"comments": standin, "sse-gateway": free_port(), "push-sender": free_port()}
+    )
+    secret = "eyJ.secret-part.sig"
+
+    asked = [
+        proxy.get(f"/sse?token={secret}"),
+        proxy.post(f"/unsubscribe?token=1.email.{secret}"),
+        proxy.get(f"/?token={secret}"),
+        proxy.get("/push/vapid-public-key"),
+    ]
+
+    assert [r.status_code for r in asked] == [502] * 4
+    log = (tmp_path / "nginx.log").read_text()
+    assert secret not in log
+    # Elsewhere the error log still says why a request failed.
+    assert "/push/vapid-public-key" in log and "connect() failed" in log
+
+
 def test_a_body_at_the_limit_reaches_the_service(proxy: httpx.Client) -> None:
     resp = proxy.post(
         "/comments",
