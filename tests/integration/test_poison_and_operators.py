@@ -295,6 +295,34 @@ async def test_dlq_list_shortens_long_ids_and_names_a_future_date(
     assert len(entry) < 300
 
 
+async def test_dlq_list_shows_escape_sequences_and_line_ends_written_out(
+    settings: Settings, demo: Demo
+) -> None:
+    # A mail server's reply, and a publisher's message id, reach the terminal.
+    reply = "SMTP 550: no such user \x1b[31mRED\x1b[0m \x1b]0;PWNED\x07 end"
+    await _dead_letter(
+        settings,
+        helpers.delivery(903, demo.bob),
+        {topology.REASON_HEADER: reply},
+        message_id="one\nnotification=999 fake line",
+    )
+
+    listed = admin(settings, "dlq", "list")
+    discarded = admin(settings, "dlq", "discard", "one\nnotification=999 fake line")
+
+    assert listed.returncode == 0, listed.stderr
+    for shown in (listed.stdout, discarded.stdout):
+        assert "\x1b" not in shown and "\x07" not in shown
+    assert "no such user \\x1b[31mRED\\x1b[0m \\x1b]0;PWNED\\x07 end" in (
+        listed.stdout
+    )
+    lines = listed.stdout.splitlines()
+    assert not any(line.startswith("notification=999") for line in lines)
+    assert "one\\nnotification=999 fake line" in listed.stdout
+    assert discarded.returncode == 0, discarded.stderr
+    assert "discarded one\\nnotification=999 fake line" in discarded.stdout
+
+
 async def test_dlq_list_into_a_closed_pipe_stops_quietly(settings: Settings) -> None:
     # `notiflow-admin dlq list | head` when head has already gone.
     await _dead_letter(settings, b"{}", {})

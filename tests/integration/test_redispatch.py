@@ -97,3 +97,15 @@ def test_redispatch_wants_a_start_before_its_end(settings: Settings) -> None:
 
     assert done.returncode == 2
     assert "is not before --until" in done.stderr
+
+
+def test_redispatch_since_a_time_too_recent_to_look_at_says_so(
+    settings: Settings,
+) -> None:
+    recent = (datetime.now(UTC) - timedelta(seconds=20)).isoformat()
+
+    done = admin(settings, "redispatch", "--since", recent)
+
+    assert done.returncode == 2
+    assert "within the last 60 s" in done.stderr
+    assert done.stdout == ""

@@ -824,11 +824,19 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError("give either --all or message ids, not both")
         if not args.all and not args.ids:
             raise UsageError("name the messages to replay, or pass --all")
-    if args.command == "redispatch" and args.until and args.since >= args.until:
-        raise UsageError(
-            f"--since {args.since.isoformat()} is not before "
-            f"--until {args.until.isoformat()}"
-        )
+    if args.command == "redispatch":
+        if args.until and args.since >= args.until:
+            raise UsageError(
+                f"--since {args.since.isoformat()} is not before "
+                f"--until {args.until.isoformat()}"
+            )
+        settled = datetime.now(UTC) - timedelta(seconds=SETTLED_SECONDS)
+        if args.since >= settled:
+            raise UsageError(
+                f"--since {args.since.isoformat()} is within the last "
+                f"{SETTLED_SECONDS} s, whose comments may still have their events "
+                "on the way and are never redispatched; give an earlier time"
+            )
     if args.command == "requeue-failed":
         if args.event is not None and (args.since or args.until):
             raise UsageError("give either --event or --since/--until, not both")
@@ -875,9 +883,26 @@ def _count(number: int, one: str, many: str) -> str:
 def _say(text: str) -> None:
     """Print to standard output; a reader that went away raises OutputClosed."""
     try:
-        print(text)
+        print(_printable(text))
     except BrokenPipeError:
         raise OutputClosed from None
+
+
+def _complain(text: str) -> None:
+    print(_printable(text), file=sys.stderr)
+
+
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on written out as escapes.
+
+    Dead letters carry text from outside: a mail server's reply, a message id or a
+    header of whoever published the message. A terminal takes escape sequences in
+    it as commands (colours, the window title), and a line end would make one
+    letter look like two.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -903,7 +928,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         for name in discarded:
             _say(f"discarded {name}")
         for name in missing:
-            print(f"not in the dead-letter queue: {name}", file=sys.stderr)
+            _complain(f"not in the dead-letter queue: {name}")
         _say(f"{len(discarded)} discarded")
         return 1 if missing else 0
     if args.command == "dlq":
@@ -911,22 +936,20 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         for name in done.replayed:
             _say(f"replayed {name}")
         for item in done.kept:
-            print(
+            _complain(
                 f"not replayed: {item.id}: {item.why}; "
-                f"it stays in {topology.DEAD_LETTER_QUEUE}",
-                file=sys.stderr,
+                f"it stays in {topology.DEAD_LETTER_QUEUE}"
             )
         for name in done.missing:
-            print(f"not in the dead-letter queue: {name}", file=sys.stderr)
+            _complain(f"not in the dead-letter queue: {name}")
         for item in done.failed_for_good:
             again = f"--event {item.event_id}" if item.event_id else "--event EVENT_ID"
             # Only the broker is asked: requeue-failed may have sent the row since.
-            print(
+            _complain(
                 f"warning: {item.id} was set aside when its notification failed for "
                 f"good: replaying it sends nothing while that notification is "
                 f"failed; if it still is, send it again with "
-                f"`notiflow-admin requeue-failed {again}`",
-                file=sys.stderr,
+                f"`notiflow-admin requeue-failed {again}`"
             )
         summary = f"{len(done.replayed)} replayed"
         if done.kept:
