@@ -1,3 +1,3 @@
 -- The comments filled in are those the events name, which every release reads
 -- alike; rolling back leaves them, as 0008's rollback drops the column itself.
-SELECT 1;
+DO $$ BEGIN END $$;
