@@ -180,3 +180,48 @@ async def _take(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractMessage]
 
 async def _outbox_empty(db: asyncpg.Connection) -> bool:
     return await db.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def test_a_consumer_that_takes_nothing_while_its_queue_fills_is_restarted(
+    settings: Settings,
+    demo: Demo,
+    db: asyncpg.Connection,
+    smtp: SmtpServer,
+    email_sender: EmailSenderFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Deliveries the client lets fall, unacknowledged, as the client does for a
+    # consumer it no longer knows of: the broker counts the prefetch as in hand,
+    # and the queue behind it fills while nothing is handled.
+    with caplog.at_level(logging.WARNING, logger="contracts"):
+        async with email_sender(email_prefetch=2, email_batch_size=1) as app:
+            runtime = app.state.runtime
+            subscriber = runtime.consumers._subscribers[QUEUE]
+            channel = await subscriber._queue_obj.channel.get_underlay_channel()
+
+            async def dropped(message: Any) -> None:
+                return None
+
+            channel.consumers[subscriber._consumer_tag] = dropped
+            rows = [
+                await helpers.email_row(db, demo.bob, "bob@example.com")
+                for _ in range(5)
+            ]
+            await helpers.publish(
+                settings.amqp_url, [helpers.delivery(row, demo.bob) for row in rows]
+            )
+
+            for row in rows:
+                await eventually(
+                    lambda r=row: _status_is(db, r, "sent"),
+                    timeout=60,
+                    what=f"email {row} sent",
+                )
+            assert await runtime.readiness() == {}
+
+    assert len(smtp.received) == 5
+    [restarted] = [
+        r for r in caplog.records if getattr(r, "action", "") == "consumer.restarted"
+    ]
+    assert restarted.queue == QUEUE
+    assert "3 messages waiting" in restarted.getMessage()

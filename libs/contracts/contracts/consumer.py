@@ -344,6 +344,11 @@ class Consumers:
         self._unsubscribed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Per queue: the messages taken so far, those in hand now, and what the
+        # last look for a stall saw (see stalled()).
+        self._taken: dict[str, int] = {}
+        self._in_hand: dict[str, int] = {}
+        self._looked: dict[str, tuple[int, int | None]] = {}
 
     async def missing(self) -> list[str]:
         """The queues this process should consume but has no live consumer on."""
@@ -380,6 +385,44 @@ class Consumers:
                     queue,
                     extra={"action": "consumer.resumed", "queue": queue},
                 )
+
+    async def stalled(
+        self, waiting: Callable[[str], Awaitable[int | None]]
+    ) -> dict[str, int]:
+        """The queues whose consumer has taken nothing, and holds nothing, since
+        the last look, while messages waited in the queue at both looks; with how
+        many wait now. ``waiting`` asks the broker how many a queue holds ready.
+
+        A consumer with room for more is handed whatever waits; one that takes
+        nothing while its queue fills has lost its deliveries somewhere between
+        the broker and its handler (seen once after a queue was deleted while
+        the broker failed a channel), and would otherwise stay so, and ready,
+        until the process restarts.
+        """
+        found: dict[str, int] = {}
+        for queue in self._subscribers:
+            if self.stopping:
+                return {}
+            taken = self._taken.get(queue, 0)
+            before = self._looked.get(queue)
+            if self._in_hand.get(queue, 0) or before is None or before[0] != taken:
+                self._looked[queue] = (taken, None)
+                continue
+            ready = await waiting(queue)
+            if ready and before[1]:
+                found[queue] = ready
+                del self._looked[queue]
+            else:
+                self._looked[queue] = (taken, ready)
+        return found
+
+    async def restart(self, queue: str) -> None:
+        """Consume from ``queue`` on a new channel. The broker takes back what it
+        had delivered on the old one and not had acknowledged, and hands it out
+        again."""
+        subscriber = self._subscribers[queue]
+        channel = await subscriber._queue_obj.channel.get_underlay_channel()
+        await channel.close()
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -528,6 +571,8 @@ class Consumers:
             # itself instead.
             raw: AbstractIncomingMessage = message.raw_message
             self.in_flight += 1
+            self._taken[queue] = self._taken.get(queue, 0) + 1
+            self._in_hand[queue] = self._in_hand.get(queue, 0) + 1
             self._idle.clear()
             gauge = metrics.CONSUMER_IN_FLIGHT.labels(queue)
             gauge.inc()
@@ -539,6 +584,7 @@ class Consumers:
                     released = True
                     gauge.dec()
                     self.in_flight -= 1
+                    self._in_hand[queue] -= 1
                     if self.in_flight == 0:
                         self._idle.set()
 

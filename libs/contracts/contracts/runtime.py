@@ -58,6 +58,9 @@ RECONNECT_INTERVAL = 5.0
 # How often a consumer the broker cancelled (its queue was deleted) is looked for,
 # to declare the topology again and consume once more.
 RESUME_SECONDS = 2.0
+# Every this many passes of the consumer keeper, each queue is looked at for a
+# consumer that takes nothing while messages wait: a stall shows in two looks.
+STALL_LOOK_PASSES = 3
 # How long a stopping runtime waits for that loop to end once cancelled.
 KEEPER_STOP_SECONDS = 3.0
 
@@ -243,13 +246,17 @@ class Runtime:
         unconsumed, until some service restarts or publishes to it (a message no
         queue takes is refused, and its publisher declares the topology again).
         """
+        passes = 0
         while True:
             await asyncio.sleep(RESUME_SECONDS)
+            passes += 1
             try:
                 cancelled = await consumers.cancelled()
                 if cancelled:
                     await self._declare()
                     await consumers.resume(cancelled)
+                if passes % STALL_LOOK_PASSES == 0:
+                    await self._restart_stalled(consumers)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -258,6 +265,37 @@ class Runtime:
                     exc,
                     extra={"action": "consumer.resume_failed"},
                 )
+
+    async def _restart_stalled(self, consumers: Consumers) -> None:
+        """Consume anew from each queue whose consumer takes nothing while
+        messages wait (see :meth:`Consumers.stalled`)."""
+        stalled = await consumers.stalled(self._ready_in)
+        for queue, waiting in stalled.items():
+            logger.warning(
+                "the consumer of %s took nothing for %gs while its queue held "
+                "messages (%d messages waiting); consuming again on a new channel",
+                queue,
+                RESUME_SECONDS * STALL_LOOK_PASSES,
+                waiting,
+                extra={"action": "consumer.restarted", "queue": queue},
+            )
+            await consumers.restart(queue)
+
+    async def _ready_in(self, queue: str) -> int | None:
+        """How many messages ``queue`` holds ready to be handed out; None when
+        it cannot be told (the queue is gone, say)."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return None
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count
+        except aio_pika.exceptions.ChannelClosed:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, then close everything.
