@@ -362,3 +362,21 @@ async def test_switching_users_tells_the_push_controls_who_was_signed_in_before(
     assert dave != bob
     assert (await page.evaluate("window.__signedIn"))[-1] == [dave, bob]
     await context.close()
+
+
+async def test_a_token_in_the_pages_address_is_never_sent_on_as_a_referer(
+    browser: Browser, site: Site
+) -> None:
+    gateway, _ = site
+    page = await (await browser.new_context()).new_page()
+    referers: list[str] = []
+    page.on(
+        "request",
+        lambda r: referers.append(r.headers.get("referer", "")),
+    )
+
+    await page.goto(f"{gateway.url}/?user=bob&token=secret-in-the-link")
+    await expect(page.locator("#status")).to_have_text("live")
+
+    assert len(referers) > 3
+    assert not [r for r in referers if "secret-in-the-link" in r]

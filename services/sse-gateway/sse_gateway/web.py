@@ -20,17 +20,19 @@ router = APIRouter(include_in_schema=False)
 
 
 # The page acts for whoever is signed in: no other site may frame it, to have
-# its buttons clicked unseen.
-_UNFRAMED = {
+# its buttons clicked unseen. A sign-in link carries its token in the page's
+# address, which no request the page makes passes on as its Referer.
+_PAGE_HEADERS = {
     "Content-Security-Policy": "frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
 }
 
 
 @router.get("/")
 async def index() -> FileResponse:
     return FileResponse(
-        STATIC / "index.html", headers={"Cache-Control": "no-cache", **_UNFRAMED}
+        STATIC / "index.html", headers={"Cache-Control": "no-cache", **_PAGE_HEADERS}
     )
 
 
