@@ -269,15 +269,22 @@ async def signed_in(page: Page, token: str, previous: str) -> None:
     )
 
 
-async def test_another_user_signing_in_takes_push_off_the_user_before(
-    browser: Browser, site: Site
-) -> None:
-    subscription = made_subscription()
+async def pushed_to_bob(
+    browser: Browser, site: Site, subscription: dict[str, Any]
+) -> tuple[BrowserContext, Page]:
+    """The page with push turned on for bob, the user signed in."""
     context, page = await open_page(browser, site, subscription)
     await state(page, "off")
     await page.click("#push-toggle")
     await state(page, "on")
     assert [s["endpoint"] for s in await stored(site)] == [subscription["endpoint"]]
+    return context, page
+
+
+async def test_another_user_signing_in_takes_push_off_the_user_before(
+    browser: Browser, site: Site
+) -> None:
+    context, page = await pushed_to_bob(browser, site, made_subscription())
 
     await signed_in(page, site.other_token, previous=site.token)
 
@@ -294,10 +301,7 @@ async def test_the_same_user_signing_in_again_keeps_push_on(
     browser: Browser, site: Site
 ) -> None:
     subscription = made_subscription()
-    context, page = await open_page(browser, site, subscription)
-    await state(page, "off")
-    await page.click("#push-toggle")
-    await state(page, "on")
+    context, page = await pushed_to_bob(browser, site, subscription)
 
     await signed_in(page, site.token, previous=site.token)
     await page.evaluate("window.notiflowPush.refresh()")
