@@ -61,6 +61,9 @@ RESUME_SECONDS = 2.0
 # Every this many passes of the consumer keeper, each queue is looked at for a
 # consumer that takes nothing while messages wait: a stall shows in two looks.
 STALL_LOOK_PASSES = 3
+# The most a look at a queue's waiting messages may take (a connection being
+# restored holds it up).
+READY_LOOK_SECONDS = 5.0
 # How long a stopping runtime waits for that loop to end once cancelled.
 KEEPER_STOP_SECONDS = 3.0
 
@@ -261,7 +264,8 @@ class Runtime:
                 raise
             except Exception as exc:
                 logger.warning(
-                    "could not consume again from a deleted queue: %r",
+                    "could not look after the consumers (a deleted queue, a "
+                    "stalled consumer): %r",
                     exc,
                     extra={"action": "consumer.resume_failed"},
                 )
@@ -272,10 +276,11 @@ class Runtime:
         stalled = await consumers.stalled(self._ready_in)
         for queue, waiting in stalled.items():
             logger.warning(
-                "the consumer of %s took nothing for %gs while its queue held "
-                "messages (%d messages waiting); consuming again on a new channel",
+                "the consumer of %s took nothing for %gs or more while its queue "
+                "held messages (%d messages waiting); consuming again on a new "
+                "channel",
                 queue,
-                RESUME_SECONDS * STALL_LOOK_PASSES,
+                2 * RESUME_SECONDS * STALL_LOOK_PASSES,
                 waiting,
                 extra={"action": "consumer.restarted", "queue": queue},
             )
@@ -287,15 +292,16 @@ class Runtime:
         connection = self._connection
         if connection is None or connection.is_closed:
             return None
-        channel = await connection.channel()
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-            return declared.declaration_result.message_count
-        except aio_pika.exceptions.ChannelClosed:
-            return None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        async with asyncio.timeout(READY_LOOK_SECONDS):
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                return declared.declaration_result.message_count
+            except aio_pika.exceptions.ChannelClosed:
+                return None
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
 
     async def stop(self) -> None:
         """Stop taking messages, let in-flight ones finish, then close everything.
