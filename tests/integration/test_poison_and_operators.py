@@ -313,9 +313,7 @@ async def test_dlq_list_shows_escape_sequences_and_line_ends_written_out(
     assert listed.returncode == 0, listed.stderr
     for shown in (listed.stdout, discarded.stdout):
         assert "\x1b" not in shown and "\x07" not in shown
-    assert "no such user \\x1b[31mRED\\x1b[0m \\x1b]0;PWNED\\x07 end" in (
-        listed.stdout
-    )
+    assert "no such user \\x1b[31mRED\\x1b[0m \\x1b]0;PWNED\\x07 end" in (listed.stdout)
     lines = listed.stdout.splitlines()
     assert not any(line.startswith("notification=999") for line in lines)
     assert "one\\nnotification=999 fake line" in listed.stdout

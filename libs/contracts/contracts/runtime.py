@@ -290,7 +290,11 @@ class Runtime:
         """How many messages ``queue`` holds ready to be handed out; None when
         it cannot be told (the queue is gone, say)."""
         connection = self._connection
-        if connection is None or connection.is_closed:
+        if (
+            connection is None
+            or connection.is_closed
+            or not connection.connected.is_set()
+        ):
             return None
         async with asyncio.timeout(READY_LOOK_SECONDS):
             channel = await connection.channel()

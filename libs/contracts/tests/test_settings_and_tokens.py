@@ -107,13 +107,11 @@ def test_a_token_dated_well_ahead_is_refused_as_not_valid_yet(claim: str) -> Non
     settings = Settings()
     token = _signed(settings, **{claim: int(time.time()) + 3600})
 
-    with pytest.raises(InvalidToken, match="not valid yet.*ahead of this server"):
+    with pytest.raises(InvalidToken, match=r"not valid yet.*ahead of this server"):
         verify_token(token, settings)
 
 
-def test_a_token_expired_a_moment_ago_is_refused_whatever_the_skew_allowed() -> (
-    None
-):
+def test_a_token_expired_a_moment_ago_is_refused_whatever_the_skew_allowed() -> None:
     settings = Settings()
     token = _signed(settings, exp=int(time.time()) - 2)
 

@@ -175,9 +175,7 @@ def test_a_lease_shorter_than_a_delivery_is_refused() -> None:
         PushSettings(push_timeout=30, push_lease_seconds=60)
 
 
-def test_a_push_service_at_an_ipv6_address_is_the_tokens_audience_in_brackets() -> (
-    None
-):
+def test_a_push_service_at_an_ipv6_address_is_the_tokens_audience_in_brackets() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     keys = vapid.VapidKeys(key, "mailto:ops@example.com")
 
