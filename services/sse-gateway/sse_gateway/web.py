@@ -68,6 +68,9 @@ class _OneNamePerFile(StaticFiles):
         path = get_route_path(scope)
         if path.endswith("/") or "//" in path or "/./" in path or "/../" in path:
             raise HTTPException(status_code=404)
+        if path.lower() == "/index.html":
+            # The page is answered at / alone, with the headers it needs there.
+            raise HTTPException(status_code=404)
         return super().get_path(scope)
 
 
