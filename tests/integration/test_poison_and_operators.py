@@ -308,7 +308,8 @@ async def test_dlq_list_shows_escape_sequences_and_line_ends_written_out(
     )
 
     listed = admin(settings, "dlq", "list")
-    discarded = admin(settings, "dlq", "discard", "one\nnotification=999 fake line")
+    # Given as it was printed.
+    discarded = admin(settings, "dlq", "discard", "one\\nnotification=999 fake line")
 
     assert listed.returncode == 0, listed.stderr
     for shown in (listed.stdout, discarded.stdout):

@@ -109,3 +109,12 @@ def test_redispatch_since_a_time_too_recent_to_look_at_says_so(
     assert done.returncode == 2
     assert "within the last 60 s" in done.stderr
     assert done.stdout == ""
+
+
+def test_redispatch_since_a_time_to_come_says_so(settings: Settings) -> None:
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+
+    done = admin(settings, "redispatch", "--since", later)
+
+    assert done.returncode == 2
+    assert "is in the future" in done.stderr

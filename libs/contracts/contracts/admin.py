@@ -449,14 +449,18 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
     replayed: list[str] = []
     kept: list[Kept] = []
     failed_for_good: list[FailedForGood] = []
+    found: set[str] = set()
     async with _dead_letters(settings) as (publishing, messages):
         for message in messages:
             name = message_name(message)
             came_from = origin(message)
             queue = came_from.queue
-            if wanted is not None and name not in wanted:
-                await _put_back(publishing, message)
-                continue
+            if wanted is not None:
+                asked = _asked_for(name, wanted)
+                if asked is None:
+                    await _put_back(publishing, message)
+                    continue
+                found.add(asked)
             if not queue:
                 why = f"origin unknown: {_NO_ORIGIN}"
             elif (problem := _not_replayable(queue)) is not None:
@@ -473,7 +477,6 @@ async def dlq_replay(settings: Settings, ids: list[str] | None) -> Replay:
                 sources = (message.headers or {}, _json_object(message.body))
                 event_id = _first_id(sources, "event_id")
                 failed_for_good.append(FailedForGood(id=name, event_id=event_id))
-    found = {*replayed, *(item.id for item in kept)}
     missing = sorted(wanted - found) if wanted is not None else []
     return Replay(
         replayed=replayed,
@@ -490,15 +493,27 @@ async def dlq_discard(
     and those not found."""
     wanted = set(ids)
     discarded: list[str] = []
+    found: set[str] = set()
     async with _dead_letters(settings) as (publishing, messages):
         for message in messages:
             name = message_name(message)
-            if name in wanted:
+            asked = _asked_for(name, wanted)
+            if asked is not None:
                 await message.ack()
                 discarded.append(name)
+                found.add(asked)
             else:
                 await _put_back(publishing, message)
-    return discarded, sorted(wanted - set(discarded))
+    return discarded, sorted(wanted - found)
+
+
+def _asked_for(name: str, wanted: set[str]) -> str | None:
+    """How ``wanted`` names the dead letter called ``name``, if it does: as it
+    is, or as ``dlq list`` prints it, its control characters written out."""
+    if name in wanted:
+        return name
+    printed = _printable(name)
+    return printed if printed in wanted else None
 
 
 def _row_failed(message: AbstractIncomingMessage, came_from: Origin) -> bool:
@@ -830,7 +845,10 @@ def _check(args: argparse.Namespace) -> None:
                 f"--since {args.since.isoformat()} is not before "
                 f"--until {args.until.isoformat()}"
             )
-        settled = datetime.now(UTC) - timedelta(seconds=SETTLED_SECONDS)
+        now = datetime.now(UTC)
+        if args.since > now:
+            raise UsageError(f"--since {args.since.isoformat()} is in the future")
+        settled = now - timedelta(seconds=SETTLED_SECONDS)
         if args.since >= settled:
             raise UsageError(
                 f"--since {args.since.isoformat()} is within the last "
