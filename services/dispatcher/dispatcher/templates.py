@@ -32,14 +32,15 @@ name it (at start, and on every edit of that file), tries the files as they are 
 the same way: a fault that shows then refuses the set, and a set that passes has a
 last good version of every file from then on.
 
-Templates run in Jinja2's sandbox, and within limits, so that a slip in one cannot
-stop the dispatcher: the files of one notification may take at most
-:data:`RENDER_CPU_SECONDS` of CPU together, and each write at most
-:data:`MAX_RENDERED_CHARS` characters, and a ``*`` or ``**`` that
-would make a string, list or number larger than that is refused before it runs.
-A version that runs out of time is broken for good, like one failing its trial, so
-it costs that second once, not on every notification; one that writes too much for
-some values is broken for those values only.
+Templates run in Jinja2's immutable sandbox, and within limits, so that a slip in
+one cannot stop the dispatcher: each file may take at most
+:data:`RENDER_CPU_SECONDS` of CPU to compile, and as much to render for one
+notification, and write at most :data:`MAX_RENDERED_CHARS` characters; and what
+would build one string, list or number larger than that (``*``, ``**``, a format's
+width, a filter's size) is refused before it runs. A version that runs out of time
+is broken until edited, like one failing its trial, so it costs that tenth of a
+second once, not on every notification; one that writes too much for some values
+is broken for those values only.
 
 Every failure to render is a :class:`RenderError`. Jinja2's own ``TemplateNotFound``
 is an ``OSError``, the shape of a lost database connection; raised as it is, it
@@ -48,18 +49,26 @@ would hold the event as if the database were away, retried for ever.
 
 from __future__ import annotations
 
+import _weakrefset
+import functools
 import itertools
 import logging
 import posixpath
+import re
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import jinja2.environment
+import jinja2.loaders
+import jinja2.utils
 from jinja2 import (
     Environment,
     FileSystemLoader,
@@ -71,7 +80,7 @@ from jinja2 import (
 )
 from jinja2.loaders import split_template_path
 from jinja2.runtime import Context
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from contracts import metrics
 from dispatcher import stamps
@@ -82,8 +91,8 @@ EMAIL_TEXT = "email.txt.j2"
 MAX_TITLE_CHARS = 200
 # What one file may write for one notification: twenty times the longest comment.
 MAX_RENDERED_CHARS = 100_000
-# The CPU the files of one notification may take to compile and render; the
-# templates shipped take some 60 µs to render and 2 ms a file to compile.
+# The CPU one file may take to compile, or to render for one notification; the
+# templates shipped take some 15 µs a file to render and 2 ms to compile.
 RENDER_CPU_SECONDS = 0.1
 # How long an edited file must stay unchanged before the dispatcher reads it
 # again: a file written in place is not used half written.
@@ -118,12 +127,22 @@ class _OutOfTime(_OverLimit):
     """A render used up :data:`RENDER_CPU_SECONDS`."""
 
 
-class _Bounded(SandboxedEnvironment):
-    """Jinja2's sandbox, which keeps templates away from Python's internals and
-    caps each ``range``, with ``*`` and ``**`` checked before they build something
-    larger than any notification may be."""
+class _Bounded(ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox, which keeps templates away from Python's internals, from
+    changing the values they are given (the files of a notification share them)
+    and caps each ``range``; with what would build one string or list larger than
+    any notification may be refused before it runs. One such call, which Python
+    cannot interrupt, would otherwise take as much time and memory as it asks.
+    """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {**self.filters}
+        for name in _SIZED_FILTERS:
+            self.filters[name] = _sized(self.filters[name], name)
+        self.filters["format"] = _formatting(self.filters["format"])
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -137,18 +156,115 @@ class _Bounded(SandboxedEnvironment):
                         f"a * would make {len(sequence) * times:,} items, more "
                         f"than the {MAX_RENDERED_CHARS:,} a template may write"
                     )
-        elif (
-            operator == "**"
-            and isinstance(left, int)
-            and isinstance(right, int)
-            and abs(left) > 1
-            and abs(left).bit_length() * right > MAX_RENDERED_CHARS * 4
-        ):
-            raise _OverLimit(
-                f"{left} ** {right} would have more digits than the "
-                f"{MAX_RENDERED_CHARS:,} characters a template may write"
-            )
+        elif operator == "**":
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and abs(left) > 1
+                and abs(left).bit_length() * right > MAX_RENDERED_CHARS * 4
+            ):
+                raise _OverLimit(
+                    f"{left} ** {right} would have more digits than the "
+                    f"{MAX_RENDERED_CHARS:,} characters a template may write"
+                )
+        elif isinstance(left, str):
+            _refuse_wide(left, right if isinstance(right, tuple) else (right,))
         return super().call_binop(context, operator, left, right)
+
+    def call(
+        __self,  # Jinja2's own signature, so that any keyword may be passed on
+        __context: Context,
+        __obj: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if isinstance(getattr(__obj, "__self__", None), str):
+            if __obj.__name__ in _SIZED_METHODS:
+                _refuse_large(f"str.{__obj.__name__}", args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text: str = value.__self__
+
+        @functools.wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> str:
+            given = [*args, *kwargs.values()]
+            if value.__name__ == "format_map" and args and isinstance(args[0], dict):
+                given += args[0].values()
+            _refuse_wide(text, given)
+            return wrapped(*args, **kwargs)
+
+        return checked
+
+
+# Filters and string methods whose numbers say how large a result to build.
+_SIZED_FILTERS = ("center", "indent", "batch", "slice")
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+# A printf-style conversion's width and precision, and a format field's spec.
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}:]*:((?:[^{}]|\{[^{}]*\})*)\}")
+_DIGITS = re.compile(r"\d+")
+
+
+def _too_large(value: Any) -> bool:
+    return isinstance(value, int) and value > MAX_RENDERED_CHARS
+
+
+def _refuse_large(what: str, args: Iterable[Any], kwargs: dict[str, Any]) -> None:
+    if any(_too_large(v) for v in (*args, *kwargs.values())):
+        raise _OverLimit(
+            f"{what} was asked for more than the {MAX_RENDERED_CHARS:,} characters "
+            "a template may write"
+        )
+
+
+def _refuse_wide(text: str, args: Iterable[Any]) -> None:
+    """Refuse a format string whose width or precision, written in it or taken
+    from its arguments, is larger than anything a template may write."""
+    from_args = False
+    numbers: list[str] = []
+    for match in _PRINTF.finditer(text):
+        for part in match.groups():
+            if part == "*":
+                from_args = True
+            elif part:
+                numbers.append(part)
+    for match in _FORMAT_SPEC.finditer(text):
+        spec = match.group(1)
+        from_args = from_args or "{" in spec
+        numbers += _DIGITS.findall(spec)
+    wide = any(
+        len(n) > len(str(MAX_RENDERED_CHARS)) or int(n) > MAX_RENDERED_CHARS
+        for n in numbers
+    ) or (from_args and any(_too_large(a) for a in args))
+    if wide:
+        raise _OverLimit(
+            "a format asks for a width or precision larger than the "
+            f"{MAX_RENDERED_CHARS:,} characters a template may write"
+        )
+
+
+def _sized(function: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        # The value filtered comes first (after the environment, for some).
+        _refuse_large(f"the {name} filter", args[1:], kwargs)
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _formatting(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            _refuse_wide(value, (*args, *kwargs.values()))
+        return function(value, *args, **kwargs)
+
+    return checked
 
 
 class _CpuLimit:
@@ -166,10 +282,13 @@ class _CpuLimit:
         self._main = threading.main_thread().ident
 
     def arm(self) -> bool:
-        """Start counting, if this thread can be interrupted and no count runs
-        already (a render inside a render shares its time); whether it did, and
-        so must disarm."""
-        if self._armed or threading.get_ident() != self._main:
+        """Start counting afresh, if this thread can be interrupted; whether the
+        count was off, so that the caller must disarm. Each file compiled or
+        rendered inside a notification's render counts its own time."""
+        if self._armed:
+            self._start()
+            return False
+        if threading.get_ident() != self._main:
             return False
         if not self._installed:
             signal.signal(signal.SIGPROF, self._expired)
@@ -204,12 +323,27 @@ class _CpuLimit:
             if armed:
                 self.disarm()
 
-    def _expired(self, signum: int, frame: object) -> None:
-        if self._armed:
-            raise _OutOfTime(f"took more than {RENDER_CPU_SECONDS:g}s of CPU")
+    def _expired(self, signum: int, frame: FrameType | None) -> None:
+        if not self._armed:
+            return
+        code = frame.f_code if frame is not None else None
+        if code is not None and (
+            code.co_filename in _NOT_INTERRUPTED or code.co_name == "__del__"
+        ):
+            # Raised here, it would be lost in a finalizer (the garbage collector
+            # calls them wherever it runs), or leave Jinja2's template cache or
+            # this module's own records half changed. The timer rings again soon.
+            return
+        raise _OutOfTime(f"took more than {RENDER_CPU_SECONDS:g}s of CPU")
 
 
 _CPU_LIMIT = _CpuLimit()
+# Where a render's time running out is not raised: see _CpuLimit._expired.
+_NOT_INTERRUPTED = frozenset(
+    module.__file__
+    for module in (weakref, _weakrefset, jinja2.utils, jinja2.environment, stamps)
+    if module.__file__
+) | {__file__, jinja2.loaders.__file__ or ""}
 
 
 def _bounded_render(version: Template, context: dict[str, Any]) -> str:
@@ -218,8 +352,8 @@ def _bounded_render(version: Template, context: dict[str, Any]) -> str:
     The length is checked once the text is written: a template cannot write much
     more than the limit within its time, and rendering in pieces to count them as
     they came cost a fifth more on every notification. Armed and disarmed by hand,
-    which costs a third of what a context manager does; and
-    :meth:`Renderer.render` arms once for every file of a notification.
+    which costs a third of what a context manager does; :meth:`Renderer.render`
+    arms once for a notification, and each file then starts a fresh count.
     """
     armed = _CPU_LIMIT.arm()
     try:
@@ -232,6 +366,16 @@ def _bounded_render(version: Template, context: dict[str, Any]) -> str:
             f"writes more than the {MAX_RENDERED_CHARS:,} characters a template may"
         )
     return text
+
+
+def _elsewhere(path: str, exc: Exception) -> str | None:
+    """The other template named by ``exc``, when it is about one that ``path``
+    imports or includes rather than about ``path`` itself."""
+    if isinstance(exc, TemplateSyntaxError | TemplateNotFound):
+        name = exc.name
+        if name and name != path:
+            return name
+    return None
 
 
 # The reasons someone is notified of a comment, alone and together (the author of
@@ -497,8 +641,14 @@ class Renderer:
                 if current is self._good.get(path):
                     # Unchanged, or put back as it was (a file moved away and
                     # back, a link returned to its release): fixed, if it was
-                    # reported broken meanwhile.
-                    self._adopt(path, current)
+                    # reported broken meanwhile, unless what it imports still is.
+                    reported = self._reported.get(path)
+                    if (
+                        reported is None
+                        or reported[1] is not None
+                        or self._renders(name, current)
+                    ):
+                        self._adopt(path, current)
                     continue
                 self._trial(path, name, current)
             except TemplateNotFound:
@@ -603,7 +753,10 @@ class Renderer:
             if not earlier:
                 # Never rendered, and nothing to fall back on.
                 raise RenderError(fault) from exc
-            self._report(path, fault, current)
+            # A fault in a file it imports is not this version's: it renders
+            # again, and is fixed, once that file is.
+            at_fault = None if _elsewhere(path, exc) else current
+            self._report(path, fault, at_fault)
             for version in earlier:
                 try:
                     return _bounded_render(version, context)
@@ -612,6 +765,16 @@ class Renderer:
             raise RenderError(fault) from exc
         self._adopt(path, current)
         return text
+
+    def _renders(self, name: str, version: Template) -> bool:
+        """Whether ``version`` renders made-up values, as its trial did once."""
+        context = sample_context(SAMPLE_REASONS[0])
+        if name == EMAIL_TEXT:
+            context["message"] = "An example message"
+        try:
+            return bool(_bounded_render(version, context).strip())
+        except Exception:
+            return False
 
     def _trial(self, path: str, name: str, version: Template) -> None:
         """Raise unless ``version`` renders for every reason to be notified.
@@ -646,8 +809,15 @@ class Renderer:
         if isinstance(exc, _OverLimit):
             return f"template {path} failed: {exc}"
         if isinstance(exc, TemplateNotFound):
+            if (elsewhere := _elsewhere(path, exc)) is not None:
+                return f"template {path} failed: {elsewhere} not found"
             return f"template {path} not found in {self._directory}"
         if isinstance(exc, TemplateSyntaxError):
+            if (elsewhere := _elsewhere(path, exc)) is not None:
+                return (
+                    f"template {path} failed: {elsewhere}, which it imports or "
+                    f"includes, line {exc.lineno}: {exc.message}"
+                )
             return f"template {path} failed: line {exc.lineno}: {exc.message}"
         # A filter or expression of the template raised: the template's bug.
         return f"template {path} failed: {exc!r}"
