@@ -279,6 +279,8 @@ async def test_streams_catch_up_after_the_listen_connection_is_lost(
         await live.wait_for("notification", 5)
     assert cut == 1
     assert live.ids() == [before, *during, after]
+    # And the operator is told.
+    assert "inbox LISTEN connection closed by the database" in gateway.log()
 
 
 async def test_shutdown_ends_open_streams_and_the_process_exits(

@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 from sse_starlette.sse import AppStatus
 
-from contracts.db import application_name
+from contracts.db import application_name, is_unavailable
 from contracts.tasks import stop_task
 from sse_gateway import events, inbox, metrics
 
@@ -290,6 +290,14 @@ class InboxListener:
                         await asyncio.wait_for(lost.wait(), timeout=10)
                     except TimeoutError:
                         await conn.fetchval("SELECT 1", timeout=5)
+                if not self._stopping:
+                    # Ended by the server (a restart, an operator's
+                    # pg_terminate_backend): no error on the way says so.
+                    logger.warning(
+                        "inbox LISTEN connection closed by the database; "
+                        "listening again, and every stream catches up",
+                        extra={"action": "inbox.listen_lost"},
+                    )
             except (
                 TimeoutError,
                 OSError,
@@ -334,8 +342,22 @@ class InboxListener:
             return
         data = message.get("event")
         if data is None:
-            async with self._pool.acquire(timeout=5) as conn:
-                row = await conn.fetchrow(inbox.BY_ID, int(message["ref"]))
+            try:
+                async with self._pool.acquire(timeout=5) as conn:
+                    row = await conn.fetchrow(inbox.BY_ID, int(message["ref"]))
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                # Not lost: the user's streams catch up from what they have read,
+                # as after any gap.
+                logger.warning(
+                    "could not read a notification too large to announce whole: "
+                    "%r; the user's streams catch up instead",
+                    exc,
+                    extra={"action": "inbox.fetch_failed"},
+                )
+                self._hub.publish(user_id, RESYNC)
+                return
             if row is None:
                 return
             data = {**inbox.event(row), "unread": message.get("unread")}

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import asyncpg
 
 from sse_gateway import events
-from sse_gateway.hub import CLOSE, MAX_PENDING, PING, RESYNC, Connection, Hub
+from sse_gateway.hub import (
+    CLOSE,
+    MAX_PENDING,
+    PING,
+    RESYNC,
+    Connection,
+    Hub,
+    InboxListener,
+)
 
 
 def note(seq: int) -> tuple[str, events.Note]:
@@ -95,3 +106,25 @@ async def test_the_sweep_closes_expired_streams_and_cancels_stuck_writes() -> No
     assert stuck.stalled and fine.stalled is False
     await asyncio.sleep(0)
     assert stuck.task.cancelled()
+
+
+class _PoolWithNoConnectionFree:
+    def acquire(self, timeout: float) -> object:
+        raise asyncpg.TooManyConnectionsError("no connection free")
+
+
+async def test_a_large_notification_not_read_in_time_makes_its_streams_catch_up() -> (
+    None
+):
+    hub = Hub()
+    bob, carol = Connection(1), Connection(2)
+    hub.add(bob)
+    hub.add(carol)
+    pool: Any = _PoolWithNoConnectionFree()
+    listener = InboxListener("postgresql://unused", pool, hub)
+
+    # Announced by reference, too large for a NOTIFY: it must be read to be sent.
+    await listener._dispatch({"u": 1, "kind": "notification", "ref": 42})
+
+    assert bob._items == [RESYNC]
+    assert carol._items == []
