@@ -7,6 +7,7 @@ a ``detail`` and, where it helps, a header saying what to do next.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -130,6 +131,26 @@ async def test_a_signed_token_for_a_user_who_does_not_exist_gets_401(
         assert found["detail"] == (
             f"the token names user {ghost_id}, who does not exist"
         )
+
+
+async def test_a_stream_asked_for_over_http_1_0_is_refused_naming_the_version(
+    settings: Settings, gateway: Service, demo: Demo
+) -> None:
+    token = issue_token(demo.bob, "bob", settings)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(f"GET /sse?token={token} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"505"
+    assert b"transfer-encoding" not in head.lower()
+    found = json.loads(body)
+    assert found["error"] == "http_version_not_supported"
+    assert "HTTP/1.1" in found["detail"]
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,17 @@ class StreamEndpoint:
             )
             await _refuse(scope, receive, send, refusal, extra)
             return
+        if scope.get("http_version") == "1.0":
+            # A stream has no length, and HTTP/1.0 has no chunks: the server would
+            # send them all the same, and the client read their sizes as events.
+            refusal = error(
+                505,
+                "http_version_not_supported",
+                "an event stream needs HTTP/1.1; a proxy in front of the gateway "
+                "must speak it (nginx: proxy_http_version 1.1)",
+            )
+            await _refuse(scope, receive, send, refusal, extra)
+            return
         resumes = [value for name, value in scope["headers"] if name == LAST_EVENT_ID]
         if len(resumes) > 1:
             # Where the stream should resume cannot be known; a browser sends one.
