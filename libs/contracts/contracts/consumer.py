@@ -332,7 +332,6 @@ class Consumers:
     ) -> None:
         self._broker = broker
         self._publisher = publisher
-        self.in_flight = 0
         self.queues: list[str] = []
         self.stopping = False
         self._subscribers: dict[str, Any] = {}
@@ -349,6 +348,11 @@ class Consumers:
         self._taken: dict[str, int] = {}
         self._in_hand: dict[str, int] = {}
         self._looked: dict[str, tuple[int, int | None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """The messages in hand, of every queue."""
+        return sum(self._in_hand.values())
 
     async def missing(self) -> list[str]:
         """The queues this process should consume but has no live consumer on."""
@@ -570,7 +574,6 @@ class Consumers:
             # worker thread for every delivery; the decoder hands over the message
             # itself instead.
             raw: AbstractIncomingMessage = message.raw_message
-            self.in_flight += 1
             self._taken[queue] = self._taken.get(queue, 0) + 1
             self._in_hand[queue] = self._in_hand.get(queue, 0) + 1
             self._idle.clear()
@@ -583,7 +586,6 @@ class Consumers:
                 if not released:
                     released = True
                     gauge.dec()
-                    self.in_flight -= 1
                     self._in_hand[queue] -= 1
                     if self.in_flight == 0:
                         self._idle.set()

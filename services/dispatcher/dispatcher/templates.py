@@ -404,6 +404,15 @@ def sample_context(reasons: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+def _sample(name: str, reasons: tuple[str, ...]) -> dict[str, Any]:
+    """The made-up values file ``name`` is tried with: an email's text also gets
+    the message it is built around."""
+    context = sample_context(reasons)
+    if name == EMAIL_TEXT:
+        context["message"] = "An example message"
+    return context
+
+
 @dataclass(frozen=True)
 class Rendered:
     title: str
@@ -768,11 +777,9 @@ class Renderer:
 
     def _renders(self, name: str, version: Template) -> bool:
         """Whether ``version`` renders made-up values, as its trial did once."""
-        context = sample_context(SAMPLE_REASONS[0])
-        if name == EMAIL_TEXT:
-            context["message"] = "An example message"
+        values = _sample(name, SAMPLE_REASONS[0])
         try:
-            return bool(_bounded_render(version, context).strip())
+            return bool(_bounded_render(version, values).strip())
         except Exception:
             return False
 
@@ -789,11 +796,8 @@ class Renderer:
         if failed is not None and failed[0] is version:
             raise failed[1]
         for reasons in SAMPLE_REASONS:
-            context = sample_context(reasons)
-            if name == EMAIL_TEXT:
-                context["message"] = "An example message"
             try:
-                if not _bounded_render(version, context).strip():
+                if not _bounded_render(version, _sample(name, reasons)).strip():
                     raise _RendersNothing(f"template {path} renders nothing but blanks")
             except Exception as exc:
                 fault = _FailsTrial(

@@ -143,13 +143,18 @@
     }
   }
 
-  // The push sender keeps an endpoint as a browser writes a URL.
-  function sameEndpoint(stored, endpoint) {
-    try {
-      return new URL(stored).href === new URL(endpoint).href;
-    } catch (_) {
-      return stored === endpoint;
-    }
+  // The entry of ``subscriptions`` (a user's list) that is this browser's
+  // ``subscription``; the push sender keeps an endpoint as a browser writes a URL.
+  function storedIn(subscriptions, subscription) {
+    const spelled = (url) => {
+      try {
+        return new URL(url).href;
+      } catch (_) {
+        return url;
+      }
+    };
+    const endpoint = spelled(subscription.endpoint);
+    return subscriptions.find((s) => spelled(s.endpoint) === endpoint);
   }
 
   async function currentSubscription() {
@@ -176,7 +181,7 @@
     const mine = await api("/push/subscriptions", {}, as);
     // A newer check, for whoever signed in since, decides.
     if (check !== checks) return;
-    if (mine.some((s) => sameEndpoint(s.endpoint, subscription.endpoint))) {
+    if (storedIn(mine, subscription)) {
       render("on", "");
       return;
     }
@@ -189,13 +194,12 @@
     render("off", "Notifications are off: this browser had them on for another user.");
   }
 
-  // Takes this browser's subscription off the list of the user who signed in
-  // before. Should that fail (their token has expired, say), the subscription is
-  // still given up in the browser, and the push service refuses the next push to
-  // it, upon which the push sender forgets it.
+  // Takes this browser's subscription off the list of the user whose token is
+  // ``as``. For the user who signed in before, should that fail (their token has
+  // expired, say), the subscription is still given up in the browser, and the push
+  // service refuses the next push to it, upon which the push sender forgets it.
   async function forget(subscription, as) {
-    const theirs = await api("/push/subscriptions", {}, as);
-    const stored = theirs.find((s) => sameEndpoint(s.endpoint, subscription.endpoint));
+    const stored = storedIn(await api("/push/subscriptions", {}, as), subscription);
     if (stored) {
       await api(`/push/subscriptions/${stored.id}`, { method: "DELETE" }, as);
     }
@@ -240,13 +244,7 @@
     render("busy", "Disabling…");
     const subscription = await currentSubscription();
     if (subscription) {
-      if (token()) {
-        const mine = await api("/push/subscriptions");
-        const stored = mine.find((s) => sameEndpoint(s.endpoint, subscription.endpoint));
-        if (stored) {
-          await api(`/push/subscriptions/${stored.id}`, { method: "DELETE" });
-        }
-      }
+      if (token()) await forget(subscription, token());
       await subscription.unsubscribe();
     }
     render("off", "Notifications are off for this browser.");
